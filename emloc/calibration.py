@@ -1,0 +1,105 @@
+"""Calibration statistics (DESIGN.md step 1): `C = Σ_tokens xᵀx` per target linear layer.
+
+The user's own samples run through the *original* model, one batch at a time; a forward hook on
+each target `nn.Linear` adds `xᵀx` of its input (every leading dimension flattened into tokens:
+(..., in) -> (tokens, in) -> (in, in)) to a running sum on the input's device. Nothing else is kept:
+model outputs are dropped as soon as the batch is done.
+
+Result format: `stats[name]` is the (in, in) sum and `stats[name + ".count"]` a 0-d int64 tensor with
+the number of tokens summed, so the dict saves as-is with safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .rules import RuleLike, normalise_rules, target_linears
+
+log = logging.getLogger(__name__)
+
+COUNT_SUFFIX = ".count"
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def collect_input_stats(
+    model: nn.Module,
+    batches: Iterable[Any],
+    rules: Iterable[RuleLike],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    stats_device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Sum `xᵀx` and the token count over `batches` for every nn.Linear matched by `rules`.
+
+    `forward(model, batch)` runs one batch (default `model(**batch)` for dicts, `model(batch)`
+    otherwise). Sums live on the device each layer's input arrives on, or on `stats_device`
+    (e.g. "cpu" to keep GPU memory for the model). Works with layers on different devices and with
+    accelerate's offload hooks (the hook sees the input the layer is called with). Hooks are
+    removed even when a batch fails.
+    """
+    rules = normalise_rules(rules)
+    targets = target_linears(model, rules)
+    forward = forward or _default_forward
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {name: 0 for name in targets}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            flat = x.detach().reshape(-1, x.shape[-1])  # (..., in) -> (tokens, in)
+            device = torch.device(stats_device) if stats_device is not None else flat.device
+            gram = flat.to(dtype).T @ flat.to(dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
+            if name in sums:
+                sums[name] += gram.to(device)
+            else:
+                sums[name] = gram.to(device)
+            counts[name] += flat.shape[0]
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n), with_kwargs=True) for n, (m, _) in targets.items()]
+    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, total=total, desc="Calibrating on your data", unit="batch", disable=not progress):
+                output = forward(model, batch)
+                del output
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    stats: dict[str, torch.Tensor] = {}
+    for name in targets:
+        if counts[name] == 0:
+            log.warning("layer %s saw no input during calibration; it will be factored without statistics", name)
+            continue
+        if not torch.isfinite(sums[name]).all():
+            raise ValueError(f"calibration inputs of layer {name!r} contain NaN or inf; "
+                             "check the calibration data and the model's dtype (float16 overflow?)")
+        stats[name] = sums[name]
+        stats[name + COUNT_SUFFIX] = torch.tensor(counts[name], dtype=torch.int64)
+    if not stats:
+        raise ValueError("no target layer received any input during calibration; were the batches empty?")
+    return stats
+
+
+def second_moments(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Only the (in, in) sums of a stats dict, without the `.count` entries."""
+    return {k: v for k, v in stats.items() if not k.endswith(COUNT_SUFFIX)}
+
+
+def merge_stats(parts: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Add several stats dicts (e.g. one per process or per data shard) into one."""
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for key, value in part.items():
+            merged[key] = merged[key] + value.to(merged[key].device) if key in merged else value.clone()
+    return merged

@@ -1,0 +1,304 @@
+"""The emulator (DESIGN.md step 2): target linears replaced, in place, by rank-k factors `u v`.
+
+For a layer `W` (out x in) with rule ratio `ρ`, `k = floor(ρ·in·out/(in+out))`; `W_E = u v` is the
+activation-aware truncated SVD of `W` (see factorize.py). Module names stay those of the full model
+(`blocks.0.attn.q` stays `blocks.0.attn.q`, with children `.u` and `.v`), so that a LoRA adapter
+trained on the emulator loads on the full model unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .factorize import SOLVERS, low_rank_factors, weighted_error
+from .rules import RuleLike, normalise_rules, rank_for_ratio, target_linears
+
+log = logging.getLogger(__name__)
+
+EMULATOR_WEIGHTS = "emulator.safetensors"
+EMULATOR_CONFIG = "emulator.json"
+DEFAULT_SOLVER = "gram"  # fastest solver within 0.5% of full SVD's error: benchmarks/emulator_speed.py
+
+
+class LowRankLinear(nn.Module):
+    """`y = u(v(x))`: `v` = Linear(in, rank, bias=False), `u` = Linear(rank, out, bias)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1; got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))  # (..., in) -> (..., k) -> (..., out)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The emulated dense weight `W_E = u v` (out x in), for inspection and tests.
+
+        Deliberately not a `weight` attribute: PEFT would then try to merge LoRA into it in place.
+        """
+        return self.u.weight @ self.v.weight
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        second_moment: torch.Tensor | None = None,
+        svd: str = DEFAULT_SOLVER,
+        compute_device: torch.device | str | None = None,
+    ) -> "LowRankLinear":
+        """Factor `linear` at `rank` (activation-aware when `second_moment` = Σ xᵀx is given).
+
+        The factorisation runs in float32 on `compute_device` (default: the layer's device); the
+        factors come back in the layer's dtype and device.
+        """
+        weight = linear.weight
+        device = torch.device(compute_device) if compute_device is not None else weight.device
+        u, v = low_rank_factors(weight.detach().to(device), rank, second_moment, svd)
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                    device="meta", dtype=weight.dtype)
+        state = {"u.weight": u, "v.weight": v}
+        if linear.bias is not None:
+            state["u.bias"] = linear.bias.detach()
+        state = {k: t.to(weight.device, weight.dtype).contiguous() for k, t in state.items()}
+        layer.load_state_dict(state, assign=True)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@dataclass
+class LayerReport:
+    """What happened to one target layer."""
+
+    name: str
+    in_features: int
+    out_features: int
+    ratio: float
+    rank: int  # 0 when the layer stayed dense
+    params_before: int
+    params_after: int
+    error: float  # relative activation-weighted error ‖X(W-W_E)ᵀ‖/‖XWᵀ‖ (Frobenius without stats)
+    activation_aware: bool
+    dense: bool  # True when factors would not be smaller than the layer
+
+
+@dataclass
+class EmulatorReport:
+    """Per-layer results of build_emulator plus whole-model totals."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+    solver: str = DEFAULT_SOLVER
+    fingerprint: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """Model-level fraction of parameters kept (all parameters, compressed or not)."""
+        return self.model_params_after / max(self.model_params_before, 1)
+
+    @property
+    def compressed_params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def compressed_params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"solver": self.solver, "fingerprint": self.fingerprint, "ratio": self.ratio,
+                "model_params_before": self.model_params_before, "model_params_after": self.model_params_after,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+    def to_markdown(self) -> str:
+        rows = ["| layer | shape | rank | params before | params after | error |", "|---|---|---:|---:|---:|---:|"]
+        for r in self.layers:
+            rank = "dense" if r.dense else str(r.rank)
+            rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {rank} | {r.params_before:,} "
+                        f"| {r.params_after:,} | {r.error:.4f} |")
+        rows.append(f"| **model** | | | {self.model_params_before:,} | {self.model_params_after:,} "
+                    f"| ratio {self.ratio:.3f} |")
+        return "\n".join(rows)
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} contains NaN or inf; re-run calibration or check the model's weights")
+
+
+def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A cheap, device-independent fingerprint of weights: names, shapes, dtypes and ~4k sampled values each."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to("cpu", torch.float64).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def build_emulator(
+    model: nn.Module,
+    rules: Iterable[RuleLike],
+    stats: Mapping[str, torch.Tensor] | None = None,
+    svd: str = DEFAULT_SOLVER,
+    compute_device: torch.device | str | None = None,
+    progress: bool = True,
+    base_model: str | None = None,
+) -> EmulatorReport:
+    """Replace, in place, every nn.Linear matched by `rules` with a LowRankLinear; one layer at a time.
+
+    `stats` is collect_input_stats' output (`stats[name]` = Σ xᵀx, in x in); layers without an entry
+    get plain SVD. A layer whose factors would not be smaller (`k(in+out) >= in·out`) stays dense.
+    """
+    if svd not in SOLVERS:
+        raise ValueError(f"unknown svd solver {svd!r}; choose one of {', '.join(SOLVERS)}")
+    rules = normalise_rules(rules)
+    targets = target_linears(model, rules)
+    stats = stats or {}
+    report = EmulatorReport(model_params_before=_param_count(model), solver=svd)
+    for name, (linear, _) in targets.items():
+        if linear.weight.device.type == "meta":
+            raise ValueError(f"layer {name!r} has no weights loaded (meta device); load the model's weights first")
+    report.fingerprint = weights_fingerprint((n, lin.weight) for n, (lin, _) in targets.items())
+    info = {"layers": {}, "rules": [list(r) for r in rules], "solver": svd,
+            "fingerprint": report.fingerprint, "base_model": base_model or _model_id(model)}
+    for name, (linear, ratio) in tqdm(targets.items(), desc="Building the emulator", unit="layer", disable=not progress):
+        n_in, n_out = linear.in_features, linear.out_features
+        _check_finite(linear.weight, f"weight of layer {name!r}")
+        second_moment = stats.get(name)
+        if second_moment is not None:
+            if tuple(second_moment.shape) != (n_in, n_in):
+                raise ValueError(f"statistics for layer {name!r} have shape {tuple(second_moment.shape)}; "
+                                 f"expected ({n_in}, {n_in}) for a layer with {n_in} inputs")
+            _check_finite(second_moment, f"calibration statistics of layer {name!r}")
+        rank = max(1, rank_for_ratio(n_in, n_out, ratio))
+        bias = 0 if linear.bias is None else n_out
+        before = n_in * n_out + bias
+        if rank * (n_in + n_out) >= n_in * n_out:
+            report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0,
+                                             second_moment is not None, True))
+            continue
+        low = LowRankLinear.from_linear(linear, rank, second_moment, svd, compute_device)
+        device = torch.device(compute_device) if compute_device is not None else linear.weight.device
+        with torch.no_grad():
+            approx = low.u.weight.to(device).float() @ low.v.weight.to(device).float()
+            error = weighted_error(linear.weight.to(device), approx, second_moment)
+        del approx
+        _set_submodule(model, name, low)
+        report.layers.append(LayerReport(name, n_in, n_out, ratio, rank, before, rank * (n_in + n_out) + bias,
+                                         error, second_moment is not None, False))
+        info["layers"][name] = {"in_features": n_in, "out_features": n_out, "rank": rank, "ratio": ratio,
+                                "bias": linear.bias is not None}
+    report.model_params_after = _param_count(model)
+    model.emloc_emulator = info  # read by save_emulator; plain data, not a module
+    log.info("emulator built: %d of %d target layers factored, %.3f of the model's parameters kept",
+             len(info["layers"]), len(targets), report.ratio)
+    return report
+
+
+def _model_id(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or "") if config is not None else ""
+
+
+def _plain_name(name: str) -> str:
+    """The full model's module name, also when the emulator is wrapped by PEFT (prefix, `.base_layer`)."""
+    name = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+    return name.replace(".base_layer.", ".").removesuffix(".base_layer")
+
+
+def save_emulator(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
+    """Write the factors of every LowRankLinear (`emulator.safetensors`) and the structure (`emulator.json`)."""
+    info = dict(getattr(model, "emloc_emulator", None) or {})
+    layers = {_plain_name(name): m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not layers:
+        raise ValueError("the model has no LowRankLinear layers; run build_emulator first")
+    info.setdefault("layers", {})
+    for name, m in layers.items():
+        info["layers"].setdefault(name, {"in_features": m.in_features, "out_features": m.out_features,
+                                         "rank": m.rank, "ratio": None, "bias": m.u.bias is not None})
+    if base_model:
+        info["base_model"] = base_model
+    tensors = {f"{name}.{key}": t.detach().to("cpu").contiguous()
+               for name, m in layers.items() for key, t in m.state_dict().items()}
+    info["layers"] = {name: spec for name, spec in info["layers"].items() if name in layers}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / (EMULATOR_WEIGHTS + ".tmp")), metadata={"format": "emloc-emulator"})
+    (folder / (EMULATOR_CONFIG + ".tmp")).write_text(json.dumps(info, indent=2))
+    os.replace(folder / (EMULATOR_WEIGHTS + ".tmp"), folder / EMULATOR_WEIGHTS)
+    os.replace(folder / (EMULATOR_CONFIG + ".tmp"), folder / EMULATOR_CONFIG)
+    return folder
+
+
+def load_emulator(
+    model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, check_fingerprint: bool = True
+) -> dict:
+    """Replace the dense layers named in `path`'s emulator.json by their saved factors, in place.
+
+    Works on a model built on the `meta` device: dense weights there are never materialised; the
+    factors land on `device` (default: the replaced layer's device, or the CPU for meta layers).
+    When the dense weights are real, their fingerprint is checked against the one saved, so an
+    emulator is never paired with a different base model.
+    """
+    folder = Path(path)
+    config_file, weights_file = folder / EMULATOR_CONFIG, folder / EMULATOR_WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{folder} is not an emulator folder (expected {EMULATOR_CONFIG} and {EMULATOR_WEIGHTS})")
+    info = json.loads(config_file.read_text())
+    dense: dict[str, nn.Linear] = {}
+    for name, spec in info["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"emulator layer {name!r} does not exist in this model; was it built for another one?") from None
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"layer {name!r} of this model is not a Linear({spec['in_features']}, {spec['out_features']}); "
+                             "the emulator was built for another model")
+        dense[name] = old
+    real = all(m.weight.device.type != "meta" for m in dense.values())
+    if check_fingerprint and real and info.get("fingerprint"):
+        found = weights_fingerprint((n, m.weight) for n, m in dense.items())
+        if found != info["fingerprint"]:
+            raise ValueError(f"the weights of this model differ from those the emulator in {folder} was built from "
+                             f"(fingerprint {found} != {info['fingerprint']}); rebuild the emulator for this model")
+    with safe_open(str(weights_file), framework="pt", device="cpu") as tensors:
+        for name, spec in info["layers"].items():
+            old = dense[name]
+            target = torch.device(device) if device is not None else (
+                old.weight.device if old.weight.device.type != "meta" else torch.device("cpu"))
+            state = {key: tensors.get_tensor(f"{name}.{key}").to(target)
+                     for key in ("v.weight", "u.weight", "u.bias") if key != "u.bias" or spec["bias"]}
+            low = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], device="meta")
+            low.load_state_dict(state, assign=True)
+            _set_submodule(model, name, low)
+    model.emloc_emulator = info
+    return info

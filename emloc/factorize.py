@@ -1,0 +1,116 @@
+"""Activation-aware truncated SVD (DESIGN.md step 2), the maths behind one emulator layer.
+
+With the calibration second moment `C = Σ_tokens xᵀx = Q diag(l) Qᵀ` (scaled by `trace(C)/in`,
+tiny eigenvalues clamped) and `S = Q diag(√l)`, so that `S Sᵀ = C`:
+
+    W S = U Σ Vᵀ,   u = U_k Σ_k^½  (out x k),   v = Σ_k^½ V_kᵀ S⁻¹  (k x in),   S⁻¹ = diag(1/√l) Qᵀ
+
+and `W_E = u v` minimises `‖X (W - W_E)ᵀ‖_F` over rank-k matrices. Without statistics `S = I`
+(plain SVD). Three solvers give the top-k singular triplets of `M = W S`:
+
+- "full":       torch.linalg.svd(M)
+- "gram":       eigh of the smaller Gram matrix (`M Mᵀ` or `Mᵀ M`), then the other side by one product
+- "randomized": torch.svd_lowrank(M, q = k + oversample, niter) (Halko et al.)
+
+All maths runs in float32 on the device the caller picks (the layer's, or a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SOLVERS = ("full", "gram", "randomized")
+EIGEN_FLOOR = 1e-6  # eigenvalues of the scaled C below this (relative to the largest) are clamped to it
+RANDOMIZED_OVERSAMPLE = 16
+RANDOMIZED_POWER_ITERATIONS = 4
+
+
+@dataclass
+class Whitening:
+    """`S = Q diag(√l)` and `S⁻¹ = diag(1/√l) Qᵀ`, kept as their parts so that no inverse is ever formed."""
+
+    q: torch.Tensor  # (in, in) orthonormal eigenvectors of C
+    sqrt_l: torch.Tensor  # (in,)
+
+    def right(self, w: torch.Tensor) -> torch.Tensor:
+        """`W S`: (out, in) @ (in, in) -> (out, in)."""
+        return (w @ self.q) * self.sqrt_l
+
+    def inverse_right(self, m: torch.Tensor) -> torch.Tensor:
+        """`M S⁻¹`: (k, in) -> (k, in)."""
+        return (m / self.sqrt_l) @ self.q.T
+
+
+def whitening(second_moment: torch.Tensor) -> Whitening:
+    """Eigen-decompose the calibration second moment `C` into a whitening transform `S`, `S Sᵀ ≈ C`."""
+    c = second_moment.float()
+    n = c.shape[0]
+    c = (c + c.T) * 0.5  # accumulated in floating point, C is symmetric only up to rounding
+    scale = torch.trace(c) / n
+    if not torch.isfinite(scale) or scale <= 0:
+        raise ValueError("calibration second moment has no positive energy (all inputs were zero?)")
+    eigenvalues, q = torch.linalg.eigh(c / scale)
+    eigenvalues = eigenvalues.clamp_min(EIGEN_FLOOR * eigenvalues.max().clamp_min(1e-30))
+    return Whitening(q=q, sqrt_l=eigenvalues.sqrt())
+
+
+def top_singular(m: torch.Tensor, rank: int, solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-`rank` singular triplets `(U_k (out,k), Σ_k (k,), V_k (in,k))` of `m` by `solver`."""
+    if solver == "full":
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    if solver == "gram":
+        return _gram_svd(m, rank)
+    if solver == "randomized":
+        q = min(rank + RANDOMIZED_OVERSAMPLE, *m.shape)
+        u, s, v = torch.svd_lowrank(m, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
+        return u[:, :rank], s[:rank], v[:, :rank]
+    raise ValueError(f"unknown svd solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def _gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # eigh of the smaller Gram matrix costs min(out,in)^3 instead of a full SVD of M; squaring
+    # loses the smallest singular values in float32, but those are exactly the ones truncated away.
+    out_f, in_f = m.shape
+    wide = out_f <= in_f
+    gram = m @ m.T if wide else m.T @ m  # (small, small)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    vectors = vectors[:, -rank:].flip(-1)  # eigh sorts ascending; keep the largest k
+    sigma = eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()
+    safe = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7)
+    if wide:
+        return vectors, sigma, (m.T @ vectors) / safe  # V_k = Mᵀ U_k Σ_k⁻¹
+    return (m @ vectors) / safe, sigma, vectors  # U_k = M V_k Σ_k⁻¹
+
+
+def low_rank_factors(
+    weight: torch.Tensor, rank: int, second_moment: torch.Tensor | None = None, solver: str = "full"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors `(u (out,k), v (k,in))` of the activation-aware rank-k approximation of `weight`."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown svd solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    w = weight.float()
+    white = whitening(second_moment.to(w.device)) if second_moment is not None else None
+    m = white.right(w) if white is not None else w  # W S: (out, in)
+    u_k, sigma, v_k = top_singular(m, rank, solver)
+    root = sigma.sqrt()
+    u = u_k * root  # U_k Σ_k^½: (out, k)
+    v = root[:, None] * v_k.T  # Σ_k^½ V_kᵀ: (k, in)
+    if white is not None:
+        v = white.inverse_right(v)  # ... S⁻¹
+    return u, v
+
+
+def weighted_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor | None) -> float:
+    """Relative activation-weighted error `‖X (W - W_E)ᵀ‖_F / ‖X Wᵀ‖_F`, i.e. with `C = XᵀX`
+    `sqrt(tr(D C Dᵀ) / tr(W C Wᵀ))`, `D = W - W_E`; the Frobenius error when `C` is None."""
+    w = weight.float()
+    d = w - approx.float()
+    if second_moment is None:
+        return float(d.norm() / w.norm().clamp_min(1e-30))
+    c = second_moment.float().to(w.device)
+    num = ((d @ c) * d).sum()
+    den = ((w @ c) * w).sum()
+    return float((num.clamp_min(0) / den.clamp_min(1e-30)).sqrt())

@@ -1,0 +1,45 @@
+"""EMLoC Studio: `python launch.py` opens the app; subcommands run the same work headless.
+
+    python launch.py [app] [--host 127.0.0.1] [--port 7860] [--no-browser] [--share]
+    python launch.py plan --model ID_OR_PATH --budget-gb 24 ...   # will it fit? (no download)
+    python launch.py train ...                                    # a whole run from the terminal
+
+Each subcommand parses its own flags (`python launch.py plan --help`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> "module:function(argv) -> exit code"
+COMMANDS = {
+    "app": "app.main:main",
+    "plan": "pipelines.plan_cli:main",
+    "train": "pipelines.cli:main",
+}
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv and not argv[0].startswith("-") else "app"
+    rest = argv[1:] if argv and argv[0] == command else argv
+    if command in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, function = COMMANDS[command].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith(module_name.split(".")[0]):
+            print(f"`{command}` is not built yet in this version of EMLoC Studio ({module_name} is missing)",
+                  file=sys.stderr)
+            return 2
+        raise
+    return int(getattr(module, function)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
