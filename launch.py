@@ -2,7 +2,8 @@
 
     python launch.py [app] [--host 127.0.0.1] [--port 7860] [--no-browser] [--share]
     python launch.py plan --model ID_OR_PATH --budget-gb 24 ...   # will it fit? (no download)
-    python launch.py train ...                                    # a whole run from the terminal
+    python launch.py train --backend flux|vlm ...                 # a whole run from the terminal
+    python launch.py preview --run runs/NAME ...                  # previews of a finished run
 
 Each subcommand parses its own flags (`python launch.py plan --help`).
 """
@@ -17,6 +18,7 @@ COMMANDS = {
     "app": "app.main:main",
     "plan": "pipelines.plan_cli:main",
     "train": "pipelines.cli:main",
+    "preview": "pipelines.cli:preview",
 }
 
 
