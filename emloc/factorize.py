@@ -85,6 +85,7 @@ def _gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     return (m @ vectors) / safe, sigma, vectors  # U_k = M V_k Σ_k⁻¹
 
 
+@torch.no_grad()
 def low_rank_factors(
     weight: torch.Tensor, rank: int, second_moment: torch.Tensor | None = None, solver: str = "full"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +104,7 @@ def low_rank_factors(
     return u, v
 
 
+@torch.no_grad()
 def weighted_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor | None) -> float:
     """Relative activation-weighted error `‖X (W - W_E)ᵀ‖_F / ‖X Wᵀ‖_F`, i.e. with `C = XᵀX`
     `sqrt(tr(D C Dᵀ) / tr(W C Wᵀ))`, `D = W - W_E`; the Frobenius error when `C` is None."""

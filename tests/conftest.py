@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models, built in code, that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing file must fail at once, not wait on the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class TinyBlock(nn.Module):
+    """A pre-norm transformer block (attention + MLP) with plain nn.Linear projections."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (proj(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding -> blocks -> head; inputs are token ids (batch, tokens)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(TinyBlock(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+BLOCK_RULES = [(r"blocks\.\d+\.(q|k|v|o|up|down)", 0.5)]
+
+
+@pytest.fixture
+def tiny_transformer() -> TinyTransformer:
+    torch.manual_seed(0)
+    return TinyTransformer().eval()
+
+
+@pytest.fixture
+def token_batches() -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 50, (2, 12), generator=generator)} for _ in range(4)]

@@ -1,0 +1,190 @@
+"""The emulator: activation-aware SVD against dense-SVD references, bookkeeping, rules, save/load."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import BLOCK_RULES, TinyTransformer
+from emloc import (
+    SOLVERS,
+    LowRankLinear,
+    build_emulator,
+    collect_input_stats,
+    load_emulator,
+    low_rank_factors,
+    rank_for_ratio,
+    save_emulator,
+    second_moments,
+    weighted_error,
+)
+
+
+def anisotropic_layer(out_f=40, in_f=56, tokens=400, seed=0):
+    """A layer and calibration inputs whose features differ in scale by 100x (as real activations do)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_f, in_f, generator=g))
+    scales = torch.logspace(-1, 1, in_f)
+    mixing = torch.linalg.qr(torch.randn(in_f, in_f, generator=g))[0]
+    x = (torch.randn(tokens, in_f, generator=g) * scales) @ mixing
+    return layer, x, x.T @ x
+
+
+@pytest.mark.parametrize("in_f,out_f,ratio", [(3072, 3072, 0.5), (3072, 12288, 0.3), (896, 4864, 0.4), (7, 5, 1.0)])
+def test_rank_for_ratio_is_floor_of_formula(in_f, out_f, ratio):
+    assert rank_for_ratio(in_f, out_f, ratio) == math.floor(ratio * in_f * out_f / (in_f + out_f))
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.01, float("nan"), "0.5", True])
+def test_ratio_outside_unit_interval_is_rejected(ratio):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        rank_for_ratio(10, 10, ratio)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_whitened_emulator_beats_plain_svd_on_anisotropic_inputs(solver):
+    layer, _, c = anisotropic_layer()
+    rank = 10
+    aware = LowRankLinear.from_linear(layer, rank, second_moment=c, svd=solver)
+    plain = LowRankLinear.from_linear(layer, rank, svd=solver)
+    err_aware = weighted_error(layer.weight, aware.dense_weight(), c)
+    err_plain = weighted_error(layer.weight, plain.dense_weight(), c)
+    assert err_aware < 0.8 * err_plain
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_full_rank_emulator_equals_layer(solver, with_stats):
+    layer, x, c = anisotropic_layer(out_f=24, in_f=32)
+    low = LowRankLinear.from_linear(layer, 24, second_moment=c if with_stats else None, svd=solver)
+    torch.testing.assert_close(low(x), layer(x), rtol=1e-3, atol=1e-3 * layer(x).abs().max().item())
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_plain_error_matches_eckart_young_reference(solver):
+    """Without statistics the emulator is the best rank-k approximation: error = tail of σ² (dense SVD)."""
+    layer, _, _ = anisotropic_layer()
+    sigma = torch.linalg.svdvals(layer.weight.double())
+    rank = 12
+    expected = math.sqrt(float((sigma[rank:] ** 2).sum() / (sigma ** 2).sum()))
+    u, v = low_rank_factors(layer.weight, rank, None, solver)
+    assert weighted_error(layer.weight, u @ v, None) == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_whitened_error_matches_svd_of_weighted_weight(solver):
+    """With C = XᵀX the emulator is optimal for ‖X(W-W_E)ᵀ‖: error = tail of σ²(X Wᵀ) (dense SVD)."""
+    layer, x, c = anisotropic_layer()
+    rank = 12
+    sigma = torch.linalg.svdvals((x.double() @ layer.weight.double().T))
+    expected = math.sqrt(float((sigma[rank:] ** 2).sum() / (sigma ** 2).sum()))
+    u, v = low_rank_factors(layer.weight, rank, c, solver)
+    assert weighted_error(layer.weight, u @ v, c) == pytest.approx(expected, rel=5e-3)
+
+
+def test_build_emulator_bookkeeping(tiny_transformer):
+    before = sum(p.numel() for p in tiny_transformer.parameters())
+    report = build_emulator(tiny_transformer, BLOCK_RULES, progress=False)
+    assert len(report.layers) == 12
+    for layer in report.layers:
+        rank = rank_for_ratio(layer.in_features, layer.out_features, 0.5)
+        module = tiny_transformer.get_submodule(layer.name)
+        if layer.dense:
+            assert isinstance(module, nn.Linear) and rank * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features
+        else:
+            assert isinstance(module, LowRankLinear) and module.rank == layer.rank == rank
+            assert layer.params_after == sum(p.numel() for p in module.parameters())
+        assert layer.params_before == layer.in_features * layer.out_features + layer.out_features
+    after = sum(p.numel() for p in tiny_transformer.parameters())
+    assert report.model_params_before == before and report.model_params_after == after
+    assert report.ratio == pytest.approx(after / before)
+    assert before - after == report.compressed_params_before - report.compressed_params_after
+
+
+def test_layer_whose_factors_are_not_smaller_stays_dense(tiny_transformer):
+    # 32x32 at ratio 1: k = 16 and k(in+out) = 1024 = in·out, so factoring would not save anything
+    report = build_emulator(tiny_transformer, [(r"blocks\.0\.q", 1.0)], progress=False)
+    assert report.layers[0].dense and isinstance(tiny_transformer.blocks[0].q, nn.Linear)
+
+
+def test_first_matching_rule_wins(tiny_transformer):
+    rules = [(r"blocks\.0\..*", 0.25), (r"blocks\.\d+\.(q|k|v|o|up|down)", 0.5)]
+    build_emulator(tiny_transformer, rules, progress=False)
+    assert tiny_transformer.blocks[0].up.rank == rank_for_ratio(32, 64, 0.25)
+    assert tiny_transformer.blocks[1].up.rank == rank_for_ratio(32, 64, 0.5)
+
+
+def test_rules_matching_nothing_name_the_patterns(tiny_transformer):
+    with pytest.raises(ValueError, match=r"'decoder\\\\.\.\*'.*blocks\.0\.q"):
+        build_emulator(tiny_transformer, [(r"decoder\..*", 0.5)], progress=False)
+
+
+def test_rule_ratio_outside_unit_interval_is_an_error(tiny_transformer):
+    with pytest.raises(ValueError, match="ratio of rule"):
+        build_emulator(tiny_transformer, [(r"blocks\..*", 1.5)], progress=False)
+
+
+def test_second_build_never_factors_the_factors(tiny_transformer):
+    build_emulator(tiny_transformer, BLOCK_RULES, progress=False)
+    with pytest.raises(ValueError, match="no linear layer matches"):
+        build_emulator(tiny_transformer, [(r".*\.(u|v)", 0.5)], progress=False)
+
+
+def test_stats_of_wrong_size_are_reported_with_the_layer(tiny_transformer):
+    with pytest.raises(ValueError, match=r"'blocks\.0\.q'.*\(8, 8\).*expected \(32, 32\)"):
+        build_emulator(tiny_transformer, BLOCK_RULES, stats={"blocks.0.q": torch.eye(8)}, progress=False)
+
+
+def test_nan_in_stats_or_weights_is_reported(tiny_transformer):
+    bad = torch.eye(32)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"statistics of layer 'blocks\.1\.k'.*NaN"):
+        build_emulator(copy.deepcopy(tiny_transformer), BLOCK_RULES, stats={"blocks.1.k": bad}, progress=False)
+    with torch.no_grad():
+        tiny_transformer.blocks[1].up.weight[3, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"weight of layer 'blocks\.1\.up'.*NaN or inf"):
+        build_emulator(tiny_transformer, BLOCK_RULES, progress=False)
+
+
+def test_save_load_round_trip_is_exact(tiny_transformer, token_batches, tmp_path):
+    stats = second_moments(collect_input_stats(tiny_transformer, token_batches, BLOCK_RULES, progress=False))
+    full = copy.deepcopy(tiny_transformer)
+    build_emulator(tiny_transformer, BLOCK_RULES, stats, progress=False)
+    save_emulator(tiny_transformer, tmp_path / "emulator")
+    load_emulator(full, tmp_path / "emulator")
+    ids = token_batches[0]["input_ids"]
+    torch.testing.assert_close(full(ids), tiny_transformer(ids), rtol=0, atol=0)
+
+
+def test_load_onto_meta_skeleton_keeps_dense_layers_unmaterialised(tiny_transformer, tmp_path):
+    build_emulator(tiny_transformer, BLOCK_RULES, progress=False)
+    save_emulator(tiny_transformer, tmp_path / "emulator")
+    with torch.device("meta"):
+        skeleton = TinyTransformer()
+    info = load_emulator(skeleton, tmp_path / "emulator")
+    for name in info["layers"]:
+        loaded, built = skeleton.get_submodule(name), tiny_transformer.get_submodule(name)
+        assert isinstance(loaded, LowRankLinear)
+        for key, tensor in built.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], tensor)
+    assert skeleton.embed.weight.device.type == "meta" and skeleton.head.weight.device.type == "meta"
+    assert skeleton.blocks[0].norm1.weight.device.type == "meta"
+
+
+def test_loading_onto_a_different_model_is_refused(tiny_transformer, tmp_path):
+    build_emulator(copy.deepcopy(tiny_transformer), BLOCK_RULES, progress=False)
+    emulator = copy.deepcopy(tiny_transformer)
+    build_emulator(emulator, BLOCK_RULES, progress=False)
+    save_emulator(emulator, tmp_path / "emulator")
+    torch.manual_seed(123)
+    other = TinyTransformer()
+    with pytest.raises(ValueError, match="differ from those the emulator"):
+        load_emulator(other, tmp_path / "emulator")
+    with pytest.raises(ValueError, match="does not exist in this model"):
+        load_emulator(TinyTransformer(layers=1), tmp_path / "emulator")
