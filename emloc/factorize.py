@@ -87,13 +87,22 @@ def _gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 @torch.no_grad()
 def low_rank_factors(
-    weight: torch.Tensor, rank: int, second_moment: torch.Tensor | None = None, solver: str = "full"
+    weight: torch.Tensor,
+    rank: int,
+    second_moment: torch.Tensor | None = None,
+    solver: str = "full",
+    white: Whitening | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors `(u (out,k), v (k,in))` of the activation-aware rank-k approximation of `weight`."""
+    """Factors `(u (out,k), v (k,in))` of the activation-aware rank-k approximation of `weight`.
+
+    `white` may carry a precomputed whitening of `second_moment` (layers that read the same input,
+    such as q/k/v, share one).
+    """
     if solver not in SOLVERS:
         raise ValueError(f"unknown svd solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     w = weight.float()
-    white = whitening(second_moment.to(w.device)) if second_moment is not None else None
+    if white is None and second_moment is not None:
+        white = whitening(second_moment.to(w.device))
     m = white.right(w) if white is not None else w  # W S: (out, in)
     u_k, sigma, v_k = top_singular(m, rank, solver)
     root = sigma.sqrt()
