@@ -51,17 +51,22 @@ def collect_input_stats(
     forward = forward or _default_forward
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in targets}
+    last: list = [None, None]  # (input tensor, its xᵀx): q/k/v are called with the same x; multiply once
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             flat = x.detach().reshape(-1, x.shape[-1])  # (..., in) -> (tokens, in)
             device = torch.device(stats_device) if stats_device is not None else flat.device
-            gram = flat.to(dtype).T @ flat.to(dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
+            if last[0] is x:
+                gram = last[1]
+            else:
+                gram = flat.to(dtype).T @ flat.to(dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
+                last[0], last[1] = x, gram
             if name in sums:
                 sums[name] += gram.to(device)
             else:
-                sums[name] = gram.to(device)
+                sums[name] = gram.to(device, copy=True)  # never alias: q/k/v may share one gram
             counts[name] += flat.shape[0]
         return hook
 
@@ -72,6 +77,7 @@ def collect_input_stats(
             for batch in tqdm(batches, total=total, desc="Calibrating on your data", unit="batch", disable=not progress):
                 output = forward(model, batch)
                 del output
+                last[0] = last[1] = None
     finally:
         for handle in handles:
             handle.remove()

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factorize import SOLVERS, low_rank_factors, weighted_error
+from .factorize import SOLVERS, Whitening, low_rank_factors, weighted_error, whitening
 from .rules import RuleLike, normalise_rules, rank_for_ratio, target_linears
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class LowRankLinear(nn.Module):
         second_moment: torch.Tensor | None = None,
         svd: str = DEFAULT_SOLVER,
         compute_device: torch.device | str | None = None,
+        white: Whitening | None = None,
     ) -> "LowRankLinear":
         """Factor `linear` at `rank` (activation-aware when `second_moment` = Σ xᵀx is given).
 
@@ -69,7 +70,7 @@ class LowRankLinear(nn.Module):
         """
         weight = linear.weight
         device = torch.device(compute_device) if compute_device is not None else weight.device
-        u, v = low_rank_factors(weight.detach().to(device), rank, second_moment, svd)
+        u, v = low_rank_factors(weight.detach().to(device), rank, second_moment, svd, white=white)
         layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
                     device="meta", dtype=weight.dtype)
         state = {"u.weight": u, "v.weight": v}
@@ -190,6 +191,7 @@ def build_emulator(
     report.fingerprint = weights_fingerprint((n, lin.weight) for n, (lin, _) in targets.items())
     info = {"layers": {}, "rules": [list(r) for r in rules], "solver": svd,
             "fingerprint": report.fingerprint, "base_model": base_model or _model_id(model)}
+    shared: tuple[torch.Tensor, Whitening] | None = None  # q/k/v read one input: whiten its C once
     for name, (linear, ratio) in tqdm(targets.items(), desc="Building the emulator", unit="layer", disable=not progress):
         n_in, n_out = linear.in_features, linear.out_features
         _check_finite(linear.weight, f"weight of layer {name!r}")
@@ -206,8 +208,15 @@ def build_emulator(
             report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0,
                                              second_moment is not None, True))
             continue
-        low = LowRankLinear.from_linear(linear, rank, second_moment, svd, compute_device)
         device = torch.device(compute_device) if compute_device is not None else linear.weight.device
+        white = None
+        if second_moment is not None:
+            if shared is not None and shared[0].shape == second_moment.shape and torch.equal(shared[0], second_moment):
+                white = shared[1]
+            else:
+                white = whitening(second_moment.to(device))
+                shared = (second_moment, white)
+        low = LowRankLinear.from_linear(linear, rank, second_moment, svd, compute_device, white=white)
         with torch.no_grad():
             approx = low.u.weight.to(device).float() @ low.v.weight.to(device).float()
             error = weighted_error(linear.weight.to(device), approx, second_moment)

@@ -21,7 +21,9 @@ def reference_q_inputs(model, batches):
 def test_stats_are_the_sum_of_outer_products_over_all_tokens(tiny_transformer, token_batches):
     stats = collect_input_stats(tiny_transformer, token_batches, BLOCK_RULES, progress=False)
     x = reference_q_inputs(tiny_transformer, token_batches)
-    torch.testing.assert_close(stats["blocks.0.q"], x.T @ x, rtol=1e-5, atol=1e-4)
+    for name in ("blocks.0.q", "blocks.0.k", "blocks.0.v"):  # one input shared by three layers
+        torch.testing.assert_close(stats[name], x.T @ x, rtol=1e-5, atol=1e-4)
+    assert stats["blocks.0.q"].data_ptr() != stats["blocks.0.k"].data_ptr()
     assert int(stats["blocks.0.q" + COUNT_SUFFIX]) == 4 * 2 * 12
     assert stats["blocks.1.down"].shape == (64, 64)
     assert {k for k in stats if not k.endswith(COUNT_SUFFIX)} == {

@@ -1,0 +1,470 @@
+"""VRAM planner (DESIGN.md "Memory"): the peak GPU memory of every phase of an EMLoC run, before any download.
+
+Input: a model built on the `meta` device (exact parameter counts, no weights) and an ArchitectureSpec
+(how tokens flow through its block stacks). Each phase's peak is a sum of named parts, each one formula
+(b = bytes per element of the run's dtype, B = batch size, n = tokens per sample, h = width of the
+residual stream, L = blocks in a stack, a = activation elements one block saves per token):
+
+  weights      b·P (full model); b·P_E for the emulator, P_E = P - Σ in·out + Σ k(in+out) over factored
+               layers (k = rank_for_ratio, a layer stays dense when k(in+out) >= in·out, as build_emulator);
+               QLoRA: NF4_BYTES per element of each quantised linear weight, b for every other parameter
+  streamed     b·(largest block, or largest module outside the blocks): the only weights on the GPU
+  lora, grads  ADAPTER_BYTES·r(in+out) per LoRA target each (PEFT keeps adapters in float32)
+  optimizer    adamw 8 per element; adamw8bit 2 + 8/256 (tensors under 4096 elements: 8); adafactor
+               4·(rows + cols) per matrix; step: adamw's foreach temporaries 4·P_lora
+  activations  no checkpointing: Σ B·n·L·(a + r·t)·b (t = LoRA targets in a block, each saves x·Aᵀ);
+               checkpointing: Σ B·n·L·h·b (block inputs) + max B·n·(a + r·t)·b (one block recomputed)
+  logits       B·n·V·(b + LOSS_BYTES_PER_LOGIT) for a model with an LM head (V = vocabulary)
+  overhead     RUNTIME_OVERHEAD_BYTES (CUDA context + caching-allocator slack), in every phase's total
+
+`allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .rules import check_ratio, match_rule, normalise_rules, rank_for_ratio
+
+GiB = 1024 ** 3
+RUNTIME_OVERHEAD_BYTES = GiB  # CUDA context (~0.5 GiB once cuBLAS kernels load) + ~0.5 GiB allocator slack
+ADAPTER_BYTES = 4  # PEFT's autocast_adapter_dtype keeps LoRA weights (and so grads) in float32
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax (double quant)
+LOSS_BYTES_PER_LOGIT = 8  # cross-entropy upcasts logits to float32 and keeps a float32 log-softmax / grad
+ADAM8BIT_MIN_ELEMENTS = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+ADAM8BIT_BLOCK = 256  # bitsandbytes 8-bit state: one float32 absmax per 256 elements, per state
+FACTOR_BYTES = 4  # emulator construction and correction compute in float32
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+PHASES = ("calibration", "emulator", "training", "correction", "preview")
+METHODS = ("emloc", "lora", "qlora", "inference")
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """A stack of identical residual blocks (an nn.ModuleList) that one token stream flows through."""
+
+    name: str  # shown in notes, e.g. "double blocks"
+    prefix: str  # module path of the ModuleList, e.g. "transformer_blocks"
+    hidden: int  # h: width of the residual stream between blocks
+    tokens: str  # which token stream flows through it: "all", "image", "text" or "vision"
+    saved_per_token: int  # a: elements one block saves per token for backward (frozen base, LoRA on its linears)
+    kv_per_token: int = 0  # KV-cache elements per token per block at generation (2 x kv heads x head dim)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A model run once around the trained one (text encoder, VAE): its weights are resident while it runs."""
+
+    name: str
+    params: int  # total parameters
+    largest_piece: int  # parameters of its largest block or module (what is resident when streamed)
+    transient_per_pixel: int = 0  # working elements per output pixel (VAE decode), 0: negligible
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How a family of models spends activation memory; built by the pipelines' catalogue from a config."""
+
+    family: str  # "flux" (image tokens from a resolution) or "vlm" (a sequence length and image tiles)
+    stacks: tuple[BlockStack, ...]  # in data-flow order (gradients reach a stack through every later one)
+    default_compress: tuple[str, ...]  # regexes of the layers one --ratio compresses
+    default_lora_targets: tuple[str, ...]  # regexes of the layers LoRA trains
+    text_tokens: int = 0  # flux: T5 tokens per prompt (512 dev, 256 schnell)
+    pixels_per_token: int = 16  # flux: VAE /8, then 2x2 patches
+    vision_tokens_per_tile: int = 0  # vlm: vision-tower tokens per 448x448 tile ((448/14)^2 + CLS)
+    image_tokens_per_tile: int = 0  # vlm: LLM tokens per tile after pixel shuffle (256)
+    vocab_size: int = 0  # V: logits per token of the LM head, 0 for none
+    quant_skip: tuple[str, ...] = ()  # regexes of linears QLoRA keeps in dtype (the LM head)
+    components: tuple[Component, ...] = ()  # run-once models (text encoders, VAE): calibration and preview
+
+
+@dataclass
+class MemorySettings:
+    """The shape of a run, as far as memory is concerned."""
+
+    dtype: str = field(default="bfloat16", metadata={"help": "dtype of the weights: bfloat16, float16 or float32"})
+    ratio: float = field(default=0.3, metadata={"help": "fraction of parameters kept in the compressed layers, in (0, 1]"})
+    rules: tuple = field(default=(), metadata={"help": "explicit (regex, ratio) rules; empty: the model's default layers at --ratio"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    lora_targets: tuple = field(default=(), metadata={"help": "regexes of the layers LoRA trains; empty: the model's default"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, adamw8bit or adafactor"})
+    batch_size: int = field(default=1, metadata={"help": "training samples per step"})
+    seq_len: int = field(default=2048, metadata={"help": "VLM: tokens per sample, image tokens included"})
+    image_tiles: int = field(default=7, metadata={"help": "VLM: 448x448 tiles per sample (256 LLM tokens each)"})
+    resolution: int = field(default=512, metadata={"help": "FLUX: training and preview image side in pixels"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute each block in backward"})
+    offload: bool = field(default=True, metadata={"help": "full-model phases hold one block on the GPU, the rest on CPU"})
+    calibration_batch_size: int = field(default=1, metadata={"help": "samples per calibration batch"})
+    stats_on_gpu: bool = field(default=False, metadata={"help": "keep calibration sums (4·in² bytes per layer) on the GPU"})
+    generate_tokens: int = field(default=256, metadata={"help": "VLM preview: new tokens generated per answer"})
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One nn.Linear of the model: its name, shape and the block it lives in."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    stack: str | None  # name of the BlockStack it belongs to, None outside the stacks
+    block: str | None  # module name of its block
+
+
+@dataclass
+class ModelSummary:
+    """What the planner needs of a model, counted once on the meta device (cache this, not the model)."""
+
+    params: int  # P: every parameter, tied ones once
+    linears: tuple[LinearShape, ...]
+    blocks: dict[str, int]  # block module name -> its parameters
+    block_stack: dict[str, str]  # block module name -> stack name
+    largest_piece: int  # parameters of the largest block or module outside the blocks
+
+    def blocks_in(self, stack: str) -> int:
+        return sum(1 for s in self.block_stack.values() if s == stack)
+
+
+@dataclass
+class ParamCounts:
+    full: int  # P
+    emulator: int  # P_E
+    lora: int  # P_lora = Σ r(in + out) over LoRA targets
+    factored_layers: int  # target layers replaced by factors
+    dense_layers: int  # target layers kept dense (factors would not be smaller)
+    quantised: int  # elements QLoRA stores in NF4
+
+
+@dataclass
+class PhaseEstimate:
+    """The predicted peak of one phase of one method, as named parts in bytes."""
+
+    phase: str
+    method: str
+    parts: dict[str, int]
+    streamed: bool = False  # the full model stays on the CPU, one block at a time on the GPU
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def allocated(self) -> int:
+        """What torch.cuda.max_memory_allocated would show: the total without the runtime overhead."""
+        return self.total - self.parts.get("overhead", 0)
+
+
+@dataclass
+class MemoryPlan:
+    settings: MemorySettings
+    counts: ParamCounts
+    estimates: list[PhaseEstimate]
+    cpu_stats_bytes: int  # calibration sums Σ 4·in² held on the CPU (host RAM is a budget too)
+
+    def get(self, phase: str, method: str) -> PhaseEstimate | None:
+        return next((e for e in self.estimates if e.phase == phase and e.method == method), None)
+
+    def peak(self, method: str) -> PhaseEstimate:
+        return max((e for e in self.estimates if e.method == method), key=lambda e: e.total)
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a floating dtype given by name ("bfloat16")."""
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as bfloat16, float16 or float32; got {dtype!r}")
+    return torch.finfo(value).bits // 8
+
+
+def summarize(model: nn.Module, arch: ArchitectureSpec) -> ModelSummary:
+    """Count parameters, linears and blocks of `model` (any device; meta is the point)."""
+    blocks: dict[str, int] = {}
+    block_stack: dict[str, str] = {}
+    for stack in arch.stacks:
+        try:
+            container = model.get_submodule(stack.prefix)
+        except AttributeError:
+            raise ValueError(f"block stack {stack.name!r}: the model has no module {stack.prefix!r}; "
+                             "the architecture description does not fit this model") from None
+        for child, module in container.named_children():
+            blocks[f"{stack.prefix}.{child}"] = sum(p.numel() for p in module.parameters())
+            block_stack[f"{stack.prefix}.{child}"] = stack.name
+        if not any(s == stack.name for s in block_stack.values()):
+            raise ValueError(f"block stack {stack.name!r} ({stack.prefix}) holds no blocks")
+    prefixes = [(s.prefix + ".", s.name) for s in arch.stacks]
+    linears, outside = [], 0
+    for name, module in model.named_modules():
+        home = next(((p, s) for p, s in prefixes if name.startswith(p)), None)
+        block = home[0] + name[len(home[0]):].split(".")[0] if home else None
+        if home is None:
+            outside = max(outside, sum(p.numel() for p in module.parameters(recurse=False)))
+        if isinstance(module, nn.Linear):
+            linears.append(LinearShape(name, module.in_features, module.out_features, module.bias is not None,
+                                       home[1] if home else None, block))
+    return ModelSummary(params=sum(p.numel() for p in model.parameters()), linears=tuple(linears), blocks=blocks,
+                        block_stack=block_stack, largest_piece=max([outside, *blocks.values()]))
+
+
+def emulator_ranks(summary: ModelSummary, rules: Sequence) -> dict[str, int]:
+    """`{name: k}` for every linear governed by `rules`; k = 0 where the layer stays dense (as build_emulator)."""
+    rules = normalise_rules(rules)
+    ranks = {}
+    for lin in summary.linears:
+        rule = match_rule(lin.name, rules)
+        if rule is None:
+            continue
+        k = max(1, rank_for_ratio(lin.in_features, lin.out_features, rule[1]))
+        ranks[lin.name] = 0 if k * (lin.in_features + lin.out_features) >= lin.in_features * lin.out_features else k
+    if not ranks:
+        raise ValueError(f"no linear layer matches the compression rules {[p for p, _ in rules]}; "
+                         "patterns must fullmatch module names")
+    return ranks
+
+
+def lora_targets(summary: ModelSummary, patterns: Sequence[str]) -> list[LinearShape]:
+    """The linears LoRA trains: those whose name fullmatches a pattern (as emloc.lora_target_names)."""
+    import re
+
+    compiled = [re.compile(p) for p in patterns]
+    found = [lin for lin in summary.linears if any(p.fullmatch(lin.name) for p in compiled)]
+    if not found:
+        raise ValueError(f"no linear layer matches the LoRA targets {list(patterns)}; patterns must fullmatch module names")
+    return found
+
+
+def optimizer_state_bytes(rows: int, cols: int, optimizer: str) -> int:
+    """Optimiser state of one (rows x cols) float32 trainable tensor."""
+    n = rows * cols
+    if optimizer == "adamw":
+        return 8 * n  # exp_avg + exp_avg_sq in float32
+    if optimizer == "adamw8bit":
+        return 8 * n if n < ADAM8BIT_MIN_ELEMENTS else 2 * n + 2 * 4 * math.ceil(n / ADAM8BIT_BLOCK)
+    if optimizer == "adafactor":
+        return 4 * (rows + cols) if min(rows, cols) > 1 else 4 * n  # factored second moment, no momentum
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+
+
+def stream_tokens(arch: ArchitectureSpec, s: MemorySettings) -> dict[str, int]:
+    """Tokens per sample of each stream: flux (H/16)(W/16) image + text; vlm seq_len text, tiles x tile vision."""
+    if arch.family == "flux":
+        side = math.ceil(s.resolution / arch.pixels_per_token)
+        image = side * side
+        return {"image": image, "text": arch.text_tokens, "all": image + arch.text_tokens}
+    if s.seq_len < s.image_tiles * arch.image_tokens_per_tile:
+        raise ValueError(f"seq_len {s.seq_len} cannot hold {s.image_tiles} image tiles of {arch.image_tokens_per_tile} "
+                         f"tokens; raise --seq-len or lower --image-tiles")
+    return {"text": s.seq_len, "all": s.seq_len, "vision": s.image_tiles * arch.vision_tokens_per_tile}
+
+
+def check_settings(s: MemorySettings) -> None:
+    """Raise a ValueError naming the first bad setting."""
+    check_ratio(s.ratio, "--ratio")
+    dtype_bytes(s.dtype)
+    optimizer_state_bytes(1, 1, s.optimizer)
+    for name in ("lora_rank", "batch_size", "seq_len", "resolution", "calibration_batch_size"):
+        if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
+            raise ValueError(f"{name} must be a positive integer; got {getattr(s, name)!r}")
+    if s.image_tiles < 0 or s.generate_tokens < 0:
+        raise ValueError("image_tiles and generate_tokens must be >= 0")
+
+
+@dataclass
+class _Run:
+    """Quantities every phase formula of one plan shares."""
+
+    summary: ModelSummary
+    arch: ArchitectureSpec
+    s: MemorySettings
+    b: int  # bytes per element of the run's dtype
+    tokens: dict[str, int]
+    ranks: dict[str, int]  # compression targets -> k (0: kept dense)
+    targets: list[LinearShape]  # LoRA targets
+    counts: ParamCounts
+
+    def tokens_of(self, lin: LinearShape) -> int:
+        stack = next((st for st in self.arch.stacks if st.name == lin.stack), None)
+        return self.tokens[stack.tokens] if stack else self.tokens["all"]
+
+
+def _estimate(phase: str, method: str, parts: dict[str, float], streamed: bool = False, note: str = "") -> PhaseEstimate:
+    clean = {k: int(math.ceil(v)) for k, v in parts.items() if v}
+    return PhaseEstimate(phase, method, {**clean, "overhead": RUNTIME_OVERHEAD_BYTES}, streamed, note)
+
+
+def _full_weights(run: _Run, offload: bool) -> dict[str, float]:
+    """b·P whole, or b·(largest block or module) when the model streams from the CPU."""
+    return {"weights (one block)": run.b * run.summary.largest_piece} if offload else {"weights": run.b * run.summary.params}
+
+
+def _component_peak(run: _Run, offload: bool, pixels: int) -> dict[str, float]:
+    """The largest run-once model (text encoder, VAE) resident on its own, with its decode working set."""
+    best: dict[str, float] = {}
+    for c in run.arch.components:
+        parts = {f"weights ({c.name}{', one block' if offload else ''})": run.b * (c.largest_piece if offload else c.params),
+                 f"working set ({c.name})": run.b * c.transient_per_pixel * pixels}
+        if sum(parts.values()) > sum(best.values()):
+            best = parts
+    return best
+
+
+def _lora_terms(run: _Run) -> tuple[int, int, int]:
+    """(adapter bytes, optimiser state bytes, optimiser-step temporaries) of the LoRA targets."""
+    r, opt = run.s.lora_rank, run.s.optimizer
+    shapes = [(r, t.in_features) for t in run.targets] + [(t.out_features, r) for t in run.targets]  # A, B
+    state = sum(optimizer_state_bytes(rows, cols, opt) for rows, cols in shapes)
+    step = {"adamw": 4 * run.counts.lora, "adafactor": 2 * 4 * max(a * c for a, c in shapes)}.get(opt, 0)
+    return ADAPTER_BYTES * run.counts.lora, state, step
+
+
+def _training_activations(run: _Run) -> dict[str, float]:
+    """Activations of forward + backward; a stack saves them when it or an earlier stack holds LoRA targets."""
+    s, b, arch = run.s, run.b, run.arch
+    per_block: dict[str, int] = {}
+    for t in run.targets:
+        if t.block:
+            per_block[t.block] = per_block.get(t.block, 0) + 1
+    lora_in = {st.name: max([c for blk, c in per_block.items() if run.summary.block_stack[blk] == st.name], default=0)
+               for st in arch.stacks}
+    outside = any(t.stack is None for t in run.targets)
+    first = 0 if outside else next((i for i, st in enumerate(arch.stacks) if lora_in[st.name]), len(arch.stacks))
+    stored = recompute = frozen = 0
+    for i, st in enumerate(arch.stacks):
+        n, blocks = s.batch_size * run.tokens[st.tokens], run.summary.blocks_in(st.name)
+        a = st.saved_per_token + s.lora_rank * lora_in[st.name]  # each LoRA target also saves x·Aᵀ (r per token)
+        if i < first:
+            frozen = max(frozen, n * a * b)  # no grad: one block's working set at a time
+        elif s.gradient_checkpointing:
+            stored += n * blocks * st.hidden * b
+            recompute = max(recompute, n * a * b)
+        else:
+            stored += n * blocks * a * b
+    logits = s.batch_size * run.tokens["all"] * arch.vocab_size * (b + LOSS_BYTES_PER_LOGIT)
+    if frozen > stored + recompute + logits:
+        return {"activations (frozen forward)": frozen}
+    return {"activations": stored, "recompute one block": recompute, "logits": logits}
+
+
+def _training(run: _Run, method: str, weights: dict[str, float], note: str = "") -> PhaseEstimate:
+    adapter, state, step = _lora_terms(run)
+    activations = _training_activations(run)
+    parts = {**weights, "lora": adapter, "grads": adapter, "optimizer": state}
+    parts.update(activations if sum(activations.values()) >= step else {"optimizer step": step})
+    return _estimate("training", method, parts, note=note)
+
+
+def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
+    """One sample forward without grad: the largest block's working set (bounded by a), the hidden state,
+    the KV cache of a generated answer and the last token's logits."""
+    b, s = run.b, run.s
+    working = max(run.tokens[st.tokens] * (st.saved_per_token + st.hidden) for st in run.arch.stacks) * b
+    kv = sum(st.kv_per_token * run.summary.blocks_in(st.name) * (run.tokens[st.tokens] + s.generate_tokens)
+             for st in run.arch.stacks) * b
+    return {"activations": working, "kv cache": kv, "logits": run.arch.vocab_size * (b + 4),
+            "lora": ADAPTER_BYTES * run.counts.lora if lora else 0}
+
+
+def _pixels(run: _Run) -> int:
+    return run.s.resolution ** 2 if run.arch.family == "flux" else 0
+
+
+def _with_components(run: _Run, phase: str, method: str, model: dict[str, float], offload: bool) -> PhaseEstimate:
+    """The larger of the trained model's peak and any run-once model's (they never share the GPU)."""
+    encoders = _component_peak(run, offload, _pixels(run))
+    if sum(encoders.values()) > sum(model.values()):
+        return _estimate(phase, method, encoders, offload, "peak while a text encoder or the VAE runs")
+    return _estimate(phase, method, model, offload)
+
+
+def _calibration(run: _Run) -> PhaseEstimate:
+    s, b = run.s, run.b
+    bc = s.calibration_batch_size
+    forward = max(bc * run.tokens[st.tokens] * (st.saved_per_token + st.hidden) for st in run.arch.stacks) * b
+    layers = [lin for lin in run.summary.linears if lin.name in run.ranks]
+    if s.stats_on_gpu:
+        stats = {"statistics (all layers)": sum(4 * lin.in_features ** 2 for lin in layers)}
+    else:  # one layer's gram xᵀx (in x in) and the float32 copy of its input (tokens x in), then moved to the CPU
+        stats = {"statistics (one layer)": max(4 * (lin.in_features ** 2 + bc * run.tokens_of(lin) * lin.in_features)
+                                               for lin in layers)}
+    model = {**_full_weights(run, s.offload), "activations": forward, **stats}
+    return _with_components(run, "calibration", "emloc", model, s.offload)
+
+
+def _construction(run: _Run) -> PhaseEstimate:
+    """Per factored layer, float32 on the GPU: whitening 4·in² (+W), factoring in² + 2·in·out + 2·m² + k(in+out),
+    error check in² + 5·in·out (m = min(in, out)); plus the layer's own weight, b·in·out."""
+    worst = 0
+    for lin in run.summary.linears:
+        k = run.ranks.get(lin.name, 0)
+        if not k:
+            continue
+        i, o = lin.in_features, lin.out_features
+        sq, io, m = i * i, i * o, min(i, o)
+        worst = max(worst, FACTOR_BYTES * max(4 * sq + io, sq + 2 * io + 2 * m * m + k * (i + o), sq + 5 * io) + run.b * io)
+    model = {} if run.s.offload else {"weights": run.b * run.summary.params}
+    return _estimate("emulator", "emloc", {**model, "factorisation (one layer)": worst}, run.s.offload)
+
+
+def _correction(run: _Run) -> PhaseEstimate:
+    """Per LoRA target: the full layer and its float32 copy, the emulator layer and its float32 copy;
+    plus the adapter and its corrected copy (float32)."""
+    b, worst, copies = run.b, 0, 0
+    for t in run.targets:
+        io, k = t.in_features * t.out_features, run.ranks.get(t.name, 0)
+        emu = k * (t.in_features + t.out_features) if k else io
+        worst = max(worst, (b + FACTOR_BYTES) * (io + emu))
+        copies = max(copies, FACTOR_BYTES * (io + emu))
+    adapter = {"adapter + corrected copy": 2 * ADAPTER_BYTES * run.counts.lora}
+    if run.s.offload:
+        return _estimate("correction", "emloc", {"layers (one of each model)": worst, **adapter}, True)
+    both = {"weights (full + emulator)": b * (run.counts.full + run.counts.emulator), "float32 layer copies": copies}
+    return _estimate("correction", "emloc", {**both, **adapter})
+
+
+def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemorySettings) -> MemoryPlan:
+    """Predicted peaks of every phase of EMLoC (at `settings`) and of LoRA, QLoRA and plain inference."""
+    import re
+
+    s = settings
+    check_settings(s)
+    b = dtype_bytes(s.dtype)
+    tokens = stream_tokens(arch, s)
+    rules = list(s.rules) if s.rules else [(p, s.ratio) for p in arch.default_compress]
+    ranks = emulator_ranks(summary, rules)
+    targets = lora_targets(summary, list(s.lora_targets) or list(arch.default_lora_targets))
+    shapes = {lin.name: lin for lin in summary.linears}
+    removed = sum(shapes[n].in_features * shapes[n].out_features - k * (shapes[n].in_features + shapes[n].out_features)
+                  for n, k in ranks.items() if k)
+    quantised = [lin for lin in summary.linears if not any(re.fullmatch(p, lin.name) for p in arch.quant_skip)]
+    counts = ParamCounts(full=summary.params, emulator=summary.params - removed,
+                         lora=sum(s.lora_rank * (t.in_features + t.out_features) for t in targets),
+                         factored_layers=sum(1 for k in ranks.values() if k),
+                         dense_layers=sum(1 for k in ranks.values() if not k),
+                         quantised=sum(lin.in_features * lin.out_features for lin in quantised))
+    run = _Run(summary, arch, s, b, tokens, ranks, targets, counts)
+    nf4 = {"weights (NF4 linears)": NF4_BYTES * counts.quantised, "weights (rest)": b * (counts.full - counts.quantised),
+           "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
+    preview = {**_full_weights(run, s.offload), **_inference_activations(run, lora=True)}
+    plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
+    estimates = [
+        _calibration(run),
+        _construction(run),
+        _training(run, "emloc", {"weights (emulator)": b * counts.emulator}),
+        _correction(run),
+        _with_components(run, "preview", "emloc", preview, s.offload),
+        _training(run, "lora", {"weights": b * counts.full}),
+        _training(run, "qlora", nf4),
+        _with_components(run, "preview", "inference", plain, False),
+    ]
+    stats = 0 if s.stats_on_gpu else sum(4 * shapes[n].in_features ** 2 for n in ranks)
+    return MemoryPlan(s, counts, estimates, stats)
+
+
+def estimate(model: nn.Module, arch: ArchitectureSpec, settings: MemorySettings) -> MemoryPlan:
+    """plan_memory on a model (meta device is enough); summarise once and call plan_memory when planning often."""
+    return plan_memory(summarize(model, arch), arch, settings)
