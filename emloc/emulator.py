@@ -66,17 +66,18 @@ class LowRankLinear(nn.Module):
         """Factor `linear` at `rank` (activation-aware when `second_moment` = Σ xᵀx is given).
 
         The factorisation runs in float32 on `compute_device` (default: the layer's device); the
-        factors come back in the layer's dtype and device.
+        factors come back in the layer's dtype, on its device (for a layer offloaded by accelerate,
+        on the device it executes on).
         """
-        weight = linear.weight
-        device = torch.device(compute_device) if compute_device is not None else weight.device
+        weight, bias, home = dense_parameters(linear)
+        device = torch.device(compute_device) if compute_device is not None else home
         u, v = low_rank_factors(weight.detach().to(device), rank, second_moment, svd, white=white)
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+        layer = cls(linear.in_features, linear.out_features, rank, bias=bias is not None,
                     device="meta", dtype=weight.dtype)
         state = {"u.weight": u, "v.weight": v}
-        if linear.bias is not None:
-            state["u.bias"] = linear.bias.detach()
-        state = {k: t.to(weight.device, weight.dtype).contiguous() for k, t in state.items()}
+        if bias is not None:
+            state["u.bias"] = bias.detach()
+        state = {k: t.to(home, weight.dtype).contiguous() for k, t in state.items()}
         layer.load_state_dict(state, assign=True)
         return layer
 
@@ -139,6 +140,24 @@ class EmulatorReport:
         return "\n".join(rows)
 
 
+def dense_parameters(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.device]:
+    """`(weight, bias, home device)` of a Linear, also when accelerate offloaded it (meta weights + hook).
+
+    An offloaded layer's weights are read from its hook's weights_map (CPU or disk), one layer at a
+    time; its home is the hook's execution device, where its replacement will run.
+    """
+    if linear.weight.device.type != "meta":
+        return linear.weight, linear.bias, linear.weight.device
+    hook = getattr(linear, "_hf_hook", None)
+    for part in getattr(hook, "hooks", (hook,)):
+        weights_map = getattr(part, "weights_map", None)
+        if weights_map is not None and "weight" in weights_map:
+            bias = weights_map["bias"] if linear.bias is not None else None
+            home = getattr(part, "execution_device", None) or weights_map["weight"].device
+            return weights_map["weight"], bias, torch.device(home)
+    raise ValueError("a layer has no weights loaded (meta device, no offload hook); load the model's weights first")
+
+
 def _param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -186,15 +205,18 @@ def build_emulator(
     stats = stats or {}
     report = EmulatorReport(model_params_before=_param_count(model), solver=svd)
     for name, (linear, _) in targets.items():
-        if linear.weight.device.type == "meta":
-            raise ValueError(f"layer {name!r} has no weights loaded (meta device); load the model's weights first")
-    report.fingerprint = weights_fingerprint((n, lin.weight) for n, (lin, _) in targets.items())
+        try:
+            dense_parameters(linear)
+        except ValueError:
+            raise ValueError(f"layer {name!r} has no weights loaded (meta device); load the model's weights first") from None
+    report.fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in targets.items())
     info = {"layers": {}, "rules": [list(r) for r in rules], "solver": svd,
             "fingerprint": report.fingerprint, "base_model": base_model or _model_id(model)}
     shared: tuple[torch.Tensor, Whitening] | None = None  # q/k/v read one input: whiten its C once
     for name, (linear, ratio) in tqdm(targets.items(), desc="Building the emulator", unit="layer", disable=not progress):
         n_in, n_out = linear.in_features, linear.out_features
-        _check_finite(linear.weight, f"weight of layer {name!r}")
+        weight, bias_tensor, _ = dense_parameters(linear)
+        _check_finite(weight, f"weight of layer {name!r}")
         second_moment = stats.get(name)
         if second_moment is not None:
             if tuple(second_moment.shape) != (n_in, n_in):
@@ -202,13 +224,13 @@ def build_emulator(
                                  f"expected ({n_in}, {n_in}) for a layer with {n_in} inputs")
             _check_finite(second_moment, f"calibration statistics of layer {name!r}")
         rank = max(1, rank_for_ratio(n_in, n_out, ratio))
-        bias = 0 if linear.bias is None else n_out
+        bias = 0 if bias_tensor is None else n_out
         before = n_in * n_out + bias
         if rank * (n_in + n_out) >= n_in * n_out:
             report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0,
                                              second_moment is not None, True))
             continue
-        device = torch.device(compute_device) if compute_device is not None else linear.weight.device
+        device = torch.device(compute_device) if compute_device is not None else weight.device
         white = None
         if second_moment is not None:
             if shared is not None and shared[0].shape == second_moment.shape and torch.equal(shared[0], second_moment):
@@ -219,13 +241,13 @@ def build_emulator(
         low = LowRankLinear.from_linear(linear, rank, second_moment, svd, compute_device, white=white)
         with torch.no_grad():
             approx = low.u.weight.to(device).float() @ low.v.weight.to(device).float()
-            error = weighted_error(linear.weight.to(device), approx, second_moment)
+            error = weighted_error(weight.to(device), approx, second_moment)
         del approx
         _set_submodule(model, name, low)
         report.layers.append(LayerReport(name, n_in, n_out, ratio, rank, before, rank * (n_in + n_out) + bias,
                                          error, second_moment is not None, False))
         info["layers"][name] = {"in_features": n_in, "out_features": n_out, "rank": rank, "ratio": ratio,
-                                "bias": linear.bias is not None}
+                                "bias": bias_tensor is not None}
     report.model_params_after = _param_count(model)
     model.emloc_emulator = info  # read by save_emulator; plain data, not a module
     log.info("emulator built: %d of %d target layers factored, %.3f of the model's parameters kept",

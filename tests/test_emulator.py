@@ -188,3 +188,18 @@ def test_loading_onto_a_different_model_is_refused(tiny_transformer, tmp_path):
         load_emulator(other, tmp_path / "emulator")
     with pytest.raises(ValueError, match="does not exist in this model"):
         load_emulator(TinyTransformer(layers=1), tmp_path / "emulator")
+
+
+def test_offloaded_model_builds_the_same_emulator(tiny_transformer, token_batches):
+    from accelerate import cpu_offload
+
+    stats = second_moments(collect_input_stats(tiny_transformer, token_batches, BLOCK_RULES, progress=False))
+    expected = copy.deepcopy(tiny_transformer)
+    build_emulator(expected, BLOCK_RULES, stats, progress=False)
+    offloaded = cpu_offload(tiny_transformer, execution_device=torch.device("cpu"))
+    assert offloaded.blocks[0].up.weight.device.type == "meta"
+    build_emulator(offloaded, BLOCK_RULES, stats, progress=False)
+    assert isinstance(offloaded.blocks[0].up, LowRankLinear)
+    ids = token_batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids), expected(ids), rtol=1e-5, atol=1e-5)
