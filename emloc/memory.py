@@ -3,39 +3,51 @@
 Input: a model built on the `meta` device (exact parameter counts, no weights) and an ArchitectureSpec
 (how tokens flow through its block stacks). Each phase's peak is a sum of named parts, each one formula
 (b = bytes per element of the run's dtype, B = batch size, n = tokens per sample, h = width of the
-residual stream, L = blocks in a stack, a = activation elements one block saves per token):
+residual stream, L = blocks in a stack, a = activation elements one block saves per token, r = LoRA rank):
 
   weights      b·P (full model); b·P_E for the emulator, P_E = P - Σ in·out + Σ k(in+out) over factored
                layers (k = rank_for_ratio, a layer stays dense when k(in+out) >= in·out, as build_emulator);
-               QLoRA: NF4_BYTES per element of each quantised linear weight, b for every other parameter
-  streamed     b·(largest block, or largest module outside the blocks): the only weights on the GPU
+               QLoRA: NF4_BYTES per element of each quantised linear weight, b for every other parameter;
+               streamed: b·(largest block, or largest module outside the blocks), the rest on the CPU
   lora, grads  ADAPTER_BYTES·r(in+out) per LoRA target each (PEFT keeps adapters in float32)
   optimizer    adamw 8 per element; adamw8bit 2 + 8/256 (tensors under 4096 elements: 8); adafactor
-               4·(rows + cols) per matrix; step: adamw's foreach temporaries 4·P_lora
-  activations  no checkpointing: Σ B·n·L·(a + r·t)·b (t = LoRA targets in a block, each saves x·Aᵀ);
-               checkpointing: Σ B·n·L·h·b (block inputs) + max B·n·(a + r·t)·b (one block recomputed)
+               4·(rows + cols) per matrix; its step: adamw's foreach temporaries 4·P_lora
+  activations  per block and token s = a·b + 4·a32 + ADAPTER_BYTES·Σ(in + r)/streams over the block's LoRA
+               targets (PEFT casts each LoRA input to float32 and saves it and x·Aᵀ); no checkpointing:
+               Σ B·n·L·s; checkpointing: Σ B·n·L·h·b (block inputs) + max B·n·s (one block recomputed)
   logits       B·n·V·(b + LOSS_BYTES_PER_LOGIT) for a model with an LM head (V = vocabulary)
   overhead     RUNTIME_OVERHEAD_BYTES (CUDA context + caching-allocator slack), in every phase's total
 
+Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 4·a32) + a layer's Gram 4·(in² + B·n·in)
+(every layer's 4·in² with stats_on_gpu); emulator = the worst factored layer in float32 (_construction);
+training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
+correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
+preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits.
+FLUX also runs its text encoders and VAE (one at a time) in calibration and preview: the larger peak counts.
+Alternatives: LoRA and QLoRA training on the full model, plain inference (preview without adapter, whole).
 `allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .rules import check_ratio, match_rule, normalise_rules, rank_for_ratio
+from .rules import check_ratio, normalise_rules, rank_for_ratio
 
 GiB = 1024 ** 3
 RUNTIME_OVERHEAD_BYTES = GiB  # CUDA context (~0.5 GiB once cuBLAS kernels load) + ~0.5 GiB allocator slack
 ADAPTER_BYTES = 4  # PEFT's autocast_adapter_dtype keeps LoRA weights (and so grads) in float32
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax (double quant)
-LOSS_BYTES_PER_LOGIT = 8  # cross-entropy upcasts logits to float32 and keeps a float32 log-softmax / grad
+# transformers' loss upcasts the logits to float32; at the peak (backward through log-softmax) the float32
+# log-softmax output it saved, the grad of that output and the grad of its input exist at once, each 4 bytes
+LOSS_BYTES_PER_LOGIT = 12
 ADAM8BIT_MIN_ELEMENTS = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 ADAM8BIT_BLOCK = 256  # bitsandbytes 8-bit state: one float32 absmax per 256 elements, per state
 FACTOR_BYTES = 4  # emulator construction and correction compute in float32
@@ -52,7 +64,9 @@ class BlockStack:
     prefix: str  # module path of the ModuleList, e.g. "transformer_blocks"
     hidden: int  # h: width of the residual stream between blocks
     tokens: str  # which token stream flows through it: "all", "image", "text" or "vision"
-    saved_per_token: int  # a: elements one block saves per token for backward (frozen base, LoRA on its linears)
+    saved_per_token: int  # a: elements in the run's dtype one block saves per token for backward (frozen base)
+    saved_fp32_per_token: int = 0  # a32: float32 elements it saves per token (upcast norms, attention log-sum-exp)
+    streams: int = 1  # parallel token streams with their own layers (FLUX double blocks: image and text, 2)
     kv_per_token: int = 0  # KV-cache elements per token per block at generation (2 x kv heads x head dim)
 
 
@@ -83,25 +97,30 @@ class ArchitectureSpec:
     components: tuple[Component, ...] = ()  # run-once models (text encoders, VAE): calibration and preview
 
 
+def _setting(default, help_text: str):
+    """A settings field whose help text the CLI and the app show."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class MemorySettings:
     """The shape of a run, as far as memory is concerned."""
 
-    dtype: str = field(default="bfloat16", metadata={"help": "dtype of the weights: bfloat16, float16 or float32"})
-    ratio: float = field(default=0.3, metadata={"help": "fraction of parameters kept in the compressed layers, in (0, 1]"})
-    rules: tuple = field(default=(), metadata={"help": "explicit (regex, ratio) rules; empty: the model's default layers at --ratio"})
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
-    lora_targets: tuple = field(default=(), metadata={"help": "regexes of the layers LoRA trains; empty: the model's default"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw, adamw8bit or adafactor"})
-    batch_size: int = field(default=1, metadata={"help": "training samples per step"})
-    seq_len: int = field(default=2048, metadata={"help": "VLM: tokens per sample, image tokens included"})
-    image_tiles: int = field(default=7, metadata={"help": "VLM: 448x448 tiles per sample (256 LLM tokens each)"})
-    resolution: int = field(default=512, metadata={"help": "FLUX: training and preview image side in pixels"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute each block in backward"})
-    offload: bool = field(default=True, metadata={"help": "full-model phases hold one block on the GPU, the rest on CPU"})
-    calibration_batch_size: int = field(default=1, metadata={"help": "samples per calibration batch"})
-    stats_on_gpu: bool = field(default=False, metadata={"help": "keep calibration sums (4·in² bytes per layer) on the GPU"})
-    generate_tokens: int = field(default=256, metadata={"help": "VLM preview: new tokens generated per answer"})
+    dtype: str = _setting("bfloat16", "dtype of the weights: bfloat16, float16 or float32")
+    ratio: float = _setting(0.45, "fraction of parameters kept in the compressed layers, in (0, 1]")
+    rules: tuple = _setting((), "explicit (regex, ratio) rules; empty: the model's default layers at --ratio")
+    lora_rank: int = _setting(16, "LoRA rank r")
+    lora_targets: tuple = _setting((), "regexes of the layers LoRA trains; empty: the model's default")
+    optimizer: str = _setting("adamw", "adamw, adamw8bit or adafactor")
+    batch_size: int = _setting(1, "training samples per step")
+    seq_len: int = _setting(2048, "VLM: tokens per sample, image tokens included")
+    image_tiles: int = _setting(7, "VLM: 448x448 tiles per sample (256 LLM tokens each)")
+    resolution: int = _setting(512, "FLUX: training and preview image side in pixels")
+    gradient_checkpointing: bool = _setting(True, "recompute each block in backward")
+    offload: bool = _setting(True, "full-model phases hold one block on the GPU, the rest on CPU")
+    calibration_batch_size: int = _setting(1, "samples per calibration batch")
+    stats_on_gpu: bool = _setting(False, "keep calibration sums (4·in² bytes per layer) on the GPU")
+    generate_tokens: int = _setting(256, "VLM preview: new tokens generated per answer")
 
 
 @dataclass(frozen=True)
@@ -116,7 +135,7 @@ class LinearShape:
     block: str | None  # module name of its block
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity, so the per-summary caches below can key on it
 class ModelSummary:
     """What the planner needs of a model, counted once on the meta device (cache this, not the model)."""
 
@@ -211,15 +230,21 @@ def summarize(model: nn.Module, arch: ArchitectureSpec) -> ModelSummary:
                         block_stack=block_stack, largest_piece=max([outside, *blocks.values()]))
 
 
+@functools.lru_cache(maxsize=64)
+def _first_match(summary: ModelSummary, patterns: tuple[str, ...]) -> tuple[int | None, ...]:
+    """Per linear, the index of the first pattern that fullmatches its name (None: no match)."""
+    compiled = [re.compile(p) for p in patterns]
+    return tuple(next((i for i, p in enumerate(compiled) if p.fullmatch(lin.name)), None) for lin in summary.linears)
+
+
 def emulator_ranks(summary: ModelSummary, rules: Sequence) -> dict[str, int]:
     """`{name: k}` for every linear governed by `rules`; k = 0 where the layer stays dense (as build_emulator)."""
     rules = normalise_rules(rules)
     ranks = {}
-    for lin in summary.linears:
-        rule = match_rule(lin.name, rules)
-        if rule is None:
+    for lin, index in zip(summary.linears, _first_match(summary, tuple(p for p, _ in rules))):
+        if index is None:
             continue
-        k = max(1, rank_for_ratio(lin.in_features, lin.out_features, rule[1]))
+        k = max(1, rank_for_ratio(lin.in_features, lin.out_features, rules[index][1]))
         ranks[lin.name] = 0 if k * (lin.in_features + lin.out_features) >= lin.in_features * lin.out_features else k
     if not ranks:
         raise ValueError(f"no linear layer matches the compression rules {[p for p, _ in rules]}; "
@@ -229,10 +254,13 @@ def emulator_ranks(summary: ModelSummary, rules: Sequence) -> dict[str, int]:
 
 def lora_targets(summary: ModelSummary, patterns: Sequence[str]) -> list[LinearShape]:
     """The linears LoRA trains: those whose name fullmatches a pattern (as emloc.lora_target_names)."""
-    import re
-
-    compiled = [re.compile(p) for p in patterns]
-    found = [lin for lin in summary.linears if any(p.fullmatch(lin.name) for p in compiled)]
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"LoRA target pattern {pattern!r} is not a valid regex: {err}") from None
+    matches = _first_match(summary, tuple(patterns))
+    found = [lin for lin, index in zip(summary.linears, matches) if index is not None]
     if not found:
         raise ValueError(f"no linear layer matches the LoRA targets {list(patterns)}; patterns must fullmatch module names")
     return found
@@ -315,67 +343,78 @@ def _component_peak(run: _Run, offload: bool, pixels: int) -> dict[str, float]:
 
 def _lora_terms(run: _Run) -> tuple[int, int, int]:
     """(adapter bytes, optimiser state bytes, optimiser-step temporaries) of the LoRA targets."""
-    r, opt = run.s.lora_rank, run.s.optimizer
-    shapes = [(r, t.in_features) for t in run.targets] + [(t.out_features, r) for t in run.targets]  # A, B
-    state = sum(optimizer_state_bytes(rows, cols, opt) for rows, cols in shapes)
-    step = {"adamw": 4 * run.counts.lora, "adafactor": 2 * 4 * max(a * c for a, c in shapes)}.get(opt, 0)
+    shapes = tuple((t.in_features, t.out_features) for t in run.targets)
+    state, step = _optimizer_terms(shapes, run.s.lora_rank, run.s.optimizer)
     return ADAPTER_BYTES * run.counts.lora, state, step
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer_terms(shapes: tuple[tuple[int, int], ...], r: int, optimizer: str) -> tuple[int, int]:
+    tensors = [(r, i) for i, _ in shapes] + [(o, r) for _, o in shapes]  # A: r x in, B: out x r
+    state = sum(optimizer_state_bytes(rows, cols, optimizer) for rows, cols in tensors)
+    step = {"adamw": 4 * sum(a * b for a, b in tensors), "adafactor": 2 * 4 * max(a * b for a, b in tensors)}
+    return state, step.get(optimizer, 0)
+
+
+def activation_bytes_per_token(stack: BlockStack, b: int, lora_bytes: int = 0) -> float:
+    """s = a·b + 4·a32 + lora_bytes/streams: what one block saves per token for backward, where lora_bytes =
+    ADAPTER_BYTES·Σ(in + r) over the block's LoRA targets."""
+    return stack.saved_per_token * b + 4 * stack.saved_fp32_per_token + lora_bytes / stack.streams
 
 
 def _training_activations(run: _Run) -> dict[str, float]:
     """Activations of forward + backward; a stack saves them when it or an earlier stack holds LoRA targets."""
     s, b, arch = run.s, run.b, run.arch
-    per_block: dict[str, int] = {}
+    per_block: dict[str, int] = {}  # block -> ADAPTER_BYTES·Σ(in + r) over its LoRA targets
     for t in run.targets:
         if t.block:
-            per_block[t.block] = per_block.get(t.block, 0) + 1
-    lora_in = {st.name: max([c for blk, c in per_block.items() if run.summary.block_stack[blk] == st.name], default=0)
-               for st in arch.stacks}
+            per_block[t.block] = per_block.get(t.block, 0) + ADAPTER_BYTES * (t.in_features + s.lora_rank)
+    lora: dict[str, int] = {}
+    for block, size in per_block.items():
+        stack = run.summary.block_stack[block]
+        lora[stack] = max(lora.get(stack, 0), size)
     outside = any(t.stack is None for t in run.targets)
-    first = 0 if outside else next((i for i, st in enumerate(arch.stacks) if lora_in[st.name]), len(arch.stacks))
+    first = 0 if outside else next((i for i, st in enumerate(arch.stacks) if st.name in lora), len(arch.stacks))
     stored = recompute = frozen = 0
     for i, st in enumerate(arch.stacks):
         n, blocks = s.batch_size * run.tokens[st.tokens], run.summary.blocks_in(st.name)
-        a = st.saved_per_token + s.lora_rank * lora_in[st.name]  # each LoRA target also saves x·Aᵀ (r per token)
+        per_token = activation_bytes_per_token(st, b, lora.get(st.name, 0))
         if i < first:
-            frozen = max(frozen, n * a * b)  # no grad: one block's working set at a time
+            frozen = max(frozen, n * per_token)  # no grad: one block's working set at a time
         elif s.gradient_checkpointing:
             stored += n * blocks * st.hidden * b
-            recompute = max(recompute, n * a * b)
+            recompute = max(recompute, n * per_token)
         else:
-            stored += n * blocks * a * b
+            stored += n * blocks * per_token
     logits = s.batch_size * run.tokens["all"] * arch.vocab_size * (b + LOSS_BYTES_PER_LOGIT)
     if frozen > stored + recompute + logits:
         return {"activations (frozen forward)": frozen}
     return {"activations": stored, "recompute one block": recompute, "logits": logits}
 
 
-def _training(run: _Run, method: str, weights: dict[str, float], note: str = "") -> PhaseEstimate:
+def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimate:
     adapter, state, step = _lora_terms(run)
     activations = _training_activations(run)
     parts = {**weights, "lora": adapter, "grads": adapter, "optimizer": state}
     parts.update(activations if sum(activations.values()) >= step else {"optimizer step": step})
-    return _estimate("training", method, parts, note=note)
+    return _estimate("training", method, parts)
 
 
 def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
     """One sample forward without grad: the largest block's working set (bounded by a), the hidden state,
     the KV cache of a generated answer and the last token's logits."""
     b, s = run.b, run.s
-    working = max(run.tokens[st.tokens] * (st.saved_per_token + st.hidden) for st in run.arch.stacks) * b
+    working = max(run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
+                  for st in run.arch.stacks)
     kv = sum(st.kv_per_token * run.summary.blocks_in(st.name) * (run.tokens[st.tokens] + s.generate_tokens)
              for st in run.arch.stacks) * b
     return {"activations": working, "kv cache": kv, "logits": run.arch.vocab_size * (b + 4),
             "lora": ADAPTER_BYTES * run.counts.lora if lora else 0}
 
 
-def _pixels(run: _Run) -> int:
-    return run.s.resolution ** 2 if run.arch.family == "flux" else 0
-
-
 def _with_components(run: _Run, phase: str, method: str, model: dict[str, float], offload: bool) -> PhaseEstimate:
     """The larger of the trained model's peak and any run-once model's (they never share the GPU)."""
-    encoders = _component_peak(run, offload, _pixels(run))
+    encoders = _component_peak(run, offload, run.s.resolution ** 2 if run.arch.family == "flux" else 0)
     if sum(encoders.values()) > sum(model.values()):
         return _estimate(phase, method, encoders, offload, "peak while a text encoder or the VAE runs")
     return _estimate(phase, method, model, offload)
@@ -384,7 +423,8 @@ def _with_components(run: _Run, phase: str, method: str, model: dict[str, float]
 def _calibration(run: _Run) -> PhaseEstimate:
     s, b = run.s, run.b
     bc = s.calibration_batch_size
-    forward = max(bc * run.tokens[st.tokens] * (st.saved_per_token + st.hidden) for st in run.arch.stacks) * b
+    forward = max(bc * run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
+                  for st in run.arch.stacks)
     layers = [lin for lin in run.summary.linears if lin.name in run.ranks]
     if s.stats_on_gpu:
         stats = {"statistics (all layers)": sum(4 * lin.in_features ** 2 for lin in layers)}
@@ -428,8 +468,6 @@ def _correction(run: _Run) -> PhaseEstimate:
 
 def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemorySettings) -> MemoryPlan:
     """Predicted peaks of every phase of EMLoC (at `settings`) and of LoRA, QLoRA and plain inference."""
-    import re
-
     s = settings
     check_settings(s)
     b = dtype_bytes(s.dtype)
@@ -440,7 +478,8 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     shapes = {lin.name: lin for lin in summary.linears}
     removed = sum(shapes[n].in_features * shapes[n].out_features - k * (shapes[n].in_features + shapes[n].out_features)
                   for n, k in ranks.items() if k)
-    quantised = [lin for lin in summary.linears if not any(re.fullmatch(p, lin.name) for p in arch.quant_skip)]
+    skipped = _first_match(summary, arch.quant_skip)
+    quantised = [lin for lin, index in zip(summary.linears, skipped) if index is None]
     counts = ParamCounts(full=summary.params, emulator=summary.params - removed,
                          lora=sum(s.lora_rank * (t.in_features + t.out_features) for t in targets),
                          factored_layers=sum(1 for k in ranks.values() if k),

@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+# Tiny models run fastest on one thread, and CI's two cores are shared with the browser test's app.
+torch.set_num_threads(1)
+
 
 class TinyBlock(nn.Module):
     """A pre-norm transformer block (attention + MLP) with plain nn.Linear projections."""

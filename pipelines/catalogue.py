@@ -1,0 +1,260 @@
+"""The real models the app offers, and their weightless (`meta` device) builds for the VRAM planner.
+
+Offline, a catalogue id is built from its config in assets/models/<name>.json (copied from the hub's
+config.json files, see shared/models/README.md). A local folder works too (an InternVL folder with
+config.json, a diffusers FLUX folder with model_index.json, or a FluxTransformer2DModel folder), and a
+hub id outside the catalogue when the hub is reachable (config files only, never weights).
+
+The ArchitectureSpec of each family states how its blocks spend activation memory (emloc/memory.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from emloc.memory import ArchitectureSpec, BlockStack, Component
+
+from .diffusion import DOUBLE_LORA, SINGLE_LORA
+from .vlm import LANGUAGE_LINEARS, LORA_TARGETS, VISION_LINEARS
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
+FAMILIES = ("flux", "vlm")
+
+# Saved activations per token and block, measured with torch 2.13 saved-tensor hooks (bf16, frozen base, SDPA,
+# LoRA through emloc.attach_lora), the LoRA inputs' float32 copies counted apart (emloc/memory.py):
+# FLUX double block 10·h elements in the dtype, single block 9·h; both 2h + 3·heads + 2·head_dim in float32
+# (q/k RMSNorm inputs, attention log-sum-exp, rotary cos/sin). At h = 3072 with LoRA r = 16 on all linears
+# that is 194 and 188 KiB per token.
+FLUX_DOUBLE_SAVED_PER_H = 10
+FLUX_SINGLE_SAVED_PER_H = 9
+VAE_LIVE_TENSORS = 6  # VAE decode working set: ~6 live tensors of block_out_channels[0] channels per output pixel
+# The layers each backend compresses and trains, taken from the backends so that the plan is the run's.
+FLUX_COMPRESS = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"  # as FluxBackend.default_rules
+FLUX_LORA = (rf"transformer_blocks\.\d+\.({DOUBLE_LORA})", rf"single_transformer_blocks\.\d+\.({SINGLE_LORA})")
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """A model the app offers by name."""
+
+    model_id: str  # hub id
+    display_name: str
+    family: str  # "flux" or "vlm"
+    published_params: float  # parameters of the trained model as published (FLUX: the transformer)
+    asset: Path  # the offline config bundle
+
+
+@dataclass
+class MetaModel:
+    """A weightless build of a model and how it spends memory."""
+
+    model_id: str
+    display_name: str
+    family: str
+    model: nn.Module  # on the meta device: the transformer (FLUX) or the whole InternVL
+    arch: ArchitectureSpec
+
+
+def catalogue() -> dict[str, CatalogueEntry]:
+    """Every model in assets/models/, by hub id."""
+    entries = []
+    for path in ASSETS.glob("*.json"):
+        doc = json.loads(path.read_text())
+        entries.append(CatalogueEntry(doc["id"], doc["display_name"], doc["family"], float(doc["published_params"]), path))
+    return {e.model_id: e for e in sorted(entries, key=lambda e: (e.family, e.published_params, e.model_id))}
+
+
+def _find_entry(model_id: str) -> CatalogueEntry | None:
+    entries = catalogue()
+    if model_id in entries:
+        return entries[model_id]
+    short = {e.model_id.split("/")[-1].lower(): e for e in entries.values()}
+    return short.get(model_id.lower())
+
+
+def _largest_piece(model: nn.Module) -> int:
+    """Parameters of the largest unit streamed at once: a child of a ModuleList, or one module's own weights."""
+    best = 0
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if isinstance(module, nn.ModuleList):
+            own = max([own, *(sum(p.numel() for p in c.parameters()) for c in module.children())])
+        best = max(best, own)
+    return best
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flux_architecture(transformer_config: dict, components: tuple[Component, ...] = (), text_tokens: int = 512
+                      ) -> ArchitectureSpec:
+    """FLUX: image tokens (H/16)(W/16) and text tokens flow through 19 double and 38 single blocks."""
+    heads, head_dim = transformer_config["num_attention_heads"], transformer_config["attention_head_dim"]
+    h = heads * head_dim
+    fp32 = 2 * h + 3 * heads + 2 * head_dim
+    return ArchitectureSpec(
+        family="flux",
+        stacks=(BlockStack("double blocks", "transformer_blocks", h, "all", FLUX_DOUBLE_SAVED_PER_H * h, fp32, streams=2),
+                BlockStack("single blocks", "single_transformer_blocks", h, "all", FLUX_SINGLE_SAVED_PER_H * h, fp32)),
+        default_compress=(FLUX_COMPRESS,), default_lora_targets=FLUX_LORA,
+        text_tokens=text_tokens, pixels_per_token=16, components=components)
+
+
+def vlm_architecture(config: dict) -> ArchitectureSpec:
+    """InternVL: image tiles through the vision tower, then the whole sequence through the Qwen2 decoder.
+
+    Saved per token and layer (SDPA, frozen base), counted op by op and checked with saved-tensor hooks:
+    decoder 2h + 2kv + 3i + 2·head_dim in the dtype (q, attention output, k, v, gate, up, SiLU output, rotary
+    cos/sin) and 2h + heads + 2 in float32 (two RMSNorm inputs, log-sum-exp, two rstd); vision layer 9h + 2i
+    (LayerNorms, q, k, v, attention output, projection input, layer scales, fc1 input, GELU input and output;
+    the vision tower is frozen, so only one layer's working set counts).
+    """
+    text, vision = config["text_config"], config["vision_config"]
+    h, i = text["hidden_size"], text["intermediate_size"]
+    heads, head_dim = text["num_attention_heads"], h // text["num_attention_heads"]
+    kv = text.get("num_key_value_heads", heads) * head_dim  # width of k (and of v)
+    hv, iv = vision["hidden_size"], vision["intermediate_size"]
+    side = vision.get("image_size", [448, 448])[0] // vision.get("patch_size", [14, 14])[0]
+    return ArchitectureSpec(
+        family="vlm",
+        stacks=(BlockStack("vision layers", "model.vision_tower.encoder.layer", hv, "vision", 9 * hv + 2 * iv),
+                BlockStack("language layers", "model.language_model.layers", h, "text", 2 * h + 2 * kv + 3 * i + 2 * head_dim,
+                           2 * h + heads + 2, kv_per_token=2 * kv)),
+        default_compress=(LANGUAGE_LINEARS, VISION_LINEARS), default_lora_targets=(LORA_TARGETS,),
+        vision_tokens_per_tile=side * side + 1,
+        image_tokens_per_tile=int(config.get("image_seq_length", round((side * config.get("downsample_ratio", 0.5)) ** 2))),
+        vocab_size=text["vocab_size"], quant_skip=(r"lm_head",))
+
+
+def _on_meta(build):
+    with torch.device("meta"):
+        return build()
+
+
+def _build_flux(components: dict[str, dict], text_tokens: int) -> tuple[nn.Module, ArchitectureSpec]:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    config = {k: v for k, v in components["transformer"].items() if not k.startswith("_")}
+    transformer = _on_meta(lambda: FluxTransformer2DModel.from_config(config))
+    extras = []
+    if "text_encoder" in components or "text_encoder_2" in components:
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        for name, make in (("text_encoder", lambda c: CLIPTextModel(CLIPTextConfig(**c))),
+                           ("text_encoder_2", lambda c: T5EncoderModel(T5Config(**c)))):
+            if name in components:
+                model = _on_meta(lambda: make(components[name]))
+                extras.append(Component(name, _params(model), _largest_piece(model)))
+    if "vae" in components:
+        vae_config = {k: v for k, v in components["vae"].items() if not k.startswith("_")}
+        vae = _on_meta(lambda: AutoencoderKL.from_config(vae_config))
+        extras.append(Component("vae", _params(vae), _largest_piece(vae),
+                                VAE_LIVE_TENSORS * vae_config["block_out_channels"][0]))
+    return transformer, flux_architecture(config, tuple(extras), text_tokens)
+
+
+def _build_vlm(config: dict) -> tuple[nn.Module, ArchitectureSpec]:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
+    model = _on_meta(lambda: InternVLForConditionalGeneration(InternVLConfig(**fields)))
+    return model, vlm_architecture(config)
+
+
+def _read_folder(folder: Path) -> dict:
+    """A bundle {"family", "config" | "components", "max_sequence_length"} from a local model folder."""
+    index = folder / "model_index.json"
+    if index.is_file():
+        components = {name: json.loads((folder / name / "config.json").read_text())
+                      for name in ("transformer", "text_encoder", "text_encoder_2", "vae")
+                      if (folder / name / "config.json").is_file()}
+        if "transformer" not in components:
+            raise ValueError(f"{folder}: model_index.json but no transformer/config.json; is it a FLUX pipeline folder?")
+        return {"family": "flux", "components": components}
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has neither config.json nor model_index.json; point --model at a model folder")
+    return _bundle_from_config(json.loads(config_file.read_text()), str(folder))
+
+
+def _bundle_from_config(config: dict, where: str) -> dict:
+    if config.get("_class_name") == "FluxTransformer2DModel":
+        return {"family": "flux", "components": {"transformer": config}}
+    if config.get("model_type") == "internvl":
+        return {"family": "vlm", "config": config}
+    raise ValueError(f"{where}: not a FLUX transformer or a transformers-native InternVL config "
+                     f"(model_type {config.get('model_type')!r}); the planner supports {', '.join(FAMILIES)}")
+
+
+def _read_hub(model_id: str) -> dict:
+    """Config files of a hub repository (no weights); fails with a clear message offline."""
+    known = ", ".join(catalogue())
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ValueError(f"unknown model {model_id!r}: not in the catalogue ({known}), not a local folder, "
+                         "and the hub is offline (HF_HUB_OFFLINE); pass a catalogue id or a folder with config.json")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        try:
+            index = json.loads(Path(hf_hub_download(model_id, "model_index.json")).read_text())
+        except HfHubHTTPError:
+            index = None
+        if index is not None:
+            components = {name: json.loads(Path(hf_hub_download(model_id, f"{name}/config.json")).read_text())
+                          for name in ("transformer", "text_encoder", "text_encoder_2", "vae") if name in index}
+            return {"family": "flux", "components": components}
+        return _bundle_from_config(json.loads(Path(hf_hub_download(model_id, "config.json")).read_text()), model_id)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        why = ("the hub is unreachable and the config is not cached" if isinstance(err, LocalEntryNotFoundError)
+               else f"{type(err).__name__}: no such repository, or it is gated and needs a login")
+        raise ValueError(f"unknown model {model_id!r}: not in the catalogue ({known}) and its config could not be "
+                         f"read from the hub ({why}); check the id, or pass a local folder with config.json") from None
+
+
+def meta_model_from_bundle(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:
+    """Build a config bundle (the format of assets/models/*.json) on the meta device.
+
+    flux: {"family": "flux", "components": {"transformer": {...}, "text_encoder": ..., "vae": ...},
+    "max_sequence_length": 512}; vlm: {"family": "vlm", "config": {InternVL config.json}}.
+    """
+    if bundle.get("family") == "flux":
+        return _build_flux(bundle["components"], int(bundle.get("max_sequence_length", 512)))
+    if bundle.get("family") == "vlm":
+        return _build_vlm(bundle["config"])
+    raise ValueError(f"unknown model family {bundle.get('family')!r}; expected one of {', '.join(FAMILIES)}")
+
+
+@functools.lru_cache(maxsize=16)
+def load_meta_model(id_or_path: str) -> MetaModel:
+    """A catalogue id, a local folder or a hub id, built on the meta device (cached: build once per process)."""
+    if not isinstance(id_or_path, str) or not id_or_path.strip():
+        raise ValueError("give a model: a catalogue id such as black-forest-labs/FLUX.1-dev, or a local folder")
+    entry = _find_entry(id_or_path)
+    if entry is not None:
+        bundle, model_id, name = json.loads(entry.asset.read_text()), entry.model_id, entry.display_name
+    elif Path(id_or_path).expanduser().is_dir():
+        folder = Path(id_or_path).expanduser()
+        bundle, model_id, name = _read_folder(folder), str(folder), folder.name
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", id_or_path):
+        bundle, model_id, name = _read_hub(id_or_path), id_or_path, id_or_path.split("/")[-1]
+    else:
+        raise ValueError(f"unknown model {id_or_path!r}: not in the catalogue ({', '.join(catalogue())}) "
+                         "and not a folder; pass a catalogue id, a hub id (owner/name) or a local folder")
+    if bundle["family"] == "flux" and "max_sequence_length" not in bundle:
+        bundle["max_sequence_length"] = 256 if "schnell" in model_id.lower() else 512
+    model, arch = meta_model_from_bundle(bundle)
+    log.info("built %s on the meta device", model_id)
+    return MetaModel(model_id, name, bundle["family"], model, arch)

@@ -1,0 +1,114 @@
+"""`python launch.py plan`: will a run fit, phase by phase, before anything is downloaded?
+
+    python launch.py plan --model black-forest-labs/FLUX.1-dev --budget-gb 24
+    python launch.py plan --model OpenGVLab/InternVL3-38B-hf --budget-gb 24 --seq-len 2048 --optimizer adamw8bit
+    python launch.py plan --list
+
+Prints a markdown table (phase x method -> GiB, what fits) and the recommended compression ratio.
+Every flag but --model, --list and --rule comes from PlanSettings (pipelines/planning.py).
+Exit codes: 0 planned, 1 nothing fits the budget, 2 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+# Importing emloc imports peft, which imports bitsandbytes; on a CPU-only machine it logs a notice about
+# missing CPU kernels that has nothing to do with planning. Silence it before the import.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from emloc.memory import GiB, OPTIMIZERS
+
+from .catalogue import load_meta_model
+from .planning import OFFLOAD_MODES, PlanSettings, detect_gpu, plan_run
+
+FLAG_NAMES = {"lora_rank": ["--rank", "--lora-rank"], "lora_targets": ["--lora-target"], "rules": ["--rule"]}
+CHOICES = {"optimizer": OPTIMIZERS, "offload": OFFLOAD_MODES, "dtype": ("bfloat16", "float16", "float32")}
+FLOAT_FIELDS = ("budget_gb", "ratio")  # default None, so their type cannot be read from the default
+
+
+def _rule(text: str) -> tuple[str, float]:
+    pattern, sep, ratio = text.rpartition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return pattern, float(ratio)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rule is REGEX=RATIO (e.g. 'transformer_blocks\\..*=0.3'); got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py plan", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", help="catalogue id (see --list), hub id or local model folder")
+    parser.add_argument("--list", action="store_true", help="list the catalogue's models and exit")
+    for f in sorted(dataclasses.fields(PlanSettings), key=lambda f: f.name != "budget_gb"):  # the budget first
+        names = FLAG_NAMES.get(f.name, ["--" + f.name.replace("_", "-")])
+        help_text = f.metadata.get("help", "")
+        if f.name == "rules":
+            parser.add_argument(*names, dest=f.name, type=_rule, action="append", default=[],
+                                help="REGEX=RATIO compression rule, repeatable; first match wins (overrides --ratio)")
+        elif f.name == "lora_targets":
+            parser.add_argument(*names, dest=f.name, action="append", default=[], help=help_text + " (repeatable)")
+        elif isinstance(f.default, bool):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            kind = float if f.name in FLOAT_FIELDS else type(f.default)
+            parser.add_argument(*names, dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name),
+                                help=help_text)
+    return parser
+
+
+def _list_models() -> str:
+    from .catalogue import catalogue
+
+    rows = ["| id | name | family | parameters |", "|---|---|---|---:|"]
+    rows += [f"| {e.model_id} | {e.display_name} | {e.family} | {e.published_params / 1e9:.2f} B |"
+             for e in catalogue().values()]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, print the plan; return the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as stop:  # argparse already printed what was wrong (or the help)
+        return int(stop.code or 0)
+    if args.list:
+        print(_list_models())
+        return 0
+    if not args.model:
+        print("error: give --model (a catalogue id from `launch.py plan --list`, a hub id or a local folder)",
+              file=sys.stderr)
+        return 2
+    try:
+        load_meta_model(args.model)  # an unknown model is reported before anything else
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanSettings)}
+    values["rules"], values["lora_targets"] = tuple(values["rules"]), tuple(values["lora_targets"])
+    if values["budget_gb"] is None:
+        gpu = detect_gpu()
+        if gpu is None:
+            print("error: no CUDA GPU found on this machine, so there is no budget to plan against; "
+                  "give one with --budget-gb (e.g. --budget-gb 24 for a 24 GB card)", file=sys.stderr)
+            return 2
+        name, total = gpu
+        values["budget_gb"] = total / GiB
+        print(f"Budget: {name}, {total / GiB:.2f} GiB total memory (detected).\n")
+    try:
+        plan = plan_run(args.model, PlanSettings(**values))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(plan.to_markdown())
+    if plan.recommended is None and plan.emloc_fits() is False:  # no ratio fits, or the given rules do not
+        print(f"\nerror: {plan.reason}", file=sys.stderr)
+        return 1
+    return 0

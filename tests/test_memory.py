@@ -1,0 +1,319 @@
+"""The VRAM planner (issue 3): exact counts, formulas that move the right way, recommendations, messages.
+
+No GPU here: these tests check counts and formulas against models built on the CPU, never fake a
+measured peak (benchmarks/ compares predictions with torch.cuda.max_memory_allocated where a GPU exists).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+from emloc import LoraSettings, attach_lora, build_emulator
+from emloc.memory import GiB, RUNTIME_OVERHEAD_BYTES, MemorySettings, plan_memory, summarize
+from pipelines import plan_cli
+from pipelines.catalogue import catalogue, load_meta_model, meta_model_from_bundle
+from pipelines.planning import RATIO_STEP, PlanSettings, plan_run
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+TINY_FLUX = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
+             "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+             "pooled_projection_dim": 32, "axes_dims_rope": [4, 4, 8], "guidance_embeds": True}
+TINY_INTERNVL = {
+    "model_type": "internvl", "downsample_ratio": 0.5, "image_seq_length": 4, "image_token_id": 150,
+    "projector_hidden_act": "gelu", "tie_word_embeddings": False,
+    "text_config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 160, "tie_word_embeddings": False},
+    "vision_config": {"model_type": "internvl_vision", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "intermediate_size": 64, "image_size": [56, 56], "patch_size": [14, 14], "attention_bias": True},
+}
+
+
+def _real_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel.from_config({k: v for k, v in TINY_FLUX.items() if not k.startswith("_")})
+
+
+def _real_internvl():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    fields = {k: v for k, v in TINY_INTERNVL.items() if k != "model_type"}
+    return InternVLForConditionalGeneration(InternVLConfig(**copy.deepcopy(fields)))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    meta, arch = meta_model_from_bundle({"family": "flux", "components": {"transformer": TINY_FLUX}})
+    return meta, arch, _real_flux()
+
+
+@pytest.fixture(scope="module")
+def tiny_internvl():
+    meta, arch = meta_model_from_bundle({"family": "vlm", "config": copy.deepcopy(TINY_INTERNVL)})
+    return meta, arch, _real_internvl()
+
+
+def _shapes(model):
+    return sorted((n, m.in_features, m.out_features, m.bias is not None)
+                  for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("which", ["tiny_flux", "tiny_internvl"])
+def test_meta_counts_equal_an_instantiated_model(which, request):
+    meta, arch, real = request.getfixturevalue(which)
+    assert next(meta.parameters()).device.type == "meta"
+    summary = summarize(meta, arch)
+    assert summary.params == sum(p.numel() for p in real.parameters())
+    assert sorted((l.name, l.in_features, l.out_features, l.bias) for l in summary.linears) == _shapes(real)
+    assert sum(summary.blocks.values()) == sum(p.numel() for st in arch.stacks
+                                              for p in real.get_submodule(st.prefix).parameters())
+
+
+@pytest.mark.parametrize("which", ["tiny_flux", "tiny_internvl"])
+def test_predicted_emulator_and_lora_equal_built_ones(which, request):
+    meta, arch, real = request.getfixturevalue(which)
+    summary = summarize(meta, arch)
+    # attention layers at ratio 1.0 stay dense (k(in+out) >= in·out), the rest factored at 0.3
+    rules = ((r".*attn.*|.*self_attn.*|.*attention.*", 1.0), (arch.default_compress[0], 0.3))
+    settings = MemorySettings(rules=rules, lora_rank=4, lora_targets=arch.default_lora_targets, image_tiles=1, seq_len=64)
+    counts = plan_memory(summary, arch, settings).counts
+    emulator = copy.deepcopy(real)
+    report = build_emulator(emulator, list(rules), progress=False)
+    assert counts.emulator == report.model_params_after == sum(p.numel() for p in emulator.parameters())
+    assert counts.factored_layers == sum(1 for layer in report.layers if not layer.dense) > 0
+    assert counts.dense_layers == sum(1 for layer in report.layers if layer.dense) > 0
+    peft_model = attach_lora(emulator, LoraSettings(rank=4, targets=list(arch.default_lora_targets)))
+    assert counts.lora == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_flux_dev_transformer_counts_11_90_billion():
+    meta = load_meta_model(FLUX_DEV)
+    params = summarize(meta.model, meta.arch).params
+    assert params == pytest.approx(11.90e9, rel=0.005)
+    names = {c.name: c.params for c in meta.arch.components}  # published: T5 4.76 B, CLIP 123 M, VAE 83.8 M
+    assert names["text_encoder_2"] == pytest.approx(4.76e9, rel=0.005)
+    assert names["text_encoder"] == pytest.approx(123e6, rel=0.005)
+    assert names["vae"] == pytest.approx(83.8e6, rel=0.005)
+
+
+def test_internvl3_8b_total_within_2_percent_of_published():
+    meta = load_meta_model("OpenGVLab/InternVL3-8B-hf")
+    assert summarize(meta.model, meta.arch).params == pytest.approx(7.9e9, rel=0.02)
+
+
+def test_every_catalogue_model_builds_with_its_published_size():
+    entries = catalogue()
+    assert {"black-forest-labs/FLUX.1-schnell", "OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-38B-hf"} <= set(entries)
+    for entry in entries.values():
+        meta = load_meta_model(entry.model_id)
+        params = summarize(meta.model, meta.arch).params
+        # InternVL sizes are published to 0.1 B: half a unit of the last digit; FLUX (11.90 B, dev's figure,
+        # schnell lacks the 9.4 M guidance embedder): the issue's 0.5 %
+        tolerance = 0.005 * entry.published_params if entry.family == "flux" else 0.05e9
+        assert abs(params - entry.published_params) <= tolerance, (entry.model_id, params)
+
+
+def _training(model_id, **changes):
+    return plan_run(model_id, PlanSettings(**changes)).get("training", "emloc").total
+
+
+def test_predictions_grow_with_ratio_rank_resolution_and_sequence_length():
+    ratios = [_training(FLUX_DEV, ratio=r) for r in (0.2, 0.5, 0.8)]
+    ranks = [_training(FLUX_DEV, ratio=0.5, lora_rank=r) for r in (4, 16, 64)]
+    sides = [plan_run(FLUX_DEV, PlanSettings(ratio=0.5, resolution=px)) for px in (256, 512, 1024)]
+    vlm = "OpenGVLab/InternVL3-2B-hf"
+    lengths = [_training(vlm, ratio=0.5, seq_len=n, image_tiles=1) for n in (512, 2048, 8192)]
+    for series in (ratios, ranks, lengths, [p.get("training", "emloc").total for p in sides],
+                   [p.get("preview", "inference").total for p in sides]):
+        assert series[0] < series[1] < series[2], series
+    assert lengths[2] - lengths[1] > 0.5 * GiB  # 6144 more tokens of logits alone are ~8.7 GiB
+
+
+def test_parts_follow_the_stated_formulas():
+    plan = plan_run(FLUX_DEV, PlanSettings(ratio=0.4, optimizer="adamw", budget_gb=24))
+    counts = plan.memory.counts
+    emloc = plan.get("training", "emloc").parts
+    assert emloc["weights (emulator)"] == 2 * counts.emulator  # bfloat16
+    assert emloc["lora"] == emloc["grads"] == 4 * counts.lora  # float32 adapters
+    assert emloc["optimizer"] == 8 * counts.lora  # AdamW: two float32 moments
+    assert plan.get("training", "lora").parts["weights"] == 2 * counts.full
+    for estimate in plan.memory.estimates:
+        assert estimate.parts["overhead"] == RUNTIME_OVERHEAD_BYTES
+        assert estimate.total == sum(estimate.parts.values()) == estimate.allocated + RUNTIME_OVERHEAD_BYTES
+    eight_bit = plan_run(FLUX_DEV, PlanSettings(ratio=0.4, optimizer="adamw8bit")).get("training", "emloc").parts
+    assert eight_bit["optimizer"] < emloc["optimizer"] / 3
+
+
+def test_streaming_holds_one_block_and_is_used_only_where_needed():
+    meta = load_meta_model(FLUX_DEV)
+    summary = summarize(meta.model, meta.arch)
+    streamed = plan_memory(summary, meta.arch, MemorySettings(offload=True)).get("calibration", "emloc")
+    whole = plan_memory(summary, meta.arch, MemorySettings(offload=False)).get("calibration", "emloc")
+    assert streamed.parts["weights (one block)"] == 2 * max(summary.blocks.values())  # a double block, 339.8 M
+    assert max(summary.blocks.values()) == pytest.approx(339.8e6, rel=0.001)
+    assert streamed.total < 4 * GiB < 24 * GiB < whole.total
+    small = plan_run("OpenGVLab/InternVL3-1B-hf", PlanSettings(budget_gb=24))
+    assert not small.get("calibration", "emloc").streamed  # fits whole: no streaming
+    big = plan_run(FLUX_DEV, PlanSettings(budget_gb=24))
+    assert big.get("calibration", "emloc").streamed and big.emloc_fits()
+
+
+@pytest.mark.parametrize("model_id", [FLUX_DEV, "OpenGVLab/InternVL3-38B-hf"])
+def test_recommendation_is_the_largest_ratio_that_fits(model_id):
+    plan = plan_run(model_id, PlanSettings(budget_gb=24))
+    assert plan.recommended is not None and plan.recommended < 1.0
+    assert plan.ratio == plan.recommended and plan.emloc_fits()
+    above = plan_run(model_id, PlanSettings(budget_gb=24, ratio=round(plan.recommended + RATIO_STEP, 6)))
+    assert not above.emloc_fits()
+    for lower in (0.05, plan.recommended / 2):
+        assert plan_run(model_id, PlanSettings(budget_gb=24, ratio=lower)).emloc_fits()
+    assert plan_run("OpenGVLab/InternVL3-1B-hf", PlanSettings(budget_gb=80)).recommended == 1.0
+
+
+def test_bad_settings_give_clear_messages():
+    with pytest.raises(ValueError, match=r"unknown model 'nobody/nothing'.*FLUX.1-dev"):
+        plan_run("nobody/nothing", PlanSettings(budget_gb=24))
+    for ratio in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\]"):
+            plan_run(FLUX_DEV, PlanSettings(budget_gb=24, ratio=ratio))
+    with pytest.raises(ValueError, match="budget must be a positive number of GiB"):
+        plan_run(FLUX_DEV, PlanSettings(budget_gb=-3))
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, adamw8bit, adafactor"):
+        plan_run(FLUX_DEV, PlanSettings(optimizer="sgd"))
+    with pytest.raises(ValueError, match="cannot hold 7 image tiles"):
+        plan_run("OpenGVLab/InternVL3-1B-hf", PlanSettings(seq_len=512))
+    tiny = plan_run(FLUX_DEV, PlanSettings(budget_gb=2))
+    assert tiny.recommended is None and tiny.emloc_fits() is False
+    assert "no ratio fits 2.00 GiB: even at ratio 0.01" in tiny.reason
+
+
+def test_cli_prints_the_table_and_a_recommendation(capsys):
+    assert plan_cli.main(["--model", FLUX_DEV, "--budget-gb", "24"]) == 0  # builds and caches the meta model
+    capsys.readouterr()
+    start = time.perf_counter()
+    code = plan_cli.main(["--model", FLUX_DEV, "--budget-gb", "24", "--rank", "8", "--optimizer", "adamw8bit"])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| phase | EMLoC (ratio" in out and "| training |" in out and "| calibration |" in out
+    assert "LoRA (full model)" in out and "QLoRA (NF4 base)" in out and "plain inference" in out
+    assert "Recommended ratio: **" in out and "LoRA rank 8" in out
+    print(f"plan CLI for FLUX.1-dev after the first call: {elapsed:.3f} s")  # measured, not asserted (-s shows it)
+
+
+def test_cli_errors_are_messages_not_tracebacks(capsys, monkeypatch):
+    monkeypatch.setattr(plan_cli, "detect_gpu", lambda: None)
+    assert plan_cli.main(["--model", FLUX_DEV]) == 2
+    assert "no CUDA GPU found" in capsys.readouterr().err
+    assert plan_cli.main(["--model", "nobody/nothing", "--budget-gb", "24"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert plan_cli.main(["--model", FLUX_DEV, "--budget-gb", "24", "--ratio", "1.5"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+    assert plan_cli.main(["--model", FLUX_DEV, "--budget-gb", "2"]) == 1
+    assert "no ratio fits" in capsys.readouterr().err
+    assert plan_cli.main(["--model", FLUX_DEV, "--budget-gb", "6", "--rule", ".*=0.5"]) == 1
+    assert "with your --rule ratios training needs" in capsys.readouterr().err
+    monkeypatch.setattr(plan_cli, "detect_gpu", lambda: ("a 24 GiB card", 24 * GiB))
+    assert plan_cli.main(["--model", FLUX_DEV]) == 0
+    assert "a 24 GiB card, 24.00 GiB" in capsys.readouterr().out
+
+
+def test_local_folders_plan_like_catalogue_ids(tmp_path):
+    vlm = tmp_path / "internvl"
+    vlm.mkdir()
+    (vlm / "config.json").write_text(json.dumps(TINY_INTERNVL))
+    flux = tmp_path / "flux"
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (flux / "transformer" / "config.json").write_text(json.dumps(TINY_FLUX))
+    assert load_meta_model(str(vlm)).family == "vlm" and load_meta_model(str(flux)).family == "flux"
+    plan = plan_run(str(vlm), PlanSettings(budget_gb=1.5, seq_len=64, image_tiles=1))
+    assert plan.memory.counts.full == sum(p.numel() for p in _real_internvl().parameters())
+    assert plan.recommended is not None
+    with pytest.raises(ValueError, match="neither config.json nor model_index.json"):
+        load_meta_model(str(tmp_path))
+
+
+def _saved_bytes(module, run_forward) -> int:
+    """Bytes of the tensors autograd saves for backward in `run_forward()`, parameters and repeats excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run_forward()
+    return sum(seen.values())
+
+
+def test_decoder_layer_saves_what_the_activation_model_says():
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+    from emloc.memory import ADAPTER_BYTES, activation_bytes_per_token
+    from pipelines.catalogue import vlm_architecture
+
+    text = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 160, "num_hidden_layers": 1}
+    config = copy.deepcopy(TINY_INTERNVL)
+    config["text_config"].update(text)
+    stack = vlm_architecture(config).stacks[1]
+    qwen = Qwen2Config(**text)
+    qwen._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.layer = Qwen2DecoderLayer(qwen, 0).to(torch.bfloat16)
+    peft_model = attach_lora(holder, LoraSettings(rank=4, targets=[r"layer\..*_proj"]))
+    n = 96
+    x = torch.randn(1, n, 64, dtype=torch.bfloat16, requires_grad=True)  # a later layer's input carries grad
+    positions = torch.arange(n)[None]
+    rotary = Qwen2RotaryEmbedding(qwen)(x, positions)
+    measured = _saved_bytes(peft_model, lambda: holder.layer(x, position_ids=positions, position_embeddings=rotary))
+    lora = sum(ADAPTER_BYTES * (m.in_features + 4) for m in holder.modules() if hasattr(m, "lora_A"))
+    assert measured == pytest.approx(n * activation_bytes_per_token(stack, 2, lora), rel=0.03)
+
+
+def test_flux_training_activations_match_saved_tensors():
+    bundle = {"family": "flux", "max_sequence_length": 32,
+              "components": {"transformer": {**TINY_FLUX, "attention_head_dim": 64, "axes_dims_rope": [8, 28, 28],
+                                             "joint_attention_dim": 64}}}
+    meta, arch = meta_model_from_bundle(bundle)
+    settings = MemorySettings(ratio=0.5, lora_rank=4, resolution=128, gradient_checkpointing=False)
+    predicted = plan_memory(summarize(meta, arch), arch, settings).get("training", "lora").parts["activations"]
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel.from_config(bundle["components"]["transformer"]).to(torch.bfloat16)
+    peft_model = attach_lora(model, LoraSettings(rank=4, targets=list(arch.default_lora_targets)))
+    side, text = 128 // 16, 32  # (H/16)(W/16) image tokens
+    image_ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    inputs = dict(hidden_states=torch.randn(1, side * side, 16, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, text, 64, dtype=torch.bfloat16),
+                  pooled_projections=torch.randn(1, 32, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
+                  guidance=torch.tensor([3.5]), txt_ids=torch.zeros(text, 3),
+                  img_ids=torch.cat([torch.zeros(side * side, 1), image_ids.float()], dim=1))
+    measured = _saved_bytes(peft_model, lambda: model(**inputs))
+    assert measured == pytest.approx(predicted, rel=0.10)
+
+
+def test_ratio_sweep_for_the_chart_rises_with_the_ratio():
+    from pipelines.planning import sweep_ratios
+
+    curve = sweep_ratios(FLUX_DEV, PlanSettings(budget_gb=24))
+    assert [r for r, _ in curve] == [round(0.05 * i, 2) for i in range(1, 21)]
+    training = [phases["training"] for _, phases in curve]
+    assert all(a < b for a, b in zip(training, training[1:]))
+    assert set(curve[0][1]) == {"calibration", "emulator", "training", "correction", "preview"}
+    rows = plan_run(FLUX_DEV, PlanSettings(budget_gb=24)).rows()
+    assert {(r["phase"], r["method"]) for r in rows} >= {("training", "emloc"), ("training", "lora"), ("preview", "inference")}
