@@ -1,0 +1,32 @@
+"""The backend registry: backend name -> "module:Class", so the run machine never imports a backend by name.
+
+A new model family is one more file in pipelines/ (a `run.Backend` subclass) and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BACKENDS: dict[str, str] = {
+    "flux": "pipelines.diffusion:FluxBackend",  # FLUX.1 [dev] / [schnell] via diffusers: DreamBooth LoRA
+    "vlm": "pipelines.vlm:VlmBackend",  # InternVL via transformers: image + question/answer LoRA
+}
+
+
+def backend_names() -> list[str]:
+    """Registered backend names, in registration order."""
+    return list(BACKENDS)
+
+
+def backend_class(name: str) -> type:
+    """The backend class registered as `name` (imported on first use)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module_name, _, class_name = BACKENDS[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise ValueError(f"backend {name!r} is not available in this version ({module_name} is missing)") from None
+        raise
+    return getattr(module, class_name)

@@ -1,0 +1,234 @@
+"""Headless runs: `python launch.py train ...` and `python launch.py preview ...`.
+
+Options are built from the settings dataclasses (run.RunSettings and the backend's own settings
+class), so every setting is declared once, with its help text, next to its default. A field's
+metadata may give its flag ("flag") and mark it as accepted by `preview` too ("preview": flag).
+
+    python launch.py train --backend flux --model ID_OR_PATH --images DIR --prompt "a photo of sks dog" \\
+        --ratio 0.45 --steps 500 --out runs/my-dog
+    python launch.py train --out runs/my-dog --resume          # continue a crashed or cancelled run
+    python launch.py preview --run runs/my-dog --prompt "a photo of sks dog on the beach" --seed 3
+
+Ctrl-C once asks the run to stop after the current step (a checkpoint is written); twice stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .backends import backend_class, backend_names
+from .run import RUN_FILE, STAGES, Progress, Run, RunCancelled, RunSettings, distributed_state
+
+log = logging.getLogger(__name__)
+
+
+def _option_type(hint: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a dataclass field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return args[0], True
+    return hint, False
+
+
+def add_settings_options(parser: argparse.ArgumentParser, cls: type, title: str, preview: bool = False) -> None:
+    """One option per field of the dataclass `cls` (only the preview ones when `preview`)."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("preview") if preview else f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if not flag:
+            continue
+        kind, many = _option_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        dest = f"{cls.__name__}.{f.name}"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif many:
+            group.add_argument(flag, dest=dest, type=kind, action="append", default=None, metavar=flag.lstrip("-").replace("-", "_").upper(),
+                               help=help_text + "; repeat for several")
+        else:
+            group.add_argument(flag, dest=dest, type=kind, default=None, metavar=flag.lstrip("-").replace("-", "_").upper(), help=help_text)
+
+
+def given_settings(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` that were given on the command line."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f"{cls.__name__}.{f.name}", None)
+        if value is not None:
+            values[f.name] = value
+    return values
+
+
+class ConsoleProgress:
+    """Draws progress events as one tqdm bar per stage, and messages as lines."""
+
+    def __init__(self, quiet: bool = False):
+        self.bar: tqdm | None = None
+        self.stage = ""
+        self.quiet = quiet
+
+    def __call__(self, event: Progress) -> None:
+        if event.stage != self.stage or (self.bar is not None and event.total and event.total != self.bar.total):
+            self.close()
+            self.stage = event.stage
+        if event.message and not (event.stage == "calibrate" and event.total > 1):
+            tqdm.write(f"[{event.stage}] {event.message}")
+        if event.total > 1 and not self.quiet and not event.message.endswith(("done", "skipped")):
+            if self.bar is None:
+                self.bar = tqdm(total=event.total, desc=event.stage, unit="step", dynamic_ncols=True)
+            self.bar.n = event.step
+            if event.loss is not None:
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _cancel_on_ctrl_c(run: Run) -> None:
+    def handler(signum, frame):
+        if run.cancel_event.is_set():
+            raise KeyboardInterrupt
+        tqdm.write("stopping after the current step (Ctrl-C again to stop at once)...")
+        run.cancel_event.set()
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner's worker)
+        pass
+
+
+def _execute(run: Run, stages: list[str], quiet: bool) -> int:
+    console = ConsoleProgress(quiet or not run.is_main)  # one set of bars, however many processes
+    if run.is_main:
+        run.callbacks.append(console)
+    _cancel_on_ctrl_c(run)
+    try:
+        run.execute(stages)
+    except RunCancelled as err:
+        console.close()
+        print(f"cancelled: {err}", file=sys.stderr)
+        return 130
+    finally:
+        console.close()
+    if not run.is_main:
+        return 0
+    print(f"run folder: {run.dir}")
+    if run.output("correct").exists():
+        print(f"corrected LoRA (PEFT): {run.output('correct') / 'corrected'}")
+        for extra in sorted(p for p in run.output("correct").iterdir() if p.name not in ("corrected", "uncorrected")):
+            print(f"export: {extra}")
+    grid = run.output("preview") / "grid.png"
+    if grid.exists():
+        print(f"preview grid: {grid}")
+    return 0
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
+    for library in ("diffusers", "transformers"):  # their per-file loading bars would drown the run's own
+        try:
+            __import__(f"{library}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`launch.py train`: a whole run headless; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend", choices=backend_names())
+    pre.add_argument("--resume", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    parser = argparse.ArgumentParser(prog="launch.py train", description="Personalise a model with EMLoC, headless.")
+    parser.add_argument("--backend", choices=backend_names(), help="model family (required for a new run)")
+    parser.add_argument("--out", required=True, help="the run folder to create, e.g. runs/my-dog")
+    parser.add_argument("--resume", action="store_true", help="continue the existing run in --out with its saved settings")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default: all)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    add_settings_options(parser, RunSettings, "run settings")
+    backend_type = None
+    if known.backend:
+        try:
+            backend_type = backend_class(known.backend)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        add_settings_options(parser, backend_type.settings_class, f"{known.backend} settings")
+    elif not known.resume and not {"-h", "--help"} & set(argv):
+        parser.error("--backend is required for a new run (one of: " + ", ".join(backend_names()) + ")")
+    args = parser.parse_args(argv)
+    _logging(args.log_level)
+    try:
+        if args.resume:
+            run = Run.open(args.out)
+            if given_settings(RunSettings, args) or (backend_type and given_settings(backend_type.settings_class, args)):
+                print("note: --resume continues with the settings saved in run.json; other settings are ignored",
+                      file=sys.stderr)
+        else:
+            run_settings = RunSettings(**given_settings(RunSettings, args))
+            settings = backend_type.settings_class(**given_settings(backend_type.settings_class, args))
+            processes = distributed_state(run_settings.resolved_device())
+            if processes.is_main_process:  # one process creates the folder; the others open it
+                run = Run.create(args.out, args.backend, run_settings, settings)
+            processes.wait_for_everyone()
+            if not processes.is_main_process:
+                run = Run.open(args.out)
+        return _execute(run, args.stages, args.quiet)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def preview(argv: list[str] | None = None) -> int:
+    """`launch.py preview`: new previews of a finished run; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--run")
+    known, _ = pre.parse_known_args(argv)
+    parser = argparse.ArgumentParser(prog="launch.py preview", description="Previews of a finished run.")
+    parser.add_argument("--run", required=True, help="the run folder, e.g. runs/my-dog")
+    parser.add_argument("--name", help="folder name for these previews (default: previews-<time>)")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    backend_type = None
+    if known.run and (Path(known.run) / RUN_FILE).is_file():
+        try:
+            backend_type = backend_class(json.loads((Path(known.run) / RUN_FILE).read_text())["backend"])
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        add_settings_options(parser, backend_type.settings_class, "preview settings", preview=True)
+    args = parser.parse_args(argv)
+    _logging(args.log_level)
+    try:
+        run = Run.open(args.run)
+        for name, value in given_settings(backend_type.settings_class, args).items():
+            setattr(run.backend.settings, name, value)
+        console = ConsoleProgress()
+        run.callbacks.append(console)
+        folder = run.preview(args.name)
+        console.close()
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"previews: {folder}")
+    if (folder / "grid.png").exists():
+        print(f"preview grid: {folder / 'grid.png'}")
+    return 0

@@ -1,0 +1,287 @@
+"""FLUX.1 [dev] / [schnell] through diffusers: DreamBooth LoRA on the EMLoC emulator of the transformer.
+
+Data: 3-50 photos of one subject and an instance prompt with a trigger word ("a photo of sks dog");
+a same-name .txt beside an image replaces the prompt for that image. Images are resized and
+centre-cropped with PIL. Text embeddings and VAE latent distributions are computed once into the
+run's cache/, after which the text encoders and the VAE are freed: training and calibration only
+ever hold the transformer.
+
+Loss (diffusers' train_dreambooth_lora_flux): with `x0` the scaled latents, noise `n` and `σ` from
+FlowMatchEulerDiscreteScheduler's schedule at a timestep drawn by the weighting scheme,
+`x_σ = (1 - σ) x0 + σ n`, the transformer predicts the velocity and
+`loss = mean(w(σ) · (pred - (n - x0))²)`; [dev] models also get the guidance embedding.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
+from .run import Backend, RunSettings
+
+log = logging.getLogger(__name__)
+
+DOUBLE_LORA = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)"
+SINGLE_LORA = r"attn\.(to_q|to_k|to_v)|proj_mlp|proj_out"
+
+
+@dataclass
+class FluxSettings:
+    """Settings of a FLUX DreamBooth run (the shared ones are in run.RunSettings)."""
+
+    images: str = field(default="", metadata={"help": "folder with 3-50 JPEG/PNG/WebP photos of the subject"})
+    prompt: str = field(default="", metadata={"help": "instance prompt with the trigger word, e.g. 'a photo of sks dog'"})
+    trigger: str = field(default="sks", metadata={"help": "the rare word that names your subject in the prompt"})
+    resolution: int = field(default=512, metadata={"help": "training and preview size in pixels (multiple of 16)"})
+    random_flip: bool = field(default=False, metadata={"help": "also train on horizontally flipped images"})
+    guidance_scale: float = field(default=3.5, metadata={"help": "guidance embedding during training ([dev] only)"})
+    weighting_scheme: str = field(default="none", metadata={
+        "help": "timestep sampling / loss weighting: none, sigma_sqrt, logit_normal, mode, cosmap"})
+    logit_mean: float = field(default=0.0, metadata={"help": "mean of the logit_normal scheme"})
+    logit_std: float = field(default=1.0, metadata={"help": "std of the logit_normal scheme"})
+    mode_scale: float = field(default=1.29, metadata={"help": "scale of the mode scheme"})
+    max_sequence_length: int = field(default=0, metadata={"help": "T5 tokens (0: 512 for [dev], 256 for [schnell])"})
+    preview_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "preview prompts (default: the instance prompt)", "flag": "--preview-prompt", "preview": "--prompt"})
+    preview_seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "seeds of the previews", "flag": "--preview-seed", "preview": "--seed"})
+    preview_steps: int = field(default=0, metadata={
+        "help": "denoising steps of the previews (0: 28 for [dev], 4 for [schnell])", "preview": "--preview-steps"})
+    preview_guidance: float = field(default=3.5, metadata={"help": "guidance of the previews ([dev])",
+                                                           "preview": "--preview-guidance"})
+
+
+IMAGE_LIMITS = ImageLimits(min_count=3, max_count=50, min_side=32)
+
+
+class FluxBackend(Backend):
+    """The FLUX transformer is the model that is calibrated, emulated, trained and corrected."""
+
+    name = "flux"
+    settings_class = FluxSettings
+
+    def __init__(self, run: RunSettings, settings: FluxSettings, device: torch.device):
+        super().__init__(run, settings, device)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.cache: dict[str, Any] = {}
+        self._pipe = None
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        s = self.settings
+        if not s.images:
+            raise DataError("no image folder given; pass --images DIR with 3-50 photos of your subject")
+        if not s.trigger.strip():
+            raise DataError("the trigger word is empty; pass --trigger WORD (e.g. sks)")
+        self._check_prompt(s.prompt, "the instance prompt (--prompt)")
+        if s.resolution < 16 or s.resolution % 16:
+            raise ValueError(f"--resolution must be a positive multiple of 16; got {s.resolution}")
+        if s.weighting_scheme not in ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"):
+            raise ValueError(f"--weighting-scheme {s.weighting_scheme!r} is unknown; "
+                             "use none, sigma_sqrt, logit_normal, mode or cosmap")
+        local = Path(self.run.model)
+        if local.exists() and not (local / "model_index.json").is_file():
+            raise ValueError(f"{local} is not a diffusers FLUX folder (no model_index.json); "
+                             "pass the folder that FluxPipeline.save_pretrained wrote, or a hub id")
+        images = find_images(s.images)
+        check_images(images, IMAGE_LIMITS, where=s.images)
+        for image in images:
+            caption = self._caption_file(image)
+            if caption is not None:
+                self._check_prompt(self._read_caption(caption), f"the caption {caption}")
+
+    def _check_prompt(self, prompt: str, what: str) -> None:
+        if not prompt.strip():
+            raise DataError(f"{what} is empty; describe your subject with the trigger word, e.g. "
+                            f"'a photo of {self.settings.trigger} dog'")
+        if not re.search(rf"(?<!\w){re.escape(self.settings.trigger)}(?!\w)", prompt):
+            raise DataError(f"{what} {prompt!r} does not contain the trigger word {self.settings.trigger!r}; add it "
+                            f"(e.g. 'a photo of {self.settings.trigger} dog') or set --trigger to the word you use")
+
+    @staticmethod
+    def _caption_file(image: Path) -> Path | None:
+        caption = image.with_suffix(".txt")
+        return caption if caption.is_file() else None
+
+    @staticmethod
+    def _read_caption(path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; save the caption as plain UTF-8 text") from None
+
+    def copy_data(self, folder: Path) -> dict:
+        images = find_images(self.settings.images)
+        copy_into(images, folder)
+        captions = [c for c in (self._caption_file(p) for p in images) if c is not None]
+        copy_into(captions, folder)
+        return {"images": [p.name for p in images], "captions": [c.name for c in captions]}
+
+    def use_data(self, folder: Path) -> None:
+        self.images = find_images(folder)
+        self.prompts = [self._read_caption(c) if (c := self._caption_file(p)) else self.settings.prompt
+                        for p in self.images]
+
+    # -- the cache: text embeddings and latent distributions, computed once -------------------------------
+    def _guidance(self) -> bool:
+        from diffusers import FluxTransformer2DModel
+
+        if "guidance" not in self.cache:
+            config = FluxTransformer2DModel.load_config(self.run.model, subfolder="transformer")
+            self.cache["guidance"] = bool(config.get("guidance_embeds", False))
+        return self.cache["guidance"]
+
+    def _sequence_length(self) -> int:
+        return self.settings.max_sequence_length or (512 if self._guidance() else 256)
+
+    def _pipeline(self):
+        from diffusers import FluxPipeline
+
+        if self._pipe is None:  # everything but the transformer
+            self._pipe = FluxPipeline.from_pretrained(self.run.model, transformer=None, dtype=self.dtype,
+                                                      use_safetensors=True).to(self.device)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    def build_cache(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        pipe, size = self._pipeline(), self.settings.resolution
+        texts = sorted(set(self.prompts))
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for index, text in enumerate(texts):
+                embeds, pooled, _ = pipe.encode_prompt(text, text, device=self.device,
+                                                       max_sequence_length=self._sequence_length())
+                tensors[f"text.{index}.embeds"], tensors[f"text.{index}.pooled"] = embeds[0], pooled[0]
+            for index, path in enumerate(self.images):
+                image = np.asarray(resize_and_crop(load_rgb(path), size), dtype=np.float32) / 127.5 - 1.0
+                pixels = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) in [-1, 1]
+                views = [pixels, pixels.flip(-1)] if self.settings.random_flip else [pixels]
+                for view, batch in enumerate(views):
+                    dist = pipe.vae.encode(batch.to(self.device, self.dtype)).latent_dist
+                    tensors[f"latent.{index}.{view}.mean"] = dist.mean[0]
+                    tensors[f"latent.{index}.{view}.std"] = dist.std[0]
+        save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, str(folder / "cache.safetensors"))
+        vae = pipe.vae.config
+        meta = {"texts": texts, "image_text": [texts.index(p) for p in self.prompts], "views": len(views),
+                "shift_factor": vae.shift_factor, "scaling_factor": vae.scaling_factor,
+                "vae_scale_factor": pipe.vae_scale_factor, "images": [p.name for p in self.images]}
+        (folder / "cache.json").write_text(json.dumps(meta, indent=2))
+        self.release()  # text encoders and VAE leave memory before training
+
+    def load_cache(self, folder: Path) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from safetensors.torch import load_file
+
+        meta = json.loads((folder / "cache.json").read_text())
+        tensors = load_file(str(folder / "cache.safetensors"), device=str(self.device))
+        n = len(meta["images"])
+        self.cache.update(meta=meta, embeds=[tensors[f"text.{i}.embeds"] for i in range(len(meta["texts"]))],
+                          pooled=[tensors[f"text.{i}.pooled"] for i in range(len(meta["texts"]))],
+                          mean=[[tensors[f"latent.{i}.{v}.mean"] for v in range(meta["views"])] for i in range(n)],
+                          std=[[tensors[f"latent.{i}.{v}.std"] for v in range(meta["views"])] for i in range(n)])
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.run.model, subfolder="scheduler")
+
+    # -- the model ----------------------------------------------------------------------------------------
+    def load_model(self, device: torch.device) -> nn.Module:
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
+                                                       use_safetensors=True)
+        return model.to(device).eval().requires_grad_(False)
+
+    def default_rules(self, ratio: float) -> list[tuple[str, float]]:
+        return [(r"(transformer_blocks|single_transformer_blocks)\.\d+\..+", ratio)]
+
+    def default_lora_targets(self) -> list[str]:
+        return [rf"transformer_blocks\.\d+\.({DOUBLE_LORA})", rf"single_transformer_blocks\.\d+\.({SINGLE_LORA})"]
+
+    # -- batches ------------------------------------------------------------------------------------------
+    def _batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        """Transformer inputs for `size` noised latents; returns the model kwargs plus `noise`, `x0`, `sigmas`."""
+        from diffusers import FluxPipeline
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        meta, s = self.cache["meta"], self.settings
+        images = torch.randint(len(meta["images"]), (size,), generator=generator).tolist()
+        views = torch.randint(meta["views"], (size,), generator=generator).tolist()
+        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)])  # (b, c, h, w)
+        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)])
+        sample = torch.randn(mean.shape, generator=generator).to(mean.device)
+        x0 = ((mean + std * sample) - meta["shift_factor"]) * meta["scaling_factor"]
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        u = compute_density_for_timestep_sampling(s.weighting_scheme, size, s.logit_mean, s.logit_std, s.mode_scale,
+                                                  generator=generator)
+        indices = (u * self.scheduler.config.num_train_timesteps).long()
+        timesteps = self.scheduler.timesteps[indices].to(self.device)
+        sigmas = self.scheduler.sigmas[indices].to(self.device, torch.float32).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+        b, c, h, w = noisy.shape
+        texts = [meta["image_text"][i] for i in images]
+        embeds = torch.stack([self.cache["embeds"][t] for t in texts])
+        kwargs = {
+            "hidden_states": FluxPipeline._pack_latents(noisy, b, c, h, w).to(self.dtype),  # (b, h/2·w/2, 4c)
+            "timestep": (timesteps / 1000).to(self.dtype),
+            "guidance": torch.full((b,), s.guidance_scale, device=self.device) if self._guidance() else None,
+            "pooled_projections": torch.stack([self.cache["pooled"][t] for t in texts]).to(self.dtype),
+            "encoder_hidden_states": embeds.to(self.dtype),
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
+            "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype),
+            "return_dict": False,
+        }
+        return {"kwargs": kwargs, "noise": noise, "x0": x0, "sigmas": sigmas}
+
+    def calibration_batches(self):
+        generator = torch.Generator().manual_seed(self.run.seed)
+        for _ in range(self.run.calibration_samples):
+            yield self._batch(generator, 1)["kwargs"]
+
+    def calibration_forward(self, model: nn.Module, batch: dict) -> Any:
+        return model(**batch)
+
+    def training_loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+        from diffusers import FluxPipeline
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        batch = self._batch(generator, self.run.batch_size)
+        x0, sigmas = batch["x0"], batch["sigmas"]
+        pred = model(**batch["kwargs"])[0]
+        size = x0.shape[-1] * self.cache["meta"]["vae_scale_factor"]
+        pred = FluxPipeline._unpack_latents(pred, size, size, self.cache["meta"]["vae_scale_factor"])
+        weighting = compute_loss_weighting_for_sd3(self.settings.weighting_scheme, sigmas)
+        target = batch["noise"] - x0
+        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(1).mean()
+
+    # -- export and previews ------------------------------------------------------------------------------
+    def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:
+        from .flux_export import write_diffusers_lora
+
+        write_diffusers_lora(corrected, config, folder / "diffusers")
+        write_diffusers_lora(uncorrected, config, folder / "diffusers-uncorrected")
+
+    def generate(self, model: nn.Module, label: str) -> list:
+        from .flux_export import sample_images
+
+        return sample_images(self, model)
+
+    def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
+        from .flux_export import write_preview_grid
+
+        return write_preview_grid(self, folder, outputs)
+
+    def release(self) -> None:
+        self._pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

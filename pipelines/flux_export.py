@@ -1,0 +1,102 @@
+"""What a FLUX run hands the user: the LoRA in diffusers' format, and preview images with a labelled grid.
+
+diffusers' FLUX LoRA format has keys `transformer.<module>.lora_A.weight` / `.lora_B.weight` and no
+`base_model`; a file without alpha metadata is loaded with scale 1, so the LoRA scaling `s = alpha / r`
+is folded into `lora_B` (`s·B A = (s·B) A`) and the file means the same on any loader.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+if TYPE_CHECKING:
+    from .diffusion import FluxBackend
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def diffusers_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """PEFT adapter keys -> `<module>.lora_A/B.weight` (save_lora_weights adds `transformer.`), scaling in B."""
+    out = {}
+    for key, tensor in state.items():
+        match = PEFT_KEY.match(key)
+        if match is None:
+            raise ValueError(f"adapter key {key!r} is not a LoRA weight; the adapter file is not a PEFT LoRA")
+        tensor = tensor.detach().float().cpu()
+        out[f"{match['module']}.lora_{match['part']}.weight"] = tensor * scaling if match["part"] == "B" else tensor
+    return out
+
+
+def write_diffusers_lora(state: dict[str, torch.Tensor], config: Any, folder: Path) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors`, loadable by `FluxPipeline.load_lora_weights(folder)`."""
+    from diffusers import FluxPipeline
+
+    from emloc import lora_scaling
+
+    FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=diffusers_lora_state(state, lora_scaling(config)),
+                                   weight_name=LORA_FILE, safe_serialization=True)
+    return folder / LORA_FILE
+
+
+def _requests(backend: "FluxBackend") -> list[tuple[str, int]]:
+    prompts = backend.settings.preview_prompts or [backend.settings.prompt]
+    return [(prompt, seed) for prompt in prompts for seed in backend.settings.preview_seeds]
+
+
+def sample_images(backend: "FluxBackend", model: nn.Module) -> list[Image.Image]:
+    """One image per (prompt, seed) request through `model` (a transformer, maybe PEFT-wrapped)."""
+    pipe = backend._pipeline()
+    transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pipe.transformer = transformer
+    guidance = backend._guidance()
+    steps = backend.settings.preview_steps or (28 if guidance else 4)
+    size = backend.settings.resolution
+    images = []
+    try:
+        for prompt, seed in _requests(backend):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            result = pipe(prompt, height=size, width=size, num_inference_steps=steps,
+                          guidance_scale=backend.settings.preview_guidance if guidance else 0.0,
+                          max_sequence_length=backend._sequence_length(), generator=generator)
+            images.append(result.images[0])
+    finally:
+        pipe.transformer = None
+    return images
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def write_preview_grid(backend: "FluxBackend", folder: Path, outputs: dict[str, list[Image.Image]]) -> list[Path]:
+    """Each image as a PNG, plus `grid.png`: one column per model variant, one row per (prompt, seed)."""
+    requests = _requests(backend)
+    files = []
+    for label, images in outputs.items():
+        for (prompt, seed), image in zip(requests, images):
+            path = folder / f"{_slug(label)}__{_slug(prompt)[:40]}__seed{seed}.png"
+            image.save(path)
+            files.append(path)
+    cell = max(backend.settings.resolution, 160)
+    header, caption = 28, 18
+    font = ImageFont.load_default()
+    grid = Image.new("RGB", (cell * len(outputs), header + (cell + caption) * len(requests)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, (label, images) in enumerate(outputs.items()):
+        draw.text((column * cell + 6, 8), label, fill="black", font=font)
+        for row, image in enumerate(images):
+            top = header + row * (cell + caption)
+            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (column * cell, top))
+            if column == 0:
+                prompt, seed = requests[row]
+                draw.text((6, top + cell + 3), f"{prompt}  (seed {seed})", fill="black", font=font)
+    grid_path = folder / "grid.png"
+    grid.save(grid_path)
+    return files + [grid_path]

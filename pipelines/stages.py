@@ -1,0 +1,264 @@
+"""The bodies of the five stages of a run (see run.py); each writes only into the `out` folder it is given.
+
+The run machine renames `out` into place when a body returns, so a body that fails or is cancelled
+leaves nothing half-written. Training is the one long stage: it checkpoints every N steps into
+`checkpoints/step-N/` and starts from the last checkpoint when one exists. Every random choice of a
+step comes from a generator seeded with (seed, step), so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+import emloc
+
+from .run import LOSS_LOG, PREVIEW_VARIANTS, Progress, RunCancelled, parse_rules
+
+if TYPE_CHECKING:
+    from .run import Run
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATS_FILE = "stats.safetensors"
+
+
+def compression_rules(run: "Run") -> list[tuple[str, float]]:
+    """The run's rules (`--rules`), or the backend's default layers at `--ratio`."""
+    return parse_rules(run.settings.rules) or emloc.normalise_rules(run.backend.default_rules(run.settings.ratio))
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one training step: a resumed run draws exactly what the uninterrupted one drew."""
+    return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+def emulator_model(run: "Run", device: torch.device | str) -> nn.Module:
+    """A fresh model with the run's emulator layers swapped in; the full model never reaches `device`."""
+    model = run.backend.load_model(torch.device("cpu"))
+    emloc.load_emulator(model, run.output("emulate"), device="cpu")
+    return model.to(device)
+
+
+def full_model_streamed(run: "Run") -> nn.Module:
+    """The full model for a forward-only pass: on the device, or (--offload) kept in CPU memory with each
+    layer's weights moved to the device only while that layer runs (accelerate's cpu_offload hooks)."""
+    backend = run.backend
+    if not run.settings.offload:
+        return backend.load_model(backend.device)
+    from accelerate import cpu_offload
+
+    return cpu_offload(backend.load_model(torch.device("cpu")), execution_device=backend.device)
+
+
+def _limited(run: "Run", batches: Iterable[Any], limit: int) -> Iterator[Any]:
+    start = time.monotonic()
+    for index, batch in enumerate(batches):
+        if index >= limit:
+            return
+        run.check_cancel()
+        yield batch
+        done = index + 1
+        eta = (time.monotonic() - start) / done * (limit - done)
+        run.emit(Progress("calibrate", done, limit, eta=eta, message="calibrating on your data"))
+
+
+def calibrate(run: "Run", out: Path) -> None:
+    """Σ xᵀx of every target layer's inputs over the user's own data, through the full model."""
+    backend = run.backend
+    model = full_model_streamed(run)
+    batches = _limited(run, backend.calibration_batches(), run.settings.calibration_samples)
+    stats = emloc.collect_input_stats(model, batches, compression_rules(run), forward=backend.calibration_forward,
+                                      stats_device="cpu", progress=False)
+    run.save_tensors(out / STATS_FILE, stats)
+
+
+def emulate(run: "Run", out: Path) -> None:
+    """The activation-aware low-rank emulator, saved with its per-layer report; the model stays in CPU
+    memory and each layer is factorised on the device, one at a time."""
+    backend, settings = run.backend, run.settings
+    model = backend.load_model(torch.device("cpu"))
+    stats = emloc.second_moments(run.load_tensors(run.output("calibrate") / STATS_FILE))
+    report = emloc.build_emulator(model, compression_rules(run), stats, svd=settings.svd,
+                                  compute_device=backend.device, progress=False, base_model=settings.model)
+    emloc.save_emulator(model, out, base_model=settings.model)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    run.emit(Progress("emulate", 1, 1, message=f"emulator keeps {report.ratio:.3f} of the model's parameters"))
+
+
+# -- training -----------------------------------------------------------------------------------------------
+def _optimizer(run: "Run", params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    settings = run.settings
+    if settings.optimizer == "adamw8bit":
+        if run.backend.device.type != "cuda":
+            raise ValueError("--optimizer adamw8bit needs a CUDA GPU (bitsandbytes); use --optimizer adamw on this machine")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _mixed_precision(run: "Run") -> str:
+    if run.settings.mixed_precision != "auto":
+        return run.settings.mixed_precision
+    return "bf16" if run.backend.device.type == "cuda" else "no"
+
+
+def checkpoints(run: "Run") -> list[Path]:
+    """Complete checkpoints of the run, oldest first."""
+    folder = run.dir / CHECKPOINTS
+    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file()] if folder.exists() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(run: "Run", peft_model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    final = run.dir / CHECKPOINTS / f"step-{step:06d}"
+    if final.exists():
+        return
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    run.save_tensors(staging / "adapter.safetensors", emloc.adapter_state(peft_model))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    (staging / "state.json").write_text(json.dumps({"step": step}))
+    os.rename(staging, final)
+    for old in checkpoints(run)[:-run.settings.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(run: "Run", peft_model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    from peft.utils import set_peft_model_state_dict
+
+    found = checkpoints(run)
+    if not found:
+        return 0
+    last = found[-1]
+    set_peft_model_state_dict(peft_model, run.load_tensors(last / "adapter.safetensors"))
+    optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+    step = json.loads((last / "state.json").read_text())["step"]
+    log.info("resuming training from %s (step %d)", last, step)
+    return step
+
+
+def _trim_loss_log(path: Path, step: int) -> None:
+    """Keep only the log lines up to `step` (a crash may have logged steps past the last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def train(run: "Run", out: Path) -> None:
+    """LoRA on the emulator; checkpoints every N steps, resumes from the last one, honours cancel."""
+    from accelerate import Accelerator
+
+    backend, settings = run.backend, run.settings
+    model = emulator_model(run, backend.device)
+    model.requires_grad_(False)
+    if settings.gradient_checkpointing:
+        backend.enable_gradient_checkpointing(model)
+    torch.manual_seed(settings.seed)  # the LoRA's initial A: the same in every run with this seed
+    peft_model = emloc.attach_lora(model, settings.lora(settings.lora_targets or backend.default_lora_targets()))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    for p in params:  # trainable weights in float32 even when the frozen model is bf16 (as diffusers' examples)
+        p.data = p.data.float()
+    optimizer = _optimizer(run, params)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(run), cpu=backend.device.type == "cpu")
+    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    plain = accelerator.unwrap_model(peft_model)
+    start = _resume(run, plain, optimizer)
+    loss_log = run.dir / LOSS_LOG
+    if accelerator.is_main_process:
+        _trim_loss_log(loss_log, start)
+    peft_model.train()
+    began, saved = time.monotonic(), start
+    with open(loss_log if accelerator.is_main_process else os.devnull, "a") as log_file:
+        for step in range(start, settings.steps):
+            if run.cancel_event.is_set():
+                if accelerator.is_main_process and step > saved:
+                    _save_checkpoint(run, plain, optimizer, step)
+                raise RunCancelled(f"training cancelled at step {step}; resume the run to continue from there")
+            seed = step_seed(settings.seed + 7919 * accelerator.process_index, step)  # each process its own batch
+            torch.manual_seed(seed)  # LoRA dropout and anything else global
+            generator = torch.Generator().manual_seed(seed)
+            with accelerator.autocast():
+                loss = backend.training_loss(peft_model, step, generator)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ValueError(f"the training loss became {value} at step {step + 1}; lower --lr and resume "
+                                 "from the last checkpoint (or start a new run)")
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            elapsed = time.monotonic() - began
+            if accelerator.is_main_process:
+                log_file.write(json.dumps({"step": done, "loss": value, "lr": settings.lr, "seconds": round(elapsed, 3)}) + "\n")
+                log_file.flush()
+                if done % settings.checkpoint_every == 0 and done < settings.steps:
+                    _save_checkpoint(run, plain, optimizer, done)
+                    saved = done
+            eta = elapsed / (done - start) * (settings.steps - done)
+            run.emit(Progress("train", done, settings.steps, loss=value, eta=eta))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    emloc.write_adapter(emloc.adapter_state(plain), plain.peft_config["default"], out,
+                        metadata={"emloc_base_model": settings.model, "emloc_steps": str(settings.steps)})
+
+
+# -- correction and previews --------------------------------------------------------------------------------
+def correct(run: "Run", out: Path) -> None:
+    """The LoRA corrected for the full model; both models stay on the CPU, one layer at a time on the device."""
+    backend, settings = run.backend, run.settings
+    state, config = emloc.read_adapter(run.output("train"))
+    full = backend.load_model(torch.device("cpu"))
+    emulator = emulator_model(run, "cpu")
+    corrected = emloc.correct_lora(full, emulator, state, emloc.lora_scaling(config), lam=settings.lam,
+                                   compute_device=backend.device, progress=False)
+    del full, emulator
+    emloc.write_adapter(corrected, config, out / "corrected")
+    emloc.write_adapter(state, config, out / "uncorrected")
+    backend.export(out, corrected, state, config)
+
+
+def _variant(run: "Run", label: str) -> nn.Module:
+    backend, lora = run.backend, run.output("correct")
+    if label == "base":
+        return backend.load_model(backend.device)
+    if label == "emulator + LoRA":
+        return emloc.load_adapter(emulator_model(run, backend.device), run.output("train"))
+    folder = lora / ("corrected" if label == "full + corrected LoRA" else "uncorrected")
+    return emloc.load_adapter(backend.load_model(backend.device), folder)
+
+
+def preview(run: "Run", out: Path) -> None:
+    """The same requests through base, emulator + LoRA, full + corrected and full + uncorrected LoRA."""
+    outputs = {}
+    for index, label in enumerate(PREVIEW_VARIANTS):
+        run.check_cancel()
+        run.emit(Progress("preview", index, len(PREVIEW_VARIANTS), message=f"preview: {label}"))
+        model = _variant(run, label)
+        model.eval()
+        with torch.no_grad():
+            outputs[label] = run.backend.generate(model, label)
+        del model
+        if run.backend.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+    files = run.backend.write_previews(out, outputs)
+    run.emit(Progress("preview", len(PREVIEW_VARIANTS), len(PREVIEW_VARIANTS),
+                      message="previews: " + ", ".join(f.name for f in files)))

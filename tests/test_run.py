@@ -1,0 +1,234 @@
+"""The run machine with a trivial backend: stage skipping, atomic stage outputs, resume, cancel, no overwrite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipelines import backends, cli
+from pipelines.run import STAGES, Backend, Run, RunCancelled, RunSettings
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run fastest on one thread; two threads on a busy 2-core runner are 10-20x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@dataclass
+class FakeSettings:
+    """Settings of the fake backend (exercise CLI options built from a backend's dataclass)."""
+
+    data: str = field(default="", metadata={"help": "a JSON file with a list of numbers"})
+    probe: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "preview inputs", "preview": "--probe"})
+
+
+class FakeBackend(Backend):
+    """Regression y = 2x on a 2-layer MLP; every hook counts its calls."""
+
+    name = "fake"
+    settings_class = FakeSettings
+    calls: dict[str, int] = {}
+    fail_at_step: int | None = None
+
+    def _count(self, what: str) -> None:
+        FakeBackend.calls[what] = FakeBackend.calls.get(what, 0) + 1
+
+    def validate(self):
+        values = json.loads(Path(self.settings.data).read_text())
+        if len(values) < 4:
+            raise ValueError(f"{self.settings.data}: need at least 4 numbers, found {len(values)}")
+
+    def copy_data(self, folder):
+        folder.mkdir(parents=True)
+        (folder / "values.json").write_text(Path(self.settings.data).read_text())
+        return {"values": 1}
+
+    def use_data(self, folder):
+        self.values = torch.tensor(json.loads((folder / "values.json").read_text()), dtype=torch.float32)
+
+    def build_cache(self, folder):
+        self._count("build_cache")
+        x = self.values[:, None].repeat(1, 8) * torch.linspace(0.5, 1.5, 8)  # (n, 8)
+        torch.save({"x": x, "y": 2 * x}, folder / "xy.pt")
+
+    def load_cache(self, folder):
+        self.xy = torch.load(folder / "xy.pt", weights_only=True)
+
+    def load_model(self, device):
+        self._count("load_model")
+        torch.manual_seed(123)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)).to(device).requires_grad_(False)
+
+    def default_rules(self, ratio):
+        return [(r"\d+", ratio)]
+
+    def default_lora_targets(self):
+        return [r"\d+"]
+
+    def calibration_batches(self):
+        return iter(self.xy["x"][i:i + 2] for i in range(0, len(self.xy["x"]), 2))
+
+    def calibration_forward(self, model, batch):
+        return model(batch)
+
+    def training_loss(self, model, step, generator):
+        self._count("train_step")
+        if FakeBackend.fail_at_step == step:
+            raise RuntimeError("simulated crash")
+        pick = torch.randint(len(self.xy["x"]), (2,), generator=generator)
+        x = self.xy["x"][pick] + 0.01 * torch.randn(2, 8, generator=generator)
+        return ((model(x) - self.xy["y"][pick]) ** 2).mean()
+
+    def generate(self, model, label):
+        return [float(model(torch.full((1, 8), p)).sum()) for p in self.settings.probe]
+
+    def write_previews(self, folder, outputs):
+        (folder / "outputs.json").write_text(json.dumps(outputs))
+        return [folder / "outputs.json"]
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    monkeypatch.setitem(backends.BACKENDS, "fake", f"{__name__}:FakeBackend")
+    FakeBackend.calls, FakeBackend.fail_at_step = {}, None
+    data = tmp_path / "values.json"
+    data.write_text(json.dumps([0.1 * i for i in range(8)]))
+    settings = RunSettings(model="fake", ratio=0.5, steps=9, rank=2, alpha=4, lr=1e-2, checkpoint_every=3, seed=7)
+    return tmp_path, settings, FakeSettings(data=str(data))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter-emulator" / "adapter_model.safetensors"))
+
+
+def test_every_stage_runs_once_and_is_skipped_when_its_output_exists(fake):
+    root, settings, fake_settings = fake
+    run = Run.create(root / "runs" / "a", "fake", settings, fake_settings)
+    events = []
+    run.callbacks.append(events.append)
+    run.execute()
+    info = json.loads((run.dir / "run.json").read_text())
+    assert [info["stages"][s]["status"] for s in STAGES] == ["done"] * 5
+    assert info["settings"]["run"]["ratio"] == 0.5 and info["settings"]["backend"]["data"] == fake_settings.data
+    assert "torch" in info["versions"] and "peft" in info["versions"]
+    assert [json.loads(line)["step"] for line in (run.dir / "loss.jsonl").read_text().splitlines()] == list(range(1, 10))
+    train_events = [e for e in events if e.stage == "train" and e.loss is not None]
+    assert [e.step for e in train_events] == list(range(1, 10)) and all(e.total == 9 for e in train_events)
+    assert train_events[-1].eta == pytest.approx(0.0)
+    before, calls = snapshot(run.dir), dict(FakeBackend.calls)
+
+    again = Run.open(run.dir)
+    skipped = []
+    again.callbacks.append(skipped.append)
+    again.execute()
+    assert FakeBackend.calls == calls  # no model loaded, no cache rebuilt, no step taken
+    assert sorted(e.stage for e in skipped if "skipped" in e.message) == sorted(STAGES)
+    assert {k: v for k, v in snapshot(run.dir).items() if k != "run.json"} == \
+           {k: v for k, v in before.items() if k != "run.json"}
+
+
+def test_a_failed_stage_leaves_no_partial_output_and_is_recorded(fake):
+    root, settings, fake_settings = fake
+    run = Run.create(root / "runs" / "a", "fake", settings, fake_settings)
+    FakeBackend.fail_at_step = 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run.execute()
+    info = json.loads((run.dir / "run.json").read_text())
+    assert info["stages"]["calibrate"]["status"] == info["stages"]["emulate"]["status"] == "done"
+    assert info["stages"]["train"]["status"] == "failed" and "simulated crash" in info["stages"]["train"]["error"]
+    assert not (run.dir / "adapter-emulator").exists()  # the staging folder was never renamed into place
+    assert (run.dir / "checkpoints" / "step-000003" / "state.json").is_file()
+    for path in run.dir.rglob("*.json"):
+        json.loads(path.read_text())  # no half-written file anywhere
+
+
+def test_resume_after_a_crash_ends_with_the_same_adapter_as_an_uninterrupted_run(fake):
+    root, settings, fake_settings = fake
+    whole = Run.create(root / "runs" / "whole", "fake", settings, fake_settings)
+    whole.execute(["calibrate", "emulate", "train"])
+
+    crashed = Run.create(root / "runs" / "crashed", "fake", settings, fake_settings)
+    FakeBackend.fail_at_step = 7  # after the checkpoint at step 6
+    with pytest.raises(RuntimeError):
+        crashed.execute(["calibrate", "emulate", "train"])
+    FakeBackend.fail_at_step, FakeBackend.calls["train_step"] = None, 0
+    Run.open(crashed.dir).execute(["calibrate", "emulate", "train"])
+    assert FakeBackend.calls["train_step"] == 3  # steps 7, 8, 9 only
+    expected, got = adapter(whole.dir), adapter(crashed.dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (crashed.dir / "loss.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))  # the crashed step 7 was logged once, not twice
+
+
+def test_cancel_stops_between_steps_keeps_a_checkpoint_and_resumes(fake):
+    root, settings, fake_settings = fake
+    run = Run.create(root / "runs" / "a", "fake", settings, fake_settings)
+    run.callbacks.append(lambda e: run.cancel_event.set() if e.stage == "train" and e.step == 4 else None)
+    with pytest.raises(RunCancelled):
+        run.execute()
+    info = json.loads((run.dir / "run.json").read_text())
+    assert info["stages"]["train"]["status"] == "cancelled" and info["stages"]["correct"]["status"] == "pending"
+    assert (run.dir / "checkpoints" / "step-000004").is_dir()  # the step in progress is saved
+    assert FakeBackend.calls["train_step"] == 4
+    Run.open(run.dir).execute()
+    assert FakeBackend.calls["train_step"] == 9
+    assert json.loads((run.dir / "run.json").read_text())["stages"]["preview"]["status"] == "done"
+
+
+def test_a_new_run_never_overwrites_an_old_one(fake, capsys):
+    root, settings, fake_settings = fake
+    run = Run.create(root / "runs" / "a", "fake", settings, fake_settings)
+    run.execute(["calibrate", "emulate"])
+    before = snapshot(run.dir)
+    with pytest.raises(FileExistsError, match="already exists"):
+        Run.create(root / "runs" / "a", "fake", settings, fake_settings)
+    code = cli.main(["--backend", "fake", "--model", "fake", "--data", fake_settings.data, "--out", str(run.dir)])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert snapshot(run.dir) == before
+
+
+def test_bad_data_fails_before_the_run_folder_exists(fake):
+    root, settings, fake_settings = fake
+    short = root / "short.json"
+    short.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="need at least 4 numbers"):
+        Run.create(root / "runs" / "a", "fake", settings, FakeSettings(data=str(short)))
+    with pytest.raises(ValueError, match="--ratio"):
+        Run.create(root / "runs" / "b", "fake", RunSettings(model="fake", ratio=1.5), fake_settings)
+    assert not (root / "runs").exists() or list((root / "runs").iterdir()) == []
+
+
+def test_cli_builds_options_from_settings_and_runs_headless(fake, capsys):
+    root, _, fake_settings = fake
+    out = root / "runs" / "cli"
+    code = cli.main(["--backend", "fake", "--model", "fake", "--data", fake_settings.data, "--steps", "4",
+                     "--rank", "2", "--no-gradient-checkpointing", "--rules", r"0=0.5", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["run"]["steps"] == 4 and info["settings"]["run"]["rules"] == ["0=0.5"]
+    assert info["settings"]["run"]["gradient_checkpointing"] is False
+    assert list(json.loads((out / "emulator" / "emulator.json").read_text())["layers"]) == ["0"]
+    code = cli.preview(["--run", str(out), "--probe", "0.5", "--probe", "2", "--name", "later"])
+    assert code == 0
+    outputs = json.loads((out / "later" / "outputs.json").read_text())
+    assert set(outputs) == {"base", "emulator + LoRA", "full + corrected LoRA", "full + uncorrected LoRA"}
+    assert all(len(values) == 2 for values in outputs.values())

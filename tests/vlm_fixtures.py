@@ -1,0 +1,100 @@
+"""A tiny InternVL checkpoint built offline: random weights, a byte-level BPE tokenizer, a PIL image processor.
+
+`save_tiny_internvl(folder)` writes what a transformers-native InternVL repository holds (config.json,
+model.safetensors, tokenizer files with the image tokens and a ChatML template, preprocessor_config.json,
+processor_config.json), so the backend's real loading code reads it like a hub checkpoint.
+`write_colour_images(folder)` makes small solid-colour PNGs and the 8 QA pairs the tests train on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+IMAGE_SIZE, PATCH = 32, 8  # (32/8)² = 16 patches -> pixel shuffle 0.5 -> 4 image tokens per tile
+IMAGE_SEQ_LENGTH = 4
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# The template of transformers' InternVL conversion script (what the -hf checkpoints carry), with a system turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+           "white": (250, 250, 250), "black": (5, 5, 5), "purple": (140, 30, 160), "orange": (250, 140, 20)}
+CORPUS = ["What colour is the square? " + " ".join(COLOURS) + " answer the question about the picture"] * 4
+
+
+def build_tokenizer():
+    """A PreTrainedTokenizerFast over a small byte-level BPE, with InternVL's image tokens as attributes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+
+
+def build_image_processor():
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False,
+                                    min_patches=1, max_patches=12)
+
+
+def build_tiny_internvl(tokenizer, seed: int = 0):
+    """InternVLForConditionalGeneration: 2-layer ViT (hidden 32) + 2-layer Qwen2 (hidden 64), random weights."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "max_position_embeddings": 1024, "tie_word_embeddings": True,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": [IMAGE_SIZE, IMAGE_SIZE], "patch_size": [PATCH, PATCH]},
+        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # at std 0.02 the tied head's logits span ~1 nat: nothing could be learned in a test
+        model.get_input_embeddings().weight.normal_(0.0, 0.2)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_tiny_internvl(folder: str | Path, seed: int = 0) -> Path:
+    """Write a complete tiny InternVL checkpoint folder (safetensors) and return its path."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    model = build_tiny_internvl(tokenizer, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    build_image_processor().save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_seq_length": IMAGE_SEQ_LENGTH, "processor_class": "InternVLProcessor"}, indent=2))
+    return folder
+
+
+def write_colour_images(folder: str | Path) -> list[tuple[str, str, str]]:
+    """8 solid-colour PNGs in `folder/images` and their (image, question, answer) rows, paths relative to `folder`."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (40, 36), rgb).save(folder / "images" / f"{name}.png")
+        rows.append((f"images/{name}.png", "What colour is the square?", name))
+    return rows
