@@ -179,7 +179,7 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
     return digest.hexdigest()[:32]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -198,26 +198,46 @@ def build_emulator(
     `stats` is collect_input_stats' output (`stats[name]` = Σ xᵀx, in x in); layers without an entry
     get plain SVD. A layer whose factors would not be smaller (`k(in+out) >= in·out`) stays dense.
     """
-    if svd not in SOLVERS:
-        raise ValueError(f"unknown svd solver {svd!r}; choose one of {', '.join(SOLVERS)}")
-    rules = normalise_rules(rules)
-    targets = target_linears(model, rules)
-    stats = stats or {}
-    report = EmulatorReport(model_params_before=_param_count(model), solver=svd)
-    for name, (linear, _) in targets.items():
-        try:
-            dense_parameters(linear)
-        except ValueError:
-            raise ValueError(f"layer {name!r} has no weights loaded (meta device); load the model's weights first") from None
-    report.fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in targets.items())
-    info = {"layers": {}, "rules": [list(r) for r in rules], "solver": svd,
-            "fingerprint": report.fingerprint, "base_model": base_model or _model_id(model)}
-    shared: tuple[torch.Tensor, Whitening] | None = None  # q/k/v read one input: whiten its C once
-    for name, (linear, ratio) in tqdm(targets.items(), desc="Building the emulator", unit="layer", disable=not progress):
+    build = EmulatorBuild(model, rules, svd, compute_device, base_model)
+    for name in tqdm(build.targets, desc="Building the emulator", unit="layer", disable=not progress):
+        low = build.factor(name, (stats or {}).get(name))
+        if low is not None:
+            set_submodule(model, name, low)  # the dense layer is freed as soon as its factors exist
+    return build.finish()
+
+
+class EmulatorBuild:
+    """The bookkeeping of one emulator build: factor layers one by one, then `finish` the report.
+
+    build_emulator swaps each layer as soon as it is factored; emloc.streaming holds the factors
+    back until every group of layers has been calibrated on the original model.
+    """
+
+    def __init__(self, model: nn.Module, rules: Iterable[RuleLike], svd: str = DEFAULT_SOLVER,
+                 compute_device: torch.device | str | None = None, base_model: str | None = None):
+        if svd not in SOLVERS:
+            raise ValueError(f"unknown svd solver {svd!r}; choose one of {', '.join(SOLVERS)}")
+        self.model, self.svd, self.compute_device = model, svd, compute_device
+        self.rules = normalise_rules(rules)
+        self.targets = target_linears(model, self.rules)
+        for name, (linear, _) in self.targets.items():
+            try:
+                dense_parameters(linear)
+            except ValueError:
+                raise ValueError(f"layer {name!r} has no weights loaded (meta device); "
+                                 "load the model's weights first") from None
+        fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in self.targets.items())
+        self.report = EmulatorReport(model_params_before=_param_count(model), solver=svd, fingerprint=fingerprint)
+        self.info = {"layers": {}, "rules": [list(r) for r in self.rules], "solver": svd,
+                     "fingerprint": fingerprint, "base_model": base_model or _model_id(model)}
+        self._shared: tuple[torch.Tensor, Whitening] | None = None  # q/k/v read one input: whiten its C once
+
+    def factor(self, name: str, second_moment: torch.Tensor | None) -> LowRankLinear | None:
+        """Factor target `name` (None when it stays dense); records its LayerReport."""
+        linear, ratio = self.targets[name]
         n_in, n_out = linear.in_features, linear.out_features
         weight, bias_tensor, _ = dense_parameters(linear)
         _check_finite(weight, f"weight of layer {name!r}")
-        second_moment = stats.get(name)
         if second_moment is not None:
             if tuple(second_moment.shape) != (n_in, n_in):
                 raise ValueError(f"statistics for layer {name!r} have shape {tuple(second_moment.shape)}; "
@@ -226,33 +246,38 @@ def build_emulator(
         rank = max(1, rank_for_ratio(n_in, n_out, ratio))
         bias = 0 if bias_tensor is None else n_out
         before = n_in * n_out + bias
+        aware = second_moment is not None
         if rank * (n_in + n_out) >= n_in * n_out:
-            report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0,
-                                             second_moment is not None, True))
-            continue
-        device = torch.device(compute_device) if compute_device is not None else weight.device
+            self.report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0, aware, True))
+            return None
+        device = torch.device(self.compute_device) if self.compute_device is not None else weight.device
         white = None
-        if second_moment is not None:
+        if aware:
+            shared = self._shared
             if shared is not None and shared[0].shape == second_moment.shape and torch.equal(shared[0], second_moment):
                 white = shared[1]
             else:
                 white = whitening(second_moment.to(device))
-                shared = (second_moment, white)
-        low = LowRankLinear.from_linear(linear, rank, second_moment, svd, compute_device, white=white)
+                self._shared = (second_moment, white)
+        low = LowRankLinear.from_linear(linear, rank, second_moment, self.svd, self.compute_device, white=white)
         with torch.no_grad():
             approx = low.u.weight.to(device).float() @ low.v.weight.to(device).float()
             error = weighted_error(weight.to(device), approx, second_moment)
         del approx
-        _set_submodule(model, name, low)
-        report.layers.append(LayerReport(name, n_in, n_out, ratio, rank, before, rank * (n_in + n_out) + bias,
-                                         error, second_moment is not None, False))
-        info["layers"][name] = {"in_features": n_in, "out_features": n_out, "rank": rank, "ratio": ratio,
-                                "bias": bias_tensor is not None}
-    report.model_params_after = _param_count(model)
-    model.emloc_emulator = info  # read by save_emulator; plain data, not a module
-    log.info("emulator built: %d of %d target layers factored, %.3f of the model's parameters kept",
-             len(info["layers"]), len(targets), report.ratio)
-    return report
+        self.report.layers.append(LayerReport(name, n_in, n_out, ratio, rank, before, rank * (n_in + n_out) + bias,
+                                              error, aware, False))
+        self.info["layers"][name] = {"in_features": n_in, "out_features": n_out, "rank": rank, "ratio": ratio,
+                                     "bias": bias_tensor is not None}
+        return low
+
+    def finish(self) -> EmulatorReport:
+        """Count the model after the swaps and attach the structure that save_emulator writes."""
+        self._shared = None
+        self.report.model_params_after = _param_count(self.model)
+        self.model.emloc_emulator = self.info  # read by save_emulator; plain data, not a module
+        log.info("emulator built: %d of %d target layers factored, %.3f of the model's parameters kept",
+                 len(self.info["layers"]), len(self.targets), self.report.ratio)
+        return self.report
 
 
 def _model_id(model: nn.Module) -> str:
@@ -330,6 +355,6 @@ def load_emulator(
                      for key in ("v.weight", "u.weight", "u.bias") if key != "u.bias" or spec["bias"]}
             low = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], device="meta")
             low.load_state_dict(state, assign=True)
-            _set_submodule(model, name, low)
+            set_submodule(model, name, low)
     model.emloc_emulator = info
     return info
