@@ -137,6 +137,9 @@ def _execute(run: Run, stages: list[str], quiet: bool) -> int:
     grid = run.output("preview") / "grid.png"
     if grid.exists():
         print(f"preview grid: {grid}")
+    table = run.output("preview") / "previews.md"
+    if table.exists():
+        print(table.read_text())
     return 0
 
 
@@ -231,4 +234,6 @@ def preview(argv: list[str] | None = None) -> int:
     print(f"previews: {folder}")
     if (folder / "grid.png").exists():
         print(f"preview grid: {folder / 'grid.png'}")
+    if (folder / "previews.md").exists():
+        print((folder / "previews.md").read_text())
     return 0

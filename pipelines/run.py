@@ -212,6 +212,9 @@ class Backend:
 
     def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
         """Turn on activation recomputation (diffusers and transformers spell it differently)."""
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x spelling
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            return
         for method in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
             if hasattr(model, method):
                 getattr(model, method)()

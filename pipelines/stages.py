@@ -171,6 +171,7 @@ def train(run: "Run", out: Path) -> None:
     if settings.gradient_checkpointing:
         backend.enable_gradient_checkpointing(model)
     torch.manual_seed(settings.seed)  # the LoRA's initial A: the same in every run with this seed
+    torch.manual_seed(settings.seed)  # LoRA's A is drawn at random: the same --seed gives the same start
     peft_model = emloc.attach_lora(model, settings.lora(settings.lora_targets or backend.default_lora_targets()))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     for p in params:  # trainable weights in float32 even when the frozen model is bf16 (as diffusers' examples)

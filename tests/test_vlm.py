@@ -311,3 +311,16 @@ def test_train_command_refuses_bad_data_before_making_a_run_folder(tmp_path, che
     code = cli.main(["--backend", "vlm", "--model", str(checkpoint), "--data", str(data), "--out", str(out)])
     assert code == 2 and not out.exists()
     assert "qa.jsonl line 3: not valid JSON" in capsys.readouterr().err
+
+
+def test_training_batches_visit_every_sample_once_per_epoch_in_a_repeatable_order():
+    from pipelines.run import RunSettings
+    from pipelines.vlm import VlmSettings
+
+    backend = VlmBackend(RunSettings(model="unused", batch_size=3, seed=5), VlmSettings(), torch.device("cpu"))
+    backend.encoded = [{}] * 8
+    drawn = [i for step in range(8) for i in backend.batch_indices(step)]  # 24 = three epochs of 8
+    for epoch in range(3):
+        assert sorted(drawn[8 * epoch: 8 * epoch + 8]) == list(range(8))
+    assert drawn[:8] != drawn[8:16]  # a new order each epoch
+    assert [backend.batch_indices(step) for step in range(8)] == [drawn[3 * s: 3 * s + 3] for s in range(8)]
