@@ -1,0 +1,378 @@
+"""Event handlers of steps 1-3 (model, data, budget): plain functions that call into pipelines/.
+
+Every handler takes and returns plain values (strings, lists, dicts), so tests call them directly;
+app/ui_events.py binds them to components (steps 4-6 and Past runs: app/studio.py). A handler that
+cannot do what was asked raises a ValueError (or FileNotFoundError / FileExistsError) whose message says
+what to fix; the page shows it in words beside the step, never as a traceback. No maths on tensors here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipelines.data import DataError, ImageLimits, check_image
+from pipelines.diffusion import IMAGE_LIMITS as FLUX_LIMITS
+from pipelines.planning import METHOD_NAMES, PHASE_NAMES, PlanSettings, plan_run
+from pipelines.vlm_data import IMAGE_LIMITS as VLM_LIMITS
+
+from .plots import Bar, memory_chart
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = {"flux": "Personalise an image model (FLUX)", "vlm": "Teach a vision-language model (InternVL)"}
+DEMO_MODELS = {"flux": ROOT / "assets" / "models" / "demo-flux", "vlm": ROOT / "assets" / "models" / "demo-internvl"}
+EXAMPLE_PROMPT = "a photo of sks shape on a white background"  # the demo FLUX subject: a teal cross
+BUDGET_PRESETS = (8, 12, 16, 24, 48, 80)
+SMALL_MODEL = 100e6  # parameters; below this a model trains on a CPU in seconds (the demo models)
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------- step 1
+
+
+def detect_device() -> dict:
+    """The device a run would use and its free memory: {"kind", "name", "free_gb", "total_gb", "text"}."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        name = torch.cuda.get_device_name(0)
+        return {"kind": "cuda", "name": name, "free_gb": free / GiB, "total_gb": total / GiB,
+                "text": f"GPU: {name}, {free / GiB:.1f} GiB free of {total / GiB:.1f} GiB"}
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return {"kind": "cpu", "name": "CPU", "free_gb": memory.available / GiB, "total_gb": memory.total / GiB,
+            "text": (f"No GPU found: runs use the CPU ({os.cpu_count()} cores, {memory.available / GiB:.1f} GiB of "
+                     f"{memory.total / GiB:.1f} GiB RAM free). The demo models train here in about a minute; "
+                     "real models need a GPU.")}
+
+
+def model_choices(task: str, demo: dict[str, Path] | None = None) -> list[tuple[str, str]]:
+    """(label, value) of the models offered for `task`: the demo model first, then the catalogue."""
+    from pipelines.catalogue import catalogue
+
+    demo = demo or DEMO_MODELS
+    choices = []
+    if task in demo and Path(demo[task]).is_dir():
+        choices.append((f"Demo model (tiny, runs on a CPU): {Path(demo[task]).name}", str(demo[task])))
+    for entry in catalogue().values():
+        if entry.family == task:
+            choices.append((f"{entry.display_name} ({entry.model_id}, weights downloaded when training starts)",
+                            entry.model_id))
+    return choices
+
+
+def describe_model(task: str, model: str) -> dict:
+    """What the model is, from its config alone (no weights): {"name", "family", "params", "text"}.
+
+    Raises ValueError when the model is unknown or belongs to the other task.
+    """
+    from pipelines.catalogue import load_meta_model
+
+    model = (model or "").strip()
+    if not model:
+        raise ValueError("choose a model: the demo model, one from the list, a hub id (owner/name) or a local folder")
+    if task not in TASKS:
+        raise ValueError(f"choose what to do first: {' or '.join(TASKS.values())}")
+    meta = load_meta_model(model)
+    if meta.family != task:
+        raise ValueError(f"{model} is a {'FLUX image' if meta.family == 'flux' else 'InternVL vision-language'} model; "
+                         f"pick one for '{TASKS[task]}' or switch the task above")
+    params = sum(p.numel() for p in meta.model.parameters())
+    local = Path(model).expanduser().is_dir()
+    where = "a local folder" if local else "the Hugging Face hub (weights are downloaded when training starts)"
+    what = "transformer" if task == "flux" else "model"
+    return {"name": meta.display_name, "family": meta.family, "params": params, "local": local,
+            "text": f"**{meta.display_name}**: {count(params)} parameters in the {what}, from {where}."}
+
+
+def count(n: float) -> str:
+    """12.0 billion, 35.1 million, 123 thousand."""
+    for size, word in ((1e9, "billion"), (1e6, "million"), (1e3, "thousand")):
+        if n >= size:
+            return f"{n / size:.3g} {word}"
+    return f"{int(n)}"
+
+
+def default_settings(task: str, params: float, model: str = "") -> dict:
+    """Training settings that suit the model: the demo models' own sizes, quick ones for other tiny models."""
+    small = params < SMALL_MODEL
+    base = {"steps": 30 if small else 500, "lr": 1e-3 if small else 1e-4, "lam": 3.0, "seed": 0,
+            "calibration_samples": 8 if (small or task == "vlm") else 16, "checkpoint_every": 10 if small else 50}
+    if task == "flux":
+        base.update(resolution=32 if small else 512, preview_steps=4 if small else 0,
+                    max_sequence_length=16 if small else 0)
+        if model and (Path(model) / "demo.json").is_file():  # the demo is trained and sampled at these sizes
+            from pipelines import demo, demo_data
+
+            base.update(resolution=demo_data.IMAGE_SIZE, preview_steps=demo.FLUX_SAMPLE_STEPS,
+                        max_sequence_length=demo.FLUX_SEQUENCE_LENGTH)
+    demo_file = Path(model) / "demo.json" if model else None
+    if demo_file is not None and demo_file.is_file():  # a demo may name the settings that teach it in a minute
+        try:
+            suggested = json.loads(demo_file.read_text()).get("app", {})
+        except (OSError, json.JSONDecodeError):
+            suggested = {}
+        base.update({k: v for k, v in suggested.items() if k in base})
+    return base
+
+
+def example_data(task: str, folder: Path) -> tuple[list[dict], list[list[str]], str]:
+    """Example uploads for the demo models (pipelines/demo_data.py): (images, QA rows, prompt).
+
+    FLUX: 5 photos of the demo subject (a teal cross); InternVL: 8 mugs and whose they are.
+    """
+    from pipelines import demo_data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if task == "flux":
+        paths = demo_data.write_subject_images(folder, count=5, seed=0)
+        return [{"path": str(p), "name": p.name} for p in paths], [], EXAMPLE_PROMPT
+    rows = demo_data.write_mug_images(folder, per_owner=2, seed=0)
+    return ([{"path": str(p), "name": p.name} for p, _, _ in rows], [[p.name, q, a] for p, q, a in rows], "")
+
+
+# ---------------------------------------------------------------------------------------------- step 2
+
+
+FLUX_IMAGES = (FLUX_LIMITS.min_count, FLUX_LIMITS.max_count)  # how many photos a FLUX run takes
+LIMITS = {"flux": FLUX_LIMITS, "vlm": VLM_LIMITS}
+
+
+def add_images(current: list[dict], files: list[str] | None, task: str = "flux") -> tuple[list[dict], str]:
+    """Check newly uploaded files (as the task's backend will) and add the good ones; returns (list, message)."""
+    limits: ImageLimits = LIMITS[task]
+    max_count = limits.max_count
+    accepted = [dict(item) for item in current or []]
+    problems, overflow, added = [], [], 0
+    names = {Path(item["name"]).stem.lower() for item in accepted}
+    for file in files or []:
+        path = Path(file if isinstance(file, str) else getattr(file, "name", str(file)))
+        name = path.name
+        if len(accepted) >= max_count:
+            overflow.append(name)
+            continue
+        try:
+            check_image(path, limits)
+        except DataError as err:
+            problems.append(str(err).replace(str(path), name))
+            continue
+        if path.stem.lower() in names:
+            problems.append(f"{name}: an image named {path.stem!r} is already in the set; rename one of them")
+            continue
+        names.add(path.stem.lower())
+        accepted.append({"path": str(path), "name": name})
+        added += 1
+    if overflow:
+        shown = ", ".join(overflow[:5]) + (f" and {len(overflow) - 5} more" if len(overflow) > 5 else "")
+        problems.append(f"{len(overflow)} not added ({shown}): {max_count} images is the most a run takes")
+    if not files:
+        lines = []
+    elif added:
+        lines = [f"{added} image{'s' if added != 1 else ''} added; {len(accepted)} in the set."]
+    else:
+        lines = [f"No image added; {len(accepted)} in the set."]
+    lines += [f"- {p}" for p in problems]
+    return accepted, "\n".join(lines)
+
+
+def remove_image(current: list[dict], index: int | None) -> tuple[list[dict], str]:
+    """Remove the image at `index` (the one selected in the gallery)."""
+    items = list(current or [])
+    if index is None or not 0 <= index < len(items):
+        raise ValueError("click an image in the gallery first, then press Remove")
+    removed = items.pop(index)
+    return items, f"Removed {removed['name']}; {len(items)} image{'s' if len(items) != 1 else ''} left."
+
+
+def gallery_items(current: list[dict]) -> list[tuple[str, str]]:
+    return [(item["path"], item["name"]) for item in current or []]
+
+
+def caption_rows(current: list[dict], table: Any) -> list[list[str]]:
+    """One [image, caption] row per image, keeping captions already typed for the same image."""
+    typed = {row[0]: row[1] for row in table_rows(table) if len(row) >= 2 and row[0]}
+    return [[item["name"], typed.get(item["name"], "")] for item in current or []]
+
+
+def table_rows(table: Any) -> list[list[str]]:
+    """A gradio Dataframe value (pandas, dict or list of lists) as rows of stripped strings."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        rows = table.values.tolist()
+    elif isinstance(table, dict):
+        rows = table.get("data", [])
+    else:
+        rows = table
+    return [["" if cell is None or (isinstance(cell, float) and cell != cell) else str(cell).strip() for cell in row]
+            for row in rows]
+
+
+def relabel(err: Exception, folder: Path, what: str = "your upload") -> str:
+    """The error's message with a temporary folder's path taken out (the user never saw that folder)."""
+    return str(err).replace(str(folder) + os.sep, "").replace(str(folder), what)
+
+
+def stage_flux_data(images: list[dict], prompt: str, trigger: str, captions: Any, folder: Path) -> dict:
+    """Write the photos and their captions into `folder` (a temporary place) for the backend to check and copy."""
+    low, high = FLUX_IMAGES
+    if len(images or []) < low:
+        raise DataError(f"{len(images or [])} image{'s' if len(images or []) != 1 else ''} so far; add at least {low} "
+                        f"photos of your subject (JPEG, PNG or WebP; {low}-{high})")
+    if len(images) > high:
+        raise DataError(f"{len(images)} images; a run takes at most {high} (remove some)")
+    folder.mkdir(parents=True, exist_ok=True)
+    typed = {row[0]: row[1] for row in table_rows(captions) if len(row) >= 2 and row[1]}
+    for item in images:
+        target = folder / item["name"]
+        shutil.copyfile(item["path"], target)
+        if typed.get(item["name"]):
+            target.with_suffix(".txt").write_text(typed[item["name"]] + "\n", encoding="utf-8")
+    return {"images": str(folder), "prompt": (prompt or "").strip(), "trigger": (trigger or "").strip()}
+
+
+def read_qa_table_file(path: str) -> list[list[str]]:
+    """Rows [image name, question, answer] from an imported qa.jsonl / qa.csv (or InternVL's JSONL).
+
+    Image paths are reduced to file names: the images themselves are uploaded beside the table.
+    """
+    source = Path(path)
+    text = source.read_text(encoding="utf-8-sig", errors="strict")
+    rows = []
+    if source.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if not {"question", "answer"} <= set(columns):
+            raise DataError(f"{source.name} has the columns {columns or '(none)'}; it needs a header row with "
+                            "image, question, answer")
+        for row in reader:
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            rows.append([Path(row.get("image", "")).name if row.get("image") else "", row["question"], row["answer"]])
+    elif source.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{source.name} line {number}: not JSON ({err.msg}); fix or remove the line") from None
+            image = record.get("image") or ""
+            image = Path(image[0] if isinstance(image, list) and image else image or "").name if image else ""
+            if "conversations" in record:
+                turns = record["conversations"]
+                for ask, reply in zip(turns[::2], turns[1::2]):
+                    question = str(ask.get("value", "")).replace("<image>", "").strip()
+                    rows.append([image, question, str(reply.get("value", "")).strip()])
+            else:
+                rows.append([image, str(record.get("question", "")), str(record.get("answer", ""))])
+    else:
+        raise DataError(f"{source.name}: import a .jsonl or .csv file with the columns image, question, answer")
+    if not rows:
+        raise DataError(f"{source.name}: no questions found; each line needs image, question and answer")
+    return rows
+
+
+def qa_rows_for_images(images: list[dict], table: Any) -> list[list[str]]:
+    """The table with one empty question row added for each image that no row uses yet."""
+    rows = [row for row in table_rows(table) if any(row)]
+    used = {row[0] for row in rows}
+    return rows + [[item["name"], "", ""] for item in images or [] if item["name"] not in used]
+
+
+def stage_vlm_data(images: list[dict], table: Any, folder: Path) -> dict:
+    """Check the question/answer table against the uploaded images and write qa.jsonl into `folder`."""
+    from pipelines.vlm_data import pairs_to_samples, write_qa_jsonl
+
+    by_name = {item["name"]: item["path"] for item in images or []}
+    rows = [row + [""] * (3 - len(row)) for row in table_rows(table) if any(row)]
+    if not rows:
+        raise DataError("the question/answer table is empty; add a row per image (image, question, answer) "
+                        "or import a .jsonl / .csv file")
+    records = []
+    for number, (image, question, answer) in enumerate(row[:3] for row in rows):
+        if image and image not in by_name:
+            raise DataError(f"row {number + 1}: image {image!r} is not among your uploaded images; upload it "
+                            "or clear the cell")
+        records.append({"image": by_name.get(image, ""), "question": question, "answer": answer})
+    report = pairs_to_samples(records)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_qa_jsonl(report.samples, folder)
+    return {"data": str(folder / "qa.jsonl"), "samples": len(report.samples), "summary": report.summary()}
+
+
+# ---------------------------------------------------------------------------------------------- step 3
+
+
+def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, task: str = "") -> dict:
+    """The planner's answer for the chart: {"svg", "text", "recommended", "fits"}; ValueError for bad input."""
+    if budget_gb is None or not budget_gb > 0:
+        raise ValueError(f"the GPU memory budget must be a positive number of GB (e.g. 24 for a 24 GB card); "
+                         f"got {budget_gb}")
+    if not 0 < (ratio or 0) <= 1:
+        raise ValueError(f"the compression ratio must be in (0, 1]; got {ratio}")
+    if int(rank or 0) < 1:
+        raise ValueError(f"the LoRA rank must be at least 1; got {rank}")
+    settings = PlanSettings(budget_gb=float(budget_gb), ratio=float(ratio), lora_rank=int(rank))
+    plan = plan_run(model, settings)
+    bars = []
+    for estimate in plan.memory.estimates:
+        group = f"EMLoC (ratio {plan.ratio:.2f})" if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
+        bars.append(Bar(group, PHASE_NAMES[estimate.phase], estimate.total / GiB, "streamed" if estimate.streamed else ""))
+    fits = plan.emloc_fits()
+    over = [PHASE_NAMES[e.phase] for e in plan.memory.estimates if e.method == "emloc" and not plan.fits(e)]
+    if plan.recommended is None:
+        text = (f"**This budget is too small for {plan.display_name}.** {plan.reason[0].upper()}{plan.reason[1:]}.")
+    else:
+        verdict = ("Every EMLoC phase fits." if fits else
+                   f"At ratio {plan.ratio:.2f}, {', '.join(over)} do{'es' if len(over) == 1 else ''} not fit; "
+                   f"use the recommended ratio or less.")
+        text = f"{verdict} Recommended ratio: **{plan.recommended:.2f}** ({plan.reason})."
+    if plan.memory.counts.full < SMALL_MODEL:
+        text += (f" {plan.display_name} is tiny, so every phase needs little more than the fixed runtime overhead; "
+                 "pick a catalogue model in step 1 to see where EMLoC saves memory.")
+    title = f"{plan.display_name}: predicted peak GPU memory per phase (LoRA rank {int(rank)})"
+    return {"svg": memory_chart(bars, float(budget_gb), title), "text": text, "recommended": plan.recommended,
+            "fits": bool(fits)}
+
+
+def check_data(task: str, model: str, images: list[dict], prompt: str, trigger: str, captions: Any,
+               qa_table: Any) -> str:
+    """Check step 2 as the run will (in a temporary folder, removed after); returns a summary in words."""
+    import tempfile
+
+    from pipelines.backends import backend_class
+    from pipelines.run import RunSettings
+
+    folder = Path(tempfile.mkdtemp(prefix="emloc-check-")) / "data"
+    try:
+        if task == "flux":
+            staged = stage_flux_data(images, prompt, trigger, captions, folder)
+            backend_type = backend_class("flux")
+            settings = backend_type.settings_class(images=staged["images"], prompt=staged["prompt"],
+                                                   trigger=staged["trigger"])
+            backend_type(RunSettings(model=model), settings, _cpu()).validate()
+            captioned = len(list(folder.glob("*.txt")))
+            return (f"{len(images)} photos ready; prompt {staged['prompt']!r}"
+                    + (f", {captioned} with their own caption." if captioned else "."))
+        staged = stage_vlm_data(images, qa_table, folder)
+        return f"{staged['summary'].replace(str(folder), 'your table')}; ready."
+    except (ValueError, OSError) as err:
+        raise DataError(relabel(err, folder)) from None
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")

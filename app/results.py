@@ -1,0 +1,150 @@
+"""Reading a run folder for the page: its previews (steps 5), its adapter and a zip to download (step 6).
+
+Files are only read here, except the zip, which is written once into `<run>/export/` and never replaces
+a file that exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from pipelines.run import PREVIEW_VARIANTS, RUN_FILE
+
+SHOWN = PREVIEW_VARIANTS[:3]  # base | emulator + LoRA | full + corrected LoRA; the uncorrected one on request
+
+
+def _slug(text: str) -> str:
+    """File-name form of a variant label, as pipelines/flux_export.py names the preview files."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def run_info(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no {RUN_FILE}); pick a run under Past runs")
+    return json.loads(path.read_text())
+
+
+def preview_folders(run_dir: str | Path) -> list[Path]:
+    """Folders of previews of a run, newest last: previews/ (made by the run), then previews-<time>/."""
+    run_dir = Path(run_dir)
+    found = [run_dir / "previews"] if (run_dir / "previews").is_dir() else []
+    return found + sorted(p for p in run_dir.glob("previews-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+REQUEST_FILE = "request.json"  # written by the app beside previews it asked for: the prompts in full
+
+
+def preview_prompts(run_dir: str | Path, folder: Path) -> list[str]:
+    """The prompts of a FLUX preview folder in full (file names keep only the first 40 characters)."""
+    if (folder / REQUEST_FILE).is_file():
+        return json.loads((folder / REQUEST_FILE).read_text()).get("prompts", [])
+    if folder.name == "previews":
+        backend = run_info(run_dir)["settings"]["backend"]
+        return backend.get("preview_prompts") or [backend.get("prompt", "")]
+    return []
+
+
+def flux_previews(folder: Path, uncorrected: bool = False, known: list[str] | None = None
+                  ) -> tuple[list[tuple[str, str]], list[str]]:
+    """((image path, caption) in reading order, prompts): one row per (prompt, seed), one column per variant.
+
+    `known`: the prompts in full, matched to the shortened ones in the file names.
+    """
+    full = {_slug(p)[:40]: p for p in known or []}
+    labels = PREVIEW_VARIANTS if uncorrected else SHOWN
+    by_label: dict[str, dict[str, Path]] = {label: {} for label in labels}
+    for path in sorted(folder.glob("*__seed*.png")):
+        prefix, _, request = path.stem.partition("__")
+        for label in labels:
+            if prefix == _slug(label):
+                by_label[label][request] = path
+    requests = sorted({r for files in by_label.values() for r in files},
+                      key=lambda r: (r.rsplit("__seed", 1)[0], int(r.rsplit("__seed", 1)[1] or 0)))
+    def words(slug: str) -> str:
+        return full.get(slug, slug.replace("-", " "))
+
+    prompts = sorted({words(r.rpartition("__seed")[0]) for r in requests})
+    items = []
+    for request in requests:
+        prompt, _, seed = request.rpartition("__seed")
+        which = f"{words(prompt)} · " if len(prompts) > 1 else ""
+        for label in labels:
+            if request in by_label[label]:
+                items.append((str(by_label[label][request]), f"{label} · {which}seed {seed}"))
+    return items, prompts
+
+
+def vlm_previews(folder: Path, uncorrected: bool = False) -> tuple[list[str], list[list[str]], str]:
+    """(headers, rows, scores text) of the answer table in previews.json."""
+    path = folder / "previews.json"
+    if not path.is_file():
+        return [], [], ""
+    data = json.loads(path.read_text())
+    labels = list(PREVIEW_VARIANTS if uncorrected else SHOWN)
+    headers = ["question", "image", "reference"] + labels
+    rows = []
+    for item in data.get("items", []):
+        answers = item.get("answers", {})
+        rows.append([item.get("question", ""), shown_name(item["image"]) if item.get("image") else "",
+                     item.get("reference") or ""] + [answers.get(label) or "(empty answer)" for label in labels])
+    scores = data.get("scores", {})
+    text = "; ".join(f"{label}: exact match {scores[label]['exact_match']:.2f}, token F1 {scores[label]['token_f1']:.2f}"
+                     for label in labels if label in scores)
+    return headers, rows, (f"Scores against the reference answers ({next(iter(scores.values()))['n']} questions): "
+                           + text) if text else ""
+
+
+def shown_name(path: str) -> str:
+    """An image's name as the user uploaded it (the run's copy is prefixed with its index: 00003-red.png)."""
+    return re.sub(r"^(\d{5}-)+", "", Path(path).name)
+
+
+def export_info(run_dir: str | Path) -> dict:
+    """Where the corrected adapter is, its formats, and a snippet that loads it: {"text", "snippet", "folder"}."""
+    run_dir = Path(run_dir).resolve()
+    info = run_info(run_dir)
+    lora = run_dir / "lora"
+    if not (lora / "corrected").is_dir():
+        raise FileNotFoundError(f"{run_dir.name} has no corrected adapter yet; finish training (step 4) first")
+    model = info["settings"]["run"]["model"]
+    lines = [f"**Corrected adapter, PEFT format** (adapter\\_config.json + adapter\\_model.safetensors; loads with "
+             f"`PeftModel.from_pretrained`): `{lora / 'corrected'}`",
+             f"**Uncorrected adapter** (the LoRA as trained on the emulator, for comparison): `{lora / 'uncorrected'}`"]
+    if info["backend"] == "flux":
+        lines.insert(1, "**Corrected adapter, diffusers format** (one safetensors file with keys "
+                        "`transformer.<module>.lora_A/B.weight`; loads with `FluxPipeline.load_lora_weights`): "
+                        f"`{lora / 'diffusers' / 'pytorch_lora_weights.safetensors'}`")
+        snippet = (f"import torch\nfrom diffusers import FluxPipeline\n\n"
+                   f"pipe = FluxPipeline.from_pretrained({model!r}, torch_dtype=torch.bfloat16)\n"
+                   f"pipe.load_lora_weights({str(lora / 'diffusers')!r}, weight_name=\"pytorch_lora_weights.safetensors\")\n"
+                   f"pipe.to(\"cuda\" if torch.cuda.is_available() else \"cpu\")\n"
+                   f"image = pipe({info['settings']['backend'].get('prompt', '')!r}).images[0]\nimage.save(\"sample.png\")\n")
+    else:
+        snippet = (f"import torch\nfrom peft import PeftModel\nfrom transformers import AutoTokenizer, "
+                   f"InternVLForConditionalGeneration\n\n"
+                   f"base = InternVLForConditionalGeneration.from_pretrained({model!r}, dtype=torch.bfloat16)\n"
+                   f"model = PeftModel.from_pretrained(base, {str(lora / 'corrected')!r})\n"
+                   f"model = model.merge_and_unload()  # optional: fold the LoRA into the weights\n"
+                   f"tokenizer = AutoTokenizer.from_pretrained({model!r})\n")
+    lines.append("The zip below holds all of them, in the folders corrected/, uncorrected/"
+                 + (", diffusers/ and diffusers-uncorrected/." if info["backend"] == "flux" else "."))
+    return {"text": "\n\n".join(lines), "snippet": snippet, "folder": str(lora)}
+
+
+def export_zip(run_dir: str | Path) -> str:
+    """A zip of the run's adapters (`<run>/export/<name>-lora.zip`), made once; returns its path."""
+    run_dir = Path(run_dir)
+    lora = run_dir / "lora"
+    if not (lora / "corrected").is_dir():
+        raise FileNotFoundError(f"{run_dir.name} has no corrected adapter yet; finish training (step 4) first")
+    target = run_dir / "export" / f"{run_dir.name}-lora.zip"
+    if not target.exists():
+        target.parent.mkdir(exist_ok=True)
+        staging = target.with_name(target.stem + ".partial")
+        archive = shutil.make_archive(str(staging), "zip", root_dir=lora)
+        Path(archive).rename(target)
+    return str(target)

@@ -1,0 +1,351 @@
+"""The page's events: which handler each button, upload and timer tick calls, and what it updates.
+
+`wire(studio, c)` binds the components of app/ui.py (`c.<name>`) to handlers in app/handlers.py and
+app/studio.py. Every callback goes through `guard`, so a failure becomes a message beside its step.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import gradio as gr
+import pandas as pd
+
+from . import handlers, results
+from .jobs import JobBusy
+from .studio import Studio, TrainRequest, read_losses, run_name
+
+log = logging.getLogger(__name__)
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, JobBusy, OSError)
+STEP = {"model": 0, "data": 1, "budget": 2, "train": 3, "preview": 4, "export": 5}
+RECENT_S = 1800  # a job that ended this recently is shown on pages opened after it
+RUN_COLUMNS = ["name", "task", "model", "created", "status", "steps"]
+
+
+def say(text: str, good: bool = True) -> str:
+    """A message for a step, markdown-escaped so that file names show as typed."""
+    text = str(text)
+    text = text[:1].upper() + text[1:]
+    text = re.sub(r"([\\`*_\[\]<>#|])", r"\\\1", text)
+    return ("✓ " if good else "⚠ ") + text.replace("\n", "  \n")
+
+
+def guard(fn: Callable, outputs: int, message: int) -> Callable:
+    """Call `fn`; on failure leave every output as it was and put the reason, in words, in output `message`."""
+
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except USER_ERRORS as err:
+            reason = str(err)
+        except Exception as err:  # a bug: say so plainly; the traceback goes to the terminal
+            log.exception("handler %s failed", getattr(fn, "__name__", fn))
+            reason = f"something went wrong ({type(err).__name__}: {err}); the details are in the terminal"
+        values = [gr.skip()] * outputs
+        values[message] = say(reason, good=False)
+        return values[0] if outputs == 1 else tuple(values)
+
+    wrapper.__name__ = getattr(fn, "__name__", "handler")
+    return wrapper
+
+
+def loss_frame(losses: list) -> pd.DataFrame:
+    """(step, loss) pairs as a typed frame: numbers, so the plot draws numeric axes even before the first step."""
+    return pd.DataFrame({"step": pd.Series([s for s, _ in losses or []], dtype="int64"),
+                         "loss": pd.Series([v for _, v in losses or []], dtype="float64")})
+
+
+def on(event: Callable, fn: Callable, inputs: list, outputs: list, message: int | None = None, **kwargs) -> None:
+    """Bind `fn` to `event` with `guard` (the message output is the last one unless told)."""
+    index = len(outputs) - 1 if message is None else message
+    # One queue for the page's own events: a person's clicks are handled in the order they were made.
+    event(guard(fn, len(outputs), index), inputs=inputs, outputs=outputs, show_progress="hidden",
+          concurrency_id="wizard", **kwargs)
+
+
+def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every event of the page
+    """Bind every event of the page built by app/ui.py."""
+
+    # -- shared views --------------------------------------------------------------------------------
+    def plan_view(model, budget, ratio, rank):
+        try:
+            plan = handlers.memory_plan(model, budget, ratio, rank)
+        except USER_ERRORS as err:
+            return "", "", None, say(err, good=False)
+        message = "" if plan["recommended"] is not None else say(
+            "No compression ratio fits this budget; raise the budget (or pick a smaller model) to continue.", False)
+        return plan["svg"], plan["text"], plan["recommended"], message
+
+    def preview_view(current, uncorrected):
+        view = studio.previews(current, uncorrected)
+        flux = view["task"] == "flux"
+        table = pd.DataFrame(view["rows"], columns=view["headers"]) if view["rows"] else None
+        images = studio.question_images(current) if view["task"] == "vlm" else []
+        columns = 4 if uncorrected else 3
+        rows = max(1, -(-len(view["images"]) // columns))
+        return (view["text"], gr.Gallery(value=view["images"] or None, visible=flux or not view["task"],
+                                         columns=columns, height=rows * 430 + 40),
+                gr.Dataframe(value=table, visible=table is not None), view["scores"],
+                gr.Dropdown(choices=[(results.shown_name(i), i) for i in images], value=images[0] if images else None,
+                            visible=bool(images)),
+                gr.Textbox(visible=flux))
+
+    def export_view(current):
+        if not current:
+            return "No run yet: train one in step 4, or open one under Past runs.", None, ""
+        info = studio.export(current)
+        return info["text"], info["zip"], info["snippet"]
+
+    def runs_view():
+        rows = studio.list_runs()
+        names = [r["name"] for r in rows]
+        return (pd.DataFrame([[r[k] for k in RUN_COLUMNS] for r in rows], columns=RUN_COLUMNS),
+                gr.Dropdown(choices=names, value=names[0] if names else None))
+
+    # -- 1. model (and page load: the device, the default model, a job that may already be running) -------
+    def on_model(task, model, budget, ratio, rank):
+        info = handlers.describe_model(task, model)
+        d = handlers.default_settings(task, info["params"], model)
+        svg, text, recommended, message = plan_view(model, budget, ratio, rank)
+        return (info["text"], d["steps"], d["lr"], d["calibration_samples"], d.get("resolution", 512),
+                d["checkpoint_every"], d.get("preview_steps", 0), d.get("max_sequence_length", 0),
+                svg, text, recommended, message, "")
+
+    model_outputs = [c.about, c.steps, c.lr, c.calibration, c.resolution, c.checkpoint_every, c.preview_steps,
+                     c.max_tokens, c.chart, c.plan_text, c.recommended, c.msg_budget, c.msg_model]
+    on(c.model.change, on_model, [c.task, c.model, c.budget, c.ratio, c.rank], model_outputs)
+
+    def on_load(task, model, budget, ratio, rank):
+        device = handlers.detect_device()
+        if device["kind"] == "cuda":
+            budget = round(device["total_gb"])
+        job = studio.job_view()
+        current = job["run_dir"] if job["running"] else ""
+        # a page opened while the job runs follows it (step 4); one opened soon after it ended offers its results
+        step = gr.Walkthrough(selected=STEP["train"]) if job["running"] else gr.skip()
+        seen = {"version": -1, "state": "running" if job["running"] else ""}
+        ended = job["state"] in ("done", "cancelled", "failed") and time.time() - job["finished"] < RECENT_S
+        last = gr.Button(value=f"Show {Path(job['run_dir']).name}, the run that {job['state'].replace('done', 'finished')}"
+                         " while this page was closed", visible=True) if ended else gr.Button(visible=False)
+        if job["running"]:  # the form follows the running job's task
+            task = results.run_info(job["run_dir"])["backend"]
+            choices = handlers.model_choices(task, studio.demo_models)
+            model = results.run_info(job["run_dir"])["settings"]["run"]["model"]
+        table, pick = runs_view()
+        head = (device["text"], budget, current, step, seen, last, run_name(task, studio.runs_dir), table, pick,
+                task, gr.Dropdown(choices=choices, value=model) if job["running"] else gr.skip(),
+                gr.Column(visible=task == "flux"), gr.Column(visible=task == "vlm"))
+        return head + guard(on_model, len(model_outputs), len(model_outputs) - 1)(task, model, budget, ratio, rank)
+
+    c.page.load(guard(on_load, 13 + len(model_outputs), 12 + len(model_outputs)),
+                inputs=[c.task, c.model, c.budget, c.ratio, c.rank],
+                outputs=[c.device, c.budget, c.current, c.wizard, c.seen, c.show_last, c.name, c.runs_table,
+                         c.run_pick, c.task, c.model, c.flux_box, c.vlm_box, *model_outputs])
+
+    def on_task(task):
+        choices = handlers.model_choices(task, studio.demo_models)
+        return (gr.Dropdown(choices=choices, value=choices[0][1] if choices else ""),
+                gr.Column(visible=task == "flux"), gr.Column(visible=task == "vlm"),
+                run_name(task, studio.runs_dir), "")
+
+    on(c.task.change, on_task, [c.task], [c.model, c.flux_box, c.vlm_box, c.name, c.msg_model])
+
+    def go_data(task, model):
+        handlers.describe_model(task, model)
+        return gr.Walkthrough(selected=STEP["data"]), ""
+
+    on(c.next_model.click, go_data, [c.task, c.model], [c.wizard, c.msg_model])
+
+    # -- 2. data -------------------------------------------------------------------------------------
+    def on_flux_upload(images, files, captions):
+        images, message = handlers.add_images(images, files, "flux")
+        return (images, handlers.gallery_items(images), handlers.caption_rows(images, captions), None,
+                say(message, good="- " not in message))
+
+    on(c.flux_upload.upload, on_flux_upload, [c.flux_images, c.flux_upload, c.captions],
+       [c.flux_images, c.flux_gallery, c.captions, c.flux_upload, c.msg_data])
+
+    def on_vlm_upload(images, files, table):
+        images, message = handlers.add_images(images, files, "vlm")
+        return (images, handlers.gallery_items(images), handlers.qa_rows_for_images(images, table), None,
+                say(message, good="- " not in message))
+
+    on(c.vlm_upload.upload, on_vlm_upload, [c.vlm_images, c.vlm_upload, c.qa_table],
+       [c.vlm_images, c.vlm_gallery, c.qa_table, c.vlm_upload, c.msg_data])
+
+    def on_select(evt: gr.SelectData):
+        return evt.index
+
+    c.flux_gallery.select(on_select, None, c.picked, concurrency_id="wizard")
+    c.vlm_gallery.select(on_select, None, c.picked, concurrency_id="wizard")
+
+    def on_flux_remove(images, index, captions):
+        images, message = handlers.remove_image(images, index)
+        return images, handlers.gallery_items(images), handlers.caption_rows(images, captions), None, say(message)
+
+    on(c.flux_remove.click, on_flux_remove, [c.flux_images, c.picked, c.captions],
+       [c.flux_images, c.flux_gallery, c.captions, c.picked, c.msg_data])
+
+    def on_vlm_remove(images, index, table):
+        removed = (images or [])[index]["name"] if index is not None and 0 <= index < len(images or []) else None
+        images, message = handlers.remove_image(images, index)
+        rows = [row for row in handlers.table_rows(table) if not row or row[0] != removed]
+        return images, handlers.gallery_items(images), rows or None, None, say(message)
+
+    on(c.vlm_remove.click, on_vlm_remove, [c.vlm_images, c.picked, c.qa_table],
+       [c.vlm_images, c.vlm_gallery, c.qa_table, c.picked, c.msg_data])
+
+    def on_import(file, images):
+        rows = handlers.read_qa_table_file(file)
+        names = {item["name"] for item in images or []}
+        missing = sorted({row[0] for row in rows if row[0] and row[0] not in names})
+        note = (f" Upload these images too: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}."
+                if missing else "")
+        return rows, None, say(f"{len(rows)} questions imported.{note}", good=not missing)
+
+    def on_example(task, flux_images, vlm_images, captions, table):
+        images, rows, prompt = handlers.example_data(task, Path(tempfile.mkdtemp(prefix="emloc-example-")))
+        if task == "flux":
+            images, message = handlers.add_images(flux_images, [i["path"] for i in images], "flux")
+            return (images, handlers.gallery_items(images), handlers.caption_rows(images, captions), prompt,
+                    gr.skip(), gr.skip(), gr.skip(), say(message + " Example photos of the demo subject."))
+        images, message = handlers.add_images(vlm_images, [i["path"] for i in images], "vlm")
+        return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), images, handlers.gallery_items(images),
+                [row for row in handlers.table_rows(table) if any(row)] + rows, say(message + " Example questions added."))
+
+    on(c.example.click, on_example, [c.task, c.flux_images, c.vlm_images, c.captions, c.qa_table],
+       [c.flux_images, c.flux_gallery, c.captions, c.prompt, c.vlm_images, c.vlm_gallery, c.qa_table, c.msg_data])
+
+    on(c.qa_import.upload, on_import, [c.qa_import, c.vlm_images], [c.qa_table, c.qa_import, c.msg_data])
+
+    def go_budget(task, model, flux_images, prompt, trigger, captions, vlm_images, table):
+        images = flux_images if task == "flux" else vlm_images
+        summary = handlers.check_data(task, model, images, prompt, trigger, captions, table)
+        return gr.Walkthrough(selected=STEP["budget"]), say(summary)
+
+    on(c.next_data.click, go_budget, [c.task, c.model, c.flux_images, c.prompt, c.trigger, c.captions,
+                                      c.vlm_images, c.qa_table], [c.wizard, c.msg_data])
+
+    # -- 3. budget -----------------------------------------------------------------------------------
+    c.presets.change(lambda preset: float(preset) if preset else gr.skip(), [c.presets], [c.budget],
+                     concurrency_id="wizard")
+    plan_outputs = [c.chart, c.plan_text, c.recommended, c.msg_budget]
+    for event in (c.budget.change, c.ratio.change, c.rank.change):
+        on(event, plan_view, [c.model, c.budget, c.ratio, c.rank], plan_outputs, trigger_mode="always_last")
+
+    def use_recommended(recommended):
+        if recommended is None:
+            raise ValueError("nothing to recommend: no ratio fits this budget; raise the budget first")
+        return recommended, ""
+
+    on(c.recommend.click, use_recommended, [c.recommended], [c.ratio, c.msg_budget])
+
+    def go_train(recommended, model, budget, ratio, rank):
+        plan = handlers.memory_plan(model, budget, ratio, rank)
+        if plan["recommended"] is None:
+            raise ValueError("no compression ratio fits this budget; raise the budget to continue")
+        note = "" if plan["fits"] else say(f"Ratio {ratio:.2f} is above the recommended "
+                                           f"{plan['recommended']:.2f}: a GPU with this budget would run out of "
+                                           "memory. Training on this machine goes ahead.", good=False)
+        return gr.Walkthrough(selected=STEP["train"]), note
+
+    on(c.next_budget.click, go_train, [c.recommended, c.model, c.budget, c.ratio, c.rank], [c.wizard, c.msg_budget])
+
+    # -- 4. train ------------------------------------------------------------------------------------
+    def on_start(task, model, name, flux_images, prompt, trigger, captions, vlm_images, table, ratio, rank, steps,
+                 lr, lam, seed, calibration, checkpoint_every, resolution, preview_steps, max_tokens, answer_tokens):
+        request = TrainRequest(task=task, model=model, name=name,
+                               images=flux_images if task == "flux" else vlm_images, prompt=prompt, trigger=trigger,
+                               captions=captions, qa_table=table, ratio=ratio, rank=rank, steps=steps, lr=lr,
+                               lam=lam, seed=seed, calibration_samples=calibration, checkpoint_every=checkpoint_every,
+                               resolution=resolution, preview_steps=preview_steps, max_sequence_length=max_tokens,
+                               max_new_tokens=answer_tokens)
+        folder = studio.start_run(request)
+        return folder, run_name(task, studio.runs_dir), say(f"Started {name}: your data was checked and copied "
+                                                            f"into {folder}.")
+
+    on(c.start.click, on_start, [c.task, c.model, c.name, c.flux_images, c.prompt, c.trigger, c.captions,
+                                 c.vlm_images, c.qa_table, c.ratio, c.rank, c.steps, c.lr, c.lam, c.seed,
+                                 c.calibration, c.checkpoint_every, c.resolution, c.preview_steps, c.max_tokens,
+                                 c.answer_tokens],
+       [c.current, c.name, c.msg_train])
+    on(c.cancel.click, lambda: say(studio.cancel()), [], [c.msg_train])
+
+    def on_tick(seen, current, uncorrected):
+        view = studio.job_view()
+        if view["version"] == (seen or {}).get("version"):
+            return (gr.skip(),) * 18
+        was_running = (seen or {}).get("state") == "running"
+        current = current or view["run_dir"]
+        ours = bool(view["run_dir"]) and view["run_dir"] == current
+        finished = was_running and not view["running"] and ours
+        results = [gr.skip()] * 9
+        step = gr.skip()
+        if finished and view["state"] == "done":
+            results = list(preview_view(current, uncorrected))
+            results += list(export_view(current)) if view["kind"] == "run" else [gr.skip()] * 3
+            step = gr.Walkthrough(selected=STEP["preview"]) if view["kind"] == "run" else gr.skip()
+        note = "" if finished and view["kind"] == "preview" else gr.skip()  # "rendering ..." is over
+        return ({"version": view["version"], "state": view["state"]}, current, view["text"], view["progress"],
+                loss_frame(view["losses"]), view["log"], gr.Button(interactive=view["running"]), step, *results, note)
+
+    c.timer.tick(guard(on_tick, 18, 2), inputs=[c.seen, c.current, c.show_uncorrected],
+                 outputs=[c.seen, c.current, c.status, c.progress, c.loss_plot, c.job_log, c.cancel, c.wizard,
+                          c.preview_text, c.preview_gallery, c.answers, c.scores, c.ask_image, c.seeds,
+                          c.export_text, c.download, c.snippet, c.msg_preview], show_progress="hidden")
+
+    # -- 5. preview and 6. export --------------------------------------------------------------------
+    preview_outputs = [c.preview_text, c.preview_gallery, c.answers, c.scores, c.ask_image, c.seeds]
+
+    def go_preview(current, uncorrected):
+        return (gr.Walkthrough(selected=STEP["preview"]), *preview_view(current, uncorrected), "")
+
+    on(c.next_train.click, go_preview, [c.current, c.show_uncorrected], [c.wizard, *preview_outputs, c.msg_train])
+    on(c.show_uncorrected.change, lambda cur, unc: (*preview_view(cur, unc), ""), [c.current, c.show_uncorrected],
+       [*preview_outputs, c.msg_preview])
+    on(c.render.click, lambda cur, text, seeds, image: say(studio.render_preview(cur, text, seeds, image)),
+       [c.current, c.ask, c.seeds, c.ask_image], [c.msg_preview])
+
+    def go_export(current):
+        return (gr.Walkthrough(selected=STEP["export"]), *export_view(current), "")
+
+    on(c.next_preview.click, go_export, [c.current], [c.wizard, c.export_text, c.download, c.snippet, c.msg_preview])
+    on(c.new_run.click, lambda task: (gr.Walkthrough(selected=STEP["model"]), run_name(task, studio.runs_dir), ""),
+       [c.task], [c.wizard, c.name, c.msg_export])
+
+    # -- past runs -----------------------------------------------------------------------------------
+    on(c.refresh.click, lambda: (*runs_view(), ""), [], [c.runs_table, c.run_pick, c.msg_runs])
+
+    def on_open(name, uncorrected):
+        folder = studio.open_run(name)
+        finished = (Path(folder) / "lora" / "corrected").is_dir()
+        exported = export_view(folder) if finished else ("", None, "")
+        step = STEP["preview"] if finished else STEP["train"]
+        return (folder, gr.Tabs(selected="wizard"), gr.Walkthrough(selected=step), *preview_view(folder, uncorrected),
+                *exported, loss_frame(read_losses(folder)), say(f"Opened {name}."))
+
+    on(c.open_btn.click, on_open, [c.run_pick, c.show_uncorrected],
+       [c.current, c.tabs, c.wizard, *preview_outputs, c.export_text, c.download, c.snippet, c.loss_plot, c.msg_runs])
+
+    def on_show_last(uncorrected):
+        folder = studio.job_view()["run_dir"]
+        opened = on_open(Path(folder).name, uncorrected) if folder else None
+        if opened is None:
+            raise ValueError("the last run is no longer there; see Past runs")
+        return (*opened[:1], *opened[2:-1], gr.Button(visible=False), "")
+
+    on(c.show_last.click, on_show_last, [c.show_uncorrected],
+       [c.current, c.wizard, *preview_outputs, c.export_text, c.download, c.snippet, c.loss_plot, c.show_last,
+        c.msg_model])
+
+    def on_resume(name):
+        folder = studio.resume_run(name)
+        return folder, gr.Tabs(selected="wizard"), gr.Walkthrough(selected=STEP["train"]), say(f"Resuming {name}.")
+
+    on(c.resume_btn.click, on_resume, [c.run_pick], [c.current, c.tabs, c.wizard, c.msg_runs])

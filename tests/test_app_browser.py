@@ -1,0 +1,323 @@
+"""The app in a real browser: Debian's chromium (headless) driven by playwright, on the tiny models.
+
+The app runs in this process on a free port of 127.0.0.1; each test opens a fresh page (a new
+session), walks the wizard as a person would, and saves a screenshot of each step under
+tests/screenshots/. Bad input must give a visible message in words and never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from app.handlers import EXAMPLE_PROMPT  # noqa: E402
+from flux_fixtures import save_tiny_flux, write_subject_images  # noqa: E402
+from pipelines import demo, demo_data  # noqa: E402
+from vlm_fixtures import save_tiny_internvl, write_colour_images  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = Path(__file__).resolve().parent / "screenshots"
+TRAINING_TIMEOUT_MS = 150_000
+DEMO = {"flux": demo.FLUX_DIR, "vlm": demo.VLM_DIR}
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny demo models, the user's files, and the app serving them on a free port."""
+    from app.main import create_app, launch
+
+    root = tmp_path_factory.mktemp("app")
+    if all((DEMO[task] / "demo.json").is_file() for task in DEMO):  # the demo models the app ships with
+        models, prompt = DEMO, EXAMPLE_PROMPT
+        photos = demo_data.write_subject_images(root / "photos", count=4, seed=0)
+        rows = [(f"images/{p.name}", q, a) for p, q, a in demo_data.write_mug_images(root / "qa" / "images", 2, 0)]
+    else:  # a checkout without them: the tiny models of the other tests
+        models = {"flux": save_tiny_flux(root / "models" / "demo-flux"),
+                  "vlm": save_tiny_internvl(root / "models" / "demo-internvl")}
+        prompt = "a photo of sks dog"
+        photos = write_subject_images(root / "photos", count=4)
+        rows = write_colour_images(root / "qa")
+    many = [root / "many" / f"shot_{i:02d}.png" for i in range(51)]
+    many[0].parent.mkdir()
+    for index, path in enumerate(many):
+        Image.new("RGB", (40, 40), (index * 4, 90, 200 - index * 3)).save(path)
+    (root / "wrong").mkdir()
+    notes = root / "wrong" / "notes.txt"
+    notes.write_text("not a picture")
+    fake = root / "wrong" / "holiday.png"
+    fake.write_text("this is text with a .png name")
+    table = root / "qa" / "qa.jsonl"
+    table.write_text("".join(json.dumps({"image": i, "question": q, "answer": a}) + "\n" for i, q, a in rows))
+    page, studio = create_app(root / "runs", models)
+    port = free_port()
+    launch(page, "127.0.0.1", port, block=False, runs_dir=root / "runs")
+    shutil.rmtree(SHOTS, ignore_errors=True)  # this run's screenshots only
+    SHOTS.mkdir()
+    yield {"url": f"http://127.0.0.1:{port}/", "photos": photos, "many": many, "notes": notes, "fake": fake,
+           "qa_images": sorted((root / "qa" / "images").iterdir()), "qa_table": table, "studio": studio,
+           "runs": root / "runs", "prompt": prompt, "question": rows[0][1]}
+    studio.cancel()  # a test that failed half-way must not leave a run training into interpreter shutdown
+    studio.jobs.wait(timeout=120)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, world):
+    """A fresh browser context (a new session, as after closing the browser) on the app."""
+    tab = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    tab.set_default_timeout(30_000)
+    tab.goto(world["url"])
+    tab.locator("#device").get_by_text("CPU").wait_for(state="attached")  # the page has loaded its state
+    return tab
+
+
+@pytest.fixture
+def page(browser, world):
+    tab = open_page(browser, world)
+    context = tab.context
+    yield tab
+    if not tab.is_closed():
+        assert "Traceback" not in tab.content()
+        context.close()
+
+
+def shot(page, name: str) -> None:
+    page.wait_for_timeout(400)  # let the last update paint
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def button(page, name: str):
+    return page.get_by_role("button", name=name, exact=True)
+
+
+def expect_text(page, selector: str, text: str, timeout: float = 30_000) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_contain_text(text, timeout=timeout)
+
+
+def upload(page, selector: str, files) -> None:
+    page.locator(f"{selector} input[type=file]").set_input_files([str(f) for f in files])
+
+
+def no_traceback(page) -> None:
+    body = page.locator("body").inner_text()
+    assert "Traceback" not in body and 'File "' not in body
+    assert page.locator(".toast-body").count() == 0, "gradio showed an error toast"
+
+
+def choose_task(page, label: str) -> None:
+    page.get_by_label(label).check()
+    page.wait_for_timeout(1500)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browser):
+    start = time.monotonic()
+    expect_text(page, "#model-info", "demo-flux")
+    shot(page, "01-model")
+    button(page, "Next: your data").click()
+    upload(page, "#flux-upload", world["photos"])
+    expect_text(page, "#msg-data", "4 images added")
+    assert page.locator("#flux-gallery img").count() == 4
+    page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
+    shot(page, "02-data-flux")
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#plan-text", "Recommended ratio")
+    assert page.locator("#memory-chart svg rect").count() >= 8  # 5 EMLoC phases + LoRA, QLoRA, inference
+    shot(page, "03-budget")
+    button(page, "Next: training").click()
+    page.locator("#steps input").fill("24")
+    button(page, "Start training").click()
+    expect_text(page, "#msg-train", "Started")
+    expect_text(page, "#job-status", "stage")
+    shot(page, "04-train-running")
+    page.context.close()  # closing the browser does not stop the run; a page opened later shows it
+    page = open_page(browser, world)
+    # the reopened page follows the run while it trains, or offers its results when it ended meanwhile
+    page.locator("#job-status:visible, #show-last:visible, #preview-text:visible").first.wait_for()
+    shot(page, "04b-train-reopened")
+    if page.locator("#show-last").is_visible():
+        page.locator("#show-last").click()
+    # the page moves on to the previews by itself: base | emulator + LoRA | corrected, one row per seed
+    expect_text(page, "#preview-text", "Previews of", timeout=TRAINING_TIMEOUT_MS)
+    images = page.locator("#preview-gallery img")
+    images.first.wait_for()
+    assert images.count() == 3
+    shot(page, "05-preview-flux")
+    page.locator("#ask").get_by_role("textbox").fill(world["prompt"])  # new previews at two other seeds
+    page.locator("#seeds").get_by_role("textbox").fill("1, 2")
+    button(page, "Render new previews").click()
+    expect_text(page, "#msg-preview", "Rendering previews")
+    expect_text(page, "#preview-text", "(previews-", timeout=TRAINING_TIMEOUT_MS)
+    page.wait_for_function("document.querySelectorAll('#preview-gallery img').length == 6")
+    shot(page, "05b-preview-new-seeds")
+    button(page, "Next: export").click()
+    expect_text(page, "#export-text", "pytorch_lora_weights.safetensors")
+    assert page.locator("#download").get_by_text(".zip").count() >= 1
+    shot(page, "06-export")
+    page.locator("button.step-button", has_text="4. Train").click()  # back to the finished run: loss curve, log
+    expect_text(page, "#job-status", "finished")
+    shot(page, "04c-train-finished")
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", "finished")
+    shot(page, "07-past-runs")
+    button(page, "Open").click()  # a past run reopens on its previews
+    expect_text(page, "#msg-runs", "Opened flux-")
+    expect_text(page, "#preview-text", "Previews of flux-")
+    assert page.locator("#preview-gallery img").count() == 6  # its newest previews: seeds 1 and 2
+    run_dir = next(world["runs"].glob("flux-*"))
+    assert sorted(p.name for p in (run_dir / "data").iterdir() if p.suffix != ".txt") == sorted(
+        p.name for p in world["photos"])  # the uploads were copied into the run
+    no_traceback(page)
+    page.context.close()
+    print(f"flux walk: {time.monotonic() - start:.1f} s")
+
+
+def test_vlm_wizard_imports_a_table_and_shows_answers(page, world):
+    choose_task(page, "Teach a vision-language model (InternVL)")
+    expect_text(page, "#model-info", "demo-internvl")
+    button(page, "Next: your data").click()
+    button(page, "Check the data and continue").click()  # an empty question/answer table
+    expect_text(page, "#msg-data", "table is empty")
+    shot(page, "11-bad-empty-qa-table")
+    upload(page, "#vlm-upload", world["qa_images"])
+    expect_text(page, "#msg-data", "8 images added")
+    upload(page, "#qa-import", [world["qa_table"]])
+    expect_text(page, "#msg-data", "8 questions imported")
+    expect_text(page, "#qa-table", world["question"])
+    shot(page, "08-data-vlm")
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#msg-data", "8 samples")
+    button(page, "Next: training").click()
+    page.locator("#steps input").fill("6")
+    button(page, "Start training").click()
+    expect_text(page, "#job-status", "finished", timeout=TRAINING_TIMEOUT_MS)
+    expect_text(page, "#answers", "full + corrected LoRA")
+    assert page.locator("#answers tbody tr").count() >= 1
+    shot(page, "09-preview-vlm")
+
+
+def test_closing_the_page_keeps_training_and_cancel_stops_it(browser, world):
+    page = open_page(browser, world)
+    choose_task(page, "Teach a vision-language model (InternVL)")
+    button(page, "Next: your data").click()
+    upload(page, "#vlm-upload", world["qa_images"])
+    expect_text(page, "#msg-data", "8 images added")
+    upload(page, "#qa-import", [world["qa_table"]])
+    expect_text(page, "#msg-data", "8 questions imported")
+    button(page, "Check the data and continue").click()
+    button(page, "Next: training").click()
+    page.locator("#steps input").fill("5000")  # far longer than this test
+    button(page, "Start training").click()
+    expect_text(page, "#msg-train", "Started")
+    page.context.close()
+    page = open_page(browser, world)  # the page opens on the run, still training
+    expect_text(page, "#job-status", "Training the LoRA on the emulator", timeout=60_000)
+    expect_text(page, "#job-status", "of 5000")
+    shot(page, "10-train-reopened-running")
+    button(page, "Start training").click()  # a second run while this one trains: refused, in words
+    expect_text(page, "#msg-train", "already running")
+    button(page, "Cancel").click()
+    expect_text(page, "#msg-train", "Stopping after the current step")
+    expect_text(page, "#job-status", "was cancelled")
+    shot(page, "10b-train-cancelled")
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", "cancelled at train")
+    no_traceback(page)
+    page.context.close()
+
+
+def test_launch_py_serves_the_app_on_the_port_it_is_given(tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen([sys.executable, str(root / "launch.py"), "app", "--no-browser", "--port", str(port),
+                               "--runs", str(tmp_path / "runs")], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.monotonic() + 90, ""
+        while time.monotonic() < deadline and not body:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert json.loads(body)["title"] == "EMLoC Studio"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_input_shows_messages_in_words(page, world):
+    page.get_by_role("combobox", name="Model").click()  # a real model: the budget step plans for it
+    page.get_by_role("option", name=re.compile(r"FLUX\.1 \[dev\]")).click()
+    expect_text(page, "#model-info", "11.9 billion parameters")
+    button(page, "Next: your data").click()
+    upload(page, "#flux-upload", [world["notes"], world["fake"]])  # wrong file types
+    expect_text(page, "#msg-data", "notes.txt")
+    expect_text(page, "#msg-data", "holiday.png")
+    no_traceback(page)
+    shot(page, "12-bad-file-types")
+    upload(page, "#flux-upload", world["photos"][:2])  # too few
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#msg-data", "add at least 3")
+    no_traceback(page)
+    shot(page, "13-bad-too-few")
+    upload(page, "#flux-upload", world["many"])  # too many: 2 + 51 > 50
+    expect_text(page, "#msg-data", "50 images is the most")
+    no_traceback(page)
+    shot(page, "14-bad-too-many")
+    page.locator("#flux-gallery img").nth(1).click()
+    button(page, "Remove the selected photo").click()
+    expect_text(page, "#msg-data", f"Removed {world['photos'][1].name}; 49 images left")
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#plan-text", "Recommended ratio")
+    assert "FLUX.1 [dev]: predicted peak GPU memory" in page.locator("#memory-chart").inner_text()
+    shot(page, "03b-budget-flux-dev")
+    budget = page.locator("#budget input")
+    budget.fill("0.5")
+    budget.press("Enter")
+    expect_text(page, "#plan-text", "too small")
+    expect_text(page, "#msg-budget", "No compression ratio fits")
+    button(page, "Next: training").click()
+    expect_text(page, "#msg-budget", "raise the budget")
+    no_traceback(page)
+    shot(page, "15-bad-impossible-budget")
+    budget.fill("-3")
+    budget.press("Enter")
+    expect_text(page, "#msg-budget", "positive number")
+    no_traceback(page)

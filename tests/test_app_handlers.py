@@ -1,0 +1,281 @@
+"""The app's handlers called directly, step by step, on the tiny models (no browser, no server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app import handlers, results
+from app.jobs import JobBusy, JobStatus
+from app.studio import Studio, TrainRequest, describe_job, parse_seeds
+from flux_fixtures import save_tiny_flux, write_subject_images
+from vlm_fixtures import save_tiny_internvl, write_colour_images
+
+FLUX_FAST = dict(steps=3, lr=1e-3, rank=4, calibration_samples=4, checkpoint_every=2, resolution=32,
+                 preview_steps=2, max_sequence_length=16)
+SMALL_PARAMS = handlers.SMALL_MODEL
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"flux": save_tiny_flux(root / "demo-flux"), "vlm": save_tiny_internvl(root / "demo-internvl")}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return write_subject_images(tmp_path_factory.mktemp("photos") / "dog", count=4)
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    """8 coloured squares with a question each, as uploads: [{"path", "name"}] and the table rows."""
+    folder = tmp_path_factory.mktemp("qa")
+    rows = write_colour_images(folder)
+    images = [{"path": str(folder / image), "name": Path(image).name} for image, _, _ in rows]
+    return images, [[Path(image).name, question, answer] for image, question, answer in rows], folder
+
+
+def uploads(paths) -> list[dict]:
+    return [{"path": str(p), "name": p.name} for p in paths]
+
+
+def digest(paths) -> dict:
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="module")
+def finished(models, photos, tmp_path_factory):
+    """A FLUX run started from the handlers and waited for (3 steps on the tiny model)."""
+    studio = Studio(tmp_path_factory.mktemp("runs"), models)
+    before = digest(photos)
+    request = TrainRequest(task="flux", model=str(models["flux"]), name="my-dog", images=uploads(photos),
+                           prompt="a photo of sks dog", trigger="sks",
+                           captions=[["dog_1.jpg", "a photo of sks dog on grass"]], **FLUX_FAST)
+    begun = time.monotonic()
+    folder = studio.start_run(request)
+    returned = time.monotonic() - begun
+    with pytest.raises(JobBusy, match="already running: my-dog"):
+        studio.start_run(TrainRequest(task="flux", model=str(models["flux"]), name="second", images=uploads(photos),
+                                      prompt="a photo of sks dog", **FLUX_FAST))
+    status = studio.jobs.wait(timeout=300)
+    return {"studio": studio, "folder": Path(folder), "status": status, "returned": returned, "before": before,
+            "photos": photos}
+
+
+# ---------------------------------------------------------------------------------------------- 1. model
+
+
+def test_model_step_offers_the_demo_model_first_and_describes_it(models):
+    choices = handlers.model_choices("flux", models)
+    assert choices[0][1] == str(models["flux"]) and "Demo model" in choices[0][0]
+    assert any(value == "black-forest-labs/FLUX.1-dev" for _, value in choices)
+    assert all("InternVL" not in label for label, _ in choices)
+    info = handlers.describe_model("flux", str(models["flux"]))
+    assert info["family"] == "flux" and info["local"] and 10_000 < info["params"] < SMALL_PARAMS
+    assert handlers.default_settings("flux", info["params"])["resolution"] == 32  # the tiny model trains at 32 px
+    assert handlers.default_settings("flux", 12e9)["steps"] == 500
+
+
+def test_model_step_refuses_the_other_tasks_model_and_unknown_ids(models):
+    with pytest.raises(ValueError, match="InternVL vision-language model"):
+        handlers.describe_model("flux", str(models["vlm"]))
+    with pytest.raises(ValueError, match="unknown model"):
+        handlers.describe_model("vlm", "nobody/no-such-model")
+    with pytest.raises(ValueError, match="choose a model"):
+        handlers.describe_model("flux", " ")
+
+
+def test_device_is_detected_with_its_free_memory():
+    device = handlers.detect_device()
+    assert device["kind"] in ("cpu", "cuda") and 0 < device["free_gb"] <= device["total_gb"]
+    assert "free" in device["text"]
+
+
+# ---------------------------------------------------------------------------------------------- 2. data
+
+
+def test_uploads_are_checked_and_bad_files_named_in_words(photos, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    fake = tmp_path / "holiday.png"
+    fake.write_text("text")
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (8, 8)).save(tiny)
+    images, message = handlers.add_images([], [str(p) for p in photos] + [str(notes), str(fake), str(tiny)])
+    assert [i["name"] for i in images] == [p.name for p in photos]
+    assert message.startswith("4 images added; 4 in the set.")
+    assert "notes.txt: not a readable JPEG, PNG or WebP image" in message and "holiday.png" in message
+    assert "tiny.png: 8x8 pixels is too small" in message and str(tmp_path) not in message
+    again, message = handlers.add_images(images, [str(photos[0])])
+    assert len(again) == 4 and "already in the set" in message
+    fewer, message = handlers.remove_image(images, 1)
+    assert [i["name"] for i in fewer] == [photos[0].name, photos[2].name, photos[3].name] and "3 images left" in message
+    with pytest.raises(ValueError, match="click an image"):
+        handlers.remove_image(images, None)
+
+
+def test_more_than_fifty_photos_are_refused_with_a_count(tmp_path):
+    paths = []
+    for index in range(53):
+        paths.append(tmp_path / f"shot_{index:02d}.png")
+        Image.new("RGB", (40, 40), (index * 4, 80, 120)).save(paths[-1])
+    images, message = handlers.add_images([], [str(p) for p in paths])
+    assert len(images) == 50 and "3 not added (shot_50.png, shot_51.png, shot_52.png)" in message
+
+
+def test_flux_data_check_needs_three_photos_and_the_trigger_word(models, photos):
+    captions = handlers.caption_rows(uploads(photos), [["dog_1.jpg", "a photo of sks dog on grass"]])
+    assert captions[1] == ["dog_1.jpg", "a photo of sks dog on grass"] and captions[0] == ["dog_0.png", ""]
+    summary = handlers.check_data("flux", str(models["flux"]), uploads(photos), "a photo of sks dog", "sks", captions,
+                                  None)
+    assert "4 photos ready" in summary and "1 with their own caption" in summary
+    with pytest.raises(ValueError, match="2 images so far; add at least 3"):
+        handlers.check_data("flux", str(models["flux"]), uploads(photos[:2]), "a photo of sks dog", "sks", None, None)
+    with pytest.raises(ValueError, match="does not contain the trigger word 'sks'"):
+        handlers.check_data("flux", str(models["flux"]), uploads(photos), "a photo of my dog", "sks", None, None)
+
+
+def test_qa_table_is_imported_checked_and_empty_tables_refused(models, qa, tmp_path):
+    images, rows, folder = qa
+    jsonl = tmp_path / "qa.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": f"images/{r[0]}", "question": r[1], "answer": r[2]}) + "\n"
+                             for r in rows))
+    csv = tmp_path / "qa.csv"
+    csv.write_text("image,question,answer\n" + "".join(f"images/{r[0]},{r[1]},{r[2]}\n" for r in rows))
+    assert handlers.read_qa_table_file(str(jsonl)) == rows == handlers.read_qa_table_file(str(csv))
+    summary = handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, rows)
+    assert summary.startswith("8 samples") and str(tmp_path) not in summary
+    with pytest.raises(ValueError, match="table is empty"):
+        handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, [["", "", ""]])
+    with pytest.raises(ValueError, match="row 1: image 'cat.png' is not among your uploaded images"):
+        handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, [["cat.png", "What?", "a cat"]])
+    with pytest.raises(ValueError, match="row 1: empty answer"):
+        handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, [[rows[0][0], "What colour?", ""]])
+    assert handlers.qa_rows_for_images(images[:2], []) == [[images[0]["name"], "", ""], [images[1]["name"], "", ""]]
+    bad = tmp_path / "qa.txt"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="import a .jsonl or .csv"):
+        handlers.read_qa_table_file(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------- 3. budget
+
+
+def test_memory_chart_follows_the_ratio_and_says_when_nothing_fits():
+    low = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.2, 16)
+    high = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.9, 16)
+    assert low["svg"] != high["svg"] and "EMLoC (ratio 0.20)" in low["svg"] and "budget 24 GiB" in low["svg"]
+    assert low["recommended"] == high["recommended"] and 0 < low["recommended"] <= 1
+    assert low["fits"] and "Recommended ratio" in low["text"]
+    for method in ("LoRA (full model)", "QLoRA (NF4 base)", "plain inference"):
+        assert method in low["svg"]
+    impossible = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 1, 0.45, 16)
+    assert impossible["recommended"] is None and "too small" in impossible["text"]
+    with pytest.raises(ValueError, match="positive number of GB"):
+        handlers.memory_plan("black-forest-labs/FLUX.1-dev", -3, 0.45, 16)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
+
+
+# ---------------------------------------------------------------------------------------------- 4. train
+
+
+def test_start_copies_the_uploads_and_trains_in_the_background(finished):
+    studio, folder, status = finished["studio"], finished["folder"], finished["status"]
+    assert finished["returned"] < 20, "Start must return while the run goes on in the background"
+    assert status.state == "done", status.error
+    assert [step for step, _ in status.losses] == [1, 2, 3] and all(loss > 0 for _, loss in status.losses)
+    assert any("[train]" in line for line in status.log)
+    data = sorted(p.name for p in (folder / "data").iterdir())
+    assert data == ["dog_0.png", "dog_1.jpg", "dog_1.txt", "dog_2.png", "dog_3.jpg"]
+    assert (folder / "data" / "dog_1.txt").read_text().strip() == "a photo of sks dog on grass"
+    assert digest(finished["photos"]) == finished["before"]  # the user's files are untouched
+    view = studio.job_view()
+    assert view["state"] == "done" and "finished" in view["text"] and 'value="1.000"' in view["progress"]
+    runs = studio.list_runs()
+    assert runs[0]["name"] == "my-dog" and runs[0]["status"] == "finished" and runs[0]["steps"] == "3 of 3"
+    with pytest.raises(FileExistsError, match="already exists"):
+        studio.start_run(TrainRequest(task="flux", model="x", name="my-dog"))
+    with pytest.raises(ValueError, match="run name"):
+        studio.start_run(TrainRequest(task="flux", model="x", name="../escape"))
+    with pytest.raises(ValueError, match="not downloaded and this machine is offline"):  # before any folder is made
+        studio.start_run(TrainRequest(task="flux", model="black-forest-labs/FLUX.1-dev", name="from-the-hub"))
+    assert not (studio.runs_dir / "from-the-hub").exists()
+
+
+def test_job_description_counts_stages_and_steps():
+    status = JobStatus(kind="run", run_dir="/r/dog", state="running", stage="train", step=5, total=10, eta=75,
+                       losses=[(5, 0.25)], started=time.time())
+    view = describe_job(status)
+    assert "stage 3 of 5" in view["text"] and "step 5 of 10" in view["text"] and "1 min 15 s" in view["text"]
+    assert 'value="0.500"' in view["progress"]  # 2 stages done + half of the third, of 5
+    assert describe_job(JobStatus())["text"].startswith("Nothing is running")
+
+
+def test_cancel_stops_after_a_step_and_resume_finishes_the_run(models, qa, tmp_path):
+    images, rows, _ = qa
+    studio = Studio(tmp_path / "runs", models)
+    request = TrainRequest(task="vlm", model=str(models["vlm"]), name="colours", images=images, qa_table=rows,
+                           steps=12, lr=1e-3, rank=4, calibration_samples=8, checkpoint_every=2, max_new_tokens=2)
+    studio.start_run(request)
+    deadline = time.monotonic() + 120
+    while studio.jobs.status().step < 3 or studio.jobs.status().stage != "train":
+        assert time.monotonic() < deadline and studio.jobs.status().state == "running", studio.jobs.status().error
+        time.sleep(0.1)
+    assert "Stopping after the current step" in studio.cancel()
+    status = studio.jobs.wait(timeout=60)
+    assert status.state == "cancelled" and "cancelled" in describe_job(status)["text"]
+    stopped = status.losses[-1][0]
+    assert "cancelled at train" in studio.list_runs()[0]["status"]
+    run_dir = studio.resume_run("colours")
+    status = studio.jobs.wait(timeout=180)
+    assert status.state == "done", status.error
+    steps = [step for step, _ in status.losses]
+    assert steps == list(range(1, 13)) and stopped < 12
+    view = studio.previews(run_dir)
+    assert view["headers"][-1] == "full + corrected LoRA" and len(view["rows"]) == 4
+    assert all(cell for row in view["rows"] for cell in row[3:])  # an answer (or "(empty answer)") in every cell
+    with pytest.raises(ValueError, match="already finished"):
+        studio.resume_run("colours")
+
+
+# ---------------------------------------------------------------------------------------------- 5-6
+
+
+def test_previews_show_three_models_side_by_side_and_render_new_ones(finished):
+    studio, folder = finished["studio"], str(finished["folder"])
+    view = studio.previews(folder)
+    assert [caption for _, caption in view["images"]] == [
+        "base · seed 0", "emulator + LoRA · seed 0", "full + corrected LoRA · seed 0"]
+    assert "“a photo of sks dog”" in view["text"]
+    assert len(studio.previews(folder, uncorrected=True)["images"]) == 4
+    assert parse_seeds("0, 1 7") == [0, 1, 7]
+    with pytest.raises(ValueError, match="whole numbers"):
+        parse_seeds("one")
+    long_prompt = "a photo of sks dog on the beach at sunset, with waves"  # longer than file names keep
+    message = studio.render_preview(folder, long_prompt, "1, 2")
+    assert "Rendering previews" in message
+    status = studio.jobs.wait(timeout=120)
+    assert status.state == "done" and Path(status.result).name.startswith("previews-")
+    view = studio.previews(folder)
+    assert len(view["images"]) == 6 and f"“{long_prompt}”" in view["text"]
+    assert [c.rsplit("seed ", 1)[1] for _, c in view["images"]] == ["1"] * 3 + ["2"] * 3
+
+
+def test_export_gives_the_adapter_a_zip_and_a_snippet(finished):
+    studio, folder = finished["studio"], finished["folder"]
+    export = studio.export(str(folder))
+    assert str(folder / "lora" / "corrected") in export["text"] and "pytorch_lora_weights.safetensors" in export["text"]
+    assert "load_lora_weights" in export["snippet"]
+    names = zipfile.ZipFile(export["zip"]).namelist()
+    assert "corrected/adapter_model.safetensors" in names and "diffusers/pytorch_lora_weights.safetensors" in names
+    stamp = Path(export["zip"]).stat().st_mtime_ns
+    assert studio.export(str(folder))["zip"] == export["zip"] and Path(export["zip"]).stat().st_mtime_ns == stamp
+    assert results.shown_name("/x/00003-00003-red.png") == "red.png"
