@@ -1,0 +1,389 @@
+"""Build the two demo models the app and the headless commands start with (`python -m pipelines.demo build`).
+
+Both are pretrained here, on this CPU, from synthetic data (pipelines/demo_data.py), deterministically
+from `--seed`, and saved in the same formats as real checkpoints so the same loading code reads them:
+
+- assets/models/demo-flux/: a FluxPipeline folder (FluxTransformer2DModel, AutoencoderKL, CLIP and T5
+  encoders, offline tokenizers) trained on 64x64 coloured shapes captioned "a red circle on a white
+  background". The VAE is trained first (reconstruction + a small KL term), its latents are standardised
+  (shift_factor / scaling_factor), then the transformer learns flow matching as in pipelines/diffusion.py
+  (`x_σ = (1-σ) x0 + σ n`, target `n - x0`). The text encoders stay random but fixed: the T5 has no
+  layers (per-token embeddings of a word-level vocabulary, so padding never changes a word's vector) and
+  the transformer learns to read them.
+- assets/models/demo-internvl/: an InternVLForConditionalGeneration folder (ViT + Qwen2, byte-level BPE
+  tokenizer with InternVL's image tokens and a ChatML template, PIL image processor) trained with
+  answer-only loss on "What shape is this?", "What colour is the square?", "What is this?" (a mug)
+  and a text-only "Repeat after me: Ana's" (so the LM can say names, as a real one can), packed by pipelines/vlm.py's ChatPacker exactly as a fine-tuning run packs.
+
+Both builds end with a held-out evaluation (pipelines/demo_eval.py) that is printed and saved as
+`demo.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import demo_data as data
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+FLUX_DIR, VLM_DIR = ROOT / "assets" / "models" / "demo-flux", ROOT / "assets" / "models" / "demo-internvl"
+FLUX_SEQUENCE_LENGTH = 32  # T5 tokens the demo is trained and sampled with (captions take ~8)
+FLUX_SAMPLE_STEPS = 16  # denoising steps of the demo's evaluation (4, the backend's [schnell] default, works too)
+VLM_IMAGE_SIZE, VLM_PATCH = 32, 4  # (32/4)² = 64 patches -> pixel shuffle 0.5 -> 16 image tokens
+
+
+@dataclass
+class DemoSettings:
+    """How long each demo trains; the defaults take ~15-20 minutes each on one CPU thread."""
+
+    seed: int = 0
+    vae_steps: int = 600  # VAE reconstruction steps (batch 8)
+    flux_steps: int = 2000  # transformer flow-matching steps
+    flux_batch: int = 24
+    flux_lr: float = 6e-4
+    vlm_steps: int = 1000  # InternVL steps
+    vlm_batch: int = 32
+    vlm_lr: float = 1e-3
+    threads: int = 1  # torch threads: the machine is shared
+
+
+def _cosine(step: int, total: int, warmup: int = 50) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) * 0.9 + 0.1
+
+
+# ============================================================================================ FLUX
+
+
+def flux_tokenizers(scratch: Path):
+    """A byte-level CLIPTokenizer and a word-level T5TokenizerFast (every demo word is one piece)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "vocab.json").write_text(json.dumps(vocab))
+    (scratch / "merges.txt").write_text("#version: 0.2\n")
+    clip = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), model_max_length=77)
+    words = sorted({w for c in data.SUBJECT_COLOURS for s in data.ALL_SHAPES for w in data.caption(c, s).split()}
+                   | {"photo", "of", "sks", "shape", "picture"})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -6.0)]
+    pieces += [("▁" + w, -1.0) for w in words]
+    pieces += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+    pieces += [("▁" + chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+    t5 = T5TokenizerFast(vocab=pieces, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                         model_max_length=FLUX_SEQUENCE_LENGTH)
+    return clip, t5
+
+
+def flux_components(seed: int, scratch: Path) -> dict:
+    """Every part of the demo FluxPipeline with seeded random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tok, t5_tok = flux_tokenizers(scratch)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+                                        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                                        pad_token_id=clip_tok.pad_token_id, max_position_embeddings=77))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_kv=16, d_ff=64, num_layers=0, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    with torch.no_grad():
+        t5.shared.weight.normal_(0, 1.0)
+        t5.shared.weight[0].zero_()  # <pad> -> the zero vector, whatever the padding length
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 32], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=data.IMAGE_SIZE, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                                         pooled_projection_dim=32, axes_dims_rope=[8, 12, 12], guidance_embeds=False)
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae, "text_encoder": clip, "tokenizer": clip_tok,
+            "text_encoder_2": t5, "tokenizer_2": t5_tok, "transformer": transformer}
+
+
+def _pixels(images: list) -> torch.Tensor:
+    """(n, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(i, dtype=np.float32) for i in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def train_vae(vae, settings: DemoSettings) -> None:
+    """Reconstruction (MSE) + 1e-6 KL on fresh shape images of every shape and colour."""
+    specs = data.shape_dataset(4000, settings.seed + 1, shapes=data.ALL_SHAPES, colours=tuple(data.SUBJECT_COLOURS))
+    pixels = _pixels([data.render([s]) for s in specs])
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(settings.seed + 2)
+    vae.train()
+    bar = tqdm(range(settings.vae_steps), desc="demo-flux: VAE", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * _cosine(step, settings.vae_steps)
+        batch = pixels[torch.randint(len(pixels), (8,), generator=generator)]
+        dist = vae.encode(batch).latent_dist
+        recon = vae.decode(dist.sample(generator)).sample
+        loss = torch.nn.functional.mse_loss(recon, batch) + 1e-6 * dist.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for chunk in pixels.split(128):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def caption_embeddings(pipe, captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 token embeddings (n, length, 64) and CLIP pooled vectors (n, 32), as FluxPipeline encodes prompts."""
+    embeds, pooled, _ = pipe.encode_prompt(captions, captions, device="cpu", max_sequence_length=length)
+    return embeds, pooled
+
+
+def train_flux_transformer(pipe, settings: DemoSettings) -> None:
+    """Flow matching on latents of shapes (every pretraining shape and colour), as the FLUX backend's loss."""
+    from diffusers import FluxPipeline
+
+    specs = data.shape_dataset(3000, settings.seed + 3)
+    captions = sorted({s.caption for s in specs})
+    caption_index = torch.tensor([captions.index(s.caption) for s in specs])
+    embeds, pooled = caption_embeddings(pipe, captions, FLUX_SEQUENCE_LENGTH)
+    mean, std = encode_latents(pipe.vae, _pixels([data.render([s]) for s in specs]))
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    transformer = pipe.transformer.train()
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=settings.flux_lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(settings.seed + 4)
+    b, (c, h, w) = settings.flux_batch, mean.shape[1:]
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(FLUX_SEQUENCE_LENGTH, 3)
+    bar = tqdm(range(settings.flux_steps), desc="demo-flux: transformer", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = settings.flux_lr * _cosine(step, settings.flux_steps)
+        index = torch.randint(len(specs), (b,), generator=generator)
+        x0 = (mean[index] + std[index] * torch.randn(b, c, h, w, generator=generator) - shift) * scale
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = torch.rand(b, generator=generator).view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        text = caption_index[index]
+        pred = transformer(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=sigma.flatten(),
+                           pooled_projections=pooled[text], encoder_hidden_states=embeds[text], txt_ids=txt_ids,
+                           img_ids=img_ids, return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(pred, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
+                                            pipe.vae_scale_factor)
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    transformer.eval().requires_grad_(False)
+
+
+def build_flux(settings: DemoSettings, folder: Path = FLUX_DIR) -> dict:
+    """Train and save the FLUX demo; returns its held-out evaluation."""
+    from diffusers import FluxPipeline
+
+    from .demo_eval import evaluate_flux_demo
+
+    scratch = folder.with_name(folder.name + ".building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    parts = flux_components(settings.seed, scratch / "clip-tokenizer")
+    train_vae(parts["vae"], settings)
+    specs = data.shape_dataset(1000, settings.seed + 5, shapes=data.ALL_SHAPES, colours=tuple(data.SUBJECT_COLOURS))
+    mean, _ = encode_latents(parts["vae"], _pixels([data.render([s]) for s in specs]))
+    parts["vae"].register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1.0 / mean.std()))
+    pipe = FluxPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    train_flux_transformer(pipe, settings)
+    staging = scratch / "model"
+    pipe.save_pretrained(str(staging), safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    shutil.rmtree(scratch, ignore_errors=True)
+    result = evaluate_flux_demo(folder, seed=settings.seed)
+    (folder / "demo.json").write_text(json.dumps({"settings": asdict(settings), "evaluation": result}, indent=2))
+    return result
+
+
+# ============================================================================================ InternVL
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+CHAT_TEMPLATE = (  # transformers' InternVL conversion template (ChatML; each image renders as <IMG_CONTEXT>)
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def vlm_corpus() -> list[str]:
+    words = list(data.COLOURS) + list(data.ALL_SHAPES) + ["a mug", "user", "assistant", "system"]
+    questions = [data.SHAPE_QUESTION, "What is this?", data.OWNER_QUESTION]
+    questions += [data.COLOUR_QUESTION.format(shape=s) for s in data.ALL_SHAPES + ("mug",)]
+    owners = [data.owner_answer(o) for o in data.NAMES] + [data.REPEAT_QUESTION.format(text="")]
+    return (questions + words + owners) * 8
+
+
+def vlm_tokenizer():
+    """PreTrainedTokenizerFast over a byte-level BPE, with InternVL's image tokens and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(vlm_corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+
+
+def vlm_image_processor():
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(size={"height": VLM_IMAGE_SIZE, "width": VLM_IMAGE_SIZE}, crop_to_patches=False,
+                                    min_patches=1, max_patches=12)
+
+
+def vlm_model(tokenizer, seed: int):
+    """InternVLForConditionalGeneration: 2-layer ViT (width 64) + 3-layer Qwen2 (width 128), seeded."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "max_position_embeddings": 512, "tie_word_embeddings": True,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": [VLM_IMAGE_SIZE, VLM_IMAGE_SIZE], "patch_size": [VLM_PATCH, VLM_PATCH]},
+        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def vlm_samples(count: int, seed: int, image_folder: Path):
+    """QASamples of the pretraining task: shapes (2 questions each), mugs ('What is this?' -> 'a mug') and
+    text-only 'Repeat after me: Ana's' -> "Ana's" over many names."""
+    from .vlm_data import QASample
+
+    image_folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index, spec in enumerate(data.shape_dataset(count, seed)):
+        path = image_folder / f"shape-{seed}-{index}.png"
+        data.render([spec]).save(path)
+        for question, answer in data.shape_questions(spec):
+            samples.append(QASample((str(path),), ((question, answer),)))
+        if index % 6 == 0:
+            owner = list(data.OWNERS)[index // 6 % len(data.OWNERS)]
+            mug = image_folder / f"mug-{seed}-{index}.png"
+            data.draw_mug(owner, rng).save(mug)
+            samples.append(QASample((str(mug),), (("What is this?", "a mug"),)))
+        if index % 3 == 0:  # text only: the LM learns to say every name (not whose mug is whose)
+            name = data.owner_answer(data.NAMES[int(rng.integers(len(data.NAMES)))])
+            samples.append(QASample((), ((data.REPEAT_QUESTION.format(text=name), name),)))
+    return samples
+
+
+def save_vlm(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    vlm_image_processor().save_pretrained(folder)
+    tokens = (VLM_IMAGE_SIZE // VLM_PATCH) ** 2 // 4
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_seq_length": tokens, "processor_class": "InternVLProcessor"}, indent=2))
+
+
+def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
+    """Train and save the InternVL demo; returns its held-out evaluation."""
+    from .demo_eval import evaluate_vlm_demo
+    from .vlm import ChatPacker, collate
+
+    scratch = folder.with_name(folder.name + ".building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    tokenizer = vlm_tokenizer()
+    model = vlm_model(tokenizer, settings.seed)
+    tokens = (VLM_IMAGE_SIZE // VLM_PATCH) ** 2 // 4
+    packer = ChatPacker(tokenizer, vlm_image_processor(), tokens)
+    samples = vlm_samples(3000, settings.seed + 10, scratch / "images")
+    encoded = [packer.encode(s) for s in tqdm(samples, desc="demo-internvl: packing", unit="sample")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.vlm_lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(settings.seed + 11)
+    model.train()
+    bar = tqdm(range(settings.vlm_steps), desc="demo-internvl: training", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = settings.vlm_lr * _cosine(step, settings.vlm_steps)
+        index = torch.randint(len(encoded), (settings.vlm_batch,), generator=generator).tolist()
+        loss = model(**collate([encoded[i] for i in index], tokenizer.pad_token_id)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval().requires_grad_(False)
+    save_vlm(model, tokenizer, scratch / "model")
+    shutil.rmtree(folder, ignore_errors=True)
+    (scratch / "model").rename(folder)
+    shutil.rmtree(scratch, ignore_errors=True)
+    result = evaluate_vlm_demo(folder, seed=settings.seed)
+    (folder / "demo.json").write_text(json.dumps({"settings": asdict(settings), "evaluation": result}, indent=2))
+    return result
+
+
+# ============================================================================================ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="train the demo models into assets/models/ (~15-20 min each on a CPU)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the data and of every initialisation")
+    build.add_argument("--only", choices=("flux", "vlm"), help="build one demo only")
+    build.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = DemoSettings(seed=args.seed, threads=args.threads)
+    torch.set_num_threads(settings.threads)
+    for name, build_one in (("flux", build_flux), ("vlm", build_vlm)):
+        if args.only in (None, name):
+            start = time.monotonic()
+            result = build_one(settings)
+            print(f"demo-{name}: built in {(time.monotonic() - start) / 60:.1f} min; held-out: {json.dumps(result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

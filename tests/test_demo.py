@@ -1,0 +1,100 @@
+"""The demo models and their synthetic data: deterministic data with right labels, a matcher that reads
+ground truth correctly, and shipped demo models that load through the real loading code and do their task."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import demo_data as data
+from pipelines import demo_eval
+from pipelines.demo import FLUX_DIR, VLM_DIR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_shape_data_is_deterministic_and_balanced():
+    first, again, other = data.shape_dataset(36, 3), data.shape_dataset(36, 3), data.shape_dataset(36, 4)
+    assert first == again and first != other
+    assert np.array_equal(np.asarray(data.render(first[:1])), np.asarray(data.render(again[:1])))
+    pairs = [(s.shape, s.colour) for s in first]
+    assert all(pairs.count(p) == 2 for p in set(pairs)) and len(set(pairs)) == 18  # every pair, equally often
+    assert first[0].caption == f"a {first[0].colour} {first[0].shape} on a white background"
+
+
+def test_template_matcher_reads_ground_truth_shapes_and_colours():
+    specs = data.shape_dataset(240, 11, shapes=data.ALL_SHAPES, colours=tuple(data.SUBJECT_COLOURS))
+    readings = [data.read_image(data.render([s])) for s in specs]
+    assert all(r.shape == s.shape for r, s in zip(readings, specs))
+    assert all(r.colour == s.colour for r, s in zip(readings, specs))
+    assert min(r.iou for r in readings) > 0.8
+
+
+def test_template_matcher_finds_nothing_in_a_blank_or_noisy_image():
+    assert data.read_image(Image.new("RGB", (64, 64), "white")).shape == "none"
+    pixels = np.full((64, 64, 3), 255, dtype=np.uint8)
+    pixels[np.random.default_rng(0).random((64, 64)) < 0.15] = (220, 40, 40)  # scattered red specks
+    assert data.read_image(Image.fromarray(pixels)).shape == "none"  # no template fits scattered pixels
+
+
+def test_questions_are_labelled_from_the_drawn_shape():
+    for spec in data.shape_dataset(30, 5):
+        (q1, shape), (q2, colour) = data.shape_questions(spec)
+        assert (q1, shape, colour) == ("What shape is this?", spec.shape, spec.colour) and spec.shape in q2
+
+
+def test_mug_and_subject_images_are_deterministic(tmp_path):
+    rows = data.write_mug_images(tmp_path / "a", per_owner=2, seed=1)
+    again = data.write_mug_images(tmp_path / "b", per_owner=2, seed=1)
+    assert [a for _, _, a in rows] == [a for _, _, a in again] and {a for _, _, a in rows} == {
+        "Ana's", "Ben's", "Chloe's", "David's"}
+    assert all(np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(q)))
+               for (p, _, _), (q, _, _) in zip(rows, again))
+    subject = data.write_subject_images(tmp_path / "sks", count=4, seed=0)
+    assert all((r.shape, r.colour) == ("cross", "teal") for r in (data.read_image(Image.open(p)) for p in subject))
+
+
+def test_shipped_demo_weights_are_small_safetensors():
+    for folder in (FLUX_DIR, VLM_DIR):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        weights = [p for p in files if p.suffix == ".safetensors"]
+        assert weights and not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        assert max(p.stat().st_size for p in files) < 20e6
+        assert sum(p.stat().st_size for p in files) < 15e6
+
+
+def test_flux_demo_loads_through_the_backend_and_renders_the_named_colour_and_shape():
+    from diffusers import FluxTransformer2DModel
+
+    from pipelines.diffusion import FluxBackend, FluxSettings
+    from pipelines.run import RunSettings
+
+    backend = FluxBackend(RunSettings(model=str(FLUX_DIR), device="cpu"), FluxSettings(), torch.device("cpu"))
+    transformer = backend.load_model(torch.device("cpu"))
+    assert isinstance(transformer, FluxTransformer2DModel) and not transformer.config.guidance_embeds
+    pipe = demo_eval.load_flux_demo(FLUX_DIR)
+    prompts = [("red", "circle"), ("blue", "square"), ("yellow", "triangle")]
+    images = demo_eval.generate(pipe, [data.caption(c, s) for c, s in prompts], seeds=[0])
+    readings = [data.read_image(image) for image in images]
+    assert [r.colour for r in readings] == [c for c, _ in prompts]
+    assert sum(r.shape == s for r, (_, s) in zip(readings, prompts)) >= 2  # tolerance: one shape may blur
+
+
+def test_internvl_demo_loads_and_answers_held_out_questions(tmp_path):
+    model, packer = demo_eval.load_vlm_demo(VLM_DIR)
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    samples = demo_eval.heldout_shape_samples(6, seed=3, folder=tmp_path)  # 12 questions on unseen images
+    accuracy = demo_eval.answer_accuracy(model, packer, samples)
+    assert accuracy >= 0.75
+    recorded = json.loads((VLM_DIR / "demo.json").read_text())["evaluation"]
+    assert recorded["overall"] >= 0.9  # what the build measured on 200 held-out questions
