@@ -6,10 +6,19 @@ A new model family is one more file in pipelines/ (a `run.Backend` subclass) and
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 BACKENDS: dict[str, str] = {
     "flux": "pipelines.diffusion:FluxBackend",  # FLUX.1 [dev] / [schnell] via diffusers: DreamBooth LoRA
     "vlm": "pipelines.vlm:VlmBackend",  # InternVL via transformers: image + question/answer LoRA
+}
+
+
+# The small demo model of each family, shipped in assets/ (built by `python -m pipelines.demo build`): what a
+# run uses when no --model is given, so a first run works on any CPU with nothing to download.
+DEMO_MODELS: dict[str, Path] = {
+    "flux": Path(__file__).resolve().parents[1] / "assets" / "models" / "demo-flux",
+    "vlm": Path(__file__).resolve().parents[1] / "assets" / "models" / "demo-internvl",
 }
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .backends import backend_class, backend_names
+from .backends import DEMO_MODELS, backend_class, backend_names
 from .run import RUN_FILE, STAGES, Progress, Run, RunCancelled, RunSettings, distributed_state
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
         else:
             run_settings = RunSettings(**given_settings(RunSettings, args))
+            if not run_settings.model and args.backend in DEMO_MODELS:
+                run_settings.model = str(DEMO_MODELS[args.backend])
+                print(f"no --model given: using the demo model {run_settings.model}", file=sys.stderr)
             settings = backend_type.settings_class(**given_settings(backend_type.settings_class, args))
             processes = distributed_state(run_settings.resolved_device())
             if processes.is_main_process:  # one process creates the folder; the others open it

@@ -98,3 +98,19 @@ def test_internvl_demo_loads_and_answers_held_out_questions(tmp_path):
     assert accuracy >= 0.75
     recorded = json.loads((VLM_DIR / "demo.json").read_text())["evaluation"]
     assert recorded["overall"] >= 0.9  # what the build measured on 200 held-out questions
+
+
+def test_headless_run_without_model_uses_the_demo_model(tmp_path, capsys):
+    from pipelines import cli
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (64, 64), colour).save(images / f"{i}.png")
+    out = tmp_path / "runs" / "first"
+    code = cli.main(["--backend", "flux", "--images", str(images), "--prompt", "a photo of sks shape",
+                     "--resolution", "64", "--stages", "calibrate", "--calibration-samples", "1", "--quiet",
+                     "--out", str(out)])
+    assert code == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["run"]["model"] == str(FLUX_DIR)
+    assert "using the demo model" in capsys.readouterr().err
