@@ -13,19 +13,24 @@ residual stream, L = blocks in a stack, a = activation elements one block saves 
   optimizer    adamw 8 per element; adamw8bit 2 + 8/256 (tensors under 4096 elements: 8); adafactor
                4·(rows + cols) per matrix; its step: adamw's foreach temporaries 4·P_lora
   activations  per block and token s = a·b + 4·a32 + ADAPTER_BYTES·Σ(in + r)/streams over the block's LoRA
-               targets (PEFT casts each LoRA input to float32 and saves it and x·Aᵀ); no checkpointing:
-               Σ B·n·L·s; checkpointing: Σ B·n·L·h·b (block inputs) + max B·n·s (one block recomputed)
+               targets (PEFT casts each LoRA input to float32 and saves it and x·Aᵀ; a float32 model's LoRA
+               saves the base layer's own input: targets reading one tensor count it once, see lora_input_groups);
+               no checkpointing: Σ B·n·L·s; checkpointing: Σ B·n·L·h·b (block inputs) + max B·n·s (one block
+               recomputed) + B·n·(rotary cos/sin every checkpoint holds, once)
   logits       B·n·V·(b + LOSS_BYTES_PER_LOGIT) for a model with an LM head (V = vocabulary)
   overhead     RUNTIME_OVERHEAD_BYTES (CUDA context + caching-allocator slack), in every phase's total
 
-Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 4·a32) + a layer's Gram 4·(in² + B·n·in)
-(every layer's 4·in² with stats_on_gpu); emulator = the worst factored layer in float32 (_construction);
+Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 4·a32) + the LM head's logits B·n·V·b
++ a layer's Gram 4·(in² + B·n·in) (with stats_on_gpu every layer's 4·in² and the largest Gram); emulator = the worst factored layer in float32 (_construction);
 training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
 correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
 preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits.
 FLUX also runs its text encoders and VAE (one at a time) in calibration and preview: the larger peak counts.
 Alternatives: LoRA and QLoRA training on the full model, plain inference (preview without adapter, whole).
 `allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
+device="cpu" plans the RAM peak of a run on the CPU (benchmarks/memory.py checks it): one memory holds what a GPU
+run splits between GPU and host (no offload; calibration sums as with stats_on_gpu; emulator construction also
+holds the loaded statistics and the factors built so far), and there is no CUDA overhead.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -54,6 +59,7 @@ FACTOR_BYTES = 4  # emulator construction and correction compute in float32
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PHASES = ("calibration", "emulator", "training", "correction", "preview")
 METHODS = ("emloc", "lora", "qlora", "inference")
+DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,15 @@ class ArchitectureSpec:
     vocab_size: int = 0  # V: logits per token of the LM head, 0 for none
     quant_skip: tuple[str, ...] = ()  # regexes of linears QLoRA keeps in dtype (the LM head)
     components: tuple[Component, ...] = ()  # run-once models (text encoders, VAE): calibration and preview
+    # float32 models only (PEFT's cast to the adapter's float32 is then a no-op, so each LoRA saves the base
+    # layer's own input): regexes of LoRA targets, relative to their block, that read one tensor (q/k/v) and
+    # count it once; and of targets whose input the block saves anyway (attention output: already in a)
+    lora_input_groups: tuple[str, ...] = ()
+    # tensors every block reads and, with gradient checkpointing, every checkpoint holds (rotary cos/sin): per
+    # token of the "all" stream, once for the model, in the run's dtype and in float32
+    shared_per_token: int = 0
+    shared_fp32_per_token: int = 0
+    lora_inputs_saved: tuple[str, ...] = ()
 
 
 def _setting(default, help_text: str):
@@ -121,6 +136,7 @@ class MemorySettings:
     calibration_batch_size: int = _setting(1, "samples per calibration batch")
     stats_on_gpu: bool = _setting(False, "keep calibration sums (4·in² bytes per layer) on the GPU")
     generate_tokens: int = _setting(256, "VLM preview: new tokens generated per answer")
+    device: str = _setting("cuda", "cuda: the GPU's peak; cpu: the process's RAM peak (one memory holds everything)")
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,8 @@ def check_settings(s: MemorySettings) -> None:
             raise ValueError(f"{name} must be a positive integer; got {getattr(s, name)!r}")
     if s.image_tiles < 0 or s.generate_tokens < 0:
         raise ValueError("image_tiles and generate_tokens must be >= 0")
+    if s.device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {s.device!r}")
 
 
 @dataclass
@@ -362,13 +380,37 @@ def activation_bytes_per_token(stack: BlockStack, b: int, lora_bytes: int = 0) -
     return stack.saved_per_token * b + 4 * stack.saved_fp32_per_token + lora_bytes / stack.streams
 
 
+def _shared_lora_inputs(run: _Run) -> set[str]:
+    """Float32 models: LoRA targets whose input is already counted (measured with saved-tensor hooks, a float32
+    FLUX or Qwen2 block saves 20-30% less than Σ(in + r) per target would say: q/k/v read one tensor, and the
+    attention output that o_proj reads is the one SDPA saved)."""
+    groups = [re.compile(p) for p in run.arch.lora_input_groups]
+    saved = [re.compile(p) for p in run.arch.lora_inputs_saved]
+    seen, shared = set(), set()
+    for t in run.targets:
+        if not t.block:
+            continue
+        tail = t.name[len(t.block) + 1:]
+        if any(p.fullmatch(tail) for p in saved):
+            shared.add(t.name)
+            continue
+        group = next((i for i, p in enumerate(groups) if p.fullmatch(tail)), None)
+        if group is not None:
+            if (t.block, group) in seen:
+                shared.add(t.name)
+            seen.add((t.block, group))
+    return shared
+
+
 def _training_activations(run: _Run) -> dict[str, float]:
     """Activations of forward + backward; a stack saves them when it or an earlier stack holds LoRA targets."""
     s, b, arch = run.s, run.b, run.arch
     per_block: dict[str, int] = {}  # block -> ADAPTER_BYTES·Σ(in + r) over its LoRA targets
+    shared = _shared_lora_inputs(run) if b == ADAPTER_BYTES else set()
     for t in run.targets:
         if t.block:
-            per_block[t.block] = per_block.get(t.block, 0) + ADAPTER_BYTES * (t.in_features + s.lora_rank)
+            inputs = 0 if t.name in shared else t.in_features
+            per_block[t.block] = per_block.get(t.block, 0) + ADAPTER_BYTES * (inputs + s.lora_rank)
     lora: dict[str, int] = {}
     for block, size in per_block.items():
         stack = run.summary.block_stack[block]
@@ -386,6 +428,8 @@ def _training_activations(run: _Run) -> dict[str, float]:
             recompute = max(recompute, n * per_token)
         else:
             stored += n * blocks * per_token
+    if s.gradient_checkpointing and stored:  # measured: 10% of the checkpoints' inputs in a 2-layer Qwen2 of width 64
+        stored += s.batch_size * run.tokens["all"] * (arch.shared_per_token * b + 4 * arch.shared_fp32_per_token)
     logits = s.batch_size * run.tokens["all"] * arch.vocab_size * (b + LOSS_BYTES_PER_LOGIT)
     if frozen > stored + recompute + logits:
         return {"activations (frozen forward)": frozen}
@@ -426,27 +470,39 @@ def _calibration(run: _Run) -> PhaseEstimate:
     forward = max(bc * run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
                   for st in run.arch.stacks)
     layers = [lin for lin in run.summary.linears if lin.name in run.ranks]
-    if s.stats_on_gpu:
-        stats = {"statistics (all layers)": sum(4 * lin.in_features ** 2 for lin in layers)}
+    if s.stats_on_gpu:  # measured on the CPU (one memory): the sums, plus the gram of the layer being added
+        # (collect_input_stats keeps the last gram for q/k/v, so it outlives its addition to the sum)
+        stats = {"statistics (all layers)": sum(4 * lin.in_features ** 2 for lin in layers),
+                 "gram (one layer)": max(4 * lin.in_features ** 2 for lin in layers)}
     else:  # one layer's gram xᵀx (in x in) and the float32 copy of its input (tokens x in), then moved to the CPU
         stats = {"statistics (one layer)": max(4 * (lin.in_features ** 2 + bc * run.tokens_of(lin) * lin.in_features)
                                                for lin in layers)}
-    model = {**_full_weights(run, s.offload), "activations": forward, **stats}
+    # a plain forward (the backends' calibration_forward) computes the LM head's logits for every token: measured
+    # 0.29 GiB of a 3.5 GiB InternVL peak at 512 tokens (float32), 0.58 GiB in bf16 at 2048 tokens
+    logits = bc * run.tokens["all"] * run.arch.vocab_size * b
+    model = {**_full_weights(run, s.offload), "activations": forward, "logits": logits, **stats}
     return _with_components(run, "calibration", "emloc", model, s.offload)
 
 
 def _construction(run: _Run) -> PhaseEstimate:
     """Per factored layer, float32 on the GPU: whitening 4·in² (+W), factoring in² + 2·in·out + 2·m² + k(in+out),
     error check in² + 5·in·out (m = min(in, out)); plus the layer's own weight, b·in·out."""
-    worst = 0
+    cpu = run.s.device == "cpu"
+    worst = factors = 0
     for lin in run.summary.linears:
         k = run.ranks.get(lin.name, 0)
         if not k:
             continue
         i, o = lin.in_features, lin.out_features
         sq, io, m = i * i, i * o, min(i, o)
-        worst = max(worst, FACTOR_BYTES * max(4 * sq + io, sq + 2 * io + 2 * m * m + k * (i + o), sq + 5 * io) + run.b * io)
+        own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
+        worst = max(worst, FACTOR_BYTES * max(4 * sq + io, sq + 2 * io + 2 * m * m + k * (i + o), sq + 5 * io) + own)
+        factors += run.b * k * (i + o)
     model = {} if run.s.offload else {"weights": run.b * run.summary.params}
+    if cpu:  # what a GPU run keeps in host RAM shares the one memory: the loaded statistics and the factors so far
+        model.update({"statistics (all layers)": sum(4 * (lin.in_features ** 2) for lin in run.summary.linears
+                                                     if lin.name in run.ranks),
+                      "factors built": factors})
     return _estimate("emulator", "emloc", {**model, "factorisation (one layer)": worst}, run.s.offload)
 
 
@@ -458,7 +514,8 @@ def _correction(run: _Run) -> PhaseEstimate:
         io, k = t.in_features * t.out_features, run.ranks.get(t.name, 0)
         emu = k * (t.in_features + t.out_features) if k else io
         worst = max(worst, (b + FACTOR_BYTES) * (io + emu))
-        copies = max(copies, FACTOR_BYTES * (io + emu))
+        # float32 layers on the compute device: .to(float32) returns them as they are (measured on the CPU: no copies)
+        copies = max(copies, 0 if b == FACTOR_BYTES else FACTOR_BYTES * (io + emu))
     adapter = {"adapter + corrected copy": 2 * ADAPTER_BYTES * run.counts.lora}
     if run.s.offload:
         return _estimate("correction", "emloc", {"layers (one of each model)": worst, **adapter}, True)
@@ -470,6 +527,8 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     """Predicted peaks of every phase of EMLoC (at `settings`) and of LoRA, QLoRA and plain inference."""
     s = settings
     check_settings(s)
+    if s.device == "cpu":  # one memory: streaming to it saves nothing, and the sums on "the CPU" are in it
+        s = replace(s, offload=False, stats_on_gpu=True)
     b = dtype_bytes(s.dtype)
     tokens = stream_tokens(arch, s)
     rules = list(s.rules) if s.rules else [(p, s.ratio) for p in arch.default_compress]
@@ -501,6 +560,9 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
         _with_components(run, "preview", "inference", plain, False),
     ]
     stats = 0 if s.stats_on_gpu else sum(4 * shapes[n].in_features ** 2 for n in ranks)
+    if s.device == "cpu":  # no CUDA context or caching allocator: the RAM peak has no fixed overhead
+        for e in estimates:
+            e.parts.pop("overhead", None)
     return MemoryPlan(s, counts, estimates, stats)
 
 

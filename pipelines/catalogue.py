@@ -109,7 +109,9 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
         stacks=(BlockStack("double blocks", "transformer_blocks", h, "all", FLUX_DOUBLE_SAVED_PER_H * h, fp32, streams=2),
                 BlockStack("single blocks", "single_transformer_blocks", h, "all", FLUX_SINGLE_SAVED_PER_H * h, fp32)),
         default_compress=(FLUX_COMPRESS,), default_lora_targets=FLUX_LORA,
-        text_tokens=text_tokens, pixels_per_token=16, components=components)
+        text_tokens=text_tokens, pixels_per_token=16, components=components,
+        lora_input_groups=(r"attn\.(to_q|to_k|to_v)|proj_mlp", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
+        lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
 
 
 def vlm_architecture(config: dict) -> ArchitectureSpec:
@@ -135,7 +137,9 @@ def vlm_architecture(config: dict) -> ArchitectureSpec:
         default_compress=(LANGUAGE_LINEARS, VISION_LINEARS), default_lora_targets=(LORA_TARGETS,),
         vision_tokens_per_tile=side * side + 1,
         image_tokens_per_tile=int(config.get("image_seq_length", round((side * config.get("downsample_ratio", 0.5)) ** 2))),
-        vocab_size=text["vocab_size"], quant_skip=(r"lm_head",))
+        vocab_size=text["vocab_size"], quant_skip=(r"lm_head",),
+        lora_input_groups=(r"self_attn\.(q|k|v)_proj", r"mlp\.(gate|up)_proj"), lora_inputs_saved=(r"self_attn\.o_proj",),
+        shared_per_token=2 * head_dim)
 
 
 def _on_meta(build):

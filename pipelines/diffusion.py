@@ -61,6 +61,7 @@ class FluxSettings:
                                                            "preview": "--preview-guidance"})
 
 
+BATCHED_INPUTS = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
 IMAGE_LIMITS = ImageLimits(min_count=3, max_count=50, min_side=32)
 
 
@@ -142,7 +143,13 @@ class FluxBackend(Backend):
         return self.cache["guidance"]
 
     def _sequence_length(self) -> int:
-        return self.settings.max_sequence_length or (512 if self._guidance() else 256)
+        """T5 tokens: the setting, else 512 ([dev]) / 256 ([schnell]) capped by the T5 tokenizer's own limit
+        (small models, like the demo, are trained on shorter prompts and fail on 256 padded tokens)."""
+        if self.settings.max_sequence_length:
+            return self.settings.max_sequence_length
+        default = 512 if self._guidance() else 256
+        limit = _tokenizer_limit(self.run.model)
+        return min(default, limit) if limit else default
 
     def _pipeline(self):
         from diffusers import FluxPipeline
@@ -254,7 +261,13 @@ class FluxBackend(Backend):
         from diffusers import FluxPipeline
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        batch = self._batch(generator, self.run.batch_size)
+        rank, processes = self.shard
+        per_process = self.run.batch_size
+        batch = self._batch(generator, per_process * processes)  # the whole step's batch, drawn alike everywhere
+        if processes > 1:
+            rows = slice(rank * per_process, (rank + 1) * per_process)
+            batch["kwargs"] = {k: v[rows] if k in BATCHED_INPUTS and v is not None else v for k, v in batch["kwargs"].items()}
+            batch.update({k: batch[k][rows] for k in ("noise", "x0", "sigmas")})
         x0, sigmas = batch["x0"], batch["sigmas"]
         pred = model(**batch["kwargs"])[0]
         size = x0.shape[-1] * self.cache["meta"]["vae_scale_factor"]
@@ -285,3 +298,19 @@ class FluxBackend(Backend):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _tokenizer_limit(model: str) -> int | None:
+    """`model_max_length` of the model's T5 tokenizer (tokenizer_2), or None when it cannot be read."""
+    local = Path(model) / "tokenizer_2" / "tokenizer_config.json"
+    try:
+        if local.is_file():
+            path = local
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "tokenizer_2/tokenizer_config.json"))
+        value = json.loads(path.read_text()).get("model_max_length")
+    except (OSError, ValueError):  # an unreadable config only means "no cap"; loading reports real errors
+        return None
+    return int(value) if isinstance(value, (int, float)) and 0 < value < 100_000 else None

@@ -32,7 +32,8 @@ imports a backend by name):
     default_rules(ratio)     [(regex, ratio)] compression rules;  default_lora_targets() -> [regex]
     calibration_batches()    iterable of batches of the user's data; calibration_forward(model, batch)
     training_loss(model, step, generator) -> scalar tensor; choose the batch and noise from `step` and
-                             `generator` only (seeded per step by the machine, so a resume is exact)
+                             `generator` only (seeded per step by the machine, so a resume is exact);
+                             under several processes draw the whole step's batch and keep rows `self.shard`
     export(folder, corrected, uncorrected, config)   optional extra adapter formats, written into `folder`
     generate(model, label) -> list   preview outputs of one model variant; write_previews(folder, outputs)
                              writes files from {label: outputs} and returns their paths
@@ -79,7 +80,8 @@ LIBRARIES = ("torch", "transformers", "diffusers", "peft", "accelerate", "safete
 class RunSettings:
     """Settings every backend shares; the CLI and the app are built from these fields."""
 
-    model: str = field(default="", metadata={"help": "hub id or local folder of the model (safetensors only)"})
+    model: str = field(default="", metadata={"help": "hub id or local folder of the model (safetensors only); "
+                                                              "default: the backend's small demo model in assets/"})
     ratio: float = field(default=0.45, metadata={"help": "fraction of each compressed layer's parameters kept (0, 1]"})
     steps: int = field(default=500, metadata={"help": "training steps"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate (constant)"})
@@ -171,6 +173,9 @@ class Backend:
     """Base class of a model family's backend; see the module docstring for the interface."""
 
     name: ClassVar[str] = "base"
+    # (this process's index, number of processes) while training: training_loss draws the step's whole batch
+    # (batch_size x processes samples, the same on every process) and keeps its own batch_size rows
+    shard: tuple[int, int] = (0, 1)
     settings_class: ClassVar[type] = type(None)
 
     def __init__(self, run: RunSettings, settings: Any, device: torch.device):

@@ -185,6 +185,7 @@ def train(run: "Run", out: Path) -> None:
     if accelerator.is_main_process:
         _trim_loss_log(loss_log, start)
     peft_model.train()
+    backend.shard = (accelerator.process_index, accelerator.num_processes)  # --batch-size is per process
     began, saved = time.monotonic(), start
     with open(loss_log if accelerator.is_main_process else os.devnull, "a") as log_file:
         for step in range(start, settings.steps):
@@ -192,12 +193,12 @@ def train(run: "Run", out: Path) -> None:
                 if accelerator.is_main_process and step > saved:
                     _save_checkpoint(run, plain, optimizer, step)
                 raise RunCancelled(f"training cancelled at step {step}; resume the run to continue from there")
-            seed = step_seed(settings.seed + 7919 * accelerator.process_index, step)  # each process its own batch
+            seed = step_seed(settings.seed, step)  # one draw for the whole step's batch; each process keeps its rows
             torch.manual_seed(seed)  # LoRA dropout and anything else global
             generator = torch.Generator().manual_seed(seed)
             with accelerator.autocast():
                 loss = backend.training_loss(peft_model, step, generator)
-            value = float(loss.detach())
+            value = float(accelerator.reduce(loss.detach(), reduction="mean"))  # the loss of the whole batch
             if not math.isfinite(value):
                 raise ValueError(f"the training loss became {value} at step {step + 1}; lower --lr and resume "
                                  "from the last checkpoint (or start a new run)")

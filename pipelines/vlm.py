@@ -233,9 +233,11 @@ class VlmBackend(Backend):
         """The samples of training step `step`: each epoch visits every sample once, in an order seeded by
         (seed, epoch), so a resumed run draws exactly what the uninterrupted one drew."""
         n, size = len(self.encoded), self.run.batch_size
+        rank, processes = self.shard  # several processes: this one's rows of the step's batch_size x processes
         orders: dict[int, list[int]] = {}
         indices = []
-        for position in range(step * size, (step + 1) * size):
+        first = (step * processes + rank) * size
+        for position in range(first, first + size):
             epoch = position // n
             if epoch not in orders:
                 generator = torch.Generator().manual_seed(self.run.seed * 1_000_003 + epoch)

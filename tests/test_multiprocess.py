@@ -1,0 +1,80 @@
+"""Two processes (`torchrun --nproc_per_node 2 launch.py train`, gloo on CPU: accelerate's MULTI_CPU) train
+the same LoRA as one process with the same total batch, and write one run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flux_fixtures import save_tiny_flux, write_subject_images
+from pipelines import cli
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+# Same data, emulator and initial LoRA; the gradient of the 2-sample mean equals the mean of the two processes'
+# 1-sample gradients (DDP), so the adapters differ only by float32 summation order, amplified a little by Adam.
+ADAPTER_TOLERANCE = 1e-4  # max |difference| relative to the largest |weight| of each tensor
+LOSS_TOLERANCE = 1e-5  # relative, per logged step (the logged loss is the mean over the processes)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _common(model: Path, images: Path) -> list[str]:
+    return ["--backend", "flux", "--model", str(model), "--images", str(images), "--prompt", "sks dog",
+            "--steps", str(STEPS), "--checkpoint-every", "2", "--seed", "5", "--stages", "calibrate", "emulate", "train",
+            "--quiet", "--resolution", "32", "--max-sequence-length", "16", "--rank", "4", "--alpha", "8",
+            "--calibration-samples", "2", "--lr", "1e-3"]
+
+
+def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
+    model = save_tiny_flux(tmp_path / "tiny-flux")
+    write_subject_images(tmp_path / "dog", count=4, seed=1)
+    common = _common(model, tmp_path / "dog")
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    # --standalone: a free rendezvous port, so parallel test runs do not collide on torchrun's default 29500
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "launch.py"), "train", *common, "--batch-size", "1", "--out", str(runs / "two")]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as two:
+        try:
+            stdout, stderr = two.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            os.killpg(two.pid, signal.SIGKILL)  # torchrun and both workers: no orphans left training
+            stdout, stderr = two.communicate()
+            pytest.fail("torchrun did not finish in 150 s:\n" + stderr[-3000:])
+    assert two.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert sorted(p.name for p in runs.iterdir()) == ["two"]  # no per-process folders, no leftovers
+    assert not list((runs / "two").glob("**/*.tmp")) and not list((runs / "two").glob("*.creating-*"))
+    info = json.loads((runs / "two" / "run.json").read_text())
+    assert {s: info["stages"][s]["status"] for s in ("calibrate", "emulate", "train")} == dict.fromkeys(
+        ("calibrate", "emulate", "train"), "done")
+
+    assert cli.main([*common, "--batch-size", "2", "--out", str(runs / "one")]) == 0
+
+    logs = [[json.loads(line) for line in (runs / name / "loss.jsonl").read_text().splitlines()] for name in ("two", "one")]
+    assert [e["step"] for e in logs[0]] == list(range(1, STEPS + 1))  # one line per step: only rank 0 writes
+    for a, b in zip(*logs):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_TOLERANCE * abs(b["loss"]), (a, b)
+    adapters = [load_file(str(runs / name / "adapter-emulator" / "adapter_model.safetensors")) for name in ("two", "one")]
+    assert adapters[0].keys() == adapters[1].keys()
+    start = load_file(str(next((runs / "one" / "checkpoints").glob("step-*")) / "adapter.safetensors"))
+    moved = max(float((adapters[1][k] - start[k]).abs().max()) for k in start if "lora_B" in k)
+    assert moved > 1e-4  # training changed the adapter, so matching it is not trivial
+    for key, one in adapters[1].items():
+        diff = float((adapters[0][key] - one).abs().max())
+        assert diff <= ADAPTER_TOLERANCE * max(float(one.abs().max()), 1e-3), f"{key}: max |diff| {diff:.2e}"
