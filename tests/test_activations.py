@@ -26,13 +26,6 @@ VLM = BenchModel("vlm-tiny", vlm_bundle(2, 1, text={"hidden_size": 64, "intermed
                                         image_token_id=299, image_seq_length=4), seq_len=64, image_tiles=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("spec", [FLUX, VLM], ids=["flux", "internvl"])

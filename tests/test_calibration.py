@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import BLOCK_RULES
 from emloc import COUNT_SUFFIX, collect_input_stats, merge_stats

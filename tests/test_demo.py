@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -14,13 +13,6 @@ from pipelines import demo_data as data
 from pipelines import demo_eval
 from pipelines.demo import FLUX_DIR, VLM_DIR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_shape_data_is_deterministic_and_balanced():

@@ -17,14 +17,6 @@ from pipelines import cli
 from pipelines.diffusion import FluxSettings
 from pipelines.run import STAGES, Run, RunSettings
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run fastest on one thread; two threads on a busy 2-core runner are 10-20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 FAST = ["--resolution", "32", "--max-sequence-length", "16", "--rank", "4", "--alpha", "8",
         "--calibration-samples", "4", "--preview-steps", "2", "--lr", "1e-3"]

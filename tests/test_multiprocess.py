@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from flux_fixtures import save_tiny_flux, write_subject_images
@@ -24,13 +23,6 @@ STEPS = 3
 ADAPTER_TOLERANCE = 1e-4  # max |difference| relative to the largest |weight| of each tensor
 LOSS_TOLERANCE = 1e-5  # relative, per logged step (the logged loss is the mean over the processes)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _common(model: Path, images: Path) -> list[str]:

@@ -15,14 +15,6 @@ from pipelines import backends, cli
 from pipelines.run import STAGES, Backend, Run, RunCancelled, RunSettings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run fastest on one thread; two threads on a busy 2-core runner are 10-20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @dataclass
 class FakeSettings:
