@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import demo_data as data
+from .offline_tokenizers import byte_clip_tokenizer, internvl_chat_tokenizer, internvl_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,9 @@ def _cosine(step: int, total: int, warmup: int = 50) -> float:
 
 def flux_tokenizers(scratch: Path):
     """A byte-level CLIPTokenizer and a word-level T5TokenizerFast (every demo word is one piece)."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers import T5TokenizerFast
 
-    symbols = list(bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
-    scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "vocab.json").write_text(json.dumps(vocab))
-    (scratch / "merges.txt").write_text("#version: 0.2\n")
-    clip = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), model_max_length=77)
+    clip, _ = byte_clip_tokenizer(scratch)
     words = sorted({w for c in data.SUBJECT_COLOURS for s in data.ALL_SHAPES for w in data.caption(c, s).split()}
                    | {"photo", "of", "sks", "shape", "picture"})
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -6.0)]
@@ -231,16 +226,6 @@ def build_flux(settings: DemoSettings, folder: Path = FLUX_DIR) -> dict:
 
 # ============================================================================================ InternVL
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-CHAT_TEMPLATE = (  # transformers' InternVL conversion template (ChatML; each image renders as <IMG_CONTEXT>)
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
 def vlm_corpus() -> list[str]:
     words = list(data.COLOURS) + list(data.ALL_SHAPES) + ["a mug", "user", "assistant", "system"]
     questions = [data.SHAPE_QUESTION, "What is this?", data.OWNER_QUESTION]
@@ -251,27 +236,11 @@ def vlm_corpus() -> list[str]:
 
 def vlm_tokenizer():
     """PreTrainedTokenizerFast over a byte-level BPE, with InternVL's image tokens and a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(vlm_corpus(), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    return internvl_chat_tokenizer(vlm_corpus(), vocab_size=400)
 
 
 def vlm_image_processor():
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    return GotOcr2ImageProcessorPil(size={"height": VLM_IMAGE_SIZE, "width": VLM_IMAGE_SIZE}, crop_to_patches=False,
-                                    min_patches=1, max_patches=12)
+    return internvl_image_processor(VLM_IMAGE_SIZE)
 
 
 def vlm_model(tokenizer, seed: int):

@@ -7,24 +7,13 @@ CLIP and T5 encoders of width 32; byte-level tokenizers. `save_tiny_flux(folder)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-def _clip_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77), len(vocab)
+from pipelines.offline_tokenizers import byte_clip_tokenizer
 
 
 def _t5_tokenizer():
@@ -46,7 +35,7 @@ def build_tiny_flux(guidance: bool = False, scratch: Path | None = None):
 
     torch.manual_seed(0)
     scratch = Path(scratch or tempfile.mkdtemp())
-    clip_tokenizer, clip_vocab = _clip_tokenizer(scratch / "clip-tokenizer")
+    clip_tokenizer, clip_vocab = byte_clip_tokenizer(scratch / "clip-tokenizer")
     t5_tokenizer, t5_vocab = _t5_tokenizer()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,

@@ -14,17 +14,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pipelines.offline_tokenizers import internvl_chat_tokenizer, internvl_image_processor
+
 IMAGE_SIZE, PATCH = 32, 8  # (32/8)² = 16 patches -> pixel shuffle 0.5 -> 4 image tokens per tile
 IMAGE_SEQ_LENGTH = 4
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-# The template of transformers' InternVL conversion script (what the -hf checkpoints carry), with a system turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
-)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
            "white": (250, 250, 250), "black": (5, 5, 5), "purple": (140, 30, 160), "orange": (250, 140, 20)}
 CORPUS = ["What colour is the square? " + " ".join(COLOURS) + " answer the question about the picture"] * 4
@@ -32,27 +25,11 @@ CORPUS = ["What colour is the square? " + " ".join(COLOURS) + " answer the quest
 
 def build_tokenizer():
     """A PreTrainedTokenizerFast over a small byte-level BPE, with InternVL's image tokens as attributes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    return internvl_chat_tokenizer(CORPUS, vocab_size=320)
 
 
 def build_image_processor():
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    return GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False,
-                                    min_patches=1, max_patches=12)
+    return internvl_image_processor(IMAGE_SIZE)
 
 
 def build_tiny_internvl(tokenizer, seed: int = 0):
