@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .emulator import LowRankLinear
+from .rules import factor_names
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,7 +59,7 @@ def lora_target_names(model: nn.Module, patterns: list[str]) -> list[str]:
             compiled.append(re.compile(pattern))
         except re.error as err:
             raise ValueError(f"LoRA target pattern {pattern!r} is not a valid regex: {err}") from None
-    inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("u", "v")}
+    inside = factor_names(model)
     names = [name for name, module in model.named_modules()
              if isinstance(module, (nn.Linear, LowRankLinear)) and name not in inside
              and any(p.fullmatch(name) for p in compiled)]

@@ -67,15 +67,20 @@ def match_rule(name: str, rules: Sequence[Rule]) -> Rule | None:
     return None
 
 
+def factor_names(model: nn.Module) -> set[str]:
+    """Names of the `.u`/`.v` factor Linears inside every LowRankLinear: never a compression or LoRA target."""
+    from .emulator import LowRankLinear  # local: emulator imports this module
+
+    return {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("u", "v")}
+
+
 def target_linears(model: nn.Module, rules: Sequence[Rule]) -> dict[str, tuple[nn.Linear, float]]:
     """Every `nn.Linear` of `model` governed by a rule, as `{name: (module, ratio)}`, in model order.
 
     Raises a ValueError that names the patterns when nothing matches, because an empty match is
     almost always a wrong regex, and silently compressing nothing would hide it.
     """
-    from .emulator import LowRankLinear  # local: emulator imports this module
-
-    inside_low_rank = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("u", "v")}
+    inside_low_rank = factor_names(model)
     found: dict[str, tuple[nn.Linear, float]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name in inside_low_rank:
