@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factorize import SOLVERS, Whitening, low_rank_factors, weighted_error, whitening
+from .factorize import SOLVERS, Whitening, low_rank_factors, needs_whitening, weighted_error, whitening
 from .rules import RuleLike, normalise_rules, rank_for_ratio, target_linears
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class EmulatorBuild:
             return None
         device = torch.device(self.compute_device) if self.compute_device is not None else weight.device
         white = None
-        if aware:
+        if aware and needs_whitening(n_out, n_in, self.svd):
             shared = self._shared
             if shared is not None and shared[0].shape == second_moment.shape and torch.equal(shared[0], second_moment):
                 white = shared[1]

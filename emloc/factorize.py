@@ -9,7 +9,9 @@ and `W_E = u v` minimises `‖X (W - W_E)ᵀ‖_F` over rank-k matrices. Without
 (plain SVD). Three solvers give the top-k singular triplets of `M = W S`:
 
 - "full":       torch.linalg.svd(M)
-- "gram":       eigh of the smaller Gram matrix (`M Mᵀ` or `Mᵀ M`), then the other side by one product
+- "gram":       eigh of the smaller Gram matrix (`M Mᵀ` or `Mᵀ M`), then the other side by one product;
+                for a layer with out <= in and statistics, `M Mᵀ = W C Wᵀ` is formed from `C` directly and
+                no whitening is needed (see `output_gram_factors`)
 - "randomized": torch.svd_lowrank(M, q = k + oversample, niter) (Halko et al.)
 
 All maths runs in float32 on the device the caller picks (the layer's, or a GPU).
@@ -85,6 +87,53 @@ def _gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     return (m @ vectors) / safe, sigma, vectors  # U_k = M V_k Σ_k⁻¹
 
 
+def needs_whitening(out_features: int, in_features: int, solver: str) -> bool:
+    """Whether `low_rank_factors` whitens `C` (an in x in eigh) for this layer shape and solver."""
+    return not (solver == "gram" and out_features <= in_features)
+
+
+def _power_max_eigenvalue(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """The largest eigenvalue of the symmetric positive semi-definite `c`, by power iteration."""
+    x = torch.ones(c.shape[0], dtype=c.dtype, device=c.device)
+    value = torch.zeros((), dtype=c.dtype, device=c.device)
+    for _ in range(iterations):
+        y = c @ x
+        value = y.norm()
+        if value <= 0:
+            break
+        x = y / value
+    return value
+
+
+@torch.no_grad()
+def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of DESIGN.md step 2 without whitening, for out <= in (float32 `w`).
+
+    With `S Sᵀ = C` and `W S = U Σ Vᵀ`: `(W S)(W S)ᵀ = W C Wᵀ = U Σ² Uᵀ`, and since
+    `V_kᵀ S⁻¹ = Σ_k⁻¹ U_kᵀ W S S⁻¹`, the factors are `u = U_k Σ_k^½`, `v = Σ_k^-½ U_kᵀ W`: the
+    same `W_E = U_k U_kᵀ W`, from an out x out eigh instead of an in x in one and no `S⁻¹`. On
+    FLUX's single-block proj_out (15 360 -> 3072) that is 3072³ instead of 15 360³. `C` is scaled
+    by `trace(C)/in` and floored as `whitening` does (`+ floor·l_max·I` here: it changes the kept
+    eigenvalues by a relative 1e-6 and, like the clamp, keeps unseen input directions weighted).
+    """
+    c = second_moment.to(w.device).float()
+    n = c.shape[0]
+    c = c + c.T  # symmetric up to rounding; one in x in copy, scaled in place below
+    scale = torch.trace(c) / n
+    if not torch.isfinite(scale) or scale <= 0:
+        raise ValueError("calibration second moment has no positive energy (all inputs were zero?)")
+    c.mul_(1.0 / scale)
+    c.diagonal().add_(EIGEN_FLOOR * _power_max_eigenvalue(c))
+    g = (w @ c) @ w.T  # (out, out)
+    del c
+    g = (g + g.T) * 0.5
+    eigenvalues, vectors = torch.linalg.eigh(g)
+    u_k = vectors[:, -rank:].flip(-1)  # eigh sorts ascending; keep the largest k
+    sigma = eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()
+    root = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7).sqrt()
+    return u_k * root, (u_k.T @ w) / root[:, None]
+
+
 @torch.no_grad()
 def low_rank_factors(
     weight: torch.Tensor,
@@ -101,6 +150,8 @@ def low_rank_factors(
     if solver not in SOLVERS:
         raise ValueError(f"unknown svd solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     w = weight.float()
+    if second_moment is not None and not needs_whitening(*w.shape, solver):
+        return output_gram_factors(w, second_moment, rank)
     if white is None and second_moment is not None:
         white = whitening(second_moment.to(w.device))
     m = white.right(w) if white is not None else w  # W S: (out, in)

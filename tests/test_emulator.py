@@ -78,14 +78,30 @@ def test_plain_error_matches_eckart_young_reference(solver):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_whitened_error_matches_svd_of_weighted_weight(solver):
-    """With C = XᵀX the emulator is optimal for ‖X(W-W_E)ᵀ‖: error = tail of σ²(X Wᵀ) (dense SVD)."""
-    layer, x, c = anisotropic_layer()
+@pytest.mark.parametrize("shape", [(40, 56), (56, 40), (48, 48)], ids=["wide", "tall", "square"])
+@pytest.mark.parametrize("tokens", [400, 30], ids=["full-rank-C", "fewer-tokens-than-inputs"])
+def test_whitened_error_matches_svd_of_weighted_weight(solver, shape, tokens):
+    """With C = XᵀX the emulator is optimal for ‖X(W-W_E)ᵀ‖: error = tail of σ²(X Wᵀ) (dense SVD), also when
+    C is singular (fewer calibration tokens than inputs) and for wide layers, where "gram" never whitens."""
+    layer, x, c = anisotropic_layer(*shape, tokens=tokens)
     rank = 12
     sigma = torch.linalg.svdvals((x.double() @ layer.weight.double().T))
     expected = math.sqrt(float((sigma[rank:] ** 2).sum() / (sigma ** 2).sum()))
     u, v = low_rank_factors(layer.weight, rank, c, solver)
     assert weighted_error(layer.weight, u @ v, c) == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize("tokens", [400, 30])
+def test_gram_without_whitening_equals_the_whitened_factorisation(tokens):
+    """For out <= in "gram" forms W C Wᵀ instead of whitening C: the same W_E = U_k U_kᵀ W and the same
+    balanced factors (‖u_i‖ = ‖v_i S‖ = σ_i^½) as the dense SVD of W S (DESIGN.md step 2)."""
+    layer, _, c = anisotropic_layer(out_f=40, in_f=56, tokens=tokens)
+    rank = 12
+    u, v = low_rank_factors(layer.weight, rank, c, "gram")
+    u_ref, v_ref = low_rank_factors(layer.weight, rank, c, "full")
+    scale = (u_ref @ v_ref).abs().max().item()
+    torch.testing.assert_close(u @ v, u_ref @ v_ref, rtol=0, atol=2e-3 * scale)
+    torch.testing.assert_close(u.norm(dim=0), u_ref.norm(dim=0), rtol=2e-3, atol=0)
 
 
 def test_build_emulator_bookkeeping(tiny_transformer):
