@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .factorize import all_finite
 from .rules import RuleLike, normalise_rules, target_linears
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def collect_input_stats(
         if counts[name] == 0:
             log.warning("layer %s saw no input during calibration; it will be factored without statistics", name)
             continue
-        if not torch.isfinite(sums[name]).all():
+        if not all_finite(sums[name]):
             raise ValueError(f"calibration inputs of layer {name!r} contain NaN or inf; "
                              "check the calibration data and the model's dtype (float16 overflow?)")
         stats[name] = sums[name]

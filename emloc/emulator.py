@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factorize import SOLVERS, Whitening, low_rank_factors, needs_whitening, weighted_error, whitening
+from .factorize import SOLVERS, Whitening, all_finite, low_rank_factors, needs_whitening, weighted_error, whitening
 from .rules import RuleLike, normalise_rules, rank_for_ratio, target_linears
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _param_count(model: nn.Module) -> int:
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+    if tensor.device.type != "meta" and not all_finite(tensor):
         raise ValueError(f"{what} contains NaN or inf; re-run calibration or check the model's weights")
 
 

@@ -29,6 +29,16 @@ RANDOMIZED_OVERSAMPLE = 16
 RANDOMIZED_POWER_ITERATIONS = 4
 
 
+FINITE_CHECK_CHUNK = 1 << 22  # elements per chunk of all_finite: 4M, a ~24 MB transient whatever the tensor
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """`torch.isfinite(tensor).all()` in chunks: on a 15 360² statistic the one-shot check allocates `abs`
+    (0.88 GiB) and two boolean masks, the whole of a 0.66 GiB miss of the FLUX calibration peak."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(FINITE_CHECK_CHUNK))
+
+
 @dataclass
 class Whitening:
     """`S = Q diag(√l)` and `S⁻¹ = diag(1/√l) Qᵀ`, kept as their parts so that no inverse is ever formed."""

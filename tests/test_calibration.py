@@ -87,3 +87,17 @@ def test_merged_shards_equal_one_pass(tiny_transformer, token_batches):
     merged = merge_stats(parts)
     for key, value in whole.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", [0, 4095, 4096, 9999])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_check_in_chunks_finds_every_bad_value(monkeypatch, where, bad):
+    """The chunked check (it keeps a 15 360² statistic from doubling the peak) sees a bad value in any chunk."""
+    from emloc import factorize
+
+    monkeypatch.setattr(factorize, "FINITE_CHECK_CHUNK", 4096)
+    values = torch.randn(100, 100)
+    assert factorize.all_finite(values)
+    values.view(-1)[where] = bad
+    assert not factorize.all_finite(values)
+    assert not factorize.all_finite(values.T)  # non-contiguous views too
