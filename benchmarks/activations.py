@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/activations.py [--models flux-256,flux-512,internvl] [--dtype float32]
 
-A saved_tensors_hooks pack hook sees every tensor autograd keeps for backward; storages are counted
-once (views and tensors shared between ops are one allocation) and parameters not at all. A forward
+A saved_tensors_hooks pack hook sees every tensor autograd keeps for backward (counted when it is still
+held at the end of the forward); storages are counted once (views and tensors shared between ops are one allocation) and parameters not at all. A forward
 pre-hook on every block says which block saved it. Without gradient checkpointing that is the whole
 story. With it, the checkpoint keeps each block's inputs (counted from the pre-hooks, deduplicated the
 same way; a storage both saved and passed counts once) and recomputes one block at a time in backward, whose saved tensors are those measured
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,12 +40,22 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
+class _Held:
+    """What the pack hook hands autograd: while autograd (or a checkpoint) keeps it, it is alive."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 class SavedTensors:
     """Counts the bytes autograd saves, by storage, attributed to the block (or "outside") that saved them."""
 
     def __init__(self, model: nn.Module, blocks: dict[str, str]):
         self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.saved: dict[int, tuple[int, str]] = {}  # storage -> (bytes, block or "outside")
+        self.saved: dict[int, tuple[int, str]] = {}  # storage -> (bytes, block or "outside"), after `freeze`
+        self.packed: list[tuple[weakref.ref, int, int, str]] = []  # (holder, storage, bytes, block), in order
         self.inputs: dict[int, int] = {}  # storage -> bytes of block inputs (what a checkpoint keeps)
         self.current: list[str] = []
         self.pending: list[list[tuple[int, int]]] = []
@@ -72,12 +83,25 @@ class SavedTensors:
             for key, size in inputs:
                 self.inputs.setdefault(key, size)
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> _Held:
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key and key not in self.skip and key not in self.saved:
-            self.saved[key] = (storage.nbytes(), self.current[-1] if self.current else "outside")
-        return t
+        held = _Held(t)
+        if key and key not in self.skip:
+            self.packed.append((weakref.ref(held), key, storage.nbytes(), self.current[-1] if self.current else "outside"))
+        return held
+
+    @staticmethod
+    def unpack(held: _Held) -> torch.Tensor:
+        return held.tensor
+
+    def freeze(self) -> None:
+        """At the end of the forward: what is still held for backward. A checkpoint saves its inputs through the
+        pack hook even when nothing in it needs grads (torch 2.13), and drops them with its frame: not held."""
+        for ref, key, size, block in self.packed:
+            if ref() is not None and key not in self.saved:
+                self.saved[key] = (size, block)
+        self.packed.clear()
 
     def by_block(self) -> dict[str, int]:
         totals: dict[str, int] = defaultdict(int)
@@ -110,9 +134,10 @@ def measure(spec: BenchModel, checkpointing: bool, dtype: torch.dtype = torch.fl
     batch = make_batch(spec, model, seed=0)
     try:
         counter.forward = True
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
             loss = loss_of(spec, peft_model, batch)
         counter.forward = False
+        counter.freeze()
         loss.backward()
     finally:
         counter.close()

@@ -258,6 +258,38 @@ def test_gradient_checkpointing_keeps_the_lora_gradients(checkpoint, parts, colo
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
+def test_checkpointing_keeps_the_frozen_vision_tower_out_of_the_graph(checkpoint, parts, colour_data):
+    """Enabling checkpointing (and PEFT attaching the adapter) hooks every sub-model's input embeddings to require
+    grads; the backend keeps that to the language model, so backward never recomputes the frozen vision tower.
+    A LoRA target the user puts in the vision tower still trains."""
+    import emloc
+    from pipelines.vlm import VISION_LINEARS
+
+    folder, rows = colour_data
+    packer = ChatPacker(parts.tokenizer, parts.image_processor, parts.image_seq_length)
+    batch = collate([packer.encode(s) for s in pairs_to_samples(rows[:2], base=folder).samples],
+                    parts.tokenizer.pad_token_id)
+    for targets, vision_trains in ((default_lora_targets(), False), (default_lora_targets() + [VISION_LINEARS], True)):
+        model = load_vlm(str(checkpoint))
+        VlmBackend.enable_gradient_checkpointing(None, model)
+        torch.manual_seed(0)
+        peft_model = emloc.attach_lora(model, emloc.LoraSettings(rank=4, targets=targets))
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        peft_model.train()
+        seen = []
+        model.model.vision_tower.encoder.layer[0].register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+                                                     .requires_grad), with_kwargs=True)
+        loss = peft_model(**batch).loss
+        assert seen == [False]  # the tower's input is not in the graph, with or without a LoRA in it
+        loss.backward()
+        vision = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad and "vision_tower" in n}
+        assert bool(vision) == vision_trains
+        assert all(g is not None and g.abs().sum() > 0 for g in vision.values())
+
+
 @pytest.fixture(scope="module")
 def finished_run(checkpoint, colour_data, tmp_path_factory):
     folder, _ = colour_data
