@@ -126,17 +126,15 @@ def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int)
     by `trace(C)/in` and floored as `whitening` does (`+ floor·l_max·I` here: it changes the kept
     eigenvalues by a relative 1e-6 and, like the clamp, keeps unseen input directions weighted).
     """
-    c = second_moment.to(w.device).float()
-    n = c.shape[0]
-    c = c + c.T  # symmetric up to rounding; one in x in copy, scaled in place below
-    scale = torch.trace(c) / n
+    c = second_moment.to(w.device).float()  # no copy for float32 statistics on the compute device
+    scale = torch.trace(c) / c.shape[0]
     if not torch.isfinite(scale) or scale <= 0:
         raise ValueError("calibration second moment has no positive energy (all inputs were zero?)")
-    c.mul_(1.0 / scale)
-    c.diagonal().add_(EIGEN_FLOOR * _power_max_eigenvalue(c))
-    g = (w @ c) @ w.T  # (out, out)
+    floor = EIGEN_FLOOR * _power_max_eigenvalue(c) / scale
+    g = (w @ c) @ w.T  # (out, out); symmetrising g symmetrises C (C is symmetric only up to rounding)
     del c
-    g = (g + g.T) * 0.5
+    g = (g + g.T) * (0.5 / scale)
+    g += floor * (w @ w.T)  # W (C/scale + floor·I) Wᵀ
     eigenvalues, vectors = torch.linalg.eigh(g)
     u_k = vectors[:, -rank:].flip(-1)  # eigh sorts ascending; keep the largest k
     sigma = eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()

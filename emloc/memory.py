@@ -485,11 +485,12 @@ def _calibration(run: _Run) -> PhaseEstimate:
 
 
 def _construction(run: _Run) -> PhaseEstimate:
-    """Per factored layer, float32 on the GPU, with the default "gram" solver: a layer with out > in is whitened
-    (4·in² + W), then factored in² + 2·in·out + 2·m² + k(in+out); a layer with out <= in is never whitened
-    (factorize.output_gram_factors): the scaled C, W·C and the out x out Gram with eigh's workspace,
-    in² + in·out + 4·out² + k(in+out). Both: error check in² + 5·in·out (m = min(in, out)); plus the layer's own
-    weight, b·in·out. ("full" and "randomized" whiten every layer: up to 3·in² more for wide layers.)"""
+    """Per factored layer, float32, with the default "gram" solver: a layer with out > in is whitened (4·in² + W),
+    then factored in² + 2·in·out + 2·m² + k(in+out) (m = min(in, out)); a layer with out <= in is never whitened
+    (factorize.output_gram_factors): W·C, the out x out Gram, W·Wᵀ and eigh's workspace, in·out + 4·out² + k(in+out).
+    The error check holds W_E, W - W_E, (W - W_E)·C and its product with W - W_E: 4·in·out. On a GPU both also hold
+    the statistics moved from the host (in²) and the layer's own weight, b·in·out; on the CPU those are the ones
+    already counted. ("full" and "randomized" whiten every layer: up to 4·in² more for wide layers.)"""
     cpu = run.s.device == "cpu"
     worst = factors = 0
     for lin in run.summary.linears:
@@ -499,11 +500,12 @@ def _construction(run: _Run) -> PhaseEstimate:
         i, o = lin.in_features, lin.out_features
         sq, io, m = i * i, i * o, min(i, o)
         own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
+        moved = 0 if cpu else sq  # the statistics, moved from the host for the factorisation and the error check
         if o > i:
             factoring = max(4 * sq + io, sq + 2 * io + 2 * m * m + k * (i + o))
         else:
-            factoring = sq + io + 4 * o * o + k * (i + o)
-        worst = max(worst, FACTOR_BYTES * max(factoring, sq + 5 * io) + own)
+            factoring = moved + io + 4 * o * o + k * (i + o)
+        worst = max(worst, FACTOR_BYTES * max(factoring, moved + 4 * io) + own)
         factors += run.b * k * (i + o)
     model = {} if run.s.offload else {"weights": run.b * run.summary.params}
     if cpu:  # what a GPU run keeps in host RAM shares the one memory: the loaded statistics and the factors so far
