@@ -5,7 +5,9 @@
 Shapes are `in x out`. Weights are random Gaussian (a flat spectrum: the hardest case for the
 randomized solver); the calibration second moment is anisotropic, `C = diag(l) + G Gᵀ` with `l`
 log-spaced over four decades and a rank-64 random part, so whitening does real work. Whitening
-(eigh of C) is solver-independent and timed once per shape; "solver s" excludes it. Error is the
+(eigh of C) is timed once per shape and paid once per distinct input by the solvers that need it
+("full", "randomized", and "gram" where out > in; "gram" on a layer with out <= in factors W C Wᵀ and
+never whitens); "solver s" excludes it, "total s" adds it where the solver needs it. Error is the
 relative activation-weighted error ‖X(W-W_E)ᵀ‖/‖XWᵀ‖; "vs full" its relative excess over full SVD's.
 Prints a markdown table.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from emloc.factorize import SOLVERS, low_rank_factors, weighted_error, whitening  # noqa: E402
+from emloc.factorize import SOLVERS, low_rank_factors, needs_whitening, weighted_error, whitening  # noqa: E402
 from emloc.rules import rank_for_ratio  # noqa: E402
 
 REAL_SHAPES = "3072x3072,3072x12288,12288x3072,3584x18944,5120x27648"
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     for solver in solvers:
         low_rank_factors(warm, 16, warm.T @ warm, solver)
     print(f"device: {name}; torch {torch.__version__}; float32\n")
-    print("| shape (in x out) | whitening s | solver | ratio | rank | solver s | error | vs full |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| shape (in x out) | whitening s | solver | ratio | rank | solver s | total s | error | vs full |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
         n_in, n_out = (int(v) for v in shape.lower().split("x"))
         g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -71,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             rank = rank_for_ratio(n_in, n_out, ratio)
             errors = {}
             for solver in solvers:
-                (u, v), seconds = timed(lambda: low_rank_factors(weight, rank, second_moment, solver, white=white), device)
+                whitens = needs_whitening(n_out, n_in, solver)
+                (u, v), seconds = timed(lambda: low_rank_factors(weight, rank, second_moment, solver,
+                                                                 white=white if whitens else None), device)
                 errors[solver] = weighted_error(weight, u @ v, second_moment)
                 excess = errors[solver] / errors["full"] - 1 if "full" in errors else float("nan")
-                print(f"| {n_in}x{n_out} | {t_white:.2f} | {solver} | {ratio} | {rank} | {seconds:.2f} "
-                      f"| {errors[solver]:.4f} | {excess:+.2%} |", flush=True)
+                total = seconds + (t_white if whitens else 0.0)
+                print(f"| {n_in}x{n_out} | {f'{t_white:.2f}' if whitens else 'not needed'} | {solver} | {ratio} | {rank} "
+                      f"| {seconds:.2f} | {total:.2f} | {errors[solver]:.4f} | {excess:+.2%} |", flush=True)
                 del u, v
         del weight, second_moment, white
         if device.type == "cuda":
