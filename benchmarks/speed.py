@@ -8,14 +8,15 @@ CUDA), the same batch and LoRA settings for every model; the emulator has the sh
 at each ratio (rank_for_ratio; a layer stays dense where factors would not be smaller) with random factors,
 since speed does not depend on their values. One warm-up step each, then the models take turns step by
 step, so a busy machine slows all of them alike; the ratio is median(full) / median(emulator).
-`stages`: a whole run (all five stages) through the run machine (`launch.py train`) on the tiny test models
-of tests/flux_fixtures.py and tests/vlm_fixtures.py; seconds per stage from run.json.
+`stages`: a whole run (all five stages) through the run machine on the shipped demo models (assets/models/demo-*),
+with the example data and default settings the app gives them; seconds per stage from run.json.
 Writes benchmarks/out/speed-<device>.md / .json.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
@@ -115,35 +116,34 @@ def step_speed(spec: BenchModel, ratios: list[float], repeats: int, device: str)
 
 # -- stage times of a whole run ---------------------------------------------------------------------------------
 def stage_times(backend: str, work: Path) -> dict:
-    """Run every stage through the CLI on the tiny test model of `backend`; seconds per stage from run.json."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from pipelines import cli
+    """A whole run on the shipped demo model of `backend` as the app starts one: the app's example data and its
+    default settings for that model (app/handlers.py), every stage, on the CPU; seconds per stage from run.json."""
+    from app import handlers
+    from pipelines.backends import DEMO_MODELS, backend_class
+    from pipelines.run import Run, RunSettings
 
+    model = DEMO_MODELS[backend]
+    info = handlers.describe_model(backend, str(model))
+    d = handlers.default_settings(backend, info["params"], str(model))
+    images, qa_rows, prompt = handlers.example_data(backend, work / "uploads")
+    settings_class = backend_class(backend).settings_class
     if backend == "flux":
-        from flux_fixtures import save_tiny_flux, write_subject_images
-
-        model = save_tiny_flux(work / "tiny-flux")
-        write_subject_images(work / "dog", count=4)
-        args = ["--backend", "flux", "--model", str(model), "--images", str(work / "dog"), "--prompt", "a photo of sks dog",
-                "--resolution", "32", "--max-sequence-length", "16", "--rank", "4", "--steps", "20",
-                "--calibration-samples", "4", "--preview-steps", "2"]
+        settings = settings_class(images=str(work / "uploads"), prompt=prompt, trigger="sks", resolution=d["resolution"],
+                                  preview_steps=d["preview_steps"], max_sequence_length=d["max_sequence_length"])
     else:
-        from vlm_fixtures import save_tiny_internvl, write_colour_images
-
-        model = save_tiny_internvl(work / "tiny-internvl")
-        rows = write_colour_images(work / "data")
-        (work / "data" / "qa.csv").write_text("image,question,answer\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
-        args = ["--backend", "vlm", "--model", str(model), "--data", str(work / "data" / "qa.csv"), "--rank", "8",
-                "--steps", "20", "--calibration-samples", "8", "--max-new-tokens", "6", "--device", "cpu"]
-    out = work / "runs" / backend
+        with open(work / "uploads" / "qa.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["image", "question", "answer"], *qa_rows])
+        settings = settings_class(data=str(work / "uploads" / "qa.csv"))
+    run_settings = RunSettings(model=str(model), ratio=0.5, steps=d["steps"], lr=d["lr"], seed=d["seed"], lam=d["lam"],
+                               calibration_samples=d["calibration_samples"], checkpoint_every=d["checkpoint_every"],
+                               device="cpu")
+    run = Run.create(work / "runs" / backend, backend, run_settings, settings)
     start = time.perf_counter()
-    code = cli.main([*args, "--quiet", "--out", str(out)])
+    run.execute()
     total = time.perf_counter() - start
-    if code:
-        raise SystemExit(f"the {backend} run failed (exit {code})")
-    info = json.loads((out / "run.json").read_text())
-    return {"backend": backend, "total_s": total, "steps": 20,
-            "stages": {name: stage.get("seconds") for name, stage in info["stages"].items()}}
+    stages = json.loads((run.dir / "run.json").read_text())["stages"]
+    return {"backend": backend, "params": info["params"], "total_s": total, "steps": d["steps"], "samples": len(images),
+            "stages": {name: stage.get("seconds") for name, stage in stages.items()}}
 
 
 def markdown(steps: list[dict], stages: list[dict]) -> str:
@@ -155,8 +155,9 @@ def markdown(steps: list[dict], stages: list[dict]) -> str:
                   f"{r['speedup']:.2f}x |" for r in steps]
     if stages:
         names = list(stages[0]["stages"])
-        lines += ["", "| tiny model | " + " | ".join(names) + " | whole run |", "|---|" + "---:|" * (len(names) + 1)]
-        lines += [f"| {r['backend']} | " + " | ".join(f"{r['stages'][n]:.1f} s" if r["stages"][n] is not None else "-"
+        lines += ["", "| demo model | params | steps | " + " | ".join(names) + " | whole run |",
+                  "|---|---:|---:|" + "---:|" * (len(names) + 1)]
+        lines += [f"| {r['backend']} | {r.get('params', 0) / 1e6:.1f} M | {r.get('steps', '')} | " + " | ".join(f"{r['stages'][n]:.1f} s" if r["stages"][n] is not None else "-"
                                                      for n in names) + f" | {r['total_s']:.1f} s |" for r in stages]
     return "\n".join(lines)
 
