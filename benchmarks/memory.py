@@ -187,7 +187,7 @@ def forward(spec: BenchModel, model: nn.Module, batch: dict):
 # -- the planner ----------------------------------------------------------------------------------------------
 def planner(spec: BenchModel):
     """(ModelSummary, ArchitectureSpec) of the bench model, built on the meta device as the app's planner does."""
-    from emloc.memory import summarize
+    from emloc.architecture import summarize
     from pipelines.catalogue import meta_model_from_bundle
 
     model, arch = meta_model_from_bundle(copy.deepcopy(spec.bundle))

@@ -1,7 +1,7 @@
 """VRAM planner (DESIGN.md "Memory"): the peak GPU memory of every phase of an EMLoC run, before any download.
 
 Input: a model built on the `meta` device (exact parameter counts, no weights) and an ArchitectureSpec
-(how tokens flow through its block stacks). Each phase's peak is a sum of named parts, each one formula
+(how tokens flow through its block stacks), both read through emloc/architecture.py. Each phase's peak is a sum of named parts, each one formula
 (b = bytes per element of the run's dtype, B = batch size, n = tokens per sample, h = width of the
 residual stream, L = blocks in a stack, a = activation elements one block saves per token, r = LoRA rank):
 
@@ -39,12 +39,13 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from .rules import check_ratio, normalise_rules, rank_for_ratio
+from .rules import check_ratio
+from .architecture import (ArchitectureSpec, BlockStack, LinearShape, ModelSummary, emulator_ranks, first_match,
+                           lora_targets, summarize)
 
 GiB = 1024 ** 3
 RUNTIME_OVERHEAD_BYTES = GiB  # CUDA context (~0.5 GiB once cuBLAS kernels load) + ~0.5 GiB allocator slack
@@ -60,56 +61,6 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PHASES = ("calibration", "emulator", "training", "correction", "preview")
 METHODS = ("emloc", "lora", "qlora", "inference")
 DEVICES = ("cuda", "cpu")
-
-
-@dataclass(frozen=True)
-class BlockStack:
-    """A stack of identical residual blocks (an nn.ModuleList) that one token stream flows through."""
-
-    name: str  # shown in notes, e.g. "double blocks"
-    prefix: str  # module path of the ModuleList, e.g. "transformer_blocks"
-    hidden: int  # h: width of the residual stream between blocks
-    tokens: str  # which token stream flows through it: "all", "image", "text" or "vision"
-    saved_per_token: int  # a: elements in the run's dtype one block saves per token for backward (frozen base)
-    saved_fp32_per_token: int = 0  # a32: float32 elements it saves per token (upcast norms, attention log-sum-exp)
-    streams: int = 1  # parallel token streams with their own layers (FLUX double blocks: image and text, 2)
-    kv_per_token: int = 0  # KV-cache elements per token per block at generation (2 x kv heads x head dim)
-
-
-@dataclass(frozen=True)
-class Component:
-    """A model run once around the trained one (text encoder, VAE): its weights are resident while it runs."""
-
-    name: str
-    params: int  # total parameters
-    largest_piece: int  # parameters of its largest block or module (what is resident when streamed)
-    transient_per_pixel: int = 0  # working elements per output pixel (VAE decode), 0: negligible
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """How a family of models spends activation memory; built by the pipelines' catalogue from a config."""
-
-    family: str  # "flux" (image tokens from a resolution) or "vlm" (a sequence length and image tiles)
-    stacks: tuple[BlockStack, ...]  # in data-flow order (gradients reach a stack through every later one)
-    default_compress: tuple[str, ...]  # regexes of the layers one --ratio compresses
-    default_lora_targets: tuple[str, ...]  # regexes of the layers LoRA trains
-    text_tokens: int = 0  # flux: T5 tokens per prompt (512 dev, 256 schnell)
-    pixels_per_token: int = 16  # flux: VAE /8, then 2x2 patches
-    vision_tokens_per_tile: int = 0  # vlm: vision-tower tokens per 448x448 tile ((448/14)^2 + CLS)
-    image_tokens_per_tile: int = 0  # vlm: LLM tokens per tile after pixel shuffle (256)
-    vocab_size: int = 0  # V: logits per token of the LM head, 0 for none
-    quant_skip: tuple[str, ...] = ()  # regexes of linears QLoRA keeps in dtype (the LM head)
-    components: tuple[Component, ...] = ()  # run-once models (text encoders, VAE): calibration and preview
-    # float32 models only (PEFT's cast to the adapter's float32 is then a no-op, so each LoRA saves the base
-    # layer's own input): regexes of LoRA targets, relative to their block, that read one tensor (q/k/v) and
-    # count it once; and of targets whose input the block saves anyway (attention output: already in a)
-    lora_input_groups: tuple[str, ...] = ()
-    # tensors every block reads and, with gradient checkpointing, every checkpoint holds (rotary cos/sin): per
-    # token of the "all" stream, once for the model, in the run's dtype and in float32
-    shared_per_token: int = 0
-    shared_fp32_per_token: int = 0
-    lora_inputs_saved: tuple[str, ...] = ()
 
 
 def _setting(default, help_text: str):
@@ -137,32 +88,6 @@ class MemorySettings:
     stats_on_gpu: bool = _setting(False, "keep calibration sums (4·in² bytes per layer) on the GPU")
     generate_tokens: int = _setting(256, "VLM preview: new tokens generated per answer")
     device: str = _setting("cuda", "cuda: the GPU's peak; cpu: the process's RAM peak (one memory holds everything)")
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    """One nn.Linear of the model: its name, shape and the block it lives in."""
-
-    name: str
-    in_features: int
-    out_features: int
-    bias: bool
-    stack: str | None  # name of the BlockStack it belongs to, None outside the stacks
-    block: str | None  # module name of its block
-
-
-@dataclass(eq=False)  # hashed by identity, so the per-summary caches below can key on it
-class ModelSummary:
-    """What the planner needs of a model, counted once on the meta device (cache this, not the model)."""
-
-    params: int  # P: every parameter, tied ones once
-    linears: tuple[LinearShape, ...]
-    blocks: dict[str, int]  # block module name -> its parameters
-    block_stack: dict[str, str]  # block module name -> stack name
-    largest_piece: int  # parameters of the largest block or module outside the blocks
-
-    def blocks_in(self, stack: str) -> int:
-        return sum(1 for s in self.block_stack.values() if s == stack)
 
 
 @dataclass
@@ -215,71 +140,6 @@ def dtype_bytes(dtype: str) -> int:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype such as bfloat16, float16 or float32; got {dtype!r}")
     return torch.finfo(value).bits // 8
-
-
-def summarize(model: nn.Module, arch: ArchitectureSpec) -> ModelSummary:
-    """Count parameters, linears and blocks of `model` (any device; meta is the point)."""
-    blocks: dict[str, int] = {}
-    block_stack: dict[str, str] = {}
-    for stack in arch.stacks:
-        try:
-            container = model.get_submodule(stack.prefix)
-        except AttributeError:
-            raise ValueError(f"block stack {stack.name!r}: the model has no module {stack.prefix!r}; "
-                             "the architecture description does not fit this model") from None
-        for child, module in container.named_children():
-            blocks[f"{stack.prefix}.{child}"] = sum(p.numel() for p in module.parameters())
-            block_stack[f"{stack.prefix}.{child}"] = stack.name
-        if not any(s == stack.name for s in block_stack.values()):
-            raise ValueError(f"block stack {stack.name!r} ({stack.prefix}) holds no blocks")
-    prefixes = [(s.prefix + ".", s.name) for s in arch.stacks]
-    linears, outside = [], 0
-    for name, module in model.named_modules():
-        home = next(((p, s) for p, s in prefixes if name.startswith(p)), None)
-        block = home[0] + name[len(home[0]):].split(".")[0] if home else None
-        if home is None:
-            outside = max(outside, sum(p.numel() for p in module.parameters(recurse=False)))
-        if isinstance(module, nn.Linear):
-            linears.append(LinearShape(name, module.in_features, module.out_features, module.bias is not None,
-                                       home[1] if home else None, block))
-    return ModelSummary(params=sum(p.numel() for p in model.parameters()), linears=tuple(linears), blocks=blocks,
-                        block_stack=block_stack, largest_piece=max([outside, *blocks.values()]))
-
-
-@functools.lru_cache(maxsize=64)
-def _first_match(summary: ModelSummary, patterns: tuple[str, ...]) -> tuple[int | None, ...]:
-    """Per linear, the index of the first pattern that fullmatches its name (None: no match)."""
-    compiled = [re.compile(p) for p in patterns]
-    return tuple(next((i for i, p in enumerate(compiled) if p.fullmatch(lin.name)), None) for lin in summary.linears)
-
-
-def emulator_ranks(summary: ModelSummary, rules: Sequence) -> dict[str, int]:
-    """`{name: k}` for every linear governed by `rules`; k = 0 where the layer stays dense (as build_emulator)."""
-    rules = normalise_rules(rules)
-    ranks = {}
-    for lin, index in zip(summary.linears, _first_match(summary, tuple(p for p, _ in rules))):
-        if index is None:
-            continue
-        k = max(1, rank_for_ratio(lin.in_features, lin.out_features, rules[index][1]))
-        ranks[lin.name] = 0 if k * (lin.in_features + lin.out_features) >= lin.in_features * lin.out_features else k
-    if not ranks:
-        raise ValueError(f"no linear layer matches the compression rules {[p for p, _ in rules]}; "
-                         "patterns must fullmatch module names")
-    return ranks
-
-
-def lora_targets(summary: ModelSummary, patterns: Sequence[str]) -> list[LinearShape]:
-    """The linears LoRA trains: those whose name fullmatches a pattern (as emloc.lora_target_names)."""
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"LoRA target pattern {pattern!r} is not a valid regex: {err}") from None
-    matches = _first_match(summary, tuple(patterns))
-    found = [lin for lin, index in zip(summary.linears, matches) if index is not None]
-    if not found:
-        raise ValueError(f"no linear layer matches the LoRA targets {list(patterns)}; patterns must fullmatch module names")
-    return found
 
 
 def optimizer_state_bytes(rows: int, cols: int, optimizer: str) -> int:
@@ -546,7 +406,7 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     shapes = {lin.name: lin for lin in summary.linears}
     removed = sum(shapes[n].in_features * shapes[n].out_features - k * (shapes[n].in_features + shapes[n].out_features)
                   for n, k in ranks.items() if k)
-    skipped = _first_match(summary, arch.quant_skip)
+    skipped = first_match(summary, arch.quant_skip)
     quantised = [lin for lin, index in zip(summary.linears, skipped) if index is None]
     counts = ParamCounts(full=summary.params, emulator=summary.params - removed,
                          lora=sum(s.lora_rank * (t.in_features + t.out_features) for t in targets),

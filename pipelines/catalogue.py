@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from emloc.memory import ArchitectureSpec, BlockStack, Component
+from emloc.architecture import ArchitectureSpec, BlockStack, Component
 
 from .diffusion import DOUBLE_LORA, SINGLE_LORA
 from .vlm import LANGUAGE_LINEARS, LORA_TARGETS, VISION_LINEARS

@@ -14,8 +14,9 @@ import functools
 import math
 from dataclasses import dataclass, field, fields, replace
 
+from emloc.architecture import summarize
 from emloc.memory import (METHODS, PHASES, RUNTIME_OVERHEAD_BYTES, GiB, MemoryPlan, MemorySettings, PhaseEstimate,
-                          plan_memory, summarize)
+                          plan_memory)
 from emloc.rules import check_ratio
 
 from .catalogue import MetaModel, load_meta_model

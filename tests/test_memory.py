@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from emloc import LoraSettings, attach_lora, build_emulator
-from emloc.memory import GiB, RUNTIME_OVERHEAD_BYTES, MemorySettings, plan_memory, summarize
+from emloc.architecture import summarize
+from emloc.memory import GiB, RUNTIME_OVERHEAD_BYTES, MemorySettings, plan_memory
 from pipelines import plan_cli
 from pipelines.catalogue import catalogue, load_meta_model, meta_model_from_bundle
 from pipelines.planning import RATIO_STEP, PlanSettings, plan_run
