@@ -64,6 +64,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import emloc
+from emloc.memory import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ class RunSettings:
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     batch_size: int = field(default=1, metadata={"help": "samples per training step"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice in the run"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw, or adamw8bit (bitsandbytes, CUDA only)"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw; adamw8bit (bitsandbytes, CUDA only); adafactor (factored second moment, no momentum: the "
+                "least optimiser memory)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay of the optimiser"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), no, bf16 or fp16"})
     checkpoint_every: int = field(default=50, metadata={"help": "save a training checkpoint every N steps"})
@@ -124,8 +127,8 @@ class RunSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive; got {self.lr}")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"--optimizer must be adamw or adamw8bit; got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed-precision must be auto, no, bf16 or fp16; got {self.mixed_precision!r}")
         if self.svd not in emloc.SOLVERS:

@@ -106,6 +106,8 @@ def _optimizer(run: "Run", params: list[nn.Parameter]) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adafactor":  # row and column second moments per matrix (emloc/memory.py's formula)
+        return torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 

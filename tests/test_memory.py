@@ -318,3 +318,32 @@ def test_ratio_sweep_for_the_chart_rises_with_the_ratio():
     assert set(curve[0][1]) == {"calibration", "emulator", "training", "correction", "preview"}
     rows = plan_run(FLUX_DEV, PlanSettings(budget_gb=24)).rows()
     assert {(r["phase"], r["method"]) for r in rows} >= {("training", "emloc"), ("training", "lora"), ("preview", "inference")}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_the_trainers_optimizer_state_is_what_the_planner_counts(optimizer):
+    """The optimiser the run machine builds for --optimizer holds, after a step, exactly the bytes
+    emloc.memory.optimizer_state_bytes counts for each trainable matrix (LoRA A: r x in, B: out x r)."""
+    from types import SimpleNamespace
+
+    from emloc.memory import optimizer_state_bytes
+    from pipelines.run import RunSettings
+    from pipelines.stages import _optimizer
+
+    params = [torch.nn.Parameter(torch.randn(8, 96)), torch.nn.Parameter(torch.randn(64, 8))]
+    run = SimpleNamespace(settings=RunSettings(model="x", optimizer=optimizer, lr=1e-3),
+                          backend=SimpleNamespace(device=torch.device("cpu")))
+    opt = _optimizer(run, params)
+    assert type(opt).__name__.lower() == optimizer
+    sum(p.square().sum() for p in params).backward()
+    opt.step()
+    held = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.numel() > 1)  # the 0-d step counters are not state of the size of p
+    assert held == sum(optimizer_state_bytes(*p.shape, optimizer) for p in params)
+
+
+def test_an_optimizer_the_trainer_does_not_know_is_refused_in_words():
+    from pipelines.run import RunSettings
+
+    with pytest.raises(ValueError, match="--optimizer must be one of adamw, adamw8bit, adafactor; got 'sgd'"):
+        RunSettings(model="x", optimizer="sgd").check()
