@@ -8,7 +8,8 @@ InternVL3-1B's shapes with fewer layers (--vlm-layers, default 6 language + 6 vi
 (calibration, emulator construction, a few training steps, correction, preview) and the alternatives
 (LoRA on the full model, plain inference) runs in its own process, as the run machine's stages do
 (pipelines/stages.py), so peaks never mix. Measured: the process's peak resident memory (ru_maxrss) minus
-its resident memory after imports; on CUDA torch.cuda.max_memory_allocated. Predicted: emloc.memory's plan
+its resident memory after imports; on CUDA torch.cuda.max_memory_allocated; on the CPU also the peak of what
+malloc has handed out and not had back (glibc mallinfo2, polled: the RSS without the freed heap glibc keeps). Predicted: emloc.memory's plan
 with the same settings on the same device and dtype (on the CPU: everything in one memory, no CUDA
 overhead). Prints a markdown table and writes benchmarks/out/memory-<device>.md and .json.
 
@@ -225,6 +226,48 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+class MallocInUse:
+    """The peak of the bytes malloc has handed out and not had back (glibc mallinfo2: in-use heap chunks +
+    mmapped chunks), polled every 0.2 ms from a thread: what the program holds, without the freed heap glibc
+    keeps (which RSS counts). Sampled, so a spike shorter than the poll can be missed. None off glibc."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        class _Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+        try:
+            self._mallinfo = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            self._mallinfo = None
+            return
+        self._mallinfo.restype = _Info
+        self.baseline = self.now()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def now(self) -> int:
+        info = self._mallinfo()
+        return info.uordblks + info.hblkhd
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.0002)
+
+    def stop(self) -> int | None:
+        """The peak above the baseline, in bytes (None where mallinfo2 is missing)."""
+        if self._mallinfo is None:
+            return None
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now()) - self.baseline
+
+
 def _reset_peak() -> None:
     """Linux: reset the process's resident-memory high-water mark (what ru_maxrss reports) to now."""
     try:
@@ -267,6 +310,7 @@ def run_phase(spec: BenchModel, phase: str, method: str, work: Path, device: str
     gc.collect()
     _reset_peak()
     baseline = _rss_bytes()
+    in_use = MallocInUse()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rules = compress_rules(spec, ratio)
@@ -310,7 +354,8 @@ def run_phase(spec: BenchModel, phase: str, method: str, work: Path, device: str
     else:
         raise ValueError(f"unknown phase {phase}/{method}")
     seconds = time.perf_counter() - started
-    result = {"measured": _peak_rss_bytes() - baseline, "baseline": baseline, "seconds": round(seconds, 2)}
+    result = {"measured": _peak_rss_bytes() - baseline, "in_use": in_use.stop(), "baseline": baseline,
+              "seconds": round(seconds, 2)}
     if device.startswith("cuda"):
         result["cuda_allocated"] = torch.cuda.max_memory_allocated()
     return result
@@ -390,12 +435,16 @@ def markdown(rows: list[dict], device: str) -> str:
     names = {"emloc": "EMLoC", "lora": "LoRA (full model)", "inference": "plain inference"}
     lines = [f"Device {device}, {platform.processor() or platform.machine()}, torch {torch.__version__}; GiB; "
              "error = predicted / measured - 1", "",
-             "| model | phase | method | predicted | measured | error % |", "|---|---|---|---:|---:|---:|"]
+             "| model | phase | method | predicted | measured | error % | malloc in use | error % |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         measured = r.get("cuda_allocated", r["measured"]) if device != "cpu" else r["measured"]
         error = 100 * (r["predicted"] / measured - 1) if measured > 0 else float("nan")
+        in_use = r.get("in_use")
+        held = (f"{in_use / GiB:.2f} | {100 * (r['predicted'] / in_use - 1):+.1f}" if in_use and device == "cpu"
+                else "- | -")
         lines.append(f"| {r['model']} | {r['phase']} | {names[r['method']]} | {r['predicted'] / GiB:.2f} | "
-                     f"{measured / GiB:.2f} | {error:+.1f} |")
+                     f"{measured / GiB:.2f} | {error:+.1f} | {held} |")
     return "\n".join(lines)
 
 
