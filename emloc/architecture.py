@@ -30,6 +30,7 @@ class BlockStack:
     saved_fp32_per_token: int = 0  # a32: float32 elements it saves per token (upcast norms, attention log-sum-exp)
     streams: int = 1  # parallel token streams with their own layers (FLUX double blocks: image and text, 2)
     kv_per_token: int = 0  # KV-cache elements per token per block at generation (2 x kv heads x head dim)
+    widest_per_token: int = 0  # w: elements per token of the widest tensor a block computes (MLP hidden)
 
 
 @dataclass(frozen=True)

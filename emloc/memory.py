@@ -16,7 +16,8 @@ residual stream, L = blocks in a stack, a = activation elements one block saves 
                targets (PEFT casts each LoRA input to float32 and saves it and x·Aᵀ; a float32 model's LoRA
                saves the base layer's own input: targets reading one tensor count it once, see lora_input_groups);
                no checkpointing: Σ B·n·L·s; checkpointing: Σ B·n·L·h·b (block inputs) + max B·n·s (one block
-               recomputed) + B·n·(rotary cos/sin every checkpoint holds, once)
+               recomputed) + B·n·(rotary cos/sin every checkpoint holds, once); backward (one block): the
+               gradients of a block's widest tensor, 2·B·n·w·b (w: its elements per token, the MLP hidden)
   logits       B·n·V·(b + LOSS_BYTES_PER_LOGIT) for a model with an LM head (V = vocabulary)
   overhead     RUNTIME_OVERHEAD_BYTES (CUDA context + caching-allocator slack), in every phase's total
 
@@ -277,23 +278,29 @@ def _training_activations(run: _Run) -> dict[str, float]:
         lora[stack] = max(lora.get(stack, 0), size)
     outside = any(t.stack is None for t in run.targets)
     first = 0 if outside else next((i for i, st in enumerate(arch.stacks) if st.name in lora), len(arch.stacks))
-    stored = recompute = frozen = 0
+    stored = recompute = frozen = backward = 0
     for i, st in enumerate(arch.stacks):
         n, blocks = s.batch_size * run.tokens[st.tokens], run.summary.blocks_in(st.name)
         per_token = activation_bytes_per_token(st, b, lora.get(st.name, 0))
         if i < first:
             frozen = max(frozen, n * per_token)  # no grad: one block's working set at a time
-        elif s.gradient_checkpointing:
+            continue
+        if s.gradient_checkpointing:
             stored += n * blocks * st.hidden * b
             recompute = max(recompute, n * per_token)
         else:
             stored += n * blocks * per_token
+        # backward through a block holds the gradient of its widest tensor and the one it is turned into (FLUX
+        # single block: d(attention ‖ MLP hidden), then d(MLP pre-activation)) while the block's saved tensors
+        # still live. Measured (malloc in-use, float32, 1 + 1 FLUX blocks): the step peaks there, 0.11 / 0.20 GiB
+        # above the other terms at 256 / 512 px; this term is 0.06 / 0.15 of it (the rest does not grow with n)
+        backward = max(backward, 2 * n * st.widest_per_token * b)
     if s.gradient_checkpointing and stored:  # measured: 10% of the checkpoints' inputs in a 2-layer Qwen2 of width 64
         stored += s.batch_size * run.tokens["all"] * (arch.shared_per_token * b + 4 * arch.shared_fp32_per_token)
     logits = s.batch_size * run.tokens["all"] * arch.vocab_size * (b + LOSS_BYTES_PER_LOGIT)
     if frozen > stored + recompute + logits:
         return {"activations (frozen forward)": frozen}
-    return {"activations": stored, "recompute one block": recompute, "logits": logits}
+    return {"activations": stored, "recompute one block": recompute, "backward (one block)": backward, "logits": logits}
 
 
 def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimate:

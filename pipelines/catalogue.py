@@ -106,8 +106,11 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
     fp32 = 2 * h + 3 * heads + 2 * head_dim
     return ArchitectureSpec(
         family="flux",
-        stacks=(BlockStack("double blocks", "transformer_blocks", h, "all", FLUX_DOUBLE_SAVED_PER_H * h, fp32, streams=2),
-                BlockStack("single blocks", "single_transformer_blocks", h, "all", FLUX_SINGLE_SAVED_PER_H * h, fp32)),
+        # widest: the MLP hidden (4h); in a single block the attention output and the MLP hidden concatenated (5h)
+        stacks=(BlockStack("double blocks", "transformer_blocks", h, "all", FLUX_DOUBLE_SAVED_PER_H * h, fp32, streams=2,
+                           widest_per_token=4 * h),
+                BlockStack("single blocks", "single_transformer_blocks", h, "all", FLUX_SINGLE_SAVED_PER_H * h, fp32,
+                           widest_per_token=5 * h)),
         default_compress=(FLUX_COMPRESS,), default_lora_targets=FLUX_LORA,
         text_tokens=text_tokens, pixels_per_token=16, components=components,
         lora_input_groups=(r"attn\.(to_q|to_k|to_v)|proj_mlp", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
@@ -131,9 +134,10 @@ def vlm_architecture(config: dict) -> ArchitectureSpec:
     side = vision.get("image_size", [448, 448])[0] // vision.get("patch_size", [14, 14])[0]
     return ArchitectureSpec(
         family="vlm",
-        stacks=(BlockStack("vision layers", "model.vision_tower.encoder.layer", hv, "vision", 9 * hv + 2 * iv),
+        stacks=(BlockStack("vision layers", "model.vision_tower.encoder.layer", hv, "vision", 9 * hv + 2 * iv,
+                           widest_per_token=iv),
                 BlockStack("language layers", "model.language_model.layers", h, "text", 2 * h + 2 * kv + 3 * i + 2 * head_dim,
-                           2 * h + heads + 2, kv_per_token=2 * kv)),
+                           2 * h + heads + 2, kv_per_token=2 * kv, widest_per_token=i)),
         default_compress=(LANGUAGE_LINEARS, VISION_LINEARS), default_lora_targets=(LORA_TARGETS,),
         vision_tokens_per_tile=side * side + 1,
         image_tokens_per_tile=int(config.get("image_seq_length", round((side * config.get("downsample_ratio", 0.5)) ** 2))),
