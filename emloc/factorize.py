@@ -55,15 +55,26 @@ class Whitening:
         return (m / self.sqrt_l) @ self.q.T
 
 
+def _energy_scale(c: torch.Tensor) -> torch.Tensor:
+    """`trace(C)/in`, the scale both factorisations divide C by; a ValueError when C holds no energy."""
+    scale = torch.trace(c) / c.shape[0]
+    if not torch.isfinite(scale) or scale <= 0:
+        raise ValueError("calibration second moment has no positive energy (all inputs were zero?)")
+    return scale
+
+
+def _top_eigen(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` leading eigenvectors of a symmetric Gram matrix and the square roots of their eigenvalues
+    (the singular values), largest first."""
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+    return vectors[:, -rank:].flip(-1), eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()
+
+
 def whitening(second_moment: torch.Tensor) -> Whitening:
     """Eigen-decompose the calibration second moment `C` into a whitening transform `S`, `S Sᵀ ≈ C`."""
     c = second_moment.float()
-    n = c.shape[0]
     c = (c + c.T) * 0.5  # accumulated in floating point, C is symmetric only up to rounding
-    scale = torch.trace(c) / n
-    if not torch.isfinite(scale) or scale <= 0:
-        raise ValueError("calibration second moment has no positive energy (all inputs were zero?)")
-    eigenvalues, q = torch.linalg.eigh(c / scale)
+    eigenvalues, q = torch.linalg.eigh(c / _energy_scale(c))
     eigenvalues = eigenvalues.clamp_min(EIGEN_FLOOR * eigenvalues.max().clamp_min(1e-30))
     return Whitening(q=q, sqrt_l=eigenvalues.sqrt())
 
@@ -87,10 +98,7 @@ def _gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     # loses the smallest singular values in float32, but those are exactly the ones truncated away.
     out_f, in_f = m.shape
     wide = out_f <= in_f
-    gram = m @ m.T if wide else m.T @ m  # (small, small)
-    eigenvalues, vectors = torch.linalg.eigh(gram)
-    vectors = vectors[:, -rank:].flip(-1)  # eigh sorts ascending; keep the largest k
-    sigma = eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()
+    vectors, sigma = _top_eigen(m @ m.T if wide else m.T @ m, rank)  # (small, small)
     safe = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7)
     if wide:
         return vectors, sigma, (m.T @ vectors) / safe  # V_k = Mᵀ U_k Σ_k⁻¹
@@ -127,17 +135,13 @@ def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int)
     eigenvalues by a relative 1e-6 and, like the clamp, keeps unseen input directions weighted).
     """
     c = second_moment.to(w.device).float()  # no copy for float32 statistics on the compute device
-    scale = torch.trace(c) / c.shape[0]
-    if not torch.isfinite(scale) or scale <= 0:
-        raise ValueError("calibration second moment has no positive energy (all inputs were zero?)")
+    scale = _energy_scale(c)
     floor = EIGEN_FLOOR * _power_max_eigenvalue(c) / scale
     g = (w @ c) @ w.T  # (out, out); symmetrising g symmetrises C (C is symmetric only up to rounding)
     del c
     g = (g + g.T) * (0.5 / scale)
     g += floor * (w @ w.T)  # W (C/scale + floor·I) Wᵀ
-    eigenvalues, vectors = torch.linalg.eigh(g)
-    u_k = vectors[:, -rank:].flip(-1)  # eigh sorts ascending; keep the largest k
-    sigma = eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()
+    u_k, sigma = _top_eigen(g, rank)
     root = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7).sqrt()
     return u_k * root, (u_k.T @ w) / root[:, None]
 
