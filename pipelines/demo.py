@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import demo_data as data
-from .offline_tokenizers import byte_clip_tokenizer, internvl_chat_tokenizer, internvl_image_processor
+from .offline_tokenizers import (byte_clip_tokenizer, internvl_chat_tokenizer, internvl_image_processor, save_internvl,
+                                 small_internvl)
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +215,19 @@ def build_flux(settings: DemoSettings, folder: Path = FLUX_DIR) -> dict:
     pipe = FluxPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     train_flux_transformer(pipe, settings)
-    staging = scratch / "model"
-    pipe.save_pretrained(str(staging), safe_serialization=True)
+    pipe.save_pretrained(str(scratch / "model"), safe_serialization=True)
+    return _install(scratch, folder, settings, evaluate_flux_demo)
+
+
+def _install(scratch: Path, folder: Path, settings: DemoSettings, evaluate, app: dict | None = None) -> dict:
+    """Move the model saved in `scratch/model` to `folder` (replacing the old demo), drop the scratch folder,
+    evaluate it and write `demo.json` (build settings, evaluation and what the app should suggest)."""
     shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    (scratch / "model").rename(folder)
     shutil.rmtree(scratch, ignore_errors=True)
-    result = evaluate_flux_demo(folder, seed=settings.seed)
-    (folder / "demo.json").write_text(json.dumps({"settings": asdict(settings), "evaluation": result}, indent=2))
+    result = evaluate(folder, seed=settings.seed)
+    doc = {"settings": asdict(settings), "evaluation": result, **({"app": app} if app else {})}
+    (folder / "demo.json").write_text(json.dumps(doc, indent=2))
     return result
 
 
@@ -245,21 +252,8 @@ def vlm_image_processor():
 
 def vlm_model(tokenizer, seed: int):
     """InternVLForConditionalGeneration: 2-layer ViT (width 64) + 3-layer Qwen2 (width 128), seeded."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    config = InternVLConfig(
-        text_config={"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
-                     "max_position_embeddings": 512, "tie_word_embeddings": True,
-                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": [VLM_IMAGE_SIZE, VLM_IMAGE_SIZE], "patch_size": [VLM_PATCH, VLM_PATCH]},
-        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return small_internvl(tokenizer, seed, text=(128, 256, 3), vision=(64, 128, 2), image_size=VLM_IMAGE_SIZE,
+                          patch=VLM_PATCH, max_positions=512)
 
 
 def vlm_samples(count: int, seed: int, image_folder: Path):
@@ -287,12 +281,7 @@ def vlm_samples(count: int, seed: int, image_folder: Path):
 
 
 def save_vlm(model, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    vlm_image_processor().save_pretrained(folder)
-    tokens = (VLM_IMAGE_SIZE // VLM_PATCH) ** 2 // 4
-    (folder / "processor_config.json").write_text(json.dumps(
-        {"image_seq_length": tokens, "processor_class": "InternVLProcessor"}, indent=2))
+    save_internvl(model, tokenizer, vlm_image_processor(), folder, (VLM_IMAGE_SIZE // VLM_PATCH) ** 2 // 4)
 
 
 # What the app suggests for a run on the InternVL demo (demo.json "app", read by app/handlers.default_settings).
@@ -330,13 +319,7 @@ def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval().requires_grad_(False)
     save_vlm(model, tokenizer, scratch / "model")
-    shutil.rmtree(folder, ignore_errors=True)
-    (scratch / "model").rename(folder)
-    shutil.rmtree(scratch, ignore_errors=True)
-    result = evaluate_vlm_demo(folder, seed=settings.seed)
-    (folder / "demo.json").write_text(json.dumps({"settings": asdict(settings), "evaluation": result,
-                                                  "app": VLM_APP_SETTINGS}, indent=2))
-    return result
+    return _install(scratch, folder, settings, evaluate_vlm_demo, app=VLM_APP_SETTINGS)
 
 
 # ============================================================================================ CLI

@@ -2,8 +2,9 @@
 
 Nothing here downloads: a byte-level CLIPTokenizer that FluxPipeline accepts (the 256 byte symbols,
 the same with `</w>`, start/end tokens, a merges.txt holding only its header), a ChatML byte-level BPE
-with InternVL's image tokens as attributes (what transformers' InternVL conversion writes), and the
-PIL image processor InternVL checkpoints use when there is no torchvision.
+with InternVL's image tokens as attributes (what transformers' InternVL conversion writes), the
+PIL image processor InternVL checkpoints use when there is no torchvision, and the small seeded
+InternVL (ViT + Qwen2) these go with, saved as a complete checkpoint folder.
 """
 
 from __future__ import annotations
@@ -60,3 +61,37 @@ def internvl_image_processor(size: int):
 
     return GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=False,
                                     min_patches=1, max_patches=12)
+
+
+def small_internvl(tokenizer, seed: int, text: tuple[int, int, int], vision: tuple[int, int, int], image_size: int,
+                   patch: int, max_positions: int):
+    """A seeded InternVLForConditionalGeneration with a tied-head Qwen2 and a ViT; `text` and `vision` are
+    (hidden size, intermediate size, layers); 4 text heads (2 KV), 2 vision heads, pixel shuffle 0.5."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    (h, i, layers), (hv, iv, vision_layers) = text, vision
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "max_position_embeddings": max_positions, "tie_word_embeddings": True,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": hv, "intermediate_size": iv, "num_hidden_layers": vision_layers,
+                       "num_attention_heads": 2, "image_size": [image_size, image_size], "patch_size": [patch, patch]},
+        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_internvl(model, tokenizer, image_processor, folder: Path, image_seq_length: int) -> Path:
+    """Write `model` as a complete InternVL checkpoint folder (safetensors, tokenizer, image processor)."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_seq_length": image_seq_length, "processor_class": "InternVLProcessor"}, indent=2))
+    return folder

@@ -8,13 +8,13 @@ processor_config.json), so the backend's real loading code reads it like a hub c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from pipelines.offline_tokenizers import internvl_chat_tokenizer, internvl_image_processor
+from pipelines.offline_tokenizers import (internvl_chat_tokenizer, internvl_image_processor, save_internvl,
+                                         small_internvl)
 
 IMAGE_SIZE, PATCH = 32, 8  # (32/8)² = 16 patches -> pixel shuffle 0.5 -> 4 image tokens per tile
 IMAGE_SEQ_LENGTH = 4
@@ -34,36 +34,18 @@ def build_image_processor():
 
 def build_tiny_internvl(tokenizer, seed: int = 0):
     """InternVLForConditionalGeneration: 2-layer ViT (hidden 32) + 2-layer Qwen2 (hidden 64), random weights."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    config = InternVLConfig(
-        text_config={"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
-                     "max_position_embeddings": 1024, "tie_word_embeddings": True,
-                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": [IMAGE_SIZE, IMAGE_SIZE], "patch_size": [PATCH, PATCH]},
-        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
+    model = small_internvl(tokenizer, seed, text=(64, 128, 2), vision=(32, 64, 2), image_size=IMAGE_SIZE, patch=PATCH,
+                           max_positions=1024).eval()
     with torch.no_grad():  # at std 0.02 the tied head's logits span ~1 nat: nothing could be learned in a test
         model.get_input_embeddings().weight.normal_(0.0, 0.2)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
 def save_tiny_internvl(folder: str | Path, seed: int = 0) -> Path:
     """Write a complete tiny InternVL checkpoint folder (safetensors) and return its path."""
-    folder = Path(folder)
     tokenizer = build_tokenizer()
-    model = build_tiny_internvl(tokenizer, seed)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    build_image_processor().save_pretrained(folder)
-    (folder / "processor_config.json").write_text(json.dumps(
-        {"image_seq_length": IMAGE_SEQ_LENGTH, "processor_class": "InternVLProcessor"}, indent=2))
-    return folder
+    return save_internvl(build_tiny_internvl(tokenizer, seed), tokenizer, build_image_processor(), folder,
+                         IMAGE_SEQ_LENGTH)
 
 
 def write_colour_images(folder: str | Path) -> list[tuple[str, str, str]]:
