@@ -27,6 +27,15 @@ THEME = gr.themes.Soft(primary_hue="teal", font=["ui-sans-serif", "system-ui", "
                        font_mono=["ui-monospace", "monospace"])
 
 
+def _upload_panel(task: str, noun: str, gallery_height: int) -> tuple[gr.File, gr.Gallery, gr.Button]:
+    """A task's drop zone, the gallery of what it holds and the button that removes the selected item."""
+    upload = gr.File(file_count="multiple", label=f"Drop {noun}s here, or click to choose", elem_id=f"{task}-upload",
+                     height=120)
+    gallery = gr.Gallery(label=f"Your {noun}s (click one to select it)", columns=8, height=gallery_height,
+                         allow_preview=False, fit_columns=False, elem_id=f"{task}-gallery")
+    return upload, gallery, gr.Button(f"Remove the selected {noun}", size="sm")
+
+
 def build(studio: Studio) -> gr.Blocks:
     """The whole page bound to `studio` (one per process: it owns the background job)."""
     first = handlers.model_choices("flux", studio.demo_models)
@@ -59,12 +68,7 @@ def build(studio: Studio) -> gr.Blocks:
                         with gr.Column(visible=True) as flux_box:
                             gr.Markdown("Add **3 to 50 photos** of your subject (JPEG, PNG or WebP), and the prompt "
                                         "that names it with a rare trigger word.")
-                            flux_upload = gr.File(file_count="multiple", label="Drop photos here, or click to choose",
-                                                  elem_id="flux-upload", height=120)
-                            flux_gallery = gr.Gallery(label="Your photos (click one to select it)", columns=8,
-                                                      height=220, allow_preview=False, fit_columns=False,
-                                                      elem_id="flux-gallery")
-                            flux_remove = gr.Button("Remove the selected photo", size="sm")
+                            flux_upload, flux_gallery, flux_remove = _upload_panel("flux", "photo", gallery_height=220)
                             with gr.Row():
                                 trigger = gr.Textbox("sks", label="Trigger word", scale=1)
                                 prompt = gr.Textbox("a photo of sks dog", label="Prompt (must contain the trigger word)",
@@ -75,12 +79,7 @@ def build(studio: Studio) -> gr.Blocks:
                         with gr.Column(visible=False) as vlm_box:
                             gr.Markdown("Add your **images** and a **question and answer** for each (the table), or "
                                         "import a .jsonl / .csv file with the columns image, question, answer.")
-                            vlm_upload = gr.File(file_count="multiple", label="Drop images here, or click to choose",
-                                                 elem_id="vlm-upload", height=120)
-                            vlm_gallery = gr.Gallery(label="Your images (click one to select it)", columns=8,
-                                                     height=180, allow_preview=False, fit_columns=False,
-                                                     elem_id="vlm-gallery")
-                            vlm_remove = gr.Button("Remove the selected image", size="sm")
+                            vlm_upload, vlm_gallery, vlm_remove = _upload_panel("vlm", "image", gallery_height=180)
                             qa_import = gr.File(label="Import questions and answers (.jsonl or .csv)",
                                                 elem_id="qa-import", height=140)
                             qa_table = gr.Dataframe(headers=["image", "question", "answer"], column_count=3,

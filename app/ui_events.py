@@ -163,20 +163,16 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     on(c.next_model.click, go_data, [c.task, c.model], [c.wizard, c.msg_model])
 
     # -- 2. data -------------------------------------------------------------------------------------
-    def on_flux_upload(images, files, captions):
-        images, message = handlers.add_images(images, files, "flux")
-        return (images, handlers.gallery_items(images), handlers.caption_rows(images, captions), None,
-                say(message, good="- " not in message))
+    def on_upload(task, table_rows):
+        """The upload handler of one task's panel: add the files, then the gallery and the table that follow."""
+        def handler(images, files, table):
+            images, message = handlers.add_images(images, files, task)
+            return images, handlers.gallery_items(images), table_rows(images, table), None, say(message, good="- " not in message)
+        return handler
 
-    on(c.flux_upload.upload, on_flux_upload, [c.flux_images, c.flux_upload, c.captions],
+    on(c.flux_upload.upload, on_upload("flux", handlers.caption_rows), [c.flux_images, c.flux_upload, c.captions],
        [c.flux_images, c.flux_gallery, c.captions, c.flux_upload, c.msg_data])
-
-    def on_vlm_upload(images, files, table):
-        images, message = handlers.add_images(images, files, "vlm")
-        return (images, handlers.gallery_items(images), handlers.qa_rows_for_images(images, table), None,
-                say(message, good="- " not in message))
-
-    on(c.vlm_upload.upload, on_vlm_upload, [c.vlm_images, c.vlm_upload, c.qa_table],
+    on(c.vlm_upload.upload, on_upload("vlm", handlers.qa_rows_for_images), [c.vlm_images, c.vlm_upload, c.qa_table],
        [c.vlm_images, c.vlm_gallery, c.qa_table, c.vlm_upload, c.msg_data])
 
     def on_select(evt: gr.SelectData):
