@@ -167,7 +167,8 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
         """The upload handler of one task's panel: add the files, then the gallery and the table that follow."""
         def handler(images, files, table):
             images, message = handlers.add_images(images, files, task)
-            return images, handlers.gallery_items(images), table_rows(images, table), None, say(message, good="- " not in message)
+            return (images, handlers.gallery_items(images), table_rows(images, table), None,
+                    say(message, good="- " not in message))
         return handler
 
     on(c.flux_upload.upload, on_upload("flux", handlers.caption_rows), [c.flux_images, c.flux_upload, c.captions],
