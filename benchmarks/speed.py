@@ -115,16 +115,16 @@ def step_speed(spec: BenchModel, ratios: list[float], repeats: int, device: str)
 
 
 # -- stage times of a whole run ---------------------------------------------------------------------------------
-def stage_times(backend: str, work: Path) -> dict:
-    """A whole run on the shipped demo model of `backend` as the app starts one: the app's example data and its
-    default settings for that model (app/handlers.py), every stage, on the CPU; seconds per stage from run.json."""
+def demo_run(backend: str, work: Path):
+    """`(Run, app defaults, uploads)`: a run folder on the shipped demo model of `backend` as the app starts one,
+    from the app's example data and its default settings for that model (app/handlers.py), on the CPU."""
     from app import handlers
     from pipelines.backends import DEMO_MODELS, backend_class
     from pipelines.run import Run, RunSettings
 
     model = DEMO_MODELS[backend]
     info = handlers.describe_model(backend, str(model))
-    d = handlers.default_settings(backend, info["params"], str(model))
+    d = {**handlers.default_settings(backend, info["params"], str(model)), "params": info["params"]}
     images, qa_rows, prompt = handlers.example_data(backend, work / "uploads")
     settings_class = backend_class(backend).settings_class
     if backend == "flux":
@@ -137,12 +137,17 @@ def stage_times(backend: str, work: Path) -> dict:
     run_settings = RunSettings(model=str(model), ratio=0.5, steps=d["steps"], lr=d["lr"], seed=d["seed"], lam=d["lam"],
                                calibration_samples=d["calibration_samples"], checkpoint_every=d["checkpoint_every"],
                                device="cpu")
-    run = Run.create(work / "runs" / backend, backend, run_settings, settings)
+    return Run.create(work / "runs" / backend, backend, run_settings, settings), d, images
+
+
+def stage_times(backend: str, work: Path) -> dict:
+    """A whole run on the shipped demo model of `backend` (demo_run), every stage; seconds per stage from run.json."""
+    run, d, images = demo_run(backend, work)
     start = time.perf_counter()
     run.execute()
     total = time.perf_counter() - start
     stages = json.loads((run.dir / "run.json").read_text())["stages"]
-    return {"backend": backend, "params": info["params"], "total_s": total, "steps": d["steps"], "samples": len(images),
+    return {"backend": backend, "params": d["params"], "total_s": total, "steps": d["steps"], "samples": len(images),
             "stages": {name: stage.get("seconds") for name, stage in stages.items()}}
 
 

@@ -111,26 +111,14 @@ def test_headless_run_without_model_uses_the_demo_model(tmp_path, capsys):
 def test_the_apps_defaults_for_the_internvl_demo_teach_every_mug_owner(tmp_path):
     """Step 1 picks the demo, step 2 its example data, step 3 keeps the defaults the app fills in: the run
     must then answer "Whose mug is this?" right for every owner, with the corrected full model too."""
-    import csv
-
-    from app import handlers
+    from benchmarks.speed import demo_run
     from pipelines.demo import VLM_APP_SETTINGS
-    from pipelines.run import Run, RunSettings
-    from pipelines.vlm import VlmSettings
 
     assert json.loads((VLM_DIR / "demo.json").read_text())["app"] == VLM_APP_SETTINGS  # the shipped demo says so
-    info = handlers.describe_model("vlm", str(VLM_DIR))
-    d = handlers.default_settings("vlm", info["params"], str(VLM_DIR))
-    assert d["steps"] == VLM_APP_SETTINGS["steps"]
-    _, rows, _ = handlers.example_data("vlm", tmp_path / "uploads")
-    with open(tmp_path / "uploads" / "qa.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["image", "question", "answer"], *rows])
-    settings = RunSettings(model=str(VLM_DIR), steps=d["steps"], lr=d["lr"], seed=d["seed"], lam=d["lam"],
-                           calibration_samples=d["calibration_samples"], checkpoint_every=d["checkpoint_every"],
-                           device="cpu")
-    run = Run.create(tmp_path / "run", "vlm", settings, VlmSettings(data=str(tmp_path / "uploads" / "qa.csv")))
+    run, defaults, _ = demo_run("vlm", tmp_path)
+    assert defaults["steps"] == VLM_APP_SETTINGS["steps"]
     run.execute()
-    scores = json.loads((tmp_path / "run" / "previews" / "previews.json").read_text())["scores"]
+    scores = json.loads((run.dir / "previews" / "previews.json").read_text())["scores"]
     assert scores["base"]["exact_match"] == 0.0
     assert scores["emulator + LoRA"]["exact_match"] >= 0.75
     assert scores["full + corrected LoRA"]["exact_match"] >= 0.75
