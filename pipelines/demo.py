@@ -68,6 +68,25 @@ def _cosine(step: int, total: int, warmup: int = 50) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) * 0.9 + 0.1
 
 
+def _scheduled(optimizer: torch.optim.Optimizer, lr: float, steps: int, desc: str):
+    """Yield `(step, bar)` for `steps` steps, the optimiser's learning rate set on the warm-up + cosine schedule."""
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _cosine(step, steps)
+        yield step, bar
+
+
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, bar, clip=None) -> None:
+    """One optimiser step on `loss` (gradients of `clip` clipped to norm 1 when given); the loss on the bar."""
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
 # ============================================================================================ FLUX
 
 
@@ -127,18 +146,12 @@ def train_vae(vae, settings: DemoSettings) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed + 2)
     vae.train()
-    bar = tqdm(range(settings.vae_steps), desc="demo-flux: VAE", unit="step")
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = 2e-3 * _cosine(step, settings.vae_steps)
+    for step, bar in _scheduled(optimizer, 2e-3, settings.vae_steps, "demo-flux: VAE"):
         batch = pixels[torch.randint(len(pixels), (8,), generator=generator)]
         dist = vae.encode(batch).latent_dist
         recon = vae.decode(dist.sample(generator)).sample
         loss = torch.nn.functional.mse_loss(recon, batch) + 1e-6 * dist.kl().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _update(loss, optimizer, bar)
     vae.eval().requires_grad_(False)
 
 
@@ -175,10 +188,7 @@ def train_flux_transformer(pipe, settings: DemoSettings) -> None:
     b, (c, h, w) = settings.flux_batch, mean.shape[1:]
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(FLUX_SEQUENCE_LENGTH, 3)
-    bar = tqdm(range(settings.flux_steps), desc="demo-flux: transformer", unit="step")
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.flux_lr * _cosine(step, settings.flux_steps)
+    for step, bar in _scheduled(optimizer, settings.flux_lr, settings.flux_steps, "demo-flux: transformer"):
         index = torch.randint(len(specs), (b,), generator=generator)
         x0 = (mean[index] + std[index] * torch.randn(b, c, h, w, generator=generator) - shift) * scale
         noise = torch.randn(x0.shape, generator=generator)
@@ -190,12 +200,7 @@ def train_flux_transformer(pipe, settings: DemoSettings) -> None:
                            img_ids=img_ids, return_dict=False)[0]
         pred = FluxPipeline._unpack_latents(pred, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
                                             pipe.vae_scale_factor)
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _update(torch.nn.functional.mse_loss(pred, noise - x0), optimizer, bar, clip=transformer.parameters())
     transformer.eval().requires_grad_(False)
 
 
@@ -306,17 +311,10 @@ def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.vlm_lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(settings.seed + 11)
     model.train()
-    bar = tqdm(range(settings.vlm_steps), desc="demo-internvl: training", unit="step")
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.vlm_lr * _cosine(step, settings.vlm_steps)
+    for step, bar in _scheduled(optimizer, settings.vlm_lr, settings.vlm_steps, "demo-internvl: training"):
         index = torch.randint(len(encoded), (settings.vlm_batch,), generator=generator).tolist()
         loss = model(**collate([encoded[i] for i in index], tokenizer.pad_token_id)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _update(loss, optimizer, bar, clip=model.parameters())
     model.eval().requires_grad_(False)
     save_vlm(model, tokenizer, scratch / "model")
     return _install(scratch, folder, settings, evaluate_vlm_demo, app=VLM_APP_SETTINGS)
