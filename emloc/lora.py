@@ -24,7 +24,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .emulator import LowRankLinear
+from .lowrank import LowRankLinear
 from .rules import factor_names
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

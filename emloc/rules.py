@@ -13,6 +13,8 @@ from typing import Iterable, Sequence, Union
 
 from torch import nn
 
+from .lowrank import LowRankLinear
+
 Rule = tuple[str, float]
 RuleLike = Union[str, tuple[str, float], Sequence]
 
@@ -69,8 +71,6 @@ def match_rule(name: str, rules: Sequence[Rule]) -> Rule | None:
 
 def factor_names(model: nn.Module) -> set[str]:
     """Names of the `.u`/`.v` factor Linears inside every LowRankLinear: never a compression or LoRA target."""
-    from .emulator import LowRankLinear  # local: emulator imports this module
-
     return {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("u", "v")}
 
 

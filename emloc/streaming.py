@@ -21,7 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import collect_input_stats
-from .emulator import DEFAULT_SOLVER, EmulatorBuild, EmulatorReport, LowRankLinear, set_submodule
+from .emulator import EmulatorBuild, EmulatorReport, set_submodule
+from .factorize import DEFAULT_SOLVER
+from .lowrank import LowRankLinear
 from .rules import RuleLike
 
 DEFAULT_MAX_STATS_BYTES = 4 << 30
