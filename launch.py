@@ -16,9 +16,9 @@ import sys
 # subcommand -> "module:function(argv) -> exit code"
 COMMANDS = {
     "app": "app.main:main",
-    "plan": "pipelines.plan_cli:main",
-    "train": "pipelines.cli:main",
-    "preview": "pipelines.cli:preview",
+    "plan": "pipelines.planner.cli:main",
+    "train": "pipelines.runner.cli:main",
+    "preview": "pipelines.runner.cli:preview",
 }
 
 

@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.data import DataError, ImageLimits, check_image
-from pipelines.diffusion import IMAGE_LIMITS as FLUX_LIMITS
-from pipelines.planning import METHOD_NAMES, PHASE_NAMES, PlanSettings, plan_run
-from pipelines.vlm_data import IMAGE_LIMITS as VLM_LIMITS
+from pipelines.runner.data import DataError, ImageLimits, check_image
+from pipelines.flux.backend import IMAGE_LIMITS as FLUX_LIMITS
+from pipelines.planner.planning import METHOD_NAMES, PHASE_NAMES, PlanSettings, plan_run
+from pipelines.internvl.data import IMAGE_LIMITS as VLM_LIMITS
 
 from .plots import Bar, memory_chart
 
@@ -58,7 +58,7 @@ def detect_device() -> dict:
 
 def model_choices(task: str, demo: dict[str, Path] | None = None) -> list[tuple[str, str]]:
     """(label, value) of the models offered for `task`: the demo model first, then the catalogue."""
-    from pipelines.catalogue import catalogue
+    from pipelines.planner.catalogue import catalogue
 
     demo = demo or DEMO_MODELS
     choices = []
@@ -76,7 +76,7 @@ def describe_model(task: str, model: str) -> dict:
 
     Raises ValueError when the model is unknown or belongs to the other task.
     """
-    from pipelines.catalogue import load_meta_model
+    from pipelines.planner.catalogue import load_meta_model
 
     model = (model or "").strip()
     if not model:
@@ -112,7 +112,8 @@ def default_settings(task: str, params: float, model: str = "") -> dict:
         base.update(resolution=32 if small else 512, preview_steps=4 if small else 0,
                     max_sequence_length=16 if small else 0)
         if model and (Path(model) / "demo.json").is_file():  # the demo is trained and sampled at these sizes
-            from pipelines import demo, demo_data
+            from pipelines import demo
+            from pipelines.demo import data as demo_data
 
             base.update(resolution=demo_data.IMAGE_SIZE, preview_steps=demo.FLUX_SAMPLE_STEPS,
                         max_sequence_length=demo.FLUX_SEQUENCE_LENGTH)
@@ -127,11 +128,11 @@ def default_settings(task: str, params: float, model: str = "") -> dict:
 
 
 def example_data(task: str, folder: Path) -> tuple[list[dict], list[list[str]], str]:
-    """Example uploads for the demo models (pipelines/demo_data.py): (images, QA rows, prompt).
+    """Example uploads for the demo models (pipelines/demo/data.py): (images, QA rows, prompt).
 
     FLUX: 5 photos of the demo subject (a teal cross); InternVL: 8 mugs and whose they are.
     """
-    from pipelines import demo_data
+    from pipelines.demo import data as demo_data
 
     folder.mkdir(parents=True, exist_ok=True)
     if task == "flux":
@@ -291,7 +292,7 @@ def qa_rows_for_images(images: list[dict], table: Any) -> list[list[str]]:
 
 def stage_vlm_data(images: list[dict], table: Any, folder: Path) -> dict:
     """Check the question/answer table against the uploaded images and write qa.jsonl into `folder`."""
-    from pipelines.vlm_data import pairs_to_samples, write_qa_jsonl
+    from pipelines.internvl.data import pairs_to_samples, write_qa_jsonl
 
     by_name = {item["name"]: item["path"] for item in images or []}
     rows = [row + [""] * (3 - len(row)) for row in table_rows(table) if any(row)]
@@ -350,8 +351,8 @@ def check_data(task: str, model: str, images: list[dict], prompt: str, trigger: 
     """Check step 2 as the run will (in a temporary folder, removed after); returns a summary in words."""
     import tempfile
 
-    from pipelines.backends import backend_class
-    from pipelines.run import RunSettings
+    from pipelines.runner.registry import backend_class
+    from pipelines.runner import RunSettings
 
     folder = Path(tempfile.mkdtemp(prefix="emloc-check-")) / "data"
     try:

@@ -2,7 +2,7 @@
 
 The job belongs to the app's process, not to a browser tab: closing the page does not stop it, and
 any page that opens later reads the same `JobStatus` (the UI polls it with a timer). The worker
-subscribes to the run machine's `Progress` events (pipelines/run.py) and keeps what the page shows:
+subscribes to the run machine's `Progress` events (pipelines/runner/machine.py) and keeps what the page shows:
 the stage, step X of Y, the loss curve, the ETA and a log in words. Cancel sets the run's
 `cancel_event`; the run machine stops between two steps and keeps everything done so far.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipelines.run import Progress, Run, RunCancelled
+from pipelines.runner import Progress, Run, RunCancelled
 
 log = logging.getLogger(__name__)
 

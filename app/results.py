@@ -11,13 +11,13 @@ import re
 import shutil
 from pathlib import Path
 
-from pipelines.run import PREVIEW_VARIANTS, RUN_FILE
+from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE
 
 SHOWN = PREVIEW_VARIANTS[:3]  # base | emulator + LoRA | full + corrected LoRA; the uncorrected one on request
 
 
 def _slug(text: str) -> str:
-    """File-name form of a variant label, as pipelines/flux_export.py names the preview files."""
+    """File-name form of a variant label, as pipelines/flux/export.py names the preview files."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 

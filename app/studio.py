@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.backends import backend_class
-from pipelines.data import DataError
-from pipelines.run import LOSS_LOG, RUN_FILE, STAGES, Run, RunSettings
+from pipelines.runner.registry import backend_class
+from pipelines.runner.data import DataError
+from pipelines.runner import LOSS_LOG, RUN_FILE, STAGES, Run, RunSettings
 
 from . import handlers, results
 from .jobs import JobBusy, JobManager, JobStatus

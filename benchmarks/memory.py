@@ -7,7 +7,7 @@ transformer at full width 3072 with 1 double and 1 single block (256 T5 tokens) 
 InternVL3-1B's shapes with fewer layers (--vlm-layers, default 6 language + 6 vision layers). Every phase
 (calibration, emulator construction, a few training steps, correction, preview) and the alternatives
 (LoRA on the full model, plain inference) runs in its own process, as the run machine's stages do
-(pipelines/stages.py), so peaks never mix. Measured: the process's peak resident memory (ru_maxrss) minus
+(pipelines/runner/stages.py), so peaks never mix. Measured: the process's peak resident memory (ru_maxrss) minus
 its resident memory after imports; on CUDA torch.cuda.max_memory_allocated; on the CPU also the peak of what
 malloc has handed out and not had back (glibc mallinfo2, polled: the RSS without the freed heap glibc keeps). Predicted: emloc.memory's plan
 with the same settings on the same device and dtype (on the CPU: everything in one memory, no CUDA
@@ -133,9 +133,9 @@ def build(spec: BenchModel | dict, emulator: Path | None = None, seed: int = 0, 
 
 
 def enable_checkpointing(spec: BenchModel, model: nn.Module) -> None:
-    """As the backends do (pipelines/diffusion.py, pipelines/vlm.py)."""
-    from pipelines.run import Backend
-    from pipelines.vlm import VlmBackend
+    """As the backends do (pipelines/flux/backend.py, pipelines/internvl/backend.py)."""
+    from pipelines.runner import Backend
+    from pipelines.internvl.backend import VlmBackend
 
     (VlmBackend if spec.family == "vlm" else Backend).enable_gradient_checkpointing(None, model)
 
@@ -189,7 +189,7 @@ def forward(spec: BenchModel, model: nn.Module, batch: dict):
 def planner(spec: BenchModel):
     """(ModelSummary, ArchitectureSpec) of the bench model, built on the meta device as the app's planner does."""
     from emloc.architecture import summarize
-    from pipelines.catalogue import meta_model_from_bundle
+    from pipelines.planner.catalogue import meta_model_from_bundle
 
     model, arch = meta_model_from_bundle(copy.deepcopy(spec.bundle))
     return summarize(model, arch), arch

@@ -3,7 +3,7 @@ corrected do (almost) as well on the full model as LoRA trained on the full mode
 
     PYTHONPATH=. python benchmarks/quality.py [--backend flux|vlm|both] [--seeds 0,1] [--out benchmarks/out]
 
-Tasks (held-out evaluation, pipelines/demo_data.py and pipelines/demo_eval.py):
+Tasks (held-out evaluation, pipelines/demo/data.py and pipelines/demo/evaluate.py):
 - flux: teach "a sks shape" (a teal cross, a shape and colour the demo never saw) from four images;
   score = fraction of generations of "a sks shape on a white background" (16 unseen noise seeds) that the
   template matcher reads as a teal cross.
@@ -11,7 +11,7 @@ Tasks (held-out evaluation, pipelines/demo_data.py and pipelines/demo_eval.py):
   match on 6 unseen images per owner; "orig." = accuracy on the pretraining questions about unseen shapes
   after training (forgetting).
 
-Every EMLoC number goes through the run machine (pipelines/run.py: calibrate -> emulate -> train ->
+Every EMLoC number goes through the run machine (pipelines/runner/machine.py: calibrate -> emulate -> train ->
 correct); the other λ are `emloc.correct_lora` on the same trained adapter. The full-model LoRA baseline
 trains with the backend's own `training_loss`, the same optimiser, steps and per-step seeds, because the
 run machine has no "train on the full model" mode. Columns: zero-shot (the full model), LoRA on the full
@@ -42,11 +42,11 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emloc  # noqa: E402
-from pipelines import demo_data as data  # noqa: E402
-from pipelines import demo_eval  # noqa: E402
+from pipelines.demo import data  # noqa: E402
+from pipelines.demo import evaluate as demo_eval  # noqa: E402
 from pipelines.demo import FLUX_DIR, VLM_DIR  # noqa: E402
-from pipelines.run import Run, RunSettings  # noqa: E402
-from pipelines.stages import emulator_model, step_seed  # noqa: E402
+from pipelines.runner import Run, RunSettings  # noqa: E402
+from pipelines.runner.stages import emulator_model, step_seed  # noqa: E402
 
 FLUX_PROMPT = "a sks shape on a white background"
 
@@ -81,7 +81,7 @@ class Scorer:
             self.pipe = demo_eval.load_flux_demo(model)  # text encoders + VAE; the transformer is swapped
             self.seeds = list(range(5000, 5016))
         else:
-            from pipelines.vlm_data import QASample
+            from pipelines.internvl.data import QASample
 
             rows = data.write_mug_images(work / "mugs-train", per_owner=4, seed=7)
             with open(work / "mugs-train" / "qa.jsonl", "w") as f:
@@ -94,11 +94,11 @@ class Scorer:
 
     def backend_settings(self):
         if self.backend == "flux":
-            from pipelines.diffusion import FluxSettings
+            from pipelines.flux.backend import FluxSettings
 
             return FluxSettings(images=str(self.images), prompt=FLUX_PROMPT, trigger="sks", resolution=data.IMAGE_SIZE,
                                 max_sequence_length=demo_eval.FLUX_SEQUENCE_LENGTH)
-        from pipelines.vlm import VlmSettings
+        from pipelines.internvl.backend import VlmSettings
 
         return VlmSettings(data=str(self.work / "mugs-train" / "qa.jsonl"), max_new_tokens=8)
 
@@ -206,7 +206,7 @@ def benchmark(task: Task, seeds: list[int], ratios: list[float], work: Path) -> 
 
 def scorer_base(task: Task, scorer: Scorer):
     """The full model without any LoRA (zero-shot)."""
-    from pipelines.backends import backend_class
+    from pipelines.runner.registry import backend_class
 
     settings = RunSettings(model=str(task.model), device="cpu")
     return backend_class(task.backend)(settings, scorer.backend_settings(), torch.device("cpu")).load_model("cpu")

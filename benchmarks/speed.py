@@ -119,8 +119,8 @@ def demo_run(backend: str, work: Path):
     """`(Run, app defaults, uploads)`: a run folder on the shipped demo model of `backend` as the app starts one,
     from the app's example data and its default settings for that model (app/handlers.py), on the CPU."""
     from app import handlers
-    from pipelines.backends import DEMO_MODELS, backend_class
-    from pipelines.run import Run, RunSettings
+    from pipelines.runner.registry import DEMO_MODELS, backend_class
+    from pipelines.runner import Run, RunSettings
 
     model = DEMO_MODELS[backend]
     info = handlers.describe_model(backend, str(model))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.offline_tokenizers import byte_clip_tokenizer
+from pipelines.demo.offline_tokenizers import byte_clip_tokenizer
 
 
 def _t5_tokenizer():

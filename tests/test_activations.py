@@ -1,6 +1,6 @@
 """The planner's activation term against the bytes autograd really saves in one LoRA training step.
 
-Tiny FLUX and InternVL models from the catalogue's own architecture description (pipelines/catalogue.py);
+Tiny FLUX and InternVL models from the catalogue's own architecture description (pipelines/planner/catalogue.py);
 saved tensors counted with torch.autograd.graph.saved_tensors_hooks (benchmarks/activations.py), so the
 check does not depend on any allocator. The planner fails this test when a formula in emloc/memory.py or
 a per-block constant in the catalogue drifts from what the models save by more than 10%.

@@ -22,7 +22,8 @@ from PIL import Image  # noqa: E402
 
 from app.handlers import EXAMPLE_PROMPT  # noqa: E402
 from flux_fixtures import save_tiny_flux, write_subject_images  # noqa: E402
-from pipelines import demo, demo_data  # noqa: E402
+from pipelines import demo
+from pipelines.demo import data as demo_data  # noqa: E402
 from vlm_fixtures import save_tiny_internvl, write_colour_images  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

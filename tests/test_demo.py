@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import demo_data as data
-from pipelines import demo_eval
+from pipelines.demo import data
+from pipelines.demo import evaluate as demo_eval
 from pipelines.demo import FLUX_DIR, VLM_DIR
 
 
@@ -68,8 +68,8 @@ def test_shipped_demo_weights_are_small_safetensors():
 def test_flux_demo_loads_through_the_backend_and_renders_the_named_colour_and_shape():
     from diffusers import FluxTransformer2DModel
 
-    from pipelines.diffusion import FluxBackend, FluxSettings
-    from pipelines.run import RunSettings
+    from pipelines.flux.backend import FluxBackend, FluxSettings
+    from pipelines.runner import RunSettings
 
     backend = FluxBackend(RunSettings(model=str(FLUX_DIR), device="cpu"), FluxSettings(), torch.device("cpu"))
     transformer = backend.load_model(torch.device("cpu"))
@@ -93,7 +93,7 @@ def test_internvl_demo_loads_and_answers_held_out_questions(tmp_path):
 
 
 def test_headless_run_without_model_uses_the_demo_model(tmp_path, capsys):
-    from pipelines import cli
+    from pipelines.runner import cli
 
     images = tmp_path / "photos"
     images.mkdir()

@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flux_fixtures import save_tiny_flux, write_subject_images
-from pipelines import cli
-from pipelines.diffusion import FluxSettings
-from pipelines.run import STAGES, Run, RunSettings
+from pipelines.runner import cli
+from pipelines.flux.backend import FluxSettings
+from pipelines.runner import STAGES, Run, RunSettings
 
 
 FAST = ["--resolution", "32", "--max-sequence-length", "16", "--rank", "4", "--alpha", "8",

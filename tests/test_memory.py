@@ -16,9 +16,9 @@ import torch
 from emloc import LoraSettings, attach_lora, build_emulator
 from emloc.architecture import summarize
 from emloc.memory import GiB, RUNTIME_OVERHEAD_BYTES, MemorySettings, plan_memory
-from pipelines import plan_cli
-from pipelines.catalogue import catalogue, load_meta_model, meta_model_from_bundle
-from pipelines.planning import RATIO_STEP, PlanSettings, plan_run
+from pipelines.planner import cli as plan_cli
+from pipelines.planner.catalogue import catalogue, load_meta_model, meta_model_from_bundle
+from pipelines.planner.planning import RATIO_STEP, PlanSettings, plan_run
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 TINY_FLUX = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
@@ -263,7 +263,7 @@ def test_decoder_layer_saves_what_the_activation_model_says():
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
     from emloc.memory import ADAPTER_BYTES, activation_bytes_per_token
-    from pipelines.catalogue import vlm_architecture
+    from pipelines.planner.catalogue import vlm_architecture
 
     text = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2,
             "vocab_size": 160, "num_hidden_layers": 1}
@@ -309,7 +309,7 @@ def test_flux_training_activations_match_saved_tensors():
 
 
 def test_ratio_sweep_for_the_chart_rises_with_the_ratio():
-    from pipelines.planning import sweep_ratios
+    from pipelines.planner.planning import sweep_ratios
 
     curve = sweep_ratios(FLUX_DEV, PlanSettings(budget_gb=24))
     assert [r for r, _ in curve] == [round(0.05 * i, 2) for i in range(1, 21)]
@@ -327,8 +327,8 @@ def test_the_trainers_optimizer_state_is_what_the_planner_counts(optimizer):
     from types import SimpleNamespace
 
     from emloc.memory import optimizer_state_bytes
-    from pipelines.run import RunSettings
-    from pipelines.stages import _optimizer
+    from pipelines.runner import RunSettings
+    from pipelines.runner.stages import _optimizer
 
     params = [torch.nn.Parameter(torch.randn(8, 96)), torch.nn.Parameter(torch.randn(64, 8))]
     run = SimpleNamespace(settings=RunSettings(model="x", optimizer=optimizer, lr=1e-3),
@@ -343,7 +343,7 @@ def test_the_trainers_optimizer_state_is_what_the_planner_counts(optimizer):
 
 
 def test_an_optimizer_the_trainer_does_not_know_is_refused_in_words():
-    from pipelines.run import RunSettings
+    from pipelines.runner import RunSettings
 
     with pytest.raises(ValueError, match="--optimizer must be one of adamw, adamw8bit, adafactor; got 'sgd'"):
         RunSettings(model="x", optimizer="sgd").check()

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from flux_fixtures import save_tiny_flux, write_subject_images
-from pipelines import cli
+from pipelines.runner import cli
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3

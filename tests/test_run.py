@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines import backends, cli
-from pipelines.run import STAGES, Backend, Run, RunCancelled, RunSettings
+from pipelines.runner import registry as backends
+from pipelines.runner import cli
+from pipelines.runner import STAGES, Backend, Run, RunCancelled, RunSettings
 
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import cli
-from pipelines.data import DataError
-from pipelines.vlm import (ChatPacker, VlmBackend, answer_loss, collate, default_lora_targets, default_rules,
+from pipelines.runner import cli
+from pipelines.runner.data import DataError
+from pipelines.internvl.backend import (ChatPacker, VlmBackend, answer_loss, collate, default_lora_targets, default_rules,
                            load_vlm, load_vlm_processing)
-from pipelines.vlm_data import (QASample, exact_match, pairs_to_samples, read_internvl_jsonl, read_internvl_meta,
+from pipelines.internvl.data import (QASample, exact_match, pairs_to_samples, read_internvl_jsonl, read_internvl_meta,
                                 read_qa_data, token_f1, write_qa_jsonl)
 from vlm_fixtures import IMAGE_SEQ_LENGTH, save_tiny_internvl, write_colour_images
 
@@ -263,7 +263,7 @@ def test_checkpointing_keeps_the_frozen_vision_tower_out_of_the_graph(checkpoint
     grads; the backend keeps that to the language model, so backward never recomputes the frozen vision tower.
     A LoRA target the user puts in the vision tower still trains."""
     import emloc
-    from pipelines.vlm import VISION_LINEARS
+    from pipelines.internvl.backend import VISION_LINEARS
 
     folder, rows = colour_data
     packer = ChatPacker(parts.tokenizer, parts.image_processor, parts.image_seq_length)
@@ -346,8 +346,8 @@ def test_train_command_refuses_bad_data_before_making_a_run_folder(tmp_path, che
 
 
 def test_training_batches_visit_every_sample_once_per_epoch_in_a_repeatable_order():
-    from pipelines.run import RunSettings
-    from pipelines.vlm import VlmSettings
+    from pipelines.runner import RunSettings
+    from pipelines.internvl.backend import VlmSettings
 
     backend = VlmBackend(RunSettings(model="unused", batch_size=3, seed=5), VlmSettings(), torch.device("cpu"))
     backend.encoded = [{}] * 8

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipelines.offline_tokenizers import (internvl_chat_tokenizer, internvl_image_processor, save_internvl,
+from pipelines.demo.offline_tokenizers import (internvl_chat_tokenizer, internvl_image_processor, save_internvl,
                                          small_internvl)
 
 IMAGE_SIZE, PATCH = 32, 8  # (32/8)² = 16 patches -> pixel shuffle 0.5 -> 4 image tokens per tile

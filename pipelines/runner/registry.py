@@ -1,6 +1,7 @@
 """The backend registry: backend name -> "module:Class", so the run machine never imports a backend by name.
 
-A new model family is one more file in pipelines/ (a `run.Backend` subclass) and one line here.
+A new model family is one more folder in pipelines/ (a `pipelines.runner.Backend` subclass in it) and one line
+here; nothing else in the run machine changes.
 """
 
 from __future__ import annotations
@@ -8,17 +9,19 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: assets/ lives there
+
 BACKENDS: dict[str, str] = {
-    "flux": "pipelines.diffusion:FluxBackend",  # FLUX.1 [dev] / [schnell] via diffusers: DreamBooth LoRA
-    "vlm": "pipelines.vlm:VlmBackend",  # InternVL via transformers: image + question/answer LoRA
+    "flux": "pipelines.flux.backend:FluxBackend",  # FLUX.1 [dev] / [schnell] via diffusers: DreamBooth LoRA
+    "vlm": "pipelines.internvl.backend:VlmBackend",  # InternVL via transformers: image + question/answer LoRA
 }
 
 
 # The small demo model of each family, shipped in assets/ (built by `python -m pipelines.demo build`): what a
 # run uses when no --model is given, so a first run works on any CPU with nothing to download.
 DEMO_MODELS: dict[str, Path] = {
-    "flux": Path(__file__).resolve().parents[1] / "assets" / "models" / "demo-flux",
-    "vlm": Path(__file__).resolve().parents[1] / "assets" / "models" / "demo-internvl",
+    "flux": ROOT / "assets" / "models" / "demo-flux",
+    "vlm": ROOT / "assets" / "models" / "demo-internvl",
 }
 
 

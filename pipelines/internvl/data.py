@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .data import DataError, ImageLimits
-from .data import check_image as check_image_file
+from pipelines.runner.data import DataError, ImageLimits
+from pipelines.runner.data import check_image as check_image_file
 
 log = logging.getLogger(__name__)
 

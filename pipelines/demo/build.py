@@ -1,21 +1,21 @@
 """Build the two demo models the app and the headless commands start with (`python -m pipelines.demo build`).
 
-Both are pretrained here, on this CPU, from synthetic data (pipelines/demo_data.py), deterministically
+Both are pretrained here, on this CPU, from synthetic data (pipelines/demo/data.py), deterministically
 from `--seed`, and saved in the same formats as real checkpoints so the same loading code reads them:
 
 - assets/models/demo-flux/: a FluxPipeline folder (FluxTransformer2DModel, AutoencoderKL, CLIP and T5
   encoders, offline tokenizers) trained on 64x64 coloured shapes captioned "a red circle on a white
   background". The VAE is trained first (reconstruction + a small KL term), its latents are standardised
-  (shift_factor / scaling_factor), then the transformer learns flow matching as in pipelines/diffusion.py
+  (shift_factor / scaling_factor), then the transformer learns flow matching as in pipelines/flux/backend.py
   (`x_σ = (1-σ) x0 + σ n`, target `n - x0`). The text encoders stay random but fixed: the T5 has no
   layers (per-token embeddings of a word-level vocabulary, so padding never changes a word's vector) and
   the transformer learns to read them.
 - assets/models/demo-internvl/: an InternVLForConditionalGeneration folder (ViT + Qwen2, byte-level BPE
   tokenizer with InternVL's image tokens and a ChatML template, PIL image processor) trained with
   answer-only loss on "What shape is this?", "What colour is the square?", "What is this?" (a mug)
-  and a text-only "Repeat after me: Ana's" (so the LM can say names, as a real one can), packed by pipelines/vlm.py's ChatPacker exactly as a fine-tuning run packs.
+  and a text-only "Repeat after me: Ana's" (so the LM can say names, as a real one can), packed by pipelines/internvl/backend.py's ChatPacker exactly as a fine-tuning run packs.
 
-Both builds end with a held-out evaluation (pipelines/demo_eval.py) that is printed and saved as
+Both builds end with a held-out evaluation (pipelines/demo/evaluate.py) that is printed and saved as
 `demo.json` beside the weights.
 """
 
@@ -34,17 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import demo_data as data
+from . import FLUX_DIR, FLUX_SEQUENCE_LENGTH, VLM_APP_SETTINGS, VLM_DIR, VLM_IMAGE_SIZE, VLM_PATCH, data
 from .offline_tokenizers import (byte_clip_tokenizer, internvl_chat_tokenizer, internvl_image_processor, save_internvl,
                                  small_internvl)
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[1]
-FLUX_DIR, VLM_DIR = ROOT / "assets" / "models" / "demo-flux", ROOT / "assets" / "models" / "demo-internvl"
-FLUX_SEQUENCE_LENGTH = 32  # T5 tokens the demo is trained and sampled with (captions take ~8)
-FLUX_SAMPLE_STEPS = 16  # denoising steps of the demo's evaluation (4, the backend's [schnell] default, works too)
-VLM_IMAGE_SIZE, VLM_PATCH = 32, 4  # (32/4)² = 64 patches -> pixel shuffle 0.5 -> 16 image tokens
 
 
 @dataclass
@@ -208,7 +202,7 @@ def build_flux(settings: DemoSettings, folder: Path = FLUX_DIR) -> dict:
     """Train and save the FLUX demo; returns its held-out evaluation."""
     from diffusers import FluxPipeline
 
-    from .demo_eval import evaluate_flux_demo
+    from .evaluate import evaluate_flux_demo
 
     scratch = folder.with_name(folder.name + ".building")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -264,7 +258,7 @@ def vlm_model(tokenizer, seed: int):
 def vlm_samples(count: int, seed: int, image_folder: Path):
     """QASamples of the pretraining task: shapes (2 questions each), mugs ('What is this?' -> 'a mug') and
     text-only 'Repeat after me: Ana's' -> "Ana's" over many names."""
-    from .vlm_data import QASample
+    from pipelines.internvl.data import QASample
 
     image_folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -289,16 +283,12 @@ def save_vlm(model, tokenizer, folder: Path) -> None:
     save_internvl(model, tokenizer, vlm_image_processor(), folder, (VLM_IMAGE_SIZE // VLM_PATCH) ** 2 // 4)
 
 
-# What the app suggests for a run on the InternVL demo (demo.json "app", read by app/handlers.default_settings).
-# Measured with the app's example data (8 mugs, 4 owners), batch 1, lr 1e-3: 30 steps taught 1 of the 4 owners,
-# 240 steps all 4 (emulator and corrected full model, seeds 0-2), in about 5 s on this CPU.
-VLM_APP_SETTINGS = {"steps": 240, "checkpoint_every": 40}
 
 
 def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
     """Train and save the InternVL demo; returns its held-out evaluation."""
-    from .demo_eval import evaluate_vlm_demo
-    from .vlm import ChatPacker, collate
+    from .evaluate import evaluate_vlm_demo
+    from pipelines.internvl.backend import ChatPacker, collate
 
     scratch = folder.with_name(folder.name + ".building")
     shutil.rmtree(scratch, ignore_errors=True)

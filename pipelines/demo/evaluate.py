@@ -15,8 +15,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from . import demo_data as data
-from .demo import FLUX_SAMPLE_STEPS, FLUX_SEQUENCE_LENGTH
+from . import data
+from . import FLUX_SAMPLE_STEPS, FLUX_SEQUENCE_LENGTH
 
 
 def load_flux_demo(folder: str | Path):
@@ -65,8 +65,8 @@ def subject_rate(pipe, prompt: str, seeds: Iterable[int], steps: int = FLUX_SAMP
 
 
 def load_vlm_demo(folder: str | Path):
-    """(model, ChatPacker) of the InternVL demo through pipelines/vlm.py's loaders."""
-    from .vlm import ChatPacker, load_vlm, load_vlm_processing
+    """(model, ChatPacker) of the InternVL demo through pipelines/internvl/backend.py's loaders."""
+    from pipelines.internvl.backend import ChatPacker, load_vlm, load_vlm_processing
 
     parts = load_vlm_processing(str(folder))
     model = load_vlm(str(folder))
@@ -80,7 +80,7 @@ def heldout_shape_samples(count: int, seed: int, folder: Path):
 
 def data_samples(count: int, seed: int, folder: Path):
     """Shape and colour questions on `count` freshly drawn single-shape images (written into `folder`)."""
-    from .vlm_data import QASample
+    from pipelines.internvl.data import QASample
 
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
@@ -94,8 +94,8 @@ def data_samples(count: int, seed: int, folder: Path):
 @torch.no_grad()
 def answer_accuracy(model, packer, samples) -> float:
     """Exact-match accuracy of greedy answers."""
-    from .vlm import generate_answer
-    from .vlm_data import exact_match
+    from pipelines.internvl.backend import generate_answer
+    from pipelines.internvl.data import exact_match
 
     model.eval()
     scores = [exact_match(generate_answer(model, packer, s, max_new_tokens=8), s.answer) for s in samples]

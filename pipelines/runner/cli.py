@@ -26,8 +26,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .backends import DEMO_MODELS, backend_class, backend_names
-from .run import RUN_FILE, STAGES, Progress, Run, RunCancelled, RunSettings, distributed_state
+from .registry import DEMO_MODELS, backend_class, backend_names
+from .machine import Run, distributed_state
+from .progress import Progress, RunCancelled
+from .settings import RUN_FILE, STAGES, RunSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """InternVL inputs without InternVLProcessor: loading, chat packing, collation, answer loss, greedy answers.
 
-See pipelines/vlm.py's docstring for the packing, step by step; the backend there uses these.
+See pipelines/internvl/backend.py's docstring for the packing, step by step; the backend there uses these.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import load_rgb
-from .vlm_data import IMAGE_MARKER, QASample
+from pipelines.runner.data import load_rgb
+from .data import IMAGE_MARKER, QASample
 
 
 log = logging.getLogger(__name__)

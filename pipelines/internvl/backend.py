@@ -13,7 +13,7 @@ folder; safetensors only). Inputs are packed here from `AutoTokenizer` + `AutoIm
 Labels are -100 everywhere except on the answers (and the end-of-turn token after each), so the loss
 `-(1/|answer tokens|) Σ log p(answer token | everything before)` trains answers only.
 
-`VlmBackend` plugs this into the shared run machine (pipelines/run.py): the user's QA data is copied
+`VlmBackend` plugs this into the shared run machine (pipelines/runner/machine.py): the user's QA data is copied
 into the run as InternVL-format JSONL and packed once into the run's cache; calibration runs 8-64 of
 those samples, one per batch (no padding in the statistics); by default the language model's decoder
 linears and the vision encoder's linears are compressed (each part at its own ratio) while projector,
@@ -35,9 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from emloc.rules import check_ratio
 
-from .data import DataError
-from .run import Backend, RunSettings
-from .vlm_data import (QASample, check_image, exact_match, read_qa_data, token_f1,
+from pipelines.runner.data import DataError
+from pipelines.runner import Backend, RunSettings
+from .data import (QASample, check_image, exact_match, read_qa_data, token_f1,
                        write_qa_jsonl)
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def default_lora_targets() -> list[str]:
     return [LORA_TARGETS]
 
 
-from .vlm_inputs import (  # noqa: E402,F401  (re-exported: demo, catalogue and tests import them from here)
+from .inputs import (  # noqa: E402,F401  (re-exported: demo, catalogue and tests import them from here)
     IGNORE, IMAGE_TOKEN_ATTRS, ChatPacker, VlmParts, answer_loss, collate, generate_answer, image_seq_length_of,
     load_vlm, load_vlm_processing, to_device,
 )

@@ -1,4 +1,4 @@
-"""The bodies of the five stages of a run (see run.py); each writes only into the `out` folder it is given.
+"""The bodies of the five stages of a run (see machine.py); each writes only into the `out` folder it is given.
 
 The run machine renames `out` into place when a body returns, so a body that fails or is cancelled
 leaves nothing half-written. Training is the one long stage: it checkpoints every N steps into
@@ -16,17 +16,16 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 import emloc
 
-from .run import LOSS_LOG, PREVIEW_VARIANTS, Progress, RunCancelled, parse_rules
-
-if TYPE_CHECKING:
-    from .run import Run
+from .backend import Backend
+from .progress import Progress, RunCancelled
+from .settings import LOSS_LOG, PREVIEW_VARIANTS, RunSettings, parse_rules
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,23 @@ CHECKPOINTS = "checkpoints"
 STATS_FILE = "stats.safetensors"
 
 
-def compression_rules(run: "Run") -> list[tuple[str, float]]:
+class Run(Protocol):
+    """What a stage body uses of the run machine (machine.Run provides it; the bodies never import it)."""
+
+    dir: Path
+    backend: Backend
+    cancel_event: Any  # threading.Event
+
+    @property
+    def settings(self) -> RunSettings: ...
+    def output(self, stage: str) -> Path: ...
+    def emit(self, event: Progress) -> None: ...
+    def check_cancel(self) -> None: ...
+    def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None: ...
+    def load_tensors(self, path: Path) -> dict[str, torch.Tensor]: ...
+
+
+def compression_rules(run: Run) -> list[tuple[str, float]]:
     """The run's rules (`--rules`), or the backend's default layers at `--ratio`."""
     return parse_rules(run.settings.rules) or emloc.normalise_rules(run.backend.default_rules(run.settings.ratio))
 
@@ -44,14 +59,14 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
-def emulator_model(run: "Run", device: torch.device | str) -> nn.Module:
+def emulator_model(run: Run, device: torch.device | str) -> nn.Module:
     """A fresh model with the run's emulator layers swapped in; the full model never reaches `device`."""
     model = run.backend.load_model(torch.device("cpu"))
     emloc.load_emulator(model, run.output("emulate"), device="cpu")
     return model.to(device)
 
 
-def full_model_streamed(run: "Run") -> nn.Module:
+def full_model_streamed(run: Run) -> nn.Module:
     """The full model for a forward-only pass: on the device, or (--offload) kept in CPU memory with each
     layer's weights moved to the device only while that layer runs (accelerate's cpu_offload hooks)."""
     backend = run.backend
@@ -62,7 +77,7 @@ def full_model_streamed(run: "Run") -> nn.Module:
     return cpu_offload(backend.load_model(torch.device("cpu")), execution_device=backend.device)
 
 
-def _limited(run: "Run", batches: Iterable[Any], limit: int) -> Iterator[Any]:
+def _limited(run: Run, batches: Iterable[Any], limit: int) -> Iterator[Any]:
     start = time.monotonic()
     for index, batch in enumerate(batches):
         if index >= limit:
@@ -74,7 +89,7 @@ def _limited(run: "Run", batches: Iterable[Any], limit: int) -> Iterator[Any]:
         run.emit(Progress("calibrate", done, limit, eta=eta, message="calibrating on your data"))
 
 
-def calibrate(run: "Run", out: Path) -> None:
+def calibrate(run: Run, out: Path) -> None:
     """Σ xᵀx of every target layer's inputs over the user's own data, through the full model."""
     backend = run.backend
     model = full_model_streamed(run)
@@ -84,7 +99,7 @@ def calibrate(run: "Run", out: Path) -> None:
     run.save_tensors(out / STATS_FILE, stats)
 
 
-def emulate(run: "Run", out: Path) -> None:
+def emulate(run: Run, out: Path) -> None:
     """The activation-aware low-rank emulator, saved with its per-layer report; the model stays in CPU
     memory and each layer is factorised on the device, one at a time."""
     backend, settings = run.backend, run.settings
@@ -98,7 +113,7 @@ def emulate(run: "Run", out: Path) -> None:
 
 
 # -- training -----------------------------------------------------------------------------------------------
-def _optimizer(run: "Run", params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(run: Run, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     settings = run.settings
     if settings.optimizer == "adamw8bit":
         if run.backend.device.type != "cuda":
@@ -111,20 +126,20 @@ def _optimizer(run: "Run", params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def _mixed_precision(run: "Run") -> str:
+def _mixed_precision(run: Run) -> str:
     if run.settings.mixed_precision != "auto":
         return run.settings.mixed_precision
     return "bf16" if run.backend.device.type == "cuda" else "no"
 
 
-def checkpoints(run: "Run") -> list[Path]:
+def checkpoints(run: Run) -> list[Path]:
     """Complete checkpoints of the run, oldest first."""
     folder = run.dir / CHECKPOINTS
     found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file()] if folder.exists() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(run: "Run", peft_model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+def _save_checkpoint(run: Run, peft_model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
     final = run.dir / CHECKPOINTS / f"step-{step:06d}"
     if final.exists():
         return
@@ -139,7 +154,7 @@ def _save_checkpoint(run: "Run", peft_model: nn.Module, optimizer: torch.optim.O
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(run: "Run", peft_model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def _resume(run: Run, peft_model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     from peft.utils import set_peft_model_state_dict
 
     found = checkpoints(run)
@@ -163,7 +178,7 @@ def _trim_loss_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def train(run: "Run", out: Path) -> None:
+def train(run: Run, out: Path) -> None:
     """LoRA on the emulator; checkpoints every N steps, resumes from the last one, honours cancel."""
     from accelerate import Accelerator
 
@@ -225,7 +240,7 @@ def train(run: "Run", out: Path) -> None:
 
 
 # -- correction and previews --------------------------------------------------------------------------------
-def correct(run: "Run", out: Path) -> None:
+def correct(run: Run, out: Path) -> None:
     """The LoRA corrected for the full model; both models stay on the CPU, one layer at a time on the device."""
     backend, settings = run.backend, run.settings
     state, config = emloc.read_adapter(run.output("train"))
@@ -239,7 +254,7 @@ def correct(run: "Run", out: Path) -> None:
     backend.export(out, corrected, state, config)
 
 
-def _variant(run: "Run", label: str) -> nn.Module:
+def _variant(run: Run, label: str) -> nn.Module:
     backend, lora = run.backend, run.output("correct")
     if label == "base":
         return backend.load_model(backend.device)
@@ -249,7 +264,7 @@ def _variant(run: "Run", label: str) -> nn.Module:
     return emloc.load_adapter(backend.load_model(backend.device), folder)
 
 
-def preview(run: "Run", out: Path) -> None:
+def preview(run: Run, out: Path) -> None:
     """The same requests through base, emulator + LoRA, full + corrected and full + uncorrected LoRA."""
     outputs = {}
     for index, label in enumerate(PREVIEW_VARIANTS):

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-
-if TYPE_CHECKING:
-    from .diffusion import FluxBackend
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
@@ -45,26 +42,16 @@ def write_diffusers_lora(state: dict[str, torch.Tensor], config: Any, folder: Pa
     return folder / LORA_FILE
 
 
-def _requests(backend: "FluxBackend") -> list[tuple[str, int]]:
-    prompts = backend.settings.preview_prompts or [backend.settings.prompt]
-    return [(prompt, seed) for prompt in prompts for seed in backend.settings.preview_seeds]
-
-
-def sample_images(backend: "FluxBackend", model: nn.Module) -> list[Image.Image]:
-    """One image per (prompt, seed) request through `model` (a transformer, maybe PEFT-wrapped)."""
-    pipe = backend._pipeline()
-    transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
-    pipe.transformer = transformer
-    guidance = backend._guidance()
-    steps = backend.settings.preview_steps or (28 if guidance else 4)
-    size = backend.settings.resolution
+def sample_images(pipe: Any, model: nn.Module, requests: list[tuple[str, int]], size: int, steps: int,
+                  guidance_scale: float, sequence_length: int) -> list[Image.Image]:
+    """One image per (prompt, seed) request through `model` (a transformer, maybe PEFT-wrapped) in `pipe`."""
+    pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
     images = []
     try:
-        for prompt, seed in _requests(backend):
+        for prompt, seed in requests:
             generator = torch.Generator("cpu").manual_seed(seed)
-            result = pipe(prompt, height=size, width=size, num_inference_steps=steps,
-                          guidance_scale=backend.settings.preview_guidance if guidance else 0.0,
-                          max_sequence_length=backend._sequence_length(), generator=generator)
+            result = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                          max_sequence_length=sequence_length, generator=generator)
             images.append(result.images[0])
     finally:
         pipe.transformer = None
@@ -75,16 +62,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def write_preview_grid(backend: "FluxBackend", folder: Path, outputs: dict[str, list[Image.Image]]) -> list[Path]:
+def write_preview_grid(folder: Path, outputs: dict[str, list[Image.Image]], requests: list[tuple[str, int]],
+                       resolution: int) -> list[Path]:
     """Each image as a PNG, plus `grid.png`: one column per model variant, one row per (prompt, seed)."""
-    requests = _requests(backend)
     files = []
     for label, images in outputs.items():
         for (prompt, seed), image in zip(requests, images):
             path = folder / f"{_slug(label)}__{_slug(prompt)[:40]}__seed{seed}.png"
             image.save(path)
             files.append(path)
-    cell = max(backend.settings.resolution, 160)
+    cell = max(resolution, 160)
     header, caption = 28, 18
     font = ImageFont.load_default()
     grid = Image.new("RGB", (cell * len(outputs), header + (cell + caption) * len(requests)), "white")

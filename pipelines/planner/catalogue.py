@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from emloc.architecture import ArchitectureSpec, BlockStack, Component
-
-from .diffusion import DOUBLE_LORA, SINGLE_LORA
-from .vlm import LANGUAGE_LINEARS, LORA_TARGETS, VISION_LINEARS
+from pipelines.flux.backend import DOUBLE_LORA, SINGLE_LORA
+from pipelines.internvl.backend import LANGUAGE_LINEARS, LORA_TARGETS, VISION_LINEARS
+from pipelines.runner.registry import ROOT
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
+ASSETS = ROOT / "assets" / "models"
 FAMILIES = ("flux", "vlm")
 
 # Saved activations per token and block, measured with torch 2.13 saved-tensor hooks (bf16, frozen base, SDPA,

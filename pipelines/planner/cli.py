@@ -5,7 +5,7 @@
     python launch.py plan --list
 
 Prints a markdown table (phase x method -> GiB, what fits) and the recommended compression ratio.
-Every flag but --model, --list and --rule comes from PlanSettings (pipelines/planning.py).
+Every flag but --model, --list and --rule comes from PlanSettings (pipelines/planner/planning.py).
 Exit codes: 0 planned, 1 nothing fits the budget, 2 bad settings.
 """
 

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
-from .run import Backend, RunSettings
+from pipelines.runner import Backend, RunSettings
+from pipelines.runner.data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
+
+from .export import sample_images, write_diffusers_lora, write_preview_grid
 
 log = logging.getLogger(__name__)
 
@@ -278,20 +280,22 @@ class FluxBackend(Backend):
 
     # -- export and previews ------------------------------------------------------------------------------
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:
-        from .flux_export import write_diffusers_lora
-
         write_diffusers_lora(corrected, config, folder / "diffusers")
         write_diffusers_lora(uncorrected, config, folder / "diffusers-uncorrected")
 
-    def generate(self, model: nn.Module, label: str) -> list:
-        from .flux_export import sample_images
+    def _requests(self) -> list[tuple[str, int]]:
+        """The previews' (prompt, seed) pairs: every preview prompt (default: the instance prompt) at every seed."""
+        prompts = self.settings.preview_prompts or [self.settings.prompt]
+        return [(prompt, seed) for prompt in prompts for seed in self.settings.preview_seeds]
 
-        return sample_images(self, model)
+    def generate(self, model: nn.Module, label: str) -> list:
+        guidance = self._guidance()
+        steps = self.settings.preview_steps or (28 if guidance else 4)
+        return sample_images(self._pipeline(), model, self._requests(), self.settings.resolution, steps,
+                             self.settings.preview_guidance if guidance else 0.0, self._sequence_length())
 
     def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
-        from .flux_export import write_preview_grid
-
-        return write_preview_grid(self, folder, outputs)
+        return write_preview_grid(folder, outputs, self._requests(), self.settings.resolution)
 
     def release(self) -> None:
         self._pipe = None

@@ -1,0 +1,18 @@
+"""The demo models shipped in assets/models/: their synthetic data (`data`), their build (`build`; rebuild with
+`python -m pipelines.demo build --seed 0`), their held-out evaluation (`evaluate`) and the offline tokenizers and
+image processor that let them, and the tests' tiny models, be saved without a download (`offline_tokenizers`).
+
+May import: `emloc`, the run machine and the backends (a demo is trained and read through their code).
+"""
+
+from pipelines.runner.registry import DEMO_MODELS
+
+FLUX_DIR, VLM_DIR = DEMO_MODELS["flux"], DEMO_MODELS["vlm"]
+FLUX_SEQUENCE_LENGTH = 32  # T5 tokens the demo is trained and sampled with (captions take ~8)
+FLUX_SAMPLE_STEPS = 16  # denoising steps of the demo's evaluation (4, the backend's [schnell] default, works too)
+VLM_IMAGE_SIZE, VLM_PATCH = 32, 4  # (32/4)² = 64 patches -> pixel shuffle 0.5 -> 16 image tokens
+
+# What the app suggests for a run on the InternVL demo (demo.json "app", read by app/handlers.default_settings).
+# Measured with the app's example data (8 mugs, 4 owners), batch 1, lr 1e-3: 30 steps taught 1 of the 4 owners,
+# 240 steps all 4 (emulator and corrected full model, seeds 0-2), in about 5 s on this CPU.
+VLM_APP_SETTINGS = {"steps": 240, "checkpoint_every": 40}

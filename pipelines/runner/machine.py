@@ -1,0 +1,242 @@
+"""The run machine: one personalisation = one folder `runs/<name>/`, five stages, shared by every backend.
+
+Stages (DESIGN.md "A run"): calibrate -> emulate -> train -> correct -> preview. Each writes its output
+into a temporary folder that is renamed into place when complete, and is skipped when that output
+already exists, so a crash or a cancel loses at most the current stage; training also keeps periodic
+checkpoints and resumes from the last one. run.json holds every setting, the library versions and
+each stage's status. Progress goes to callbacks as `Progress` events (the app subscribes; the CLI
+draws tqdm bars). A cancel request (`threading.Event`) is honoured between steps and between stages.
+
+Folder layout::
+
+    run.json            settings, versions, stage status      loss.jsonl    one {"step", "loss", ...} per step
+    data/               the user's data, validated and copied cache/        the backend's cached inputs
+    calibration/        stats.safetensors (Σ xᵀx per layer)   emulator/     emulator.safetensors/.json, report.json
+    checkpoints/step-N/ adapter + optimizer state              adapter-emulator/  the LoRA trained on the emulator
+    lora/               corrected/ and uncorrected/ PEFT adapters, plus the backend's export formats
+    previews/           the backend's preview files (and later previews-<time>/ from `launch.py preview`)
+
+With several processes (`accelerate launch`, `torchrun`) only the main one builds the cache and runs
+calibrate, emulate, correct and preview; every process trains (DDP) and the main one writes the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import threading
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import stages as bodies  # the stage bodies; kept apart so this file stays readable
+from .backend import Backend
+from .progress import Progress, RunCancelled
+from .registry import backend_class
+from .settings import RUN_FILE, STAGE_OUTPUT, STAGES, RunSettings, settings_from_dict
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "diffusers", "peft", "accelerate", "safetensors", "bitsandbytes", "gradio")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries a run depends on (missing ones left out)."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def distributed_state(device: torch.device | None = None):
+    """accelerate's view of the processes: one, or several under `accelerate launch` / `torchrun`."""
+    from accelerate import PartialState
+
+    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` through a temporary file and a rename: readers never see half a file."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Run:
+    """A run folder and the machine that takes it through the stages."""
+
+    def __init__(self, folder: Path, backend: Backend, info: dict):
+        self.dir, self.backend, self.info = Path(folder), backend, info
+        self.callbacks: list[Callable[[Progress], None]] = []
+        self.cancel_event = threading.Event()
+
+    # -- creating and opening ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, folder: str | os.PathLike, backend_name: str, run: RunSettings, settings: Any) -> "Run":
+        """Validate everything, then make a new run folder; refuses a folder that already exists."""
+        folder = Path(folder)
+        if folder.exists():
+            raise FileExistsError(f"{folder} already exists; choose another --out, or resume it with --resume")
+        run.check()
+        if Path(run.model).exists():  # a local model folder: stored absolute, so the run opens from anywhere
+            run = dataclasses.replace(run, model=str(Path(run.model).resolve()))
+        backend = backend_class(backend_name)(run, settings, run.resolved_device())
+        backend.validate()  # bad data fails here, before anything is written
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = folder.with_name(folder.name + f".creating-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            summary = backend.copy_data(staging / "data")
+            info = {"name": folder.name, "backend": backend_name, "created": _now(), "versions": library_versions(),
+                    "settings": {"run": asdict(run), "backend": asdict(settings)}, "data": summary,
+                    "stages": {s: {"status": "pending"} for s in STAGES}}
+            write_json_atomic(staging / RUN_FILE, info)
+            os.rename(staging, folder)  # the run appears whole or not at all; rename never replaces a folder
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        backend.use_data(folder / "data")
+        return cls(folder, backend, info)
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "Run":
+        """An existing run, with its backend rebuilt from run.json (to resume it or render previews)."""
+        folder = Path(folder)
+        if not (folder / RUN_FILE).is_file():
+            raise FileNotFoundError(f"{folder} is not a run folder (no {RUN_FILE}); check the --run path")
+        info = json.loads((folder / RUN_FILE).read_text())
+        backend_type = backend_class(info["backend"])
+        run = settings_from_dict(RunSettings, info["settings"]["run"])
+        settings = settings_from_dict(backend_type.settings_class, info["settings"]["backend"])
+        backend = backend_type(run, settings, run.resolved_device())
+        backend.use_data(folder / "data")
+        return cls(folder, backend, info)
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.backend.run
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def emit(self, event: Progress) -> None:
+        """Send a progress event to every subscriber."""
+        for callback in self.callbacks:
+            callback(event)
+
+    def check_cancel(self) -> None:
+        if self.cancel_event.is_set():
+            raise RunCancelled("the run was cancelled; start it again with --resume to continue")
+
+    def _set_stage(self, stage: str, status: str, **extra: Any) -> None:
+        entry = self.info["stages"].setdefault(stage, {})
+        entry.update(status=status, **extra)
+        if self.is_main:
+            write_json_atomic(self.dir / RUN_FILE, self.info)
+
+    def output(self, stage: str) -> Path:
+        return self.dir / STAGE_OUTPUT[stage]
+
+    def _staging(self, final: Path) -> Path:
+        staging = final.with_name(final.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed attempt's leftovers
+        staging.mkdir(parents=True)
+        return staging
+
+    def _publish(self, staging: Path, final: Path) -> None:
+        os.rename(staging, final)
+
+    # -- the stages ----------------------------------------------------------------------------------------
+    def execute(self, stages: Iterable[str] = STAGES) -> None:
+        """Run `stages` in order; a stage whose output exists is skipped. Raises RunCancelled on cancel.
+
+        Under `accelerate launch` / `torchrun` with several processes, the main process alone runs
+        calibrate, emulate, correct and preview and writes every file; all processes train (DDP).
+        """
+        processes = distributed_state(self.backend.device)
+        self._prepare_cache()
+        for stage in stages:
+            if stage not in STAGES:
+                raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+            self.check_cancel()
+            done = self.output(stage).exists()
+            processes.wait_for_everyone()  # every process has looked before the main one publishes
+            if done:
+                self._set_stage(stage, "done")
+                self.emit(Progress(stage, 1, 1, message=f"{stage}: already done, skipped"))
+                continue
+            self._set_stage(stage, "running", started=_now())
+            self.emit(Progress(stage, 0, 0, message=f"{stage}: started"))
+            start = time.monotonic()
+            if self.is_main or stage == "train":
+                try:
+                    staging = self._staging(self.output(stage)) if self.is_main else None
+                    getattr(bodies, stage)(self, staging)
+                    if self.is_main:
+                        self._publish(staging, self.output(stage))
+                except RunCancelled:
+                    self._set_stage(stage, "cancelled")
+                    raise
+                except BaseException as err:
+                    self._set_stage(stage, "failed", error=f"{type(err).__name__}: {err}")
+                    raise
+                finally:
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+            processes.wait_for_everyone()
+            self._set_stage(stage, "done", finished=_now(), seconds=round(time.monotonic() - start, 2))
+            self.emit(Progress(stage, 1, 1, message=f"{stage}: done in {time.monotonic() - start:.1f} s"))
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes files (the only one, unless launched on several devices)."""
+        return distributed_state(self.backend.device).is_main_process
+
+    def _prepare_cache(self) -> None:
+        cache = self.dir / "cache"
+        if self.is_main and not cache.exists():
+            self.emit(Progress("cache", 0, 0, message="caching inputs"))
+            staging = self._staging(cache)
+            self.backend.build_cache(staging)
+            self._publish(staging, cache)
+        distributed_state(self.backend.device).wait_for_everyone()
+        self.backend.load_cache(cache)
+
+    def preview(self, name: str | None = None) -> Path:
+        """Render previews into a new folder `previews-<time>` (or `name`) of a run whose LoRA is done."""
+        if not self.output("correct").exists():
+            raise FileNotFoundError(f"{self.dir} has no corrected LoRA yet; finish training first")
+        final = self.dir / (name or _dt.datetime.now().strftime("previews-%Y%m%d-%H%M%S"))
+        if final.exists():
+            raise FileExistsError(f"{final} already exists; choose another name")
+        self._prepare_cache()
+        staging = self._staging(final)
+        bodies.preview(self, staging)
+        self._publish(staging, final)
+        return final
+
+    # -- small helpers the stage bodies share --------------------------------------------------------------
+    def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+
+    def load_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path))

@@ -1,0 +1,109 @@
+"""What a run is asked to do: the settings every backend shares, the stage names and the run folder's files.
+
+The CLI and the app are both built from `RunSettings`' fields, so a setting exists in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import emloc
+from emloc.memory import OPTIMIZERS
+
+STAGES = ("calibrate", "emulate", "train", "correct", "preview")
+RUN_FILE = "run.json"
+LOSS_LOG = "loss.jsonl"
+STAGE_OUTPUT = {"calibrate": "calibration", "emulate": "emulator", "train": "adapter-emulator",
+                "correct": "lora", "preview": "previews"}
+PREVIEW_VARIANTS = ("base", "emulator + LoRA", "full + corrected LoRA", "full + uncorrected LoRA")
+
+
+
+@dataclass
+class RunSettings:
+    """Settings every backend shares; the CLI and the app are built from these fields."""
+
+    model: str = field(default="", metadata={"help": "hub id or local folder of the model (safetensors only); "
+                                                              "default: the backend's small demo model in assets/"})
+    ratio: float = field(default=0.45, metadata={"help": "fraction of each compressed layer's parameters kept (0, 1]"})
+    steps: int = field(default=500, metadata={"help": "training steps"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate (constant)"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the update is scaled by alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    batch_size: int = field(default=1, metadata={"help": "samples per training step"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice in the run"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw; adamw8bit (bitsandbytes, CUDA only); adafactor (factored second moment, no momentum: the "
+                "least optimiser memory)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay of the optimiser"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), no, bf16 or fp16"})
+    checkpoint_every: int = field(default=50, metadata={"help": "save a training checkpoint every N steps"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    calibration_samples: int = field(default=16, metadata={"help": "batches of your data used for calibration"})
+    lam: float = field(default=3.0, metadata={"help": "correction clamp λ (0: no correction, inf: unclamped)"})
+    svd: str = field(default=emloc.DEFAULT_SOLVER, metadata={"help": "emulator factorisation: " + ", ".join(emloc.SOLVERS)})
+    rules: list[str] = field(default_factory=list, metadata={
+        "help": "compression rules REGEX=RATIO (first match wins); default: the backend's"})
+    lora_targets: list[str] = field(default_factory=list, metadata={
+        "help": "LoRA target regexes (fullmatch module names); default: the backend's"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    offload: bool = field(default=False, metadata={
+        "help": "calibrate with the full model in CPU memory, one layer at a time on the GPU (for models larger than it)"})
+
+    def resolved_device(self) -> torch.device:
+        """`auto` means the first CUDA device when there is one, else the CPU."""
+        if self.device == "auto":  # one device per process under accelerate launch / torchrun
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+                else torch.device("cpu")
+        return torch.device(self.device)
+
+    def check(self) -> None:
+        """Raise a ValueError for a setting outside its range, naming the setting."""
+        if not self.model:
+            raise ValueError("no model given; pass a hub id or a local folder (--model)")
+        emloc.rules.check_ratio(self.ratio, "--ratio")
+        for name in ("steps", "rank", "batch_size", "checkpoint_every", "keep_checkpoints", "calibration_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive; got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"--mixed-precision must be auto, no, bf16 or fp16; got {self.mixed_precision!r}")
+        if self.svd not in emloc.SOLVERS:
+            raise ValueError(f"--svd must be one of {', '.join(emloc.SOLVERS)}; got {self.svd!r}")
+        if self.lam < 0:
+            raise ValueError(f"--lam must be >= 0; got {self.lam}")
+        parse_rules(self.rules)
+
+    def lora(self, targets: list[str]) -> emloc.LoraSettings:
+        """The LoRA of this run on `targets` (regexes)."""
+        return emloc.LoraSettings(rank=self.rank, alpha=self.alpha, targets=targets, dropout=self.lora_dropout)
+
+
+def parse_rules(rules: list[str]) -> list[tuple[str, float]]:
+    """`["REGEX=RATIO", ...]` -> `[(regex, ratio)]`, checked."""
+    parsed = []
+    for rule in rules:
+        pattern, sep, ratio = rule.rpartition("=")
+        if not sep:
+            raise ValueError(f"compression rule {rule!r} must look like REGEX=RATIO, e.g. '.*attn.*=0.5'")
+        try:
+            parsed.append((pattern, float(ratio)))
+        except ValueError:
+            raise ValueError(f"compression rule {rule!r}: {ratio!r} is not a number") from None
+    return emloc.normalise_rules(parsed) if parsed else []
+
+
+def settings_from_dict(cls: type, data: dict) -> Any:
+    """A settings dataclass from a dict, ignoring keys it does not know (older or newer run.json)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
