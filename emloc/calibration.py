@@ -30,6 +30,76 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
+class StatsCollector:
+    """Forward hooks that sum `xᵀx` and count tokens at the inputs of `targets` ({name: nn.Linear}).
+
+    Use as a context manager (hooks removed on exit, also on error). `mask`, when set to a bool tensor of an
+    input's leading shape (e.g. (batch, tokens) with False at padding), keeps only the tokens it marks, so
+    padding never enters Σ xᵀx; inputs of another leading shape are counted whole. Call `next_batch()`
+    between batches (q/k/v read the same input tensor: its xᵀx is formed once per batch).
+    """
+
+    def __init__(self, targets: dict[str, nn.Module], dtype: torch.dtype = torch.float32,
+                 stats_device: torch.device | str | None = None):
+        self.targets, self.dtype = targets, dtype
+        self.stats_device = torch.device(stats_device) if stats_device is not None else None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {name: 0 for name in targets}
+        self.mask: torch.Tensor | None = None
+        self._last: list = [None, None]  # (input tensor, its xᵀx)
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            raw = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            if self._last[0] is raw:
+                gram, tokens = self._last[1]
+            else:
+                x = raw.detach()
+                mask = self.mask
+                if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+                    flat = x[mask.to(x.device)]  # (..., in) -> (kept tokens, in)
+                else:
+                    flat = x.reshape(-1, x.shape[-1])  # (..., in) -> (tokens, in)
+                gram = flat.to(self.dtype).T @ flat.to(self.dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
+                tokens = flat.shape[0]
+                self._last[0], self._last[1] = raw, (gram, tokens)
+            device = self.stats_device or gram.device
+            if name in self.sums:
+                self.sums[name] += gram.to(device)
+            else:
+                self.sums[name] = gram.to(device, copy=True)  # never alias: q/k/v may share one gram
+            self.counts[name] += tokens
+        return hook
+
+    def __enter__(self) -> "StatsCollector":
+        self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.targets.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.next_batch()
+
+    def next_batch(self) -> None:
+        self._last[0] = self._last[1] = None
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """`{name: Σ xᵀx, name + ".count": tokens}` of every target that saw input; checks for NaN/inf."""
+        stats: dict[str, torch.Tensor] = {}
+        for name in self.targets:
+            if self.counts[name] == 0:
+                log.warning("layer %s saw no input during calibration; it will be factored without statistics", name)
+                continue
+            if not all_finite(self.sums[name]):
+                raise ValueError(f"calibration inputs of layer {name!r} contain NaN or inf; "
+                                 "check the calibration data and the model's dtype (float16 overflow?)")
+            stats[name] = self.sums[name]
+            stats[name + COUNT_SUFFIX] = torch.tensor(self.counts[name], dtype=torch.int64)
+        return stats
+
+
 def collect_input_stats(
     model: nn.Module,
     batches: Iterable[Any],
@@ -48,51 +118,15 @@ def collect_input_stats(
     removed even when a batch fails.
     """
     rules = normalise_rules(rules)
-    targets = target_linears(model, rules)
+    targets = {name: module for name, (module, _) in target_linears(model, rules).items()}
     forward = forward or _default_forward
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {name: 0 for name in targets}
-    last: list = [None, None]  # (input tensor, its xᵀx): q/k/v are called with the same x; multiply once
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            flat = x.detach().reshape(-1, x.shape[-1])  # (..., in) -> (tokens, in)
-            device = torch.device(stats_device) if stats_device is not None else flat.device
-            if last[0] is x:
-                gram = last[1]
-            else:
-                gram = flat.to(dtype).T @ flat.to(dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
-                last[0], last[1] = x, gram
-            if name in sums:
-                sums[name] += gram.to(device)
-            else:
-                sums[name] = gram.to(device, copy=True)  # never alias: q/k/v may share one gram
-            counts[name] += flat.shape[0]
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n), with_kwargs=True) for n, (m, _) in targets.items()]
     total = len(batches) if hasattr(batches, "__len__") else None
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, total=total, desc="Calibrating on your data", unit="batch", disable=not progress):
-                output = forward(model, batch)
-                del output
-                last[0] = last[1] = None
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    stats: dict[str, torch.Tensor] = {}
-    for name in targets:
-        if counts[name] == 0:
-            log.warning("layer %s saw no input during calibration; it will be factored without statistics", name)
-            continue
-        if not all_finite(sums[name]):
-            raise ValueError(f"calibration inputs of layer {name!r} contain NaN or inf; "
-                             "check the calibration data and the model's dtype (float16 overflow?)")
-        stats[name] = sums[name]
-        stats[name + COUNT_SUFFIX] = torch.tensor(counts[name], dtype=torch.int64)
+    with StatsCollector(targets, dtype, stats_device) as collector, torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="Calibrating on your data", unit="batch", disable=not progress):
+            output = forward(model, batch)
+            del output
+            collector.next_batch()
+    stats = collector.result()
     if not stats:
         raise ValueError("no target layer received any input during calibration; were the batches empty?")
     return stats

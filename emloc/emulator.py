@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointReader
 from .factorize import (DEFAULT_SOLVER, SOLVERS, Whitening, all_finite, needs_whitening, weighted_error,
                         whitening)
 from .lowrank import LowRankLinear, dense_parameters
@@ -97,16 +97,24 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or inf; re-run calibration or check the model's weights")
 
 
+def fingerprint_part(name: str, tensor: torch.Tensor) -> bytes:
+    """One weight's share of `weights_fingerprint`: its name, shape, dtype and ~4k sampled values."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step].to("cpu", torch.float64).contiguous()
+    return f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode() + sample.numpy().tobytes()
+
+
+def fingerprint_of_parts(parts: Iterable[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:32]
+
+
 def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """A cheap, device-independent fingerprint of weights: names, shapes, dtypes and ~4k sampled values each."""
-    digest = hashlib.sha256()
-    for name, tensor in named_tensors:
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].to("cpu", torch.float64).contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:32]
+    return fingerprint_of_parts(fingerprint_part(name, tensor) for name, tensor in named_tensors)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -144,19 +152,22 @@ class EmulatorBuild:
     """
 
     def __init__(self, model: nn.Module, rules: Iterable[RuleLike], svd: str = DEFAULT_SOLVER,
-                 compute_device: torch.device | str | None = None, base_model: str | None = None):
+                 compute_device: torch.device | str | None = None, base_model: str | None = None,
+                 weights_loaded: bool = True):
         if svd not in SOLVERS:
             raise ValueError(f"unknown svd solver {svd!r}; choose one of {', '.join(SOLVERS)}")
         self.model, self.svd, self.compute_device = model, svd, compute_device
         self.rules = normalise_rules(rules)
         self.targets = target_linears(model, self.rules)
-        for name, (linear, _) in self.targets.items():
+        for name, (linear, _) in self.targets.items() if weights_loaded else ():
             try:
                 dense_parameters(linear)
             except ValueError:
                 raise ValueError(f"layer {name!r} has no weights loaded (meta device); "
                                  "load the model's weights first") from None
-        fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in self.targets.items())
+        # a streamed build (emloc.blockwise) reads each layer later and fingerprints it then
+        fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in self.targets.items()) \
+            if weights_loaded else ""
         self.report = EmulatorReport(model_params_before=_param_count(model), solver=svd, fingerprint=fingerprint)
         self.info = {"layers": {}, "rules": [list(r) for r in self.rules], "solver": svd,
                      "fingerprint": fingerprint, "base_model": base_model or _model_id(model)}
@@ -256,8 +267,9 @@ def load_emulator(
     emulator is never paired with a different base model.
     """
     folder = Path(path)
-    config_file, weights_file = folder / EMULATOR_CONFIG, folder / EMULATOR_WEIGHTS
-    if not config_file.is_file() or not weights_file.is_file():
+    config_file = folder / EMULATOR_CONFIG
+    weight_files = sorted(folder.glob("emulator*.safetensors"))  # one file, or one per block (emloc.blockwise)
+    if not config_file.is_file() or not weight_files:
         raise FileNotFoundError(f"{folder} is not an emulator folder (expected {EMULATOR_CONFIG} and {EMULATOR_WEIGHTS})")
     info = json.loads(config_file.read_text())
     dense: dict[str, nn.Linear] = {}
@@ -276,15 +288,16 @@ def load_emulator(
         if found != info["fingerprint"]:
             raise ValueError(f"the weights of this model differ from those the emulator in {folder} was built from "
                              f"(fingerprint {found} != {info['fingerprint']}); rebuild the emulator for this model")
-    with safe_open(str(weights_file), framework="pt", device="cpu") as tensors:
-        for name, spec in info["layers"].items():
-            old = dense[name]
-            target = torch.device(device) if device is not None else (
-                old.weight.device if old.weight.device.type != "meta" else torch.device("cpu"))
-            state = {key: tensors.get_tensor(f"{name}.{key}").to(target)
-                     for key in ("v.weight", "u.weight", "u.bias") if key != "u.bias" or spec["bias"]}
-            low = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], device="meta")
-            low.load_state_dict(state, assign=True)
-            set_submodule(model, name, low)
+    tensors = CheckpointReader(weight_files)
+    for name, spec in info["layers"].items():
+        old = dense[name]
+        target = torch.device(device) if device is not None else (
+            old.weight.device if old.weight.device.type != "meta" else torch.device("cpu"))
+        state = {key: tensors.read(f"{name}.{key}", target)
+                 for key in ("v.weight", "u.weight", "u.bias") if key != "u.bias" or spec["bias"]}
+        low = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], device="meta")
+        low.load_state_dict(state, assign=True)
+        set_submodule(model, name, low)
+    tensors.close()
     model.emloc_emulator = info
     return info

@@ -1,0 +1,116 @@
+"""Weights read from a checkpoint's safetensors files when their turn comes (DESIGN.md "Memory").
+
+A big model is never loaded whole: its skeleton is built with parameters on the `meta` device (no memory),
+and `CheckpointReader.materialize(module)` reads one submodule's tensors from the files (memory-mapped,
+one tensor at a time) onto a device; `release(module)` sends them back to `meta`. The reader opens the
+files' headers once and knows which file holds which tensor (a sharded checkpoint's index is not needed).
+
+Checkpoint keys may differ from module names (transformers renames some families' keys on load, e.g.
+InternVL's `language_model.model.` -> `model.language_model.`): `renames` is a list of (regex, replacement)
+applied to each key, the first match winning, as the library does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[Path]:
+    """The `*.safetensors` weight files directly in `folder`, sorted (shards in order)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights")
+    return files
+
+
+class CheckpointReader:
+    """Module name -> tensor, read lazily from safetensors files."""
+
+    def __init__(self, files: Iterable[str | os.PathLike], renames: Sequence[tuple[str, str]] = ()):
+        self.files = [Path(f) for f in files]
+        self.renames = [(re.compile(pattern), replacement) for pattern, replacement in renames]
+        self.where: dict[str, tuple[Path, str]] = {}  # module-side name -> (file, checkpoint key)
+        for file in self.files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    self.where[self._rename(key)] = (file, key)
+        self._handles: dict[Path, object] = {}
+
+    def _rename(self, key: str) -> str:
+        for pattern, replacement in self.renames:
+            if pattern.search(key):
+                return pattern.sub(replacement, key, count=1)
+        return key
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor the model calls `name`, on `device` (cast to `dtype` when given and floating)."""
+        if name not in self.where:
+            raise KeyError(f"the checkpoint has no tensor for {name!r}; is it the model the run was made with?")
+        file, key = self.where[name]
+        tensor = self._handle(file).get_tensor(key)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device)
+
+    def state_of(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """`module`'s parameters and persistent buffers named in the checkpoint (under `prefix.`), read.
+
+        Names in `skip` (relative to `module`) are left out, e.g. tied weights the model fills itself.
+        """
+        skip = set(skip)
+        full = f"{prefix}." if prefix else ""
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        return {n: self.read(full + n, device, dtype) for n in names if n not in skip and full + n in self.where}
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
+        """Read every still-`meta` parameter and buffer of `module` from the files, in place; returns `module`.
+
+        Raises a KeyError naming the first parameter the checkpoint lacks.
+        """
+        wanted = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+        wanted += [n for n, b in module.named_buffers() if b.device.type == "meta"]
+        full = f"{prefix}." if prefix else ""
+        state = {n: self.read(full + n, device, dtype) for n in wanted}
+        with torch.no_grad():
+            for name, tensor in state.items():
+                owner_name, _, leaf = name.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = tensor
+        return module
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def release(module: nn.Module) -> None:
+    """Send `module`'s parameters back to `meta`: the memory they held is freed, the structure stays."""
+    with torch.no_grad():
+        for owner in module.modules():
+            for leaf, param in list(owner._parameters.items()):
+                if param is not None and param.device.type != "meta":
+                    owner._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def meta_names(module: nn.Module) -> list[str]:
+    """Parameters of `module` still on `meta` (nothing loaded yet)."""
+    return [n for n, p in module.named_parameters() if p.device.type == "meta"]
