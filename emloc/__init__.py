@@ -16,6 +16,7 @@ from .emulator import (
     save_emulator,
     weights_fingerprint,
 )
+from .blockwise import BlockwiseModel, stream_emulator
 from .streaming import calibrate_and_build, plan_groups
 from .factorize import SOLVERS, low_rank_factors, weighted_error
 from .lora import (
@@ -32,9 +33,9 @@ from .lora import (
 from .rules import match_rule, normalise_rules, rank_for_ratio, target_linears
 
 __all__ = [
-    "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings", "LowRankLinear",
+    "BlockwiseModel", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings", "LowRankLinear",
     "adapter_state", "attach_lora", "build_emulator", "calibrate_and_build", "plan_groups", "collect_input_stats", "correct_lora", "load_adapter",
     "load_emulator", "low_rank_factors", "lora_config", "lora_scaling", "lora_target_names", "match_rule",
-    "merge_stats", "normalise_rules", "rank_for_ratio", "read_adapter", "save_emulator", "second_moments",
+    "merge_stats", "normalise_rules", "rank_for_ratio", "read_adapter", "save_emulator", "second_moments", "stream_emulator",
     "target_linears", "weighted_error", "weights_fingerprint", "write_adapter",
 ]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointReader, release
 from .lowrank import LowRankLinear
 
 LORA_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -102,12 +103,15 @@ def correct_lora(
     lam: float = 3.0,
     compute_device: torch.device | str | None = None,
     progress: bool = True,
+    reader: CheckpointReader | None = None,
 ) -> dict[str, torch.Tensor]:
     """A new PEFT adapter state dict (same keys, same dtypes) corrected for the full model.
 
     `scaling` is `lora_alpha / r` (rsLoRA: `lora_alpha / sqrt(r)`), or a dict by module name.
     `compute_device` defaults to each adapter tensor's device; only one layer of each model is
-    touched at a time.
+    touched at a time. With a `reader` over the full model's checkpoint, either model may be a skeleton
+    (parameters on `meta`): each layer still on `meta` is read from the files just for its turn and freed
+    after it, so correction holds one layer of each model whatever the model's size.
     """
     if lam < 0 or math.isnan(lam):
         raise ValueError(f"lam (λ) must be >= 0 (0: no correction, inf: unclamped); got {lam}")
@@ -147,8 +151,14 @@ def correct_lora(
                 raise ValueError(f"adapter tensor {key!r} contains NaN or inf; training diverged — "
                                  "lower the learning rate and train again")
         device = torch.device(compute_device) if compute_device is not None else a.device
+        read = [layer for layer in (full_layer, emulator_layer)
+                if reader is not None and any(p.device.type == "meta" for p in layer.parameters())]
+        for layer in read:
+            reader.materialize(layer, _strip_prefix(name), device)
         new_a, new_b = correct_pair(a.to(device, torch.float32), b.to(device, torch.float32),
                                     full_layer, emulator_layer, _scaling_for(scaling, name), lam)
+        for layer in read:
+            release(layer)
         if not (torch.isfinite(new_a).all() and torch.isfinite(new_b).all()):
             raise ValueError(f"correction of module {_strip_prefix(name)!r} produced NaN or inf; "
                              "check the full model's and the emulator's weights for that layer")

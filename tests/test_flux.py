@@ -233,10 +233,37 @@ def test_offloaded_calibration_streams_layers_and_gives_the_same_statistics(mode
     flux = FluxSettings(images=str(tmp_path / "dog"), prompt="sks dog", resolution=32, max_sequence_length=16)
     stats = {}
     for offload in (False, True):
-        settings = RunSettings(model=str(models["dev"]), ratio=0.5, calibration_samples=3, offload=offload)
+        settings = RunSettings(model=str(models["dev"]), ratio=0.5, calibration_samples=3, offload=offload,
+                               keep_statistics=True)  # the two-step path: statistics of every layer at once
         run = Run.create(tmp_path / "runs" / f"offload-{offload}", "flux", settings, flux)
         run.execute(["calibrate"])
         stats[offload] = load_file(str(run.dir / "calibration" / "stats.safetensors"))
     assert stats[True].keys() == stats[False].keys() and len(stats[True]) > 0
     for key in stats[False]:
         torch.testing.assert_close(stats[True][key], stats[False][key], rtol=1e-6, atol=1e-6)
+
+
+def test_streamed_run_builds_the_emulator_the_two_step_run_builds(models, tmp_path):
+    """The default run reads the transformer block by block from its files; keeping the statistics switches
+    to the two-step path (whole model, every layer's Σ xᵀx). Both give the same emulator and the same
+    corrected LoRA; only the two-step run's folder holds statistics."""
+    write_subject_images(tmp_path / "dog", count=3, seed=4)
+    flux = FluxSettings(images=str(tmp_path / "dog"), prompt="sks dog", resolution=32, max_sequence_length=16)
+    reports, adapters = {}, {}
+    for keep in (False, True):
+        settings = RunSettings(model=str(models["dev"]), ratio=0.5, calibration_samples=3, steps=2,
+                               keep_statistics=keep, device="cpu")
+        run = Run.create(tmp_path / "runs" / f"keep-{keep}", "flux", settings, flux)
+        run.execute(["calibrate", "emulate", "train", "correct"])
+        reports[keep] = json.loads((run.dir / "emulator" / "report.json").read_text())
+        adapters[keep] = load_file(str(run.dir / "lora" / "corrected" / "adapter_model.safetensors"))
+        assert (run.dir / "calibration" / "stats.safetensors").exists() == keep
+    assert reports[False]["fingerprint"] == reports[True]["fingerprint"]
+    for streamed, whole in zip(reports[False]["layers"], reports[True]["layers"]):
+        assert streamed["rank"] == whole["rank"]
+        assert abs(streamed["error"] - whole["error"]) <= 1e-4 * max(whole["error"], 1e-6), streamed["name"]
+    assert adapters[False].keys() == adapters[True].keys()
+    for key in (k for k in adapters[True] if ".lora_A." in k):  # ΔW = B A (A' = Pᵀ is defined up to signs)
+        b = key.replace(".lora_A.", ".lora_B.")
+        delta = {keep: adapters[keep][b] @ adapters[keep][key] for keep in (False, True)}
+        torch.testing.assert_close(delta[False], delta[True], rtol=1e-3, atol=1e-5)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from emloc.blockwise import BlockwiseModel
+from emloc.checkpoint import CheckpointReader, safetensors_files
 from pipelines.runner import Backend, RunSettings
 from pipelines.runner.data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
 
@@ -209,6 +211,53 @@ class FluxBackend(Backend):
         model = FluxTransformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
                                                        use_safetensors=True)
         return model.to(device).eval().requires_grad_(False)
+
+    def _transformer_folder(self) -> Path:
+        """The folder of the transformer's config and safetensors: local, or the hub snapshot in the cache."""
+        local = Path(self.run.model) / "transformer"
+        if local.is_dir():
+            return local
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(self.run.model, allow_patterns=["transformer/*"], local_files_only=True)
+        return Path(snapshot) / "transformer"
+
+    def skeleton(self) -> nn.Module:
+        from accelerate import init_empty_weights
+        from diffusers import FluxTransformer2DModel
+
+        config = FluxTransformer2DModel.load_config(str(self._transformer_folder()))
+        with init_empty_weights():
+            model = FluxTransformer2DModel.from_config(config)
+        return model.eval().requires_grad_(False)
+
+    def checkpoint(self) -> CheckpointReader:
+        return CheckpointReader(safetensors_files(self._transformer_folder()))
+
+    def blockwise(self, model: nn.Module, reader: CheckpointReader) -> BlockwiseModel:
+        """The transformer as its double blocks then its single blocks; the state is (image, text) hidden states
+        with the time embedding and the rotary embedding every block reads."""
+        def enter(streamed: BlockwiseModel, batch: dict) -> dict:
+            for name in ("x_embedder", "time_text_embed", "context_embedder"):
+                if any(p.device.type == "meta" for p in model.get_submodule(name).parameters()):
+                    streamed.load(name)  # small: read once, kept for the pass
+            hidden = model.x_embedder(batch["hidden_states"])
+            timestep = batch["timestep"].to(hidden.dtype) * 1000
+            guidance = batch.get("guidance")
+            temb = model.time_text_embed(timestep, batch["pooled_projections"]) if guidance is None else \
+                model.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, batch["pooled_projections"])
+            rotary = model.pos_embed(torch.cat((batch["txt_ids"], batch["img_ids"]), dim=0))
+            return {"image": hidden, "text": model.context_embedder(batch["encoder_hidden_states"]), "temb": temb,
+                    "rotary": rotary}
+
+        def step(streamed: BlockwiseModel, name: str, state: dict) -> dict:
+            text, image = model.get_submodule(name)(hidden_states=state["image"], encoder_hidden_states=state["text"],
+                                                    temb=state["temb"], image_rotary_emb=state["rotary"])
+            return {**state, "image": image, "text": text}
+
+        blocks = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+        blocks += [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
+        return BlockwiseModel(model, reader, blocks, enter, step, device=self.device, dtype=self.dtype)
 
     def default_rules(self, ratio: float) -> list[tuple[str, float]]:
         return [(r"(transformer_blocks|single_transformer_blocks)\.\d+\..+", ratio)]

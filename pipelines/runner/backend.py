@@ -23,6 +23,13 @@ imports a backend by name):
                              writes files from {label: outputs} and returns their paths
     release()                free everything the backend holds (text encoders, caches on the GPU, ...)
 
+Optional, for models larger than memory (every phase then reads weights from the checkpoint's files):
+    skeleton()               the full model's structure, parameters on `meta` (nothing read); None: unsupported
+    checkpoint()             an `emloc.checkpoint.CheckpointReader` over the model's safetensors files
+    blockwise(model, reader) an `emloc.blockwise.BlockwiseModel`: the blocks in order, how a calibration batch
+                             enters the first one and how one block's input becomes its output
+    finish_loading(model)    anything the library does after loading weights (e.g. tie the LM head)
+
 """
 
 from __future__ import annotations
@@ -58,6 +65,14 @@ class Backend:
     def load_cache(self, folder: Path) -> None: ...
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None: ...
     def release(self) -> None: ...
+    def skeleton(self) -> torch.nn.Module | None: return None
+    def finish_loading(self, model: torch.nn.Module) -> None: ...
+
+    def checkpoint(self):
+        raise NotImplementedError(f"{type(self).__name__}.checkpoint")
+
+    def blockwise(self, model: torch.nn.Module, reader):
+        raise NotImplementedError(f"{type(self).__name__}.blockwise")
 
     # Required: every backend implements these.
     def load_model(self, device: torch.device) -> torch.nn.Module:

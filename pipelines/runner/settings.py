@@ -53,6 +53,9 @@ class RunSettings:
         "help": "compression rules REGEX=RATIO (first match wins); default: the backend's"})
     lora_targets: list[str] = field(default_factory=list, metadata={
         "help": "LoRA target regexes (fullmatch module names); default: the backend's"})
+    keep_statistics: bool = field(default=False, metadata={
+        "help": "keep the calibration statistics (Σ xᵀx of every layer) in the run folder; needs them all in memory "
+                "at once instead of one block's"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     offload: bool = field(default=False, metadata={
         "help": "calibrate with the full model in CPU memory, one layer at a time on the GPU (for models larger than it)"})

@@ -59,10 +59,27 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
+def streams(run: Run) -> bool:
+    """Whether this run reads the model block by block from its files (the backend can, and the run does not
+    ask to keep the full calibration statistics, which only the two-step path has at once)."""
+    return not run.settings.keep_statistics and run.backend.skeleton() is not None
+
+
 def emulator_model(run: Run, device: torch.device | str) -> nn.Module:
-    """A fresh model with the run's emulator layers swapped in; the full model never reaches `device`."""
-    model = run.backend.load_model(torch.device("cpu"))
+    """A fresh model with the run's emulator layers swapped in; the full model never reaches `device`.
+
+    Where the backend has a skeleton, the full model is never built either: the emulator's factors and the
+    uncompressed weights are read from files into the `meta` skeleton.
+    """
+    backend = run.backend
+    model = backend.skeleton()
+    if model is None:
+        model = backend.load_model(torch.device("cpu"))
+        emloc.load_emulator(model, run.output("emulate"), device="cpu")
+        return model.to(device)
     emloc.load_emulator(model, run.output("emulate"), device="cpu")
+    backend.checkpoint().materialize(model, "", "cpu", getattr(backend, "dtype", None))
+    backend.finish_loading(model)
     return model.to(device)
 
 
@@ -77,7 +94,7 @@ def full_model_streamed(run: Run) -> nn.Module:
     return cpu_offload(backend.load_model(torch.device("cpu")), execution_device=backend.device)
 
 
-def _limited(run: Run, batches: Iterable[Any], limit: int) -> Iterator[Any]:
+def _limited(run: Run, batches: Iterable[Any], limit: int, stage: str = "calibrate") -> Iterator[Any]:
     start = time.monotonic()
     for index, batch in enumerate(batches):
         if index >= limit:
@@ -86,12 +103,21 @@ def _limited(run: Run, batches: Iterable[Any], limit: int) -> Iterator[Any]:
         yield batch
         done = index + 1
         eta = (time.monotonic() - start) / done * (limit - done)
-        run.emit(Progress("calibrate", done, limit, eta=eta, message="calibrating on your data"))
+        run.emit(Progress(stage, done, limit, eta=eta, message=f"preparing calibration sample {done} of {limit}"
+                          if stage != "calibrate" else "calibrating on your data"))
 
 
 def calibrate(run: Run, out: Path) -> None:
-    """Σ xᵀx of every target layer's inputs over the user's own data, through the full model."""
+    """Σ xᵀx of every target layer's inputs over the user's own data, through the full model.
+
+    A streamed run calibrates while it builds the emulator (see `emulate`); only a note is written here.
+    """
     backend = run.backend
+    if streams(run):
+        (out / "calibration.json").write_text(json.dumps({
+            "streamed": True, "batches": run.settings.calibration_samples,
+            "note": "calibrated block by block while the emulator was built; statistics are not kept"}))
+        return
     model = full_model_streamed(run)
     batches = _limited(run, backend.calibration_batches(), run.settings.calibration_samples)
     stats = emloc.collect_input_stats(model, batches, compression_rules(run), forward=backend.calibration_forward,
@@ -103,11 +129,31 @@ def emulate(run: Run, out: Path) -> None:
     """The activation-aware low-rank emulator, saved with its per-layer report; the model stays in CPU
     memory and each layer is factorised on the device, one at a time."""
     backend, settings = run.backend, run.settings
+    if streams(run):
+        _emulate_streamed(run, out)
+        return
     model = backend.load_model(torch.device("cpu"))
     stats = emloc.second_moments(run.load_tensors(run.output("calibrate") / STATS_FILE))
     report = emloc.build_emulator(model, compression_rules(run), stats, svd=settings.svd,
                                   compute_device=backend.device, progress=False, base_model=settings.model)
     emloc.save_emulator(model, out, base_model=settings.model)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    run.emit(Progress("emulate", 1, 1, message=f"emulator keeps {report.ratio:.3f} of the model's parameters"))
+
+
+def _emulate_streamed(run: Run, out: Path) -> None:
+    """Calibration and emulator construction in one pass, block by block from the checkpoint's files."""
+    backend, settings = run.backend, run.settings
+    batches = list(_limited(run, backend.calibration_batches(), settings.calibration_samples, stage="emulate"))
+    model = backend.skeleton()
+    streamed = backend.blockwise(model, backend.checkpoint())
+
+    def on_block(done: int, total: int) -> None:
+        run.check_cancel()
+        run.emit(Progress("emulate", done, total, message=f"calibrated and factored block {done} of {total}"))
+
+    report = emloc.stream_emulator(streamed, batches, compression_rules(run), out, svd=settings.svd,
+                                   base_model=settings.model, progress=False, on_block=on_block)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     run.emit(Progress("emulate", 1, 1, message=f"emulator keeps {report.ratio:.3f} of the model's parameters"))
 
@@ -244,10 +290,16 @@ def correct(run: Run, out: Path) -> None:
     """The LoRA corrected for the full model; both models stay on the CPU, one layer at a time on the device."""
     backend, settings = run.backend, run.settings
     state, config = emloc.read_adapter(run.output("train"))
-    full = backend.load_model(torch.device("cpu"))
-    emulator = emulator_model(run, "cpu")
+    reader = None
+    full = backend.skeleton()
+    if full is None:
+        full, emulator = backend.load_model(torch.device("cpu")), emulator_model(run, "cpu")
+    else:  # every layer read from the files for its own turn: one layer of each model in memory
+        emulator = backend.skeleton()
+        emloc.load_emulator(emulator, run.output("emulate"), device="cpu")
+        reader = backend.checkpoint()
     corrected = emloc.correct_lora(full, emulator, state, emloc.lora_scaling(config), lam=settings.lam,
-                                   compute_device=backend.device, progress=False)
+                                   compute_device=backend.device, progress=False, reader=reader)
     del full, emulator
     emloc.write_adapter(corrected, config, out / "corrected")
     emloc.write_adapter(state, config, out / "uncorrected")

@@ -1,0 +1,130 @@
+"""Does every stage stream? Peak memory of each stage of a whole run, in its own process, at two model depths.
+
+    PYTHONPATH=. python benchmarks/streaming.py [--depths 1+2,4+8] [--width 1024] [--resolution 64]
+
+A FLUX folder is written per depth: a random-weight transformer of real head size (128) and the given width
+(`--width` / 128 heads) with D double + S single blocks, beside the demo's VAE, text encoders and scheduler.
+Then `launch.py train --stages X` runs each stage in a fresh process (4 calibration samples, 2 training
+steps, ratio 0.45, as the app starts a run), and the process's peak resident memory (ru_maxrss of the child)
+is recorded, with the run folder's size and the emulator's size. A stage that streams shows the same peak at
+both depths; the training stage may grow by the emulator's own size. Prints a markdown table and writes
+benchmarks/out/streaming.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "benchmarks" / "out"
+DEMO = ROOT / "assets" / "models" / "demo-flux"
+STAGES = ("calibrate", "emulate", "train", "correct", "preview")
+MiB = 1024 ** 2
+
+
+def write_model(folder: Path, double: int, single: int, width: int) -> int:
+    """A FLUX folder with a random transformer of `width` (heads of 128) and D + S blocks; returns its parameters."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(DEMO, folder, ignore=shutil.ignore_patterns("transformer", "demo.json"))
+    demo = json.loads((DEMO / "transformer" / "config.json").read_text())
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=demo["in_channels"], num_layers=double,
+                                   num_single_layers=single, attention_head_dim=128, num_attention_heads=width // 128,
+                                   joint_attention_dim=demo["joint_attention_dim"],
+                                   pooled_projection_dim=demo["pooled_projection_dim"], axes_dims_rope=[16, 56, 56])
+    model.save_pretrained(folder / "transformer", safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_of(command: list[str]) -> tuple[int, float]:
+    """Peak RSS (bytes) and seconds of `command`, run in a fresh process that does nothing else."""
+    probe = ("import resource, subprocess, sys, json, time; t = time.monotonic(); "
+             "code = subprocess.run(sys.argv[1:]).returncode; "
+             "print(json.dumps([code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.monotonic() - t]))")
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, cwd=ROOT)
+    code, kib, seconds = json.loads(done.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return kib * 1024, seconds
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def measure(depth: str, width: int, resolution: int, work: Path) -> dict:
+    from pipelines.demo import data
+
+    double, single = (int(n) for n in depth.split("+"))
+    model = work / f"flux-{depth}"
+    params = write_model(model, double, single, width)
+    images = work / "images"
+    if not images.exists():
+        data.write_subject_images(images, count=4, seed=0)
+    out = work / f"run-{depth}"
+    shutil.rmtree(out, ignore_errors=True)
+    base = [sys.executable, str(ROOT / "launch.py"), "train", "--backend", "flux", "--model", str(model),
+            "--images", str(images), "--prompt", "a photo of sks shape on a white background", "--out", str(out),
+            "--resolution", str(resolution), "--steps", "2", "--calibration-samples", "4", "--ratio", "0.45",
+            "--max-sequence-length", "32", "--preview-steps", "2", "--preview-seeds", "0", "--device", "cpu",
+            "--quiet"]
+    row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer")}
+    for stage in STAGES:
+        peak, seconds = peak_of(base + (["--resume"] if stage != "calibrate" else []) + ["--stages", stage])
+        row[stage], row[stage + "_seconds"] = peak, seconds
+    row["run_folder"] = folder_bytes(out)
+    row["emulator"] = folder_bytes(out / "emulator")
+    return row
+
+
+def markdown(rows: list[dict], baseline: int) -> str:
+    lines = ["| stage | " + " | ".join(f"{r['depth']} blocks ({r['params'] / 1e6:.0f} M)" for r in rows) + " | ratio |",
+             "|---|" + "---:|" * (len(rows) + 1)]
+    for stage in STAGES:
+        cells = [f"{r[stage] / MiB:.0f} MiB" for r in rows]
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {rows[-1][stage] / rows[0][stage]:.2f}x |")
+    for key, label in (("run_folder", "run folder"), ("emulator", "emulator"), ("model_bytes", "transformer files")):
+        lines.append(f"| {label} | " + " | ".join(f"{r[key] / MiB:.0f} MiB" for r in rows)
+                     + f" | {rows[-1][key] / max(rows[0][key], 1):.2f}x |")
+    lines.append(f"\nPeak RSS of each stage's process; a process that only imports the stack peaks at "
+                 f"{baseline / MiB:.0f} MiB.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", default="1+2,4+8", help="double+single blocks, comma-separated")
+    parser.add_argument("--width", type=int, default=1024, help="transformer width (heads of 128)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--work", default=str(OUT / "streaming-work"))
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    baseline, _ = peak_of([sys.executable, "-c", "import pipelines.runner, pipelines.flux.backend, diffusers"])
+    rows = []
+    for depth in args.depths.split(","):
+        start = time.monotonic()
+        rows.append(measure(depth, args.width, args.resolution, work))
+        print(f"{depth}: measured in {time.monotonic() - start:.0f} s", file=sys.stderr)
+    table = markdown(rows, baseline)
+    print(table)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "streaming.md").write_text(table + "\n")
+    (OUT / "streaming.json").write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
