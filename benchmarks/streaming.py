@@ -78,7 +78,7 @@ def measure(depth: str, width: int, resolution: int, work: Path) -> dict:
     base = [sys.executable, str(ROOT / "launch.py"), "train", "--backend", "flux", "--model", str(model),
             "--images", str(images), "--prompt", "a photo of sks shape on a white background", "--out", str(out),
             "--resolution", str(resolution), "--steps", "2", "--calibration-samples", "4", "--ratio", "0.45",
-            "--max-sequence-length", "32", "--preview-steps", "2", "--preview-seeds", "0", "--device", "cpu",
+            "--max-sequence-length", "32", "--preview-steps", "2", "--preview-seed", "0", "--device", "cpu",
             "--quiet"]
     row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer")}
     for stage in STAGES:

@@ -12,6 +12,7 @@ applied to each key, the first match winning, as the library does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -41,7 +42,7 @@ class CheckpointReader:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
                     self.where[self._rename(key)] = (file, key)
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, object] | None = None  # open only inside `reading()`
 
     def _rename(self, key: str) -> str:
         for pattern, replacement in self.renames:
@@ -49,8 +50,31 @@ class CheckpointReader:
                 return pattern.sub(replacement, key, count=1)
         return key
 
+    def merged(self, other: "CheckpointReader") -> "CheckpointReader":
+        """One reader over both readers' tensors (`other`'s names win), e.g. a model's files and its emulator's."""
+        both = CheckpointReader([])
+        both.files, both.where = self.files + other.files, {**self.where, **other.where}
+        return both
+
     def __contains__(self, name: str) -> bool:
         return name in self.where
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Keep the files open for several reads; they are closed (unmapped) when the block ends.
+
+        safetensors maps a file into memory while it is open, and every page read stays counted in the
+        process's resident memory until the map goes: holding the files open for a whole pass would show a
+        peak that grows with every block read, although the tensors themselves were freed.
+        """
+        if self._handles is not None:  # nested: the outer block closes
+            yield self
+            return
+        self._handles = {}
+        try:
+            yield self
+        finally:
+            self._handles = None
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -62,7 +86,8 @@ class CheckpointReader:
         if name not in self.where:
             raise KeyError(f"the checkpoint has no tensor for {name!r}; is it the model the run was made with?")
         file, key = self.where[name]
-        tensor = self._handle(file).get_tensor(key)
+        with self.reading():  # the tensor is a view of the file's map: copied out while the map is alive
+            tensor = self._handle(file).get_tensor(key).clone()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor.to(device)
@@ -76,7 +101,8 @@ class CheckpointReader:
         skip = set(skip)
         full = f"{prefix}." if prefix else ""
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-        return {n: self.read(full + n, device, dtype) for n in names if n not in skip and full + n in self.where}
+        with self.reading():
+            return {n: self.read(full + n, device, dtype) for n in names if n not in skip and full + n in self.where}
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None) -> nn.Module:
@@ -87,7 +113,8 @@ class CheckpointReader:
         wanted = [n for n, p in module.named_parameters() if p.device.type == "meta"]
         wanted += [n for n, b in module.named_buffers() if b.device.type == "meta"]
         full = f"{prefix}." if prefix else ""
-        state = {n: self.read(full + n, device, dtype) for n in wanted}
+        with self.reading():
+            state = {n: self.read(full + n, device, dtype) for n in wanted}
         with torch.no_grad():
             for name, tensor in state.items():
                 owner_name, _, leaf = name.rpartition(".")
@@ -99,7 +126,7 @@ class CheckpointReader:
         return module
 
     def close(self) -> None:
-        self._handles.clear()
+        self._handles = None if self._handles is None else {}
 
 
 def release(module: nn.Module) -> None:

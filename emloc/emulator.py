@@ -232,6 +232,11 @@ def _plain_name(name: str) -> str:
     return name.replace(".base_layer.", ".").removesuffix(".base_layer")
 
 
+def emulator_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of the emulator in `path`: one, or one per block (emloc.blockwise)."""
+    return sorted(Path(path).glob("emulator*.safetensors"))
+
+
 def save_emulator(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
     """Write the factors of every LowRankLinear (`emulator.safetensors`) and the structure (`emulator.json`)."""
     info = dict(getattr(model, "emloc_emulator", None) or {})
@@ -263,12 +268,14 @@ def load_emulator(
 
     Works on a model built on the `meta` device: dense weights there are never materialised; the
     factors land on `device` (default: the replaced layer's device, or the CPU for meta layers).
+    `device="meta"` reads nothing: the factored layers get their structure only, for a caller that reads each
+    layer's factors from the emulator's files when it needs them (`emulator_files`, `CheckpointReader`).
     When the dense weights are real, their fingerprint is checked against the one saved, so an
     emulator is never paired with a different base model.
     """
     folder = Path(path)
     config_file = folder / EMULATOR_CONFIG
-    weight_files = sorted(folder.glob("emulator*.safetensors"))  # one file, or one per block (emloc.blockwise)
+    weight_files = emulator_files(folder)
     if not config_file.is_file() or not weight_files:
         raise FileNotFoundError(f"{folder} is not an emulator folder (expected {EMULATOR_CONFIG} and {EMULATOR_WEIGHTS})")
     info = json.loads(config_file.read_text())
@@ -289,6 +296,12 @@ def load_emulator(
             raise ValueError(f"the weights of this model differ from those the emulator in {folder} was built from "
                              f"(fingerprint {found} != {info['fingerprint']}); rebuild the emulator for this model")
     tensors = CheckpointReader(weight_files)
+    if device is not None and torch.device(device).type == "meta":
+        for name, spec in info["layers"].items():
+            set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                                     bias=spec["bias"], device="meta"))
+        model.emloc_emulator = info
+        return info
     for name, spec in info["layers"].items():
         old = dense[name]
         target = torch.device(device) if device is not None else (

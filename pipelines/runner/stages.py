@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 import emloc
+from emloc.checkpoint import CheckpointReader
+from emloc.emulator import emulator_files
 
 from .backend import Backend
 from .progress import Progress, RunCancelled
@@ -294,10 +296,10 @@ def correct(run: Run, out: Path) -> None:
     full = backend.skeleton()
     if full is None:
         full, emulator = backend.load_model(torch.device("cpu")), emulator_model(run, "cpu")
-    else:  # every layer read from the files for its own turn: one layer of each model in memory
+    else:  # every layer (full, factored, dense) read from the files for its own turn: one layer of each model
         emulator = backend.skeleton()
-        emloc.load_emulator(emulator, run.output("emulate"), device="cpu")
-        reader = backend.checkpoint()
+        emloc.load_emulator(emulator, run.output("emulate"), device="meta")
+        reader = backend.checkpoint().merged(CheckpointReader(emulator_files(run.output("emulate"))))
     corrected = emloc.correct_lora(full, emulator, state, emloc.lora_scaling(config), lam=settings.lam,
                                    compute_device=backend.device, progress=False, reader=reader)
     del full, emulator
