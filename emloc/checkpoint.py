@@ -141,3 +141,51 @@ def release(module: nn.Module) -> None:
 def meta_names(module: nn.Module) -> list[str]:
     """Parameters of `module` still on `meta` (nothing loaded yet)."""
     return [n for n, p in module.named_parameters() if p.device.type == "meta"]
+
+
+class StreamedForward:
+    """Run a skeleton model whose blocks are read from the files just before each one runs and freed after it.
+
+    Everything outside `blocks` is read once (`materialize` of the rest). `deltas` ({layer name: ΔW}, e.g. a
+    LoRA's `s·B A`, out x in) are added to those layers' weights as they are read, which computes what the
+    unmerged adapter computes: `x (W + ΔW)ᵀ = x Wᵀ + s·x Aᵀ Bᵀ`. Memory: the rest + one block, whatever the
+    depth; each forward of the model reads every block once. `remove()` takes the hooks off.
+    """
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, blocks: Sequence[str],
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 deltas: dict[str, torch.Tensor] | None = None):
+        self.model, self.reader, self.device, self.dtype = model, reader, torch.device(device), dtype
+        self.deltas = dict(deltas or {})
+        self.handles = []
+        for name in blocks:
+            block = model.get_submodule(name)
+            self.handles.append(block.register_forward_pre_hook(self._reader_of(name)))
+            self.handles.append(block.register_forward_hook(lambda module, args, output: release(module)))
+        in_blocks = {id(p) for name in blocks for p in model.get_submodule(name).parameters()}
+        rest = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in in_blocks]
+        with reader.reading():
+            for name in rest:
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner) if owner else model
+                module._parameters[leaf] = nn.Parameter(self._weight(name), requires_grad=False)
+
+    def _weight(self, name: str) -> torch.Tensor:
+        tensor = self.reader.read(name, self.device, self.dtype)
+        delta = self.deltas.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        return tensor if delta is None else (tensor.float() + delta.to(self.device, torch.float32)).to(tensor.dtype)
+
+    def _reader_of(self, prefix: str):
+        def hook(module: nn.Module, args) -> None:
+            with self.reader.reading():
+                for name, param in list(module.named_parameters()):
+                    if param.device.type == "meta":
+                        owner, _, leaf = name.rpartition(".")
+                        sub = module.get_submodule(owner) if owner else module
+                        sub._parameters[leaf] = nn.Parameter(self._weight(f"{prefix}.{name}"), requires_grad=False)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

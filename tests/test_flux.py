@@ -272,3 +272,31 @@ def test_streamed_run_builds_the_emulator_the_two_step_run_builds(models, tmp_pa
         delta = {keep: adapters[keep][b] @ adapters[keep][key] for keep in (False, True)}
         gap = float((delta[False] - delta[True]).norm() / delta[True].norm().clamp_min(1e-12))
         assert gap < 1e-2, (key, gap)  # the text stream sees one 16-token prompt in 32 dims: rank-deficient too
+
+
+def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(models, tmp_path):
+    """Below the memory budget the full model's previews read it block by block, the LoRA merged into the
+    weights as they are read; the images equal those of the loaded model with the PEFT adapter."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipelines.runner import stages
+
+    write_subject_images(tmp_path / "dog", count=3, seed=4)
+    flux = FluxSettings(images=str(tmp_path / "dog"), prompt="sks dog", resolution=32, max_sequence_length=16,
+                        preview_steps=2)
+    settings = RunSettings(model=str(models["dev"]), ratio=0.5, calibration_samples=2, steps=3, lr=1e-2,
+                           device="cpu", ram_gb=1000.0)
+    run = Run.create(tmp_path / "runs" / "preview", "flux", settings, flux)
+    run.execute()
+    assert not stages.preview_streams(run)
+    run.backend.run = dataclasses.replace(run.settings, ram_gb=1e-6)  # 1 KiB: every full model streams
+    assert stages.preview_streams(run)
+    streamed = run.preview("previews-streamed")
+    loaded = sorted((run.dir / "previews").glob("*.png"))
+    assert [p.name for p in loaded] == sorted(p.name for p in streamed.glob("*.png"))
+    for path in loaded:
+        a = np.asarray(Image.open(path), dtype=np.int16)
+        b = np.asarray(Image.open(streamed / path.name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 2, path.name

@@ -56,6 +56,9 @@ class RunSettings:
     keep_statistics: bool = field(default=False, metadata={
         "help": "keep the calibration statistics (Σ xᵀx of every layer) in the run folder; needs them all in memory "
                 "at once instead of one block's"})
+    ram_gb: float = field(default=0.0, metadata={
+        "help": "host memory budget in GiB (0: what is available now); a full model larger than half of it is "
+                "previewed block by block from its files"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     offload: bool = field(default=False, metadata={
         "help": "calibrate with the full model in CPU memory, one layer at a time on the GPU (for models larger than it)"})

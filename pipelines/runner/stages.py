@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
+import psutil
 import torch
 from torch import nn
 
 import emloc
-from emloc.checkpoint import CheckpointReader
+from emloc.checkpoint import CheckpointReader, StreamedForward
 from emloc.emulator import emulator_files
 
 from .backend import Backend
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATS_FILE = "stats.safetensors"
+GiB = 1024 ** 3
 
 
 class Run(Protocol):
@@ -308,14 +310,38 @@ def correct(run: Run, out: Path) -> None:
     backend.export(out, corrected, state, config)
 
 
+def preview_streams(run: Run) -> bool:
+    """Whether the full model's previews read it block by block from its files: it streams, and its weights
+    take more than half the host memory budget (`--ram-gb`, default what is available now)."""
+    if not streams(run):
+        return False
+    budget = run.settings.ram_gb * GiB if run.settings.ram_gb else psutil.virtual_memory().available
+    size = sum(f.stat().st_size for f in run.backend.checkpoint().files)
+    return size > budget / 2
+
+
+def _full_streamed(run: Run, adapter: Path | None) -> nn.Module:
+    """The full model as a skeleton whose blocks are read from the files as they run, the adapter (if any)
+    merged into the weights as they are read (ΔW = s·B A); see emloc.checkpoint.StreamedForward."""
+    backend = run.backend
+    model, reader = backend.skeleton(), backend.checkpoint()
+    blocks = backend.blockwise(model, reader).blocks
+    deltas = emloc.adapter_deltas(*emloc.read_adapter(adapter)) if adapter is not None else None
+    model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None),
+                                         deltas)
+    backend.finish_loading(model)
+    return model
+
+
 def _variant(run: Run, label: str) -> nn.Module:
     backend, lora = run.backend, run.output("correct")
-    if label == "base":
-        return backend.load_model(backend.device)
     if label == "emulator + LoRA":
         return emloc.load_adapter(emulator_model(run, backend.device), run.output("train"))
-    folder = lora / ("corrected" if label == "full + corrected LoRA" else "uncorrected")
-    return emloc.load_adapter(backend.load_model(backend.device), folder)
+    folder = None if label == "base" else lora / ("corrected" if label == "full + corrected LoRA" else "uncorrected")
+    if preview_streams(run):
+        return _full_streamed(run, folder)
+    model = backend.load_model(backend.device)
+    return model if folder is None else emloc.load_adapter(model, folder)
 
 
 def preview(run: Run, out: Path) -> None:
