@@ -64,7 +64,7 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def measure(depth: str, width: int, resolution: int, work: Path) -> dict:
+def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float) -> dict:
     from pipelines.demo import data
 
     double, single = (int(n) for n in depth.split("+"))
@@ -79,8 +79,8 @@ def measure(depth: str, width: int, resolution: int, work: Path) -> dict:
             "--images", str(images), "--prompt", "a photo of sks shape on a white background", "--out", str(out),
             "--resolution", str(resolution), "--steps", "2", "--calibration-samples", "4", "--ratio", "0.45",
             "--max-sequence-length", "32", "--preview-steps", "2", "--preview-seed", "0", "--device", "cpu",
-            "--quiet"]
-    row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer")}
+            "--ram-gb", str(ram_gb), "--quiet"]
+    row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer"), "ram_gb": ram_gb}
     for stage in STAGES:
         peak, seconds = peak_of(base + (["--resume"] if stage != "calibrate" else []) + ["--stages", stage])
         row[stage], row[stage + "_seconds"] = peak, seconds
@@ -99,7 +99,8 @@ def markdown(rows: list[dict], baseline: int) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{r[key] / MiB:.0f} MiB" for r in rows)
                      + f" | {rows[-1][key] / max(rows[0][key], 1):.2f}x |")
     lines.append(f"\nPeak RSS of each stage's process; a process that only imports the stack peaks at "
-                 f"{baseline / MiB:.0f} MiB.")
+                 f"{baseline / MiB:.0f} MiB. Each stage is `launch.py train --stages X` with `--ram-gb` "
+                 f"{rows[0].get('ram_gb', '')}.")
     return "\n".join(lines)
 
 
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1024, help="transformer width (heads of 128)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--work", default=str(OUT / "streaming-work"))
+    parser.add_argument("--ram-gb", type=float, default=0.25,
+                        help="the run's host budget: a full model above half of it is previewed block by block")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for depth in args.depths.split(","):
         start = time.monotonic()
-        rows.append(measure(depth, args.width, args.resolution, work))
+        rows.append(measure(depth, args.width, args.resolution, work, args.ram_gb))
         print(f"{depth}: measured in {time.monotonic() - start:.0f} s", file=sys.stderr)
     table = markdown(rows, baseline)
     print(table)
