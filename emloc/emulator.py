@@ -1,7 +1,8 @@
 """The emulator (DESIGN.md step 2): target linears replaced, in place, by rank-k factors `u v`.
 
 For a layer `W` (out x in) with rule ratio `ρ`, `k = floor(ρ·in·out/(in+out))`; `W_E = u v` is the
-activation-aware truncated SVD of `W` (see factorize.py). Module names stay those of the full model
+activation-aware truncated SVD of `W` (see factorize.py). At `ρ = 1`, and where the factors would not be
+smaller than `W`, the layer is kept as it is. Module names stay those of the full model
 (`blocks.0.attn.q` stays `blocks.0.attn.q`, with children `.u` and `.v`), so that a LoRA adapter
 trained on the emulator loads on the full model unchanged.
 """
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from .factorize import (DEFAULT_SOLVER, SOLVERS, Whitening, all_finite, needs_whitening, weighted_error,
                         whitening)
 from .lowrank import LowRankLinear, dense_parameters
-from .rules import RuleLike, normalise_rules, rank_for_ratio, target_linears
+from .rules import RuleLike, factored_rank, normalise_rules, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ class LayerReport:
     in_features: int
     out_features: int
     ratio: float
-    rank: int  # 0 when the layer stayed dense
+    rank: int  # 0 when the layer was kept
     params_before: int
     params_after: int
-    error: float  # relative activation-weighted error ‖X(W-W_E)ᵀ‖/‖XWᵀ‖ (Frobenius without stats)
+    error: float  # relative activation-weighted error ‖X(W-W_E)ᵀ‖/‖XWᵀ‖ (Frobenius without stats); 0 when kept
     activation_aware: bool
-    dense: bool  # True when factors would not be smaller than the layer
+    dense: bool  # True when the layer was kept as it is: ratio 1, or factors would not be smaller
 
 
 @dataclass
@@ -80,7 +81,7 @@ class EmulatorReport:
     def to_markdown(self) -> str:
         rows = ["| layer | shape | rank | params before | params after | error |", "|---|---|---:|---:|---:|---:|"]
         for r in self.layers:
-            rank = "dense" if r.dense else str(r.rank)
+            rank = "kept" if r.dense else str(r.rank)
             rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {rank} | {r.params_before:,} "
                         f"| {r.params_after:,} | {r.error:.4f} |")
         rows.append(f"| **model** | | | {self.model_params_before:,} | {self.model_params_after:,} "
@@ -126,7 +127,8 @@ def build_emulator(
     """Replace, in place, every nn.Linear matched by `rules` with a LowRankLinear; one layer at a time.
 
     `stats` is collect_input_stats' output (`stats[name]` = Σ xᵀx, in x in); layers without an entry
-    get plain SVD. A layer whose factors would not be smaller (`k(in+out) >= in·out`) stays dense.
+    get plain SVD. A layer at ratio 1, or whose factors would not be smaller (`k(in+out) >= in·out`), is
+    kept as it is.
     """
     build = EmulatorBuild(model, rules, svd, compute_device, base_model)
     for name in tqdm(build.targets, desc="Building the emulator", unit="layer", disable=not progress):
@@ -173,11 +175,11 @@ class EmulatorBuild:
                 raise ValueError(f"statistics for layer {name!r} have shape {tuple(second_moment.shape)}; "
                                  f"expected ({n_in}, {n_in}) for a layer with {n_in} inputs")
             _check_finite(second_moment, f"calibration statistics of layer {name!r}")
-        rank = max(1, rank_for_ratio(n_in, n_out, ratio))
+        rank = factored_rank(n_in, n_out, ratio)
         bias = 0 if bias_tensor is None else n_out
         before = n_in * n_out + bias
         aware = second_moment is not None
-        if rank * (n_in + n_out) >= n_in * n_out:
+        if not rank:
             self.report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0, aware, True))
             return None
         device = torch.device(self.compute_device) if self.compute_device is not None else weight.device
@@ -205,7 +207,7 @@ class EmulatorBuild:
         self._shared = None
         self.report.model_params_after = _param_count(self.model)
         self.model.emloc_emulator = self.info  # read by save_emulator; plain data, not a module
-        log.info("emulator built: %d of %d target layers factored, %.3f of the model's parameters kept",
+        log.info("emulator built: %d of %d target layers factored, the rest kept; %.3f of the model's parameters kept",
                  len(self.info["layers"]), len(self.targets), self.report.ratio)
         return self.report
 

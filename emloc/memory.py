@@ -6,7 +6,8 @@ Input: a model built on the `meta` device (exact parameter counts, no weights) a
 residual stream, L = blocks in a stack, a = activation elements one block saves per token, r = LoRA rank):
 
   weights      b·P (full model); b·P_E for the emulator, P_E = P - Σ in·out + Σ k(in+out) over factored
-               layers (k = rank_for_ratio, a layer stays dense when k(in+out) >= in·out, as build_emulator);
+               layers (k = rank_for_ratio; a layer stays dense at ratio 1 and when k(in+out) >= in·out, as
+               build_emulator: rules.factored_rank);
                QLoRA: NF4_BYTES per element of each quantised linear weight, b for every other parameter;
                streamed: b·(largest block, or largest module outside the blocks), the rest on the CPU
   lora, grads  ADAPTER_BYTES·r(in+out) per LoRA target each (PEFT keeps adapters in float32)
@@ -81,7 +82,7 @@ class MemorySettings:
     """The shape of a run, as far as memory is concerned."""
 
     dtype: str = _setting("bfloat16", "dtype of the weights: bfloat16, float16 or float32")
-    ratio: float = _setting(0.45, "fraction of parameters kept in the compressed layers, in (0, 1]")
+    ratio: float = _setting(0.45, "fraction of parameters kept in the compressed layers, in (0, 1]; 1 keeps them dense")
     rules: tuple = _setting((), "explicit (regex, ratio) rules; empty: the model's default layers at --ratio")
     lora_rank: int = _setting(16, "LoRA rank r")
     lora_targets: tuple = _setting((), "regexes of the layers LoRA trains; empty: the model's default")
@@ -104,7 +105,7 @@ class ParamCounts:
     emulator: int  # P_E
     lora: int  # P_lora = Σ r(in + out) over LoRA targets
     factored_layers: int  # target layers replaced by factors
-    dense_layers: int  # target layers kept dense (factors would not be smaller)
+    dense_layers: int  # target layers kept dense (ratio 1, or factors would not be smaller)
     quantised: int  # elements QLoRA stores in NF4
 
 
@@ -343,8 +344,10 @@ def _calibration(run: _Run) -> PhaseEstimate:
     bc = s.calibration_batch_size
     forward = max(bc * run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
                   for st in run.arch.stacks)
-    layers = [lin for lin in run.summary.linears if lin.name in run.ranks]
-    if s.stats_on_gpu:  # measured on the CPU (one memory): the sums, plus the gram of the layer being added
+    layers = [lin for lin in run.summary.linears if run.ranks.get(lin.name)]  # kept layers get no statistics
+    if not layers:  # every layer kept (ratio 1): calibration never runs a batch
+        stats = {}
+    elif s.stats_on_gpu:  # measured on the CPU (one memory): the sums, plus the gram of the layer being added
         # (collect_input_stats keeps the last gram for q/k/v, so it outlives its addition to the sum)
         stats = {"statistics (all layers)": sum(4 * lin.in_features ** 2 for lin in layers),
                  "gram (one layer)": max(4 * lin.in_features ** 2 for lin in layers)}
@@ -388,7 +391,7 @@ def _construction(run: _Run) -> PhaseEstimate:
     model = {} if run.s.offload else {"weights": run.b * run.summary.params}
     if cpu:  # what a GPU run keeps in host RAM shares the one memory: the loaded statistics and the factors so far
         model.update({"statistics (all layers)": sum(4 * (lin.in_features ** 2) for lin in run.summary.linears
-                                                     if lin.name in run.ranks),
+                                                     if run.ranks.get(lin.name)),
                       "factors built": factors})
     return _estimate("emulator", "emloc", {**model, "factorisation (one layer)": worst}, run.s.offload)
 
@@ -446,7 +449,7 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
         _training(run, "qlora", nf4),
         _with_components(run, "preview", "inference", plain, False),
     ]
-    stats = 0 if s.stats_on_gpu else sum(4 * shapes[n].in_features ** 2 for n in ranks)
+    stats = 0 if s.stats_on_gpu else sum(4 * shapes[n].in_features ** 2 for n, k in ranks.items() if k)
     if s.device == "cpu":  # no CUDA context or caching allocator: the RAM peak has no fixed overhead
         for e in estimates:
             e.parts.pop("overhead", None)
