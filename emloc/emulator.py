@@ -158,14 +158,16 @@ class EmulatorBuild:
             except ValueError:
                 raise ValueError(f"layer {name!r} has no weights loaded (meta device); "
                                  "load the model's weights first") from None
+        # of every target, factored or kept: load_emulator checks the same layers (`targets`), so an emulator
+        # that keeps every layer (ratio 1) is still tied to its base model
         fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in self.targets.items())
         self.report = EmulatorReport(model_params_before=_param_count(model), solver=svd, fingerprint=fingerprint)
-        self.info = {"layers": {}, "rules": [list(r) for r in self.rules], "solver": svd,
-                     "fingerprint": fingerprint, "base_model": base_model or _model_id(model)}
+        self.info = {"layers": {}, "rules": [list(r) for r in self.rules], "solver": svd, "fingerprint": fingerprint,
+                     "targets": list(self.targets), "base_model": base_model or _model_id(model)}
         self._shared: tuple[torch.Tensor, Whitening] | None = None  # q/k/v read one input: whiten its C once
 
     def factor(self, name: str, second_moment: torch.Tensor | None) -> LowRankLinear | None:
-        """Factor target `name` (None when it stays dense); records its LayerReport."""
+        """Factor target `name` (None when it is kept as it is); records its LayerReport."""
         linear, ratio = self.targets[name]
         n_in, n_out = linear.in_features, linear.out_features
         weight, bias_tensor, _ = dense_parameters(linear)
@@ -224,10 +226,14 @@ def _plain_name(name: str) -> str:
 
 
 def save_emulator(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the factors of every LowRankLinear (`emulator.safetensors`) and the structure (`emulator.json`)."""
+    """Write the factors of every LowRankLinear (`emulator.safetensors`) and the structure (`emulator.json`).
+
+    An emulator that kept every target layer (ratio 1) has no factors: its files name no layer to replace and
+    carry the fingerprint of the kept ones.
+    """
     info = dict(getattr(model, "emloc_emulator", None) or {})
     layers = {_plain_name(name): m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    if not layers:
+    if not layers and not info.get("targets"):
         raise ValueError("the model has no LowRankLinear layers; run build_emulator first")
     info.setdefault("layers", {})
     for name, m in layers.items():
@@ -247,6 +253,19 @@ def save_emulator(model: nn.Module, path: str | os.PathLike, base_model: str | N
     return folder
 
 
+def _dense_layer(model: nn.Module, name: str, spec: dict | None = None) -> nn.Linear:
+    """The dense Linear `name` of `model`, checked against the emulator's `spec` (its shape) when given."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"emulator layer {name!r} does not exist in this model; was it built for another one?") from None
+    shape = None if spec is None else (spec["in_features"], spec["out_features"])
+    if not isinstance(layer, nn.Linear) or (shape is not None and (layer.in_features, layer.out_features) != shape):
+        what = "a Linear" if shape is None else f"a Linear({shape[0]}, {shape[1]})"
+        raise ValueError(f"layer {name!r} of this model is not {what}; the emulator was built for another model")
+    return layer
+
+
 def load_emulator(
     model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, check_fingerprint: bool = True
 ) -> dict:
@@ -262,22 +281,16 @@ def load_emulator(
     if not config_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(f"{folder} is not an emulator folder (expected {EMULATOR_CONFIG} and {EMULATOR_WEIGHTS})")
     info = json.loads(config_file.read_text())
-    dense: dict[str, nn.Linear] = {}
-    for name, spec in info["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"emulator layer {name!r} does not exist in this model; was it built for another one?") from None
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
-            raise ValueError(f"layer {name!r} of this model is not a Linear({spec['in_features']}, {spec['out_features']}); "
-                             "the emulator was built for another model")
-        dense[name] = old
-    real = all(m.weight.device.type != "meta" for m in dense.values())
-    if check_fingerprint and real and info.get("fingerprint"):
-        found = weights_fingerprint((n, m.weight) for n, m in dense.items())
-        if found != info["fingerprint"]:
-            raise ValueError(f"the weights of this model differ from those the emulator in {folder} was built from "
-                             f"(fingerprint {found} != {info['fingerprint']}); rebuild the emulator for this model")
+    dense = {name: _dense_layer(model, name, spec) for name, spec in info["layers"].items()}
+    if check_fingerprint and info.get("fingerprint"):
+        # every target the build fingerprinted, factored or kept (files before "targets": resolve the rules)
+        names = info.get("targets") or list(target_linears(model, normalise_rules(info["rules"])))
+        covered = {name: dense[name] if name in dense else _dense_layer(model, name) for name in names}
+        if all(m.weight.device.type != "meta" for m in covered.values()):
+            found = weights_fingerprint((n, m.weight) for n, m in covered.items())
+            if found != info["fingerprint"]:
+                raise ValueError(f"the weights of this model differ from those the emulator in {folder} was built "
+                                 f"from (fingerprint {found} != {info['fingerprint']}); rebuild the emulator for this model")
     with safe_open(str(weights_file), framework="pt", device="cpu") as tensors:
         for name, spec in info["layers"].items():
             old = dense[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 from fractions import Fraction
@@ -213,6 +214,36 @@ def test_save_load_round_trip_is_exact(tiny_transformer, token_batches, tmp_path
     load_emulator(full, tmp_path / "emulator")
     ids = token_batches[0]["input_ids"]
     torch.testing.assert_close(full(ids), tiny_transformer(ids), rtol=0, atol=0)
+
+
+KEEP_BLOCK_0 = [(r"blocks\.0\..*", 1.0), (r"blocks\.1\.(q|k|v|o|up|down)", 0.5)]
+
+
+@pytest.mark.parametrize("rules", [[(BLOCK_RULES[0][0], 1.0)], KEEP_BLOCK_0], ids=["ratio-1", "kept-and-factored"])
+def test_emulator_with_kept_layers_saves_loads_and_passes_its_fingerprint(tiny_transformer, token_batches, tmp_path, rules):
+    """The fingerprint covers every target, kept or factored, when built and when loaded (--ratio 1 used to fail
+    at train: an emulator with no factors could not be saved, and one with both never passed its fingerprint)."""
+    full = copy.deepcopy(tiny_transformer)
+    stats = second_moments(collect_input_stats(tiny_transformer, token_batches, rules, progress=False))
+    build_emulator(tiny_transformer, rules, stats, progress=False)
+    save_emulator(tiny_transformer, tmp_path / "emulator")
+    info = load_emulator(full, tmp_path / "emulator")
+    assert len(info["targets"]) == 12 and len(info["layers"]) == (0 if len(rules) == 1 else 6)
+    ids = token_batches[0]["input_ids"]
+    torch.testing.assert_close(full(ids), tiny_transformer(ids), rtol=0, atol=0)
+    torch.manual_seed(123)
+    with pytest.raises(ValueError, match="differ from those the emulator"):
+        load_emulator(TinyTransformer(), tmp_path / "emulator")
+
+
+def test_emulator_files_without_a_target_list_fingerprint_the_targets_of_their_rules(tiny_transformer, tmp_path):
+    full = copy.deepcopy(tiny_transformer)
+    build_emulator(tiny_transformer, KEEP_BLOCK_0, progress=False)
+    save_emulator(tiny_transformer, tmp_path / "emulator")
+    config = tmp_path / "emulator" / "emulator.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "targets"}))
+    load_emulator(full, tmp_path / "emulator")
+    assert isinstance(full.blocks[1].up, LowRankLinear) and isinstance(full.blocks[0].up, nn.Linear)
 
 
 def test_load_onto_meta_skeleton_keeps_dense_layers_unmaterialised(tiny_transformer, tmp_path):
