@@ -326,8 +326,10 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, ta
     settings = PlanSettings(budget_gb=float(budget_gb), ratio=float(ratio), lora_rank=int(rank))
     plan = plan_run(model, settings)
     bars = []
+    kept = plan.ratio == 1.0  # the slider's maximum: the emulator keeps every layer as it is
+    emloc_label = "EMLoC (no compression)" if kept else f"EMLoC (ratio {plan.ratio:.2f})"
     for estimate in plan.memory.estimates:
-        group = f"EMLoC (ratio {plan.ratio:.2f})" if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
+        group = emloc_label if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
         bars.append(Bar(group, PHASE_NAMES[estimate.phase], estimate.total / GiB, "streamed" if estimate.streamed else ""))
     fits = plan.emloc_fits()
     over = [PHASE_NAMES[e.phase] for e in plan.memory.estimates if e.method == "emloc" and not plan.fits(e)]
@@ -338,6 +340,9 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, ta
                    f"At ratio {plan.ratio:.2f}, {', '.join(over)} do{'es' if len(over) == 1 else ''} not fit; "
                    f"use the recommended ratio or less.")
         text = f"{verdict} Recommended ratio: **{plan.recommended:.2f}** ({plan.reason})."
+    if kept:
+        text += (" At ratio 1.00 nothing is compressed: every layer is kept as it is, so training holds the full "
+                 "model, as LoRA on the full model does.")
     if plan.memory.counts.full < SMALL_MODEL:
         text += (f" {plan.display_name} is tiny, so every phase needs little more than the fixed runtime overhead; "
                  "pick a catalogue model in step 1 to see where EMLoC saves memory.")

@@ -95,7 +95,8 @@ def build(studio: Studio) -> gr.Blocks:
                                                value=None)
                         with gr.Row():
                             ratio = gr.Slider(0.05, 1.0, value=0.45, step=0.01, label="Compression ratio: the "
-                                              "fraction of each layer's parameters the emulator keeps", scale=3)
+                                              "fraction of each layer's parameters the emulator keeps", scale=3,
+                                              info="1.00 = no compression: every layer is kept as it is")
                             rank = gr.Dropdown([4, 8, 16, 32, 64], value=16, label="LoRA rank", scale=1)
                         recommend = gr.Button("Use the recommended ratio", size="sm")
                         plan_text = gr.Markdown(elem_id="plan-text")

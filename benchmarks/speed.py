@@ -5,9 +5,9 @@
 
 `steps`: the bench models of benchmarks/memory.py (real width, random weights, float32 on the CPU, bf16 on
 CUDA), the same batch and LoRA settings for every model; the emulator has the shapes build_emulator gives
-at each ratio (rank_for_ratio; a layer stays dense where factors would not be smaller) with random factors,
-since speed does not depend on their values. One warm-up step each, then the models take turns step by
-step, so a busy machine slows all of them alike; the ratio is median(full) / median(emulator).
+at each ratio (factored_rank: a layer stays dense at ratio 1 and where factors would not be smaller) with
+random factors, since speed does not depend on their values. One warm-up step each, then the models take
+turns step by step, so a busy machine slows all of them alike; the ratio is median(full) / median(emulator).
 `stages`: a whole run (all five stages) through the run machine on the shipped demo models (assets/models/demo-*),
 with the example data and default settings the app gives them; seconds per stage from run.json.
 Writes benchmarks/out/speed-<device>.md / .json.
@@ -42,8 +42,8 @@ def emulator_shapes(spec: BenchModel, ratio: float, dtype: torch.dtype, device: 
     with init_empty_weights(include_buffers=False):
         model = _module(spec.bundle)
     for name, (linear, layer_ratio) in emloc.target_linears(model, emloc.normalise_rules(compress_rules(spec, ratio))).items():
-        k = max(1, emloc.rank_for_ratio(linear.in_features, linear.out_features, layer_ratio))
-        if k * (linear.in_features + linear.out_features) < linear.in_features * linear.out_features:
+        k = emloc.factored_rank(linear.in_features, linear.out_features, layer_ratio)
+        if k:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, emloc.LowRankLinear(linear.in_features, linear.out_features, k,
                                                             bias=linear.bias is not None, device="meta"))

@@ -31,11 +31,12 @@ from .lora import (
     read_adapter,
     write_adapter,
 )
-from .rules import match_rule, normalise_rules, rank_for_ratio, target_linears
+from .rules import factored_rank, match_rule, normalise_rules, rank_for_ratio, target_linears
 
 __all__ = [
-    "BlockwiseModel", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings", "LowRankLinear",
-    "adapter_deltas", "adapter_state", "attach_lora", "build_emulator", "calibrate_and_build", "plan_groups", "collect_input_stats", "correct_lora", "load_adapter",
+    "BlockwiseModel", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings",
+    "LowRankLinear", "adapter_deltas", "adapter_state", "attach_lora", "build_emulator", "calibrate_and_build",
+    "plan_groups", "collect_input_stats", "correct_lora", "factored_rank", "load_adapter",
     "load_emulator", "low_rank_factors", "lora_config", "lora_scaling", "lora_target_names", "match_rule",
     "merge_stats", "normalise_rules", "rank_for_ratio", "read_adapter", "save_emulator", "second_moments", "stream_emulator",
     "target_linears", "weighted_error", "weights_fingerprint", "write_adapter",

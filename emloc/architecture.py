@@ -15,7 +15,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .rules import normalise_rules, rank_for_ratio
+from .rules import factored_rank, normalise_rules
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,14 @@ def first_match(summary: ModelSummary, patterns: tuple[str, ...]) -> tuple[int |
 
 
 def emulator_ranks(summary: ModelSummary, rules: Sequence) -> dict[str, int]:
-    """`{name: k}` for every linear governed by `rules`; k = 0 where the layer stays dense (as build_emulator)."""
+    """`{name: k}` for every linear governed by `rules`; k = 0 where the layer stays dense: at ratio 1 and where
+    factors would not be smaller (rules.factored_rank, as build_emulator)."""
     rules = normalise_rules(rules)
     ranks = {}
     for lin, index in zip(summary.linears, first_match(summary, tuple(p for p, _ in rules))):
         if index is None:
             continue
-        k = max(1, rank_for_ratio(lin.in_features, lin.out_features, rules[index][1]))
-        ranks[lin.name] = 0 if k * (lin.in_features + lin.out_features) >= lin.in_features * lin.out_features else k
+        ranks[lin.name] = factored_rank(lin.in_features, lin.out_features, rules[index][1])
     if not ranks:
         raise ValueError(f"no linear layer matches the compression rules {[p for p, _ in rules]}; "
                          "patterns must fullmatch module names")

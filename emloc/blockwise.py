@@ -37,7 +37,7 @@ from .calibration import StatsCollector, second_moments
 from .checkpoint import CheckpointReader, release
 from .emulator import EMULATOR_CONFIG, EmulatorBuild, EmulatorReport, fingerprint_part, fingerprint_of_parts
 from .factorize import DEFAULT_SOLVER
-from .rules import RuleLike
+from .rules import RuleLike, factored_rank
 
 
 @dataclass
@@ -98,14 +98,17 @@ def stream_emulator(
         for index, block_name in enumerate(bar):
             block = streamed.load(block_name)
             names = [n for n in build.targets if _block_of(n, streamed.blocks) == block_name]
-            with StatsCollector({n: build.targets[n][0] for n in names}, torch.float32) as collector:
+            measured = {n: build.targets[n][0] for n in names  # a kept layer (ratio 1) needs no statistics
+                        if factored_rank(build.targets[n][0].in_features, build.targets[n][0].out_features,
+                                         build.targets[n][1])}
+            with StatsCollector(measured, torch.float32) as collector:
                 outputs = []
                 for state in states:
                     collector.mask = streamed.token_mask(state)
                     outputs.append(streamed.step(streamed, block_name, state))
                     collector.next_batch()
             states = outputs
-            stats = second_moments(collector.result()) if names else {}
+            stats = second_moments(collector.result()) if measured else {}
             del collector
             tensors = {}
             for name in names:

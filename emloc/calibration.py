@@ -6,7 +6,9 @@ each target `nn.Linear` adds `xᵀx` of its input (every leading dimension flatt
 model outputs are dropped as soon as the batch is done.
 
 Result format: `stats[name]` is the (in, in) sum and `stats[name + ".count"]` a 0-d int64 tensor with
-the number of tokens summed, so the dict saves as-is with safetensors.
+the number of tokens summed, so the dict saves as-is with safetensors. Layers the emulator keeps as they
+are (ratio 1, or factors not smaller: rules.factored_rank) need no statistics and get none; when no layer
+needs any, the batches are never run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .factorize import all_finite
-from .rules import RuleLike, normalise_rules, target_linears
+from .rules import RuleLike, factored_rank, normalise_rules, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def collect_input_stats(
     stats_device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Sum `xᵀx` and the token count over `batches` for every nn.Linear matched by `rules`.
+    """Sum `xᵀx` and the token count over `batches` for every nn.Linear matched by `rules` that will be factored.
 
     `forward(model, batch)` runs one batch (default `model(**batch)` for dicts, `model(batch)`
     otherwise). Sums live on the device each layer's input arrives on, or on `stats_device`
@@ -118,7 +120,10 @@ def collect_input_stats(
     removed even when a batch fails.
     """
     rules = normalise_rules(rules)
-    targets = {name: module for name, (module, _) in target_linears(model, rules).items()}
+    targets = {name: m for name, (m, ratio) in target_linears(model, rules).items()
+               if factored_rank(m.in_features, m.out_features, ratio)}  # kept layers need no statistics
+    if not targets:
+        return {}
     forward = forward or _default_forward
     total = len(batches) if hasattr(batches, "__len__") else None
     with StatsCollector(targets, dtype, stats_device) as collector, torch.no_grad():

@@ -1,7 +1,8 @@
 """The emulator (DESIGN.md step 2): target linears replaced, in place, by rank-k factors `u v`.
 
 For a layer `W` (out x in) with rule ratio `ρ`, `k = floor(ρ·in·out/(in+out))`; `W_E = u v` is the
-activation-aware truncated SVD of `W` (see factorize.py). Module names stay those of the full model
+activation-aware truncated SVD of `W` (see factorize.py). At `ρ = 1`, and where the factors would not be
+smaller than `W`, the layer is kept as it is. Module names stay those of the full model
 (`blocks.0.attn.q` stays `blocks.0.attn.q`, with children `.u` and `.v`), so that a LoRA adapter
 trained on the emulator loads on the full model unchanged.
 """
@@ -25,7 +26,7 @@ from .checkpoint import CheckpointReader
 from .factorize import (DEFAULT_SOLVER, SOLVERS, Whitening, all_finite, needs_whitening, weighted_error,
                         whitening)
 from .lowrank import LowRankLinear, dense_parameters
-from .rules import RuleLike, normalise_rules, rank_for_ratio, target_linears
+from .rules import RuleLike, factored_rank, normalise_rules, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ class LayerReport:
     in_features: int
     out_features: int
     ratio: float
-    rank: int  # 0 when the layer stayed dense
+    rank: int  # 0 when the layer was kept
     params_before: int
     params_after: int
-    error: float  # relative activation-weighted error ‖X(W-W_E)ᵀ‖/‖XWᵀ‖ (Frobenius without stats)
+    error: float  # relative activation-weighted error ‖X(W-W_E)ᵀ‖/‖XWᵀ‖ (Frobenius without stats); 0 when kept
     activation_aware: bool
-    dense: bool  # True when factors would not be smaller than the layer
+    dense: bool  # True when the layer was kept as it is: ratio 1, or factors would not be smaller
 
 
 @dataclass
@@ -80,7 +81,7 @@ class EmulatorReport:
     def to_markdown(self) -> str:
         rows = ["| layer | shape | rank | params before | params after | error |", "|---|---|---:|---:|---:|---:|"]
         for r in self.layers:
-            rank = "dense" if r.dense else str(r.rank)
+            rank = "kept" if r.dense else str(r.rank)
             rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {rank} | {r.params_before:,} "
                         f"| {r.params_after:,} | {r.error:.4f} |")
         rows.append(f"| **model** | | | {self.model_params_before:,} | {self.model_params_after:,} "
@@ -134,7 +135,8 @@ def build_emulator(
     """Replace, in place, every nn.Linear matched by `rules` with a LowRankLinear; one layer at a time.
 
     `stats` is collect_input_stats' output (`stats[name]` = Σ xᵀx, in x in); layers without an entry
-    get plain SVD. A layer whose factors would not be smaller (`k(in+out) >= in·out`) stays dense.
+    get plain SVD. A layer at ratio 1, or whose factors would not be smaller (`k(in+out) >= in·out`), is
+    kept as it is.
     """
     build = EmulatorBuild(model, rules, svd, compute_device, base_model)
     for name in tqdm(build.targets, desc="Building the emulator", unit="layer", disable=not progress):
@@ -165,16 +167,18 @@ class EmulatorBuild:
             except ValueError:
                 raise ValueError(f"layer {name!r} has no weights loaded (meta device); "
                                  "load the model's weights first") from None
-        # a streamed build (emloc.blockwise) reads each layer later and fingerprints it then
+        # of every target, factored or kept: load_emulator checks the same layers (`targets`), so an emulator
+        # that keeps every layer (ratio 1) is still tied to its base model; a streamed build (emloc.blockwise)
+        # reads each layer later and fingerprints it then
         fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in self.targets.items()) \
             if weights_loaded else ""
         self.report = EmulatorReport(model_params_before=_param_count(model), solver=svd, fingerprint=fingerprint)
-        self.info = {"layers": {}, "rules": [list(r) for r in self.rules], "solver": svd,
-                     "fingerprint": fingerprint, "base_model": base_model or _model_id(model)}
+        self.info = {"layers": {}, "rules": [list(r) for r in self.rules], "solver": svd, "fingerprint": fingerprint,
+                     "targets": list(self.targets), "base_model": base_model or _model_id(model)}
         self._shared: tuple[torch.Tensor, Whitening] | None = None  # q/k/v read one input: whiten its C once
 
     def factor(self, name: str, second_moment: torch.Tensor | None) -> LowRankLinear | None:
-        """Factor target `name` (None when it stays dense); records its LayerReport."""
+        """Factor target `name` (None when it is kept as it is); records its LayerReport."""
         linear, ratio = self.targets[name]
         n_in, n_out = linear.in_features, linear.out_features
         weight, bias_tensor, _ = dense_parameters(linear)
@@ -184,11 +188,11 @@ class EmulatorBuild:
                 raise ValueError(f"statistics for layer {name!r} have shape {tuple(second_moment.shape)}; "
                                  f"expected ({n_in}, {n_in}) for a layer with {n_in} inputs")
             _check_finite(second_moment, f"calibration statistics of layer {name!r}")
-        rank = max(1, rank_for_ratio(n_in, n_out, ratio))
+        rank = factored_rank(n_in, n_out, ratio)
         bias = 0 if bias_tensor is None else n_out
         before = n_in * n_out + bias
         aware = second_moment is not None
-        if rank * (n_in + n_out) >= n_in * n_out:
+        if not rank:
             self.report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0, aware, True))
             return None
         device = torch.device(self.compute_device) if self.compute_device is not None else weight.device
@@ -216,7 +220,7 @@ class EmulatorBuild:
         self._shared = None
         self.report.model_params_after = _param_count(self.model)
         self.model.emloc_emulator = self.info  # read by save_emulator; plain data, not a module
-        log.info("emulator built: %d of %d target layers factored, %.3f of the model's parameters kept",
+        log.info("emulator built: %d of %d target layers factored, the rest kept; %.3f of the model's parameters kept",
                  len(self.info["layers"]), len(self.targets), self.report.ratio)
         return self.report
 
@@ -238,10 +242,14 @@ def emulator_files(path: str | os.PathLike) -> list[Path]:
 
 
 def save_emulator(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the factors of every LowRankLinear (`emulator.safetensors`) and the structure (`emulator.json`)."""
+    """Write the factors of every LowRankLinear (`emulator.safetensors`) and the structure (`emulator.json`).
+
+    An emulator that kept every target layer (ratio 1) has no factors: its files name no layer to replace and
+    carry the fingerprint of the kept ones.
+    """
     info = dict(getattr(model, "emloc_emulator", None) or {})
     layers = {_plain_name(name): m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    if not layers:
+    if not layers and not info.get("targets"):
         raise ValueError("the model has no LowRankLinear layers; run build_emulator first")
     info.setdefault("layers", {})
     for name, m in layers.items():
@@ -259,6 +267,19 @@ def save_emulator(model: nn.Module, path: str | os.PathLike, base_model: str | N
     os.replace(folder / (EMULATOR_WEIGHTS + ".tmp"), folder / EMULATOR_WEIGHTS)
     os.replace(folder / (EMULATOR_CONFIG + ".tmp"), folder / EMULATOR_CONFIG)
     return folder
+
+
+def _dense_layer(model: nn.Module, name: str, spec: dict | None = None) -> nn.Linear:
+    """The dense Linear `name` of `model`, checked against the emulator's `spec` (its shape) when given."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"emulator layer {name!r} does not exist in this model; was it built for another one?") from None
+    shape = None if spec is None else (spec["in_features"], spec["out_features"])
+    if not isinstance(layer, nn.Linear) or (shape is not None and (layer.in_features, layer.out_features) != shape):
+        what = "a Linear" if shape is None else f"a Linear({shape[0]}, {shape[1]})"
+        raise ValueError(f"layer {name!r} of this model is not {what}; the emulator was built for another model")
+    return layer
 
 
 def load_emulator(
@@ -279,22 +300,16 @@ def load_emulator(
     if not config_file.is_file() or not weight_files:
         raise FileNotFoundError(f"{folder} is not an emulator folder (expected {EMULATOR_CONFIG} and {EMULATOR_WEIGHTS})")
     info = json.loads(config_file.read_text())
-    dense: dict[str, nn.Linear] = {}
-    for name, spec in info["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"emulator layer {name!r} does not exist in this model; was it built for another one?") from None
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
-            raise ValueError(f"layer {name!r} of this model is not a Linear({spec['in_features']}, {spec['out_features']}); "
-                             "the emulator was built for another model")
-        dense[name] = old
-    real = all(m.weight.device.type != "meta" for m in dense.values())
-    if check_fingerprint and real and info.get("fingerprint"):
-        found = weights_fingerprint((n, m.weight) for n, m in dense.items())
-        if found != info["fingerprint"]:
-            raise ValueError(f"the weights of this model differ from those the emulator in {folder} was built from "
-                             f"(fingerprint {found} != {info['fingerprint']}); rebuild the emulator for this model")
+    dense = {name: _dense_layer(model, name, spec) for name, spec in info["layers"].items()}
+    if check_fingerprint and info.get("fingerprint"):
+        # every target the build fingerprinted, factored or kept (files before "targets": resolve the rules)
+        names = info.get("targets") or list(target_linears(model, normalise_rules(info["rules"])))
+        covered = {name: dense[name] if name in dense else _dense_layer(model, name) for name in names}
+        if all(m.weight.device.type != "meta" for m in covered.values()):
+            found = weights_fingerprint((n, m.weight) for n, m in covered.items())
+            if found != info["fingerprint"]:
+                raise ValueError(f"the weights of this model differ from those the emulator in {folder} was built "
+                                 f"from (fingerprint {found} != {info['fingerprint']}); rebuild the emulator for this model")
     tensors = CheckpointReader(weight_files)
     if device is not None and torch.device(device).type == "meta":
         for name, spec in info["layers"].items():

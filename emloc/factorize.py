@@ -3,10 +3,11 @@
 With the calibration second moment `C = Σ_tokens xᵀx = Q diag(l) Qᵀ` (scaled by `trace(C)/in`,
 tiny eigenvalues clamped) and `S = Q diag(√l)`, so that `S Sᵀ = C`:
 
-    W S = U Σ Vᵀ,   u = U_k Σ_k^½  (out x k),   v = Σ_k^½ V_kᵀ S⁻¹  (k x in),   S⁻¹ = diag(1/√l) Qᵀ
+    W S = U Σ Vᵀ,   u = U_k Σ_k^½  (out x k),   v = Σ_k^½ V_kᵀ S⁻¹ = Σ_k^-½ U_kᵀ W  (k x in)
 
-and `W_E = u v` minimises `‖X (W - W_E)ᵀ‖_F` over rank-k matrices. Without statistics `S = I`
-(plain SVD). Three solvers give the top-k singular triplets of `M = W S`:
+and `W_E = u v = U_k U_kᵀ W` minimises `‖X (W - W_E)ᵀ‖_F` over rank-k matrices. The second form of `v`
+(since `V_k = (W S)ᵀ U_k Σ_k⁻¹`) is the one computed: it needs no `S⁻¹` (see `balanced_factors`).
+Without statistics `S = I` (plain SVD). Three solvers give the top-k singular pairs of `M = W S`:
 
 - "full":       torch.linalg.svd(M)
 - "gram":       eigh of the smaller Gram matrix (`M Mᵀ` or `Mᵀ M`), then the other side by one product;
@@ -14,7 +15,11 @@ and `W_E = u v` minimises `‖X (W - W_E)ᵀ‖_F` over rank-k matrices. Without
                 no whitening is needed (see `output_gram_factors`)
 - "randomized": torch.svd_lowrank(M, q = k + oversample, niter) (Halko et al.)
 
-All maths runs in float32 on the device the caller picks (the layer's, or a GPU).
+Every eigendecomposition, and every Gram matrix it is taken of, is float64; the products around them are
+float32, on the device the caller picks (the layer's, or a GPU). Real LLM and diffusion-transformer layers
+have a few input channels 10³-10⁴ times the rest ("massive activations"): C's eigenvalues then span ten
+decades or more, and a float32 eigh, whose error is ~1e-7 of the largest eigenvalue, loses the small ones
+that weight the ordinary inputs (see EIGEN_FLOOR for the measurements).
 """
 
 from __future__ import annotations
@@ -25,7 +30,18 @@ import torch
 
 SOLVERS = ("full", "gram", "randomized")
 DEFAULT_SOLVER = "gram"  # fastest solver within 0.5% of full SVD's error: benchmarks/emulator_speed.py
-EIGEN_FLOOR = 1e-6  # eigenvalues of the scaled C below this (relative to the largest) are clamped to it
+# Eigenvalues of C / (trace(C)/in) -- whose mean is 1 -- are clamped to at least EIGEN_FLOOR, so the floor is
+# relative to the *mean* eigenvalue and never binds on a real spectrum, however large its top eigenvalue.
+# Chosen by measurement on random 512->128 and 128->512 layers, 4096 calibration tokens with massive activations
+# (those of tests/test_massive_activations.py and two channels x10^4 on the 512-wide layer too; error on ordinary
+# inputs, excess over the float64 optimum, every solver): a floor of 1e-6 binds when two channels are x10^4 on
+# every token (512->128: +1.2%, 128->512: +105%), 1e-7 still on the 128-wide one (+3.7%); every floor from 1e-8
+# down to 0 is within 0.07% on all of them, rank-deficient C included. 1e-9 sits two decades below the first
+# that binds, still clamps the negative rounding of a singular C and, for a float64 C of rank < k, weights the
+# input directions C never saw by W's own energy. (The floor used to be 1e-6 of the *largest* eigenvalue: it
+# clamped 85 to 511 of the eigenvalues on those layers.)
+EIGEN_FLOOR = 1e-9
+GRAM_CHUNK = 1024  # columns per float64 block when forming a Gram matrix: the transient stays out x 1024
 RANDOMIZED_OVERSAMPLE = 16
 RANDOMIZED_POWER_ITERATIONS = 4
 
@@ -42,7 +58,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 @dataclass
 class Whitening:
-    """`S = Q diag(√l)` and `S⁻¹ = diag(1/√l) Qᵀ`, kept as their parts so that no inverse is ever formed."""
+    """`S = Q diag(√l)`, kept as its parts: `W S` is one product and a column scaling."""
 
     q: torch.Tensor  # (in, in) orthonormal eigenvectors of C
     sqrt_l: torch.Tensor  # (in,)
@@ -50,10 +66,6 @@ class Whitening:
     def right(self, w: torch.Tensor) -> torch.Tensor:
         """`W S`: (out, in) @ (in, in) -> (out, in)."""
         return (w @ self.q) * self.sqrt_l
-
-    def inverse_right(self, m: torch.Tensor) -> torch.Tensor:
-        """`M S⁻¹`: (k, in) -> (k, in)."""
-        return (m / self.sqrt_l) @ self.q.T
 
 
 def _energy_scale(c: torch.Tensor) -> torch.Tensor:
@@ -64,20 +76,38 @@ def _energy_scale(c: torch.Tensor) -> torch.Tensor:
     return scale
 
 
-def _top_eigen(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `rank` leading eigenvectors of a symmetric Gram matrix and the square roots of their eigenvalues
-    (the singular values), largest first."""
-    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
-    return vectors[:, -rank:].flip(-1), eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()
+def _top_eigen(gram: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` leading eigenvectors of a symmetric (float64) Gram matrix and the square roots of their
+    eigenvalues (the singular values), largest first, returned in `dtype`."""
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending; reads the lower triangle only
+    return vectors[:, -rank:].flip(-1).to(dtype), eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt().to(dtype)
+
+
+def _gram64(a: torch.Tensor) -> torch.Tensor:
+    """`a aᵀ` in float64 for a (small, big) float32 `a`, GRAM_CHUNK columns at a time: (small, small).
+
+    The entries of a Gram matrix of a layer with massive activations span ~10¹⁰; float32 accumulation would
+    bury the small eigenvalues under rounding of ~1e-7 of the largest.
+    """
+    gram = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device)
+    for block in a.split(GRAM_CHUNK, dim=1):
+        block = block.double()  # (small, chunk)
+        gram.addmm_(block, block.T)
+    return gram
 
 
 def whitening(second_moment: torch.Tensor) -> Whitening:
-    """Eigen-decompose the calibration second moment `C` into a whitening transform `S`, `S Sᵀ ≈ C`."""
-    c = second_moment.float()
-    c = (c + c.T) * 0.5  # accumulated in floating point, C is symmetric only up to rounding
-    eigenvalues, q = torch.linalg.eigh(c / _energy_scale(c))
-    eigenvalues = eigenvalues.clamp_min(EIGEN_FLOOR * eigenvalues.max().clamp_min(1e-30))
-    return Whitening(q=q, sqrt_l=eigenvalues.sqrt())
+    """Eigen-decompose the calibration second moment `C` into a whitening transform `S`, `S Sᵀ ≈ C`.
+
+    The eigh runs in float64 (see the module docstring); `S` is kept in float32.
+    """
+    c = second_moment.to(torch.float64, copy=True)  # (in, in); the caller's statistics stay as they are
+    c /= _energy_scale(c)
+    # accumulated in floating point, C is symmetric only up to rounding: eigh reads its lower triangle only
+    eigenvalues, q = torch.linalg.eigh(c)
+    del c
+    sqrt_l = eigenvalues.clamp_min(EIGEN_FLOOR).sqrt()  # the mean eigenvalue is 1 here
+    return Whitening(q=q.float(), sqrt_l=sqrt_l.float())
 
 
 def top_singular(m: torch.Tensor, rank: int, solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,11 +125,12 @@ def top_singular(m: torch.Tensor, rank: int, solver: str) -> tuple[torch.Tensor,
 
 
 def _gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # eigh of the smaller Gram matrix costs min(out,in)^3 instead of a full SVD of M; squaring
-    # loses the smallest singular values in float32, but those are exactly the ones truncated away.
+    # eigh of the smaller Gram matrix costs min(out,in)^3 instead of a full SVD of M; squaring doubles the
+    # decades M's singular values span, which float32 cannot hold for a layer with massive activations
+    # (+8% error on a 128->512 layer with two channels x10^3), so the Gram and its eigh are float64.
     out_f, in_f = m.shape
     wide = out_f <= in_f
-    vectors, sigma = _top_eigen(m @ m.T if wide else m.T @ m, rank)  # (small, small)
+    vectors, sigma = _top_eigen(_gram64(m if wide else m.T), rank, m.dtype)  # (small, small)
     safe = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7)
     if wide:
         return vectors, sigma, (m.T @ vectors) / safe  # V_k = Mᵀ U_k Σ_k⁻¹
@@ -111,17 +142,22 @@ def needs_whitening(out_features: int, in_features: int, solver: str) -> bool:
     return not (solver == "gram" and out_features <= in_features)
 
 
-def _power_max_eigenvalue(c: torch.Tensor, iterations: int = 30) -> torch.Tensor:
-    """The largest eigenvalue of the symmetric positive semi-definite `c`, by power iteration."""
-    x = torch.ones(c.shape[0], dtype=c.dtype, device=c.device)
-    value = torch.zeros((), dtype=c.dtype, device=c.device)
-    for _ in range(iterations):
-        y = c @ x
-        value = y.norm()
-        if value <= 0:
-            break
-        x = y / value
-    return value
+def _weighted_gram64(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`W C Wᵀ` in float64 from `w` (out, in) and `c` (in, in), one GRAM_CHUNK² block of `c` at a time.
+
+    Float64 because W C Wᵀ has C's dynamic range (see `_gram64`); blockwise so that no float64 copy of W
+    or C exists: the transient is (out, chunk) twice and (chunk, chunk).
+    """
+    n_out, n_in = w.shape
+    gram = torch.zeros(n_out, n_out, dtype=torch.float64, device=w.device)
+    for cols in range(0, n_in, GRAM_CHUNK):
+        right = slice(cols, cols + GRAM_CHUNK)
+        wc = torch.zeros(n_out, min(GRAM_CHUNK, n_in - cols), dtype=torch.float64, device=w.device)
+        for rows in range(0, n_in, GRAM_CHUNK):
+            left = slice(rows, rows + GRAM_CHUNK)
+            wc.addmm_(w[:, left].double(), c[left, right].double())  # (out, chunk) @ (chunk, chunk)
+        gram.addmm_(wc, w[:, right].double().T)  # (W C)[:, right] @ W[:, right]ᵀ -> (out, out)
+    return gram
 
 
 @torch.no_grad()
@@ -132,19 +168,17 @@ def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int)
     `V_kᵀ S⁻¹ = Σ_k⁻¹ U_kᵀ W S S⁻¹`, the factors are `u = U_k Σ_k^½`, `v = Σ_k^-½ U_kᵀ W`: the
     same `W_E = U_k U_kᵀ W`, from an out x out eigh instead of an in x in one and no `S⁻¹`. On
     FLUX's single-block proj_out (15 360 -> 3072) that is 3072³ instead of 15 360³. `C` is scaled
-    by `trace(C)/in` and floored as `whitening` does (`+ floor·l_max·I` here: it changes the kept
-    eigenvalues by a relative 1e-6 and, like the clamp, keeps unseen input directions weighted).
+    by `trace(C)/in` and floored as `whitening` does (`+ EIGEN_FLOOR·I` here: like the clamp, it keeps
+    unseen input directions weighted). `W C Wᵀ` and its eigh are float64 (see the module docstring).
     """
-    c = second_moment.to(w.device).float()  # no copy for float32 statistics on the compute device
-    scale = _energy_scale(c)
-    floor = EIGEN_FLOOR * _power_max_eigenvalue(c) / scale
-    g = (w @ c) @ w.T  # (out, out); symmetrising g symmetrises C (C is symmetric only up to rounding)
+    c = second_moment.to(w.device)  # float32 or float64, read a block at a time: no copy on the compute device
+    scale = _energy_scale(c).double()
+    g = _weighted_gram64(w, c)  # (out, out); eigh reads its lower triangle, as whitening's reads C's
     del c
-    g = (g + g.T) * (0.5 / scale)
-    g += floor * (w @ w.T)  # W (C/scale + floor·I) Wᵀ
-    u_k, sigma = _top_eigen(g, rank)
-    root = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7).sqrt()
-    return u_k * root, (u_k.T @ w) / root[:, None]
+    g /= scale
+    g.add_(_gram64(w), alpha=EIGEN_FLOOR)  # W (C/scale + floor·I) Wᵀ
+    u_k, sigma = _top_eigen(g, rank, w.dtype)
+    return balanced_factors(u_k, sigma, w)
 
 
 @torch.no_grad()
@@ -168,13 +202,21 @@ def low_rank_factors(
     if white is None and second_moment is not None:
         white = whitening(second_moment.to(w.device))
     m = white.right(w) if white is not None else w  # W S: (out, in)
-    u_k, sigma, v_k = top_singular(m, rank, solver)
-    root = sigma.sqrt()
-    u = u_k * root  # U_k Σ_k^½: (out, k)
-    v = root[:, None] * v_k.T  # Σ_k^½ V_kᵀ: (k, in)
-    if white is not None:
-        v = white.inverse_right(v)  # ... S⁻¹
-    return u, v
+    u_k, sigma, _ = top_singular(m, rank, solver)
+    return balanced_factors(u_k, sigma, w)
+
+
+def balanced_factors(u_k: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`u = U_k Σ_k^½` (out, k) and `v = Σ_k^-½ U_kᵀ W` (k, in) from the top-k left singular pairs of `W S`.
+
+    `v` equals DESIGN.md's `Σ_k^½ V_kᵀ S⁻¹`, because `V_k = (W S)ᵀ U_k Σ_k⁻¹`, so `V_kᵀ S⁻¹ = Σ_k⁻¹ U_kᵀ W`;
+    no `S⁻¹` is applied, so input directions C hardly saw (eigenvalues at the floor) never multiply the
+    float32 rounding of the SVD by `1/√floor` (with S⁻¹, a 1.6% element error at floor 1e-9 on a C from
+    fewer tokens than inputs; 1e-6 this way). Singular values below 1e-7 of the largest are clamped there
+    (a rank above the rank of W S).
+    """
+    root = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7).sqrt()
+    return u_k * root, (u_k.T @ w) / root[:, None]
 
 
 @torch.no_grad()

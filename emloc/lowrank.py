@@ -45,9 +45,9 @@ class LowRankLinear(nn.Module):
     ) -> "LowRankLinear":
         """Factor `linear` at `rank` (activation-aware when `second_moment` = Σ xᵀx is given).
 
-        The factorisation runs in float32 on `compute_device` (default: the layer's device); the
-        factors come back in the layer's dtype, on its device (for a layer offloaded by accelerate,
-        on the device it executes on).
+        The factorisation runs in float32, its eigendecompositions in float64, on `compute_device` (default:
+        the layer's device); the factors come back in the layer's dtype, on its device (for a layer offloaded
+        by accelerate, on the device it executes on).
         """
         weight, bias, home = dense_parameters(linear)
         device = torch.device(compute_device) if compute_device is not None else home

@@ -6,7 +6,8 @@ Input: a model built on the `meta` device (exact parameter counts, no weights) a
 residual stream, L = blocks in a stack, a = activation elements one block saves per token, r = LoRA rank):
 
   weights      b·P (full model); b·P_E for the emulator, P_E = P - Σ in·out + Σ k(in+out) over factored
-               layers (k = rank_for_ratio, a layer stays dense when k(in+out) >= in·out, as build_emulator);
+               layers (k = rank_for_ratio; a layer stays dense at ratio 1 and when k(in+out) >= in·out, as
+               build_emulator: rules.factored_rank);
                QLoRA: NF4_BYTES per element of each quantised linear weight, b for every other parameter;
                streamed: b·(largest block, or largest module outside the blocks), the rest on the CPU
   lora, grads  ADAPTER_BYTES·r(in+out) per LoRA target each (PEFT keeps adapters in float32)
@@ -22,7 +23,7 @@ residual stream, L = blocks in a stack, a = activation elements one block saves 
   overhead     RUNTIME_OVERHEAD_BYTES (CUDA context + caching-allocator slack), in every phase's total
 
 Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 4·a32) + the LM head's logits B·n·V·b
-+ a layer's Gram 4·(in² + B·n·in) (with stats_on_gpu every layer's 4·in² and the largest Gram); emulator = the worst factored layer in float32 (_construction);
++ a layer's Gram 4·(in² + B·n·in) (with stats_on_gpu every layer's 4·in² and the largest Gram); emulator = the worst factored layer (float32, its eighs float64: _construction);
 training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
 correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
 preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits.
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .factorize import GRAM_CHUNK
 from .rules import check_ratio
 from .architecture import (ArchitectureSpec, BlockStack, LinearShape, ModelSummary, emulator_ranks, first_match,
                            lora_targets, summarize)
@@ -61,6 +63,9 @@ LOSS_BYTES_PER_LOGIT = 12
 ADAM8BIT_MIN_ELEMENTS = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 ADAM8BIT_BLOCK = 256  # bitsandbytes 8-bit state: one float32 absmax per 256 elements, per state
 FACTOR_BYTES = 4  # emulator construction and correction compute in float32
+# a float64 n x n matrix and its eigh (eigenvectors + LAPACK workspace), in float32 elements per n²: measured
+# 12.8 on the CPU (torch 2.13, malloc in use, output_gram_factors on 4096 -> 1024 and 2048 -> 2048 layers)
+EIGH64 = 13
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PHASES = ("calibration", "emulator", "training", "correction", "preview")
 METHODS = ("emloc", "lora", "qlora", "inference")
@@ -77,7 +82,7 @@ class MemorySettings:
     """The shape of a run, as far as memory is concerned."""
 
     dtype: str = _setting("bfloat16", "dtype of the weights: bfloat16, float16 or float32")
-    ratio: float = _setting(0.45, "fraction of parameters kept in the compressed layers, in (0, 1]")
+    ratio: float = _setting(0.45, "fraction of parameters kept in the compressed layers, in (0, 1]; 1 keeps them dense")
     rules: tuple = _setting((), "explicit (regex, ratio) rules; empty: the model's default layers at --ratio")
     lora_rank: int = _setting(16, "LoRA rank r")
     lora_targets: tuple = _setting((), "regexes of the layers LoRA trains; empty: the model's default")
@@ -100,7 +105,7 @@ class ParamCounts:
     emulator: int  # P_E
     lora: int  # P_lora = Σ r(in + out) over LoRA targets
     factored_layers: int  # target layers replaced by factors
-    dense_layers: int  # target layers kept dense (factors would not be smaller)
+    dense_layers: int  # target layers kept dense (ratio 1, or factors would not be smaller)
     quantised: int  # elements QLoRA stores in NF4
 
 
@@ -339,8 +344,10 @@ def _calibration(run: _Run) -> PhaseEstimate:
     bc = s.calibration_batch_size
     forward = max(bc * run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
                   for st in run.arch.stacks)
-    layers = [lin for lin in run.summary.linears if lin.name in run.ranks]
-    if s.stats_on_gpu:  # measured on the CPU (one memory): the sums, plus the gram of the layer being added
+    layers = [lin for lin in run.summary.linears if run.ranks.get(lin.name)]  # kept layers get no statistics
+    if not layers:  # every layer kept (ratio 1): calibration never runs a batch
+        stats = {}
+    elif s.stats_on_gpu:  # measured on the CPU (one memory): the sums, plus the gram of the layer being added
         # (collect_input_stats keeps the last gram for q/k/v, so it outlives its addition to the sum)
         stats = {"statistics (all layers)": sum(4 * lin.in_features ** 2 for lin in layers),
                  "gram (one layer)": max(4 * lin.in_features ** 2 for lin in layers)}
@@ -355,12 +362,14 @@ def _calibration(run: _Run) -> PhaseEstimate:
 
 
 def _construction(run: _Run) -> PhaseEstimate:
-    """Per factored layer, float32, with the default "gram" solver: a layer with out > in is whitened (4·in² + W),
-    then factored in² + 2·in·out + 2·m² + k(in+out) (m = min(in, out)); a layer with out <= in is never whitened
-    (factorize.output_gram_factors): W·C, the out x out Gram, W·Wᵀ and eigh's workspace, in·out + 4·out² + k(in+out).
+    """Per factored layer, with the default "gram" solver (float32 elements; every eigh is float64, see
+    emloc/factorize.py): a float64 n x n matrix and its eigh hold EIGH64·n². A layer with out > in is whitened
+    (float64 C and its eigh, EIGH64·in²), then factored: S (in²), W S (2·in·out while it is formed), the float64
+    Mᵀ M and its eigh, k(in+out); a layer with out <= in is never whitened (factorize.output_gram_factors): the
+    float64 W C Wᵀ formed in GRAM_CHUNK blocks, then its eigh, EIGH64·out² + k(in+out).
     The error check holds W_E, W - W_E, (W - W_E)·C and its product with W - W_E: 4·in·out. On a GPU both also hold
     the statistics moved from the host (in²) and the layer's own weight, b·in·out; on the CPU those are the ones
-    already counted. ("full" and "randomized" whiten every layer: up to 4·in² more for wide layers.)"""
+    already counted. ("full" and "randomized" whiten every layer: up to EIGH64·in² for wide layers.)"""
     cpu = run.s.device == "cpu"
     worst = factors = 0
     for lin in run.summary.linears:
@@ -368,19 +377,21 @@ def _construction(run: _Run) -> PhaseEstimate:
         if not k:
             continue
         i, o = lin.in_features, lin.out_features
-        sq, io, m = i * i, i * o, min(i, o)
+        sq, io = i * i, i * o
         own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
         moved = 0 if cpu else sq  # the statistics, moved from the host for the factorisation and the error check
-        if o > i:
-            factoring = max(4 * sq + io, sq + 2 * io + 2 * m * m + k * (i + o))
+        if o > i:  # whitening's EIGH64·in² is always below what follows it
+            factoring = sq + 2 * io + EIGH64 * sq + k * (i + o)
         else:
-            factoring = moved + io + 4 * o * o + k * (i + o)
+            chunk = min(GRAM_CHUNK, i)
+            forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
+            factoring = moved + max(forming, EIGH64 * o * o) + k * (i + o)
         worst = max(worst, FACTOR_BYTES * max(factoring, moved + 4 * io) + own)
         factors += run.b * k * (i + o)
     model = {} if run.s.offload else {"weights": run.b * run.summary.params}
     if cpu:  # what a GPU run keeps in host RAM shares the one memory: the loaded statistics and the factors so far
         model.update({"statistics (all layers)": sum(4 * (lin.in_features ** 2) for lin in run.summary.linears
-                                                     if lin.name in run.ranks),
+                                                     if run.ranks.get(lin.name)),
                       "factors built": factors})
     return _estimate("emulator", "emloc", {**model, "factorisation (one layer)": worst}, run.s.offload)
 
@@ -438,7 +449,7 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
         _training(run, "qlora", nf4),
         _with_components(run, "preview", "inference", plain, False),
     ]
-    stats = 0 if s.stats_on_gpu else sum(4 * shapes[n].in_features ** 2 for n in ranks)
+    stats = 0 if s.stats_on_gpu else sum(4 * shapes[n].in_features ** 2 for n, k in ranks.items() if k)
     if s.device == "cpu":  # no CUDA context or caching allocator: the RAM peak has no fixed overhead
         for e in estimates:
             e.parts.pop("overhead", None)

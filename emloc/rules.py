@@ -1,14 +1,15 @@
 """Compression rules: which linear layers an EMLoC run touches, and at what ratio.
 
 A rule list is `[(regex, ratio), ...]`. A layer named `name` is governed by the first rule whose
-regex *fullmatches* `name`; a ratio `ρ` in (0, 1] is the fraction of the layer's parameters kept.
-Linear children of an already compressed layer (`<name>.u`, `<name>.v`) are never targets.
+regex *fullmatches* `name`; a ratio `ρ` in (0, 1] is the fraction of the layer's parameters kept, and
+ρ = 1 keeps the layer itself (dense, unchanged). Linear children of an already compressed layer
+(`<name>.u`, `<name>.v`) are never targets.
 """
 
 from __future__ import annotations
 
-import math
 import re
+from fractions import Fraction
 from typing import Iterable, Sequence, Union
 
 from torch import nn
@@ -20,9 +21,23 @@ RuleLike = Union[str, tuple[str, float], Sequence]
 
 
 def rank_for_ratio(in_features: int, out_features: int, ratio: float) -> int:
-    """Rank `k = floor(ρ·in·out / (in + out))` so that the factors keep a fraction `ρ` of the weights."""
-    check_ratio(ratio)
-    return math.floor(ratio * in_features * out_features / (in_features + out_features))
+    """Rank `k = floor(ρ·in·out / (in + out))` so that the factors keep a fraction `ρ` of the weights.
+
+    Exact integer arithmetic, with `ρ` read as the shortest decimal that is the float (`repr`): 0.3 is 3/10, as
+    the user typed it, not the binary float just below it. Floating point, the formula gives one less than that
+    when ρ·in·out/(in + out) is a whole number (82 of the 750 000 layers up to 150 x 50 at ratios 0.01, ..., 1).
+    """
+    rho = Fraction(repr(check_ratio(ratio)))
+    return (rho.numerator * in_features * out_features) // (rho.denominator * (in_features + out_features))
+
+
+def factored_rank(in_features: int, out_features: int, ratio: float) -> int:
+    """The rank build_emulator factors a layer at (at least 1), or 0 where the layer stays as it is: at ratio 1,
+    which keeps the whole layer, and where the factors would not be smaller (`k(in + out) >= in·out`)."""
+    if check_ratio(ratio) == 1.0:
+        return 0
+    rank = max(1, rank_for_ratio(in_features, out_features, ratio))
+    return 0 if rank * (in_features + out_features) >= in_features * out_features else rank
 
 
 def check_ratio(ratio: float, where: str = "ratio") -> float:

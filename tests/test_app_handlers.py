@@ -184,6 +184,12 @@ def test_memory_chart_follows_the_ratio_and_says_when_nothing_fits():
         handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
 
 
+def test_the_slider_maximum_plans_no_compression():
+    plan = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 80, 1.0, 16)
+    assert "EMLoC (no compression)" in plan["svg"] and "EMLoC (ratio" not in plan["svg"]
+    assert "nothing is compressed: every layer is kept" in plan["text"]
+
+
 # ---------------------------------------------------------------------------------------------- 4. train
 
 

@@ -29,6 +29,17 @@ def test_stats_are_the_sum_of_outer_products_over_all_tokens(tiny_transformer, t
         f"blocks.{i}.{p}" for i in range(2) for p in ("q", "k", "v", "o", "up", "down")}
 
 
+def test_layers_the_emulator_keeps_get_no_statistics_and_ratio_one_runs_no_batch(tiny_transformer, token_batches):
+    rules = [(r"blocks\.0\..*", 1.0), (r"blocks\.1\.(q|k|v|o|up|down)", 0.5)]
+    stats = collect_input_stats(tiny_transformer, token_batches, rules, progress=False)
+    assert {k for k in stats if not k.endswith(COUNT_SUFFIX)} == {f"blocks.1.{p}" for p in ("q", "k", "v", "o", "up", "down")}
+
+    def forward(model, batch):
+        raise AssertionError("no layer needs statistics, so no batch should run")
+
+    assert collect_input_stats(tiny_transformer, token_batches, [(BLOCK_RULES[0][0], 1.0)], forward, progress=False) == {}
+
+
 def test_float64_accumulation_is_available(tiny_transformer, token_batches):
     stats = collect_input_stats(tiny_transformer, token_batches, BLOCK_RULES, dtype=torch.float64, progress=False)
     x = reference_q_inputs(tiny_transformer, token_batches).double()

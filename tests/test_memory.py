@@ -81,7 +81,7 @@ def test_meta_counts_equal_an_instantiated_model(which, request):
 def test_predicted_emulator_and_lora_equal_built_ones(which, request):
     meta, arch, real = request.getfixturevalue(which)
     summary = summarize(meta, arch)
-    # attention layers at ratio 1.0 stay dense (k(in+out) >= in·out), the rest factored at 0.3
+    # attention layers at ratio 1.0 are kept as they are, the rest factored at 0.3
     rules = ((r".*attn.*|.*self_attn.*|.*attention.*", 1.0), (arch.default_compress[0], 0.3))
     settings = MemorySettings(rules=rules, lora_rank=4, lora_targets=arch.default_lora_targets, image_tiles=1, seq_len=64)
     counts = plan_memory(summary, arch, settings).counts
@@ -92,6 +92,17 @@ def test_predicted_emulator_and_lora_equal_built_ones(which, request):
     assert counts.dense_layers == sum(1 for layer in report.layers if layer.dense) > 0
     peft_model = attach_lora(emulator, LoraSettings(rank=4, targets=list(arch.default_lora_targets)))
     assert counts.lora == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("which", ["tiny_flux", "tiny_internvl"])
+def test_ratio_one_plans_every_compressed_layer_dense_and_no_statistics(which, request):
+    meta, arch, _ = request.getfixturevalue(which)
+    plan = plan_memory(summarize(meta, arch), arch, MemorySettings(ratio=1.0, lora_rank=4, image_tiles=1, seq_len=64))
+    counts = plan.counts
+    assert counts.emulator == counts.full and counts.factored_layers == 0 and counts.dense_layers > 0
+    assert plan.cpu_stats_bytes == 0
+    calibration = next(e for e in plan.estimates if e.phase == "calibration" and e.method == "emloc")
+    assert not any("statistics" in part for part in calibration.parts)
 
 
 def test_flux_dev_transformer_counts_11_90_billion():

@@ -225,3 +225,22 @@ def test_cli_builds_options_from_settings_and_runs_headless(fake, capsys):
     outputs = json.loads((out / "later" / "outputs.json").read_text())
     assert set(outputs) == {"base", "emulator + LoRA", "full + corrected LoRA", "full + uncorrected LoRA"}
     assert all(len(values) == 2 for values in outputs.values())
+
+
+@pytest.mark.parametrize("ratio,rules,factored", [(1.0, [], []), (0.5, ["0=0.5", "2=1"], ["0"])],
+                         ids=["ratio-1", "kept-and-factored"])
+def test_a_run_that_keeps_layers_goes_through_every_stage(fake, ratio, rules, factored):
+    """--ratio 1 keeps every layer (the emulator is the full model); it used to fail at train, as did an emulator
+    with kept and factored layers, on the fingerprint."""
+    root, settings, fake_settings = fake
+    settings.ratio, settings.rules = ratio, rules
+    run = Run.create(root / "runs" / "a", "fake", settings, fake_settings)
+    run.execute()
+    info = json.loads((run.dir / "run.json").read_text())
+    assert [info["stages"][s]["status"] for s in STAGES] == ["done"] * 5
+    emulator = json.loads((run.dir / "emulator" / "emulator.json").read_text())
+    assert list(emulator["layers"]) == factored and emulator["targets"] == ["0", "2"]
+    if not factored:  # the emulator is the full model, so the correction changes nothing
+        outputs = json.loads((run.dir / "previews" / "outputs.json").read_text())
+        for label in ("full + corrected LoRA", "full + uncorrected LoRA"):
+            assert outputs[label] == pytest.approx(outputs["emulator + LoRA"], rel=1e-5, abs=1e-6)
