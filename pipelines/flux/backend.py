@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pipelines.runner import Backend, RunSettings
+from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
 
 from .export import sample_images, write_diffusers_lora, write_preview_grid
@@ -63,6 +64,7 @@ class FluxSettings:
                                                            "preview": "--preview-guidance"})
 
 
+MAX_PROMPT_CHARS = 1000
 BATCHED_INPUTS = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
 IMAGE_LIMITS = ImageLimits(min_count=3, max_count=50, min_side=32)
 
@@ -92,6 +94,7 @@ class FluxBackend(Backend):
         if s.weighting_scheme not in ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"):
             raise ValueError(f"--weighting-scheme {s.weighting_scheme!r} is unknown; "
                              "use none, sigma_sqrt, logit_normal, mode or cosmap")
+        check_model_source(self.run.model)
         local = Path(self.run.model)
         if local.exists() and not (local / "model_index.json").is_file():
             raise ValueError(f"{local} is not a diffusers FLUX folder (no model_index.json); "
@@ -104,11 +107,14 @@ class FluxBackend(Backend):
                 self._check_prompt(self._read_caption(caption), f"the caption {caption}")
 
     def _check_prompt(self, prompt: str, what: str) -> None:
+        if len(prompt) > MAX_PROMPT_CHARS:  # the text encoders read ~77 (CLIP) and 512 (T5) tokens, no more
+            raise DataError(f"{what} is {len(prompt)} characters long ({prompt[:40]!r}...); keep it under "
+                            f"{MAX_PROMPT_CHARS} characters, a sentence or two")
         if not prompt.strip():
             raise DataError(f"{what} is empty; describe your subject with the trigger word, e.g. "
                             f"'a photo of {self.settings.trigger} dog'")
         if not re.search(rf"(?<!\w){re.escape(self.settings.trigger)}(?!\w)", prompt):
-            raise DataError(f"{what} {prompt!r} does not contain the trigger word {self.settings.trigger!r}; add it "
+            raise DataError(f"{what} {prompt[:80]!r} does not contain the trigger word {self.settings.trigger!r}; add it "
                             f"(e.g. 'a photo of {self.settings.trigger} dog') or set --trigger to the word you use")
 
     @staticmethod
@@ -209,6 +215,14 @@ class FluxBackend(Backend):
         model = FluxTransformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
                                                        use_safetensors=True)
         return model.to(device).eval().requires_grad_(False)
+
+    def skeleton(self) -> nn.Module:
+        """The transformer's modules on the meta device, from its config alone (no weights are read)."""
+        from diffusers import FluxTransformer2DModel
+
+        config = FluxTransformer2DModel.load_config(self.run.model, subfolder="transformer")
+        with torch.device("meta"):
+            return FluxTransformer2DModel.from_config(config)
 
     def default_rules(self, ratio: float) -> list[tuple[str, float]]:
         return [(r"(transformer_blocks|single_transformer_blocks)\.\d+\..+", ratio)]

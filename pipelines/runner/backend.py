@@ -22,6 +22,9 @@ imports a backend by name):
     generate(model, label) -> list   preview outputs of one model variant; write_previews(folder, outputs)
                              writes files from {label: outputs} and returns their paths
     release()                free everything the backend holds (text encoders, caches on the GPU, ...)
+    skeleton()               optional: the model's modules on the meta device (no weights), so that the LoRA
+                             targets and rank are checked against real layer shapes before a run folder exists
+    check_preview()          optional: raise ValueError for preview settings that cannot be rendered
 
 """
 
@@ -58,6 +61,8 @@ class Backend:
     def load_cache(self, folder: Path) -> None: ...
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None: ...
     def release(self) -> None: ...
+    def skeleton(self) -> torch.nn.Module | None: return None
+    def check_preview(self) -> None: ...
 
     # Required: every backend implements these.
     def load_model(self, device: torch.device) -> torch.nn.Module:
