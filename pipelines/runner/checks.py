@@ -67,8 +67,8 @@ def check_model_source(model: str, flag: str = "--model") -> None:
         _weights_in([str(p) for p in Path(local).rglob("*") if p.is_file()], f"{flag} {model} (downloaded)")
         return
     if hub_offline():
-        raise ValueError(f"{flag} {model}: no such folder here, and not a downloaded hub model; this machine is "
-                         f"offline (HF_HUB_OFFLINE=1), so download it first on a connected machine "
+        raise ValueError(f"{flag} {model} is not downloaded and this machine is offline (HF_HUB_OFFLINE=1), nor is "
+                         f"it a folder here: download it first on a connected machine "
                          f"(huggingface-cli download {model}; for a gated model log in with `huggingface-cli login` "
                          "and accept its licence on huggingface.co), or give a local folder or the demo model")
     from huggingface_hub import HfApi
