@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.runner import Run, RunSettings, cli
+from app.studio import Studio
+from pipelines.runner import Run, cli
+from pipelines.runner.adapters import AdapterError
 from pipelines.runner.lock import LOCK_FILE, RunLock, RunLocked
 from test_run import FakeBackend, adapter, fake, snapshot  # noqa: F401  (fake is a fixture)
 
@@ -125,7 +127,9 @@ def test_preview_refuses_a_nan_incomplete_or_misshaped_adapter(fake, capsys, spo
     before = sorted(p.name for p in run.dir.iterdir())
     code = cli.preview(["--run", str(run.dir), "--name", "later"])
     assert code == 2 and words in capsys.readouterr().err
-    assert sorted(p.name for p in run.dir.iterdir()) == before  # no preview folder, no .tmp
+    with pytest.raises(AdapterError, match=words):  # the app's export (step 6) refuses it too
+        Studio(run.dir.parent).export(str(run.dir))
+    assert sorted(p.name for p in run.dir.iterdir()) == before  # no preview folder, no .tmp, no zip
 
 
 # -- 6. settings checked before the run folder ------------------------------------------------------------
