@@ -162,7 +162,7 @@ def test_an_out_folder_that_cannot_be_written_is_refused_without_a_traceback(fak
     root, _, fake_settings = fake
     code = cli.main(["--backend", "fake", "--model", "fake", "--data", fake_settings.data,
                      "--out", "/proc/emloc-test/run"])  # /proc takes no new folders, even from root
-    assert code == 2 and "cannot write in /proc/emloc-test" in capsys.readouterr().err
+    assert code == 2 and "--out /proc/emloc-test/run: cannot write in /proc" in capsys.readouterr().err
 
 
 def test_a_full_disk_while_creating_leaves_no_folder_and_while_training_resumes_later(fake, capsys, monkeypatch):

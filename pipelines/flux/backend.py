@@ -94,7 +94,6 @@ class FluxBackend(Backend):
         if s.weighting_scheme not in ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"):
             raise ValueError(f"--weighting-scheme {s.weighting_scheme!r} is unknown; "
                              "use none, sigma_sqrt, logit_normal, mode or cosmap")
-        check_model_source(self.run.model)
         local = Path(self.run.model)
         if local.exists() and not (local / "model_index.json").is_file():
             raise ValueError(f"{local} is not a diffusers FLUX folder (no model_index.json); "
@@ -215,6 +214,9 @@ class FluxBackend(Backend):
         model = FluxTransformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
                                                        use_safetensors=True)
         return model.to(device).eval().requires_grad_(False)
+
+    def check_model(self) -> None:
+        check_model_source(self.run.model)
 
     def skeleton(self) -> nn.Module:
         """The transformer's modules on the meta device, from its config alone (no weights are read)."""

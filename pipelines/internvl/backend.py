@@ -176,7 +176,6 @@ class VlmBackend(Backend):
         if not low <= self.run.calibration_samples <= high:
             raise ValueError(f"--calibration-samples must be between {low} and {high} for InternVL; "
                              f"got {self.run.calibration_samples}")
-        check_model_source(self.run.model)
         report = read_qa_data(s.data)
         if not 0 <= s.holdout < len(report.samples):
             raise ValueError(f"--holdout {s.holdout} leaves nothing to train on ({len(report.samples)} samples)")
@@ -224,6 +223,9 @@ class VlmBackend(Backend):
     # -- model -----------------------------------------------------------------------------------------
     def load_model(self, device: torch.device) -> torch.nn.Module:
         return load_vlm(self.run.model, device, self.dtype, self.settings.trust_remote_code)
+
+    def check_model(self) -> None:
+        check_model_source(self.run.model)
 
     def skeleton(self) -> torch.nn.Module:
         """The model's modules on the meta device, from its config alone (no weights are read)."""

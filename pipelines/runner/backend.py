@@ -22,6 +22,8 @@ imports a backend by name):
     generate(model, label) -> list   preview outputs of one model variant; write_previews(folder, outputs)
                              writes files from {label: outputs} and returns their paths
     release()                free everything the backend holds (text encoders, caches on the GPU, ...)
+    check_model()            optional: raise ValueError when the model cannot be used (not downloaded, pickle
+                             weights only, ...); called by Run.create before validate()
     skeleton()               optional: the model's modules on the meta device (no weights), so that the LoRA
                              targets and rank are checked against real layer shapes before a run folder exists
     check_preview()          optional: raise ValueError for preview settings that cannot be rendered
@@ -61,6 +63,7 @@ class Backend:
     def load_cache(self, folder: Path) -> None: ...
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None: ...
     def release(self) -> None: ...
+    def check_model(self) -> None: ...
     def skeleton(self) -> torch.nn.Module | None: return None
     def check_preview(self) -> None: ...
 

@@ -104,10 +104,11 @@ def check_device(device: str, flag: str = "--device") -> None:
 
 
 def check_writable(folder: Path, flag: str = "--out") -> None:
-    """A new run folder can be made in `folder`'s parent (made if missing): refuses read-only places."""
-    parent = Path(folder).parent
+    """A new run folder can be made at `folder`: its nearest existing parent takes a file (nothing is left there)."""
+    parent = Path(folder).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".emloc-write-test-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()

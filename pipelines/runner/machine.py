@@ -131,8 +131,10 @@ class Run:
             run = dataclasses.replace(run, model=str(Path(run.model).resolve()))
         backend = backend_class(backend_name)(run, settings, run.resolved_device())
         check_writable(folder)
+        backend.check_model()  # not downloaded, pickle weights only: said before the data is read
         backend.validate()  # bad data fails here, before anything is written
         check_model_shapes(backend)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         staging = folder.with_name(folder.name + f".creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()

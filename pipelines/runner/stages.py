@@ -206,7 +206,10 @@ def _resume(run: Run, peft_model: nn.Module, optimizer: torch.optim.Optimizer) -
         except DamagedCheckpoint as err:
             aside = folder.with_name(folder.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)
-            os.rename(folder, aside)
+            try:
+                os.rename(folder, aside)
+            except FileNotFoundError:  # another process of this run (torchrun) set it aside first
+                pass
             message = f"skipped the damaged checkpoint {folder.name} ({err}); kept it as {aside.name}"
             log.warning("%s", message)
             run.emit(Progress("train", 0, 0, message=message))
