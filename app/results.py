@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE
+from pipelines.runner.machine import read_run_file
 
 SHOWN = PREVIEW_VARIANTS[:3]  # base | emulator + LoRA | full + corrected LoRA; the uncorrected one on request
 
@@ -22,10 +23,16 @@ def _slug(text: str) -> str:
 
 
 def run_info(run_dir: str | Path) -> dict:
+    """run.json of a run folder; ValueError in words when it is damaged (the run cannot be opened)."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no {RUN_FILE}); pick a run under Past runs")
-    return json.loads(path.read_text())
+    return read_run_file(Path(run_dir))
+
+
+def damage_words(err: Exception) -> str:
+    """Why a run cannot be opened, short enough for a table cell."""
+    return str(err).split(" is damaged ", 1)[-1].split("; this run", 1)[0].strip("()") or str(err)
 
 
 def preview_folders(run_dir: str | Path) -> list[Path]:

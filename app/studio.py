@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.runner.checks import check_model_source
 from pipelines.runner.registry import backend_class
 from pipelines.runner.data import DataError
 from pipelines.runner import LOSS_LOG, RUN_FILE, STAGES, Run, RunSettings
@@ -90,22 +91,6 @@ def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in records]
 
 
-def check_model_reachable(model: str) -> None:
-    """Refuse, before a run folder is made, a hub id that is neither downloaded nor downloadable (offline)."""
-    import os
-
-    model = (model or "").strip()
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-    if not model or Path(model).expanduser().is_dir() or not offline:
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = [try_to_load_from_cache(model, name) for name in ("model_index.json", "config.json")]
-    if not any(isinstance(path, str) for path in cached):
-        raise ValueError(f"{model} is not downloaded and this machine is offline (HF_HUB_OFFLINE=1): download it "
-                         f"first (huggingface-cli download {model}), or pick the demo model or a local folder")
-
-
 def parse_seeds(text: str) -> list[int]:
     """'0, 1 2' -> [0, 1, 2]; ValueError in words for anything else."""
     parts = [p for p in re.split(r"[,\s]+", str(text or "").strip()) if p]
@@ -135,7 +120,7 @@ class Studio:
         if busy:
             raise JobBusy(busy)
         folder = check_run_name(request.name, self.runs_dir)
-        check_model_reachable(request.model)
+        check_model_source(request.model, "the model")  # a hub id that is not downloaded, pickle-only weights...
         run_settings = RunSettings(model=(request.model or "").strip(), ratio=float(request.ratio),
                                    steps=int(request.steps), lr=float(request.lr), rank=int(request.rank),
                                    alpha=float(request.rank), seed=int(request.seed), lam=float(request.lam),
@@ -241,25 +226,37 @@ class Studio:
         if not run_dir:
             raise ValueError("no run yet: train one in step 4, or open one under Past runs")
         info = results.export_info(run_dir)
+        Run.open(run_dir).check_adapters()  # a NaN, incomplete or mis-shaped adapter is refused, in words
         return {**info, "zip": results.export_zip(run_dir)}
 
     def list_runs(self) -> list[dict]:
-        """Every run under the runs folder, newest first: name, task, model, created, status, steps."""
+        """Every run under the runs folder, newest first: name, task, model, created, status, steps.
+
+        A run whose run.json is damaged is listed as damaged (with why); the others as usual."""
         runs = []
+        running = self.jobs.status()
         for path in Path(self.runs_dir).glob(f"*/{RUN_FILE}"):
             try:
-                info = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                info = results.run_info(path.parent)
+            except (OSError, ValueError) as err:
+                runs.append({"name": path.parent.name, "task": "?", "model": "", "created": "",
+                             "status": f"damaged: {results.damage_words(err)}", "steps": ""})
                 continue
-            stages = info.get("stages", {})
-            pending = [s for s in STAGES if stages.get(s, {}).get("status") != "done"]
-            status = "finished" if not pending else f"{stages.get(pending[0], {}).get('status', 'pending')} at {pending[0]}"
-            if self.jobs.status().running and Path(self.jobs.status().run_dir) == path.parent:
+            stages = info["stages"]
+            pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
+            first = stages.get(pending[0]) if pending else None
+            status = "finished" if not pending else \
+                f"{first.get('status', 'pending') if isinstance(first, dict) else 'pending'} at {pending[0]}"
+            if running.running and Path(running.run_dir) == path.parent:
                 status = "running now"
-            settings = info.get("settings", {}).get("run", {})
-            runs.append({"name": path.parent.name, "task": handlers.TASKS.get(info.get("backend"), "?"),
-                         "model": Path(settings.get("model", "")).name, "created": info.get("created", ""),
-                         "status": status, "steps": f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"})
+            settings = info["settings"]["run"]
+            try:
+                steps = f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"
+            except (ValueError, KeyError, TypeError):  # a damaged loss log does not hide the run
+                steps = f"? of {settings.get('steps', '?')}"
+            runs.append({"name": path.parent.name, "task": handlers.TASKS.get(info["backend"], "?"),
+                         "model": Path(str(settings.get("model", ""))).name, "created": str(info.get("created", "")),
+                         "status": status, "steps": steps})
         return sorted(runs, key=lambda r: r["created"], reverse=True)
 
     def open_run(self, name: str) -> str:

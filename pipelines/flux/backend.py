@@ -29,6 +29,7 @@ from torch import nn
 from emloc.blockwise import BlockwiseModel
 from emloc.checkpoint import CheckpointReader, safetensors_files
 from pipelines.runner import Backend, RunSettings
+from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
 
 from .export import sample_images, write_diffusers_lora, write_preview_grid
@@ -65,6 +66,7 @@ class FluxSettings:
                                                            "preview": "--preview-guidance"})
 
 
+MAX_PROMPT_CHARS = 1000
 BATCHED_INPUTS = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
 IMAGE_LIMITS = ImageLimits(min_count=3, max_count=50, min_side=32)
 
@@ -106,11 +108,14 @@ class FluxBackend(Backend):
                 self._check_prompt(self._read_caption(caption), f"the caption {caption}")
 
     def _check_prompt(self, prompt: str, what: str) -> None:
+        if len(prompt) > MAX_PROMPT_CHARS:  # the text encoders read ~77 (CLIP) and 512 (T5) tokens, no more
+            raise DataError(f"{what} is {len(prompt)} characters long ({prompt[:40]!r}...); keep it under "
+                            f"{MAX_PROMPT_CHARS} characters, a sentence or two")
         if not prompt.strip():
             raise DataError(f"{what} is empty; describe your subject with the trigger word, e.g. "
                             f"'a photo of {self.settings.trigger} dog'")
         if not re.search(rf"(?<!\w){re.escape(self.settings.trigger)}(?!\w)", prompt):
-            raise DataError(f"{what} {prompt!r} does not contain the trigger word {self.settings.trigger!r}; add it "
+            raise DataError(f"{what} {prompt[:80]!r} does not contain the trigger word {self.settings.trigger!r}; add it "
                             f"(e.g. 'a photo of {self.settings.trigger} dog') or set --trigger to the word you use")
 
     @staticmethod
@@ -258,6 +263,9 @@ class FluxBackend(Backend):
         blocks = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
         blocks += [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
         return BlockwiseModel(model, reader, blocks, enter, step, device=self.device, dtype=self.dtype)
+    def check_model(self) -> None:
+        check_model_source(self.run.model)
+
 
     def default_rules(self, ratio: float) -> list[tuple[str, float]]:
         return [(r"(transformer_blocks|single_transformer_blocks)\.\d+\..+", ratio)]

@@ -37,7 +37,8 @@ from emloc.rules import check_ratio
 
 from pipelines.runner.data import DataError
 from pipelines.runner import Backend, RunSettings
-from .data import (QASample, check_image, exact_match, read_qa_data, token_f1,
+from pipelines.runner.checks import check_model_source
+from .data import (QASample, check_image, check_no_image_tokens, exact_match, read_qa_data, token_f1,
                        write_qa_jsonl)
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ class VlmBackend(Backend):
             raise ValueError(f"{len(s.preview_images)} preview images for {len(s.preview_questions)} questions; "
                              "pass one image for all questions or one per question")
         images = s.preview_images * len(s.preview_questions) if len(s.preview_images) == 1 else s.preview_images
+        for question in s.preview_questions:
+            check_no_image_tokens(question, "question", "--question")
         return [QASample((check_image(Path(images[i]), "--image"),) if images else (), ((question, "?"),))
                 for i, question in enumerate(s.preview_questions)]
 
@@ -220,6 +223,22 @@ class VlmBackend(Backend):
     # -- model -----------------------------------------------------------------------------------------
     def load_model(self, device: torch.device) -> torch.nn.Module:
         return load_vlm(self.run.model, device, self.dtype, self.settings.trust_remote_code)
+
+    def check_model(self) -> None:
+        check_model_source(self.run.model)
+
+    def skeleton(self) -> torch.nn.Module:
+        """The model's modules on the meta device, from its config alone (no weights are read)."""
+        from transformers import AutoConfig, InternVLForConditionalGeneration
+
+        config = AutoConfig.from_pretrained(self.run.model, trust_remote_code=self.settings.trust_remote_code)
+        with torch.device("meta"):
+            return InternVLForConditionalGeneration(config)
+
+    def check_preview(self) -> None:
+        self._typed_questions()
+        if self.settings.preview_images and not self.settings.preview_questions:
+            raise ValueError("--image needs a --question to ask about it")
 
     def default_rules(self, ratio: float) -> list[tuple[str, float]]:
         return default_rules(ratio, self.settings.vision_ratio or ratio)

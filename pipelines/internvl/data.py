@@ -16,8 +16,10 @@ Every error names the file, the line and what to do.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import math
 import re
 import shutil
 import string
@@ -35,6 +37,8 @@ IMAGE_MARKER = "<image>"  # InternVL's placeholder in its fine-tuning format
 SIMPLE_FILES = ("qa.jsonl", "qa.csv")
 SIMPLE_COLUMNS = ("image", "question", "answer")
 IMAGE_LIMITS = ImageLimits(min_count=0, max_count=100_000, min_side=8)  # InternVL resizes every tile to 448
+RESERVED_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")  # InternVL's image tokens (tokenizer_config.json)
+MAX_REPEATED = 100_000  # most samples a meta file's repeat_time may make
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -85,9 +89,22 @@ def check_image(path: Path, where: str) -> str:
 
 
 def _text(value: Any, what: str, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        value = str(value)  # a numeric answer ("42" written without quotes) is text too
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: the {what} must be text; got {type(value).__name__} {str(value)[:60]!r}")
+    if not value or not value.strip():
         raise DataError(f"{where}: empty {what}; every {what} needs text (fill it in or remove the line)")
+    check_no_image_tokens(value, what, where)
     return value.strip()
+
+
+def check_no_image_tokens(text: str, what: str, where: str) -> None:
+    """Refuse InternVL's own image tokens in text: the model reserves them for image pixels."""
+    for token in RESERVED_TOKENS:
+        if token in text:
+            raise DataError(f"{where}: the {what} contains {token}, which the model reserves for the pixels of an "
+                            f"image; remove it (to place an image in the text, write {IMAGE_MARKER})")
 
 
 def _canonical_turns(turns: list[tuple[str, str]], n_images: int, where: str) -> tuple[tuple[str, str], ...]:
@@ -128,19 +145,27 @@ def _report(samples: list[QASample], source: str) -> DataReport:
 # ---------------------------------------------------------------- readers
 
 
+def _read_text(path: Path) -> str:
+    """A data file's text (UTF-8, with or without the BOM that spreadsheet programs write), or DataError naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path.name}: not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); "
+                        "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet program)") from None
+
+
 def _jsonl_records(path: Path) -> Iterable[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path.name} line {number}: not valid JSON ({err.msg} at column {err.colno}); "
-                                "each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path.name} line {number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path.name} line {number}: not valid JSON ({err.msg} at column {err.colno}); "
+                            "each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path.name} line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def _image_list(value: Any, where: str) -> list[str]:
@@ -194,7 +219,7 @@ def read_internvl_meta(path: str | Path) -> DataReport:
     """
     path = Path(path)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path.name}: not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(meta, dict) or not meta:
@@ -208,16 +233,20 @@ def read_internvl_meta(path: str | Path) -> DataReport:
             raise DataError(f"{path.name}: dataset {name!r}: annotation file {str(annotation)!r} not found")
         root = path.parent / entry["root"] if entry.get("root") else annotation.parent  # relative to the meta file
         part = read_internvl_jsonl(annotation, root).samples
-        repeat = float(entry.get("repeat_time", 1))
+        repeat = entry.get("repeat_time", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not 0 < repeat < math.inf:
+            raise DataError(f"{path.name}: dataset {name!r}: repeat_time must be a number above 0 (below 1 keeps "
+                            f"that fraction of the samples, above 1 repeats them); got {repeat!r}")
         count = max(1, round(len(part) * repeat))
+        if len(samples) + count > MAX_REPEATED:
+            raise DataError(f"{path.name}: dataset {name!r}: repeat_time {repeat} makes {count} samples; "
+                            f"use at most {MAX_REPEATED} samples in all (lower repeat_time)")
         samples.extend(part[i % len(part)] for i in range(count))
     return _report(samples, str(path))
 
 
 def _simple_sample(row: Mapping[str, Any], base: Path | None, where: str) -> QASample:
-    image = row.get("image")
-    return make_sample([image] if image not in (None, "") else [], [(row.get("question"), row.get("answer"))],
-                       base, where)
+    return make_sample(_image_list(row.get("image"), where), [(row.get("question"), row.get("answer"))], base, where)
 
 
 def read_qa_jsonl(path: str | Path) -> DataReport:
@@ -240,17 +269,16 @@ def read_qa_jsonl(path: str | Path) -> DataReport:
 def read_qa_csv(path: str | Path) -> DataReport:
     """Read `qa.csv` with a header row holding the columns image, question, answer."""
     path = Path(path)
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-        missing = [c for c in SIMPLE_COLUMNS if c not in columns]
-        if missing:
-            raise DataError(f"{path.name} has the columns {columns or '(none)'}; it needs a header row with "
-                            f"{', '.join(SIMPLE_COLUMNS)} (missing: {', '.join(missing)})")
-        samples = []
-        for number, row in enumerate(reader, start=2):  # line 1 is the header
-            row = {(k or "").strip().lower(): v for k, v in row.items()}
-            samples.append(_simple_sample(row, path.parent, f"{path.name} line {number}"))
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+    missing = [c for c in SIMPLE_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{path.name} has the columns {columns or '(none)'}; it needs a header row with "
+                        f"{', '.join(SIMPLE_COLUMNS)} (missing: {', '.join(missing)})")
+    samples = []
+    for number, row in enumerate(reader, start=2):  # line 1 is the header
+        row = {(k or "").strip().lower(): v for k, v in row.items()}
+        samples.append(_simple_sample(row, path.parent, f"{path.name} line {number}"))
     return _report(samples, str(path))
 
 

@@ -22,11 +22,16 @@ imports a backend by name):
     generate(model, label) -> list   preview outputs of one model variant; write_previews(folder, outputs)
                              writes files from {label: outputs} and returns their paths
     release()                free everything the backend holds (text encoders, caches on the GPU, ...)
+    check_model()            optional: raise ValueError when the model cannot be used (not downloaded, pickle
+                             weights only, ...); called by Run.create before validate()
+    check_preview()          optional: raise ValueError for preview settings that cannot be rendered
 
 Optional, for models larger than memory (every phase then reads weights from the checkpoint's files):
-    skeleton()               the full model's structure, parameters on `meta` (nothing read); None: unsupported
+    skeleton()               the full model's structure, parameters on `meta` (nothing read; buffers real);
+                             None: unsupported. Also checks LoRA targets and rank against real layer shapes
+                             before a run folder exists
     checkpoint()             an `emloc.checkpoint.CheckpointReader` over the model's safetensors files
-    blockwise(model, reader) an `emloc.blockwise.BlockwiseModel`: the blocks in order, how a calibration batch
+    blockwise(model, reader) (with checkpoint(): the run streams) an `emloc.blockwise.BlockwiseModel`: the blocks in order, how a calibration batch
                              enters the first one and how one block's input becomes its output
     finish_loading(model)    anything the library does after loading weights (e.g. tie the LM head)
 
@@ -65,6 +70,8 @@ class Backend:
     def load_cache(self, folder: Path) -> None: ...
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None: ...
     def release(self) -> None: ...
+    def check_model(self) -> None: ...
+    def check_preview(self) -> None: ...
     def skeleton(self) -> torch.nn.Module | None: return None
     def finish_loading(self, model: torch.nn.Module) -> None: ...
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -27,7 +26,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .registry import DEMO_MODELS, backend_class, backend_names
-from .machine import Run, distributed_state
+from .checks import disk_words
+from .machine import Run, distributed_state, read_run_file
 from .progress import Progress, RunCancelled
 from .settings import RUN_FILE, STAGES, RunSettings
 
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     _logging(args.log_level)
     try:
         if args.resume:
+            if not (Path(args.out) / RUN_FILE).is_file():
+                raise FileNotFoundError(f"{args.out} is not a run folder (no {RUN_FILE}); check the --out path")
             run = Run.open(args.out)
             if given_settings(RunSettings, args) or (backend_type and given_settings(backend_type.settings_class, args)):
                 print("note: --resume continues with the settings saved in run.json; other settings are ignored",
@@ -203,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder made read-only mid-run: what is done so far is kept
+        print(f"error: {disk_words(err)} ({err}); fix that, then continue with --resume --out {args.out}",
+              file=sys.stderr)
+        return 2
 
 
 def preview(argv: list[str] | None = None) -> int:
@@ -218,7 +224,7 @@ def preview(argv: list[str] | None = None) -> int:
     backend_type = None
     if known.run and (Path(known.run) / RUN_FILE).is_file():
         try:
-            backend_type = backend_class(json.loads((Path(known.run) / RUN_FILE).read_text())["backend"])
+            backend_type = backend_class(read_run_file(Path(known.run))["backend"])
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -235,6 +241,9 @@ def preview(argv: list[str] | None = None) -> int:
         console.close()
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {disk_words(err)} ({err}); fix that and try again", file=sys.stderr)
         return 2
     print(f"previews: {folder}")
     if (folder / "grid.png").exists():

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -115,9 +116,25 @@ def copy_into(paths: list[Path], folder: Path) -> list[Path]:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """An image as RGB, rotated as its EXIF orientation says."""
+    """An image as RGB, rotated as its EXIF orientation says (see `to_rgb` for the colour conversion)."""
     with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit greyscale scaled to 8 bits (PIL's own conversion clips it to almost white) and a
+    transparent background composited on white (PIL's own conversion makes it black)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            top = 255.0 if image.mode == "I" and values.max(initial=0.0) <= 255 else 65535.0
+        image = Image.fromarray(np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:

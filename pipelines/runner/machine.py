@@ -22,6 +22,7 @@ calibrate, emulate, correct and preview; every process trains (DDP) and the main
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import gc
@@ -35,13 +36,16 @@ import time
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import stages as bodies  # the stage bodies; kept apart so this file stays readable
+from .adapters import check_adapter
 from .backend import Backend
+from .checks import check_lora_fits, check_writable, confined_name
+from .lock import RunLock
 from .progress import Progress, RunCancelled
 from .registry import backend_class
 from .settings import RUN_FILE, STAGE_OUTPUT, STAGES, RunSettings, settings_from_dict
@@ -81,6 +85,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_run_file(folder: Path) -> dict:
+    """run.json of a run folder, checked enough that the run can be opened; ValueError in words if damaged."""
+    path = Path(folder) / RUN_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is damaged (not valid JSON: {err}); this run cannot be opened") from None
+    ok = isinstance(info, dict) and isinstance(info.get("backend"), str) and isinstance(info.get("stages"), dict) \
+        and isinstance(info.get("settings"), dict) and all(isinstance(info["settings"].get(k), dict)
+                                                         for k in ("run", "backend"))
+    if not ok:
+        raise ValueError(f"{path} is damaged (it lacks the backend, settings or stages of a run); "
+                         "this run cannot be opened")
+    return info
+
+
+def check_model_shapes(backend: Backend) -> None:
+    """The LoRA targets and rank against the model's layers (when the backend can build a skeleton)."""
+    try:
+        skeleton = backend.skeleton()
+    except OSError as err:
+        raise ValueError(f"--model {backend.run.model}: its config cannot be read ({err})") from None
+    if skeleton is not None:
+        check_lora_fits(skeleton, backend.run.lora_targets or backend.default_lora_targets(), backend.run.rank)
+
+
 class Run:
     """A run folder and the machine that takes it through the stages."""
 
@@ -100,7 +130,10 @@ class Run:
         if Path(run.model).exists():  # a local model folder: stored absolute, so the run opens from anywhere
             run = dataclasses.replace(run, model=str(Path(run.model).resolve()))
         backend = backend_class(backend_name)(run, settings, run.resolved_device())
+        check_writable(folder)
+        backend.check_model()  # not downloaded, pickle weights only: said before the data is read
         backend.validate()  # bad data fails here, before anything is written
+        check_model_shapes(backend)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = folder.with_name(folder.name + f".creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -123,8 +156,8 @@ class Run:
         """An existing run, with its backend rebuilt from run.json (to resume it or render previews)."""
         folder = Path(folder)
         if not (folder / RUN_FILE).is_file():
-            raise FileNotFoundError(f"{folder} is not a run folder (no {RUN_FILE}); check the --run path")
-        info = json.loads((folder / RUN_FILE).read_text())
+            raise FileNotFoundError(f"{folder} is not a run folder (no {RUN_FILE})")
+        info = read_run_file(folder)
         backend_type = backend_class(info["backend"])
         run = settings_from_dict(RunSettings, info["settings"]["run"])
         settings = settings_from_dict(backend_type.settings_class, info["settings"]["backend"])
@@ -171,6 +204,22 @@ class Run:
         Under `accelerate launch` / `torchrun` with several processes, the main process alone runs
         calibrate, emulate, correct and preview and writes every file; all processes train (DDP).
         """
+        with self._lock():
+            self._execute(stages)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Hold the run folder's lock (main process only): a second process on this run is refused in words."""
+        if not self.is_main:
+            yield
+            return
+        with RunLock(self.dir) as lock:
+            if lock.taken_over:
+                self.emit(Progress("starting", 0, 0, message=f"took over the lock of process {lock.taken_over}, "
+                                                             "which no longer runs"))
+            yield
+
+    def _execute(self, stages: Iterable[str]) -> None:
         processes = distributed_state(self.backend.device)
         self._prepare_cache()
         for stage in stages:
@@ -225,14 +274,31 @@ class Run:
         """Render previews into a new folder `previews-<time>` (or `name`) of a run whose LoRA is done."""
         if not self.output("correct").exists():
             raise FileNotFoundError(f"{self.dir} has no corrected LoRA yet; finish training first")
-        final = self.dir / (name or _dt.datetime.now().strftime("previews-%Y%m%d-%H%M%S"))
+        final = self.dir / confined_name(name or _dt.datetime.now().strftime("previews-%Y%m%d-%H%M%S"), "--name")
         if final.exists():
             raise FileExistsError(f"{final} already exists; choose another name")
-        self._prepare_cache()
-        staging = self._staging(final)
-        bodies.preview(self, staging)
-        self._publish(staging, final)
+        self.backend.check_preview()
+        self.check_adapters()
+        with self._lock():
+            self._prepare_cache()
+            staging = self._staging(final)
+            try:
+                bodies.preview(self, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._publish(staging, final)
         return final
+
+    def check_adapters(self) -> None:
+        """Refuse (AdapterError, in words) adapters of this run that are unreadable, non-finite, incomplete or
+        mis-shaped for its model: the emulator's, the corrected and the uncorrected one."""
+        try:
+            skeleton = self.backend.skeleton()
+        except OSError:  # the model is gone from this machine; the checks that need no model still run
+            skeleton = None
+        for adapter in (self.output("train"), self.output("correct") / "corrected", self.output("correct") / "uncorrected"):
+            check_adapter(adapter, skeleton)
 
     # -- small helpers the stage bodies share --------------------------------------------------------------
     def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -6,7 +6,9 @@ The CLI and the app are both built from `RunSettings`' fields, so a setting exis
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,8 @@ import torch
 
 import emloc
 from emloc.memory import OPTIMIZERS
+
+from .checks import check_device
 
 STAGES = ("calibrate", "emulate", "train", "correct", "preview")
 RUN_FILE = "run.json"
@@ -68,6 +72,7 @@ class RunSettings:
         if self.device == "auto":  # one device per process under accelerate launch / torchrun
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
                 else torch.device("cpu")
+        check_device(self.device)  # a ValueError in words, before torch's RuntimeError
         return torch.device(self.device)
 
     def check(self) -> None:
@@ -78,16 +83,29 @@ class RunSettings:
         for name in ("steps", "rank", "batch_size", "checkpoint_every", "keep_checkpoints", "calibration_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive; got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"--lr must be a positive number; got {self.lr}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"--alpha must be a positive number (the update is scaled by alpha / rank); "
+                             f"got {self.alpha}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be a number >= 0; got {self.weight_decay}")
+        if not 0 <= self.lora_dropout < 1:  # also refuses nan
+            raise ValueError(f"--lora-dropout must be at least 0 and below 1; got {self.lora_dropout}")
+        for pattern in self.lora_targets:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"--lora-targets {pattern!r} is not a valid regex ({err})") from None
+        check_device(self.device)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed-precision must be auto, no, bf16 or fp16; got {self.mixed_precision!r}")
         if self.svd not in emloc.SOLVERS:
             raise ValueError(f"--svd must be one of {', '.join(emloc.SOLVERS)}; got {self.svd!r}")
-        if self.lam < 0:
-            raise ValueError(f"--lam must be >= 0; got {self.lam}")
+        if not self.lam >= 0:  # inf is allowed (unclamped); nan and negatives are not
+            raise ValueError(f"--lam must be a number >= 0 (0: no correction, inf: unclamped); got {self.lam}")
         parse_rules(self.rules)
 
     def lora(self, targets: list[str]) -> emloc.LoraSettings:

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -66,7 +68,9 @@ def step_seed(seed: int, step: int) -> int:
 def streams(run: Run) -> bool:
     """Whether this run reads the model block by block from its files (the backend can, and the run does not
     ask to keep the full calibration statistics, which only the two-step path has at once)."""
-    return not run.settings.keep_statistics and run.backend.skeleton() is not None
+    backend = run.backend
+    can = type(backend).blockwise is not Backend.blockwise  # the backend runs its model block by block
+    return can and not run.settings.keep_statistics and backend.skeleton() is not None
 
 
 def emulator_model(run: Run, device: torch.device | str) -> nn.Module:
@@ -76,7 +80,7 @@ def emulator_model(run: Run, device: torch.device | str) -> nn.Module:
     uncompressed weights are read from files into the `meta` skeleton.
     """
     backend = run.backend
-    model = backend.skeleton()
+    model = backend.skeleton() if streams(run) else None
     if model is None:
         model = backend.load_model(torch.device("cpu"))
         emloc.load_emulator(model, run.output("emulate"), device="cpu")
@@ -182,21 +186,30 @@ def _mixed_precision(run: Run) -> str:
     return "bf16" if run.backend.device.type == "cuda" else "no"
 
 
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
 def checkpoints(run: Run) -> list[Path]:
-    """Complete checkpoints of the run, oldest first."""
+    """Finished checkpoints of the run (folders `step-N` holding state.json), oldest first; leftovers such as
+    `step-N.tmp` or a damaged `step-N.damaged` are not checkpoints."""
     folder = run.dir / CHECKPOINTS
-    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file()] if folder.exists() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()
+             and (p / "state.json").is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
 
 def _save_checkpoint(run: Run, peft_model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
     final = run.dir / CHECKPOINTS / f"step-{step:06d}"
     if final.exists():
         return
+    state = emloc.adapter_state(peft_model)
+    if not all(torch.isfinite(t).all() for t in state.values()):  # a resume from it would only repeat the failure
+        raise ValueError(f"the LoRA weights became NaN or infinite by step {step}: the learning rate is too high "
+                         "for this data; start a new run with a lower learning rate")
     staging = final.with_name(final.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    run.save_tensors(staging / "adapter.safetensors", emloc.adapter_state(peft_model))
+    run.save_tensors(staging / "adapter.safetensors", state)
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     (staging / "state.json").write_text(json.dumps({"step": step}))
     os.rename(staging, final)
@@ -204,18 +217,62 @@ def _save_checkpoint(run: Run, peft_model: nn.Module, optimizer: torch.optim.Opt
         shutil.rmtree(old, ignore_errors=True)
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that cannot be resumed from; the message says what is wrong with it."""
+
+
+def _read_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.Optimizer
+                     ) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """(step, adapter state, optimizer state) of a checkpoint, all checked before anything is loaded."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        step = json.loads((folder / "state.json").read_text())["step"]
+        adapter = load_file(str(folder / "adapter.safetensors"))
+        saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
+        raise DamagedCheckpoint(f"unreadable: {type(err).__name__}: {str(err)[:200]}") from None
+    if not isinstance(step, int) or step != int(CHECKPOINT_NAME.fullmatch(folder.name).group(1)):
+        raise DamagedCheckpoint(f"state.json says step {step!r}")
+    expected = emloc.adapter_state(peft_model)
+    if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in expected):
+        raise DamagedCheckpoint("its adapter does not match this run's LoRA layers")
+    if not all(torch.isfinite(t).all() for t in adapter.values()):
+        raise DamagedCheckpoint("its adapter holds NaN or infinite values")
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != \
+            [len(g["params"]) for g in optimizer.param_groups]:
+        raise DamagedCheckpoint("its optimizer state does not match this run's LoRA")
+    return step, adapter, saved
+
+
 def _resume(run: Run, peft_model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the newest checkpoint that is whole; damaged ones are set aside (`step-N.damaged`), with a message."""
     from peft.utils import set_peft_model_state_dict
 
     found = checkpoints(run)
-    if not found:
-        return 0
-    last = found[-1]
-    set_peft_model_state_dict(peft_model, run.load_tensors(last / "adapter.safetensors"))
-    optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
-    step = json.loads((last / "state.json").read_text())["step"]
-    log.info("resuming training from %s (step %d)", last, step)
-    return step
+    for folder in reversed(found):
+        try:
+            step, adapter, saved = _read_checkpoint(folder, peft_model, optimizer)
+        except DamagedCheckpoint as err:
+            aside = folder.with_name(folder.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            try:
+                os.rename(folder, aside)
+            except FileNotFoundError:  # another process of this run (torchrun) set it aside first
+                pass
+            message = f"skipped the damaged checkpoint {folder.name} ({err}); kept it as {aside.name}"
+            log.warning("%s", message)
+            run.emit(Progress("train", 0, 0, message=message))
+            continue
+        set_peft_model_state_dict(peft_model, adapter)
+        optimizer.load_state_dict(saved)
+        run.emit(Progress("train", 0, 0, message=f"resuming from checkpoint {folder.name} (step {step})"))
+        return step
+    if found:
+        run.emit(Progress("train", 0, 0, message="no usable checkpoint is left; training starts again from step 0"))
+    return 0
 
 
 def _trim_loss_log(path: Path, step: int) -> None:
@@ -267,8 +324,9 @@ def train(run: Run, out: Path) -> None:
                 loss = backend.training_loss(peft_model, step, generator)
             value = float(accelerator.reduce(loss.detach(), reduction="mean"))  # the loss of the whole batch
             if not math.isfinite(value):
-                raise ValueError(f"the training loss became {value} at step {step + 1}; lower --lr and resume "
-                                 "from the last checkpoint (or start a new run)")
+                raise ValueError(f"the training loss became {value} at step {step + 1}: the learning rate is too high "
+                                 "for this data; start a new run with a lower learning rate (a resume would repeat "
+                                 "the same steps)")
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -295,7 +353,7 @@ def correct(run: Run, out: Path) -> None:
     backend, settings = run.backend, run.settings
     state, config = emloc.read_adapter(run.output("train"))
     reader = None
-    full = backend.skeleton()
+    full = backend.skeleton() if streams(run) else None
     if full is None:
         full, emulator = backend.load_model(torch.device("cpu")), emulator_model(run, "cpu")
     else:  # every layer (full, factored, dense) read from the files for its own turn: one layer of each model
