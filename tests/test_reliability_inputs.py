@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.main import create_app, launch, login
+from app.main import banner, create_app, launch, login
 from app.studio import Studio
 from pipelines.internvl.backend import VlmBackend, VlmSettings
 from pipelines.internvl.data import read_qa_data
@@ -167,6 +167,8 @@ def test_listening_beyond_loopback_or_sharing_warns_and_requires_a_login():
     pair, note = login("0.0.0.0", False, None)
     assert pair[0] == "emloc" and len(pair[1]) >= 12 and pair[1] in note and note.startswith("WARNING")
     assert "every file under the runs folder" in note
+    shown = banner("0.0.0.0", 7860, Path("runs"), note)
+    assert "listening on every network interface" in shown and "from others" in shown and "WARNING" in shown
     pair, note = login("127.0.0.1", True, "me:s3cret")
     assert pair == ("me", "s3cret") and "public gradio.live link" in note and "s3cret" not in note
     with pytest.raises(ValueError, match="must look like USER:PASSWORD"):
