@@ -19,8 +19,10 @@ from pipelines.runner import cli
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 # Same data, emulator and initial LoRA; the gradient of the 2-sample mean equals the mean of the two processes'
-# 1-sample gradients (DDP), so the adapters differ only by float32 summation order, amplified a little by Adam.
-ADAPTER_TOLERANCE = 1e-4  # max |difference| relative to the largest |weight| of each tensor
+# 1-sample gradients (DDP), so the adapters differ only by float32 summation order, amplified by Adam where a
+# gradient is near zero (g/√v): measured 0.5% of what the last step moved. A wrong shard or average moves
+# the adapter differently by tens of percent.
+ADAPTER_TOLERANCE = 1e-2  # max |difference| relative to the largest change training made to each tensor
 LOSS_TOLERANCE = 1e-5  # relative, per logged step (the logged loss is the mean over the processes)
 
 
@@ -69,4 +71,5 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
     assert moved > 1e-4  # training changed the adapter, so matching it is not trivial
     for key, one in adapters[1].items():
         diff = float((adapters[0][key] - one).abs().max())
-        assert diff <= ADAPTER_TOLERANCE * max(float(one.abs().max()), 1e-3), f"{key}: max |diff| {diff:.2e}"
+        change = float((one - start[key]).abs().max())
+        assert diff <= ADAPTER_TOLERANCE * max(change, 1e-6), f"{key}: max |diff| {diff:.2e}, moved {change:.2e}"
