@@ -56,6 +56,13 @@ def detect_device() -> dict:
                      "real models need a GPU.")}
 
 
+def available_ram_gib() -> float:
+    """The RAM available now, in GiB rounded down to a tenth: the Budget step's starting RAM budget."""
+    import psutil
+
+    return max(0.1, int(psutil.virtual_memory().available / GiB * 10) / 10)
+
+
 def model_choices(task: str, demo: dict[str, Path] | None = None) -> list[tuple[str, str]]:
     """(label, value) of the models offered for `task`: the demo model first, then the catalogue."""
     from pipelines.planner.catalogue import catalogue
@@ -314,7 +321,8 @@ def stage_vlm_data(images: list[dict], table: Any, folder: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- step 3
 
 
-def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, task: str = "") -> dict:
+def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, task: str = "",
+                ram_gb: float | None = None) -> dict:
     """The planner's answer for the chart: {"svg", "text", "recommended", "fits"}; ValueError for bad input."""
     if budget_gb is None or not budget_gb > 0:
         raise ValueError(f"the GPU memory budget must be a positive number of GB (e.g. 24 for a 24 GB card); "
@@ -323,7 +331,10 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, ta
         raise ValueError(f"the compression ratio must be in (0, 1]; got {ratio}")
     if int(rank or 0) < 1:
         raise ValueError(f"the LoRA rank must be at least 1; got {rank}")
-    settings = PlanSettings(budget_gb=float(budget_gb), ratio=float(ratio), lora_rank=int(rank))
+    if ram_gb is not None and not ram_gb > 0:
+        raise ValueError(f"the RAM budget must be a positive number of GiB (e.g. 32 for 32 GB of RAM); got {ram_gb}")
+    settings = PlanSettings(budget_gb=float(budget_gb), ratio=float(ratio), lora_rank=int(rank),
+                            ram_gb=float(ram_gb) if ram_gb else None)
     plan = plan_run(model, settings)
     bars = []
     kept = plan.ratio == 1.0  # the slider's maximum: the emulator keeps every layer as it is
@@ -346,6 +357,14 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, ta
     if plan.memory.counts.full < SMALL_MODEL:
         text += (f" {plan.display_name} is tiny, so every phase needs little more than the fixed runtime overhead; "
                  "pick a catalogue model in step 1 to see where EMLoC saves memory.")
+    if plan.ram_bytes is not None:
+        host = max((e for e in plan.memory.estimates if e.method == "emloc"), key=lambda e: e.host_total)
+        text += (f" RAM: at most {host.host_total / GiB:.1f} GiB ({PHASE_NAMES[host.phase]}) of your "
+                 f"{plan.ram_bytes / GiB:.1f} GiB" + (" — too little: raise the RAM budget or lower the ratio."
+                                                      if host.host_total > plan.ram_bytes else "."))
+        text += (f" The run folder will take about {plan.memory.run_folder_bytes / GiB:.1f} GiB of disk. "
+                 "\"streamed\" on the chart: that phase reads the model from its files one block at a time, so "
+                 "neither the GPU nor the RAM holds it whole.")
     title = f"{plan.display_name}: predicted peak GPU memory per phase (LoRA rank {int(rank)})"
     return {"svg": memory_chart(bars, float(budget_gb), title), "text": text, "recommended": plan.recommended,
             "fits": bool(fits)}

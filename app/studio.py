@@ -47,6 +47,7 @@ class TrainRequest:
     captions: Any = None  # FLUX: [image, caption] rows
     qa_table: Any = None  # InternVL: [image, question, answer] rows
     ratio: float = 0.45
+    ram_gb: float = 0.0  # the Budget step's RAM budget (0: what is available when the run starts)
     rank: int = 16
     steps: int = 500
     lr: float = 1e-4
@@ -125,7 +126,8 @@ class Studio:
                                    steps=int(request.steps), lr=float(request.lr), rank=int(request.rank),
                                    alpha=float(request.rank), seed=int(request.seed), lam=float(request.lam),
                                    calibration_samples=int(request.calibration_samples),
-                                   checkpoint_every=max(1, int(request.checkpoint_every)))
+                                   checkpoint_every=max(1, int(request.checkpoint_every)),
+                                   ram_gb=float(request.ram_gb or 0.0))
         staging = Path(tempfile.mkdtemp(prefix="emloc-upload-"))
         try:
             settings = self._backend_settings(request, staging / "data")

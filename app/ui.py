@@ -90,7 +90,9 @@ def build(studio: Studio) -> gr.Blocks:
                     # ---------------------------------------------------------------- 3. budget
                     with gr.Step("3. Budget", id=STEP["budget"]):
                         with gr.Row():
-                            budget = gr.Number(24, label="GPU memory budget (GB)", minimum=None, elem_id="budget")
+                            budget = gr.Number(24, label="GPU memory budget (GiB)", minimum=None, elem_id="budget")
+                            ram = gr.Number(handlers.available_ram_gib(), label="RAM budget (GiB)", minimum=None,
+                                            elem_id="ram-budget")
                             presets = gr.Radio([str(p) for p in handlers.BUDGET_PRESETS], label="Presets (GB)",
                                                value=None)
                         with gr.Row():

@@ -73,9 +73,9 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     """Bind every event of the page built by app/ui.py."""
 
     # -- shared views --------------------------------------------------------------------------------
-    def plan_view(model, budget, ratio, rank):
+    def plan_view(model, budget, ratio, rank, ram=None):
         try:
-            plan = handlers.memory_plan(model, budget, ratio, rank)
+            plan = handlers.memory_plan(model, budget, ratio, rank, ram_gb=ram)
         except USER_ERRORS as err:
             return "", "", None, say(err, good=False)
         message = "" if plan["recommended"] is not None else say(
@@ -233,8 +233,8 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     c.presets.change(lambda preset: float(preset) if preset else gr.skip(), [c.presets], [c.budget],
                      concurrency_id="wizard")
     plan_outputs = [c.chart, c.plan_text, c.recommended, c.msg_budget]
-    for event in (c.budget.change, c.ratio.change, c.rank.change):
-        on(event, plan_view, [c.model, c.budget, c.ratio, c.rank], plan_outputs, trigger_mode="always_last")
+    for event in (c.budget.change, c.ratio.change, c.rank.change, c.ram.change):
+        on(event, plan_view, [c.model, c.budget, c.ratio, c.rank, c.ram], plan_outputs, trigger_mode="always_last")
 
     def use_recommended(recommended):
         if recommended is None:
@@ -243,8 +243,8 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
 
     on(c.recommend.click, use_recommended, [c.recommended], [c.ratio, c.msg_budget])
 
-    def go_train(recommended, model, budget, ratio, rank):
-        plan = handlers.memory_plan(model, budget, ratio, rank)
+    def go_train(recommended, model, budget, ratio, rank, ram):
+        plan = handlers.memory_plan(model, budget, ratio, rank, ram_gb=ram)
         if plan["recommended"] is None:
             raise ValueError("no compression ratio fits this budget; raise the budget to continue")
         note = "" if plan["fits"] else say(f"Ratio {ratio:.2f} is above the recommended "
@@ -252,17 +252,18 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                                            "memory. Training on this machine goes ahead.", good=False)
         return gr.Walkthrough(selected=STEP["train"]), note
 
-    on(c.next_budget.click, go_train, [c.recommended, c.model, c.budget, c.ratio, c.rank], [c.wizard, c.msg_budget])
+    on(c.next_budget.click, go_train, [c.recommended, c.model, c.budget, c.ratio, c.rank, c.ram], [c.wizard, c.msg_budget])
 
     # -- 4. train ------------------------------------------------------------------------------------
     def on_start(task, model, name, flux_images, prompt, trigger, captions, vlm_images, table, ratio, rank, steps,
-                 lr, lam, seed, calibration, checkpoint_every, resolution, preview_steps, max_tokens, answer_tokens):
+                 lr, lam, seed, calibration, checkpoint_every, resolution, preview_steps, max_tokens, answer_tokens,
+                 ram=None):
         request = TrainRequest(task=task, model=model, name=name,
                                images=flux_images if task == "flux" else vlm_images, prompt=prompt, trigger=trigger,
                                captions=captions, qa_table=table, ratio=ratio, rank=rank, steps=steps, lr=lr,
                                lam=lam, seed=seed, calibration_samples=calibration, checkpoint_every=checkpoint_every,
                                resolution=resolution, preview_steps=preview_steps, max_sequence_length=max_tokens,
-                               max_new_tokens=answer_tokens)
+                               max_new_tokens=answer_tokens, ram_gb=float(ram or 0.0))
         folder = studio.start_run(request)
         return folder, run_name(task, studio.runs_dir), say(f"Started {name}: your data was checked and copied "
                                                             f"into {folder}.")
@@ -270,7 +271,7 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     on(c.start.click, on_start, [c.task, c.model, c.name, c.flux_images, c.prompt, c.trigger, c.captions,
                                  c.vlm_images, c.qa_table, c.ratio, c.rank, c.steps, c.lr, c.lam, c.seed,
                                  c.calibration, c.checkpoint_every, c.resolution, c.preview_steps, c.max_tokens,
-                                 c.answer_tokens],
+                                 c.answer_tokens, c.ram],
        [c.current, c.name, c.msg_train])
     on(c.cancel.click, lambda: say(studio.cancel()), [], [c.msg_train])
 

@@ -85,21 +85,39 @@ def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float) 
         row[stage], row[stage + "_seconds"] = peak, seconds
     row["run_folder"] = folder_bytes(out)
     row["emulator"] = folder_bytes(out / "emulator")
+    plan = json.loads((out / "run.json").read_text()).get("plan") or {}  # what the run planned when it was created
+    phases = {k: v["host_gib"] * 1024 for k, v in plan.get("phases", {}).items()}  # MiB
+    if phases:
+        row["planned"] = {"calibrate": None,  # a streamed run calibrates inside emulate
+                          "emulate": max(phases["calibration"], phases["emulator"]), "train": phases["training"],
+                          "correct": phases["correction"], "preview": phases["preview"]}
+        row["planned_streamed"] = {k: v["streamed"] for k, v in plan["phases"].items()}
+        row["planned_folder"] = plan["run_folder_gib"] * 1024
     return row
 
 
 def markdown(rows: list[dict], baseline: int) -> str:
-    lines = ["| stage | " + " | ".join(f"{r['depth']} blocks ({r['params'] / 1e6:.0f} M)" for r in rows) + " | ratio |",
-             "|---|" + "---:|" * (len(rows) + 1)]
+    head = " | ".join(f"{r['depth']} blocks ({r['params'] / 1e6:.0f} M): measured | planned" for r in rows)
+    lines = [f"| stage | {head} | deeper / shallower |", "|---|" + "---:|---:|" * len(rows) + "---:|"]
+
+    def planned(r: dict, stage: str) -> str:
+        value = r.get("planned", {}).get(stage)
+        if value is None:
+            return "in emulate" if stage == "calibrate" and "planned" in r else "-"
+        return f"{value:.0f} ({100 * (r[stage] / MiB / value - 1):+.0f}%)"
+
     for stage in STAGES:
-        cells = [f"{r[stage] / MiB:.0f} MiB" for r in rows]
+        cells = [f"{r[stage] / MiB:.0f} MiB | {planned(r, stage)}" for r in rows]
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {rows[-1][stage] / rows[0][stage]:.2f}x |")
     for key, label in (("run_folder", "run folder"), ("emulator", "emulator"), ("model_bytes", "transformer files")):
-        lines.append(f"| {label} | " + " | ".join(f"{r[key] / MiB:.0f} MiB" for r in rows)
+        plan = lambda r: f"{r['planned_folder']:.0f}" if key == "run_folder" and "planned_folder" in r else ""
+        lines.append(f"| {label} | " + " | ".join(f"{r[key] / MiB:.0f} MiB | {plan(r)}" for r in rows)
                      + f" | {rows[-1][key] / max(rows[0][key], 1):.2f}x |")
-    lines.append(f"\nPeak RSS of each stage's process; a process that only imports the stack peaks at "
-                 f"{baseline / MiB:.0f} MiB. Each stage is `launch.py train --stages X` with `--ram-gb` "
-                 f"{rows[0].get('ram_gb', '')}.")
+    lines.append(f"\nPeak RSS (MiB) of each stage's process, and the host peak the run planned for it when it was "
+                 f"created (run.json \"plan\"; in brackets: measured / planned - 1). A process that only imports the "
+                 f"stack peaks at {baseline / MiB:.0f} MiB. Each stage is `launch.py train --stages X` with `--ram-gb` "
+                 f"{rows[0].get('ram_gb', '')}; previews streamed: "
+                 + ", ".join(f"{r['depth']} {r.get('planned_streamed', {}).get('preview')}" for r in rows) + ".")
     return "\n".join(lines)
 
 
@@ -109,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1024, help="transformer width (heads of 128)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--work", default=str(OUT / "streaming-work"))
-    parser.add_argument("--ram-gb", type=float, default=0.25,
-                        help="the run's host budget: a full model above half of it is previewed block by block")
+    parser.add_argument("--ram-gb", type=float, default=1.1,
+                        help="the run's host budget in GiB: what does not fit it is streamed from the files")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

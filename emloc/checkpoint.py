@@ -113,8 +113,9 @@ class CheckpointReader:
         wanted = [n for n, p in module.named_parameters() if p.device.type == "meta"]
         wanted += [n for n, b in module.named_buffers() if b.device.type == "meta"]
         full = f"{prefix}." if prefix else ""
-        with self.reading():
-            state = {n: self.read(full + n, device, dtype) for n in wanted}
+        # one tensor at a time, each read closing the file again: a whole model's dense rest read into a skeleton
+        # would otherwise keep every page it touched resident until the end
+        state = {n: self.read(full + n, device, dtype) for n in wanted}
         with torch.no_grad():
             for name, tensor in state.items():
                 owner_name, _, leaf = name.rpartition(".")
@@ -146,34 +147,30 @@ def meta_names(module: nn.Module) -> list[str]:
 class StreamedForward:
     """Run a skeleton model whose blocks are read from the files just before each one runs and freed after it.
 
-    Everything outside `blocks` is read once (`materialize` of the rest). `deltas` ({layer name: ΔW}, e.g. a
-    LoRA's `s·B A`, out x in) are added to those layers' weights as they are read, which computes what the
-    unmerged adapter computes: `x (W + ΔW)ᵀ = x Wᵀ + s·x Aᵀ Bᵀ`. Memory: the rest + one block, whatever the
-    depth; each forward of the model reads every block once. `remove()` takes the hooks off.
+    Everything outside `blocks` is read once (`materialize` of the rest). `lora` ({layer name: (A, s·B)}, e.g.
+    `emloc.adapter_factors` of a saved adapter) adds `(x Aᵀ)(s·B)ᵀ` to those layers' outputs, which is what PEFT's
+    unmerged adapter computes, on a dense layer or an emulator's factored one. Memory: the rest + one block,
+    whatever the depth; each forward of the model reads every block once. `remove()` takes the hooks off.
     """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, blocks: Sequence[str],
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 deltas: dict[str, torch.Tensor] | None = None):
+                 lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.model, self.reader, self.device, self.dtype = model, reader, torch.device(device), dtype
-        self.deltas = dict(deltas or {})
         self.handles = []
         for name in blocks:
             block = model.get_submodule(name)
             self.handles.append(block.register_forward_pre_hook(self._reader_of(name)))
-            self.handles.append(block.register_forward_hook(lambda module, args, output: release(module)))
+            self.handles.append(block.register_forward_hook(lambda module, args, output: _released(module)))
+        for name, (a, b) in (lora or {}).items():
+            self.handles.append(model.get_submodule(name).register_forward_hook(
+                _lora_hook(a.to(self.device), b.to(self.device))))
         in_blocks = {id(p) for name in blocks for p in model.get_submodule(name).parameters()}
         rest = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in in_blocks]
-        with reader.reading():
-            for name in rest:
-                owner, _, leaf = name.rpartition(".")
-                module = model.get_submodule(owner) if owner else model
-                module._parameters[leaf] = nn.Parameter(self._weight(name), requires_grad=False)
-
-    def _weight(self, name: str) -> torch.Tensor:
-        tensor = self.reader.read(name, self.device, self.dtype)
-        delta = self.deltas.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
-        return tensor if delta is None else (tensor.float() + delta.to(self.device, torch.float32)).to(tensor.dtype)
+        for name in rest:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._parameters[leaf] = nn.Parameter(self.reader.read(name, self.device, self.dtype), requires_grad=False)
 
     def _reader_of(self, prefix: str):
         def hook(module: nn.Module, args) -> None:
@@ -182,10 +179,34 @@ class StreamedForward:
                     if param.device.type == "meta":
                         owner, _, leaf = name.rpartition(".")
                         sub = module.get_submodule(owner) if owner else module
-                        sub._parameters[leaf] = nn.Parameter(self._weight(f"{prefix}.{name}"), requires_grad=False)
+                        sub._parameters[leaf] = nn.Parameter(self.reader.read(f"{prefix}.{name}", self.device, self.dtype),
+                                                             requires_grad=False)
         return hook
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def _lora_hook(a: torch.Tensor, b: torch.Tensor):
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        return output + ((x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+    return hook
+
+
+def _released(module: nn.Module) -> None:
+    release(module)
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give freed memory back to the system (glibc keeps freed blocks below its mmap threshold in the heap,
+    so a loop that reads and frees one block after another would otherwise grow the process's resident memory)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

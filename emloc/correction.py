@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader, release
+from .checkpoint import CheckpointReader, release, trim_heap
 from .lowrank import LowRankLinear
 
 LORA_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -159,6 +159,8 @@ def correct_lora(
                                     full_layer, emulator_layer, _scaling_for(scaling, name), lam)
         for layer in read:
             release(layer)
+        if read:
+            trim_heap()  # freed layers below glibc's mmap threshold stay in the heap otherwise
         if not (torch.isfinite(new_a).all() and torch.isfinite(new_b).all()):
             raise ValueError(f"correction of module {_strip_prefix(name)!r} produced NaN or inf; "
                              "check the full model's and the emulator's weights for that layer")

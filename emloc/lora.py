@@ -123,15 +123,16 @@ def adapter_state(peft_model: PeftModel, adapter_name: str = "default") -> dict[
     return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
 
 
-def adapter_deltas(state: Mapping[str, torch.Tensor], config: LoraConfig) -> dict[str, torch.Tensor]:
-    """`{module name: ΔW = s·B A}` (out x in, float32) of a saved adapter, for merging it as weights are read."""
+def adapter_factors(state: Mapping[str, torch.Tensor], config: LoraConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`{module name: (A, s·B)}` (float32; A: r x in, B: out x r) of a saved adapter, so that a layer's output
+    plus `(x Aᵀ)(s·B)ᵀ` is what PEFT's unmerged LoRA computes, on a dense or a factored layer alike."""
     scaling = lora_scaling(config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = re.match(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$", key)
         if match:
             pairs.setdefault(match["name"], {})[match["part"]] = tensor.float()
-    return {name: scaling * (p["B"] @ p["A"]) for name, p in pairs.items() if set(p) == {"A", "B"}}
+    return {name: (p["A"], scaling * p["B"]) for name, p in pairs.items() if set(p) == {"A", "B"}}
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraConfig]:

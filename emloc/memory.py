@@ -66,6 +66,11 @@ FACTOR_BYTES = 4  # emulator construction and correction compute in float32
 # a float64 n x n matrix and its eigh (eigenvectors + LAPACK workspace), in float32 elements per n²: measured
 # 12.8 on the CPU (torch 2.13, malloc in use, output_gram_factors on 4096 -> 1024 and 2048 -> 2048 layers)
 EIGH64 = 13
+# Host memory of the process itself (Python, torch, diffusers / transformers imported, no model): measured 0.39 GiB
+# on this CPU (benchmarks/streaming.py, "a process that only imports the stack"). A CUDA process also maps the
+# CUDA libraries and keeps pinned staging buffers; that part is an assumption, not measured here (no GPU lent).
+HOST_RUNTIME_CPU = int(0.40 * 1024 ** 3)
+HOST_RUNTIME_CUDA = int(1.5 * 1024 ** 3)
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PHASES = ("calibration", "emulator", "training", "correction", "preview")
 METHODS = ("emloc", "lora", "qlora", "inference")
@@ -91,8 +96,13 @@ class MemorySettings:
     seq_len: int = _setting(2048, "VLM: tokens per sample, image tokens included")
     image_tiles: int = _setting(7, "VLM: 448x448 tiles per sample (256 LLM tokens each)")
     resolution: int = _setting(512, "FLUX: training and preview image side in pixels")
+    text_tokens: int = _setting(0, "FLUX: T5 tokens per prompt (0: the model's own, 512 for [dev])")
     gradient_checkpointing: bool = _setting(True, "recompute each block in backward")
-    offload: bool = _setting(True, "full-model phases hold one block on the GPU, the rest on CPU")
+    offload: bool = _setting(True, "full-model phases read one block at a time from the checkpoint's files "
+                                   "(the run machine's streaming); False: they hold the whole model")
+    calibration_samples: int = _setting(16, "calibration batches; a streamed pass keeps all their hidden states")
+    keep_statistics: bool = _setting(False, "the run folder keeps every layer's Σxᵀx (the two-step path)")
+    keep_checkpoints: int = _setting(2, "training checkpoints kept in the run folder")
     calibration_batch_size: int = _setting(1, "samples per calibration batch")
     stats_on_gpu: bool = _setting(False, "keep calibration sums (4·in² bytes per layer) on the GPU")
     generate_tokens: int = _setting(256, "VLM preview: new tokens generated per answer")
@@ -116,8 +126,9 @@ class PhaseEstimate:
     phase: str
     method: str
     parts: dict[str, int]
-    streamed: bool = False  # the full model stays on the CPU, one block at a time on the GPU
+    streamed: bool = False  # the full model is read from its files one block at a time
     note: str = ""
+    host: dict[str, int] = field(default_factory=dict)  # host RAM (the process's resident memory), named parts
 
     @property
     def total(self) -> int:
@@ -128,13 +139,23 @@ class PhaseEstimate:
         """What torch.cuda.max_memory_allocated would show: the total without the runtime overhead."""
         return self.total - self.parts.get("overhead", 0)
 
+    @property
+    def host_total(self) -> int:
+        """The process's peak resident host memory (on a CPU run: the same memory as `total`, plus the runtime)."""
+        return sum(self.host.values())
+
 
 @dataclass
 class MemoryPlan:
     settings: MemorySettings
     counts: ParamCounts
     estimates: list[PhaseEstimate]
-    cpu_stats_bytes: int  # calibration sums Σ 4·in² held on the CPU (host RAM is a budget too)
+    cpu_stats_bytes: int  # calibration sums Σ 4·in² held on the CPU at once (the two-step path only)
+    run_folder: dict[str, int] = field(default_factory=dict)  # what the run folder holds on disk, named parts
+
+    @property
+    def run_folder_bytes(self) -> int:
+        return sum(self.run_folder.values())
 
     def get(self, phase: str, method: str) -> PhaseEstimate | None:
         return next((e for e in self.estimates if e.phase == phase and e.method == method), None)
@@ -168,7 +189,8 @@ def stream_tokens(arch: ArchitectureSpec, s: MemorySettings) -> dict[str, int]:
     if arch.family == "flux":
         side = math.ceil(s.resolution / arch.pixels_per_token)
         image = side * side
-        return {"image": image, "text": arch.text_tokens, "all": image + arch.text_tokens}
+        text = s.text_tokens or arch.text_tokens
+        return {"image": image, "text": text, "all": image + text}
     if s.seq_len < s.image_tiles * arch.image_tokens_per_tile:
         raise ValueError(f"seq_len {s.seq_len} cannot hold {s.image_tiles} image tiles of {arch.image_tokens_per_tile} "
                          f"tokens; raise --seq-len or lower --image-tiles")
@@ -183,6 +205,8 @@ def check_settings(s: MemorySettings) -> None:
     for name in ("lora_rank", "batch_size", "seq_len", "resolution", "calibration_batch_size"):
         if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
             raise ValueError(f"{name} must be a positive integer; got {getattr(s, name)!r}")
+    if s.calibration_samples < 1 or s.keep_checkpoints < 0:
+        raise ValueError("calibration_samples must be >= 1 and keep_checkpoints >= 0")
     if s.image_tiles < 0 or s.generate_tokens < 0:
         raise ValueError("image_tiles and generate_tokens must be >= 0")
     if s.device not in DEVICES:
@@ -413,12 +437,121 @@ def _correction(run: _Run) -> PhaseEstimate:
     return _estimate("correction", "emloc", {**both, **adapter})
 
 
+def _block_terms(run: _Run) -> dict[str, dict[str, float]]:
+    """Per block: weights b·P_block, its layers' statistics Σ 4·in² (factored layers only: kept ones are never
+    measured), the factors it is replaced by, and its largest weight (what one read holds)."""
+    terms: dict[str, dict[str, float]] = {name: {"weights": run.b * params, "statistics": 0, "factors": 0, "tensor": 0}
+                                          for name, params in run.summary.blocks.items()}
+    for lin in run.summary.linears:
+        if lin.block not in terms:
+            continue
+        t, k = terms[lin.block], run.ranks.get(lin.name, 0)
+        t["tensor"] = max(t["tensor"], run.b * lin.in_features * lin.out_features)
+        if k:
+            t["statistics"] += 4 * lin.in_features ** 2
+            t["factors"] += run.b * k * (lin.in_features + lin.out_features)
+    return terms
+
+
+def _outside_blocks(run: _Run) -> int:
+    """b·(parameters outside every block): embeddings, final norm, LM head; what a streamed forward keeps loaded."""
+    return run.b * (run.summary.params - sum(run.summary.blocks.values()))
+
+
+def _streamed_pass(run: _Run) -> tuple[PhaseEstimate, PhaseEstimate]:
+    """Calibration and emulator construction in one pass, block by block from the files (emloc/blockwise.py).
+
+    Held throughout: one block's weights, the hidden states entering and leaving it for every calibration sample
+    (2·S·n·h·b), the Σxᵀx of that block's layers; then either one sample's forward through the block (its working
+    set and one layer's gram, 4·(in² + n·in)) or the factorisation of one of its layers with the block's factors
+    collected so far. Both peaks are of the same process (the calibrate stage itself only writes a note)."""
+    s, b = run.s, run.b
+    blocks = _block_terms(run)
+    worst_block = max(blocks.values(), key=lambda t: t["weights"] + t["statistics"] + t["factors"])
+    hidden = max(2 * s.calibration_samples * run.tokens[st.tokens] * st.hidden * b for st in run.arch.stacks)
+    forward = max(run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
+                  for st in run.arch.stacks)
+    layers = [lin for lin in run.summary.linears if run.ranks.get(lin.name)]
+    gram = max((4 * (lin.in_features ** 2 + run.tokens_of(lin) * lin.in_features) for lin in layers), default=0)
+    held = {"weights (one block)": worst_block["weights"], "hidden states (all samples)": hidden,
+            "statistics (one block)": worst_block["statistics"]}
+    calibration = _estimate("calibration", "emloc", {**held, "activations": forward, "gram (one layer)": gram}, True,
+                            "calibrated while the emulator is built, block by block")
+    construction = _construction(run)
+    factoring = construction.parts.get("factorisation (one layer)", 0)
+    emulator = _estimate("emulator", "emloc", {**held, "factorisation (one layer)": factoring,
+                                               "factors (one block)": worst_block["factors"]}, True)
+    return calibration, emulator
+
+
+def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
+    """Host RAM of one phase's process. On a CPU run the host is the device: the device parts, the runtime, and
+    the file pages of the block being read (safetensors maps the file while a block is read; the pages stay
+    resident until it is closed). On a GPU run: what passes through or stays on the host."""
+    b, s = run.b, run.s
+    blocks = _block_terms(run)
+    block = max(t["weights"] for t in blocks.values())
+    tensor = max((t["tensor"] for t in blocks.values()), default=0)
+    streamed = e.streamed
+    if s.device == "cpu":
+        host = {k: v for k, v in e.parts.items() if k != "overhead"}
+        if e.method == "emloc" and streamed:
+            host["file pages (one block)"] = block
+        if e.method == "emloc" and e.phase == "training":  # the emulator is read into the skeleton one tensor at a time
+            host["file pages (one tensor)"] = tensor
+        if e.phase == "preview":  # the pipeline keeps its text encoders and VAE loaded while the transformer runs
+            host.update({f"weights ({c.name})": b * c.params for c in run.arch.components})
+        return {"runtime": HOST_RUNTIME_CPU, **host}
+    host: dict[str, float] = {"runtime": HOST_RUNTIME_CUDA}
+    if e.method != "emloc":  # loaded straight onto the GPU, one file at a time
+        host["file pages (one tensor)"] = tensor
+        return host
+    if e.phase in ("calibration", "emulator"):
+        if streamed:
+            host["file pages (one block)"] = block
+            host["factors (one block)"] = max(t["factors"] for t in blocks.values())
+        elif e.phase == "calibration":  # the two-step path: every layer's sums on the host
+            host["statistics (all layers)"] = sum(t["statistics"] for t in blocks.values())
+            if s.offload:
+                host["weights (whole model, offloaded)"] = b * run.summary.params
+        else:
+            host["weights (whole model)"] = b * run.summary.params
+            host["statistics (all layers)"] = sum(t["statistics"] for t in blocks.values())
+            host["factors built"] = sum(t["factors"] for t in blocks.values())
+    elif e.phase == "training":
+        host["file pages (one tensor)"] = tensor
+    elif e.phase == "correction":
+        host["layers (one of each model)"] = e.parts.get("layers (one of each model)", 0) or \
+            b * (run.counts.full + run.counts.emulator)
+        host["adapters"] = 3 * ADAPTER_BYTES * run.counts.lora
+    elif e.phase == "preview":
+        host["file pages (one block)" if streamed else "file pages (one tensor)"] = block if streamed else tensor
+    if e.phase in ("calibration", "preview") and run.arch.components:  # loaded on the host, then moved
+        host["text encoders and VAE (loading)"] = max(b * c.params for c in run.arch.components)
+    return host
+
+
+def _run_folder(run: _Run) -> dict[str, float]:
+    """The run folder on disk: the emulator's factors (and kept layers), adapters, checkpoints, statistics on request."""
+    s, b = run.s, run.b
+    shapes = {lin.name: lin for lin in run.summary.linears}
+    emulator = sum(b * (k * (shapes[n].in_features + shapes[n].out_features) if k
+                        else shapes[n].in_features * shapes[n].out_features) for n, k in run.ranks.items())
+    adapter = ADAPTER_BYTES * run.counts.lora
+    state, _ = _lora_terms(run)[1:]
+    folder = {"emulator": emulator, "adapters (trained, corrected, uncorrected, exports)": 5 * adapter,
+              "training checkpoints": s.keep_checkpoints * (adapter + state)}
+    if s.keep_statistics:
+        folder["calibration statistics"] = sum(4 * shapes[n].in_features ** 2 for n, k in run.ranks.items() if k)
+    return folder
+
+
 def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemorySettings) -> MemoryPlan:
     """Predicted peaks of every phase of EMLoC (at `settings`) and of LoRA, QLoRA and plain inference."""
     s = settings
     check_settings(s)
-    if s.device == "cpu":  # one memory: streaming to it saves nothing, and the sums on "the CPU" are in it
-        s = replace(s, offload=False, stats_on_gpu=True)
+    if s.device == "cpu":  # one memory: the sums "on the CPU" are in it (streaming still reads from the files)
+        s = replace(s, stats_on_gpu=True)
     b = dtype_bytes(s.dtype)
     tokens = stream_tokens(arch, s)
     rules = list(s.rules) if s.rules else [(p, s.ratio) for p in arch.default_compress]
@@ -439,9 +572,12 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
            "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
     preview = {**_full_weights(run, s.offload), **_inference_activations(run, lora=True)}
     plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
+    pass_ = _streamed_pass(run) if s.offload and not s.keep_statistics else (_calibration(run), _construction(run))
+    if run.arch.components:  # the preview pipeline keeps its text encoders and VAE beside the transformer
+        preview.update({f"weights ({c.name})": b * c.params for c in run.arch.components})
+    preview["weights (outside the blocks)"] = _outside_blocks(run) if s.offload else 0
     estimates = [
-        _calibration(run),
-        _construction(run),
+        *pass_,
         _training(run, "emloc", {"weights (emulator)": b * counts.emulator}),
         _correction(run),
         _with_components(run, "preview", "emloc", preview, s.offload),
@@ -453,7 +589,9 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     if s.device == "cpu":  # no CUDA context or caching allocator: the RAM peak has no fixed overhead
         for e in estimates:
             e.parts.pop("overhead", None)
-    return MemoryPlan(s, counts, estimates, stats)
+    for e in estimates:
+        e.host = {k: int(math.ceil(v)) for k, v in _host(run, e).items() if v}
+    return MemoryPlan(s, counts, estimates, stats, {k: int(v) for k, v in _run_folder(run).items() if v})
 
 
 def estimate(model: nn.Module, arch: ArchitectureSpec, settings: MemorySettings) -> MemoryPlan:

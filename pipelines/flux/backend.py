@@ -263,6 +263,9 @@ class FluxBackend(Backend):
         blocks = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
         blocks += [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
         return BlockwiseModel(model, reader, blocks, enter, step, device=self.device, dtype=self.dtype)
+    def memory_shape(self) -> dict:
+        return {"resolution": self.settings.resolution, "text_tokens": self._sequence_length()}
+
     def check_model(self) -> None:
         check_model_source(self.run.model)
 

@@ -224,6 +224,9 @@ class VlmBackend(Backend):
     def load_model(self, device: torch.device) -> torch.nn.Module:
         return load_vlm(self.run.model, device, self.dtype, self.settings.trust_remote_code)
 
+    def memory_shape(self) -> dict:
+        return {"seq_len": self.settings.max_length, "image_tiles": self.settings.max_tiles}
+
     def check_model(self) -> None:
         check_model_source(self.run.model)
 

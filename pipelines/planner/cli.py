@@ -1,6 +1,7 @@
 """`python launch.py plan`: will a run fit, phase by phase, before anything is downloaded?
 
-    python launch.py plan --model black-forest-labs/FLUX.1-dev --budget-gb 24
+    python launch.py plan --model black-forest-labs/FLUX.1-dev --budget-gb 24 --ram-gb 32
+    python launch.py plan --model assets/models/demo-flux --device cpu --ram-gb 8
     python launch.py plan --model OpenGVLab/InternVL3-38B-hf --budget-gb 24 --seq-len 2048 --optimizer adamw8bit
     python launch.py plan --list
 
@@ -27,7 +28,7 @@ from .planning import OFFLOAD_MODES, PlanSettings, detect_gpu, plan_run
 
 FLAG_NAMES = {"lora_rank": ["--rank", "--lora-rank"], "lora_targets": ["--lora-target"], "rules": ["--rule"]}
 CHOICES = {"optimizer": OPTIMIZERS, "offload": OFFLOAD_MODES, "dtype": ("bfloat16", "float16", "float32")}
-FLOAT_FIELDS = ("budget_gb", "ratio")  # default None, so their type cannot be read from the default
+FLOAT_FIELDS = ("budget_gb", "ratio", "ram_gb")  # default None, so their type cannot be read from the default
 
 
 def _rule(text: str) -> tuple[str, float]:
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", help="catalogue id (see --list), hub id or local model folder")
     parser.add_argument("--list", action="store_true", help="list the catalogue's models and exit")
-    for f in sorted(dataclasses.fields(PlanSettings), key=lambda f: f.name != "budget_gb"):  # the budget first
+    first = ("budget_gb", "ram_gb", "device")  # the budgets first
+    for f in sorted(dataclasses.fields(PlanSettings), key=lambda f: first.index(f.name) if f.name in first else 9):
         names = FLAG_NAMES.get(f.name, ["--" + f.name.replace("_", "-")])
         help_text = f.metadata.get("help", "")
         if f.name == "rules":
@@ -93,11 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanSettings)}
     values["rules"], values["lora_targets"] = tuple(values["rules"]), tuple(values["lora_targets"])
-    if values["budget_gb"] is None:
+    if values["ram_gb"] is None:
+        import psutil
+
+        values["ram_gb"] = psutil.virtual_memory().available / GiB
+        print(f"RAM budget: {values['ram_gb']:.2f} GiB available on this machine now (detected; --ram-gb to plan "
+              "for another).\n")
+    if values["budget_gb"] is None and values["device"] != "cpu":
         gpu = detect_gpu()
         if gpu is None:
-            print("error: no CUDA GPU found on this machine, so there is no budget to plan against; "
-                  "give one with --budget-gb (e.g. --budget-gb 24 for a 24 GB card)", file=sys.stderr)
+            print("error: no CUDA GPU found on this machine, so there is no GPU budget to plan against; "
+                  "give one with --budget-gb (e.g. --budget-gb 24 for a 24 GB card), or plan a CPU run with "
+                  "--device cpu", file=sys.stderr)
             return 2
         name, total = gpu
         values["budget_gb"] = total / GiB

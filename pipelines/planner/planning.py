@@ -4,8 +4,11 @@ Glue between the catalogue (a weightless model and its ArchitectureSpec) and eml
 `plan_run` feeds both `python launch.py plan` and the app's chart; after the first call for a model (which
 builds it on the meta device, cached) a plan takes milliseconds.
 
-Offload "auto" follows DESIGN.md "Memory": a phase that uses the full model holds it whole on the GPU when
-that fits the budget, and streams it one block at a time from the CPU otherwise.
+Offload "auto" is what the run machine does (pipelines/runner/stages.py): calibration, emulator construction,
+training's emulator build and correction always read the full model block by block (or layer by layer) from the
+checkpoint's files; the preview holds the full model whole when that fits both budgets and streams it from the
+files otherwise. Two budgets: the device's (`budget_gb`, a GPU's memory) and the host's (`ram_gb`, this machine's
+RAM); on a CPU run (`device="cpu"`) the host is the device and `ram_gb` is the one budget.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ class PlanSettings(MemorySettings):
     ratio: float | None = field(
         default=None, metadata={"help": "fraction of parameters kept, in (0, 1]; default: the recommended ratio"})
     offload: str = field(
-        default="auto", metadata={"help": "auto (stream the full model only where it does not fit), never or always"})
+        default="auto", metadata={"help": "auto (as the run does: stream from the files, the preview only where the "
+                                          "whole model does not fit), never or always"})
+    ram_gb: float | None = field(
+        default=None, metadata={"help": "GiB of host RAM the run may use; default: no host budget (the run itself "
+                                        "defaults to the memory available when it starts)"})
 
 
 @dataclass
@@ -51,17 +58,25 @@ class Plan:
     ratio: float  # the ratio the EMLoC column is computed at
     recommended: float | None  # largest ratio at which every EMLoC phase fits (None: no budget, or nothing fits)
     reason: str  # why the recommendation is what it is, in words
-    budget_bytes: int | None
+    budget_bytes: int | None  # the device's budget (None: none; a CPU run has only the host's)
     memory: MemoryPlan
+    ram_bytes: int | None = None  # the host's budget
 
     def get(self, phase: str, method: str) -> PhaseEstimate | None:
         return self.memory.get(phase, method)
 
-    def fits(self, estimate: PhaseEstimate) -> bool | None:
+    def device_fits(self, estimate: PhaseEstimate) -> bool | None:
         return None if self.budget_bytes is None else estimate.total <= self.budget_bytes
 
+    def host_fits(self, estimate: PhaseEstimate) -> bool | None:
+        return None if self.ram_bytes is None else estimate.host_total <= self.ram_bytes
+
+    def fits(self, estimate: PhaseEstimate) -> bool | None:
+        """Both budgets hold (None: neither is given)."""
+        return _fits(estimate, self.budget_bytes, self.ram_bytes)
+
     def emloc_fits(self) -> bool | None:
-        return None if self.budget_bytes is None else all(
+        return None if self.budget_bytes is None and self.ram_bytes is None else all(
             self.fits(e) for e in self.memory.estimates if e.method == "emloc")
 
     def to_markdown(self) -> str:
@@ -70,8 +85,29 @@ class Plan:
     def rows(self) -> list[dict]:
         """One plain dict per (phase, method) estimate, for a chart or JSON: GiB, fits, streamed, parts in GiB."""
         return [{"phase": e.phase, "method": e.method, "gib": e.total / GiB, "fits": self.fits(e),
-                 "streamed": e.streamed, "parts_gib": {k: v / GiB for k, v in e.parts.items()}}
+                 "host_gib": e.host_total / GiB, "host_fits": self.host_fits(e), "device_fits": self.device_fits(e),
+                 "streamed": e.streamed, "parts_gib": {k: v / GiB for k, v in e.parts.items()},
+                 "host_parts_gib": {k: v / GiB for k, v in e.host.items()}}
                 for e in self.memory.estimates]
+
+    def shortfall(self) -> str | None:
+        """In words, the first EMLoC phase that does not fit and by how much; None when every phase fits."""
+        for e in self.memory.estimates:
+            if e.method != "emloc":
+                continue
+            if self.device_fits(e) is False:
+                return (f"{PHASE_NAMES[e.phase]} needs {gib(e.total)} GiB of GPU memory, "
+                        f"{gib(e.total - self.budget_bytes)} GiB more than the {gib(self.budget_bytes)} GiB budget")
+            if self.host_fits(e) is False:
+                return (f"{PHASE_NAMES[e.phase]} needs {gib(e.host_total)} GiB of RAM, "
+                        f"{gib(e.host_total - self.ram_bytes)} GiB more than the {gib(self.ram_bytes)} GiB budget")
+        return None
+
+
+def _fits(estimate: PhaseEstimate, budget: int | None, ram: int | None) -> bool | None:
+    if budget is None and ram is None:
+        return None
+    return (budget is None or estimate.total <= budget) and (ram is None or estimate.host_total <= ram)
 
 
 def detect_gpu() -> tuple[str, int] | None:
@@ -95,68 +131,81 @@ def _memory_settings(settings: PlanSettings, ratio: float, offload: bool) -> Mem
     return MemorySettings(**{**values, "ratio": ratio, "offload": offload})
 
 
-def _budget_bytes(budget_gb: float | None) -> int | None:
+def _budget_bytes(budget_gb: float | None, what: str = "the GPU budget") -> int | None:
     if budget_gb is None:
         return None
     if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not math.isfinite(budget_gb) or budget_gb <= 0:
-        raise ValueError(f"budget must be a positive number of GiB (e.g. 24 for a 24 GB card); got {budget_gb!r}")
+        raise ValueError(f"{what} must be a positive number of GiB (e.g. 24 for a 24 GB card, 32 for 32 GB of RAM); "
+                         f"got {budget_gb!r}")
     return int(budget_gb * GiB)
 
 
-def _plan_at(model_id: str, settings: PlanSettings, ratio: float, budget: int | None) -> MemoryPlan:
-    """plan_memory with the offload policy resolved phase by phase."""
+def _budgets(settings: PlanSettings) -> tuple[int | None, int | None]:
+    """(device budget, host budget) in bytes; a CPU run's device is the host, so it has the host budget only."""
+    ram = _budget_bytes(settings.ram_gb, "the RAM budget")
+    if settings.device == "cpu":
+        return None, ram if ram is not None else _budget_bytes(settings.budget_gb)
+    return _budget_bytes(settings.budget_gb), ram
+
+
+def _plan_at(model_id: str, settings: PlanSettings, ratio: float, budget: int | None,
+             ram: int | None = None) -> MemoryPlan:
+    """plan_memory with the offload policy resolved phase by phase, as the run machine resolves it."""
     meta, summary = _summary(model_id)
     streamed = plan_memory(summary, meta.arch, _memory_settings(settings, ratio, True))
     if settings.offload == "always":
         return streamed
     whole = plan_memory(summary, meta.arch, _memory_settings(settings, ratio, False))
-    if settings.offload == "never" or budget is None:
+    if settings.offload == "never":
         return whole
     chosen = []
-    for est in whole.estimates:
-        alternative = streamed.get(est.phase, est.method)
-        use_stream = est.method == "emloc" and est.phase in STREAMABLE and est.total > budget
-        chosen.append(alternative if use_stream and alternative is not None else est)
-    return replace(whole, estimates=chosen)
+    for est in streamed.estimates:
+        alternative = whole.get(est.phase, est.method)
+        # the run streams every phase from the files but the preview, which holds the whole model when it fits
+        keep_whole = (est.method != "emloc" or (est.phase == "preview" and _fits(alternative, budget, ram) is not False)
+                      or (settings.keep_statistics and est.phase in ("calibration", "emulator")))  # the two-step path
+        chosen.append(alternative if keep_whole and alternative is not None else est)
+    return replace(streamed, estimates=chosen)
 
 
-def recommend_ratio(model_id: str, settings: PlanSettings, budget_bytes: int) -> tuple[float | None, str]:
-    """The largest ratio on the RATIO_STEP grid at which every EMLoC phase fits `budget_bytes`, and why.
+def recommend_ratio(model_id: str, settings: PlanSettings, budget_bytes: int | None,
+                    ram_bytes: int | None = None) -> tuple[float | None, str]:
+    """The largest ratio on the RATIO_STEP grid at which every EMLoC phase fits both budgets, and why.
 
     Scans down from 1.0 and stops at the first ratio that fits, so the answer is the largest one by
     construction (no assumption that memory grows with the ratio).
     """
     steps = round(1 / RATIO_STEP)
     last_fail = None
-    meta, summary = _summary(model_id)
+    budget_words = " and ".join(w for w in (budget_bytes and f"{gib(budget_bytes)} GiB of GPU memory",
+                                            ram_bytes and f"{gib(ram_bytes)} GiB of RAM") if w)
     for i in range(steps, 0, -1):
         ratio = round(i * RATIO_STEP, 6)
-        # a streamed phase never needs more than the same phase whole, so "some offload choice fits" is
-        # "the streamed plan fits" (offload never: the whole plan)
-        memory = plan_memory(summary, meta.arch, _memory_settings(settings, ratio, settings.offload != "never"))
-        over = [e for e in memory.estimates if e.method == "emloc" and e.total > budget_bytes]
+        memory = _plan_at(model_id, settings, ratio, budget_bytes, ram_bytes)
+        over = [e for e in memory.estimates if e.method == "emloc" and _fits(e, budget_bytes, ram_bytes) is False]
         if not over:
             if last_fail is None:
-                return ratio, f"every EMLoC phase fits {gib(budget_bytes)} GiB even uncompressed (ratio 1.00)"
-            name, need = last_fail
-            return ratio, (f"largest ratio at which every EMLoC phase fits {gib(budget_bytes)} GiB; at "
-                           f"{ratio + RATIO_STEP:.2f} {name} needs {gib(need)} GiB")
-        worst = max(over, key=lambda e: e.total)
-        last_fail = (PHASE_NAMES[worst.phase], worst.total)
-    name, need = last_fail
-    minimum = RUNTIME_OVERHEAD_BYTES
-    return None, (f"no ratio fits {gib(budget_bytes)} GiB: even at ratio {RATIO_STEP:.2f} {name} needs {gib(need)} GiB "
-                  f"(every phase also needs the {gib(minimum)} GiB runtime overhead); raise the budget, or lower "
-                  "the batch size, sequence length or resolution")
+                return ratio, f"every EMLoC phase fits {budget_words} even uncompressed (ratio 1.00)"
+            return ratio, (f"largest ratio at which every EMLoC phase fits {budget_words}; at "
+                           f"{ratio + RATIO_STEP:.2f} {last_fail}")
+        worst = over[0]
+        if budget_bytes is not None and worst.total > budget_bytes:
+            last_fail = f"{PHASE_NAMES[worst.phase]} needs {gib(worst.total)} GiB of GPU memory"
+        else:
+            last_fail = f"{PHASE_NAMES[worst.phase]} needs {gib(worst.host_total)} GiB of RAM"
+    overhead = (f" (every phase also needs the {gib(RUNTIME_OVERHEAD_BYTES)} GiB runtime overhead)"
+                if budget_bytes is not None else "")
+    return None, (f"no ratio fits {budget_words}: even at ratio {RATIO_STEP:.2f} {last_fail}{overhead}; raise the "
+                  "budget, or lower the LoRA rank, batch size, sequence length or resolution")
 
 
 def sweep_ratios(model_id: str, settings: PlanSettings, ratios: list[float] | None = None) -> list[tuple[float, dict[str, int]]]:
     """EMLoC's per-phase totals (bytes) at each ratio (default 0.05, 0.10, ..., 1.00), for the app's chart."""
-    budget = _budget_bytes(settings.budget_gb)
+    budget, ram = _budgets(settings)
     ratios = ratios or [round(0.05 * i, 2) for i in range(1, 21)]
     curve = []
     for ratio in ratios:
-        memory = _plan_at(model_id, settings, check_ratio(ratio, "ratio"), budget)
+        memory = _plan_at(model_id, settings, check_ratio(ratio, "ratio"), budget, ram)
         curve.append((ratio, {e.phase: e.total for e in memory.estimates if e.method == "emloc"}))
     return curve
 
@@ -167,7 +216,7 @@ def plan_run(model_id: str, settings: PlanSettings | None = None) -> Plan:
     Pure and fast after the first call for a model: no weights, no GPU, no downloads for catalogue ids.
     """
     settings = settings or PlanSettings()
-    budget = _budget_bytes(settings.budget_gb)
+    budget, ram = _budgets(settings)
     if settings.offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {settings.offload!r}")
     if settings.ratio is not None:
@@ -176,32 +225,33 @@ def plan_run(model_id: str, settings: PlanSettings | None = None) -> Plan:
     recommended, reason = (None, "no budget given: nothing to recommend")
     if settings.rules:
         reason = "your --rule ratios are used as given"
-    elif budget is not None:
-        recommended, reason = recommend_ratio(model_id, settings, budget)
+    elif budget is not None or ram is not None:
+        recommended, reason = recommend_ratio(model_id, settings, budget, ram)
     if settings.ratio is not None:
         ratio = settings.ratio
-    elif budget is not None:
+    elif budget is not None or ram is not None:
         ratio = recommended or RATIO_STEP  # nothing fits: show the smallest ratio, the closest to fitting
     else:
         ratio = MemorySettings.ratio
-    memory = _plan_at(model_id, settings, ratio, budget)
-    if settings.rules and budget is not None:
-        worst = memory.peak("emloc")
-        if worst.total > budget:
-            reason = (f"with your --rule ratios {PHASE_NAMES[worst.phase]} needs {gib(worst.total)} GiB of "
-                      f"{gib(budget)}; lower the rules' ratios or raise the budget")
-    return Plan(meta.model_id, meta.display_name, meta.family, ratio, recommended, reason, budget, memory)
+    memory = _plan_at(model_id, settings, ratio, budget, ram)
+    plan = Plan(meta.model_id, meta.display_name, meta.family, ratio, recommended, reason, budget, memory, ram)
+    if settings.rules and plan.shortfall():
+        plan.reason = f"with your --rule ratios {plan.shortfall()}; lower the rules' ratios or raise the budget"
+    return plan
 
 
 def gib(value: float) -> str:
     return f"{value / GiB:.2f}"
 
 
-def _cell(plan: Plan, estimate: PhaseEstimate | None) -> str:
+def _cell(plan: Plan, estimate: PhaseEstimate | None, host: bool = False) -> str:
     if estimate is None:
         return ""
-    mark = {True: " ok", False: " **over**", None: ""}[plan.fits(estimate)]
-    return f"{gib(estimate.total)}{mark}{' (streamed)' if estimate.streamed else ''}"
+    cpu = plan.memory.settings.device == "cpu"
+    value = estimate.host_total if host or cpu else estimate.total
+    fits = plan.host_fits(estimate) if host or cpu else plan.device_fits(estimate)
+    mark = {True: " ok", False: " **over**", None: ""}[fits]
+    return f"{gib(value)}{mark}{' (streamed)' if estimate.streamed and not host else ''}"
 
 
 def _ratio_words(plan: Plan) -> str:
@@ -209,9 +259,10 @@ def _ratio_words(plan: Plan) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """The plan as markdown: phase x method -> GiB, what fits, and the recommendation."""
+    """The plan as markdown: phase x method -> GiB (GPU, and the host RAM of EMLoC), what fits, the recommendation."""
     c = plan.memory.counts
     s = plan.memory.settings
+    cpu = s.device == "cpu"
     emulator = "with your rules" if s.rules else f"at ratio {plan.ratio:.2f}"
     size = (f"{c.full / 1e9:.2f} B parameters" + (" (transformer)" if plan.family == "flux" else "")
             + f"; emulator {emulator}: {c.emulator / 1e9:.2f} B ({c.factored_layers} layers factored"
@@ -219,26 +270,45 @@ def format_plan(plan: Plan) -> str:
             + f"{c.lora / 1e6:.1f} M")
     shape = (f"{s.resolution}x{s.resolution} px" if plan.family == "flux"
              else f"{s.seq_len} tokens ({s.image_tiles} image tiles)")
-    budget = f"budget {gib(plan.budget_bytes)} GiB" if plan.budget_bytes is not None else "no budget"
+    budgets = [w for w in (plan.budget_bytes is not None and f"GPU budget {gib(plan.budget_bytes)} GiB",
+                           plan.ram_bytes is not None and f"RAM budget {gib(plan.ram_bytes)} GiB") if w]
+    budget = ", ".join(budgets) if budgets else "no budget"
     methods = METHODS  # emloc first, then the alternatives
-    header = [f"EMLoC ({_ratio_words(plan)})"] + [METHOD_NAMES[m] for m in methods[1:]]
+    if cpu:
+        header = [f"EMLoC ({_ratio_words(plan)}), RAM"] + [f"{METHOD_NAMES[m]}, RAM" for m in methods[1:]]
+    else:
+        header = [f"EMLoC ({_ratio_words(plan)}), GPU", "EMLoC, host RAM"] + [METHOD_NAMES[m] for m in methods[1:]]
+    where = "on the CPU (RAM is the one memory)" if cpu else "on the GPU"
     lines = [f"**{plan.display_name}** (`{plan.model_id}`): {size}",
              f"{s.dtype}, batch {s.batch_size}, {shape}, {s.optimizer}, gradient checkpointing "
-             f"{'on' if s.gradient_checkpointing else 'off'}; {budget}. Peak GiB per phase:", "",
-             "| phase | " + " | ".join(header) + " |", "|---|" + "---:|" * len(methods)]
+             f"{'on' if s.gradient_checkpointing else 'off'}, run {where}; {budget}. Peak GiB per phase:", "",
+             "| phase | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for phase in PHASES:
-        cells = [_cell(plan, plan.get(phase, m)) for m in methods]
+        cells = [_cell(plan, plan.get(phase, "emloc"))]
+        if not cpu:
+            cells.append(_cell(plan, plan.get(phase, "emloc"), host=True))
+        cells += [_cell(plan, plan.get(phase, m)) for m in methods[1:]]
         lines.append(f"| {PHASE_NAMES[phase]} | " + " | ".join(cells) + " |")
-    peaks = [_cell(plan, plan.memory.peak(m)) for m in methods]
+    peak = plan.memory.peak("emloc")
+    peaks = [_cell(plan, peak)]
+    if not cpu:
+        peaks.append(_cell(plan, max((e for e in plan.memory.estimates if e.method == "emloc"),
+                                     key=lambda e: e.host_total), host=True))
+    peaks += [_cell(plan, plan.memory.peak(m)) for m in methods[1:]]
     lines.append("| **peak** | " + " | ".join(f"**{p.split(' ')[0]}**" + p[len(p.split(' ')[0]):] for p in peaks) + " |")
     lines.append("")
     if plan.recommended is not None:
         lines.append(f"Recommended ratio: **{plan.recommended:.2f}** ({plan.reason}).")
     else:
         lines.append(f"Recommended ratio: none ({plan.reason}).")
-    if plan.memory.cpu_stats_bytes:
+    folder = plan.memory.run_folder
+    lines.append(f"Run folder on disk: {gib(plan.memory.run_folder_bytes)} GiB ("
+                 + ", ".join(f"{name} {gib(v)}" for name, v in folder.items()) + ").")
+    if plan.memory.cpu_stats_bytes and not cpu:
         lines.append(f"Calibration statistics (float32 Σxᵀx per compressed layer) take {gib(plan.memory.cpu_stats_bytes)} "
-                     "GiB of CPU RAM.")
-    lines.append(f"Every number includes {gib(RUNTIME_OVERHEAD_BYTES)} GiB runtime overhead (CUDA context, allocator "
-                 "slack); 'streamed': one block on the GPU, the rest on the CPU. Formulas: emloc/memory.py.")
+                     "GiB of RAM at once on the two-step path (keep statistics); the streamed pass holds one block's.")
+    overhead = "" if cpu else f"GPU numbers include {gib(RUNTIME_OVERHEAD_BYTES)} GiB runtime overhead (CUDA context, allocator slack); "
+    lines.append(f"{overhead}RAM numbers include the process's own runtime (Python, torch, libraries). 'streamed': the "
+                 "full model is read from its files one block at a time, so neither memory holds it whole. "
+                 "Formulas: emloc/memory.py.")
     return "\n".join(lines)

@@ -34,6 +34,8 @@ Optional, for models larger than memory (every phase then reads weights from the
     blockwise(model, reader) (with checkpoint(): the run streams) an `emloc.blockwise.BlockwiseModel`: the blocks in order, how a calibration batch
                              enters the first one and how one block's input becomes its output
     finish_loading(model)    anything the library does after loading weights (e.g. tie the LM head)
+    memory_shape()           the run's shape for the planner (emloc.memory.MemorySettings fields: resolution and
+                             text_tokens, or seq_len and image_tiles); {} = the planner's defaults
 
 """
 
@@ -74,6 +76,7 @@ class Backend:
     def check_preview(self) -> None: ...
     def skeleton(self) -> torch.nn.Module | None: return None
     def finish_loading(self, model: torch.nn.Module) -> None: ...
+    def memory_shape(self) -> dict: return {}
 
     def checkpoint(self):
         raise NotImplementedError(f"{type(self).__name__}.checkpoint")

@@ -47,7 +47,7 @@ from .backend import Backend
 from .checks import check_lora_fits, check_writable, confined_name
 from .lock import RunLock
 from .progress import Progress, RunCancelled
-from .registry import backend_class
+from .registry import backend_class, planner
 from .settings import RUN_FILE, STAGE_OUTPUT, STAGES, RunSettings, settings_from_dict
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class Run:
         backend.check_model()  # not downloaded, pickle weights only: said before the data is read
         backend.validate()  # bad data fails here, before anything is written
         check_model_shapes(backend)
+        plan = planner()(run, backend)  # refuses, in words, a run that no choice of streaming fits
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = folder.with_name(folder.name + f".creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -142,7 +143,7 @@ class Run:
             summary = backend.copy_data(staging / "data")
             info = {"name": folder.name, "backend": backend_name, "created": _now(), "versions": library_versions(),
                     "settings": {"run": asdict(run), "backend": asdict(settings)}, "data": summary,
-                    "stages": {s: {"status": "pending"} for s in STAGES}}
+                    "stages": {s: {"status": "pending"} for s in STAGES}, "plan": plan}
             write_json_atomic(staging / RUN_FILE, info)
             os.rename(staging, folder)  # the run appears whole or not at all; rename never replaces a folder
         except BaseException:

@@ -17,6 +17,17 @@ BACKENDS: dict[str, str] = {
 }
 
 
+# The planner the run machine asks, before a run folder exists, what each phase needs and what to stream
+# (named here like the backends, so the run machine never imports the planner, which imports the backends).
+PLANNER = "pipelines.planner.runs:plan_for_run"
+
+
+def planner():
+    """The planner's `plan_for_run(run settings, backend) -> dict | None` (imported on first use)."""
+    module_name, _, name = PLANNER.partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
 # The small demo model of each family, shipped in assets/ (built by `python -m pipelines.demo build`): what a
 # run uses when no --model is given, so a first run works on any CPU with nothing to download.
 DEMO_MODELS: dict[str, Path] = {

@@ -61,8 +61,10 @@ class RunSettings:
         "help": "keep the calibration statistics (Σ xᵀx of every layer) in the run folder; needs them all in memory "
                 "at once instead of one block's"})
     ram_gb: float = field(default=0.0, metadata={
-        "help": "host memory budget in GiB (0: what is available now); a full model larger than half of it is "
-                "previewed block by block from its files"})
+        "help": "host memory (RAM) budget in GiB (0: what is available now); the run streams what does not fit and "
+                "refuses to start when nothing fits"})
+    gpu_gb: float = field(default=0.0, metadata={
+        "help": "GPU memory budget in GiB (0: the device's free memory); ignored on a CPU run"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     offload: bool = field(default=False, metadata={
         "help": "calibrate with the full model in CPU memory, one layer at a time on the GPU (for models larger than it)"})
@@ -80,6 +82,10 @@ class RunSettings:
         if not self.model:
             raise ValueError("no model given; pass a hub id or a local folder (--model)")
         emloc.rules.check_ratio(self.ratio, "--ratio")
+        for name in ("ram_gb", "gpu_gb"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a number of GiB >= 0 (0: detect); got {value}")
         for name in ("steps", "rank", "batch_size", "checkpoint_every", "keep_checkpoints", "calibration_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")

@@ -45,6 +45,7 @@ class Run(Protocol):
     dir: Path
     backend: Backend
     cancel_event: Any  # threading.Event
+    info: dict  # run.json: settings, stages, the plan made when the run was created
 
     @property
     def settings(self) -> RunSettings: ...
@@ -85,8 +86,9 @@ def emulator_model(run: Run, device: torch.device | str) -> nn.Module:
         model = backend.load_model(torch.device("cpu"))
         emloc.load_emulator(model, run.output("emulate"), device="cpu")
         return model.to(device)
-    emloc.load_emulator(model, run.output("emulate"), device="cpu")
-    backend.checkpoint().materialize(model, "", "cpu", getattr(backend, "dtype", None))
+    # straight onto the device, one tensor at a time: the host never holds the emulator whole
+    emloc.load_emulator(model, run.output("emulate"), device=device)
+    backend.checkpoint().materialize(model, "", device, getattr(backend, "dtype", None))
     backend.finish_loading(model)
     return model.to(device)
 
@@ -369,35 +371,44 @@ def correct(run: Run, out: Path) -> None:
 
 
 def preview_streams(run: Run) -> bool:
-    """Whether the full model's previews read it block by block from its files: it streams, and its weights
-    take more than half the host memory budget (`--ram-gb`, default what is available now)."""
+    """Whether the previews read the full model block by block from its files: the run streams, and the plan made
+    when the run was created says the whole model does not fit the budgets (`--ram-gb`, `--gpu-gb`). Without a plan
+    (a model the planner cannot read): when the weights take more than half the host memory budget."""
     if not streams(run):
         return False
+    plan = (run.info.get("plan") or {}).get("phases", {}).get("preview")
+    if plan is not None:
+        return bool(plan["streamed"])
     budget = run.settings.ram_gb * GiB if run.settings.ram_gb else psutil.virtual_memory().available
     size = sum(f.stat().st_size for f in run.backend.checkpoint().files)
     return size > budget / 2
 
 
-def _full_streamed(run: Run, adapter: Path | None) -> nn.Module:
-    """The full model as a skeleton whose blocks are read from the files as they run, the adapter (if any)
-    merged into the weights as they are read (ΔW = s·B A); see emloc.checkpoint.StreamedForward."""
+def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False) -> nn.Module:
+    """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read from the files as they
+    run, the adapter (if any) added to its target layers' outputs; see emloc.checkpoint.StreamedForward."""
     backend = run.backend
     model, reader = backend.skeleton(), backend.checkpoint()
+    if emulator:  # factored layers get their structure; their factors come from the emulator's files
+        emloc.load_emulator(model, run.output("emulate"), device="meta")
+        reader = reader.merged(CheckpointReader(emulator_files(run.output("emulate"))))
     blocks = backend.blockwise(model, reader).blocks
-    deltas = emloc.adapter_deltas(*emloc.read_adapter(adapter)) if adapter is not None else None
-    model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None),
-                                         deltas)
+    lora = emloc.adapter_factors(*emloc.read_adapter(adapter)) if adapter is not None else None
+    model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None), lora)
     backend.finish_loading(model)
     return model
 
 
 def _variant(run: Run, label: str) -> nn.Module:
     backend, lora = run.backend, run.output("correct")
+    streamed = preview_streams(run)
     if label == "emulator + LoRA":
+        if streamed:
+            return _streamed_variant(run, run.output("train"), emulator=True)
         return emloc.load_adapter(emulator_model(run, backend.device), run.output("train"))
     folder = None if label == "base" else lora / ("corrected" if label == "full + corrected LoRA" else "uncorrected")
-    if preview_streams(run):
-        return _full_streamed(run, folder)
+    if streamed:
+        return _streamed_variant(run, folder)
     model = backend.load_model(backend.device)
     return model if folder is None else emloc.load_adapter(model, folder)
 

@@ -1,0 +1,75 @@
+"""The plan of one run, made before its folder exists: the run machine asks for it (registry.PLANNER), follows
+its choice of what to stream, and refuses a run that no choice fits, naming the phase and the shortfall.
+
+The run's own settings become the planner's (model, dtype, ratio or rules, LoRA rank and targets, optimizer,
+batch, calibration samples; the backend adds its shape: resolution and T5 tokens, or tokens and tiles), and the
+budgets are the run's: `--gpu-gb` (default: the device's free memory) and `--ram-gb` (default: the RAM available
+now). A model the planner cannot read (not in the catalogue, not a local folder it knows) is not planned.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psutil
+import torch
+
+from emloc.memory import GiB
+from pipelines.runner.settings import RunSettings, parse_rules
+
+from .catalogue import load_meta_model
+from .planning import PHASE_NAMES, PlanSettings, plan_run
+
+log = logging.getLogger(__name__)
+
+
+def budgets(run: RunSettings, device: torch.device) -> tuple[float | None, float]:
+    """(GPU GiB or None on a CPU run, RAM GiB) the run may use."""
+    ram = run.ram_gb or psutil.virtual_memory().available / GiB
+    if device.type != "cuda":
+        return None, ram
+    if run.gpu_gb:
+        return run.gpu_gb, ram
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / GiB, ram
+
+
+def plan_settings(run: RunSettings, backend: Any) -> PlanSettings:
+    device = backend.device
+    dtype = str(getattr(backend, "dtype", torch.float32)).replace("torch.", "")
+    gpu, ram = budgets(run, device)
+    return PlanSettings(
+        device="cuda" if device.type == "cuda" else "cpu", dtype=dtype, ratio=run.ratio,
+        rules=tuple(parse_rules(run.rules)), lora_rank=run.rank, lora_targets=tuple(run.lora_targets),
+        optimizer=run.optimizer, batch_size=run.batch_size, gradient_checkpointing=run.gradient_checkpointing,
+        calibration_samples=run.calibration_samples, keep_statistics=run.keep_statistics,
+        keep_checkpoints=run.keep_checkpoints, budget_gb=gpu, ram_gb=ram, **backend.memory_shape())
+
+
+def plan_for_run(run: RunSettings, backend: Any) -> dict | None:
+    """The run's plan as run.json keeps it: per phase what streams and the predicted peaks (GiB), or None when the
+    model cannot be planned. Raises ValueError, in words, when a phase does not fit the budgets."""
+    try:
+        load_meta_model(run.model)
+    except (ValueError, OSError) as err:
+        log.warning("the planner cannot read %s (%s); this run is not checked against the memory budgets",
+                    run.model, err)
+        return None
+    settings = plan_settings(run, backend)
+    plan = plan_run(run.model, settings)
+    short = plan.shortfall()
+    if short:
+        cpu = settings.device == "cpu"
+        raise ValueError(
+            f"this run does not fit this machine: {short}, even reading the model block by block from its files. "
+            "Lower the compression ratio (--ratio) or the LoRA rank (--rank), use fewer calibration samples, a "
+            "smaller resolution or shorter samples, or raise the budget (--ram-gb" + (")" if cpu else " / --gpu-gb)")
+            + (f"; the planner recommends ratio {plan.recommended:.2f}" if plan.recommended else ""))
+    phases = {}
+    for e in plan.memory.estimates:
+        if e.method == "emloc":
+            phases[e.phase] = {"name": PHASE_NAMES[e.phase], "streamed": e.streamed, "device_gib": round(e.total / GiB, 3),
+                               "host_gib": round(e.host_total / GiB, 3)}
+    return {"device": settings.device, "gpu_budget_gib": settings.budget_gb, "ram_budget_gib": round(settings.ram_gb, 3),
+            "phases": phases, "run_folder_gib": round(plan.memory.run_folder_bytes / GiB, 3)}
