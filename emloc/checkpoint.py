@@ -137,12 +137,39 @@ class CheckpointReader:
 
 
 def release(module: nn.Module) -> None:
-    """Send `module`'s parameters back to `meta`: the memory they held is freed, the structure stays."""
+    """Send `module`'s parameters back to `meta`: the memory they held is freed, the structure stays.
+
+    Memory freed on the CPU is also handed back to the system (`return_freed_memory`).
+    """
+    on_cpu = False
     with torch.no_grad():
         for owner in module.modules():
             for leaf, param in list(owner._parameters.items()):
                 if param is not None and param.device.type != "meta":
+                    on_cpu = on_cpu or param.device.type == "cpu"
                     owner._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+    if on_cpu:
+        return_freed_memory()
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:  # not glibc (musl, ...): nothing to trim
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed so far back to the system (glibc's `malloc_trim(0)`; elsewhere nothing).
+
+    glibc keeps freed memory for its own reuse, and after a large free it raises its mmap threshold, so the next
+    block-sized tensors come from the heap too: a streamed pass then holds the blocks it has already freed.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def meta_names(module: nn.Module) -> list[str]:
