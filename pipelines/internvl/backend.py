@@ -18,6 +18,8 @@ into the run as InternVL-format JSONL and packed once into the run's cache; cali
 those samples, one per batch (no padding in the statistics); by default the language model's decoder
 linears and the vision encoder's linears are compressed (each part at its own ratio) while projector,
 embeddings and lm_head stay dense, and LoRA trains the language model's attention and MLP projections.
+A run that streams (the default; `--keep-statistics` turns it off) reads the model block by block from its
+safetensors files in every forward-only phase: vision layers, then decoder layers (streaming.py).
 Previews are greedy answers of base, emulator + LoRA, full + corrected and full + uncorrected LoRA,
 side by side, with exact match and token F1 where reference answers exist.
 """
