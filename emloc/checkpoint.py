@@ -7,16 +7,19 @@ files' headers once and knows which file holds which tensor (a sharded checkpoin
 
 Checkpoint keys may differ from module names (transformers renames some families' keys on load, e.g.
 InternVL's `language_model.model.` -> `model.language_model.`): `renames` is a list of (regex, replacement)
-applied to each key, the first match winning, as the library does.
+applied to each key, the first match winning, as the library does; or `rename`, a function of the key, where
+the library's own renaming is more than a list of patterns (transformers' scoped conversion mapping).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -34,9 +37,11 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path]:
 class CheckpointReader:
     """Module name -> tensor, read lazily from safetensors files."""
 
-    def __init__(self, files: Iterable[str | os.PathLike], renames: Sequence[tuple[str, str]] = ()):
+    def __init__(self, files: Iterable[str | os.PathLike], renames: Sequence[tuple[str, str]] = (),
+                 rename: Callable[[str], str] | None = None):
         self.files = [Path(f) for f in files]
         self.renames = [(re.compile(pattern), replacement) for pattern, replacement in renames]
+        self.rename = rename  # when given, it replaces `renames`
         self.where: dict[str, tuple[Path, str]] = {}  # module-side name -> (file, checkpoint key)
         for file in self.files:
             with safe_open(str(file), framework="pt") as handle:
@@ -45,6 +50,8 @@ class CheckpointReader:
         self._handles: dict[Path, object] | None = None  # open only inside `reading()`
 
     def _rename(self, key: str) -> str:
+        if self.rename is not None:
+            return self.rename(key)
         for pattern, replacement in self.renames:
             if pattern.search(key):
                 return pattern.sub(replacement, key, count=1)
@@ -131,12 +138,39 @@ class CheckpointReader:
 
 
 def release(module: nn.Module) -> None:
-    """Send `module`'s parameters back to `meta`: the memory they held is freed, the structure stays."""
+    """Send `module`'s parameters back to `meta`: the memory they held is freed, the structure stays.
+
+    Memory freed on the CPU is also handed back to the system (`return_freed_memory`).
+    """
+    on_cpu = False
     with torch.no_grad():
         for owner in module.modules():
             for leaf, param in list(owner._parameters.items()):
                 if param is not None and param.device.type != "meta":
+                    on_cpu = on_cpu or param.device.type == "cpu"
                     owner._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+    if on_cpu:
+        return_freed_memory()
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:  # not glibc (musl, ...): nothing to trim
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed so far back to the system (glibc's `malloc_trim(0)`; elsewhere nothing).
+
+    glibc keeps freed memory for its own reuse, and after a large free it raises its mmap threshold, so the next
+    block-sized tensors come from the heap too: a streamed pass then holds the blocks it has already freed.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def meta_names(module: nn.Module) -> list[str]:

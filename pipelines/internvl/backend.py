@@ -18,6 +18,8 @@ into the run as InternVL-format JSONL and packed once into the run's cache; cali
 those samples, one per batch (no padding in the statistics); by default the language model's decoder
 linears and the vision encoder's linears are compressed (each part at its own ratio) while projector,
 embeddings and lm_head stay dense, and LoRA trains the language model's attention and MLP projections.
+A run that streams (the default; `--keep-statistics` turns it off) reads the model block by block from its
+safetensors files in every forward-only phase: vision layers, then decoder layers (streaming.py).
 Previews are greedy answers of base, emulator + LoRA, full + corrected and full + uncorrected LoRA,
 side by side, with exact match and token F1 where reference answers exist.
 """
@@ -33,11 +35,14 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from emloc.blockwise import BlockwiseModel
+from emloc.checkpoint import CheckpointReader, safetensors_files
 from emloc.rules import check_ratio
 
 from pipelines.runner.data import DataError
 from pipelines.runner import Backend, RunSettings
 from pipelines.runner.checks import check_model_source
+from .streaming import checkpoint_rename, internvl_blockwise
 from .data import (QASample, check_image, check_no_image_tokens, exact_match, read_qa_data, token_f1,
                        write_qa_jsonl)
 
@@ -231,12 +236,44 @@ class VlmBackend(Backend):
         check_model_source(self.run.model)
 
     def skeleton(self) -> torch.nn.Module:
-        """The model's modules on the meta device, from its config alone (no weights are read)."""
+        """The model's modules with parameters on the meta device, from its config alone (no weights are read);
+        buffers are real (the rotary embedding's inverse frequencies are computed from the config, not read)."""
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, InternVLForConditionalGeneration
 
         config = AutoConfig.from_pretrained(self.run.model, trust_remote_code=self.settings.trust_remote_code)
-        with torch.device("meta"):
-            return InternVLForConditionalGeneration(config)
+        with init_empty_weights():
+            model = InternVLForConditionalGeneration(config)
+        model.tie_weights()  # init_empty_weights re-registers every parameter, which undid the tie made in __init__
+        return model.eval().requires_grad_(False)
+
+    def _model_folder(self) -> Path:
+        """The folder of the model's config and safetensors: local, or the hub snapshot in the cache."""
+        local = Path(self.run.model)
+        if local.is_dir():
+            return local
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self.run.model, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+
+    def checkpoint(self) -> CheckpointReader:
+        """The model's safetensors files, their keys renamed to module names as transformers renames them."""
+        return CheckpointReader(safetensors_files(self._model_folder()), rename=checkpoint_rename(self.skeleton()))
+
+    def blockwise(self, model: torch.nn.Module, reader: CheckpointReader) -> BlockwiseModel:
+        """The vision encoder's layers then the language model's layers (pipelines/internvl/streaming.py)."""
+        return internvl_blockwise(model, reader, self.device, self.dtype)
+
+    def finish_loading(self, model: torch.nn.Module) -> None:
+        """Tie lm_head to the input embeddings when the config says so (a tied weight is not in the files), and
+        put the buffers, built on the CPU with the skeleton, beside the weights."""
+        model.tie_weights()
+        device = model.get_input_embeddings().weight.device
+        if device.type != "meta":
+            for owner in model.modules():
+                for name, buffer in owner._buffers.items():
+                    if buffer is not None and buffer.device != device:
+                        owner._buffers[name] = buffer.to(device)
 
     def check_preview(self) -> None:
         self._typed_questions()
