@@ -1,6 +1,6 @@
 """Does every stage stream? Peak memory of each stage of a whole run, in its own process, at two model depths.
 
-    PYTHONPATH=. python benchmarks/streaming.py [--depths 1+2,4+8] [--width 1024] [--resolution 64]
+    PYTHONPATH=. python benchmarks/streaming.py [--depths 1+2,4+12] [--ram-gb 1.2] [--width 1024] [--resolution 64]
 
 A FLUX folder is written per depth: a random-weight transformer of real head size (128) and the given width
 (`--width` / 128 heads) with D double + S single blocks, beside the demo's VAE, text encoders and scheduler.
@@ -123,11 +123,11 @@ def markdown(rows: list[dict], baseline: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", default="1+2,4+8", help="double+single blocks, comma-separated")
+    parser.add_argument("--depths", default="1+2,4+12", help="double+single blocks, comma-separated")
     parser.add_argument("--width", type=int, default=1024, help="transformer width (heads of 128)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--work", default=str(OUT / "streaming-work"))
-    parser.add_argument("--ram-gb", type=float, default=1.1,
+    parser.add_argument("--ram-gb", type=float, default=1.2,
                         help="the run's host budget in GiB: what does not fit it is streamed from the files")
     args = parser.parse_args(argv)
     work = Path(args.work)

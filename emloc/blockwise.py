@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import StatsCollector, second_moments
-from .checkpoint import CheckpointReader, release, trim_heap
+from .checkpoint import CheckpointReader, release
 from .emulator import EMULATOR_CONFIG, EmulatorBuild, EmulatorReport, fingerprint_part, fingerprint_of_parts
 from .factorize import DEFAULT_SOLVER
 from .rules import RuleLike, factored_rank
@@ -61,7 +61,6 @@ class BlockwiseModel:
 
     def unload(self, name: str) -> None:
         release(self.model.get_submodule(name))
-        trim_heap()
 
 
 def _block_of(name: str, blocks: Sequence[str]) -> str | None:

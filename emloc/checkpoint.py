@@ -195,7 +195,7 @@ class StreamedForward:
         for name in blocks:
             block = model.get_submodule(name)
             self.handles.append(block.register_forward_pre_hook(self._reader_of(name)))
-            self.handles.append(block.register_forward_hook(lambda module, args, output: _released(module)))
+            self.handles.append(block.register_forward_hook(lambda module, args, output: release(module)))
         for name, (a, b) in (lora or {}).items():
             self.handles.append(model.get_submodule(name).register_forward_hook(
                 _lora_hook(a.to(self.device), b.to(self.device))))
@@ -228,19 +228,3 @@ def _lora_hook(a: torch.Tensor, b: torch.Tensor):
         x = args[0]
         return output + ((x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
     return hook
-
-
-def _released(module: nn.Module) -> None:
-    release(module)
-    trim_heap()
-
-
-def trim_heap() -> None:
-    """Give freed memory back to the system (glibc keeps freed blocks below its mmap threshold in the heap,
-    so a loop that reads and frees one block after another would otherwise grow the process's resident memory)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass

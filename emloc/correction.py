@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader, release, trim_heap
+from .checkpoint import CheckpointReader, release
 from .lowrank import LowRankLinear
 
 LORA_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -158,9 +158,7 @@ def correct_lora(
         new_a, new_b = correct_pair(a.to(device, torch.float32), b.to(device, torch.float32),
                                     full_layer, emulator_layer, _scaling_for(scaling, name), lam)
         for layer in read:
-            release(layer)
-        if read:
-            trim_heap()  # freed layers below glibc's mmap threshold stay in the heap otherwise
+            release(layer)  # on the CPU this also hands the freed memory back (return_freed_memory)
         if not (torch.isfinite(new_a).all() and torch.isfinite(new_b).all()):
             raise ValueError(f"correction of module {_strip_prefix(name)!r} produced NaN or inf; "
                              "check the full model's and the emulator's weights for that layer")

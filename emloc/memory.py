@@ -495,12 +495,11 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
     streamed = e.streamed
     if s.device == "cpu":
         host = {k: v for k, v in e.parts.items() if k != "overhead"}
-        if e.method == "emloc" and streamed:
-            host["file pages (one block)"] = block
+        if e.method == "emloc" and streamed:  # correction reads one layer at a time, the others one block
+            host["file pages (one tensor)" if e.phase == "correction" else "file pages (one block)"] = \
+                tensor if e.phase == "correction" else block
         if e.method == "emloc" and e.phase == "training":  # the emulator is read into the skeleton one tensor at a time
             host["file pages (one tensor)"] = tensor
-        if e.phase == "preview":  # the pipeline keeps its text encoders and VAE loaded while the transformer runs
-            host.update({f"weights ({c.name})": b * c.params for c in run.arch.components})
         return {"runtime": HOST_RUNTIME_CPU, **host}
     host: dict[str, float] = {"runtime": HOST_RUNTIME_CUDA}
     if e.method != "emloc":  # loaded straight onto the GPU, one file at a time

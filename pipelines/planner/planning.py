@@ -96,11 +96,11 @@ class Plan:
             if e.method != "emloc":
                 continue
             if self.device_fits(e) is False:
-                return (f"{PHASE_NAMES[e.phase]} needs {gib(e.total)} GiB of GPU memory, "
-                        f"{gib(e.total - self.budget_bytes)} GiB more than the {gib(self.budget_bytes)} GiB budget")
+                return (f"{PHASE_NAMES[e.phase]} needs {amount(e.total)} of GPU memory, "
+                        f"{amount(e.total - self.budget_bytes)} more than the {amount(self.budget_bytes)} budget")
             if self.host_fits(e) is False:
-                return (f"{PHASE_NAMES[e.phase]} needs {gib(e.host_total)} GiB of RAM, "
-                        f"{gib(e.host_total - self.ram_bytes)} GiB more than the {gib(self.ram_bytes)} GiB budget")
+                return (f"{PHASE_NAMES[e.phase]} needs {amount(e.host_total)} of RAM, "
+                        f"{amount(e.host_total - self.ram_bytes)} more than the {amount(self.ram_bytes)} budget")
         return None
 
 
@@ -242,6 +242,11 @@ def plan_run(model_id: str, settings: PlanSettings | None = None) -> Plan:
 
 def gib(value: float) -> str:
     return f"{value / GiB:.2f}"
+
+
+def amount(value: float) -> str:
+    """Bytes in words: GiB with two decimals, or MiB below a tenth of a GiB (a tiny budget's shortfall)."""
+    return f"{value / GiB:.2f} GiB" if abs(value) >= GiB / 10 else f"{value / 1024 ** 2:.1f} MiB"
 
 
 def _cell(plan: Plan, estimate: PhaseEstimate | None, host: bool = False) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import emloc
-from emloc.checkpoint import CheckpointReader, StreamedForward
+from emloc.checkpoint import CheckpointReader, StreamedForward, return_freed_memory
 from emloc.emulator import emulator_files
 
 from .backend import Backend
@@ -424,8 +424,9 @@ def preview(run: Run, out: Path) -> None:
         with torch.no_grad():
             outputs[label] = run.backend.generate(model, label)
         del model
+        gc.collect()
+        return_freed_memory()  # the next variant must not stand on this one's freed heap
         if run.backend.device.type == "cuda":
-            gc.collect()
             torch.cuda.empty_cache()
     files = run.backend.write_previews(out, outputs)
     run.emit(Progress("preview", len(PREVIEW_VARIANTS), len(PREVIEW_VARIANTS),
