@@ -367,7 +367,7 @@ def describe_job(status: JobStatus) -> dict:
     name = Path(status.run_dir).name if status.run_dir else ""
     if status.state == "idle":
         return {"state": "idle", "kind": "", "running": False, "run_dir": "", "finished": 0.0, "losses": [], "log": "",
-                "version": status.version, "stage": "", "preview_progress": "",
+                "version": status.version, "stage": "", "preview_progress": "", "started": 0.0,
                 "text": "Nothing is running. Press **Start training** when the steps above are done.",
                 "progress": progress_bar(0.0, "not started")}
     index = STAGES.index(status.stage) if status.stage in STAGES else 0
@@ -397,4 +397,5 @@ def describe_job(status: JobStatus) -> dict:
                                                f"{total} models) · {elapsed} so far")
     return {"state": status.state, "kind": status.kind, "running": status.running, "finished": status.finished,
             "run_dir": status.run_dir, "losses": status.losses, "stage": status.stage, "preview_progress": rendering,
+            "started": status.started,
             "log": "\n".join(reversed(status.log)), "version": status.version, "text": text, "progress": bar}

@@ -62,6 +62,8 @@ def build(studio: Studio) -> gr.Blocks:
                         msg_model = gr.Markdown(elem_id="msg-model", elem_classes="emloc-msg")
                         show_last = gr.Button("Show the last run", visible=False, elem_id="show-last")
                         next_model = gr.Button("Next: your data", variant="primary")
+                        plan_only = gr.Button("Only see its memory plan (no training until it is downloaded)",
+                                              visible=False, size="sm", elem_id="plan-only")
                     # ---------------------------------------------------------------- 2. data
                     with gr.Step("2. Data", id=STEP["data"]):
                         example = gr.Button("No data at hand? Use example data made for the demo model", size="sm")

@@ -131,7 +131,7 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
         current = job["run_dir"] if job["running"] else ""
         # a page opened while the job runs follows it (step 4); one opened soon after it ended offers its results
         step = gr.Walkthrough(selected=STEP["train"]) if job["running"] else gr.skip()
-        seen = {"version": -1, "state": "running" if job["running"] else ""}
+        seen = {"version": -1, "state": "running" if job["running"] else "", "started": job["started"]}
         ended = job["state"] in ("done", "cancelled", "failed") and time.time() - job["finished"] < RECENT_S
         last = gr.Button(value=f"Show {Path(job['run_dir']).name}, the run that {job['state'].replace('done', 'finished')}"
                          " while this page was closed", visible=True) if ended else gr.Button(visible=False)
@@ -157,12 +157,24 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                 run_name(task, studio.runs_dir), "")
 
     on(c.task.change, on_task, [c.task], [c.model, c.flux_box, c.vlm_box, c.name, c.msg_model])
+    c.model.change(lambda: gr.Button(visible=False), [], [c.plan_only], concurrency_id="wizard")
 
     def go_data(task, model):
-        handlers.check_model_ready(task, model)  # not downloaded, gated, pickle weights only: refused here
-        return gr.Walkthrough(selected=STEP["data"]), ""
+        handlers.describe_model(task, model)
+        try:  # not downloaded, gated, pickle weights only: refused here, before anything is made
+            handlers.check_model_ready(task, model)
+        except ValueError as err:
+            return gr.skip(), say(words.in_app_words(err), good=False), gr.Button(visible=True)
+        return gr.Walkthrough(selected=STEP["data"]), "", gr.Button(visible=False)
 
-    on(c.next_model.click, go_data, [c.task, c.model], [c.wizard, c.msg_model])
+    on(c.next_model.click, go_data, [c.task, c.model], [c.wizard, c.msg_model, c.plan_only], message=1)
+
+    def plan_only():
+        return gr.Walkthrough(selected=STEP["data"]), say(
+            "This model cannot be trained here yet: steps 2 and 3 show your data check and its memory plan; "
+            "Start training is refused until its files are on this machine.", good=False)
+
+    on(c.plan_only.click, plan_only, [], [c.wizard, c.msg_data])
 
     # -- 2. data -------------------------------------------------------------------------------------
     def on_upload(task, table_rows):
@@ -297,7 +309,9 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
         was_running = seen.get("state") == "running"
         current = current or view["run_dir"]
         ours = bool(view["run_dir"]) and view["run_dir"] == current
-        finished = was_running and not view["running"] and ours
+        # a job that started and ended between two ticks (a quick preview) was never seen running: its start time tells
+        new_job = "started" in seen and view["started"] != seen["started"]
+        finished = (was_running or new_job) and not view["running"] and ours
         results = [gr.skip()] * 10
         step = gr.skip()
         if finished and view["state"] == "done":
@@ -311,6 +325,7 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                   or (view["running"] and now - seen.get("listed", 0) >= RUNS_REFRESH_S))
         runs = list(runs_view(pick)) if relist else [gr.skip(), gr.skip()]
         drawn = {"version": view["version"], "state": view["state"], "stage": view["stage"],
+                 "started": view["started"],
                  "listed": now if relist else seen.get("listed", 0)}
         return (drawn, current, view["text"], view["progress"], loss_frame(view["losses"]), view["log"],
                 gr.Button(interactive=view["running"]), step, *results, note, *runs, view["preview_progress"])
