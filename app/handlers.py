@@ -73,8 +73,9 @@ def model_choices(task: str, demo: dict[str, Path] | None = None) -> list[tuple[
         choices.append((f"Demo model (tiny, runs on a CPU): {Path(demo[task]).name}", str(demo[task])))
     for entry in catalogue().values():
         if entry.family == task:
-            choices.append((f"{entry.display_name} ({entry.model_id}, weights downloaded when training starts)",
-                            entry.model_id))
+            state = {"downloaded": "downloaded", "offline": "not downloaded; this machine is offline",
+                     "hub": "weights downloaded when training starts"}[hub_state(entry.model_id)]
+            choices.append((f"{entry.display_name} ({entry.model_id}, {state})", entry.model_id))
     return choices
 
 
@@ -96,10 +97,37 @@ def describe_model(task: str, model: str) -> dict:
                          f"pick one for '{TASKS[task]}' or switch the task above")
     params = sum(p.numel() for p in meta.model.parameters())
     local = Path(model).expanduser().is_dir()
-    where = "a local folder" if local else "the Hugging Face hub (weights are downloaded when training starts)"
+    where = "a local folder" if local else {
+        "downloaded": "the Hugging Face hub (downloaded on this machine)",
+        "offline": "the Hugging Face hub: **not downloaded, and this machine is offline**, so it cannot be trained here",
+        "hub": "the Hugging Face hub (weights are downloaded when training starts)"}[hub_state(model)]
     what = "transformer" if task == "flux" else "model"
     return {"name": meta.display_name, "family": meta.family, "params": params, "local": local,
             "text": f"**{meta.display_name}**: {count(params)} parameters in the {what}, from {where}."}
+
+
+def hub_state(model: str) -> str:
+    """'downloaded' (in this machine's hub cache), 'offline' (not, and the hub may not be used) or 'hub'."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from pipelines.runner.checks import hub_offline
+
+    try:
+        snapshot_download(model, local_files_only=True)
+        return "downloaded"
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return "offline" if hub_offline() else "hub"
+
+
+def check_model_ready(task: str, model: str) -> dict:
+    """Step 1's Next: the model suits the task and can be trained here: a local folder with safetensors weights,
+    or a hub id that is downloaded (or can be, and is not gated). ValueError in words otherwise; no folder is made."""
+    from pipelines.runner.checks import check_model_source
+
+    info = describe_model(task, model)
+    check_model_source(model.strip(), "the model")
+    return info
 
 
 def count(n: float) -> str:

@@ -85,24 +85,65 @@ def flux_previews(folder: Path, uncorrected: bool = False, known: list[str] | No
     return items, prompts
 
 
-def vlm_previews(folder: Path, uncorrected: bool = False) -> tuple[list[str], list[list[str]], str]:
-    """(headers, rows, scores text) of the answer table in previews.json."""
+SEEN = {"trained on": "yes", "held out": "no (held out)"}
+
+
+def training_images(run_dir: str | Path) -> set[str]:
+    """Names of the images the run trained on (its data/qa.jsonl less the held-out samples at its end)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "data" / "qa.jsonl"
+    if not path.is_file():
+        return set()
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    holdout = int(run_info(run_dir)["settings"]["backend"].get("holdout", 0) or 0)
+    names = set()
+    for record in records[:len(records) - holdout] if holdout else records:
+        image = record.get("image") or []
+        names.update(Path(i).name for i in (image if isinstance(image, list) else [image]))
+    return names
+
+
+def seen_in_training(item: dict, trained: set[str], run_dir: Path | None) -> str:
+    """'yes', 'no (held out)' or 'no (a new image)' for a preview question's image; '' without an image."""
+    if not item.get("image"):
+        return ""
+    if item.get("source") in SEEN:
+        return SEEN[item["source"]]
+    path = Path(item["image"])
+    inside = run_dir is not None and path.parent == Path(run_dir) / "data" / "images"
+    return "yes" if inside and path.name in trained else "no (a new image)"
+
+
+def vlm_previews(folder: Path, uncorrected: bool = False, run_dir: str | Path | None = None
+                 ) -> tuple[list[str], list[list[str]], str]:
+    """(headers, rows, scores text) of the answer table in previews.json, with whether each image was trained on."""
     path = folder / "previews.json"
     if not path.is_file():
         return [], [], ""
     data = json.loads(path.read_text())
     labels = list(PREVIEW_VARIANTS if uncorrected else SHOWN)
-    headers = ["question", "image", "reference"] + labels
-    rows = []
+    headers = ["question", "image", "image seen in training", "reference"] + labels
+    trained = training_images(run_dir) if run_dir else set()
+    rows, seen = [], []
     for item in data.get("items", []):
         answers = item.get("answers", {})
-        rows.append([item.get("question", ""), shown_name(item["image"]) if item.get("image") else "",
+        seen.append(seen_in_training(item, trained, Path(run_dir) if run_dir else None))
+        rows.append([item.get("question", ""), shown_name(item["image"]) if item.get("image") else "", seen[-1],
                      item.get("reference") or ""] + [answers.get(label) or "(empty answer)" for label in labels])
     scores = data.get("scores", {})
     text = "; ".join(f"{label}: exact match {scores[label]['exact_match']:.2f}, token F1 {scores[label]['token_f1']:.2f}"
                      for label in labels if label in scores)
-    return headers, rows, (f"Scores against the reference answers ({next(iter(scores.values()))['n']} questions): "
-                           + text) if text else ""
+    if not text:
+        return headers, rows, ""
+    scored = [s for s, item in zip(seen, data.get("items", [])) if item.get("reference") is not None]
+    if scored and all(s == "yes" for s in scored):
+        which = "all on images seen in training: they show what the LoRA learned, not how it does on new photos"
+    elif scored and all(s.startswith("no") for s in scored):
+        which = "all on images held out of training"
+    else:
+        which = f"{sum(s == 'yes' for s in scored)} on images seen in training, the others held out"
+    n = next(iter(scores.values()))["n"]
+    return headers, rows, f"Scores against the reference answers ({n} questions, {which}): " + text
 
 
 def shown_name(path: str) -> str:
@@ -111,13 +152,12 @@ def shown_name(path: str) -> str:
 
 
 def export_info(run_dir: str | Path) -> dict:
-    """Where the corrected adapter is, its formats, and a snippet that loads it: {"text", "snippet", "folder"}."""
+    """Where the corrected adapter is and its formats: {"text", "folder"} (the backend writes the snippet)."""
     run_dir = Path(run_dir).resolve()
     info = run_info(run_dir)
     lora = run_dir / "lora"
     if not (lora / "corrected").is_dir():
         raise FileNotFoundError(f"{run_dir.name} has no corrected adapter yet; finish training (step 4) first")
-    model = info["settings"]["run"]["model"]
     lines = [f"**Corrected adapter, PEFT format** (adapter\\_config.json + adapter\\_model.safetensors; loads with "
              f"`PeftModel.from_pretrained`): `{lora / 'corrected'}`",
              f"**Uncorrected adapter** (the LoRA as trained on the emulator, for comparison): `{lora / 'uncorrected'}`"]
@@ -125,21 +165,9 @@ def export_info(run_dir: str | Path) -> dict:
         lines.insert(1, "**Corrected adapter, diffusers format** (one safetensors file with keys "
                         "`transformer.<module>.lora_A/B.weight`; loads with `FluxPipeline.load_lora_weights`): "
                         f"`{lora / 'diffusers' / 'pytorch_lora_weights.safetensors'}`")
-        snippet = (f"import torch\nfrom diffusers import FluxPipeline\n\n"
-                   f"pipe = FluxPipeline.from_pretrained({model!r}, torch_dtype=torch.bfloat16)\n"
-                   f"pipe.load_lora_weights({str(lora / 'diffusers')!r}, weight_name=\"pytorch_lora_weights.safetensors\")\n"
-                   f"pipe.to(\"cuda\" if torch.cuda.is_available() else \"cpu\")\n"
-                   f"image = pipe({info['settings']['backend'].get('prompt', '')!r}).images[0]\nimage.save(\"sample.png\")\n")
-    else:
-        snippet = (f"import torch\nfrom peft import PeftModel\nfrom transformers import AutoTokenizer, "
-                   f"InternVLForConditionalGeneration\n\n"
-                   f"base = InternVLForConditionalGeneration.from_pretrained({model!r}, dtype=torch.bfloat16)\n"
-                   f"model = PeftModel.from_pretrained(base, {str(lora / 'corrected')!r})\n"
-                   f"model = model.merge_and_unload()  # optional: fold the LoRA into the weights\n"
-                   f"tokenizer = AutoTokenizer.from_pretrained({model!r})\n")
     lines.append("The zip below holds all of them, in the folders corrected/, uncorrected/"
                  + (", diffusers/ and diffusers-uncorrected/." if info["backend"] == "flux" else "."))
-    return {"text": "\n\n".join(lines), "snippet": snippet, "folder": str(lora)}
+    return {"text": "\n\n".join(lines), "folder": str(lora)}
 
 
 def export_zip(run_dir: str | Path) -> str:

@@ -6,8 +6,10 @@ and return plain values; app/ui.py binds them to components.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -18,10 +20,11 @@ from typing import Any
 
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.registry import backend_class
-from pipelines.runner.data import DataError
-from pipelines.runner import LOSS_LOG, RUN_FILE, STAGES, Run, RunSettings
+from pipelines.runner.data import DataError, check_image
+from pipelines.runner import LOSS_LOG, PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
 
 from . import handlers, results
+from .words import failure_words
 from .jobs import JobBusy, JobManager, JobStatus
 from .plots import progress_bar
 
@@ -32,6 +35,7 @@ STAGE_WORDS = {"starting": "Starting", "cache": "Caching your data (text embeddi
                "emulate": "Building the low-rank emulator", "train": "Training the LoRA on the emulator",
                "correct": "Correcting the LoRA for the full model", "preview": "Rendering previews"}
 MAX_SEEDS = 8
+ASKED_DIR = "asked"  # new images a question was asked about in step 5, inside the run folder
 
 
 @dataclass
@@ -59,6 +63,35 @@ class TrainRequest:
     preview_steps: int = 0  # FLUX (0: the model's default)
     max_sequence_length: int = 0  # FLUX (0: the model's default)
     max_new_tokens: int = 32  # InternVL: longest preview answer
+
+
+# TrainRequest field -> (its control on the page, whole number?)
+NUMBER_CONTROLS = {"ratio": ("Compression ratio (step 3)", False), "rank": ("LoRA rank (step 3)", True),
+                   "steps": ("Training steps (step 4)", True), "lr": ("Learning rate (step 4)", False),
+                   "lam": ("Correction clamp λ (step 4)", False), "seed": ("Seed (step 4)", True),
+                   "calibration_samples": ("Calibration samples (step 4)", True),
+                   "checkpoint_every": ("Checkpoint every N steps (step 4, More settings)", True),
+                   "resolution": ("Image size (step 4, More settings)", True),
+                   "preview_steps": ("Preview denoising steps (step 4, More settings)", True),
+                   "max_sequence_length": ("Text tokens (step 4, More settings)", True),
+                   "max_new_tokens": ("Longest preview answer (step 4, More settings)", True)}
+
+
+def checked_numbers(request: TrainRequest) -> TrainRequest:
+    """The request with every number box read as a number; an empty or non-numeric box is named in words."""
+    values = {}
+    for name, (label, whole) in NUMBER_CONTROLS.items():
+        value = getattr(request, name)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{label} is empty; type a {'whole ' if whole else ''}number") from None
+        if number != number:  # nan
+            raise ValueError(f"{label} is not a number; type a {'whole ' if whole else ''}number")
+        if whole and (not math.isfinite(number) or number != int(number)):
+            raise ValueError(f"{label} must be a whole number; got {number:g}")
+        values[name] = int(number) if whole else number
+    return dataclasses.replace(request, **values)
 
 
 def run_name(task: str, runs_dir: Path) -> str:
@@ -122,6 +155,7 @@ class Studio:
             raise JobBusy(busy)
         folder = check_run_name(request.name, self.runs_dir)
         check_model_source(request.model, "the model")  # a hub id that is not downloaded, pickle-only weights...
+        request = checked_numbers(request)
         run_settings = RunSettings(model=(request.model or "").strip(), ratio=float(request.ratio),
                                    steps=int(request.steps), lr=float(request.lr), rank=int(request.rank),
                                    alpha=float(request.rank), seed=int(request.seed), lam=float(request.lam),
@@ -165,8 +199,12 @@ class Studio:
         return view
 
     # -- step 5: previews ------------------------------------------------------------------------------
-    def render_preview(self, run_dir: str, text: str, seeds: str, image: str | None = None) -> str:
-        """New previews of a finished run for a prompt (FLUX) or a question (InternVL), in the background."""
+    def render_preview(self, run_dir: str, text: str, seeds: str, image: str | None = None,
+                       upload: str | None = None) -> str:
+        """New previews of a finished run for a prompt (FLUX) or a question (InternVL), in the background.
+
+        InternVL: the question is asked about `image` (one of the run's images) or `upload` (a new image, kept in
+        `<run>/asked/` so the answers can be shown beside it later)."""
         busy = self.jobs.busy_message()
         if busy:
             raise JobBusy(busy)
@@ -183,7 +221,18 @@ class Studio:
             if not text:
                 raise ValueError("type a question to ask the three models")
             run.backend.settings.preview_questions = [text]
-            run.backend.settings.preview_images = [str(Path(run_dir) / "data" / "images" / image)] if image else []
+            if upload:
+                try:
+                    check_image(Path(upload), handlers.LIMITS["vlm"])
+                except DataError as err:  # said with the file's name, not the upload's temporary path
+                    raise DataError(str(err).replace(str(upload), Path(upload).name)) from None
+                asked = Path(run_dir) / ASKED_DIR / time.strftime("%Y%m%d-%H%M%S")
+                asked.mkdir(parents=True, exist_ok=True)
+                target = asked / Path(upload).name
+                shutil.copyfile(upload, target)
+                run.backend.settings.preview_images = [str(target)]
+            else:
+                run.backend.settings.preview_images = [str(Path(run_dir) / "data" / "images" / image)] if image else []
         prompts = list(getattr(run.backend.settings, "preview_prompts", []) or [])
 
         def render(r: Run) -> str:
@@ -215,7 +264,7 @@ class Studio:
             view["images"], prompts = results.flux_previews(newest, uncorrected, known)
             view["text"] += " Prompt" + ("s" if len(prompts) > 1 else "") + ": " + "; ".join(f"“{p}”" for p in prompts)
         else:
-            view["headers"], view["rows"], view["scores"] = results.vlm_previews(newest, uncorrected)
+            view["headers"], view["rows"], view["scores"] = results.vlm_previews(newest, uncorrected, run_dir)
         return view
 
     def question_images(self, run_dir: str) -> list[str]:
@@ -228,8 +277,10 @@ class Studio:
         if not run_dir:
             raise ValueError("no run yet: train one in step 4, or open one under Past runs")
         info = results.export_info(run_dir)
-        Run.open(run_dir).check_adapters()  # a NaN, incomplete or mis-shaped adapter is refused, in words
-        return {**info, "zip": results.export_zip(run_dir)}
+        run = Run.open(run_dir)
+        run.check_adapters()  # a NaN, incomplete or mis-shaped adapter is refused, in words
+        snippet = run.backend.export_snippet(Path(info["folder"]))  # reproduces a preview, with its settings
+        return {**info, "snippet": snippet, "zip": results.export_zip(run_dir)}
 
     def list_runs(self) -> list[dict]:
         """Every run under the runs folder, newest first: name, task, model, created, status, steps.
@@ -246,9 +297,8 @@ class Studio:
                 continue
             stages = info["stages"]
             pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
-            first = stages.get(pending[0]) if pending else None
-            status = "finished" if not pending else \
-                f"{first.get('status', 'pending') if isinstance(first, dict) else 'pending'} at {pending[0]}"
+            status = "finished" if not pending else stage_words(pending[0], stages.get(pending[0]),
+                                                                 info["settings"]["run"].get("model", ""))
             if running.running and Path(running.run_dir) == path.parent:
                 status = "running now"
             settings = info["settings"]["run"]
@@ -281,6 +331,18 @@ class Studio:
         return str(run.dir)
 
 
+FAILURE_CHARS = 400  # a failure's message in the Past runs table, cut here
+
+
+def stage_words(stage: str, entry: Any, model: str = "") -> str:
+    """The state of a run's first unfinished stage for Past runs: 'failed at calibrate: <why>', 'cancelled at ...'."""
+    status = entry.get("status", "pending") if isinstance(entry, dict) else "pending"
+    if status == "failed":
+        why = failure_words(entry.get("error", ""), model)
+        return f"failed at {stage}: {why[:FAILURE_CHARS]}{'…' if len(why) > FAILURE_CHARS else ''}"
+    return f"{status} at {stage}"
+
+
 def settings_summary(run_dir: str | Path) -> str:
     """One line with the settings a run was started with (from its run.json)."""
     try:
@@ -307,7 +369,7 @@ def describe_job(status: JobStatus) -> dict:
     name = Path(status.run_dir).name if status.run_dir else ""
     if status.state == "idle":
         return {"state": "idle", "kind": "", "running": False, "run_dir": "", "finished": 0.0, "losses": [], "log": "",
-                "version": status.version,
+                "version": status.version, "stage": "", "preview_progress": "", "started": 0.0,
                 "text": "Nothing is running. Press **Start training** when the steps above are done.",
                 "progress": progress_bar(0.0, "not started")}
     index = STAGES.index(status.stage) if status.stage in STAGES else 0
@@ -324,10 +386,18 @@ def describe_job(status: JobStatus) -> dict:
     text = {"running": f"**{what} {name}: {words}** (stage {index + 1} of {len(STAGES)}{', ' + detail if detail else ''})",
             "done": f"**{what} {name} finished** in {elapsed}. See the previews in step 5 and the files in step 6.",
             "cancelled": f"**{what} {name} was cancelled** ({status.error}). Resume it under Past runs.",
-            "failed": f"**{what} {name} failed** at {status.stage}: {status.error}. Fix the cause and resume it "
-                      "under Past runs, or start a new run."}[status.state]
+            "failed": f"**{what} {name} failed** at {status.stage}: {failure_words(status.error)}. Fix the cause and "
+                      "resume it under Past runs, or start a new run."}[status.state]
     bar = progress_bar(fraction, f"{words} · {detail}" if status.state == "running" and detail else
                        ("done" if status.state == "done" else words))
+    rendering = ""  # step 5's own bar while a preview job runs: which of the four models is being sampled
+    if status.kind == "preview" and status.state == "running":
+        done = status.step if status.stage == "preview" else 0
+        total = len(PREVIEW_VARIANTS)
+        label = PREVIEW_VARIANTS[min(done, total - 1)] if status.stage == "preview" else "loading the models"
+        rendering = progress_bar(done / total, f"Rendering previews of {name}: {label} ({min(done + 1, total)} of "
+                                               f"{total} models) · {elapsed} so far")
     return {"state": status.state, "kind": status.kind, "running": status.running, "finished": status.finished,
-            "run_dir": status.run_dir, "losses": status.losses,
+            "run_dir": status.run_dir, "losses": status.losses, "stage": status.stage, "preview_progress": rendering,
+            "started": status.started,
             "log": "\n".join(reversed(status.log)), "version": status.version, "text": text, "progress": bar}

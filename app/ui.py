@@ -62,6 +62,8 @@ def build(studio: Studio) -> gr.Blocks:
                         msg_model = gr.Markdown(elem_id="msg-model", elem_classes="emloc-msg")
                         show_last = gr.Button("Show the last run", visible=False, elem_id="show-last")
                         next_model = gr.Button("Next: your data", variant="primary")
+                        plan_only = gr.Button("Only see its memory plan (no training until it is downloaded)",
+                                              visible=False, size="sm", elem_id="plan-only")
                     # ---------------------------------------------------------------- 2. data
                     with gr.Step("2. Data", id=STEP["data"]):
                         example = gr.Button("No data at hand? Use example data made for the demo model", size="sm")
@@ -154,7 +156,11 @@ def build(studio: Studio) -> gr.Blocks:
                             seeds = gr.Textbox("0", label="Seeds (FLUX)", scale=1, elem_id="seeds")
                             ask_image = gr.Dropdown([], label="Image for the question (InternVL)", scale=1,
                                                     allow_custom_value=False)
+                            ask_upload = gr.Image(type="filepath", label="Or a new image (InternVL): it is used "
+                                                  "instead of the one chosen", scale=1, height=140, visible=False,
+                                                  sources=["upload"], elem_id="ask-upload")
                         render = gr.Button("Render new previews", elem_id="render")
+                        preview_progress = gr.HTML(elem_id="preview-progress")
                         msg_preview = gr.Markdown(elem_id="msg-preview", elem_classes="emloc-msg")
                         next_preview = gr.Button("Next: export", variant="primary")
                     # ---------------------------------------------------------------- 6. export
@@ -162,7 +168,8 @@ def build(studio: Studio) -> gr.Blocks:
                         export_text = gr.Markdown(elem_id="export-text")
                         download = gr.File(label="Download the adapters (zip)", interactive=False,
                                            elem_id="download")
-                        snippet = gr.Code(language="python", label="Load it in Python", interactive=False)
+                        snippet = gr.Code(language="python", label="Python that loads the corrected LoRA and makes its first preview again",
+                                          interactive=False, elem_id="snippet")
                         msg_export = gr.Markdown(elem_id="msg-export", elem_classes="emloc-msg")
                         new_run = gr.Button("Start another run")
             with gr.Tab("Past runs", id="runs"):

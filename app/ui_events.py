@@ -16,8 +16,9 @@ from typing import Callable
 import gradio as gr
 import pandas as pd
 
-from . import handlers, results
+from . import handlers, results, words
 from .jobs import JobBusy
+from .plots import progress_bar
 from .studio import Studio, TrainRequest, read_losses, run_name
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, JobBusy, OSError)
 STEP = {"model": 0, "data": 1, "budget": 2, "train": 3, "preview": 4, "export": 5}
 RECENT_S = 1800  # a job that ended this recently is shown on pages opened after it
 RUN_COLUMNS = ["name", "task", "model", "created", "status", "steps"]
+RUNS_REFRESH_S = 5  # Past runs is listed again this often while a job runs (its step count moves)
 
 
 def say(text: str, good: bool = True) -> str:
@@ -43,7 +45,7 @@ def guard(fn: Callable, outputs: int, message: int) -> Callable:
         try:
             return fn(*args)
         except USER_ERRORS as err:
-            reason = str(err)
+            reason = words.in_app_words(str(err))  # the CLI's flags said as the page's controls
         except Exception as err:  # a bug: say so plainly; the traceback goes to the terminal
             log.exception("handler %s failed", getattr(fn, "__name__", fn))
             reason = f"something went wrong ({type(err).__name__}: {err}); the details are in the terminal"
@@ -94,7 +96,7 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                 gr.Dataframe(value=table, visible=table is not None), view["scores"],
                 gr.Dropdown(choices=[(results.shown_name(i), i) for i in images], value=images[0] if images else None,
                             visible=bool(images)),
-                gr.Textbox(visible=flux))
+                gr.Textbox(visible=flux), gr.Image(visible=view["task"] == "vlm"))
 
     def export_view(current):
         if not current:
@@ -102,11 +104,11 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
         info = studio.export(current)
         return info["text"], info["zip"], info["snippet"]
 
-    def runs_view():
+    def runs_view(pick=None):
         rows = studio.list_runs()
         names = [r["name"] for r in rows]
         return (pd.DataFrame([[r[k] for k in RUN_COLUMNS] for r in rows], columns=RUN_COLUMNS),
-                gr.Dropdown(choices=names, value=names[0] if names else None))
+                gr.Dropdown(choices=names, value=pick if pick in names else (names[0] if names else None)))
 
     # -- 1. model (and page load: the device, the default model, a job that may already be running) -------
     def on_model(task, model, budget, ratio, rank):
@@ -129,7 +131,7 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
         current = job["run_dir"] if job["running"] else ""
         # a page opened while the job runs follows it (step 4); one opened soon after it ended offers its results
         step = gr.Walkthrough(selected=STEP["train"]) if job["running"] else gr.skip()
-        seen = {"version": -1, "state": "running" if job["running"] else ""}
+        seen = {"version": -1, "state": "running" if job["running"] else "", "started": job["started"]}
         ended = job["state"] in ("done", "cancelled", "failed") and time.time() - job["finished"] < RECENT_S
         last = gr.Button(value=f"Show {Path(job['run_dir']).name}, the run that {job['state'].replace('done', 'finished')}"
                          " while this page was closed", visible=True) if ended else gr.Button(visible=False)
@@ -155,12 +157,24 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                 run_name(task, studio.runs_dir), "")
 
     on(c.task.change, on_task, [c.task], [c.model, c.flux_box, c.vlm_box, c.name, c.msg_model])
+    c.model.change(lambda: gr.Button(visible=False), [], [c.plan_only], concurrency_id="wizard")
 
     def go_data(task, model):
         handlers.describe_model(task, model)
-        return gr.Walkthrough(selected=STEP["data"]), ""
+        try:  # not downloaded, gated, pickle weights only: refused here, before anything is made
+            handlers.check_model_ready(task, model)
+        except ValueError as err:
+            return gr.skip(), say(words.in_app_words(err), good=False), gr.Button(visible=True)
+        return gr.Walkthrough(selected=STEP["data"]), "", gr.Button(visible=False)
 
-    on(c.next_model.click, go_data, [c.task, c.model], [c.wizard, c.msg_model])
+    on(c.next_model.click, go_data, [c.task, c.model], [c.wizard, c.msg_model, c.plan_only], message=1)
+
+    def plan_only():
+        return gr.Walkthrough(selected=STEP["data"]), say(
+            "This model cannot be trained here yet: steps 2 and 3 show your data check and its memory plan; "
+            "Start training is refused until its files are on this machine.", good=False)
+
+    on(c.plan_only.click, plan_only, [], [c.wizard, c.msg_data])
 
     # -- 2. data -------------------------------------------------------------------------------------
     def on_upload(task, table_rows):
@@ -206,18 +220,31 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                 if missing else "")
         return rows, None, say(f"{len(rows)} questions imported.{note}", good=not missing)
 
-    def on_example(task, flux_images, vlm_images, captions, table):
-        images, rows, prompt = handlers.example_data(task, Path(tempfile.mkdtemp(prefix="emloc-example-")))
+    def on_example(task, flux_images, vlm_images, captions, table, prompt, trigger):
+        """The demo's example data in place of what the set holds (said on the page: nothing is mixed)."""
+        images, rows, example_prompt = handlers.example_data(task, Path(tempfile.mkdtemp(prefix="emloc-example-")))
+        paths = [i["path"] for i in images]
         if task == "flux":
-            images, message = handlers.add_images(flux_images, [i["path"] for i in images], "flux")
-            return (images, handlers.gallery_items(images), handlers.caption_rows(images, captions), prompt,
-                    gr.skip(), gr.skip(), gr.skip(), say(message + " Example photos of the demo subject."))
-        images, message = handlers.add_images(vlm_images, [i["path"] for i in images], "vlm")
-        return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), images, handlers.gallery_items(images),
-                [row for row in handlers.table_rows(table) if any(row)] + rows, say(message + " Example questions added."))
+            images, _ = handlers.add_images([], paths, "flux")
+            had = len(flux_images or [])
+            replaced = (f"Replaced your {had} photo{'s' if had != 1 else ''} and the prompt {prompt!r} with" if had
+                        else f"Replaced the prompt {prompt!r} with")
+            message = (f"{replaced} the example data: {len(images)} photos of the demo subject (a teal cross) and the "
+                       f"prompt {example_prompt!r}, trigger word 'sks'. Your own files on disk are untouched; drop them "
+                       "again to use them.")
+            return (images, handlers.gallery_items(images), handlers.caption_rows(images, None), example_prompt, "sks",
+                    gr.skip(), gr.skip(), gr.skip(), say(message))
+        images, _ = handlers.add_images([], paths, "vlm")
+        had, typed = len(vlm_images or []), len([row for row in handlers.table_rows(table) if any(row)])
+        replaced = f"Replaced your {had} images and {typed} questions with" if had or typed else "Added"
+        message = (f"{replaced} the example data: {len(images)} photos of mugs and {len(rows)} questions about "
+                   "whose mug each is. Your own files on disk are untouched; drop them again to use them.")
+        return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), images, handlers.gallery_items(images), rows,
+                say(message))
 
-    on(c.example.click, on_example, [c.task, c.flux_images, c.vlm_images, c.captions, c.qa_table],
-       [c.flux_images, c.flux_gallery, c.captions, c.prompt, c.vlm_images, c.vlm_gallery, c.qa_table, c.msg_data])
+    on(c.example.click, on_example, [c.task, c.flux_images, c.vlm_images, c.captions, c.qa_table, c.prompt, c.trigger],
+       [c.flux_images, c.flux_gallery, c.captions, c.prompt, c.trigger, c.vlm_images, c.vlm_gallery, c.qa_table,
+        c.msg_data])
 
     on(c.qa_import.upload, on_import, [c.qa_import, c.vlm_images], [c.qa_table, c.qa_import, c.msg_data])
 
@@ -275,31 +302,43 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
        [c.current, c.name, c.msg_train])
     on(c.cancel.click, lambda: say(studio.cancel()), [], [c.msg_train])
 
-    def on_tick(seen, current, uncorrected):
+    def on_tick(seen, current, uncorrected, pick):
         view = studio.job_view()
-        if view["version"] == (seen or {}).get("version"):
-            return (gr.skip(),) * 18
-        was_running = (seen or {}).get("state") == "running"
+        seen = seen or {}
+        if view["version"] == seen.get("version"):
+            return (gr.skip(),) * 22
+        was_running = seen.get("state") == "running"
         current = current or view["run_dir"]
         ours = bool(view["run_dir"]) and view["run_dir"] == current
-        finished = was_running and not view["running"] and ours
-        results = [gr.skip()] * 9
+        # a job that started and ended between two ticks (a quick preview) was never seen running: its start time tells
+        new_job = "started" in seen and view["started"] != seen["started"]
+        finished = (was_running or new_job) and not view["running"] and ours
+        results = [gr.skip()] * 10
         step = gr.skip()
         if finished and view["state"] == "done":
             results = list(preview_view(current, uncorrected))
             results += list(export_view(current)) if view["kind"] == "run" else [gr.skip()] * 3
             step = gr.Walkthrough(selected=STEP["preview"]) if view["kind"] == "run" else gr.skip()
         note = "" if finished and view["kind"] == "preview" else gr.skip()  # "rendering ..." is over
-        return ({"version": view["version"], "state": view["state"]}, current, view["text"], view["progress"],
-                loss_frame(view["losses"]), view["log"], gr.Button(interactive=view["running"]), step, *results, note)
+        # Past runs follows the job: at every change of state or stage, and every few seconds while it runs
+        now = time.time()
+        relist = (view["state"] != seen.get("state") or view["stage"] != seen.get("stage")
+                  or (view["running"] and now - seen.get("listed", 0) >= RUNS_REFRESH_S))
+        runs = list(runs_view(pick)) if relist else [gr.skip(), gr.skip()]
+        drawn = {"version": view["version"], "state": view["state"], "stage": view["stage"],
+                 "started": view["started"],
+                 "listed": now if relist else seen.get("listed", 0)}
+        return (drawn, current, view["text"], view["progress"], loss_frame(view["losses"]), view["log"],
+                gr.Button(interactive=view["running"]), step, *results, note, *runs, view["preview_progress"])
 
-    c.timer.tick(guard(on_tick, 18, 2), inputs=[c.seen, c.current, c.show_uncorrected],
+    c.timer.tick(guard(on_tick, 22, 2), inputs=[c.seen, c.current, c.show_uncorrected, c.run_pick],
                  outputs=[c.seen, c.current, c.status, c.progress, c.loss_plot, c.job_log, c.cancel, c.wizard,
                           c.preview_text, c.preview_gallery, c.answers, c.scores, c.ask_image, c.seeds,
-                          c.export_text, c.download, c.snippet, c.msg_preview], show_progress="hidden")
+                          c.ask_upload, c.export_text, c.download, c.snippet, c.msg_preview, c.runs_table, c.run_pick,
+                          c.preview_progress], show_progress="hidden")
 
     # -- 5. preview and 6. export --------------------------------------------------------------------
-    preview_outputs = [c.preview_text, c.preview_gallery, c.answers, c.scores, c.ask_image, c.seeds]
+    preview_outputs = [c.preview_text, c.preview_gallery, c.answers, c.scores, c.ask_image, c.seeds, c.ask_upload]
 
     def go_preview(current, uncorrected):
         return (gr.Walkthrough(selected=STEP["preview"]), *preview_view(current, uncorrected), "")
@@ -307,15 +346,32 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     on(c.next_train.click, go_preview, [c.current, c.show_uncorrected], [c.wizard, *preview_outputs, c.msg_train])
     on(c.show_uncorrected.change, lambda cur, unc: (*preview_view(cur, unc), ""), [c.current, c.show_uncorrected],
        [*preview_outputs, c.msg_preview])
-    on(c.render.click, lambda cur, text, seeds, image: say(studio.render_preview(cur, text, seeds, image)),
-       [c.current, c.ask, c.seeds, c.ask_image], [c.msg_preview])
+    on(c.render.click, lambda cur, text, seeds, image, upload: say(studio.render_preview(cur, text, seeds, image,
+                                                                                          upload)),
+       [c.current, c.ask, c.seeds, c.ask_image, c.ask_upload], [c.msg_preview])
 
     def go_export(current):
         return (gr.Walkthrough(selected=STEP["export"]), *export_view(current), "")
 
     on(c.next_preview.click, go_export, [c.current], [c.wizard, c.export_text, c.download, c.snippet, c.msg_preview])
-    on(c.new_run.click, lambda task: (gr.Walkthrough(selected=STEP["model"]), run_name(task, studio.runs_dir), ""),
-       [c.task], [c.wizard, c.name, c.msg_export])
+    def on_new_run(task, current):
+        """Back to step 1 with a clean page: nothing of the last run's results, questions or log is shown; the
+        model, data and settings the user chose stay (they are the user's work, not the run's)."""
+        if studio.job_view()["running"]:
+            raise ValueError("a job is still running; wait for it to finish or press Cancel in step 4 first")
+        last = Path(current).name if current else ""
+        cleared = ("", gr.Gallery(value=None, visible=task == "flux"), gr.Dataframe(value=None, visible=False), "",
+                   gr.Dropdown(choices=[], value=None, visible=False), gr.Textbox("0", visible=task == "flux"),
+                   gr.Image(value=None, visible=False))
+        note = say("A new run: your model, data and settings are kept; the results of "
+                   f"{last or 'the last run'} are under Past runs.")
+        return (gr.Walkthrough(selected=STEP["model"]), run_name(task, studio.runs_dir), "", *cleared,
+                "", "", None, "", loss_frame([]), "Nothing is running. Press **Start training** when the steps above "
+                "are done.", progress_bar(0.0, "not started"), "", "", "", "", note, "")
+
+    on(c.new_run.click, on_new_run, [c.task, c.current],
+       [c.wizard, c.name, c.current, *preview_outputs, c.ask, c.export_text, c.download, c.snippet, c.loss_plot,
+        c.status, c.progress, c.job_log, c.preview_progress, c.msg_train, c.msg_preview, c.msg_model, c.msg_export])
 
     # -- past runs -----------------------------------------------------------------------------------
     on(c.refresh.click, lambda: (*runs_view(), ""), [], [c.runs_table, c.run_pick, c.msg_runs])

@@ -185,12 +185,16 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     page.locator("#seeds").get_by_role("textbox").fill("1, 2")
     button(page, "Render new previews").click()
     expect_text(page, "#msg-preview", "Rendering previews")
+    expect_text(page, "#preview-progress", "Rendering previews of flux-")  # progress on the Preview step itself
+    shot(page, "05a-preview-rendering")
     expect_text(page, "#preview-text", "(previews-", timeout=TRAINING_TIMEOUT_MS)
     page.wait_for_function("document.querySelectorAll('#preview-gallery img').length == 6")
     shot(page, "05b-preview-new-seeds")
     button(page, "Next: export").click()
     expect_text(page, "#export-text", "pytorch_lora_weights.safetensors")
     assert page.locator("#download").get_by_text(".zip").count() >= 1
+    expect_text(page, "#snippet", "num_inference_steps")  # the preview's own settings (tested by running it)
+    expect_text(page, "#snippet", "max_sequence_length")
     shot(page, "06-export")
     page.locator("button.step-button", has_text="4. Train").click()  # back to the finished run: loss curve, log
     expect_text(page, "#job-status", "finished")
@@ -294,12 +298,35 @@ def test_bad_input_shows_messages_in_words(page, world):
     page.get_by_role("combobox", name="Model").click()  # a real model: the budget step plans for it
     page.get_by_role("option", name=re.compile(r"FLUX\.1 \[dev\]")).click()
     expect_text(page, "#model-info", "11.9 billion parameters")
-    button(page, "Next: your data").click()
+    expect_text(page, "#model-info", "not downloaded, and this machine is offline")
+    button(page, "Next: your data").click()  # refused at step 1, in words, before any run folder exists
+    expect_text(page, "#msg-model", "is not downloaded and this machine is offline")
+    expect_text(page, "#msg-model", "huggingface-cli login")
+    assert "local_files_only" not in page.locator("#msg-model").inner_text()
+    assert not list(world["runs"].glob("*/run.json")) or all(
+        "FLUX.1-dev" not in p.read_text() for p in world["runs"].glob("*/run.json"))
+    no_traceback(page)
+    shot(page, "16-refused-not-downloaded")
+    button(page, "Only see its memory plan (no training until it is downloaded)").click()  # planning still works
+    expect_text(page, "#msg-data", "cannot be trained here yet")
     upload(page, "#flux-upload", [world["notes"], world["fake"]])  # wrong file types
     expect_text(page, "#msg-data", "notes.txt")
     expect_text(page, "#msg-data", "holiday.png")
     no_traceback(page)
     shot(page, "12-bad-file-types")
+    page.locator("#prompt").get_by_role("textbox").fill("a photo of my dog")  # no trigger word
+    upload(page, "#flux-upload", world["photos"][:3])
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#msg-data", "Trigger word (step 2)")  # the page's own control, not a CLI flag
+    assert "--" not in page.locator("#msg-data").inner_text()
+    shot(page, "17-bad-prompt-names-the-control")
+    page.locator("#flux-gallery img").first.wait_for()
+    for _ in range(3):
+        page.locator("#flux-gallery img").first.click()
+        button(page, "Remove the selected photo").click()
+        page.wait_for_timeout(300)
+    expect_text(page, "#msg-data", "0 images left")
+    page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
     upload(page, "#flux-upload", world["photos"][:2])  # too few
     button(page, "Check the data and continue").click()
     expect_text(page, "#msg-data", "add at least 3")
@@ -329,3 +356,74 @@ def test_bad_input_shows_messages_in_words(page, world):
     budget.press("Enter")
     expect_text(page, "#msg-budget", "positive number")
     no_traceback(page)
+
+
+def test_a_failed_run_is_listed_as_failed_and_past_runs_refresh_themselves(page, world, tmp_path):
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    model = tmp_path / "model"
+    shutil.copytree(world["studio"].demo_models["flux"], model)
+    settings = FluxSettings(images=str(world["photos"][0].parent), prompt=world["prompt"], resolution=32,
+                            preview_steps=2, max_sequence_length=16)
+    Run.create(world["runs"] / "broken-model", "flux", RunSettings(model=str(model), steps=2, rank=4,
+                                                                    calibration_samples=4), settings)
+    shutil.rmtree(model / "vae")  # its files went missing after the run was made
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", "broken-model")
+    page.get_by_role("combobox", name="Run").click()
+    page.get_by_role("option", name="broken-model", exact=True).click()
+    button(page, "Resume").click()
+    page.get_by_role("tab", name="Past runs").click()
+    # no Refresh: the table follows the job and shows it failed, with why
+    expect_text(page, "#runs-table", "failed at calibrate: while caching the data", timeout=60_000)
+    assert "pending at calibrate" not in page.locator("#runs-table").inner_text()
+    no_traceback(page)
+    shot(page, "18-past-runs-failed-run")
+
+
+def test_a_new_run_starts_clean_and_example_data_replaces_the_set(page, world, tmp_path):
+    finished = [p.parents[1].name for p in world["runs"].glob("vlm-*/lora/corrected")]
+    if not finished:
+        pytest.skip("needs the InternVL run of test_vlm_wizard_imports_a_table_and_shows_answers")
+    page.get_by_role("tab", name="Past runs").click()
+    page.get_by_role("combobox", name="Run").click()
+    page.get_by_role("option", name=finished[0], exact=True).click()
+    button(page, "Open").click()
+    expect_text(page, "#answers", "image seen in training")
+    expect_text(page, "#scores", "seen in training")
+    # a question about a new photo: the answers say it was never seen in training
+    page.locator("#ask").get_by_role("textbox").fill("Whose mug is this?")
+    new_photo = tmp_path / "my-own-mug.png"
+    Image.new("RGB", (96, 96), (240, 200, 30)).save(new_photo)
+    page.locator("#ask-upload input[type=file]").set_input_files(str(new_photo))
+    page.wait_for_timeout(1500)
+    button(page, "Render new previews").click()
+    expect_text(page, "#preview-text", "(previews-", timeout=TRAINING_TIMEOUT_MS)
+    expect_text(page, "#answers", "no (a new image)")
+    no_traceback(page)
+    shot(page, "19-preview-vlm-new-image")
+    button(page, "Next: export").click()
+    expect_text(page, "#snippet", "AutoImageProcessor")
+    button(page, "Start another run").click()
+    expect_text(page, "#msg-model", "A new run")
+    shot(page, "20-new-run-clean-page")
+    # steps 5 and 6 (not reachable until the new run trains) hold nothing of the last run
+    assert page.locator("#ask textarea, #ask input").first.input_value() == ""  # the last question is gone
+    def shown(selector: str) -> str:  # a hidden component is not in the page at all
+        return (page.locator(selector).text_content() or "") if page.locator(selector).count() else ""
+
+    assert "Previews of" not in shown("#preview-text") and "Whose mug" not in shown("#answers")
+    assert "AutoImageProcessor" not in shown("#snippet")
+    choose_task(page, "Personalise an image model (FLUX)")
+    button(page, "Next: your data").click()
+    upload(page, "#flux-upload", world["photos"][:3])
+    expect_text(page, "#msg-data", "3 images added")
+    page.locator("#prompt").get_by_role("textbox").fill("a photo of sks cat")
+    button(page, "No data at hand? Use example data made for the demo model").click()
+    expect_text(page, "#msg-data", "Replaced your 3 photos and the prompt 'a photo of sks cat'")
+    page.wait_for_function("document.querySelectorAll('#flux-gallery img').length == 5")  # 5, not 3 + 5
+    assert page.locator("#prompt").get_by_role("textbox").input_value() == EXAMPLE_PROMPT
+    no_traceback(page)
+    shot(page, "21-example-data-replaces")

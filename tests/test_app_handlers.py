@@ -285,3 +285,172 @@ def test_export_gives_the_adapter_a_zip_and_a_snippet(finished):
     stamp = Path(export["zip"]).stat().st_mtime_ns
     assert studio.export(str(folder))["zip"] == export["zip"] and Path(export["zip"]).stat().st_mtime_ns == stamp
     assert results.shown_name("/x/00003-00003-red.png") == "red.png"
+
+
+# ---------------------------------------------------------------------------------------------- issue 15: a first hour
+
+
+def test_a_hub_model_that_is_not_downloaded_or_gated_is_refused_at_step_one(models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = "black-forest-labs/FLUX.1-dev"
+    with pytest.raises(ValueError, match="not downloaded and this machine is offline") as refused:
+        handlers.check_model_ready("flux", hub)
+    assert "huggingface-cli login" in str(refused.value) and "local_files_only" not in str(refused.value)
+    assert "not downloaded, and this machine is offline" in handlers.describe_model("flux", hub)["text"]
+    labels = dict((value, label) for label, value in handlers.model_choices("flux", models))
+    assert "not downloaded; this machine is offline" in labels[hub]
+    assert handlers.check_model_ready("flux", str(models["flux"]))["local"]  # the demo model goes on
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(self, repo_id, **kwargs):
+        err = GatedRepoError.__new__(GatedRepoError)
+        err.args = (f"{repo_id} is gated",)
+        raise err
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(HfApi, "list_repo_files", gated)
+    with pytest.raises(ValueError, match="is gated: accept its licence on huggingface.co, then log in here with "
+                                         "`huggingface-cli login`"):
+        handlers.check_model_ready("flux", hub)
+
+
+def test_a_run_that_failed_is_listed_as_failed_with_its_message(models, photos, tmp_path):
+    import shutil
+
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    model = tmp_path / "model"
+    shutil.copytree(models["flux"], model)
+    studio = Studio(tmp_path / "runs", models)
+    settings = FluxSettings(images=str(photos[0].parent), prompt="a photo of sks dog", resolution=32,
+                            preview_steps=2, max_sequence_length=16)
+    Run.create(studio.runs_dir / "broken", "flux", RunSettings(model=str(model), steps=2, rank=4,
+                                                                calibration_samples=4), settings)
+    shutil.rmtree(model / "vae")  # the model's files go missing after the run was made
+    studio.resume_run("broken")
+    status = studio.jobs.wait(timeout=120)
+    assert status.state == "failed"
+    row = studio.list_runs()[0]
+    assert row["status"].startswith("failed at calibrate: while caching the data:"), row["status"]
+    assert "pending" not in row["status"] and len(row["status"]) < 500
+    assert "failed" in studio.job_view()["text"]
+
+
+def test_messages_name_the_pages_controls_not_command_line_flags(models, photos):
+    from app.words import in_app_words
+
+    with pytest.raises(ValueError) as refused:
+        handlers.check_data("flux", str(models["flux"]), uploads(photos), "a photo of my dog", "sks", None, None)
+    shown = in_app_words(str(refused.value))
+    assert "--" not in shown and "Prompt, step 2" in shown and "set Trigger word (step 2) to" in shown
+    assert in_app_words("--rank 64 is larger than the LoRA layer x; use --rank 16 or less") == \
+        "LoRA rank (step 3) 64 is larger than the LoRA layer x; set LoRA rank (step 3) to 16 or less"
+    studio = Studio(Path(photos[0]).parent.parent / "runs-words", models)
+    with pytest.raises(ValueError, match=r"^Training steps \(step 4\) is empty; type a whole number$"):
+        studio.start_run(TrainRequest(task="flux", model=str(models["flux"]), name="empty-box",
+                                      images=uploads(photos), prompt="a photo of sks dog",
+                                      **{**FLUX_FAST, "steps": None}))
+    assert not (studio.runs_dir / "empty-box").exists()
+
+
+def test_preview_rendering_has_its_own_progress_on_the_preview_step():
+    status = JobStatus(kind="preview", run_dir="/r/dog", state="running", stage="preview", step=2, total=4,
+                       started=time.time())
+    view = describe_job(status)
+    assert 'value="0.500"' in view["preview_progress"] and "full + corrected LoRA (3 of 4 models)" in \
+        view["preview_progress"]
+    assert describe_job(JobStatus(kind="run", run_dir="/r/dog", state="running", stage="train", step=1,
+                                  total=3, started=time.time()))["preview_progress"] == ""
+
+
+def run_snippet(code: str, folder: Path, timeout: float = 300) -> str:
+    """Run pasted code in a fresh Python in `folder`; returns its stdout (fails the test with its stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_flux_export_snippet_pasted_into_python_makes_the_preview_again(finished, tmp_path):
+    import numpy as np
+
+    studio, folder = finished["studio"], finished["folder"]
+    snippet = studio.export(str(folder))["snippet"]
+    for setting in ("height=32, width=32", "num_inference_steps=2", "max_sequence_length=16", "manual_seed(0)",
+                    "guidance_scale="):
+        assert setting in snippet, setting
+    run_snippet(snippet, tmp_path)
+    preview = folder / "previews" / "full-corrected-lora__a-photo-of-sks-dog__seed0.png"
+    assert preview.name in snippet
+    made = np.asarray(Image.open(tmp_path / "sample.png"), dtype=np.float32)
+    shown = np.asarray(Image.open(preview), dtype=np.float32)
+    base = np.asarray(Image.open(folder / "previews" / "base__a-photo-of-sks-dog__seed0.png"), dtype=np.float32)
+    assert made.shape == shown.shape == (32, 32, 3)
+    assert np.abs(made - shown).mean() <= 1.0 and np.abs(made - shown).max() <= 8  # 8-bit pixels, float error
+    assert np.abs(base - shown).mean() > np.abs(made - shown).mean()  # it is the LoRA's image, not the base's
+
+
+@pytest.fixture(scope="module")
+def finished_vlm(models, qa, tmp_path_factory):
+    """An InternVL run of 2 steps on the tiny model, from the handlers."""
+    images, rows, _ = qa
+    studio = Studio(tmp_path_factory.mktemp("vlm-runs"), models)
+    folder = studio.start_run(TrainRequest(task="vlm", model=str(models["vlm"]), name="colours", images=images,
+                                           qa_table=rows, steps=2, lr=1e-3, rank=4, calibration_samples=8,
+                                           checkpoint_every=2, max_new_tokens=3))
+    status = studio.jobs.wait(timeout=300)
+    assert status.state == "done", status.error
+    return studio, Path(folder)
+
+
+def test_vlm_export_snippet_answers_a_question_without_torchvision(finished_vlm, tmp_path):
+    import torch
+
+    from pipelines.runner import Run
+
+    studio, folder = finished_vlm
+    snippet = studio.export(str(folder))["snippet"]
+    assert "AutoProcessor" not in snippet.replace("not AutoProcessor", "")
+    without_torchvision = "import sys\nsys.modules['torchvision'] = None  # as on a machine without it\n"
+    spy = ("\nasked = {}\nanswer = model.generate\n"
+           "model.generate = lambda **kw: asked.update(kw) or answer(**kw)\n"
+           "print(repr(ask(" + snippet.rsplit("print(ask(", 1)[1].rstrip().rstrip(")") + ")))\n"
+           "torch.save({k: v for k, v in asked.items() if torch.is_tensor(v)}, 'asked.pt')\n")
+    printed = run_snippet(without_torchvision + snippet + spy, tmp_path).strip().splitlines()
+    previews = json.loads((folder / "previews" / "previews.json").read_text())
+    assert printed[-1] == repr(previews["items"][0]["answers"]["full + corrected LoRA"])
+    # the question reaches the model exactly as the previews asked it: the same tokens and pixels
+    backend = Run.open(folder).backend
+    expected = backend.packer.encode_prompt(backend.preview_items()[0][0])
+    asked = torch.load(tmp_path / "asked.pt")
+    assert asked["input_ids"][0].tolist() == expected["input_ids"].tolist()
+    assert torch.allclose(asked["pixel_values"], expected["pixel_values"], atol=1e-6)
+
+
+def test_vlm_preview_takes_a_new_image_and_says_which_images_were_trained_on(finished_vlm, tmp_path):
+    studio, folder = finished_vlm
+    view = studio.previews(str(folder))
+    seen = view["headers"].index("image seen in training")
+    assert {row[seen] for row in view["rows"]} == {"yes"} and "seen in training" in view["scores"]
+    new = tmp_path / "new-photo.png"
+    Image.new("RGB", (64, 64), (250, 20, 200)).save(new)
+    studio.render_preview(str(folder), "What colour is this?", "0", image=None, upload=str(new))
+    status = studio.jobs.wait(timeout=300)
+    assert status.state == "done", status.error
+    view = studio.previews(str(folder))
+    assert len(view["rows"]) == 1 and view["rows"][0][1] == "new-photo.png"
+    assert view["rows"][0][seen] == "no (a new image)"
+    assert [p.name for p in (folder / "asked").glob("*/*")] == ["new-photo.png"]  # kept with the run
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    with pytest.raises(ValueError, match="notes.png") as refused:
+        studio.render_preview(str(folder), "What colour is this?", "0", upload=str(bad))
+    assert str(tmp_path) not in str(refused.value)

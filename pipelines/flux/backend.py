@@ -32,7 +32,7 @@ from pipelines.runner import Backend, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
 
-from .export import sample_images, write_diffusers_lora, write_preview_grid
+from .export import load_snippet, preview_file_name, sample_images, write_diffusers_lora, write_preview_grid
 
 log = logging.getLogger(__name__)
 
@@ -348,11 +348,24 @@ class FluxBackend(Backend):
         prompts = self.settings.preview_prompts or [self.settings.prompt]
         return [(prompt, seed) for prompt in prompts for seed in self.settings.preview_seeds]
 
-    def generate(self, model: nn.Module, label: str) -> list:
+    def _sampling(self) -> dict:
+        """How previews are sampled: denoising steps, guidance and T5 tokens (the defaults resolved)."""
         guidance = self._guidance()
-        steps = self.settings.preview_steps or (28 if guidance else 4)
-        return sample_images(self._pipeline(), model, self._requests(), self.settings.resolution, steps,
-                             self.settings.preview_guidance if guidance else 0.0, self._sequence_length())
+        return {"steps": self.settings.preview_steps or (28 if guidance else 4),
+                "guidance": self.settings.preview_guidance if guidance else 0.0,
+                "sequence_length": self._sequence_length()}
+
+    def generate(self, model: nn.Module, label: str) -> list:
+        how = self._sampling()
+        return sample_images(self._pipeline(), model, self._requests(), self.settings.resolution, how["steps"],
+                             how["guidance"], how["sequence_length"])
+
+    def export_snippet(self, lora: Path) -> str:
+        """Python that renders the first preview of the corrected LoRA again (diffusers format)."""
+        prompt, seed = self._requests()[0]
+        preview = preview_file_name("full + corrected LoRA", prompt, seed)
+        return load_snippet(self.run.model, Path(lora) / "diffusers", prompt, seed, self.settings.resolution,
+                            preview=preview, **self._sampling())
 
     def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
         return write_preview_grid(folder, outputs, self._requests(), self.settings.resolution)

@@ -62,13 +62,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def preview_file_name(label: str, prompt: str, seed: int) -> str:
+    """The file of one preview image: `<variant>__<first 40 characters of the prompt>__seed<N>.png`."""
+    return f"{_slug(label)}__{_slug(prompt)[:40]}__seed{seed}.png"
+
+
 def write_preview_grid(folder: Path, outputs: dict[str, list[Image.Image]], requests: list[tuple[str, int]],
                        resolution: int) -> list[Path]:
     """Each image as a PNG, plus `grid.png`: one column per model variant, one row per (prompt, seed)."""
     files = []
     for label, images in outputs.items():
         for (prompt, seed), image in zip(requests, images):
-            path = folder / f"{_slug(label)}__{_slug(prompt)[:40]}__seed{seed}.png"
+            path = folder / preview_file_name(label, prompt, seed)
             image.save(path)
             files.append(path)
     cell = max(resolution, 160)
@@ -87,3 +92,26 @@ def write_preview_grid(folder: Path, outputs: dict[str, list[Image.Image]], requ
     grid_path = folder / "grid.png"
     grid.save(grid_path)
     return files + [grid_path]
+
+
+SNIPPET = '''import torch
+from diffusers import FluxPipeline
+
+# The preview {preview} of this run, made again: the same model, LoRA, prompt, seed, size, denoising steps,
+# guidance and text tokens. On the machine that trained it (same dtype) the image matches the preview.
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the run used on each
+pipe = FluxPipeline.from_pretrained({model!r}, torch_dtype=dtype, use_safetensors=True).to(device)
+pipe.load_lora_weights({lora!r}, weight_name={weights!r})
+image = pipe({prompt!r}, height={size}, width={size}, num_inference_steps={steps}, guidance_scale={guidance},
+             max_sequence_length={tokens}, generator=torch.Generator("cpu").manual_seed({seed})).images[0]
+image.save("sample.png")
+'''
+
+
+def load_snippet(model: str, lora_folder: Path, prompt: str, seed: int, size: int, steps: int, guidance: float,
+                 sequence_length: int, preview: str = "") -> str:
+    """Python that loads the diffusers-format LoRA and renders one preview again, with every setting it used."""
+    return SNIPPET.format(model=str(model), lora=str(lora_folder), weights=LORA_FILE, prompt=prompt, seed=int(seed),
+                          size=int(size), steps=int(steps), guidance=float(guidance), tokens=int(sequence_length),
+                          preview=preview or "image")

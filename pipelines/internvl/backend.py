@@ -43,8 +43,9 @@ from pipelines.runner.data import DataError
 from pipelines.runner import Backend, RunSettings
 from pipelines.runner.checks import check_model_source
 from .streaming import checkpoint_rename, internvl_blockwise
-from .data import (QASample, check_image, check_no_image_tokens, exact_match, read_qa_data, token_f1,
-                       write_qa_jsonl)
+from .data import (IMAGE_MARKER, QASample, check_image, check_no_image_tokens, exact_match, read_qa_data, token_f1,
+                   write_qa_jsonl)
+from .export import load_snippet
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,15 @@ class VlmBackend(Backend):
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:
         """A README beside the adapters with the few lines that load the corrected one (PEFT format)."""
         (Path(folder) / "README.md").write_text(LOAD_SNIPPET.format(model=self.run.model), encoding="utf-8")
+
+    def export_snippet(self, lora: Path) -> str:
+        """Python that answers the first preview question with the corrected adapter, without torchvision."""
+        sample = self.preview_items()[0][0] if (self.samples or self.settings.preview_questions) else None
+        image = sample.images[0] if sample is not None and sample.images else "your_image.jpg"
+        question = sample.turns[-1][0].replace(IMAGE_MARKER, "").strip() if sample is not None else "What is this?"
+        s = self.settings
+        return load_snippet(self.run.model, Path(lora) / "corrected", image, question, self.packer.image_seq_length,
+                            s.max_tiles, s.max_new_tokens, s.system_prompt)
 
     # -- previews --------------------------------------------------------------------------------------
     def preview_items(self) -> list[tuple[QASample, str | None, str]]:

@@ -222,7 +222,16 @@ class Run:
 
     def _execute(self, stages: Iterable[str]) -> None:
         processes = distributed_state(self.backend.device)
-        self._prepare_cache()
+        stages = list(stages)
+        try:
+            self._prepare_cache()
+        except RunCancelled:
+            raise
+        except BaseException as err:  # e.g. the model's files cannot be read: the run is failed, not "pending"
+            first = next((s for s in stages if s in STAGES and not self.output(s).exists()), None)
+            if first is not None:
+                self._set_stage(first, "failed", error=f"while caching the data: {type(err).__name__}: {err}")
+            raise
         for stage in stages:
             if stage not in STAGES:
                 raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")

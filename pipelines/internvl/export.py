@@ -1,0 +1,59 @@
+"""What an InternVL run hands the user besides its PEFT adapters: Python that answers a question with them.
+
+InternVLProcessor needs torchvision (its video processor), which many machines lack (see NOTES), so the
+snippet builds the model's inputs as pipelines/internvl/inputs.py does: the chat template's image token is
+expanded into `<img>` + image_seq_length·tiles context tokens + `</img>`, and the pixels come from the image
+processor alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SNIPPET = '''import torch
+from PIL import Image
+from peft import PeftModel
+from transformers import AutoImageProcessor, AutoTokenizer, InternVLForConditionalGeneration
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+model = InternVLForConditionalGeneration.from_pretrained({model!r}, dtype=dtype, use_safetensors=True)
+model = PeftModel.from_pretrained(model, {lora!r}).merge_and_unload().to(device).eval()
+# The tokenizer and the image processor, not AutoProcessor: that one needs torchvision.
+tokenizer = AutoTokenizer.from_pretrained({model!r})
+image_processor = AutoImageProcessor.from_pretrained({model!r})
+
+
+def ask(image_path, question, max_new_tokens={max_new_tokens}):
+    """The fine-tuned model's (greedy) answer to `question` about the image at `image_path`."""
+    pixels = image_processor(images=[Image.open(image_path).convert("RGB")], crop_to_patches=True,
+                             max_patches={max_tiles}, return_tensors="pt")
+    messages = {system}[{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tokens = {image_seq_length} * int(pixels["num_patches"][0])  # context tokens per tile x tiles
+    image = tokenizer.start_image_token + tokenizer.context_image_token * tokens + tokenizer.end_image_token
+    text = text.replace(tokenizer.context_image_token, image, 1)
+    bos = tokenizer.bos_token
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not (bos and text.startswith(bos))).to(device)
+    stops = sorted({{tokenizer.eos_token_id, *(model.generation_config.eos_token_id
+                    if isinstance(model.generation_config.eos_token_id, list)
+                    else [model.generation_config.eos_token_id])}} - {{None}})
+    with torch.no_grad():
+        out = model.generate(**inputs, pixel_values=pixels["pixel_values"].to(device, dtype), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+print(ask({image!r}, {question!r}))
+'''
+
+
+def load_snippet(model: str, lora: Path, image: str, question: str, image_seq_length: int, max_tiles: int = 1,
+                 max_new_tokens: int = 32, system_prompt: str = "") -> str:
+    """Python that loads the corrected adapter on the full model and answers `question` about `image`."""
+    system = f'[{{"role": "system", "content": {system_prompt!r}}}] + ' if system_prompt else ""
+    return SNIPPET.format(model=str(model), lora=str(lora), image=str(image), question=question,
+                          image_seq_length=int(image_seq_length), max_tiles=int(max_tiles),
+                          max_new_tokens=int(max_new_tokens), system=system)
