@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import emloc
-from emloc.checkpoint import CheckpointReader, StreamedForward, return_freed_memory
+from emloc.checkpoint import CheckpointReader, StreamedForward, map_large_allocations, return_freed_memory
 from emloc.emulator import emulator_files
 
 from .backend import Backend
@@ -154,6 +154,7 @@ def emulate(run: Run, out: Path) -> None:
 def _emulate_streamed(run: Run, out: Path) -> None:
     """Calibration and emulator construction in one pass, block by block from the checkpoint's files."""
     backend, settings = run.backend, run.settings
+    map_large_allocations()  # freed blocks go back to the system at once, whatever the depth
     batches = list(_limited(run, backend.calibration_batches(), settings.calibration_samples, stage="emulate"))
     model = backend.skeleton()
     streamed = backend.blockwise(model, backend.checkpoint())
@@ -359,6 +360,7 @@ def correct(run: Run, out: Path) -> None:
     if full is None:
         full, emulator = backend.load_model(torch.device("cpu")), emulator_model(run, "cpu")
     else:  # every layer (full, factored, dense) read from the files for its own turn: one layer of each model
+        map_large_allocations()
         emulator = backend.skeleton()
         emloc.load_emulator(emulator, run.output("emulate"), device="meta")
         reader = backend.checkpoint().merged(CheckpointReader(emulator_files(run.output("emulate"))))
@@ -388,6 +390,7 @@ def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False) ->
     """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read from the files as they
     run, the adapter (if any) added to its target layers' outputs; see emloc.checkpoint.StreamedForward."""
     backend = run.backend
+    map_large_allocations()
     model, reader = backend.skeleton(), backend.checkpoint()
     if emulator:  # factored layers get their structure; their factors come from the emulator's files
         emloc.load_emulator(model, run.output("emulate"), device="meta")
