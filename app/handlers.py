@@ -31,6 +31,7 @@ TASKS = {"flux": "Personalise an image model (FLUX)", "vlm": "Teach a vision-lan
 DEMO_MODELS = {"flux": ROOT / "assets" / "models" / "demo-flux", "vlm": ROOT / "assets" / "models" / "demo-internvl"}
 EXAMPLE_PROMPT = "a photo of sks shape on a white background"  # the demo FLUX subject: a teal cross
 BUDGET_PRESETS = (8, 12, 16, 24, 48, 80)
+DEMO_RATIO = 0.45  # the compression ratio a demo model starts at (RunSettings' default)
 SMALL_MODEL = 100e6  # parameters; below this a model trains on a CPU in seconds (the demo models)
 GiB = 2**30
 
@@ -159,6 +160,9 @@ def default_settings(task: str, params: float, model: str = "") -> dict:
         except (OSError, json.JSONDecodeError):
             suggested = {}
         base.update({k: v for k, v in suggested.items() if k in base})
+        # a demo fits uncompressed anywhere, so its recommendation would be 1.00 (no emulator at all): it starts at
+        # the ratio it suggests, the run's default unless demo.json says otherwise
+        base["ratio"] = float(suggested.get("ratio", DEMO_RATIO))
     return base
 
 
@@ -349,53 +353,95 @@ def stage_vlm_data(images: list[dict], table: Any, folder: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- step 3
 
 
-def memory_plan(model: str, budget_gb: float | None, ratio: float, rank: int, task: str = "",
-                ram_gb: float | None = None) -> dict:
-    """The planner's answer for the chart: {"svg", "text", "recommended", "fits"}; ValueError for bad input."""
-    if budget_gb is None or not budget_gb > 0:
-        raise ValueError(f"the GPU memory budget must be a positive number of GB (e.g. 24 for a 24 GB card); "
-                         f"got {budget_gb}")
-    if not 0 < (ratio or 0) <= 1:
+# What the chart's words mean, shown under it (every word on the chart is explained on the page).
+CHART_LEGEND = (
+    "**Reading the chart.** Each bar is the peak memory of one phase of a run. "
+    "*EMLoC*: this app's method (train a LoRA on a compressed copy of the model, then correct it for the full "
+    "model). *LoRA (full model)*, *QLoRA (NF4 base)* and *plain inference* are shown for comparison: LoRA trained "
+    "on the uncompressed model, LoRA on a 4-bit copy, and generating without training. Phases: *calibration* "
+    "measures how your data flows through the model; *emulator construction* builds the compressed copy; "
+    "*training* trains the LoRA on it; *correction* adapts the LoRA to the full model; *preview / inference* draws "
+    "or answers with the results. *streamed*: that phase reads the model from its files one block at a time, so "
+    "the memory never holds it whole. The dashed line is your budget: green bars fit it, red bars do not. "
+    "All numbers are GiB.")
+
+
+def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: int, task: str = "",
+                ram_gb: float | None = None, device: str = "cuda") -> dict:
+    """The planner's answer for the Budget step: {"svg", "text", "recommended", "ratio", "fits"}.
+
+    `device` is what runs the job: "cuda" plans the GPU (budget_gb) and the RAM (ram_gb); "cpu" plans the RAM only
+    (float32, as a CPU run computes), and the chart shows RAM. `ratio` None: the recommended ratio. ValueError
+    (in the page's words) for bad input.
+    """
+    cpu = device == "cpu"
+    if not cpu and (budget_gb is None or not budget_gb > 0):
+        raise ValueError(f"the GPU memory budget must be a positive number of GiB (e.g. 24 for a 24 GB card); "
+                         f"got {'nothing' if budget_gb is None else budget_gb}")
+    if ratio is not None and not 0 < ratio <= 1:
         raise ValueError(f"the compression ratio must be in (0, 1]; got {ratio}")
     if int(rank or 0) < 1:
-        raise ValueError(f"the LoRA rank must be at least 1; got {rank}")
-    if ram_gb is not None and not ram_gb > 0:
-        raise ValueError(f"the RAM budget must be a positive number of GiB (e.g. 32 for 32 GB of RAM); got {ram_gb}")
-    settings = PlanSettings(budget_gb=float(budget_gb), ratio=float(ratio), lora_rank=int(rank),
-                            ram_gb=float(ram_gb) if ram_gb else None)
+        raise ValueError(f"the LoRA rank must be at least 1; got {rank or 'nothing'}")
+    if (ram_gb is not None or cpu) and not (ram_gb or 0) > 0:
+        raise ValueError(f"the RAM budget must be a positive number of GiB (e.g. 32 for 32 GB of RAM); "
+                         f"got {'nothing' if ram_gb is None else ram_gb}")
+    settings = PlanSettings(budget_gb=None if cpu else float(budget_gb), ratio=None if ratio is None else float(ratio),
+                            lora_rank=int(rank), ram_gb=float(ram_gb) if ram_gb else None,
+                            device="cpu" if cpu else "cuda", dtype="float32" if cpu else "bfloat16")
     plan = plan_run(model, settings)
     bars = []
     kept = plan.ratio == 1.0  # the slider's maximum: the emulator keeps every layer as it is
     emloc_label = "EMLoC (no compression)" if kept else f"EMLoC (ratio {plan.ratio:.2f})"
     for estimate in plan.memory.estimates:
         group = emloc_label if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
-        bars.append(Bar(group, PHASE_NAMES[estimate.phase], estimate.total / GiB, "streamed" if estimate.streamed else ""))
+        value = estimate.host_total if cpu else estimate.total
+        bars.append(Bar(group, PHASE_NAMES[estimate.phase], value / GiB, "streamed" if estimate.streamed else ""))
     fits = plan.emloc_fits()
     over = [PHASE_NAMES[e.phase] for e in plan.memory.estimates if e.method == "emloc" and not plan.fits(e)]
+    memory = "RAM" if cpu else "GPU memory"
     if plan.recommended is None:
-        text = (f"**This budget is too small for {plan.display_name}.** {plan.reason[0].upper()}{plan.reason[1:]}.")
+        worst = max((e for e in plan.memory.estimates if e.method == "emloc"),
+                    key=lambda e: e.host_total if cpu else e.total)
+        need = (worst.host_total if cpu else worst.total) / GiB
+        text = (f"**This budget is too small for {plan.display_name}.** Even at the smallest compression ratio, "
+                f"{PHASE_NAMES[worst.phase]} needs {need:.1f} GiB of {memory}. Raise the "
+                f"{'RAM' if cpu else 'GPU memory'} budget, lower the LoRA rank, or pick a smaller model in step 1.")
     else:
         verdict = ("Every EMLoC phase fits." if fits else
                    f"At ratio {plan.ratio:.2f}, {', '.join(over)} do{'es' if len(over) == 1 else ''} not fit; "
                    f"use the recommended ratio or less.")
-        text = f"{verdict} Recommended ratio: **{plan.recommended:.2f}** ({plan.reason})."
+        text = (f"{verdict} Recommended ratio: **{plan.recommended:.2f}**, the largest at which every phase fits "
+                f"your budget; the slider follows it until you move it.")
     if kept:
         text += (" At ratio 1.00 nothing is compressed: every layer is kept as it is, so training holds the full "
                  "model, as LoRA on the full model does.")
     if plan.memory.counts.full < SMALL_MODEL:
-        text += (f" {plan.display_name} is tiny, so every phase needs little more than the fixed runtime overhead; "
-                 "pick a catalogue model in step 1 to see where EMLoC saves memory.")
-    if plan.ram_bytes is not None:
+        text += (f" {plan.display_name} is tiny, so every phase needs little more than the fixed "
+                 f"{'runtime' if cpu else 'GPU runtime'} overhead; pick a catalogue model in step 1 to see where "
+                 "EMLoC saves memory.")
+    if plan.ram_bytes is not None and not cpu:
         host = max((e for e in plan.memory.estimates if e.method == "emloc"), key=lambda e: e.host_total)
         text += (f" RAM: at most {host.host_total / GiB:.1f} GiB ({PHASE_NAMES[host.phase]}) of your "
                  f"{plan.ram_bytes / GiB:.1f} GiB" + (" — too little: raise the RAM budget or lower the ratio."
                                                       if host.host_total > plan.ram_bytes else "."))
-        text += (f" The run folder will take about {plan.memory.run_folder_bytes / GiB:.1f} GiB of disk. "
-                 "\"streamed\" on the chart: that phase reads the model from its files one block at a time, so "
-                 "neither the GPU nor the RAM holds it whole.")
-    title = f"{plan.display_name}: predicted peak GPU memory per phase (LoRA rank {int(rank)})"
-    return {"svg": memory_chart(bars, float(budget_gb), title), "text": text, "recommended": plan.recommended,
-            "fits": bool(fits)}
+    folder = plan.memory.run_folder_bytes
+    text += (f" The run folder will take about {folder / GiB:.1f} GiB of disk." if folder >= GiB / 10 else
+             f" The run folder will take about {folder / 1024 ** 2:.0f} MiB of disk.")
+    where = "RAM (this job runs on the CPU)" if cpu else "GPU memory"
+    title = f"{plan.display_name}: predicted peak {where} per phase (LoRA rank {int(rank)})"
+    line = plan.ram_bytes / GiB if cpu else float(budget_gb)
+    return {"svg": memory_chart(bars, line, title), "text": text, "recommended": plan.recommended,
+            "ratio": plan.ratio, "fits": bool(fits), "legend": CHART_LEGEND}
+
+
+def runs_on(device: dict) -> str:
+    """The Budget step's first line: which device runs the job, and what is budgeted."""
+    if device["kind"] == "cuda":
+        return (f"This job runs on the GPU **{device['name']}** ({device['free_gb']:.1f} GiB free of "
+                f"{device['total_gb']:.1f} GiB): the plan budgets its memory and this machine's RAM.")
+    return (f"This job runs on the **CPU**: there is no GPU on this machine, so the plan budgets RAM "
+            f"({device['free_gb']:.1f} GiB free of {device['total_gb']:.1f} GiB). Plan on a machine with a GPU to "
+            "see its memory.")
 
 
 def check_data(task: str, model: str, images: list[dict], prompt: str, trigger: str, captions: Any,

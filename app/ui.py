@@ -91,20 +91,26 @@ def build(studio: Studio) -> gr.Blocks:
                         next_data = gr.Button("Check the data and continue", variant="primary")
                     # ---------------------------------------------------------------- 3. budget
                     with gr.Step("3. Budget", id=STEP["budget"]):
+                        runs_on = gr.Markdown(elem_id="runs-on")
+                        device_kind = gr.State("cpu")  # what runs the job: "cuda" or "cpu" (set when the page loads)
+                        touched = gr.State(False)  # the person moved the ratio slider: stop following the advice
                         with gr.Row():
-                            budget = gr.Number(24, label="GPU memory budget (GiB)", minimum=None, elem_id="budget")
+                            budget = gr.Number(24, label="GPU memory budget (GiB)", minimum=None, elem_id="budget",
+                                               visible=False)
                             ram = gr.Number(handlers.available_ram_gib(), label="RAM budget (GiB)", minimum=None,
                                             elem_id="ram-budget")
-                            presets = gr.Radio([str(p) for p in handlers.BUDGET_PRESETS], label="Presets (GB)",
-                                               value=None)
+                            presets = gr.Radio([str(p) for p in handlers.BUDGET_PRESETS],
+                                               label="GPU size presets (GiB)", value=None, visible=False)
                         with gr.Row():
                             ratio = gr.Slider(0.05, 1.0, value=0.45, step=0.01, label="Compression ratio: the "
                                               "fraction of each layer's parameters the emulator keeps", scale=3,
-                                              info="1.00 = no compression: every layer is kept as it is")
+                                              info="1.00 = no compression: every layer is kept as it is",
+                                              elem_id="ratio")
                             rank = gr.Dropdown([4, 8, 16, 32, 64], value=16, label="LoRA rank", scale=1)
                         recommend = gr.Button("Use the recommended ratio", size="sm")
                         plan_text = gr.Markdown(elem_id="plan-text")
                         chart = gr.HTML(elem_id="memory-chart")
+                        legend = gr.Markdown(handlers.CHART_LEGEND, elem_id="chart-legend")
                         msg_budget = gr.Markdown(elem_id="msg-budget", elem_classes="emloc-msg")
                         recommended = gr.State(None)
                         next_budget = gr.Button("Next: training", variant="primary")

@@ -75,14 +75,18 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     """Bind every event of the page built by app/ui.py."""
 
     # -- shared views --------------------------------------------------------------------------------
-    def plan_view(model, budget, ratio, rank, ram=None):
+    def plan_view(model, budget, ratio, rank, ram=None, touched=False, kind="cuda"):
+        """Chart, text, recommendation, the slider (it follows the recommendation until the person moves it),
+        message."""
         try:
-            plan = handlers.memory_plan(model, budget, ratio, rank, ram_gb=ram)
+            plan = handlers.memory_plan(model, budget, ratio if touched else None, rank, ram_gb=ram, device=kind)
         except USER_ERRORS as err:
-            return "", "", None, say(err, good=False)
+            return "", "", None, gr.skip(), say(err, good=False)
+        budgets = "RAM budget" if kind == "cpu" else "GPU memory or RAM budget"
         message = "" if plan["recommended"] is not None else say(
-            "No compression ratio fits this budget; raise the budget (or pick a smaller model) to continue.", False)
-        return plan["svg"], plan["text"], plan["recommended"], message
+            f"No compression ratio fits this budget; raise the {budgets} (or pick a smaller model) to continue.", False)
+        slider = gr.skip() if touched or plan["recommended"] is None else plan["recommended"]
+        return plan["svg"], plan["text"], plan["recommended"], slider, message
 
     def preview_view(current, uncorrected):
         view = studio.previews(current, uncorrected)
@@ -111,21 +115,28 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                 gr.Dropdown(choices=names, value=pick if pick in names else (names[0] if names else None)))
 
     # -- 1. model (and page load: the device, the default model, a job that may already be running) -------
-    def on_model(task, model, budget, ratio, rank):
+    def on_model(task, model, budget, ratio, rank, ram=None, kind="cuda"):
         info = handlers.describe_model(task, model)
         d = handlers.default_settings(task, info["params"], model)
-        svg, text, recommended, message = plan_view(model, budget, ratio, rank)
+        suggested = d.get("ratio")  # a demo's own ratio (it would fit uncompressed): the slider starts there
+        svg, text, recommended, slider, message = plan_view(model, budget, suggested or ratio, rank, ram,
+                                                             suggested is not None, kind)
+        if suggested is not None:
+            slider = suggested
+            text += f" This demo model starts at ratio {suggested:.2f}, so that the emulator is really compressed."
         return (info["text"], d["steps"], d["lr"], d["calibration_samples"], d.get("resolution", 512),
                 d["checkpoint_every"], d.get("preview_steps", 0), d.get("max_sequence_length", 0),
-                svg, text, recommended, message, "")
+                svg, text, recommended, slider, suggested is not None, message, "")
 
+    # a new model: the slider follows its recommendation again
     model_outputs = [c.about, c.steps, c.lr, c.calibration, c.resolution, c.checkpoint_every, c.preview_steps,
-                     c.max_tokens, c.chart, c.plan_text, c.recommended, c.msg_budget, c.msg_model]
-    on(c.model.change, on_model, [c.task, c.model, c.budget, c.ratio, c.rank], model_outputs)
+                     c.max_tokens, c.chart, c.plan_text, c.recommended, c.ratio, c.touched, c.msg_budget, c.msg_model]
+    on(c.model.change, on_model, [c.task, c.model, c.budget, c.ratio, c.rank, c.ram, c.device_kind], model_outputs)
 
-    def on_load(task, model, budget, ratio, rank):
+    def on_load(task, model, budget, ratio, rank, ram):
         device = handlers.detect_device()
-        if device["kind"] == "cuda":
+        kind = device["kind"]
+        if kind == "cuda":
             budget = round(device["total_gb"])
         job = studio.job_view()
         current = job["run_dir"] if job["running"] else ""
@@ -140,15 +151,19 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
             choices = handlers.model_choices(task, studio.demo_models)
             model = results.run_info(job["run_dir"])["settings"]["run"]["model"]
         table, pick = runs_view()
-        head = (device["text"], budget, current, step, seen, last, run_name(task, studio.runs_dir), table, pick,
+        head = (device["text"], gr.Number(value=budget, visible=kind == "cuda"), current, step, seen, last,
+                run_name(task, studio.runs_dir), table, pick,
                 task, gr.Dropdown(choices=choices, value=model) if job["running"] else gr.skip(),
-                gr.Column(visible=task == "flux"), gr.Column(visible=task == "vlm"))
-        return head + guard(on_model, len(model_outputs), len(model_outputs) - 1)(task, model, budget, ratio, rank)
+                gr.Column(visible=task == "flux"), gr.Column(visible=task == "vlm"),
+                kind, handlers.runs_on(device), gr.Radio(visible=kind == "cuda"))
+        return head + guard(on_model, len(model_outputs), len(model_outputs) - 1)(task, model, budget, ratio, rank,
+                                                                                   ram, kind)
 
-    c.page.load(guard(on_load, 13 + len(model_outputs), 12 + len(model_outputs)),
-                inputs=[c.task, c.model, c.budget, c.ratio, c.rank],
-                outputs=[c.device, c.budget, c.current, c.wizard, c.seen, c.show_last, c.name, c.runs_table,
-                         c.run_pick, c.task, c.model, c.flux_box, c.vlm_box, *model_outputs])
+    head_outputs = [c.device, c.budget, c.current, c.wizard, c.seen, c.show_last, c.name, c.runs_table,
+                    c.run_pick, c.task, c.model, c.flux_box, c.vlm_box, c.device_kind, c.runs_on, c.presets]
+    c.page.load(guard(on_load, len(head_outputs) + len(model_outputs), len(head_outputs) + len(model_outputs) - 1),
+                inputs=[c.task, c.model, c.budget, c.ratio, c.rank, c.ram],
+                outputs=[*head_outputs, *model_outputs])
 
     def on_task(task):
         choices = handlers.model_choices(task, studio.demo_models)
@@ -259,27 +274,39 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     # -- 3. budget -----------------------------------------------------------------------------------
     c.presets.change(lambda preset: float(preset) if preset else gr.skip(), [c.presets], [c.budget],
                      concurrency_id="wizard")
-    plan_outputs = [c.chart, c.plan_text, c.recommended, c.msg_budget]
-    for event in (c.budget.change, c.ratio.change, c.rank.change, c.ram.change):
-        on(event, plan_view, [c.model, c.budget, c.ratio, c.rank, c.ram], plan_outputs, trigger_mode="always_last")
+    plan_inputs = [c.model, c.budget, c.ratio, c.rank, c.ram, c.touched, c.device_kind]
+    plan_outputs = [c.chart, c.plan_text, c.recommended, c.ratio, c.msg_budget]
+    for event in (c.budget.change, c.rank.change, c.ram.change):
+        on(event, plan_view, plan_inputs, plan_outputs, trigger_mode="always_last")
 
-    def use_recommended(recommended):
+    def moved_ratio(model, budget, ratio, rank, ram, touched, kind):  # the person moved the slider: it is theirs now
+        svg, text, recommended, _, message = plan_view(model, budget, ratio, rank, ram, True, kind)
+        return svg, text, recommended, True, message
+
+    on(c.ratio.release, moved_ratio, plan_inputs, [c.chart, c.plan_text, c.recommended, c.touched, c.msg_budget],
+       trigger_mode="always_last")
+
+    def use_recommended(model, budget, ratio, rank, ram, touched, kind):
+        svg, text, recommended, _, message = plan_view(model, budget, ratio, rank, ram, False, kind)
         if recommended is None:
             raise ValueError("nothing to recommend: no ratio fits this budget; raise the budget first")
-        return recommended, ""
+        return svg, text, recommended, recommended, False, message
 
-    on(c.recommend.click, use_recommended, [c.recommended], [c.ratio, c.msg_budget])
+    on(c.recommend.click, use_recommended, plan_inputs,
+       [c.chart, c.plan_text, c.recommended, c.ratio, c.touched, c.msg_budget])
 
-    def go_train(recommended, model, budget, ratio, rank, ram):
-        plan = handlers.memory_plan(model, budget, ratio, rank, ram_gb=ram)
+    def go_train(recommended, model, budget, ratio, rank, ram, kind):
+        plan = handlers.memory_plan(model, budget, ratio, rank, ram_gb=ram, device=kind)
         if plan["recommended"] is None:
             raise ValueError("no compression ratio fits this budget; raise the budget to continue")
-        note = "" if plan["fits"] else say(f"Ratio {ratio:.2f} is above the recommended "
-                                           f"{plan['recommended']:.2f}: a GPU with this budget would run out of "
-                                           "memory. Training on this machine goes ahead.", good=False)
-        return gr.Walkthrough(selected=STEP["train"]), note
+        if not plan["fits"]:
+            where = "this machine's RAM" if kind == "cpu" else "a GPU with this budget"
+            raise ValueError(f"ratio {ratio:.2f} does not fit: {where} would run out of memory. Move the slider to "
+                             f"{plan['recommended']:.2f} or below (Use the recommended ratio), or raise the budget")
+        return gr.Walkthrough(selected=STEP["train"]), ""
 
-    on(c.next_budget.click, go_train, [c.recommended, c.model, c.budget, c.ratio, c.rank, c.ram], [c.wizard, c.msg_budget])
+    on(c.next_budget.click, go_train, [c.recommended, c.model, c.budget, c.ratio, c.rank, c.ram, c.device_kind],
+       [c.wizard, c.msg_budget])
 
     # -- 4. train ------------------------------------------------------------------------------------
     def on_start(task, model, name, flux_images, prompt, trigger, captions, vlm_images, table, ratio, rank, steps,

@@ -83,9 +83,14 @@ def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float) 
     for stage in STAGES:
         peak, seconds = peak_of(base + (["--resume"] if stage != "calibrate" else []) + ["--stages", stage])
         row[stage], row[stage + "_seconds"] = peak, seconds
+    return record_run(row, out)
+
+
+def record_run(row: dict, out: Path) -> dict:
+    """Add the run folder's and emulator's sizes and what the run planned when it was created (run.json "plan")."""
     row["run_folder"] = folder_bytes(out)
     row["emulator"] = folder_bytes(out / "emulator")
-    plan = json.loads((out / "run.json").read_text()).get("plan") or {}  # what the run planned when it was created
+    plan = json.loads((out / "run.json").read_text()).get("plan") or {}
     phases = {k: v["host_gib"] * 1024 for k, v in plan.get("phases", {}).items()}  # MiB
     if phases:
         row["planned"] = {"calibrate": None,  # a streamed run calibrates inside emulate
@@ -96,8 +101,9 @@ def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float) 
     return row
 
 
-def markdown(rows: list[dict], baseline: int) -> str:
-    head = " | ".join(f"{r['depth']} blocks ({r['params'] / 1e6:.0f} M): measured | planned" for r in rows)
+def markdown(rows: list[dict], baseline: int, unit: str = "blocks", command: str = "launch.py train --stages X",
+             files: str = "transformer files") -> str:
+    head = " | ".join(f"{r['depth']} {unit} ({r['params'] / 1e6:.0f} M): measured | planned" for r in rows)
     lines = [f"| stage | {head} | deeper / shallower |", "|---|" + "---:|---:|" * len(rows) + "---:|"]
 
     def planned(r: dict, stage: str) -> str:
@@ -109,13 +115,13 @@ def markdown(rows: list[dict], baseline: int) -> str:
     for stage in STAGES:
         cells = [f"{r[stage] / MiB:.0f} MiB | {planned(r, stage)}" for r in rows]
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {rows[-1][stage] / rows[0][stage]:.2f}x |")
-    for key, label in (("run_folder", "run folder"), ("emulator", "emulator"), ("model_bytes", "transformer files")):
+    for key, label in (("run_folder", "run folder"), ("emulator", "emulator"), ("model_bytes", files)):
         plan = lambda r: f"{r['planned_folder']:.0f}" if key == "run_folder" and "planned_folder" in r else ""
         lines.append(f"| {label} | " + " | ".join(f"{r[key] / MiB:.0f} MiB | {plan(r)}" for r in rows)
                      + f" | {rows[-1][key] / max(rows[0][key], 1):.2f}x |")
     lines.append(f"\nPeak RSS (MiB) of each stage's process, and the host peak the run planned for it when it was "
                  f"created (run.json \"plan\"; in brackets: measured / planned - 1). A process that only imports the "
-                 f"stack peaks at {baseline / MiB:.0f} MiB. Each stage is `launch.py train --stages X` with `--ram-gb` "
+                 f"stack peaks at {baseline / MiB:.0f} MiB. Each stage is `{command}` with `--ram-gb` "
                  f"{rows[0].get('ram_gb', '')}; previews streamed: "
                  + ", ".join(f"{r['depth']} {r.get('planned_streamed', {}).get('preview')}" for r in rows) + ".")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Does every InternVL stage stream? Peak memory of each stage of a whole run, in its own process, at two depths.
 
-    PYTHONPATH=. python benchmarks/streaming_vlm.py [--depths 2,8] [--width 1024] [--ram-gb 0.1]
+    PYTHONPATH=. python benchmarks/streaming_vlm.py [--depths 2,8] [--width 1024] [--ram-gb 0.7]
 
 An InternVL folder is written per depth with `save_pretrained` (so its keys carry the old
 `language_model.model.` prefixes): a random Qwen2 language model of the given width (4 heads, 2 KV heads,
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.streaming import MiB, OUT, folder_bytes, peak_of  # noqa: E402  (the same probe as FLUX's table)
+from benchmarks.streaming import OUT, markdown, peak_of, record_run  # noqa: E402  (the same probe and table as FLUX's)
 
 STAGES = ("calibrate", "emulate", "train", "correct", "preview")
 IMAGE_SIZE, PATCH, IMAGE_SEQ_LENGTH = 32, 8, 4  # (32/8)² patches, pixel shuffle 0.5 -> 4 image tokens
@@ -79,24 +79,7 @@ def measure(layers: int, width: int, work: Path, ram_gb: float) -> dict:
     for stage in STAGES:
         peak, seconds = peak_of(base + (["--resume"] if stage != "calibrate" else []) + ["--stages", stage])
         row[stage], row[stage + "_seconds"] = peak, seconds
-    row["run_folder"] = folder_bytes(out)
-    row["emulator"] = folder_bytes(out / "emulator")
-    return row
-
-
-def markdown(rows: list[dict], baseline: int) -> str:
-    lines = ["| stage | " + " | ".join(f"{r['depth']} layers ({r['params'] / 1e6:.0f} M)" for r in rows) + " | ratio |",
-             "|---|" + "---:|" * (len(rows) + 1)]
-    for stage in STAGES:
-        cells = [f"{r[stage] / MiB:.0f} MiB ({r[stage + '_seconds']:.0f} s)" for r in rows]
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {rows[-1][stage] / rows[0][stage]:.2f}x |")
-    for key, label in (("run_folder", "run folder"), ("emulator", "emulator"), ("model_bytes", "model files")):
-        lines.append(f"| {label} | " + " | ".join(f"{r[key] / MiB:.0f} MiB" for r in rows)
-                     + f" | {rows[-1][key] / max(rows[0][key], 1):.2f}x |")
-    lines.append(f"\nPeak RSS of each stage's process (seconds in brackets); a process that only imports the stack "
-                 f"peaks at {baseline / MiB:.0f} MiB. Each stage is `launch.py train --backend vlm --stages X` with "
-                 f"`--ram-gb {rows[0]['ram_gb']}`.")
-    return "\n".join(lines)
+    return record_run(row, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", default="2,8", help="language model layers, comma-separated")
     parser.add_argument("--width", type=int, default=1024, help="language model width (4 heads)")
     parser.add_argument("--work", default=str(OUT / "streaming-vlm-work"))
-    parser.add_argument("--ram-gb", type=float, default=0.1,
-                        help="the run's host budget: a full model above half of it is previewed block by block")
+    parser.add_argument("--ram-gb", type=float, default=0.7,
+                        help="the run's host budget in GiB: what does not fit it is streamed from the files")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -115,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         rows.append(measure(int(depth), args.width, work, args.ram_gb))
         print(f"{depth}: measured in {time.monotonic() - start:.0f} s", file=sys.stderr)
-    table = markdown(rows, baseline)
+    table = markdown(rows, baseline, unit="layers", command="launch.py train --backend vlm --stages X", files="model files")
     print(table)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "streaming_vlm.md").write_text(table + "\n")

@@ -161,6 +161,14 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     button(page, "Check the data and continue").click()
     expect_text(page, "#plan-text", "Recommended ratio")
     assert page.locator("#memory-chart svg rect").count() >= 8  # 5 EMLoC phases + LoRA, QLoRA, inference
+    # no GPU here: the step says the CPU runs the job and budgets RAM; the slider follows the recommendation
+    expect_text(page, "#runs-on", "This job runs on the CPU")
+    assert not page.locator("#budget").is_visible() and page.locator("#ram-budget").is_visible()
+    assert "predicted peak RAM" in page.locator("#memory-chart").inner_text()
+    expect_text(page, "#chart-legend", "streamed")
+    # a demo would fit uncompressed (recommended 1.00): it starts at its own ratio, so the emulator is compressed
+    expect_text(page, "#plan-text", "This demo model starts at ratio 0.45")
+    assert float(page.locator("#ratio input[type=number]").input_value()) == pytest.approx(0.45)
     shot(page, "03-budget")
     button(page, "Next: training").click()
     page.locator("#steps input").fill("24")
@@ -340,14 +348,20 @@ def test_bad_input_shows_messages_in_words(page, world):
     button(page, "Remove the selected photo").click()
     expect_text(page, "#msg-data", f"Removed {world['photos'][1].name}; 49 images left")
     button(page, "Check the data and continue").click()
+    budget = page.locator("#ram-budget input")  # this machine has no GPU: the job is budgeted in RAM
+    budget.fill("256")
+    budget.press("Enter")
     expect_text(page, "#plan-text", "Recommended ratio")
-    assert "FLUX.1 [dev]: predicted peak GPU memory" in page.locator("#memory-chart").inner_text()
+    assert "FLUX.1 [dev]: predicted peak RAM" in page.locator("#memory-chart").inner_text()
+    # a real model: the slider follows the recommendation until the person moves it
+    recommended = page.locator("#plan-text").inner_text().split("Recommended ratio:")[1].split()[0].strip(",*")
+    assert float(page.locator("#ratio input[type=number]").input_value()) == pytest.approx(float(recommended))
     shot(page, "03b-budget-flux-dev")
-    budget = page.locator("#budget input")
     budget.fill("0.5")
     budget.press("Enter")
     expect_text(page, "#plan-text", "too small")
     expect_text(page, "#msg-budget", "No compression ratio fits")
+    expect_text(page, "#plan-text", "Raise the RAM budget")
     button(page, "Next: training").click()
     expect_text(page, "#msg-budget", "raise the budget")
     no_traceback(page)

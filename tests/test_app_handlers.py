@@ -178,10 +178,31 @@ def test_memory_chart_follows_the_ratio_and_says_when_nothing_fits():
         assert method in low["svg"]
     impossible = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 1, 0.45, 16)
     assert impossible["recommended"] is None and "too small" in impossible["text"]
-    with pytest.raises(ValueError, match="positive number of GB"):
+    with pytest.raises(ValueError, match="positive number of GiB"):
         handlers.memory_plan("black-forest-labs/FLUX.1-dev", -3, 0.45, 16)
     with pytest.raises(ValueError, match="ratio must be in"):
         handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
+
+
+def test_a_cpu_job_budgets_ram_and_the_recommendation_is_the_default():
+    """On a machine without a GPU the job runs on the CPU: the plan is of RAM (no GPU budget is asked for), the
+    ratio left to the app is the recommended one, and the words name the page's own budget."""
+    plan = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=32, device="cpu")
+    assert plan["recommended"] is not None and plan["ratio"] == plan["recommended"]
+    assert "predicted peak RAM (this job runs on the CPU)" in plan["svg"] and "budget 32 GiB" in plan["svg"]
+    assert "the slider follows it" in plan["text"]
+    chosen = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, 0.3, 16, ram_gb=32, device="cpu")
+    assert chosen["ratio"] == 0.3 and "EMLoC (ratio 0.30)" in chosen["svg"]
+    tight = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=0.2, device="cpu")
+    assert tight["recommended"] is None and "Raise the RAM budget" in tight["text"]
+    for word in ("batch size", "--", "sequence length", " GB "):
+        assert word not in tight["text"], word
+    with pytest.raises(ValueError, match="RAM budget must be a positive number of GiB"):
+        handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=None, device="cpu")
+    for word in ("EMLoC", "LoRA (full model)", "QLoRA", "plain inference", "calibration", "emulator construction",
+                 "training", "correction", "preview", "streamed", "dashed line", "GiB"):
+        assert word in handlers.CHART_LEGEND, word
+    assert "runs on the **CPU**" in handlers.runs_on({"kind": "cpu", "name": "CPU", "free_gb": 20, "total_gb": 24})
 
 
 def test_the_slider_maximum_plans_no_compression():

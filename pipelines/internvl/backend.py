@@ -117,6 +117,7 @@ model = PeftModel.from_pretrained(model, "corrected")  # or .merge_and_unload() 
 tokenizer = AutoTokenizer.from_pretrained("{model}")
 ```
 """
+MEMORY_SAMPLES = 256  # samples packed to find the longest one for the planner (the data's first ones)
 CALIBRATION_RANGE = (8, 64)  # calibration samples: enough for stable statistics, few enough to be quick
 
 
@@ -231,7 +232,12 @@ class VlmBackend(Backend):
         return load_vlm(self.run.model, device, self.dtype, self.settings.trust_remote_code)
 
     def memory_shape(self) -> dict:
-        return {"seq_len": self.settings.max_length, "image_tiles": self.settings.max_tiles}
+        """The longest sample the run will pack (tokens, image tokens included; at most --max-length), from the
+        user's own data: the planner's activations and calibration hidden states scale with it."""
+        samples = read_qa_data(self.settings.data).samples[:MEMORY_SAMPLES]
+        longest = max((self.packer.encode(sample)["input_ids"].shape[-1] for sample in samples), default=0)
+        tiles = self.settings.max_tiles + (1 if self.settings.max_tiles > 1 else 0)  # InternVL adds a thumbnail
+        return {"seq_len": max(1, min(self.settings.max_length, longest)), "image_tiles": tiles}
 
     def check_model(self) -> None:
         check_model_source(self.run.model)

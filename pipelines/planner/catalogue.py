@@ -194,7 +194,13 @@ def _read_folder(folder: Path) -> dict:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder} has neither config.json nor model_index.json; point --model at a model folder")
-    return _bundle_from_config(json.loads(config_file.read_text()), str(folder))
+    bundle = _bundle_from_config(json.loads(config_file.read_text()), str(folder))
+    processor = folder / "processor_config.json"  # the image tokens per tile the processor really writes
+    if bundle["family"] == "vlm" and processor.is_file():
+        tokens = json.loads(processor.read_text()).get("image_seq_length")
+        if isinstance(tokens, int) and tokens > 0:
+            bundle["config"] = {**bundle["config"], "image_seq_length": tokens}
+    return bundle
 
 
 def _bundle_from_config(config: dict, where: str) -> dict:
