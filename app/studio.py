@@ -279,7 +279,8 @@ class Studio:
         info = results.export_info(run_dir)
         run = Run.open(run_dir)
         run.check_adapters()  # a NaN, incomplete or mis-shaped adapter is refused, in words
-        snippet = run.backend.export_snippet(Path(info["folder"]))  # reproduces a preview, with its settings
+        # reproduces a preview with its settings, offloading the model where the run's plan did
+        snippet = run.backend.export_snippet(Path(info["folder"]), run.info.get("plan"))
         return {**info, "snippet": snippet, "zip": results.export_zip(run_dir)}
 
     def list_runs(self) -> list[dict]:

@@ -129,6 +129,7 @@ class PhaseEstimate:
     streamed: bool = False  # the full model is read from its files one block at a time
     note: str = ""
     host: dict[str, int] = field(default_factory=dict)  # host RAM (the process's resident memory), named parts
+    offloaded: bool = False  # (streamed) the whole model waits in host RAM, each block moved to the GPU as it runs
 
     @property
     def total(self) -> int:
@@ -152,6 +153,7 @@ class MemoryPlan:
     estimates: list[PhaseEstimate]
     cpu_stats_bytes: int  # calibration sums Σ 4·in² held on the CPU at once (the two-step path only)
     run_folder: dict[str, int] = field(default_factory=dict)  # what the run folder holds on disk, named parts
+    preview_offloaded: PhaseEstimate | None = None  # a GPU run's third preview choice (None on a CPU, or whole)
 
     @property
     def run_folder_bytes(self) -> int:
@@ -590,7 +592,15 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
             e.parts.pop("overhead", None)
     for e in estimates:
         e.host = {k: int(math.ceil(v)) for k, v in _host(run, e).items() if v}
-    return MemoryPlan(s, counts, estimates, stats, {k: int(v) for k, v in _run_folder(run).items() if v})
+    offloaded = None
+    if s.device == "cuda" and s.offload:  # the same GPU peak as streaming from the files; the model waits in RAM
+        streamed_preview = next(e for e in estimates if e.phase == "preview" and e.method == "emloc")
+        offloaded = replace(streamed_preview, offloaded=True, note="the model in RAM, one block at a time on the GPU")
+        host = {"runtime": HOST_RUNTIME_CUDA, "weights (whole model, offloaded)": b * summary.params}
+        if run.arch.components:
+            host["text encoders and VAE (loading)"] = max(b * c.params for c in run.arch.components)
+        offloaded.host = {k: int(math.ceil(v)) for k, v in host.items() if v}
+    return MemoryPlan(s, counts, estimates, stats, {k: int(v) for k, v in _run_folder(run).items() if v}, offloaded)
 
 
 def estimate(model: nn.Module, arch: ArchitectureSpec, settings: MemorySettings) -> MemoryPlan:

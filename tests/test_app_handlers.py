@@ -475,3 +475,32 @@ def test_vlm_preview_takes_a_new_image_and_says_which_images_were_trained_on(fin
     with pytest.raises(ValueError, match="notes.png") as refused:
         studio.render_preview(str(folder), "What colour is this?", "0", upload=str(bad))
     assert str(tmp_path) not in str(refused.value)
+
+
+def test_export_snippets_offload_the_model_where_the_runs_plan_did(finished, finished_vlm, tmp_path):
+    """A run whose plan did not preview the model whole gets a snippet that offloads it on a GPU (diffusers' group
+    offloading; accelerate's device_map within the run's budgets). On this CPU the snippet takes its CPU branch,
+    which must still make the preview's image / answer; the GPU branch is compiled here, not run (no GPU)."""
+    import numpy as np
+
+    from pipelines.runner import Run
+
+    offloaded = {"phases": {"preview": {"mode": "offload"}}, "gpu_budget_gib": 12.0, "ram_gib": 32.0,
+                 "ram_budget_gib": 32.0}
+    folder = finished["folder"]
+    flux = Run.open(folder).backend.export_snippet(folder / "lora", offloaded)
+    assert "enable_group_offload(onload_device=torch.device(\"cuda\")" in flux and ".to(device)\n" not in flux.split(
+        "pipe.load_lora_weights")[0]
+    compile(flux, "flux-snippet", "exec")
+    run_snippet(flux, tmp_path)
+    shown = np.asarray(Image.open(folder / "previews" / "full-corrected-lora__a-photo-of-sks-dog__seed0.png"),
+                       dtype=np.float32)
+    assert np.abs(np.asarray(Image.open(tmp_path / "sample.png"), dtype=np.float32) - shown).mean() <= 1.0
+    _, vlm_folder = finished_vlm
+    vlm = Run.open(vlm_folder).backend.export_snippet(vlm_folder / "lora", offloaded)
+    assert 'device_map="auto"' in vlm and 'max_memory={0: "12GiB", "cpu": "32GiB"}' in vlm
+    compile(vlm, "vlm-snippet", "exec")
+    (tmp_path / "vlm").mkdir()
+    printed = run_snippet(vlm, tmp_path / "vlm").strip()  # the tiny model's answer may be empty
+    previews = json.loads((vlm_folder / "previews" / "previews.json").read_text())
+    assert printed == previews["items"][0]["answers"]["full + corrected LoRA"].strip()

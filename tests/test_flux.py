@@ -275,8 +275,9 @@ def test_streamed_run_builds_the_emulator_the_two_step_run_builds(models, tmp_pa
 
 
 def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(models, tmp_path):
-    """Below the memory budget the full model's previews read it block by block, the LoRA merged into the
-    weights as they are read; the images equal those of the loaded model with the PEFT adapter."""
+    """Below the memory budget the full model's previews read it block by block, the LoRA added to its layers'
+    outputs as they run; with the model offloaded (in host RAM, each block moved to the device as it runs) they
+    are rendered by accelerate's hooks. Both give the images of the loaded model with the PEFT adapter."""
 
     import numpy as np
 
@@ -289,13 +290,14 @@ def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(mod
                            device="cpu", ram_gb=1000.0)
     run = Run.create(tmp_path / "runs" / "preview", "flux", settings, flux)
     run.execute()
-    assert not stages.preview_streams(run) and run.info["plan"]["phases"]["preview"]["streamed"] is False
-    run.info["plan"]["phases"]["preview"]["streamed"] = True  # as a plan under a small --ram-gb says
-    assert stages.preview_streams(run)
-    streamed = run.preview("previews-streamed")
+    assert stages.preview_mode(run) == "whole" and run.info["plan"]["phases"]["preview"]["mode"] == "whole"
     loaded = sorted((run.dir / "previews").glob("*.png"))
-    assert [p.name for p in loaded] == sorted(p.name for p in streamed.glob("*.png"))
-    for path in loaded:
-        a = np.asarray(Image.open(path), dtype=np.int16)
-        b = np.asarray(Image.open(streamed / path.name), dtype=np.int16)
-        assert np.abs(a - b).max() <= 2, path.name
+    for mode in ("files", "offload"):  # as plans under a small --ram-gb, or a small GPU with enough RAM, say
+        run.info["plan"]["phases"]["preview"]["mode"] = mode
+        assert stages.preview_mode(run) == mode and stages.preview_streams(run)
+        other = run.preview(f"previews-{mode}")
+        assert [p.name for p in loaded] == sorted(p.name for p in other.glob("*.png"))
+        for path in loaded:
+            a = np.asarray(Image.open(path), dtype=np.int16)
+            b = np.asarray(Image.open(other / path.name), dtype=np.int16)
+            assert np.abs(a - b).max() <= 2, (mode, path.name)

@@ -178,6 +178,11 @@ def test_streaming_holds_one_block_and_is_used_as_the_run_uses_it():
     assert not small.get("preview", "emloc").streamed
     big = plan_run("OpenGVLab/InternVL3-38B-hf", PlanSettings(budget_gb=24, ram_gb=32))
     assert big.get("preview", "emloc").streamed and big.emloc_fits()
+    assert not big.get("preview", "emloc").offloaded  # 77 GiB of bf16 weights do not wait in 32 GiB of RAM
+    # a GPU smaller than the model, RAM larger: the preview keeps the model in RAM and moves one block at a time
+    roomy = plan_run("OpenGVLab/InternVL3-38B-hf", PlanSettings(budget_gb=24, ram_gb=128)).get("preview", "emloc")
+    assert roomy.offloaded and roomy.total == big.get("preview", "emloc").total
+    assert roomy.host["weights (whole model, offloaded)"] > 70 * GiB
 
 
 def test_host_ram_is_planned_per_phase_and_is_a_budget():

@@ -193,18 +193,20 @@ def test_streamed_run_builds_the_emulator_the_two_step_run_builds(checkpoint, co
 
 
 def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(checkpoint, colour_data, tmp_path):
-    """Below the memory budget the full model's previews read it block by block, the LoRA merged into the
-    weights as they are read; the answers equal those of the loaded model with the PEFT adapter."""
+    """Below the memory budget the full model's previews read it block by block, the LoRA added to its layers'
+    outputs; offloaded (in host RAM, each block moved to the device as it runs) they run under accelerate's hooks.
+    Both give the answers of the loaded model with the PEFT adapter."""
     folder, _ = colour_data
     settings = RunSettings(model=str(checkpoint), ratio=0.5, calibration_samples=8, steps=4, rank=4, lr=3e-3,
                            device="cpu", ram_gb=1000.0)
     run = Run.create(tmp_path / "preview", "vlm", settings,
                      VlmSettings(data=str(folder / "qa.csv"), max_new_tokens=4, preview_samples=3))
     run.execute()
-    assert not stages.preview_streams(run) and run.info["plan"]["phases"]["preview"]["streamed"] is False
-    run.info["plan"]["phases"]["preview"]["streamed"] = True  # as a plan under a small --ram-gb says
-    assert stages.preview_streams(run)
-    streamed = json.loads((run.preview("previews-streamed") / "previews.json").read_text())
+    assert stages.preview_mode(run) == "whole" and run.info["plan"]["phases"]["preview"]["mode"] == "whole"
     loaded = json.loads((run.dir / "previews" / "previews.json").read_text())
     assert len(loaded["items"]) == 3
-    assert [item["answers"] for item in streamed["items"]] == [item["answers"] for item in loaded["items"]]
+    for mode in ("files", "offload"):  # as plans under a small --ram-gb, or a small GPU with enough RAM, say
+        run.info["plan"]["phases"]["preview"]["mode"] = mode
+        assert stages.preview_mode(run) == mode
+        other = json.loads((run.preview(f"previews-{mode}") / "previews.json").read_text())
+        assert [item["answers"] for item in other["items"]] == [item["answers"] for item in loaded["items"]], mode

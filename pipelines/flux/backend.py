@@ -360,12 +360,14 @@ class FluxBackend(Backend):
         return sample_images(self._pipeline(), model, self._requests(), self.settings.resolution, how["steps"],
                              how["guidance"], how["sequence_length"])
 
-    def export_snippet(self, lora: Path) -> str:
-        """Python that renders the first preview of the corrected LoRA again (diffusers format)."""
+    def export_snippet(self, lora: Path, plan: dict | None = None) -> str:
+        """Python that renders the first preview of the corrected LoRA again (diffusers format), offloading the
+        transformer where the run's plan did not preview it whole."""
         prompt, seed = self._requests()[0]
         preview = preview_file_name("full + corrected LoRA", prompt, seed)
+        mode = ((plan or {}).get("phases", {}).get("preview") or {}).get("mode", "whole")
         return load_snippet(self.run.model, Path(lora) / "diffusers", prompt, seed, self.settings.resolution,
-                            preview=preview, **self._sampling())
+                            preview=preview, offload=mode != "whole", **self._sampling())
 
     def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
         return write_preview_grid(folder, outputs, self._requests(), self.settings.resolution)

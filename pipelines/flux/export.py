@@ -101,17 +101,32 @@ from diffusers import FluxPipeline
 # guidance and text tokens. On the machine that trained it (same dtype) the image matches the preview.
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the run used on each
-pipe = FluxPipeline.from_pretrained({model!r}, torch_dtype=dtype, use_safetensors=True).to(device)
+pipe = FluxPipeline.from_pretrained({model!r}, torch_dtype=dtype, use_safetensors=True){to_device}
 pipe.load_lora_weights({lora!r}, weight_name={weights!r})
-image = pipe({prompt!r}, height={size}, width={size}, num_inference_steps={steps}, guidance_scale={guidance},
+{offload}image = pipe({prompt!r}, height={size}, width={size}, num_inference_steps={steps}, guidance_scale={guidance},
              max_sequence_length={tokens}, generator=torch.Generator("cpu").manual_seed({seed})).images[0]
 image.save("sample.png")
 '''
 
 
+# A GPU smaller than the transformer (the run's plan did not preview it whole): the transformer waits in RAM and
+# diffusers' group offloading moves one block at a time to the GPU; the text encoders and the VAE go to the GPU.
+OFFLOAD = '''if device == "cuda":  # the run's plan: the transformer does not fit this GPU whole
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1)
+    for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        part.to(device)
+else:
+    pipe.to(device)
+'''
+
+
 def load_snippet(model: str, lora_folder: Path, prompt: str, seed: int, size: int, steps: int, guidance: float,
-                 sequence_length: int, preview: str = "") -> str:
-    """Python that loads the diffusers-format LoRA and renders one preview again, with every setting it used."""
+                 sequence_length: int, preview: str = "", offload: bool = False) -> str:
+    """Python that loads the diffusers-format LoRA and renders one preview again, with every setting it used.
+
+    `offload`: the full model did not fit the run's GPU budget whole, so the snippet offloads it."""
     return SNIPPET.format(model=str(model), lora=str(lora_folder), weights=LORA_FILE, prompt=prompt, seed=int(seed),
                           size=int(size), steps=int(steps), guidance=float(guidance), tokens=int(sequence_length),
-                          preview=preview or "image")
+                          preview=preview or "image", to_device="" if offload else ".to(device)",
+                          offload=OFFLOAD if offload else "")

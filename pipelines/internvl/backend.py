@@ -342,14 +342,20 @@ class VlmBackend(Backend):
         """A README beside the adapters with the few lines that load the corrected one (PEFT format)."""
         (Path(folder) / "README.md").write_text(LOAD_SNIPPET.format(model=self.run.model), encoding="utf-8")
 
-    def export_snippet(self, lora: Path) -> str:
-        """Python that answers the first preview question with the corrected adapter, without torchvision."""
+    def export_snippet(self, lora: Path, plan: dict | None = None) -> str:
+        """Python that answers the first preview question with the corrected adapter, without torchvision; where
+        the run's plan did not preview the model whole, it is placed within the run's budgets by accelerate."""
         sample = self.preview_items()[0][0] if (self.samples or self.settings.preview_questions) else None
         image = sample.images[0] if sample is not None and sample.images else "your_image.jpg"
         question = sample.turns[-1][0].replace(IMAGE_MARKER, "").strip() if sample is not None else "What is this?"
         s = self.settings
+        plan = plan or {}
+        mode = (plan.get("phases", {}).get("preview") or {}).get("mode", "whole")
+        offload = None
+        if mode != "whole":
+            offload = (plan.get("gpu_budget_gib") or 8, plan.get("ram_budget_gib") or 16)
         return load_snippet(self.run.model, Path(lora) / "corrected", image, question, self.packer.image_seq_length,
-                            s.max_tiles, s.max_new_tokens, s.system_prompt)
+                            s.max_tiles, s.max_new_tokens, s.system_prompt, offload)
 
     # -- previews --------------------------------------------------------------------------------------
     def preview_items(self) -> list[tuple[QASample, str | None, str]]:

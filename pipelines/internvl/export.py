@@ -17,9 +17,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, InternVLForCondition
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
-model = InternVLForConditionalGeneration.from_pretrained({model!r}, dtype=dtype, use_safetensors=True)
-model = PeftModel.from_pretrained(model, {lora!r}).merge_and_unload().to(device).eval()
-# The tokenizer and the image processor, not AutoProcessor: that one needs torchvision.
+{load}# The tokenizer and the image processor, not AutoProcessor: that one needs torchvision.
 tokenizer = AutoTokenizer.from_pretrained({model!r})
 image_processor = AutoImageProcessor.from_pretrained({model!r})
 
@@ -50,10 +48,34 @@ print(ask({image!r}, {question!r}))
 '''
 
 
+LOAD = '''model = InternVLForConditionalGeneration.from_pretrained({model!r}, dtype=dtype, use_safetensors=True)
+model = PeftModel.from_pretrained(model, {lora!r}).merge_and_unload().to(device).eval()
+'''
+# A GPU smaller than the model (the run's plan did not preview it whole): accelerate places what fits on the GPU and
+# keeps the rest in RAM, moving it in as it runs; the adapter stays unmerged on top.
+LOAD_OFFLOADED = '''if device == "cuda":  # the run's plan: the model does not fit this GPU whole
+    model = InternVLForConditionalGeneration.from_pretrained(
+        {model!r}, dtype=dtype, use_safetensors=True, device_map="auto",
+        max_memory={{0: "{gpu_gib}GiB", "cpu": "{ram_gib}GiB"}})
+    model = PeftModel.from_pretrained(model, {lora!r}).eval()
+else:
+    model = InternVLForConditionalGeneration.from_pretrained({model!r}, dtype=dtype, use_safetensors=True)
+    model = PeftModel.from_pretrained(model, {lora!r}).merge_and_unload().to(device).eval()
+'''
+
+
 def load_snippet(model: str, lora: Path, image: str, question: str, image_seq_length: int, max_tiles: int = 1,
-                 max_new_tokens: int = 32, system_prompt: str = "") -> str:
-    """Python that loads the corrected adapter on the full model and answers `question` about `image`."""
+                 max_new_tokens: int = 32, system_prompt: str = "", offload: tuple[float, float] | None = None) -> str:
+    """Python that loads the corrected adapter on the full model and answers `question` about `image`.
+
+    `offload` (GPU GiB, RAM GiB): the full model did not fit the run's GPU budget whole; the snippet lets accelerate
+    place it within those budgets (`device_map="auto"`, `max_memory`)."""
     system = f'[{{"role": "system", "content": {system_prompt!r}}}] + ' if system_prompt else ""
+    if offload:
+        load = LOAD_OFFLOADED.format(model=str(model), lora=str(lora), gpu_gib=max(1, int(offload[0])),
+                                     ram_gib=max(1, int(offload[1])))
+    else:
+        load = LOAD.format(model=str(model), lora=str(lora))
     return SNIPPET.format(model=str(model), lora=str(lora), image=str(image), question=question,
                           image_seq_length=int(image_seq_length), max_tiles=int(max_tiles),
-                          max_new_tokens=int(max_new_tokens), system=system)
+                          max_new_tokens=int(max_new_tokens), system=system, load=load)

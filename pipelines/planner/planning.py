@@ -161,6 +161,11 @@ def _plan_at(model_id: str, settings: PlanSettings, ratio: float, budget: int | 
     chosen = []
     for est in streamed.estimates:
         alternative = whole.get(est.phase, est.method)
+        offloaded = streamed.preview_offloaded
+        if (est.phase == "preview" and est.method == "emloc" and offloaded is not None
+                and _fits(alternative, budget, ram) is False and _fits(offloaded, budget, ram) is not False):
+            chosen.append(offloaded)  # whole does not fit the GPU, but RAM holds it: faster than the files
+            continue
         # the run streams every phase from the files but the preview, which holds the whole model when it fits
         keep_whole = (est.method != "emloc" or (est.phase == "preview" and _fits(alternative, budget, ram) is not False)
                       or (settings.keep_statistics and est.phase in ("calibration", "emulator")))  # the two-step path
@@ -256,7 +261,8 @@ def _cell(plan: Plan, estimate: PhaseEstimate | None, host: bool = False) -> str
     value = estimate.host_total if host or cpu else estimate.total
     fits = plan.host_fits(estimate) if host or cpu else plan.device_fits(estimate)
     mark = {True: " ok", False: " **over**", None: ""}[fits]
-    return f"{gib(value)}{mark}{' (streamed)' if estimate.streamed and not host else ''}"
+    how = " (offloaded)" if estimate.offloaded else " (streamed)" if estimate.streamed else ""
+    return f"{gib(value)}{mark}{how if not host else ''}"
 
 
 def _ratio_words(plan: Plan) -> str:
@@ -314,6 +320,7 @@ def format_plan(plan: Plan) -> str:
                      "GiB of RAM at once on the two-step path (keep statistics); the streamed pass holds one block's.")
     overhead = "" if cpu else f"GPU numbers include {gib(RUNTIME_OVERHEAD_BYTES)} GiB runtime overhead (CUDA context, allocator slack); "
     lines.append(f"{overhead}RAM numbers include the process's own runtime (Python, torch, libraries). 'streamed': the "
-                 "full model is read from its files one block at a time, so neither memory holds it whole. "
+                 "full model is read from its files one block at a time, so neither memory holds it whole; "
+                 "'offloaded': it waits in RAM and each block is moved to the GPU as it runs. "
                  "Formulas: emloc/memory.py.")
     return "\n".join(lines)

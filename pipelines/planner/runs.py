@@ -69,7 +69,8 @@ def plan_for_run(run: RunSettings, backend: Any) -> dict | None:
     phases = {}
     for e in plan.memory.estimates:
         if e.method == "emloc":
-            phases[e.phase] = {"name": PHASE_NAMES[e.phase], "streamed": e.streamed, "device_gib": round(e.total / GiB, 3),
-                               "host_gib": round(e.host_total / GiB, 3)}
+            mode = ("offload" if e.offloaded else "files") if e.streamed else "whole"
+            phases[e.phase] = {"name": PHASE_NAMES[e.phase], "streamed": e.streamed, "mode": mode,
+                               "device_gib": round(e.total / GiB, 3), "host_gib": round(e.host_total / GiB, 3)}
     return {"device": settings.device, "gpu_budget_gib": settings.budget_gb, "ram_budget_gib": round(settings.ram_gb, 3),
             "phases": phases, "run_folder_gib": round(plan.memory.run_folder_bytes / GiB, 3)}

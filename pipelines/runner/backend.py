@@ -25,8 +25,9 @@ imports a backend by name):
     check_model()            optional: raise ValueError when the model cannot be used (not downloaded, pickle
                              weights only, ...); called by Run.create before validate()
     check_preview()          optional: raise ValueError for preview settings that cannot be rendered
-    export_snippet(lora)     optional: Python that loads the run's corrected adapter (under `lora`, the run's
-                             lora/ folder) and makes one preview again; "" when the backend has none
+    export_snippet(lora, plan)  optional: Python that loads the run's corrected adapter (under `lora`, the run's
+                             lora/ folder) and makes one preview again, offloading the model where the run's plan
+                             (run.json "plan") did not preview it whole; "" when the backend has none
 
 Optional, for models larger than memory (every phase then reads weights from the checkpoint's files):
     skeleton()               the full model's structure, parameters on `meta` (nothing read; buffers real);
@@ -76,7 +77,7 @@ class Backend:
     def release(self) -> None: ...
     def check_model(self) -> None: ...
     def check_preview(self) -> None: ...
-    def export_snippet(self, lora: Path) -> str: return ""
+    def export_snippet(self, lora: Path, plan: dict | None = None) -> str: return ""
     def skeleton(self) -> torch.nn.Module | None: return None
     def finish_loading(self, model: torch.nn.Module) -> None: ...
     def memory_shape(self) -> dict: return {}

@@ -372,18 +372,39 @@ def correct(run: Run, out: Path) -> None:
     backend.export(out, corrected, state, config)
 
 
-def preview_streams(run: Run) -> bool:
-    """Whether the previews read the full model block by block from its files: the run streams, and the plan made
-    when the run was created says the whole model does not fit the budgets (`--ram-gb`, `--gpu-gb`). Without a plan
-    (a model the planner cannot read): when the weights take more than half the host memory budget."""
+PREVIEW_MODES = ("whole", "offload", "files")
+
+
+def preview_mode(run: Run) -> str:
+    """How the previews hold the full model, as the plan made when the run was created chose (`--ram-gb`,
+    `--gpu-gb`): "whole" on the device; "offload": whole in host RAM, each block moved to the device while it
+    runs (a GPU smaller than the model, RAM large enough); "files": read block by block from its files (neither
+    holds it). Without a plan (a model the planner cannot read): "files" when the weights take more than half the
+    host memory budget, else "whole". `--offload` asks for "offload" on a GPU."""
     if not streams(run):
-        return False
+        return "whole"
     plan = (run.info.get("plan") or {}).get("phases", {}).get("preview")
     if plan is not None:
-        return bool(plan["streamed"])
-    budget = run.settings.ram_gb * GiB if run.settings.ram_gb else psutil.virtual_memory().available
-    size = sum(f.stat().st_size for f in run.backend.checkpoint().files)
-    return size > budget / 2
+        mode = plan.get("mode") or ("files" if plan["streamed"] else "whole")
+    else:
+        budget = run.settings.ram_gb * GiB if run.settings.ram_gb else psutil.virtual_memory().available
+        size = sum(f.stat().st_size for f in run.backend.checkpoint().files)
+        mode = "files" if size > budget / 2 else "whole"
+    if mode == "whole" and run.settings.offload and run.backend.device.type == "cuda":
+        mode = "offload"
+    return mode
+
+
+def preview_streams(run: Run) -> bool:
+    """Whether the previews do not hold the full model whole on the device (see `preview_mode`)."""
+    return preview_mode(run) != "whole"
+
+
+def _offloaded(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` (in host RAM) run with each submodule's weights moved to `device` only while it runs."""
+    from accelerate import cpu_offload
+
+    return cpu_offload(model, execution_device=device)
 
 
 def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False) -> nn.Module:
@@ -404,16 +425,19 @@ def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False) ->
 
 def _variant(run: Run, label: str) -> nn.Module:
     backend, lora = run.backend, run.output("correct")
-    streamed = preview_streams(run)
+    mode = preview_mode(run)
     if label == "emulator + LoRA":
-        if streamed:
+        if mode == "files":
             return _streamed_variant(run, run.output("train"), emulator=True)
+        # training held the emulator on the device, so the preview can
         return emloc.load_adapter(emulator_model(run, backend.device), run.output("train"))
     folder = None if label == "base" else lora / ("corrected" if label == "full + corrected LoRA" else "uncorrected")
-    if streamed:
+    if mode == "files":
         return _streamed_variant(run, folder)
-    model = backend.load_model(backend.device)
-    return model if folder is None else emloc.load_adapter(model, folder)
+    model = backend.load_model(torch.device("cpu") if mode == "offload" else backend.device)
+    if folder is not None:
+        model = emloc.load_adapter(model, folder)
+    return _offloaded(model, backend.device) if mode == "offload" else model
 
 
 def preview(run: Run, out: Path) -> None:
