@@ -136,20 +136,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ram-gb", type=float, default=1.2,
                         help="the run's host budget in GiB: what does not fit it is streamed from the files")
     args = parser.parse_args(argv)
+    drive(args, "streaming", "import pipelines.runner, pipelines.flux.backend, diffusers",
+          lambda depth, work: measure(depth, args.width, args.resolution, work, args.ram_gb))
+    return 0
+
+
+def drive(args: argparse.Namespace, name: str, imports: str, measure_one, **table) -> None:
+    """Measure every depth of `args.depths` in `args.work`, print the markdown table and write
+    benchmarks/out/<name>.md and .json (`imports`: what a process that only imports the stack imports)."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    baseline, _ = peak_of([sys.executable, "-c", "import pipelines.runner, pipelines.flux.backend, diffusers"])
+    baseline, _ = peak_of([sys.executable, "-c", imports])
     rows = []
     for depth in args.depths.split(","):
         start = time.monotonic()
-        rows.append(measure(depth, args.width, args.resolution, work, args.ram_gb))
+        rows.append(measure_one(depth, work))
         print(f"{depth}: measured in {time.monotonic() - start:.0f} s", file=sys.stderr)
-    table = markdown(rows, baseline)
-    print(table)
+    text = markdown(rows, baseline, **table)
+    print(text)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "streaming.md").write_text(table + "\n")
-    (OUT / "streaming.json").write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))
-    return 0
+    (OUT / f"{name}.md").write_text(text + "\n")
+    (OUT / f"{name}.json").write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))
 
 
 if __name__ == "__main__":

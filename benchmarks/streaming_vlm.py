@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.streaming import OUT, markdown, peak_of, record_run  # noqa: E402  (the same probe and table as FLUX's)
+from benchmarks.streaming import OUT, drive, peak_of, record_run  # noqa: E402  (the same probe and table as FLUX's)
 
 STAGES = ("calibrate", "emulate", "train", "correct", "preview")
 IMAGE_SIZE, PATCH, IMAGE_SEQ_LENGTH = 32, 8, 4  # (32/8)² patches, pixel shuffle 0.5 -> 4 image tokens
@@ -90,19 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ram-gb", type=float, default=0.7,
                         help="the run's host budget in GiB: what does not fit it is streamed from the files")
     args = parser.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    baseline, _ = peak_of([sys.executable, "-c", "import pipelines.runner, pipelines.internvl.backend, transformers"])
-    rows = []
-    for depth in args.depths.split(","):
-        start = time.monotonic()
-        rows.append(measure(int(depth), args.width, work, args.ram_gb))
-        print(f"{depth}: measured in {time.monotonic() - start:.0f} s", file=sys.stderr)
-    table = markdown(rows, baseline, unit="layers", command="launch.py train --backend vlm --stages X", files="model files")
-    print(table)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "streaming_vlm.md").write_text(table + "\n")
-    (OUT / "streaming_vlm.json").write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))
+    drive(args, "streaming_vlm", "import pipelines.runner, pipelines.internvl.backend, transformers",
+          lambda depth, work: measure(int(depth), args.width, work, args.ram_gb),
+          unit="layers", command="launch.py train --backend vlm --stages X", files="model files")
     return 0
 
 

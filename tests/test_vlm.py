@@ -3,7 +3,6 @@ and a whole headless run (`launch.py train --backend vlm` then `launch.py previe
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from pipelines.internvl.backend import (ChatPacker, VlmBackend, answer_loss, col
                            load_vlm, load_vlm_processing)
 from pipelines.internvl.data import (QASample, exact_match, pairs_to_samples, read_internvl_jsonl, read_internvl_meta,
                                 read_qa_data, token_f1, write_qa_jsonl)
-from vlm_fixtures import IMAGE_SEQ_LENGTH, save_tiny_internvl, write_colour_images
+from vlm_fixtures import IMAGE_SEQ_LENGTH, save_tiny_internvl, write_colour_csv
 
 QUESTION = "What colour is the square?"
 
@@ -36,11 +35,7 @@ def parts(checkpoint):
 @pytest.fixture(scope="module")
 def colour_data(tmp_path_factory) -> tuple[Path, list[tuple[str, str, str]]]:
     folder = tmp_path_factory.mktemp("colours")
-    rows = write_colour_images(folder)
-    with open(folder / "qa.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "question", "answer"])
-        writer.writerows(rows)
+    rows = write_colour_csv(folder)
     return folder, rows
 
 

@@ -3,7 +3,6 @@ and gives what the loaded model gives (the same forward, statistics, emulator, c
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from emloc.calibration import StatsCollector
 from pipelines.internvl.backend import ChatPacker, VlmBackend, VlmSettings, collate, load_vlm, load_vlm_processing
 from pipelines.internvl.data import QASample, pairs_to_samples
 from pipelines.runner import Run, RunSettings, stages
-from vlm_fixtures import save_tiny_internvl, write_colour_images
+from vlm_fixtures import save_tiny_internvl, write_colour_csv
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +27,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def colour_data(tmp_path_factory) -> tuple[Path, list]:
     folder = tmp_path_factory.mktemp("colours")
-    rows = write_colour_images(folder)
-    with open(folder / "qa.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "question", "answer"])
-        writer.writerows(rows)
+    rows = write_colour_csv(folder)
     return folder, rows
 
 

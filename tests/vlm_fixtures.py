@@ -57,3 +57,15 @@ def write_colour_images(folder: str | Path) -> list[tuple[str, str, str]]:
         Image.new("RGB", (40, 36), rgb).save(folder / "images" / f"{name}.png")
         rows.append((f"images/{name}.png", "What colour is the square?", name))
     return rows
+
+
+def write_colour_csv(folder: str | Path) -> list[tuple[str, str, str]]:
+    """`write_colour_images` plus `folder/qa.csv` (image, question, answer) holding its rows; returns the rows."""
+    import csv
+
+    rows = write_colour_images(folder)
+    with open(Path(folder) / "qa.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "question", "answer"])
+        writer.writerows(rows)
+    return rows
