@@ -20,6 +20,8 @@ CONTROLS = {
     "--data": ("the questions and answers", "step 2"),
     "--ratio": ("Compression ratio", "step 3"),
     "--rank": ("LoRA rank", "step 3"),
+    "--ram-gb": ("RAM budget", "step 3"),
+    "--gpu-gb": ("GPU memory budget", "step 3"),
     "--out": ("Run name", "step 4"),
     "--steps": ("Training steps", "step 4"),
     "--lr": ("Learning rate", "step 4"),
