@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipelines.runner.data import DataError, ImageLimits, check_image
 from pipelines.flux.backend import IMAGE_LIMITS as FLUX_LIMITS
@@ -242,6 +242,39 @@ def caption_rows(current: list[dict], table: Any) -> list[list[str]]:
     """One [image, caption] row per image, keeping captions already typed for the same image."""
     typed = {row[0]: row[1] for row in table_rows(table) if len(row) >= 2 and row[0]}
     return [[item["name"], typed.get(item["name"], "")] for item in current or []]
+
+
+def caption_photos(current: list[dict], table: Any, trigger: str, model: str,
+                   progress: Callable[[int, int, str], None] | None = None) -> tuple[list[list[str]], str]:
+    """Fill the empty captions of the Data step's table with `model`'s (an InternVL) descriptions, each after the
+    trigger word; captions the person typed stay. Returns (rows, what was done, in words)."""
+    from pipelines.internvl.caption import Captioner
+    from pipelines.runner.checks import check_model_source
+
+    if not current:
+        raise DataError("add your photos first: Caption my photos describes each uploaded photo")
+    if not (trigger or "").strip():
+        raise DataError("the Trigger word (step 2) is empty; type the word that names your subject, e.g. sks")
+    check_model_source(model, "the captioning model")
+    rows = caption_rows(current, table)
+    todo = [i for i, (_, text) in enumerate(rows) if not text.strip()]
+    if not todo:
+        return rows, "Every photo already has a caption; clear a caption to have it written again."
+    by_name = {item["name"]: item["path"] for item in current}
+    captioner = Captioner(model, _device())
+    for done, index in enumerate(todo):
+        rows[index][1] = captioner(by_name[rows[index][0]], trigger)
+        if progress is not None:
+            progress(done + 1, len(todo), rows[index][0])
+    kept = len(rows) - len(todo)
+    return rows, (f"Wrote {len(todo)} caption{'s' if len(todo) != 1 else ''} with {Path(model).name or model}"
+                  + (f"; kept the {kept} you typed" if kept else "") + ". Edit them in the table before training.")
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def table_rows(table: Any) -> list[list[str]]:

@@ -78,6 +78,11 @@ def build(studio: Studio) -> gr.Blocks:
                             captions = gr.Dataframe(headers=["image", "caption"], column_count=2, interactive=True,
                                                     static_columns=[0], label="Captions per photo (optional; empty "
                                                     "means the prompt)", elem_id="captions")
+                            with gr.Row():
+                                caption_model = gr.Dropdown(handlers.model_choices("vlm", studio.demo_models),
+                                                            label="Captioning model (an InternVL you have)", scale=3,
+                                                            elem_id="caption-model")
+                                caption = gr.Button("Caption my photos", scale=1, elem_id="caption-photos")
                         with gr.Column(visible=False) as vlm_box:
                             gr.Markdown("Add your **images** and a **question and answer** for each (the table), or "
                                         "import a .jsonl / .csv file with the columns image, question, answer.")

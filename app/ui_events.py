@@ -211,6 +211,15 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     c.flux_gallery.select(on_select, None, c.picked, concurrency_id="wizard")
     c.vlm_gallery.select(on_select, None, c.picked, concurrency_id="wizard")
 
+    def on_caption(images, captions, trigger, model):
+        rows, message = handlers.caption_photos(images, captions, trigger, model)
+        return rows, say(message)
+
+    # gradio's own progress over the table while the model writes (a few seconds per photo on a CPU)
+    c.caption.click(guard(on_caption, 2, 1), [c.flux_images, c.captions, c.trigger, c.caption_model],
+                    [c.captions, c.msg_data], show_progress="full", show_progress_on=[c.captions],
+                    concurrency_id="wizard")
+
     def on_flux_remove(images, index, captions):
         images, message = handlers.remove_image(images, index)
         return images, handlers.gallery_items(images), handlers.caption_rows(images, captions), None, say(message)

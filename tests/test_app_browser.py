@@ -19,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+import numpy as np  # noqa: E402
 
 from app.handlers import EXAMPLE_PROMPT  # noqa: E402
 from flux_fixtures import save_tiny_flux, write_subject_images  # noqa: E402
@@ -441,3 +442,27 @@ def test_a_new_run_starts_clean_and_example_data_replaces_the_set(page, world, t
     assert page.locator("#prompt").get_by_role("textbox").input_value() == EXAMPLE_PROMPT
     no_traceback(page)
     shot(page, "21-example-data-replaces")
+
+
+def test_caption_my_photos_fills_the_empty_captions_with_the_demo_internvl(page, world, tmp_path):
+    """The FLUX Data step's "Caption my photos": the demo InternVL describes each photo after the trigger word;
+    a caption the person typed stays; the captions are editable before training."""
+    if not (DEMO["vlm"] / "demo.json").is_file():
+        pytest.fail("the demo InternVL (assets/models/demo-internvl) is missing: python -m pipelines.demo build")
+    rng = np.random.default_rng(5)
+    photos = []
+    for colour, shape in (("red", "square"), ("blue", "circle"), ("yellow", "triangle")):
+        path = tmp_path / f"{colour}-{shape}.png"
+        demo_data.render([demo_data.random_spec(rng, shape, colour)]).save(path)
+        photos.append(path)
+    button(page, "Next: your data").click()
+    upload(page, "#flux-upload", photos)
+    expect_text(page, "#msg-data", "3 images added")
+    button(page, "Caption my photos").click()
+    expect_text(page, "#msg-data", "Wrote 3 captions")
+    for text in ("sks, a red square", "sks, a blue circle", "sks, a yellow triangle"):
+        expect_text(page, "#captions", text)
+    no_traceback(page)
+    shot(page, "22-captions-written")
+    button(page, "Caption my photos").click()  # nothing left empty: nothing is replaced
+    expect_text(page, "#msg-data", "Every photo already has a caption")

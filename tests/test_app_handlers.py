@@ -8,6 +8,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,6 +16,7 @@ from app import handlers, results
 from app.jobs import JobBusy, JobStatus
 from app.studio import Studio, TrainRequest, describe_job, parse_seeds
 from flux_fixtures import save_tiny_flux, write_subject_images
+from pipelines.runner.data import DataError
 from vlm_fixtures import save_tiny_internvl, write_colour_images
 
 FLUX_FAST = dict(steps=3, lr=1e-3, rank=4, calibration_samples=4, checkpoint_every=2, resolution=32,
@@ -504,3 +506,25 @@ def test_export_snippets_offload_the_model_where_the_runs_plan_did(finished, fin
     printed = run_snippet(vlm, tmp_path / "vlm").strip()  # the tiny model's answer may be empty
     previews = json.loads((vlm_folder / "previews" / "previews.json").read_text())
     assert printed == previews["items"][0]["answers"]["full + corrected LoRA"].strip()
+
+
+def test_caption_my_photos_keeps_typed_captions_and_refuses_in_words(tmp_path):
+    from pipelines import demo
+    from pipelines.demo import data as demo_data
+
+    rng = np.random.default_rng(2)
+    images = []
+    for colour, shape in (("green", "circle"), ("orange", "square")):
+        path = tmp_path / f"{colour}.png"
+        demo_data.render([demo_data.random_spec(rng, shape, colour)]).save(path)
+        images.append({"path": str(path), "name": path.name})
+    typed = [["green.png", "sks, my words"], ["orange.png", ""]]
+    rows, message = handlers.caption_photos(images, typed, "sks", str(demo.VLM_DIR))
+    assert rows == [["green.png", "sks, my words"], ["orange.png", "sks, a orange square"]]
+    assert "Wrote 1 caption" in message and "kept the 1 you typed" in message
+    with pytest.raises(DataError, match="add your photos first"):
+        handlers.caption_photos([], [], "sks", str(demo.VLM_DIR))
+    with pytest.raises(DataError, match="Trigger word"):
+        handlers.caption_photos(images, typed, " ", str(demo.VLM_DIR))
+    with pytest.raises(ValueError, match="captioning model"):
+        handlers.caption_photos(images, typed, "sks", str(tmp_path / "no-such-model"))

@@ -218,14 +218,16 @@ def build_flux(settings: DemoSettings, folder: Path = FLUX_DIR) -> dict:
     return _install(scratch, folder, settings, evaluate_flux_demo)
 
 
-def _install(scratch: Path, folder: Path, settings: DemoSettings, evaluate, app: dict | None = None) -> dict:
+def _install(scratch: Path, folder: Path, settings: DemoSettings, evaluate, app: dict | None = None,
+             caption: dict | None = None) -> dict:
     """Move the model saved in `scratch/model` to `folder` (replacing the old demo), drop the scratch folder,
     evaluate it and write `demo.json` (build settings, evaluation and what the app should suggest)."""
     shutil.rmtree(folder, ignore_errors=True)
     (scratch / "model").rename(folder)
     shutil.rmtree(scratch, ignore_errors=True)
     result = evaluate(folder, seed=settings.seed)
-    doc = {"settings": asdict(settings), "evaluation": result, **({"app": app} if app else {})}
+    doc = {"settings": asdict(settings), "evaluation": result, **({"app": app} if app else {}),
+           **({"caption": caption} if caption else {})}
     (folder / "demo.json").write_text(json.dumps(doc, indent=2))
     return result
 
@@ -307,7 +309,7 @@ def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
         _update(loss, optimizer, bar, clip=model.parameters())
     model.eval().requires_grad_(False)
     save_vlm(model, tokenizer, scratch / "model")
-    return _install(scratch, folder, settings, evaluate_vlm_demo, app=VLM_APP_SETTINGS)
+    return _install(scratch, folder, settings, evaluate_vlm_demo, app=VLM_APP_SETTINGS, caption=data.CAPTION_RECIPE)
 
 
 # ============================================================================================ CLI

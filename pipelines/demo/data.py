@@ -164,6 +164,11 @@ SHAPE_QUESTION = "What shape is this?"
 COLOUR_QUESTION = "What colour is the {shape}?"
 
 
+# How the demo InternVL captions a photo of one shape (demo.json "caption", pipelines/internvl/caption.py): its shape,
+# then its colour, as "a teal cross".
+CAPTION_RECIPE = {"questions": [SHAPE_QUESTION, COLOUR_QUESTION.format(shape="{0}")], "template": "a {1} {0}"}
+
+
 def shape_questions(spec: ShapeSpec) -> list[tuple[str, str]]:
     """(question, answer) pairs about one single-shape image: its shape and its colour.
 
