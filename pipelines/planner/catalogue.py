@@ -118,26 +118,32 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
 
 
 def vlm_architecture(config: dict) -> ArchitectureSpec:
-    """InternVL: image tiles through the vision tower, then the whole sequence through the Qwen2 decoder.
+    """InternVL: image tiles through the vision tower, then the whole sequence through the Qwen2 / Qwen3 decoder.
 
     Saved per token and layer (SDPA, frozen base), counted op by op and checked with saved-tensor hooks:
-    decoder 2h + 2kv + 3i + 2·head_dim in the dtype (q, attention output, k, v, gate, up, SiLU output, rotary
-    cos/sin) and 2h + heads + 2 in float32 (two RMSNorm inputs, log-sum-exp, two rstd); vision layer 9h + 2i
+    decoder 2q + 2kv + 3i + 2·head_dim in the dtype (q, attention output, k, v, gate, up, SiLU output, rotary
+    cos/sin) and 2h + heads + 2 in float32 (two RMSNorm inputs, log-sum-exp, two rstd), Qwen3 adding its q/k
+    norms' float32 inputs and rstd (q + kv + heads + kv heads); vision layer 9h + 2i
     (LayerNorms, q, k, v, attention output, projection input, layer scales, fc1 input, GELU input and output;
     the vision tower is frozen, so only one layer's working set counts).
     """
     text, vision = config["text_config"], config["vision_config"]
     h, i = text["hidden_size"], text["intermediate_size"]
-    heads, head_dim = text["num_attention_heads"], h // text["num_attention_heads"]
-    kv = text.get("num_key_value_heads", heads) * head_dim  # width of k (and of v)
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or h // heads  # Qwen3 sets it apart (InternVL3.5-1B: 16 heads of 128 at h 1024)
+    q = heads * head_dim  # width of q and of the attention output
+    kv_heads = text.get("num_key_value_heads", heads)
+    kv = kv_heads * head_dim  # width of k (and of v)
+    # Qwen3 RMS-normalises q and k per head before the rotary embedding: each norm keeps its float32 input and rstd
+    qk_norm = q + kv + heads + kv_heads if text.get("model_type") == "qwen3" else 0
     hv, iv = vision["hidden_size"], vision["intermediate_size"]
     side = vision.get("image_size", [448, 448])[0] // vision.get("patch_size", [14, 14])[0]
     return ArchitectureSpec(
         family="vlm",
         stacks=(BlockStack("vision layers", "model.vision_tower.encoder.layer", hv, "vision", 9 * hv + 2 * iv,
                            widest_per_token=iv),
-                BlockStack("language layers", "model.language_model.layers", h, "text", 2 * h + 2 * kv + 3 * i + 2 * head_dim,
-                           2 * h + heads + 2, kv_per_token=2 * kv, widest_per_token=i)),
+                BlockStack("language layers", "model.language_model.layers", h, "text", 2 * q + 2 * kv + 3 * i + 2 * head_dim,
+                           2 * h + heads + 2 + qk_norm, kv_per_token=2 * kv, widest_per_token=i)),
         default_compress=(LANGUAGE_LINEARS, VISION_LINEARS), default_lora_targets=(LORA_TARGETS,),
         vision_tokens_per_tile=side * side + 1,
         image_tokens_per_tile=int(config.get("image_seq_length", round((side * config.get("downsample_ratio", 0.5)) ** 2))),
