@@ -104,3 +104,14 @@ def test_the_planner_plans_the_tiny_klein_offline(klein):
     assert load_meta_model(str(klein)).backend == "flux2"
     plan = plan_run(str(klein), PlanSettings(device="cpu", ram_gb=4, resolution=32, text_tokens=32))
     assert plan.recommended is not None and plan.get("embeddings", "emloc") is not None
+
+
+def test_the_app_offers_the_three_flux2_models_and_runs_them_with_the_flux2_backend(klein):
+    from app import handlers
+
+    offered = [value for _, value in handlers.model_choices("flux", demo={})]
+    for name in ("FLUX.2-dev", "FLUX.2-klein-4B", "FLUX.2-klein-9B"):
+        assert f"black-forest-labs/{name}" in offered
+        assert handlers.backend_for("flux", f"black-forest-labs/{name}") == "flux2"
+    assert handlers.backend_for("flux", str(klein)) == "flux2"
+    assert handlers.backend_for("flux", "black-forest-labs/FLUX.1-dev") == "flux"
