@@ -80,6 +80,17 @@ def model_choices(task: str, demo: dict[str, Path] | None = None) -> list[tuple[
     return choices
 
 
+def backend_for(task: str, model: str) -> str:
+    """The run backend of `model` for `task`: "flux2" for a FLUX.2 model picked under the FLUX task, else the task's."""
+    from pipelines.planner.catalogue import load_meta_model
+
+    try:
+        backend = load_meta_model((model or "").strip()).backend
+    except (ValueError, OSError):  # unreadable here: the task's own backend says what is wrong when it loads
+        return task
+    return backend if task == "flux" and backend in ("flux", "flux2") else task
+
+
 def describe_model(task: str, model: str) -> dict:
     """What the model is, from its config alone (no weights): {"name", "family", "params", "text"}.
 
@@ -489,7 +500,7 @@ def check_data(task: str, model: str, images: list[dict], prompt: str, trigger: 
     try:
         if task == "flux":
             staged = stage_flux_data(images, prompt, trigger, captions, folder)
-            backend_type = backend_class("flux")
+            backend_type = backend_class(backend_for("flux", model))
             settings = backend_type.settings_class(images=staged["images"], prompt=staged["prompt"],
                                                    trigger=staged["trigger"])
             backend_type(RunSettings(model=model), settings, _cpu()).validate()

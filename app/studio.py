@@ -165,7 +165,7 @@ class Studio:
         staging = Path(tempfile.mkdtemp(prefix="emloc-upload-"))
         try:
             settings = self._backend_settings(request, staging / "data")
-            run = Run.create(folder, request.task, run_settings, settings)
+            run = Run.create(folder, handlers.backend_for(request.task, request.model), run_settings, settings)
         except DataError as err:
             raise DataError(handlers.relabel(err, staging / "data")) from None
         except ValueError as err:
@@ -176,14 +176,16 @@ class Studio:
         return str(run.dir)
 
     def _backend_settings(self, request: TrainRequest, data: Path) -> Any:
-        settings_class = backend_class(request.task).settings_class if request.task in handlers.TASKS else None
+        backend = handlers.backend_for(request.task, request.model) if request.task in handlers.TASKS else None
+        settings_class = backend_class(backend).settings_class if backend else None
         if settings_class is None:
             raise ValueError("choose what to do in step 1 first")
         if request.task == "flux":
             staged = handlers.stage_flux_data(request.images, request.prompt, request.trigger, request.captions, data)
+            tokens = int(request.max_sequence_length) or (512 if backend == "flux2" else 0)  # FLUX.2 pads to 512
             return settings_class(images=staged["images"], prompt=staged["prompt"], trigger=staged["trigger"],
                                   resolution=int(request.resolution), preview_steps=int(request.preview_steps),
-                                  max_sequence_length=int(request.max_sequence_length))
+                                  max_sequence_length=tokens)
         staged = handlers.stage_vlm_data(request.images, request.qa_table, data)
         return settings_class(data=staged["data"], max_new_tokens=int(request.max_new_tokens))
 

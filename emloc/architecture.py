@@ -41,6 +41,10 @@ class Component:
     params: int  # total parameters
     largest_piece: int  # parameters of its largest block or module (what is resident when streamed)
     transient_per_pixel: int = 0  # working elements per output pixel (VAE decode), 0: negligible
+    # a prompt encoder runs once per run into the run's cache (its own "embeddings" phase, read block by block from
+    # its files when the run streams) and is freed before calibration: later phases never hold it
+    prompt_encoder: bool = False
+    working_per_token: int = 0  # prompt encoder: elements per text token held while one block runs (hidden states)
 
 
 @dataclass(frozen=True)

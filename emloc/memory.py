@@ -72,7 +72,7 @@ EIGH64 = 13
 HOST_RUNTIME_CPU = int(0.40 * 1024 ** 3)
 HOST_RUNTIME_CUDA = int(1.5 * 1024 ** 3)
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
-PHASES = ("calibration", "emulator", "training", "correction", "preview")
+PHASES = ("embeddings", "calibration", "emulator", "training", "correction", "preview")  # embeddings: prompt encoders
 METHODS = ("emloc", "lora", "qlora", "inference")
 DEVICES = ("cuda", "cpu")
 
@@ -243,10 +243,36 @@ def _full_weights(run: _Run, offload: bool) -> dict[str, float]:
     return {"weights (one block)": run.b * run.summary.largest_piece} if offload else {"weights": run.b * run.summary.params}
 
 
+def _resident_components(run: _Run) -> list:
+    """Run-once models the calibration and preview phases load (VAE, FLUX.1's encoders): not the prompt encoders,
+    whose embeddings the run computed once into its cache."""
+    return [c for c in run.arch.components if not c.prompt_encoder]
+
+
+def _prompt_embeddings(run: _Run, method: str) -> PhaseEstimate | None:
+    """The prompt encoder's one pass over the run's prompts (text_tokens each): EMLoC reads it block by block from
+    its files when the run streams (b·largest block), the others hold it whole (QLoRA in NF4, as a 4-bit text
+    encoder); plus one block's working set, w·tokens. None: the model has no prompt encoder."""
+    encoders = [c for c in run.arch.components if c.prompt_encoder]
+    if not encoders:
+        return None
+    c = max(encoders, key=lambda e: e.params)
+    streamed = run.s.offload and method == "emloc"
+    if method == "qlora":
+        weights = {f"weights ({c.name}, NF4)": NF4_BYTES * c.params}
+    elif streamed:
+        weights = {f"weights ({c.name}, one block)": run.b * c.largest_piece}
+    else:
+        weights = {f"weights ({c.name})": run.b * c.params}
+    tokens = run.s.batch_size * (run.s.text_tokens or run.arch.text_tokens)
+    return _estimate("embeddings", method, {**weights, f"activations ({c.name})": run.b * c.working_per_token * tokens},
+                     streamed, "prompt embeddings computed once into the run's cache; the encoder is then freed")
+
+
 def _component_peak(run: _Run, offload: bool, pixels: int) -> dict[str, float]:
     """The largest run-once model (text encoder, VAE) resident on its own, with its decode working set."""
     best: dict[str, float] = {}
-    for c in run.arch.components:
+    for c in _resident_components(run):
         parts = {f"weights ({c.name}{', one block' if offload else ''})": run.b * (c.largest_piece if offload else c.params),
                  f"working set ({c.name})": run.b * c.transient_per_pixel * pixels}
         if sum(parts.values()) > sum(best.values()):
@@ -497,7 +523,9 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
     streamed = e.streamed
     if s.device == "cpu":
         host = {k: v for k, v in e.parts.items() if k != "overhead"}
-        if e.method == "emloc" and streamed:  # correction reads one layer at a time, the others one block
+        if e.phase == "embeddings" and streamed:  # the prompt encoder's blocks, read from its own files
+            host["file pages (one block)"] = b * max(c.largest_piece for c in run.arch.components if c.prompt_encoder)
+        elif e.method == "emloc" and streamed:  # correction reads one layer at a time, the others one block
             host["file pages (one tensor)" if e.phase == "correction" else "file pages (one block)"] = \
                 tensor if e.phase == "correction" else block
         if e.method == "emloc" and e.phase == "training":  # the emulator is read into the skeleton one tensor at a time
@@ -527,8 +555,11 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
         host["adapters"] = 3 * ADAPTER_BYTES * run.counts.lora
     elif e.phase == "preview":
         host["file pages (one block)" if streamed else "file pages (one tensor)"] = block if streamed else tensor
-    if e.phase in ("calibration", "preview") and run.arch.components:  # loaded on the host, then moved
-        host["text encoders and VAE (loading)"] = max(b * c.params for c in run.arch.components)
+    elif e.phase == "embeddings":
+        host["file pages (one block)" if streamed else "file pages (one tensor)"] = \
+            max(c.largest_piece for c in run.arch.components if c.prompt_encoder) * b
+    if e.phase in ("calibration", "preview") and _resident_components(run):  # loaded on the host, then moved
+        host["text encoders and VAE (loading)"] = max(b * c.params for c in _resident_components(run))
     return host
 
 
@@ -575,9 +606,11 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
     pass_ = _streamed_pass(run) if s.offload and not s.keep_statistics else (_calibration(run), _construction(run))
     if run.arch.components:  # the preview pipeline keeps its text encoders and VAE beside the transformer
-        preview.update({f"weights ({c.name})": b * c.params for c in run.arch.components})
+        preview.update({f"weights ({c.name})": b * c.params for c in _resident_components(run)})
     preview["weights (outside the blocks)"] = _outside_blocks(run) if s.offload else 0
+    embeddings = [e for e in (_prompt_embeddings(run, m) for m in METHODS) if e is not None]
     estimates = [
+        *embeddings[:1],
         *pass_,
         _training(run, "emloc", {"weights (emulator)": b * counts.emulator}),
         _correction(run),
@@ -585,6 +618,7 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
         _training(run, "lora", {"weights": b * counts.full}),
         _training(run, "qlora", nf4),
         _with_components(run, "preview", "inference", plain, False),
+        *embeddings[1:],
     ]
     stats = 0 if s.stats_on_gpu else sum(4 * shapes[n].in_features ** 2 for n, k in ranks.items() if k)
     if s.device == "cpu":  # no CUDA context or caching allocator: the RAM peak has no fixed overhead

@@ -21,10 +21,12 @@ ALLOWED = {
     "emloc": set(),
     "pipelines": set(),  # the package docstring only
     "pipelines.runner": {"emloc"},
-    BACKEND: {"emloc", "pipelines.runner"},
-    "pipelines.planner": {"emloc", "pipelines.runner", BACKEND},
-    "pipelines.demo": {"emloc", "pipelines.runner", BACKEND},
-    "app": {"pipelines", "pipelines.runner", "pipelines.planner", "pipelines.demo", BACKEND},
+    "pipelines.diffusion_common": {"emloc", "pipelines.runner"},  # what FLUX.1 and FLUX.2 share, family-neutral
+    BACKEND: {"emloc", "pipelines.runner", "pipelines.diffusion_common"},
+    "pipelines.planner": {"emloc", "pipelines.runner", "pipelines.diffusion_common", BACKEND},
+    "pipelines.demo": {"emloc", "pipelines.runner", "pipelines.diffusion_common", BACKEND},
+    "app": {"pipelines", "pipelines.runner", "pipelines.planner", "pipelines.demo", "pipelines.diffusion_common",
+            BACKEND},
 }
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipelines.demo.offline_tokenizers import (internvl_chat_tokenizer, internvl_image_processor, save_internvl,
-                                         small_internvl)
+from pipelines.demo.offline_tokenizers import (INTERNVL_CHAT_TEMPLATE, internvl_chat_tokenizer, internvl_image_processor,
+                                               save_internvl, small_internvl)
 
 IMAGE_SIZE, PATCH = 32, 8  # (32/8)² = 16 patches -> pixel shuffle 0.5 -> 4 image tokens per tile
 IMAGE_SEQ_LENGTH = 4
@@ -69,3 +69,37 @@ def write_colour_csv(folder: str | Path) -> list[tuple[str, str, str]]:
         writer.writerow(["image", "question", "answer"])
         writer.writerows(rows)
     return rows
+
+
+# InternVL3.5-HF: a Qwen3 language model (head_dim set apart from hidden/heads, q/k RMSNorms) and a chat template
+# that writes `<image>` for an image part, as published InternVL templates do.
+INTERNVL35_CHAT_TEMPLATE = INTERNVL_CHAT_TEMPLATE.replace("<IMG_CONTEXT>", "<image>")
+
+
+def build_tiny_internvl35(tokenizer, seed: int = 0):
+    """InternVLForConditionalGeneration: 2-layer ViT (hidden 32) + 2-layer Qwen3 (hidden 64, 4 heads of 32)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = InternVLConfig(
+        text_config={"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": len(tokenizer),
+                     "max_position_embeddings": 1024, "tie_word_embeddings": True,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": [IMAGE_SIZE, IMAGE_SIZE], "patch_size": [PATCH, PATCH]},
+        image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.2)
+    return model
+
+
+def save_tiny_internvl35(folder: str | Path, seed: int = 0) -> Path:
+    """A complete tiny InternVL3.5-style checkpoint folder (Qwen3 text model, `<image>` template)."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = INTERNVL35_CHAT_TEMPLATE
+    return save_internvl(build_tiny_internvl35(tokenizer, seed), tokenizer, build_image_processor(), folder,
+                         IMAGE_SEQ_LENGTH)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from emloc.blockwise import BlockwiseModel
 from emloc.checkpoint import CheckpointReader, safetensors_files
 from pipelines.runner import Backend, RunSettings
 from pipelines.runner.checks import check_model_source
-from pipelines.runner.data import DataError, ImageLimits, check_images, copy_into, find_images, load_rgb, resize_and_crop
+from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData  # noqa: F401 (re-exported: app)
+from pipelines.runner.data import load_rgb, resize_and_crop
 
 from .export import load_snippet, preview_file_name, sample_images, write_diffusers_lora, write_preview_grid
 
@@ -66,12 +66,10 @@ class FluxSettings:
                                                            "preview": "--preview-guidance"})
 
 
-MAX_PROMPT_CHARS = 1000
 BATCHED_INPUTS = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
-IMAGE_LIMITS = ImageLimits(min_count=3, max_count=50, min_side=32)
 
 
-class FluxBackend(Backend):
+class FluxBackend(DreamBoothData, Backend):
     """The FLUX transformer is the model that is calibrated, emulated, trained and corrected."""
 
     name = "flux"
@@ -82,65 +80,6 @@ class FluxBackend(Backend):
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.cache: dict[str, Any] = {}
         self._pipe = None
-
-    # -- data ---------------------------------------------------------------------------------------------
-    def validate(self) -> None:
-        s = self.settings
-        if not s.images:
-            raise DataError("no image folder given; pass --images DIR with 3-50 photos of your subject")
-        if not s.trigger.strip():
-            raise DataError("the trigger word is empty; pass --trigger WORD (e.g. sks)")
-        self._check_prompt(s.prompt, "the instance prompt (--prompt)")
-        if s.resolution < 16 or s.resolution % 16:
-            raise ValueError(f"--resolution must be a positive multiple of 16; got {s.resolution}")
-        if s.weighting_scheme not in ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"):
-            raise ValueError(f"--weighting-scheme {s.weighting_scheme!r} is unknown; "
-                             "use none, sigma_sqrt, logit_normal, mode or cosmap")
-        local = Path(self.run.model)
-        if local.exists() and not (local / "model_index.json").is_file():
-            raise ValueError(f"{local} is not a diffusers FLUX folder (no model_index.json); "
-                             "pass the folder that FluxPipeline.save_pretrained wrote, or a hub id")
-        images = find_images(s.images)
-        check_images(images, IMAGE_LIMITS, where=s.images)
-        for image in images:
-            caption = self._caption_file(image)
-            if caption is not None:
-                self._check_prompt(self._read_caption(caption), f"the caption {caption}")
-
-    def _check_prompt(self, prompt: str, what: str) -> None:
-        if len(prompt) > MAX_PROMPT_CHARS:  # the text encoders read ~77 (CLIP) and 512 (T5) tokens, no more
-            raise DataError(f"{what} is {len(prompt)} characters long ({prompt[:40]!r}...); keep it under "
-                            f"{MAX_PROMPT_CHARS} characters, a sentence or two")
-        if not prompt.strip():
-            raise DataError(f"{what} is empty; describe your subject with the trigger word, e.g. "
-                            f"'a photo of {self.settings.trigger} dog'")
-        if not re.search(rf"(?<!\w){re.escape(self.settings.trigger)}(?!\w)", prompt):
-            raise DataError(f"{what} {prompt[:80]!r} does not contain the trigger word {self.settings.trigger!r}; add it "
-                            f"(e.g. 'a photo of {self.settings.trigger} dog') or set --trigger to the word you use")
-
-    @staticmethod
-    def _caption_file(image: Path) -> Path | None:
-        caption = image.with_suffix(".txt")
-        return caption if caption.is_file() else None
-
-    @staticmethod
-    def _read_caption(path: Path) -> str:
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text; save the caption as plain UTF-8 text") from None
-
-    def copy_data(self, folder: Path) -> dict:
-        images = find_images(self.settings.images)
-        copy_into(images, folder)
-        captions = [c for c in (self._caption_file(p) for p in images) if c is not None]
-        copy_into(captions, folder)
-        return {"images": [p.name for p in images], "captions": [c.name for c in captions]}
-
-    def use_data(self, folder: Path) -> None:
-        self.images = find_images(folder)
-        self.prompts = [self._read_caption(c) if (c := self._caption_file(p)) else self.settings.prompt
-                        for p in self.images]
 
     # -- the cache: text embeddings and latent distributions, computed once -------------------------------
     def _guidance(self) -> bool:

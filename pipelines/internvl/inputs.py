@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of tokens that carry no loss
 IMAGE_TOKEN_ATTRS = ("start_image_token", "end_image_token", "context_image_token")
+FAKE_IMAGE_TOKEN = "<image>"  # the other image placeholder published templates write (processor's fake_image_token)
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -127,10 +128,27 @@ class ChatPacker:
     max_tiles: int = 1  # tiles per image (plus a thumbnail when > 1); 1 keeps memory predictable
     max_length: int = 2048  # longest sequence in tokens; longer samples are cut after their last image
     system_prompt: str = ""
+    _placeholder: str | None = field(default=None, init=False, repr=False)  # found by `placeholder`
 
     @property
     def image_token(self) -> str:
         return self.tokenizer.context_image_token
+
+    @property
+    def placeholder(self) -> str:
+        """What the chat template writes for one image: `<IMG_CONTEXT>` (transformers' conversion) or `<image>`
+        (InternVL3.5-HF and other published templates); found once by rendering a one-image message."""
+        if self._placeholder is None:
+            rendered = self.render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])
+            for candidate in (self.image_token, FAKE_IMAGE_TOKEN):
+                if candidate in rendered:
+                    self._placeholder = candidate
+                    break
+            else:
+                raise ValueError(f"the chat template writes neither {self.image_token} nor {FAKE_IMAGE_TOKEN} for an "
+                                 f"image part (it rendered {rendered[:120]!r}); use the checkpoint's own "
+                                 "tokenizer_config.json / chat_template.jinja")
+        return self._placeholder
 
     # -- text --------------------------------------------------------------------------------------
     def _user_content(self, question: str, leading_images: int) -> list[dict]:
@@ -175,18 +193,18 @@ class ChatPacker:
         return full, spans
 
     def expand_images(self, text: str, tiles: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
-        """Replace the i-th image token by `<img>` + image_seq_length·tiles[i] context tokens + `</img>`.
+        """Replace the i-th image placeholder by `<img>` + image_seq_length·tiles[i] context tokens + `</img>`.
 
         Returns the new text and `(position in the old text, characters added)` per replacement.
         """
-        token = self.image_token
+        token = self.placeholder
         found = [m.start() for m in re.finditer(re.escape(token), text)]
         if len(found) != len(tiles):
-            raise ValueError(f"the prompt holds {len(found)} image placeholders for {len(tiles)} images")
+            raise ValueError(f"the prompt holds {len(found)} image placeholders ({token}) for {len(tiles)} images")
         start, end = self.tokenizer.start_image_token, self.tokenizer.end_image_token
         parts, shifts, last = [], [], 0
         for position, count in zip(found, tiles):
-            replacement = start + token * (self.image_seq_length * count) + end
+            replacement = start + self.image_token * (self.image_seq_length * count) + end
             parts += [text[last:position], replacement]
             shifts.append((position, len(replacement) - len(token)))
             last = position + len(token)

@@ -23,6 +23,7 @@ from torch import nn
 
 from emloc.architecture import ArchitectureSpec, BlockStack, Component
 from pipelines.flux.backend import DOUBLE_LORA, SINGLE_LORA
+from pipelines.flux2 import layout as flux2_layout
 from pipelines.internvl.backend import LANGUAGE_LINEARS, LORA_TARGETS, VISION_LINEARS
 from pipelines.runner.registry import ROOT
 
@@ -42,6 +43,11 @@ VAE_LIVE_TENSORS = 6  # VAE decode working set: ~6 live tensors of block_out_cha
 # The layers each backend compresses and trains, taken from the backends so that the plan is the run's.
 FLUX_COMPRESS = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"  # as FluxBackend.default_rules
 FLUX_LORA = (rf"transformer_blocks\.\d+\.({DOUBLE_LORA})", rf"single_transformer_blocks\.\d+\.({SINGLE_LORA})")
+# FLUX.2 (SwiGLU MLPs of ratio 3, q/k RMSNorm and rotary in float32), measured the same way in bf16 at h = 128 and
+# 256: a double block saves 38.2·h bytes per token, a single block 40.2·h, each + 12 bytes per head; split here as
+# 11h (double) / 12h (single) in the dtype and 4h + 3·heads in float32 (within 0.5% of both widths).
+FLUX2_DOUBLE_SAVED_PER_H = 11
+FLUX2_SINGLE_SAVED_PER_H = 12
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class CatalogueEntry:
     family: str  # "flux" or "vlm"
     published_params: float  # parameters of the trained model as published (FLUX: the transformer)
     asset: Path  # the offline config bundle
+    backend: str = ""  # the run backend that trains it ("flux2" for FLUX.2); "": the family's own
 
 
 @dataclass
@@ -64,6 +71,7 @@ class MetaModel:
     family: str
     model: nn.Module  # on the meta device: the transformer (FLUX) or the whole InternVL
     arch: ArchitectureSpec
+    backend: str = ""  # the run backend that trains it: "flux", "flux2" or "vlm"
 
 
 def catalogue() -> dict[str, CatalogueEntry]:
@@ -71,7 +79,8 @@ def catalogue() -> dict[str, CatalogueEntry]:
     entries = []
     for path in ASSETS.glob("*.json"):
         doc = json.loads(path.read_text())
-        entries.append(CatalogueEntry(doc["id"], doc["display_name"], doc["family"], float(doc["published_params"]), path))
+        entries.append(CatalogueEntry(doc["id"], doc["display_name"], doc["family"], float(doc["published_params"]), path,
+                                      doc.get("backend", doc["family"])))
     return {e.model_id: e for e in sorted(entries, key=lambda e: (e.family, e.published_params, e.model_id))}
 
 
@@ -117,27 +126,70 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
         lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
 
 
+def flux2_architecture(transformer_config: dict, components: tuple[Component, ...] = (), text_tokens: int = 512
+                       ) -> ArchitectureSpec:
+    """FLUX.2: 128-channel tokens of 2x2-patched 32-channel latents, (H/16)(W/16) of them, and 512 text tokens
+    through the double blocks (two streams), then one concatenated stream through the single blocks."""
+    heads, head_dim = transformer_config["num_attention_heads"], transformer_config["attention_head_dim"]
+    h = heads * head_dim
+    m = int(h * transformer_config.get("mlp_ratio", 3.0))
+    fp32 = 4 * h + 3 * heads
+    return ArchitectureSpec(
+        family="flux",
+        # widest: ff.linear_in's SwiGLU input (2m); in a single block to_qkv_mlp_proj's output (3h + 2m)
+        stacks=(BlockStack("double blocks", "transformer_blocks", h, "all", FLUX2_DOUBLE_SAVED_PER_H * h, fp32,
+                           streams=2, widest_per_token=2 * m),
+                BlockStack("single blocks", "single_transformer_blocks", h, "all", FLUX2_SINGLE_SAVED_PER_H * h, fp32,
+                           widest_per_token=3 * h + 2 * m)),
+        default_compress=flux2_layout.COMPRESS, default_lora_targets=flux2_layout.LORA_TARGETS,
+        text_tokens=text_tokens, pixels_per_token=16, components=components,
+        lora_input_groups=(r"attn\.(to_q|to_k|to_v)", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
+        lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
+
+
+def _text_encoder_component(config: dict) -> Component:
+    """A FLUX.2 text encoder (Mistral3 for [dev], Qwen3 for [klein]) as a prompt encoder, built on meta: per token
+    it keeps every layer's hidden state (the pipeline stacks three of them) and one layer's MLP working set."""
+    import transformers
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
+    model_class = getattr(transformers, (config.get("architectures") or ["AutoModel"])[0])
+    built = AutoConfig.for_model(config["model_type"], **fields)
+    model = _on_meta(lambda: model_class(built))
+    text = getattr(built, "text_config", built)
+    working = (text.num_hidden_layers + 1) * text.hidden_size + 3 * text.intermediate_size
+    return Component("text_encoder", _params(model), _largest_piece(model), prompt_encoder=True,
+                     working_per_token=working)
+
+
 def vlm_architecture(config: dict) -> ArchitectureSpec:
-    """InternVL: image tiles through the vision tower, then the whole sequence through the Qwen2 decoder.
+    """InternVL: image tiles through the vision tower, then the whole sequence through the Qwen2 / Qwen3 decoder.
 
     Saved per token and layer (SDPA, frozen base), counted op by op and checked with saved-tensor hooks:
-    decoder 2h + 2kv + 3i + 2·head_dim in the dtype (q, attention output, k, v, gate, up, SiLU output, rotary
-    cos/sin) and 2h + heads + 2 in float32 (two RMSNorm inputs, log-sum-exp, two rstd); vision layer 9h + 2i
+    decoder 2q + 2kv + 3i + 2·head_dim in the dtype (q, attention output, k, v, gate, up, SiLU output, rotary
+    cos/sin) and 2h + heads + 2 in float32 (two RMSNorm inputs, log-sum-exp, two rstd), Qwen3 adding its q/k
+    norms' float32 inputs and rstd (q + kv + heads + kv heads); vision layer 9h + 2i
     (LayerNorms, q, k, v, attention output, projection input, layer scales, fc1 input, GELU input and output;
     the vision tower is frozen, so only one layer's working set counts).
     """
     text, vision = config["text_config"], config["vision_config"]
     h, i = text["hidden_size"], text["intermediate_size"]
-    heads, head_dim = text["num_attention_heads"], h // text["num_attention_heads"]
-    kv = text.get("num_key_value_heads", heads) * head_dim  # width of k (and of v)
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or h // heads  # Qwen3 sets it apart (InternVL3.5-1B: 16 heads of 128 at h 1024)
+    q = heads * head_dim  # width of q and of the attention output
+    kv_heads = text.get("num_key_value_heads", heads)
+    kv = kv_heads * head_dim  # width of k (and of v)
+    # Qwen3 RMS-normalises q and k per head before the rotary embedding: each norm keeps its float32 input and rstd
+    qk_norm = q + kv + heads + kv_heads if text.get("model_type") == "qwen3" else 0
     hv, iv = vision["hidden_size"], vision["intermediate_size"]
     side = vision.get("image_size", [448, 448])[0] // vision.get("patch_size", [14, 14])[0]
     return ArchitectureSpec(
         family="vlm",
         stacks=(BlockStack("vision layers", "model.vision_tower.encoder.layer", hv, "vision", 9 * hv + 2 * iv,
                            widest_per_token=iv),
-                BlockStack("language layers", "model.language_model.layers", h, "text", 2 * h + 2 * kv + 3 * i + 2 * head_dim,
-                           2 * h + heads + 2, kv_per_token=2 * kv, widest_per_token=i)),
+                BlockStack("language layers", "model.language_model.layers", h, "text", 2 * q + 2 * kv + 3 * i + 2 * head_dim,
+                           2 * h + heads + 2 + qk_norm, kv_per_token=2 * kv, widest_per_token=i)),
         default_compress=(LANGUAGE_LINEARS, VISION_LINEARS), default_lora_targets=(LORA_TARGETS,),
         vision_tokens_per_tile=side * side + 1,
         image_tokens_per_tile=int(config.get("image_seq_length", round((side * config.get("downsample_ratio", 0.5)) ** 2))),
@@ -151,8 +203,27 @@ def _on_meta(build):
         return build()
 
 
+def _build_flux2(components: dict[str, dict], text_tokens: int) -> tuple[nn.Module, ArchitectureSpec]:
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    config = {k: v for k, v in components["transformer"].items() if not k.startswith("_")}
+    transformer = _on_meta(lambda: Flux2Transformer2DModel.from_config(config))
+    extras = []
+    if "text_encoder" in components:
+        extras.append(_text_encoder_component(components["text_encoder"]))
+    if "vae" in components:
+        vae_config = {k: v for k, v in components["vae"].items() if not k.startswith("_")}
+        vae = _on_meta(lambda: AutoencoderKLFlux2.from_config(vae_config))
+        extras.append(Component("vae", _params(vae), _largest_piece(vae),
+                                VAE_LIVE_TENSORS * vae_config["block_out_channels"][0]))
+    return transformer, flux2_architecture(config, tuple(extras), text_tokens)
+
+
 def _build_flux(components: dict[str, dict], text_tokens: int) -> tuple[nn.Module, ArchitectureSpec]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    if components["transformer"].get("_class_name") == "Flux2Transformer2DModel":
+        return _build_flux2(components, text_tokens)
 
     config = {k: v for k, v in components["transformer"].items() if not k.startswith("_")}
     transformer = _on_meta(lambda: FluxTransformer2DModel.from_config(config))
@@ -204,11 +275,11 @@ def _read_folder(folder: Path) -> dict:
 
 
 def _bundle_from_config(config: dict, where: str) -> dict:
-    if config.get("_class_name") == "FluxTransformer2DModel":
+    if config.get("_class_name") in ("FluxTransformer2DModel", "Flux2Transformer2DModel"):
         return {"family": "flux", "components": {"transformer": config}}
     if config.get("model_type") == "internvl":
         return {"family": "vlm", "config": config}
-    raise ValueError(f"{where}: not a FLUX transformer or a transformers-native InternVL config "
+    raise ValueError(f"{where}: not a FLUX.1 / FLUX.2 transformer or a transformers-native InternVL config "
                      f"(model_type {config.get('model_type')!r}); the planner supports {', '.join(FAMILIES)}")
 
 
@@ -271,4 +342,12 @@ def load_meta_model(id_or_path: str) -> MetaModel:
         bundle["max_sequence_length"] = 256 if "schnell" in model_id.lower() else 512
     model, arch = meta_model_from_bundle(bundle)
     log.info("built %s on the meta device", model_id)
-    return MetaModel(model_id, name, bundle["family"], model, arch)
+    return MetaModel(model_id, name, bundle["family"], model, arch, backend_of(bundle))
+
+
+def backend_of(bundle: dict) -> str:
+    """The run backend of a config bundle: "flux2" for a Flux2Transformer2DModel, else the family's own."""
+    transformer = bundle.get("components", {}).get("transformer", {})
+    if bundle.get("backend"):
+        return bundle["backend"]
+    return "flux2" if transformer.get("_class_name") == "Flux2Transformer2DModel" else bundle["family"]

@@ -27,7 +27,7 @@ from .catalogue import MetaModel, load_meta_model
 RATIO_STEP = 0.01  # the recommendation searches ratios 0.01, 0.02, ..., 1.00
 OFFLOAD_MODES = ("auto", "never", "always")
 STREAMABLE = ("calibration", "emulator", "correction", "preview")  # EMLoC phases that can hold the full model whole
-PHASE_NAMES = {"calibration": "calibration", "emulator": "emulator construction", "training": "training",
+PHASE_NAMES = {"embeddings": "prompt embeddings", "calibration": "calibration", "emulator": "emulator construction", "training": "training",
                "correction": "correction", "preview": "preview / inference"}
 METHOD_NAMES = {"lora": "LoRA (full model)", "qlora": "QLoRA (NF4 base)", "inference": "plain inference"}
 
@@ -295,6 +295,8 @@ def format_plan(plan: Plan) -> str:
              f"{'on' if s.gradient_checkpointing else 'off'}, run {where}; {budget}. Peak GiB per phase:", "",
              "| phase | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for phase in PHASES:
+        if plan.get(phase, "emloc") is None:  # a phase this model has not (prompt embeddings: FLUX.2 only)
+            continue
         cells = [_cell(plan, plan.get(phase, "emloc"))]
         if not cpu:
             cells.append(_cell(plan, plan.get(phase, "emloc"), host=True))

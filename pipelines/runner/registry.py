@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: assets/ lives ther
 BACKENDS: dict[str, str] = {
     "flux": "pipelines.flux.backend:FluxBackend",  # FLUX.1 [dev] / [schnell] via diffusers: DreamBooth LoRA
     "vlm": "pipelines.internvl.backend:VlmBackend",  # InternVL via transformers: image + question/answer LoRA
+    "flux2": "pipelines.flux2.backend:Flux2Backend",  # FLUX.2 [dev] / [klein] via diffusers: DreamBooth LoRA
 }
 
 

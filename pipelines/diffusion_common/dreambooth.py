@@ -1,0 +1,97 @@
+"""DreamBooth data of a diffusion backend: 3-50 photos of one subject, an instance prompt with a trigger word, and
+optional same-name .txt captions; checked, copied into the run and read back. Also the PEFT -> diffusers LoRA keys.
+
+`DreamBoothData` is a mixin for a `pipelines.runner.Backend` whose settings have `images`, `prompt`, `trigger`,
+`resolution` and `weighting_scheme` (FLUX.1's FluxSettings, FLUX.2's Flux2Settings).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from pipelines.runner.data import DataError, ImageLimits, check_images, copy_into, find_images
+
+MAX_PROMPT_CHARS = 1000
+IMAGE_LIMITS = ImageLimits(min_count=3, max_count=50, min_side=32)
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+
+class DreamBoothData:
+    """validate / copy_data / use_data of a DreamBooth image folder (mixed into a Backend)."""
+
+    pipeline_name = "FluxPipeline"  # named in the message for a local folder that is no diffusers pipeline
+
+    def validate(self) -> None:
+        s = self.settings
+        if not s.images:
+            raise DataError("no image folder given; pass --images DIR with 3-50 photos of your subject")
+        if not s.trigger.strip():
+            raise DataError("the trigger word is empty; pass --trigger WORD (e.g. sks)")
+        self._check_prompt(s.prompt, "the instance prompt (--prompt)")
+        if s.resolution < 16 or s.resolution % 16:
+            raise ValueError(f"--resolution must be a positive multiple of 16; got {s.resolution}")
+        if s.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"--weighting-scheme {s.weighting_scheme!r} is unknown; "
+                             "use none, sigma_sqrt, logit_normal, mode or cosmap")
+        local = Path(self.run.model)
+        if local.exists() and not (local / "model_index.json").is_file():
+            raise ValueError(f"{local} is not a diffusers pipeline folder (no model_index.json); "
+                             f"pass the folder that {self.pipeline_name}.save_pretrained wrote, or a hub id")
+        images = find_images(s.images)
+        check_images(images, IMAGE_LIMITS, where=s.images)
+        for image in images:
+            caption = self._caption_file(image)
+            if caption is not None:
+                self._check_prompt(self._read_caption(caption), f"the caption {caption}")
+
+    def _check_prompt(self, prompt: str, what: str) -> None:
+        if len(prompt) > MAX_PROMPT_CHARS:  # the text encoders read a few hundred tokens, no more
+            raise DataError(f"{what} is {len(prompt)} characters long ({prompt[:40]!r}...); keep it under "
+                            f"{MAX_PROMPT_CHARS} characters, a sentence or two")
+        if not prompt.strip():
+            raise DataError(f"{what} is empty; describe your subject with the trigger word, e.g. "
+                            f"'a photo of {self.settings.trigger} dog'")
+        if not re.search(rf"(?<!\w){re.escape(self.settings.trigger)}(?!\w)", prompt):
+            raise DataError(f"{what} {prompt[:80]!r} does not contain the trigger word {self.settings.trigger!r}; add it "
+                            f"(e.g. 'a photo of {self.settings.trigger} dog') or set --trigger to the word you use")
+
+    @staticmethod
+    def _caption_file(image: Path) -> Path | None:
+        caption = image.with_suffix(".txt")
+        return caption if caption.is_file() else None
+
+    @staticmethod
+    def _read_caption(path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; save the caption as plain UTF-8 text") from None
+
+    def copy_data(self, folder: Path) -> dict:
+        images = find_images(self.settings.images)
+        copy_into(images, folder)
+        captions = [c for c in (self._caption_file(p) for p in images) if c is not None]
+        copy_into(captions, folder)
+        return {"images": [p.name for p in images], "captions": [c.name for c in captions]}
+
+    def use_data(self, folder: Path) -> None:
+        self.images = find_images(folder)
+        self.prompts = [self._read_caption(c) if (c := self._caption_file(p)) else self.settings.prompt
+                        for p in self.images]
+
+
+def diffusers_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """PEFT adapter keys -> `<module>.lora_A/B.weight` (save_lora_weights adds `transformer.`), scaling folded into B
+    (`s·B A = (s·B) A`), so a file without alpha metadata means the same on any loader."""
+    out = {}
+    for key, tensor in state.items():
+        match = PEFT_KEY.match(key)
+        if match is None:
+            raise ValueError(f"adapter key {key!r} is not a LoRA weight; the adapter file is not a PEFT LoRA")
+        tensor = tensor.detach().float().cpu()
+        out[f"{match['module']}.lora_{match['part']}.weight"] = tensor * scaling if match["part"] == "B" else tensor
+    return out

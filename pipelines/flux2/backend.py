@@ -1,0 +1,375 @@
+"""FLUX.2 [dev] / [klein] through diffusers: DreamBooth LoRA on the EMLoC emulator of Flux2Transformer2DModel.
+
+Data as FLUX.1's (pipelines/diffusion_common/dreambooth.py). The prompts' embeddings (the text encoder's hidden
+states of three layers, stacked: Mistral3 for [dev], Qwen3 for [klein]) and the images' VAE latent distributions
+are computed once into the run's cache/, then the text encoder and the VAE are freed.
+
+Latents (Flux2Pipeline): the VAE's 32-channel latent z is patchified 2x2 into 128 channels at (H/16, W/16),
+normalised by the VAE's batch-norm statistics, x0 = (patchify(z) - μ_bn) / σ_bn, and packed into (H/16)(W/16)
+tokens of 128 channels. Loss (flow matching, as train_dreambooth_lora_flux2): with noise n and σ drawn by the
+weighting scheme, x_σ = (1 - σ) x0 + σ n, the transformer predicts the velocity and
+`loss = mean(w(σ) · (pred - (n - x0))²)`; [dev] also gets the guidance embedding. Previews: [dev] and distilled
+[klein] sample without CFG; the [klein] Base variants run real CFG (an empty negative prompt).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from emloc.blockwise import BlockwiseModel
+from emloc.checkpoint import CheckpointReader, safetensors_files
+from pipelines.diffusion_common.dreambooth import DreamBoothData, diffusers_lora_state
+from pipelines.runner import Backend, RunSettings
+from pipelines.runner.checks import check_model_source
+from pipelines.runner.data import load_rgb, resize_and_crop
+
+from .layout import COMPRESS, LORA_TARGETS
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
+
+
+@dataclass
+class Flux2Settings:
+    """Settings of a FLUX.2 DreamBooth run (the shared ones are in run.RunSettings)."""
+
+    images: str = field(default="", metadata={"help": "folder with 3-50 JPEG/PNG/WebP photos of the subject"})
+    prompt: str = field(default="", metadata={"help": "instance prompt with the trigger word, e.g. 'a photo of sks dog'"})
+    trigger: str = field(default="sks", metadata={"help": "the rare word that names your subject in the prompt"})
+    resolution: int = field(default=512, metadata={"help": "training and preview size in pixels (multiple of 16)"})
+    random_flip: bool = field(default=False, metadata={"help": "also train on horizontally flipped images"})
+    guidance_scale: float = field(default=4.0, metadata={"help": "guidance embedding during training ([dev] only)"})
+    weighting_scheme: str = field(default="none", metadata={
+        "help": "timestep sampling / loss weighting: none, sigma_sqrt, logit_normal, mode, cosmap"})
+    logit_mean: float = field(default=0.0, metadata={"help": "mean of the logit_normal scheme"})
+    logit_std: float = field(default=1.0, metadata={"help": "std of the logit_normal scheme"})
+    mode_scale: float = field(default=1.29, metadata={"help": "scale of the mode scheme"})
+    max_sequence_length: int = field(default=512, metadata={"help": "text tokens per prompt (the pipelines pad to 512)"})
+    preview_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "preview prompts (default: the instance prompt)", "flag": "--preview-prompt", "preview": "--prompt"})
+    preview_seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "seeds of the previews", "flag": "--preview-seed", "preview": "--seed"})
+    preview_steps: int = field(default=0, metadata={
+        "help": "denoising steps of the previews (0: 50, or 4 for a distilled [klein])", "preview": "--preview-steps"})
+    preview_guidance: float = field(default=4.0, metadata={
+        "help": "guidance of the previews ([dev]: embedded; [klein] Base: real CFG)", "preview": "--preview-guidance"})
+
+
+class Flux2Backend(DreamBoothData, Backend):
+    """The FLUX.2 transformer is the model that is calibrated, emulated, trained and corrected."""
+
+    name = "flux2"
+    settings_class = Flux2Settings
+    pipeline_name = "Flux2Pipeline / Flux2KleinPipeline"
+
+    def __init__(self, run: RunSettings, settings: Flux2Settings, device: torch.device):
+        super().__init__(run, settings, device)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.cache: dict[str, Any] = {}
+        self._pipe = None
+
+    # -- what kind of FLUX.2 ---------------------------------------------------------------------------------
+    def _index(self) -> dict:
+        from diffusers import DiffusionPipeline
+
+        if "index" not in self.cache:
+            index = DiffusionPipeline.load_config(self.run.model)
+            if index.get("_class_name") not in PIPELINES:
+                raise ValueError(f"{self.run.model} is a {index.get('_class_name')!r} pipeline; the flux2 backend "
+                                 f"needs {' or '.join(PIPELINES)} (FLUX.1 models train with --backend flux)")
+            self.cache["index"] = dict(index)
+        return self.cache["index"]
+
+    def _pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self._index()["_class_name"])
+
+    def _transformer_config(self) -> dict:
+        from diffusers import Flux2Transformer2DModel
+
+        if "transformer" not in self.cache:
+            self.cache["transformer"] = dict(Flux2Transformer2DModel.load_config(str(self._transformer_folder())))
+        return self.cache["transformer"]
+
+    def _guidance(self) -> bool:
+        return bool(self._transformer_config().get("guidance_embeds", False))
+
+    def _real_cfg(self) -> bool:
+        """[klein] Base variants: not distilled, so the previews run real classifier-free guidance."""
+        index = self._index()
+        return index["_class_name"] == "Flux2KleinPipeline" and not index.get("is_distilled", False)
+
+    # -- the cache: prompt embeddings and latent distributions, computed once --------------------------------
+    def _pipeline(self, text: bool = True):
+        if self._pipe is None:  # everything but the transformer
+            self._pipe = self._pipeline_class().from_pretrained(self.run.model, transformer=None, dtype=self.dtype,
+                                                                use_safetensors=True).to(self.device)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    @torch.no_grad()
+    def _embed(self, pipe, texts: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for text in texts:
+            embeds, _ = pipe.encode_prompt(prompt=text, device=self.device,
+                                           max_sequence_length=self.settings.max_sequence_length)
+            out[text] = embeds[0]
+        return out
+
+    def _preview_texts(self) -> list[str]:
+        texts = {p for p, _ in self._requests()}
+        return sorted(texts | ({""} if self._real_cfg() else set()))
+
+    def build_cache(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        pipe, size = self._pipeline(), self.settings.resolution
+        texts = sorted(set(self.prompts) | set(self._preview_texts()))
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for index, (text, embeds) in enumerate(self._embed(pipe, texts).items()):
+                tensors[f"text.{index}.embeds"] = embeds
+            for index, path in enumerate(self.images):
+                image = np.asarray(resize_and_crop(load_rgb(path), size), dtype=np.float32) / 127.5 - 1.0
+                pixels = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) in [-1, 1]
+                views = [pixels, pixels.flip(-1)] if self.settings.random_flip else [pixels]
+                for view, batch in enumerate(views):
+                    dist = pipe.vae.encode(batch.to(self.device, self.dtype)).latent_dist
+                    tensors[f"latent.{index}.{view}.mean"] = dist.mean[0]
+                    tensors[f"latent.{index}.{view}.std"] = dist.std[0]
+            bn = pipe.vae.bn
+            tensors["bn.mean"] = bn.running_mean.float()
+            tensors["bn.std"] = torch.sqrt(bn.running_var.float() + pipe.vae.config.batch_norm_eps)
+        save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, str(folder / "cache.safetensors"))
+        meta = {"texts": texts, "image_text": [texts.index(p) for p in self.prompts], "views": len(views),
+                "images": [p.name for p in self.images]}
+        (folder / "cache.json").write_text(json.dumps(meta, indent=2))
+        self.release()  # the text encoder and the VAE leave memory before calibration
+
+    def load_cache(self, folder: Path) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from safetensors.torch import load_file
+
+        meta = json.loads((folder / "cache.json").read_text())
+        tensors = load_file(str(folder / "cache.safetensors"), device=str(self.device))
+        n = len(meta["images"])
+        self.cache.update(meta=meta, embeds=[tensors[f"text.{i}.embeds"] for i in range(len(meta["texts"]))],
+                          mean=[[tensors[f"latent.{i}.{v}.mean"] for v in range(meta["views"])] for i in range(n)],
+                          std=[[tensors[f"latent.{i}.{v}.std"] for v in range(meta["views"])] for i in range(n)],
+                          bn=(tensors["bn.mean"].view(1, -1, 1, 1), tensors["bn.std"].view(1, -1, 1, 1)))
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.run.model, subfolder="scheduler")
+
+    # -- the model -------------------------------------------------------------------------------------------
+    def load_model(self, device: torch.device) -> nn.Module:
+        from diffusers import Flux2Transformer2DModel
+
+        model = Flux2Transformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
+                                                        use_safetensors=True)
+        return model.to(device).eval().requires_grad_(False)
+
+    def _transformer_folder(self) -> Path:
+        local = Path(self.run.model) / "transformer"
+        if local.is_dir():
+            return local
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self.run.model, allow_patterns=["transformer/*"], local_files_only=True)) / "transformer"
+
+    def skeleton(self) -> nn.Module:
+        from accelerate import init_empty_weights
+        from diffusers import Flux2Transformer2DModel
+
+        with init_empty_weights():
+            model = Flux2Transformer2DModel.from_config(self._transformer_config())
+        return model.eval().requires_grad_(False)
+
+    def checkpoint(self) -> CheckpointReader:
+        return CheckpointReader(safetensors_files(self._transformer_folder()))
+
+    def blockwise(self, model: nn.Module, reader: CheckpointReader) -> BlockwiseModel:
+        """The modulations, the double blocks, then the single blocks (Flux2Transformer2DModel.forward, step by
+        step): the state is
+        the (image, text) streams, or one concatenated stream after the last double block, with the modulations
+        (computed once per batch) and the rotary embedding every block reads."""
+        doubles = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+        singles = [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
+        # the shared modulations are compressed too, so they stream as the first three blocks (each reads temb)
+        modulations = {"double_stream_modulation_img": "mod_img", "double_stream_modulation_txt": "mod_txt",
+                       "single_stream_modulation": "mod_single"}
+        entry = ("x_embedder", "context_embedder", "time_guidance_embed")
+
+        def enter(streamed: BlockwiseModel, batch: dict) -> dict:
+            for name in entry:
+                if any(p.device.type == "meta" for p in model.get_submodule(name).parameters()):
+                    streamed.load(name)  # read once, kept for the pass
+            hidden = model.x_embedder(batch["hidden_states"])
+            timestep = batch["timestep"].to(hidden.dtype) * 1000
+            guidance = batch.get("guidance")
+            temb = model.time_guidance_embed(timestep, None if guidance is None else guidance.to(hidden.dtype) * 1000)
+            text_rotary, image_rotary = model.pos_embed(batch["txt_ids"]), model.pos_embed(batch["img_ids"])
+            rotary = tuple(torch.cat([t, i], dim=0) for t, i in zip(text_rotary, image_rotary))
+            return {"image": hidden, "text": model.context_embedder(batch["encoder_hidden_states"]), "joint": None,
+                    "temb": temb, "rotary": rotary}
+
+        def step(streamed: BlockwiseModel, name: str, state: dict) -> dict:
+            block = model.get_submodule(name)
+            if name in modulations:
+                return {**state, modulations[name]: block(state["temb"])}
+            if name in doubles:
+                text, image = block(hidden_states=state["image"], encoder_hidden_states=state["text"],
+                                    temb_mod_img=state["mod_img"], temb_mod_txt=state["mod_txt"],
+                                    image_rotary_emb=state["rotary"], joint_attention_kwargs=None)
+                return {**state, "image": image, "text": text}
+            joint = state["joint"] if state["joint"] is not None else torch.cat([state["text"], state["image"]], dim=1)
+            joint = block(hidden_states=joint, encoder_hidden_states=None, temb_mod=state["mod_single"],
+                          image_rotary_emb=state["rotary"], joint_attention_kwargs=None)
+            return {**state, "joint": joint}
+
+        return BlockwiseModel(model, reader, [*modulations, *doubles, *singles], enter, step, device=self.device,
+                              dtype=self.dtype)
+
+    def memory_shape(self) -> dict:
+        return {"resolution": self.settings.resolution, "text_tokens": self.settings.max_sequence_length}
+
+    def check_model(self) -> None:
+        check_model_source(self.run.model)
+
+    def default_rules(self, ratio: float) -> list[tuple[str, float]]:
+        """Every linear of the double and single blocks, and the three shared modulation layers."""
+        return [(pattern, ratio) for pattern in COMPRESS]
+
+    def default_lora_targets(self) -> list[str]:
+        return list(LORA_TARGETS)
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def _batch(self, generator: torch.Generator, size: int) -> dict[str, Any]:
+        """Transformer inputs for `size` noised latents, plus `noise` and `x0` (packed tokens) and `sigmas`."""
+        from diffusers import Flux2Pipeline
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        meta, s = self.cache["meta"], self.settings
+        images = torch.randint(len(meta["images"]), (size,), generator=generator).tolist()
+        views = torch.randint(meta["views"], (size,), generator=generator).tolist()
+        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)])  # (b, 32, H/8, W/8)
+        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)])
+        sample = torch.randn(mean.shape, generator=generator).to(mean.device)
+        bn_mean, bn_std = self.cache["bn"]
+        latents = Flux2Pipeline._patchify_latents(mean + std * sample)  # (b, 128, H/16, W/16)
+        x0 = Flux2Pipeline._pack_latents((latents - bn_mean) / bn_std)  # (b, (H/16)(W/16), 128)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        u = compute_density_for_timestep_sampling(s.weighting_scheme, size, s.logit_mean, s.logit_std, s.mode_scale,
+                                                  generator=generator)
+        indices = (u * self.scheduler.config.num_train_timesteps).long()
+        timesteps = self.scheduler.timesteps[indices].to(self.device)
+        sigmas = self.scheduler.sigmas[indices].to(self.device, torch.float32).view(-1, 1, 1)
+        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+        embeds = torch.stack([self.cache["embeds"][meta["image_text"][i]] for i in images])
+        kwargs = {
+            "hidden_states": noisy.to(self.dtype),
+            "timestep": (timesteps / 1000).to(self.dtype),
+            "guidance": torch.full((size,), s.guidance_scale, device=self.device) if self._guidance() else None,
+            "encoder_hidden_states": embeds.to(self.dtype),
+            "txt_ids": Flux2Pipeline._prepare_text_ids(embeds)[0].to(self.device),
+            "img_ids": Flux2Pipeline._prepare_latent_ids(latents)[0].to(self.device),
+            "return_dict": False,
+        }
+        return {"kwargs": kwargs, "noise": noise, "x0": x0, "sigmas": sigmas}
+
+    def calibration_batches(self):
+        generator = torch.Generator().manual_seed(self.run.seed)
+        for _ in range(self.run.calibration_samples):
+            yield self._batch(generator, 1)["kwargs"]
+
+    def calibration_forward(self, model: nn.Module, batch: dict) -> Any:
+        return model(**batch)
+
+    def training_loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        rank, processes = self.shard
+        per_process = self.run.batch_size
+        batch = self._batch(generator, per_process * processes)  # the whole step's batch, drawn alike everywhere
+        if processes > 1:
+            rows = slice(rank * per_process, (rank + 1) * per_process)
+            batched = ("hidden_states", "timestep", "guidance", "encoder_hidden_states")
+            batch["kwargs"] = {k: v[rows] if k in batched and v is not None else v for k, v in batch["kwargs"].items()}
+            batch.update({k: batch[k][rows] for k in ("noise", "x0", "sigmas")})
+        x0, sigmas = batch["x0"], batch["sigmas"]
+        pred = model(**batch["kwargs"])[0]
+        weighting = compute_loss_weighting_for_sd3(self.settings.weighting_scheme, sigmas)
+        target = batch["noise"] - x0
+        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(1).mean()
+
+    # -- export and previews ---------------------------------------------------------------------------------
+    def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:
+        """diffusers' LoRA format, which Flux2Pipeline / Flux2KleinPipeline.load_lora_weights read."""
+        from emloc import lora_scaling
+
+        for name, state in (("diffusers", corrected), ("diffusers-uncorrected", uncorrected)):
+            self._pipeline_class().save_lora_weights(
+                str(Path(folder) / name), transformer_lora_layers=diffusers_lora_state(state, lora_scaling(config)),
+                weight_name=LORA_FILE, safe_serialization=True)
+
+    def _requests(self) -> list[tuple[str, int]]:
+        prompts = self.settings.preview_prompts or [self.settings.prompt]
+        return [(prompt, seed) for prompt in prompts for seed in self.settings.preview_seeds]
+
+    def _sampling(self) -> dict:
+        distilled = self._index()["_class_name"] == "Flux2KleinPipeline" and not self._real_cfg()
+        return {"steps": self.settings.preview_steps or (4 if distilled else 50),
+                "guidance": self.settings.preview_guidance if (self._guidance() or self._real_cfg()) else 1.0}
+
+    def _prompt_embeds(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Cached embeddings; prompts typed after the run (launch.py preview --prompt) load the text encoder."""
+        meta = self.cache.get("meta", {"texts": []})
+        known = {t: self.cache["embeds"][i] for i, t in enumerate(meta["texts"]) if t in texts}
+        missing = [t for t in texts if t not in known]
+        if missing:
+            known.update(self._embed(self._pipeline(), missing))
+        return known
+
+    def generate(self, model: nn.Module, label: str) -> list:
+        how, requests = self._sampling(), self._requests()
+        embeds = self._prompt_embeds(sorted({p for p, _ in requests} | ({""} if self._real_cfg() else set())))
+        pipe = self._pipeline()
+        pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
+        images = []
+        try:
+            for prompt, seed in requests:
+                extra = {"negative_prompt_embeds": embeds[""][None].to(self.dtype)} if self._real_cfg() else {}
+                result = pipe(prompt_embeds=embeds[prompt][None].to(self.dtype), height=self.settings.resolution,
+                              width=self.settings.resolution, num_inference_steps=how["steps"],
+                              guidance_scale=how["guidance"], generator=torch.Generator("cpu").manual_seed(seed),
+                              max_sequence_length=self.settings.max_sequence_length, **extra)
+                images.append(result.images[0])
+        finally:
+            pipe.transformer = None
+        return images
+
+    def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
+        files = []
+        for label, images in outputs.items():
+            for (prompt, seed), image in zip(self._requests(), images):
+                slug = "-".join("".join(c if c.isalnum() else " " for c in f"{label} {prompt}").lower().split())[:60]
+                path = Path(folder) / f"{slug}__seed{seed}.png"
+                image.save(path)
+                files.append(path)
+        return files
+
+    def release(self) -> None:
+        self._pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

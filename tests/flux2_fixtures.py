@@ -1,0 +1,51 @@
+"""A tiny FLUX.2 [klein] pipeline built from configs: a byte-level BPE Qwen2 tokenizer with a chat template, a
+28-layer Qwen3 text encoder of width 32 (the pipeline stacks hidden states 9, 18, 27), a 1 + 2 block
+Flux2Transformer2DModel and a 2-level AutoencoderKLFlux2 with 4 latent channels; saved with save_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["a photo of sks dog in the snow on a beach"] * 4, trainer)
+    return Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              chat_template=CHAT_TEMPLATE, model_max_length=512)
+
+
+def build_tiny_klein(distilled: bool = True):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    text = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=3 * 32, axes_dims_rope=(4, 4, 4, 4),
+                                          timestep_guidance_channels=32, guidance_embeds=False)
+    vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                             block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             sample_size=32, patch_size=(2, 2))
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text,
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=distilled)
+
+
+def save_tiny_klein(folder: Path, distilled: bool = True) -> Path:
+    build_tiny_klein(distilled).save_pretrained(str(folder), safe_serialization=True)
+    return folder

@@ -1,0 +1,117 @@
+"""The FLUX.2 backend on a tiny [klein] Base pipeline built from configs: a whole headless run (streamed), the
+exported LoRA loading in the plain Flux2KleinPipeline and changing its output, the streamed forward, the planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux2_fixtures import save_tiny_klein
+from flux_fixtures import write_subject_images
+from pipelines.flux2.backend import LORA_FILE, Flux2Backend, Flux2Settings
+from pipelines.planner.catalogue import load_meta_model
+from pipelines.planner.planning import PlanSettings, plan_run
+from pipelines.runner import Run, RunSettings, stages
+
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory) -> Path:
+    return save_tiny_klein(tmp_path_factory.mktemp("models") / "klein-base", distilled=False)
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("subject")
+    write_subject_images(folder, count=4, size=48)
+    return folder
+
+
+def _settings(subject: Path) -> Flux2Settings:
+    return Flux2Settings(images=str(subject), prompt=PROMPT, resolution=32, max_sequence_length=32, preview_steps=2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(klein, subject, tmp_path_factory):
+    settings = RunSettings(model=str(klein), ratio=0.5, calibration_samples=4, steps=6, rank=4, lr=1e-2, device="cpu")
+    run = Run.create(tmp_path_factory.mktemp("runs") / "klein", "flux2", settings, _settings(subject))
+    assert stages.streams(run)
+    run.execute()
+    return run
+
+
+def test_a_headless_klein_run_completes_with_previews_and_exports(finished_run):
+    info = json.loads((finished_run.dir / "run.json").read_text())
+    assert all(stage["status"] == "done" for stage in info["stages"].values())
+    assert (finished_run.dir / "lora" / "diffusers" / LORA_FILE).is_file()
+    assert len(list((finished_run.dir / "previews").glob("*.png"))) == 4  # four variants, one prompt and seed
+    report = json.loads((finished_run.dir / "emulator" / "report.json").read_text())
+    names = {layer["name"] for layer in report["layers"]}
+    assert "double_stream_modulation_img.linear" in names and "single_transformer_blocks.1.attn.to_out" in names
+
+
+def test_the_export_loads_in_the_plain_pipeline_and_changes_its_output(finished_run, klein):
+    from diffusers import Flux2KleinPipeline
+
+    def render(pipe):
+        return pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+                    max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+
+    pipe = Flux2KleinPipeline.from_pretrained(str(klein))
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe)
+    pipe.load_lora_weights(str(finished_run.dir / "lora" / "diffusers"), weight_name=LORA_FILE)
+    after = render(pipe)
+    assert float((after - before).abs().max()) > 1e-4
+
+
+def test_blockwise_forward_is_the_transformers_forward(klein, subject, tmp_path):
+    from diffusers import Flux2Transformer2DModel
+
+    backend = Flux2Backend(RunSettings(model=str(klein)), _settings(subject), torch.device("cpu"))
+    backend.use_data(subject)
+    backend.build_cache(tmp_path)
+    backend.load_cache(tmp_path)
+    batch = next(iter(backend.calibration_batches()))
+    model = Flux2Transformer2DModel.from_pretrained(str(klein), subfolder="transformer").eval()
+    with torch.no_grad():
+        expected = model(**batch)[0]
+        streamed = backend.blockwise(backend.skeleton(), backend.checkpoint())
+        state = streamed.enter(streamed, batch)
+        for name in streamed.blocks:
+            streamed.load(name)
+            state = streamed.step(streamed, name, state)
+            streamed.unload(name)
+        text_tokens = batch["encoder_hidden_states"].shape[1]
+        hidden = state["joint"][:, text_tokens:]
+        temb = model.time_guidance_embed(batch["timestep"] * 1000, None)
+        out = model.proj_out(model.norm_out(hidden, temb))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pipeline_that_is_not_flux2_is_refused_in_words(tmp_path, subject):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    backend = Flux2Backend(RunSettings(model=str(tmp_path)), _settings(subject), torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs Flux2Pipeline or Flux2KleinPipeline"):
+        backend._index()
+
+
+def test_the_planner_plans_the_tiny_klein_offline(klein):
+    assert load_meta_model(str(klein)).backend == "flux2"
+    plan = plan_run(str(klein), PlanSettings(device="cpu", ram_gb=4, resolution=32, text_tokens=32))
+    assert plan.recommended is not None and plan.get("embeddings", "emloc") is not None
+
+
+def test_the_app_offers_the_three_flux2_models_and_runs_them_with_the_flux2_backend(klein):
+    from app import handlers
+
+    offered = [value for _, value in handlers.model_choices("flux", demo={})]
+    for name in ("FLUX.2-dev", "FLUX.2-klein-4B", "FLUX.2-klein-9B"):
+        assert f"black-forest-labs/{name}" in offered
+        assert handlers.backend_for("flux", f"black-forest-labs/{name}") == "flux2"
+    assert handlers.backend_for("flux", str(klein)) == "flux2"
+    assert handlers.backend_for("flux", "black-forest-labs/FLUX.1-dev") == "flux"
