@@ -31,6 +31,7 @@ from pipelines.diffusion_common.dreambooth import DreamBoothData, diffusers_lora
 from pipelines.runner import Backend, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import load_rgb, resize_and_crop
+from pipelines.runner.streaming import streamed_transformers_model
 
 from .layout import COMPRESS, LORA_TARGETS
 
@@ -113,10 +114,18 @@ class Flux2Backend(DreamBoothData, Backend):
 
     # -- the cache: prompt embeddings and latent distributions, computed once --------------------------------
     def _pipeline(self, text: bool = True):
-        if self._pipe is None:  # everything but the transformer
-            self._pipe = self._pipeline_class().from_pretrained(self.run.model, transformer=None, dtype=self.dtype,
-                                                                use_safetensors=True).to(self.device)
-            self._pipe.set_progress_bar_config(disable=True)
+        """Everything but the transformer; the text encoder (24 B for [dev]) is read block by block from its files
+        while it encodes (pipelines.runner.streaming), so it never needs its whole size in memory."""
+        if self._pipe is None:
+            import transformers
+
+            pipe = self._pipeline_class().from_pretrained(self.run.model, transformer=None, text_encoder=None,
+                                                          dtype=self.dtype, use_safetensors=True).to(self.device)
+            _, class_name = self._index()["text_encoder"]
+            pipe.text_encoder = streamed_transformers_model(self._folder("text_encoder"),
+                                                            getattr(transformers, class_name), self.device, self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = pipe
         return self._pipe
 
     @torch.no_grad()
@@ -180,12 +189,16 @@ class Flux2Backend(DreamBoothData, Backend):
         return model.to(device).eval().requires_grad_(False)
 
     def _transformer_folder(self) -> Path:
-        local = Path(self.run.model) / "transformer"
+        return self._folder("transformer")
+
+    def _folder(self, part: str) -> Path:
+        """The pipeline's `part` folder: in the local model folder, or in the hub cache (never downloaded here)."""
+        local = Path(self.run.model) / part
         if local.is_dir():
             return local
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(self.run.model, allow_patterns=["transformer/*"], local_files_only=True)) / "transformer"
+        return Path(snapshot_download(self.run.model, allow_patterns=[f"{part}/*"], local_files_only=True)) / part
 
     def skeleton(self) -> nn.Module:
         from accelerate import init_empty_weights

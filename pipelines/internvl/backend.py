@@ -42,7 +42,9 @@ from emloc.rules import check_ratio
 from pipelines.runner.data import DataError
 from pipelines.runner import Backend, RunSettings
 from pipelines.runner.checks import check_model_source
-from .streaming import checkpoint_rename, internvl_blockwise
+from pipelines.runner.streaming import checkpoint_rename
+
+from .streaming import internvl_blockwise
 from .data import (IMAGE_MARKER, QASample, check_image, check_no_image_tokens, exact_match, read_qa_data, token_f1,
                    write_qa_jsonl)
 from .export import load_snippet

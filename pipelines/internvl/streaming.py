@@ -16,14 +16,12 @@ The mask and the rotary embedding are recomputed for each block from the state's
 language model's own helpers), so the state kept for every calibration sample is its hidden states only.
 Embeddings and projector are read when a batch enters and freed when the first block runs.
 
-`checkpoint_rename(model)` maps a checkpoint key to the module name with transformers' own conversion mapping
-for the model (files written by `save_pretrained` hold `language_model.model.` / `vision_tower.` keys,
-transformers-native hub repositories `model.language_model.` ones; both load).
+Checkpoint keys are mapped to module names by `pipelines.runner.streaming.checkpoint_rename` (files written by
+`save_pretrained` hold `language_model.model.` / `vision_tower.` keys, transformers-native hub repositories
+`model.language_model.` ones; both load).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
@@ -35,31 +33,6 @@ VISION_LAYERS = "model.vision_tower.encoder.layer"
 LANGUAGE_LAYERS = "model.language_model.layers"
 EMBEDDERS = ("model.vision_tower.embeddings", "model.language_model.embed_tokens")
 MERGERS = ("model.vision_tower.layernorm", "model.multi_modal_projector")
-
-
-def checkpoint_rename(model: nn.Module) -> Callable[[str], str]:
-    """checkpoint key -> module name, as `from_pretrained` renames it (transformers' conversion mapping for
-    `model`'s classes, then the base-model prefix added or dropped); raises for keys that need more than a
-    renaming (tensors merged or split on load), which a reader of single tensors cannot do."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    names = model.state_dict()  # meta tensors: only the names are read
-    prefix = model.base_model_prefix
-
-    def rename(key: str) -> str:
-        renamed, converted = rename_source_key(key, renamings, converters, prefix, names)
-        if renamed not in names and key in names:  # as from_pretrained: a key that should have stayed as it was
-            renamed, converted = rename_source_key(key, [], [], prefix, names)
-        if converted is not None:
-            raise ValueError(f"the checkpoint key {key!r} is converted on load ({converted!r}), not renamed; "
-                             "this checkpoint cannot be read block by block: pass --keep-statistics to load it whole")
-        return renamed
-
-    return rename
 
 
 def feature_layers(model: nn.Module) -> int:
