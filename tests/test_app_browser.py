@@ -192,6 +192,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     shot(page, "05b-preview-new-seeds")
     button(page, "Next: export").click()
     expect_text(page, "#export-text", "pytorch_lora_weights.safetensors")
+    expect_text(page, "#export-text", "For ComfyUI, Forge or kohya_ss")
     assert page.locator("#download").get_by_text(".zip").count() >= 1
     expect_text(page, "#snippet", "num_inference_steps")  # the preview's own settings (tested by running it)
     expect_text(page, "#snippet", "max_sequence_length")
