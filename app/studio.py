@@ -195,7 +195,7 @@ class Studio:
         status = self.jobs.status()
         view = describe_job(status)
         if status.run_dir:
-            view["text"] += "  \n" + settings_summary(status.run_dir)
+            view["text"] += "  \n" + settings_summary(status.run_dir) + command_words(status.run_dir)
         return view
 
     # -- step 5: previews ------------------------------------------------------------------------------
@@ -355,6 +355,18 @@ def settings_summary(run_dir: str | Path) -> str:
     if info["backend"] == "flux":
         parts.append(f"{backend.get('resolution')} px")
     return "Settings: " + " · ".join(parts)
+
+
+def command_words(run_dir: str | Path) -> str:
+    """The recorded `launch.py train ...` line of a run, as the Train step shows it ("" for older runs)."""
+    try:
+        command = results.run_info(run_dir).get("command")
+    except (OSError, ValueError):
+        return ""
+    if not command:
+        return ""
+    return ("\n\nThe same run from a terminal (in the EMLoC Studio folder; it reads the copy of your data in the "
+            f"run folder and writes a new run beside it):\n\n```\n{command}\n```")
 
 
 def _duration(seconds: float | None) -> str:

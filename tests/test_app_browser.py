@@ -167,6 +167,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     button(page, "Start training").click()
     expect_text(page, "#msg-train", "Started")
     expect_text(page, "#job-status", "stage")
+    expect_text(page, "#job-status", "python launch.py train --backend flux")  # the run, headless (tested by running it)
     shot(page, "04-train-running")
     page.context.close()  # closing the browser does not stop the run; a page opened later shows it
     page = open_page(browser, world)

@@ -143,6 +143,9 @@ class FluxBackend(Backend):
         self.prompts = [self._read_caption(c) if (c := self._caption_file(p)) else self.settings.prompt
                         for p in self.images]
 
+    def data_settings(self, folder: Path) -> dict[str, str]:
+        return {"images": str(folder)}  # the photos and their same-name captions were copied in side by side
+
     # -- the cache: text embeddings and latent distributions, computed once -------------------------------
     def _guidance(self) -> bool:
         from diffusers import FluxTransformer2DModel

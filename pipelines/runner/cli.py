@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .registry import DEMO_MODELS, backend_class, backend_names
 from .checks import disk_words
+from .command import field_flag
 from .machine import Run, distributed_state, read_run_file
 from .progress import Progress, RunCancelled
 from .settings import RUN_FILE, STAGES, RunSettings
@@ -50,7 +51,7 @@ def add_settings_options(parser: argparse.ArgumentParser, cls: type, title: str,
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = f.metadata.get("preview") if preview else f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        flag = f.metadata.get("preview") if preview else field_flag(f)
         if not flag:
             continue
         kind, many = _option_type(hints[f.name])

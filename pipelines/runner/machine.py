@@ -45,6 +45,7 @@ from . import stages as bodies  # the stage bodies; kept apart so this file stay
 from .adapters import check_adapter
 from .backend import Backend
 from .checks import check_lora_fits, check_writable, confined_name
+from .command import again_folder, train_arguments, train_command
 from .lock import RunLock
 from .progress import Progress, RunCancelled
 from .registry import backend_class, planner
@@ -101,6 +102,12 @@ def read_run_file(folder: Path) -> dict:
     return info
 
 
+def recorded_command(backend_name: str, backend: Backend, folder: Path) -> str:
+    """The `launch.py train ...` line that makes this run again from its own data/ copy (into `<run>-again`)."""
+    return train_command(train_arguments(backend_name, backend.run, backend.settings,
+                                         backend.data_settings(Path(folder).resolve() / "data"), again_folder(folder)))
+
+
 def check_model_shapes(backend: Backend) -> None:
     """The LoRA targets and rank against the model's layers (when the backend can build a skeleton)."""
     try:
@@ -143,7 +150,8 @@ class Run:
             summary = backend.copy_data(staging / "data")
             info = {"name": folder.name, "backend": backend_name, "created": _now(), "versions": library_versions(),
                     "settings": {"run": asdict(run), "backend": asdict(settings)}, "data": summary,
-                    "stages": {s: {"status": "pending"} for s in STAGES}, "plan": plan}
+                    "stages": {s: {"status": "pending"} for s in STAGES}, "plan": plan,
+                    "command": recorded_command(backend_name, backend, folder)}
             write_json_atomic(staging / RUN_FILE, info)
             os.rename(staging, folder)  # the run appears whole or not at all; rename never replaces a folder
         except BaseException:
