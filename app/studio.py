@@ -330,6 +330,27 @@ class Studio:
         self.jobs.start("run", run, lambda r: r.execute(), losses=read_losses(run.dir))
         return str(run.dir)
 
+    def extend_run(self, name: str, steps: Any) -> str:
+        """Train the finished run `name` on to `steps` in the background; its results so far are kept in earlier/."""
+        busy = self.jobs.busy_message()
+        if busy:
+            raise JobBusy(busy)
+        run = Run.open(self.open_run(name))
+        if not all(run.info["stages"][s].get("status") == "done" for s in STAGES):
+            raise ValueError(f"{name} is not finished; press Resume to finish it, then train it further")
+        done = run.settings.steps
+        try:
+            target = float(steps)
+        except (TypeError, ValueError):
+            raise ValueError(f"Train to (steps) is empty; type a whole number of steps above {done}") from None
+        if not math.isfinite(target) or target != int(target):
+            raise ValueError(f"Train to (steps) must be a whole number; got {target:g}")
+        if target <= done:
+            raise ValueError(f"Train further needs more steps than {name} has ({done}): type more than {done} in "
+                             "Train to (steps)")
+        self.jobs.start("run", run, lambda r: r.extend(int(target)), losses=read_losses(run.dir))
+        return str(run.dir)
+
 
 FAILURE_CHARS = 400  # a failure's message in the Past runs table, cut here
 

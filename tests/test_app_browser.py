@@ -429,3 +429,33 @@ def test_a_new_run_starts_clean_and_example_data_replaces_the_set(page, world, t
     assert page.locator("#prompt").get_by_role("textbox").input_value() == EXAMPLE_PROMPT
     no_traceback(page)
     shot(page, "21-example-data-replaces")
+
+
+def test_past_runs_train_a_finished_run_further(page, world, tmp_path):
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    settings = FluxSettings(images=str(world["photos"][0].parent), prompt=world["prompt"], resolution=32,
+                            preview_steps=1, max_sequence_length=16)
+    Run.create(world["runs"] / "extend-me", "flux", RunSettings(model=str(world["studio"].demo_models["flux"]),
+                                                                steps=2, rank=4, calibration_samples=2,
+                                                                checkpoint_every=1), settings).execute()
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", "extend-me")
+    page.get_by_role("combobox", name="Run").click()
+    page.get_by_role("option", name="extend-me", exact=True).click()
+    page.locator("#extend-steps input").fill("2")
+    button(page, "Train further").click()  # not more than it has: said in the words of this screen
+    expect_text(page, "#msg-runs", "Train further needs more steps than extend-me has (2): type more than 2 in "
+                                   "Train to (steps)")
+    shot(page, "19-past-runs-train-further-refused")
+    page.locator("#extend-steps input").fill("4")
+    button(page, "Train further").click()
+    expect_text(page, "#job-status", "finished", timeout=TRAINING_TIMEOUT_MS)  # the page went to step 4 and follows it
+    expect_text(page, "#job-status", "--steps 4")  # the command of the run as it is now
+    page.get_by_role("tab", name="Past runs").click()
+    expect_text(page, "#runs-table", "4 of 4")
+    assert (world["runs"] / "extend-me" / "earlier" / "step-2" / "lora" / "corrected").is_dir()
+    no_traceback(page)
+    shot(page, "20-past-runs-trained-further")

@@ -53,6 +53,7 @@ from .settings import RUN_FILE, STAGE_OUTPUT, STAGES, RunSettings, settings_from
 
 log = logging.getLogger(__name__)
 
+EARLIER = "earlier"  # a run trained further keeps its results from before in earlier/step-<steps it had>/
 LIBRARIES = ("torch", "transformers", "diffusers", "peft", "accelerate", "safetensors", "bitsandbytes", "gradio")
 
 
@@ -272,6 +273,43 @@ class Run:
             processes.wait_for_everyone()
             self._set_stage(stage, "done", finished=_now(), seconds=round(time.monotonic() - start, 2))
             self.emit(Progress(stage, 1, 1, message=f"{stage}: done in {time.monotonic() - start:.1f} s"))
+
+    # -- training a finished run further -------------------------------------------------------------------
+    def extend(self, steps: int, stages: Iterable[str] = STAGES) -> None:
+        """Train on to `steps` (more than the run has), from its last state, optimizer included; then correct and
+        preview again. The adapter equals that of a run trained `steps` straight (same seed, same per-step draws).
+
+        The results so far (emulator adapter, lora/, previews, export zip) are moved whole, by rename, into
+        `earlier/step-<old steps>/` before anything is trained: the finished adapter is never lost."""
+        with self._lock():
+            done = self.settings.steps
+            if steps <= done:
+                raise ValueError(f"{self.dir.name} is a run of {done} steps; to train it further give --steps "
+                                 f"above {done} (got {steps})")
+            if self.is_main and self.output("train").exists():
+                kept = self._set_aside(done)
+                self.info.setdefault("extended", []).append({"from": done, "to": steps, "kept": kept, "when": _now()})
+            self.backend.run.steps = steps
+            self.info["settings"]["run"]["steps"] = steps
+            for stage in ("train", "correct", "preview"):
+                self.info["stages"][stage] = {"status": "pending"}
+            self.info["command"] = recorded_command(self.info["backend"], self.backend, self.dir)
+            if self.is_main:  # written after the results moved: a crash in between only retrains the old steps
+                write_json_atomic(self.dir / RUN_FILE, self.info)
+            self._execute(stages)
+
+    def _set_aside(self, done: int) -> str:
+        """Move the results of the first `done` steps into earlier/step-<done>/ (a fresh name); returns it."""
+        kept, n = self.dir / EARLIER / f"step-{done}", 2
+        while kept.exists():
+            kept, n = self.dir / EARLIER / f"step-{done}-{n}", n + 1
+        kept.mkdir(parents=True)
+        outputs = [self.output(s) for s in ("train", "correct", "preview")]
+        for path in [*outputs, *sorted(self.dir.glob("previews-*")), self.dir / "export"]:
+            if path.exists():
+                os.rename(path, kept / path.name)
+        self.emit(Progress("train", 0, 0, message=f"the results of {done} steps are kept in {kept.relative_to(self.dir)}"))
+        return str(kept.relative_to(self.dir))
 
     @property
     def is_main(self) -> bool:
