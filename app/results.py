@@ -161,12 +161,23 @@ def export_info(run_dir: str | Path) -> dict:
     lines = [f"**Corrected adapter, PEFT format** (adapter\\_config.json + adapter\\_model.safetensors; loads with "
              f"`PeftModel.from_pretrained`): `{lora / 'corrected'}`",
              f"**Uncorrected adapter** (the LoRA as trained on the emulator, for comparison): `{lora / 'uncorrected'}`"]
+    folders = "corrected/, uncorrected/"
     if info["backend"] == "flux":
-        lines.insert(1, "**Corrected adapter, diffusers format** (one safetensors file with keys "
-                        "`transformer.<module>.lora_A/B.weight`; loads with `FluxPipeline.load_lora_weights`): "
+        lines.insert(1, "**For diffusers**: `FluxPipeline.load_lora_weights` loads the diffusers-format file "
+                        "(keys `transformer.<module>.lora_A/B.weight`): "
                         f"`{lora / 'diffusers' / 'pytorch_lora_weights.safetensors'}`")
-    lines.append("The zip below holds all of them, in the folders corrected/, uncorrected/"
-                 + (", diffusers/ and diffusers-uncorrected/." if info["backend"] == "flux" else "."))
+        kohya = lora / "kohya" / "flux_lora_kohya.safetensors"
+        if kohya.is_file():
+            lines.insert(1, "**For ComfyUI, Forge or kohya_ss**: the kohya-format file (keys `lora_unet_...` with "
+                            "`lora_down`/`lora_up`/`alpha`); put it in ComfyUI's `models/loras/` folder: "
+                            f"`{kohya}`")
+            folders += ", diffusers/, diffusers-uncorrected/ and kohya/"
+        else:
+            lines.insert(1, "**No kohya / ComfyUI file** in this run: it was made before that format was exported, "
+                            "or one of its LoRA layers has no name in that format; ComfyUI users need a run with "
+                            "the default LoRA layers.")
+            folders += ", diffusers/ and diffusers-uncorrected/"
+    lines.append(f"The zip below holds all of them, in the folders {folders}.")
     return {"text": "\n\n".join(lines), "folder": str(lora)}
 
 

@@ -197,7 +197,7 @@ class Studio:
         status = self.jobs.status()
         view = describe_job(status)
         if status.run_dir:
-            view["text"] += "  \n" + settings_summary(status.run_dir)
+            view["text"] += "  \n" + settings_summary(status.run_dir) + command_words(status.run_dir)
         return view
 
     # -- step 5: previews ------------------------------------------------------------------------------
@@ -333,6 +333,27 @@ class Studio:
         self.jobs.start("run", run, lambda r: r.execute(), losses=read_losses(run.dir))
         return str(run.dir)
 
+    def extend_run(self, name: str, steps: Any) -> str:
+        """Train the finished run `name` on to `steps` in the background; its results so far are kept in earlier/."""
+        busy = self.jobs.busy_message()
+        if busy:
+            raise JobBusy(busy)
+        run = Run.open(self.open_run(name))
+        if not all(run.info["stages"][s].get("status") == "done" for s in STAGES):
+            raise ValueError(f"{name} is not finished; press Resume to finish it, then train it further")
+        done = run.settings.steps
+        try:
+            target = float(steps)
+        except (TypeError, ValueError):
+            raise ValueError(f"Train to (steps) is empty; type a whole number of steps above {done}") from None
+        if not math.isfinite(target) or target != int(target):
+            raise ValueError(f"Train to (steps) must be a whole number; got {target:g}")
+        if target <= done:
+            raise ValueError(f"Train further needs more steps than {name} has ({done}): type more than {done} in "
+                             "Train to (steps)")
+        self.jobs.start("run", run, lambda r: r.extend(int(target)), losses=read_losses(run.dir))
+        return str(run.dir)
+
 
 FAILURE_CHARS = 400  # a failure's message in the Past runs table, cut here
 
@@ -358,6 +379,18 @@ def settings_summary(run_dir: str | Path) -> str:
     if info["backend"] == "flux":
         parts.append(f"{backend.get('resolution')} px")
     return "Settings: " + " · ".join(parts)
+
+
+def command_words(run_dir: str | Path) -> str:
+    """The recorded `launch.py train ...` line of a run, as the Train step shows it ("" for older runs)."""
+    try:
+        command = results.run_info(run_dir).get("command")
+    except (OSError, ValueError):
+        return ""
+    if not command:
+        return ""
+    return ("\n\nThe same run from a terminal (in the EMLoC Studio folder; it reads the copy of your data in the "
+            f"run folder and writes a new run beside it):\n\n```\n{command}\n```")
 
 
 def _duration(seconds: float | None) -> str:

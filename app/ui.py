@@ -184,8 +184,9 @@ def build(studio: Studio) -> gr.Blocks:
                         msg_export = gr.Markdown(elem_id="msg-export", elem_classes="emloc-msg")
                         new_run = gr.Button("Start another run")
             with gr.Tab("Past runs", id="runs"):
-                gr.Markdown("Every run in the runs folder. Open one to see its results, or resume one that was "
-                            "interrupted (it continues from its last finished stage and checkpoint).")
+                gr.Markdown("Every run in the runs folder. Open one to see its results, resume one that was "
+                            "interrupted (it continues from its last finished stage and checkpoint), or train a "
+                            "finished one further.")
                 runs_table = gr.Dataframe(headers=["name", "task", "model", "created", "status", "steps"],
                                           interactive=False, elem_id="runs-table")
                 with gr.Row():
@@ -193,6 +194,11 @@ def build(studio: Studio) -> gr.Blocks:
                     refresh = gr.Button("Refresh", size="sm")
                     open_btn = gr.Button("Open", variant="primary", size="sm")
                     resume_btn = gr.Button("Resume", size="sm")
+                with gr.Row():
+                    extend_steps = gr.Number(None, label="Train to (steps)", precision=0, scale=1,
+                                             info="a finished run trains on from its last step; its results so "
+                                                  "far are kept in its folder under earlier/", elem_id="extend-steps")
+                    extend_btn = gr.Button("Train further", size="sm", scale=1, elem_id="extend")
                 msg_runs = gr.Markdown(elem_id="msg-runs", elem_classes="emloc-msg")
         timer = gr.Timer(1.0)
 

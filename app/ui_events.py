@@ -439,3 +439,10 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
         return folder, gr.Tabs(selected="wizard"), gr.Walkthrough(selected=STEP["train"]), say(f"Resuming {name}.")
 
     on(c.resume_btn.click, on_resume, [c.run_pick], [c.current, c.tabs, c.wizard, c.msg_runs])
+
+    def on_extend(name, steps):
+        folder = studio.extend_run(name, steps)
+        return (folder, gr.Tabs(selected="wizard"), gr.Walkthrough(selected=STEP["train"]),
+                say(f"Training {name} further, to {int(steps)} steps."))
+
+    on(c.extend_btn.click, on_extend, [c.run_pick, c.extend_steps], [c.current, c.tabs, c.wizard, c.msg_runs])

@@ -176,6 +176,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     button(page, "Start training").click()
     expect_text(page, "#msg-train", "Started")
     expect_text(page, "#job-status", "stage")
+    expect_text(page, "#job-status", "python launch.py train --backend flux")  # the run, headless (tested by running it)
     shot(page, "04-train-running")
     page.context.close()  # closing the browser does not stop the run; a page opened later shows it
     page = open_page(browser, world)
@@ -201,6 +202,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     shot(page, "05b-preview-new-seeds")
     button(page, "Next: export").click()
     expect_text(page, "#export-text", "pytorch_lora_weights.safetensors")
+    expect_text(page, "#export-text", "For ComfyUI, Forge or kohya_ss")
     assert page.locator("#download").get_by_text(".zip").count() >= 1
     expect_text(page, "#snippet", "num_inference_steps")  # the preview's own settings (tested by running it)
     expect_text(page, "#snippet", "max_sequence_length")
@@ -466,3 +468,33 @@ def test_caption_my_photos_fills_the_empty_captions_with_the_demo_internvl(page,
     shot(page, "22-captions-written")
     button(page, "Caption my photos").click()  # nothing left empty: nothing is replaced
     expect_text(page, "#msg-data", "Every photo already has a caption")
+
+
+def test_past_runs_train_a_finished_run_further(page, world, tmp_path):
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    settings = FluxSettings(images=str(world["photos"][0].parent), prompt=world["prompt"], resolution=32,
+                            preview_steps=1, max_sequence_length=16)
+    Run.create(world["runs"] / "extend-me", "flux", RunSettings(model=str(world["studio"].demo_models["flux"]),
+                                                                steps=2, rank=4, calibration_samples=2,
+                                                                checkpoint_every=1), settings).execute()
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", "extend-me")
+    page.get_by_role("combobox", name="Run").click()
+    page.get_by_role("option", name="extend-me", exact=True).click()
+    page.locator("#extend-steps input").fill("2")
+    button(page, "Train further").click()  # not more than it has: said in the words of this screen
+    expect_text(page, "#msg-runs", "Train further needs more steps than extend-me has (2): type more than 2 in "
+                                   "Train to (steps)")
+    shot(page, "19-past-runs-train-further-refused")
+    page.locator("#extend-steps input").fill("4")
+    button(page, "Train further").click()
+    expect_text(page, "#job-status", "finished", timeout=TRAINING_TIMEOUT_MS)  # the page went to step 4 and follows it
+    expect_text(page, "#job-status", "--steps 4")  # the command of the run as it is now
+    page.get_by_role("tab", name="Past runs").click()
+    expect_text(page, "#runs-table", "4 of 4")
+    assert (world["runs"] / "extend-me" / "earlier" / "step-2" / "lora" / "corrected").is_dir()
+    no_traceback(page)
+    shot(page, "20-past-runs-trained-further")

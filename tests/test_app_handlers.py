@@ -305,6 +305,8 @@ def test_export_gives_the_adapter_a_zip_and_a_snippet(finished):
     assert "load_lora_weights" in export["snippet"]
     names = zipfile.ZipFile(export["zip"]).namelist()
     assert "corrected/adapter_model.safetensors" in names and "diffusers/pytorch_lora_weights.safetensors" in names
+    assert "kohya/flux_lora_kohya.safetensors" in names  # the step says which file goes into which tool
+    assert "For ComfyUI, Forge or kohya_ss" in export["text"] and "For diffusers" in export["text"]
     stamp = Path(export["zip"]).stat().st_mtime_ns
     assert studio.export(str(folder))["zip"] == export["zip"] and Path(export["zip"]).stat().st_mtime_ns == stamp
     assert results.shown_name("/x/00003-00003-red.png") == "red.png"

@@ -82,6 +82,8 @@ def test_exported_lora_is_diffusers_format_and_loads_in_flux_pipeline(finished_r
     assert any(".single_transformer_blocks.0.proj_mlp.lora_A.weight" in k for k in keys)
     assert any(".transformer_blocks.1.attn.add_k_proj.lora_B.weight" in k for k in keys)
     assert (out / "lora" / "diffusers-uncorrected" / "pytorch_lora_weights.safetensors").is_file()
+    kohya = load_file(str(out / "lora" / "kohya" / "flux_lora_kohya.safetensors"))  # test_flux_kohya.py checks it
+    assert "lora_unet_single_blocks_1_linear1.lora_up.weight" in kohya
 
     torch.manual_seed(0)
     inputs = {"hidden_states": torch.randn(1, 16, 16), "encoder_hidden_states": torch.randn(1, 8, 32),

@@ -83,6 +83,9 @@ class DreamBoothData:
         self.prompts = [self._read_caption(c) if (c := self._caption_file(p)) else self.settings.prompt
                         for p in self.images]
 
+    def data_settings(self, folder: Path) -> dict[str, str]:
+        return {"images": str(folder)}  # the photos and their same-name captions were copied in side by side
+
 
 def diffusers_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """PEFT adapter keys -> `<module>.lora_A/B.weight` (save_lora_weights adds `transformer.`), scaling folded into B

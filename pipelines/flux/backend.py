@@ -32,7 +32,8 @@ from pipelines.runner.checks import check_model_source
 from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData  # noqa: F401 (re-exported: app)
 from pipelines.runner.data import load_rgb, resize_and_crop
 
-from .export import load_snippet, preview_file_name, sample_images, write_diffusers_lora, write_preview_grid
+from .export import (load_snippet, preview_file_name, sample_images, write_diffusers_lora, write_kohya_export,
+                     write_preview_grid)
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,9 @@ class FluxBackend(DreamBoothData, Backend):
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:
         write_diffusers_lora(corrected, config, folder / "diffusers")
         write_diffusers_lora(uncorrected, config, folder / "diffusers-uncorrected")
+        rows = {name: module.out_features for name, module in self.skeleton().named_modules()
+                if isinstance(module, nn.Linear)}  # sizes a joined layer's untrained parts
+        write_kohya_export(corrected, config, folder / "kohya", rows, self.run.model)
 
     def _requests(self) -> list[tuple[str, int]]:
         """The previews' (prompt, seed) pairs: every preview prompt (default: the instance prompt) at every seed."""

@@ -7,6 +7,7 @@ is folded into `lora_B` (`s·B A = (s·B) A`) and the file means the same on any
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,19 +16,34 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from .kohya import write_kohya_lora
+
+log = logging.getLogger(__name__)
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 
-def diffusers_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """PEFT adapter keys -> `<module>.lora_A/B.weight` (save_lora_weights adds `transformer.`), scaling in B."""
-    out = {}
+def scaled_factors(state: dict[str, torch.Tensor], scaling: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT adapter keys -> `{module: (A, s·B)}` in float32 on the CPU: the update of each layer is `(s·B) A`."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = PEFT_KEY.match(key)
         if match is None:
             raise ValueError(f"adapter key {key!r} is not a LoRA weight; the adapter file is not a PEFT LoRA")
         tensor = tensor.detach().float().cpu()
-        out[f"{match['module']}.lora_{match['part']}.weight"] = tensor * scaling if match["part"] == "B" else tensor
+        parts.setdefault(match["module"], {})[match["part"]] = tensor * scaling if match["part"] == "B" else tensor
+    missing = sorted(module for module, ab in parts.items() if set(ab) != {"A", "B"})
+    if missing:
+        raise ValueError(f"the adapter lacks lora_A or lora_B of {', '.join(missing)}; it is incomplete")
+    return {module: (ab["A"], ab["B"]) for module, ab in parts.items()}
+
+
+def diffusers_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """PEFT adapter keys -> `<module>.lora_A/B.weight` (save_lora_weights adds `transformer.`), scaling in B."""
+    out = {}
+    for module, (a, b) in scaled_factors(state, scaling).items():
+        out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a, b
     return out
 
 
@@ -40,6 +56,19 @@ def write_diffusers_lora(state: dict[str, torch.Tensor], config: Any, folder: Pa
     FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=diffusers_lora_state(state, lora_scaling(config)),
                                    weight_name=LORA_FILE, safe_serialization=True)
     return folder / LORA_FILE
+
+
+def write_kohya_export(state: dict[str, torch.Tensor], config: Any, folder: Path, out_features: dict[str, int],
+                       base_model: str = "") -> Path | None:
+    """Write the kohya-style file (kohya.py) of the adapter; None, with a warning, when one of its layers has no
+    name in that format (a custom --lora-targets): the diffusers file is then the only export."""
+    from emloc import lora_scaling
+
+    try:
+        return write_kohya_lora(scaled_factors(state, lora_scaling(config)), folder, out_features, base_model)
+    except ValueError as err:
+        log.warning("no kohya / ComfyUI file written: %s; use the diffusers file", err)
+        return None
 
 
 def sample_images(pipe: Any, model: nn.Module, requests: list[tuple[str, int]], size: int, steps: int,

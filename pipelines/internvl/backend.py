@@ -215,6 +215,9 @@ class VlmBackend(Backend):
         cut = len(samples) - self.settings.holdout
         self.samples, self.held_out = samples[:cut], samples[cut:]
 
+    def data_settings(self, folder: Path) -> dict[str, str]:
+        return {"data": str(Path(folder) / "qa.jsonl")}  # InternVL's format, its images in folder/images/
+
     def build_cache(self, folder: Path) -> None:
         """Token ids, labels and pixels of every training sample: images are decoded once per run."""
         tensors = {}

@@ -11,6 +11,8 @@ imports a backend by name):
                              Called before the run folder is created.
     copy_data(folder)        copy the validated data into `folder`; return a JSON-able summary
     use_data(folder)         read the run's copied data from `folder` (fresh runs and resumed ones)
+    data_settings(folder)    {setting: path} that make a new run read the data copied into `folder` (the
+                             run's recorded command line uses it)
     build_cache(folder)      compute cached inputs into `folder` (may be left empty); load_cache(folder)
     load_model(device)       a fresh full model (the part that is compressed and trained), frozen, eval
     default_rules(ratio)     [(regex, ratio)] compression rules;  default_lora_targets() -> [regex]
@@ -71,6 +73,7 @@ class Backend:
     def validate(self) -> None: ...
     def copy_data(self, folder: Path) -> dict: return {}
     def use_data(self, folder: Path) -> None: ...
+    def data_settings(self, folder: Path) -> dict[str, str]: return {}
     def build_cache(self, folder: Path) -> None: ...
     def load_cache(self, folder: Path) -> None: ...
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None: ...

@@ -7,6 +7,7 @@ metadata may give its flag ("flag") and mark it as accepted by `preview` too ("p
     python launch.py train --backend flux --model ID_OR_PATH --images DIR --prompt "a photo of sks dog" \\
         --ratio 0.45 --steps 500 --out runs/my-dog
     python launch.py train --out runs/my-dog --resume          # continue a crashed or cancelled run
+    python launch.py train --out runs/my-dog --resume --steps 800   # train a finished run further
     python launch.py preview --run runs/my-dog --prompt "a photo of sks dog on the beach" --seed 3
 
 Ctrl-C once asks the run to stop after the current step (a checkpoint is written); twice stops at once.
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .registry import DEMO_MODELS, backend_class, backend_names
 from .checks import disk_words
+from .command import field_flag
 from .machine import Run, distributed_state, read_run_file
 from .progress import Progress, RunCancelled
 from .settings import RUN_FILE, STAGES, RunSettings
@@ -50,7 +52,7 @@ def add_settings_options(parser: argparse.ArgumentParser, cls: type, title: str,
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = f.metadata.get("preview") if preview else f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        flag = f.metadata.get("preview") if preview else field_flag(f)
         if not flag:
             continue
         kind, many = _option_type(hints[f.name])
@@ -116,13 +118,16 @@ def _cancel_on_ctrl_c(run: Run) -> None:
         pass
 
 
-def _execute(run: Run, stages: list[str], quiet: bool) -> int:
+def _execute(run: Run, stages: list[str], quiet: bool, extend_to: int | None = None) -> int:
     console = ConsoleProgress(quiet or not run.is_main)  # one set of bars, however many processes
     if run.is_main:
         run.callbacks.append(console)
     _cancel_on_ctrl_c(run)
     try:
-        run.execute(stages)
+        if extend_to is None:
+            run.execute(stages)
+        else:  # a finished run trained further: its results so far are kept in earlier/
+            run.extend(extend_to, stages)
     except RunCancelled as err:
         console.close()
         print(f"cancelled: {err}", file=sys.stderr)
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py train", description="Personalise a model with EMLoC, headless.")
     parser.add_argument("--backend", choices=backend_names(), help="model family (required for a new run)")
     parser.add_argument("--out", required=True, help="the run folder to create, e.g. runs/my-dog")
-    parser.add_argument("--resume", action="store_true", help="continue the existing run in --out with its saved settings")
+    parser.add_argument("--resume", action="store_true", help="continue the existing run in --out with its saved settings; with --steps above "
+                        "its steps, train a finished run further (its results so far are kept in earlier/)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
@@ -186,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             if not (Path(args.out) / RUN_FILE).is_file():
                 raise FileNotFoundError(f"{args.out} is not a run folder (no {RUN_FILE}); check the --out path")
             run = Run.open(args.out)
-            if given_settings(RunSettings, args) or (backend_type and given_settings(backend_type.settings_class, args)):
-                print("note: --resume continues with the settings saved in run.json; other settings are ignored",
-                      file=sys.stderr)
+            given = given_settings(RunSettings, args)
+            steps = given.pop("steps", run.settings.steps)
+            if given or (backend_type and given_settings(backend_type.settings_class, args)):
+                print("note: --resume continues with the settings saved in run.json (only --steps can change, to "
+                      "train further); other settings are ignored", file=sys.stderr)
+            if steps != run.settings.steps:
+                return _execute(run, args.stages, args.quiet, extend_to=steps)
         else:
             run_settings = RunSettings(**given_settings(RunSettings, args))
             if not run_settings.model and args.backend in DEMO_MODELS:

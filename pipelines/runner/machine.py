@@ -45,6 +45,7 @@ from . import stages as bodies  # the stage bodies; kept apart so this file stay
 from .adapters import check_adapter
 from .backend import Backend
 from .checks import check_lora_fits, check_writable, confined_name
+from .command import again_folder, train_arguments, train_command
 from .lock import RunLock
 from .progress import Progress, RunCancelled
 from .registry import backend_class, planner
@@ -52,6 +53,7 @@ from .settings import RUN_FILE, STAGE_OUTPUT, STAGES, RunSettings, settings_from
 
 log = logging.getLogger(__name__)
 
+EARLIER = "earlier"  # a run trained further keeps its results from before in earlier/step-<steps it had>/
 LIBRARIES = ("torch", "transformers", "diffusers", "peft", "accelerate", "safetensors", "bitsandbytes", "gradio")
 
 
@@ -101,6 +103,12 @@ def read_run_file(folder: Path) -> dict:
     return info
 
 
+def recorded_command(backend_name: str, backend: Backend, folder: Path) -> str:
+    """The `launch.py train ...` line that makes this run again from its own data/ copy (into `<run>-again`)."""
+    return train_command(train_arguments(backend_name, backend.run, backend.settings,
+                                         backend.data_settings(Path(folder).resolve() / "data"), again_folder(folder)))
+
+
 def check_model_shapes(backend: Backend) -> None:
     """The LoRA targets and rank against the model's layers (when the backend can build a skeleton)."""
     try:
@@ -143,7 +151,8 @@ class Run:
             summary = backend.copy_data(staging / "data")
             info = {"name": folder.name, "backend": backend_name, "created": _now(), "versions": library_versions(),
                     "settings": {"run": asdict(run), "backend": asdict(settings)}, "data": summary,
-                    "stages": {s: {"status": "pending"} for s in STAGES}, "plan": plan}
+                    "stages": {s: {"status": "pending"} for s in STAGES}, "plan": plan,
+                    "command": recorded_command(backend_name, backend, folder)}
             write_json_atomic(staging / RUN_FILE, info)
             os.rename(staging, folder)  # the run appears whole or not at all; rename never replaces a folder
         except BaseException:
@@ -264,6 +273,43 @@ class Run:
             processes.wait_for_everyone()
             self._set_stage(stage, "done", finished=_now(), seconds=round(time.monotonic() - start, 2))
             self.emit(Progress(stage, 1, 1, message=f"{stage}: done in {time.monotonic() - start:.1f} s"))
+
+    # -- training a finished run further -------------------------------------------------------------------
+    def extend(self, steps: int, stages: Iterable[str] = STAGES) -> None:
+        """Train on to `steps` (more than the run has), from its last state, optimizer included; then correct and
+        preview again. The adapter equals that of a run trained `steps` straight (same seed, same per-step draws).
+
+        The results so far (emulator adapter, lora/, previews, export zip) are moved whole, by rename, into
+        `earlier/step-<old steps>/` before anything is trained: the finished adapter is never lost."""
+        with self._lock():
+            done = self.settings.steps
+            if steps <= done:
+                raise ValueError(f"{self.dir.name} is a run of {done} steps; to train it further give --steps "
+                                 f"above {done} (got {steps})")
+            if self.is_main and self.output("train").exists():
+                kept = self._set_aside(done)
+                self.info.setdefault("extended", []).append({"from": done, "to": steps, "kept": kept, "when": _now()})
+            self.backend.run.steps = steps
+            self.info["settings"]["run"]["steps"] = steps
+            for stage in ("train", "correct", "preview"):
+                self.info["stages"][stage] = {"status": "pending"}
+            self.info["command"] = recorded_command(self.info["backend"], self.backend, self.dir)
+            if self.is_main:  # written after the results moved: a crash in between only retrains the old steps
+                write_json_atomic(self.dir / RUN_FILE, self.info)
+            self._execute(stages)
+
+    def _set_aside(self, done: int) -> str:
+        """Move the results of the first `done` steps into earlier/step-<done>/ (a fresh name); returns it."""
+        kept, n = self.dir / EARLIER / f"step-{done}", 2
+        while kept.exists():
+            kept, n = self.dir / EARLIER / f"step-{done}-{n}", n + 1
+        kept.mkdir(parents=True)
+        outputs = [self.output(s) for s in ("train", "correct", "preview")]
+        for path in [*outputs, *sorted(self.dir.glob("previews-*")), self.dir / "export"]:
+            if path.exists():
+                os.rename(path, kept / path.name)
+        self.emit(Progress("train", 0, 0, message=f"the results of {done} steps are kept in {kept.relative_to(self.dir)}"))
+        return str(kept.relative_to(self.dir))
 
     @property
     def is_main(self) -> bool:

@@ -1,9 +1,9 @@
 """The bodies of the five stages of a run (see machine.py); each writes only into the `out` folder it is given.
 
 The run machine renames `out` into place when a body returns, so a body that fails or is cancelled
-leaves nothing half-written. Training is the one long stage: it checkpoints every N steps into
-`checkpoints/step-N/` and starts from the last checkpoint when one exists. Every random choice of a
-step comes from a generator seeded with (seed, step), so a resumed run repeats the uninterrupted one.
+leaves nothing half-written. Training is the one long stage: it checkpoints every N steps and at its
+last step into `checkpoints/step-N/` and starts from the last checkpoint when one exists (a crashed run,
+or a finished one trained further). Every random choice of a step comes from a generator seeded with (seed, step), so a resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -346,6 +346,8 @@ def train(run: Run, out: Path) -> None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
+    _save_checkpoint(run, plain, optimizer, settings.steps)  # the final state, optimizer included: a finished
+    # run trained further (`train --resume --steps N`) goes on from here exactly
     emloc.write_adapter(emloc.adapter_state(plain), plain.peft_config["default"], out,
                         metadata={"emloc_base_model": settings.model, "emloc_steps": str(settings.steps)})
 
