@@ -194,3 +194,26 @@ def export_zip(run_dir: str | Path) -> str:
         archive = shutil.make_archive(str(staging), "zip", root_dir=lora)
         Path(archive).rename(target)
     return str(target)
+
+
+def samples_view(run_dir: str | Path | None) -> dict:
+    """The Train step's samples, newest round first: {"images": [(png, "step N")], "answers": markdown}.
+
+    FLUX rounds are images (the grid left out); InternVL rounds are answers, one row per question and round."""
+    from pipelines.runner.stages import samples
+
+    images: list[tuple[str, str]] = []
+    rows: list[str] = []
+    for folder in samples(Path(run_dir)) if run_dir else []:
+        step = int(folder.name.split("-")[1])
+        images += [(str(png), f"step {step}") for png in sorted(folder.glob("*.png")) if png.name != "grid.png"]
+        answers = folder / "previews.json"
+        if answers.is_file():
+            for item in json.loads(answers.read_text()).get("items", []):
+                question = str(item.get("question", "")).replace("|", "\\|").replace("\n", " ")
+                answer = str(item.get("answers", {}).get("emulator + LoRA", "")).replace("|", "\\|")
+                image = Path(str(item.get("image") or "")).name or "–"
+                rows.append(f"| {step} | {image} | {question} | {answer or '–'} |")
+    table = ("| step | image | question | answer of the emulator + LoRA |\n|---:|---|---|---|\n" + "\n".join(rows)
+             if rows else "")
+    return {"images": images, "answers": table}

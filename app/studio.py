@@ -192,6 +192,16 @@ class Studio:
     def cancel(self) -> str:
         return self.jobs.cancel()
 
+    def sample_now(self, run_dir: str) -> str:
+        """Ask the training job to sample after its next step (Sample now); says what happens, in words."""
+        from pipelines.runner.stages import SAMPLE_NOW
+
+        status = self.jobs.status()
+        if not run_dir or not status.running or Path(status.run_dir) != Path(run_dir):
+            raise ValueError("no training is running: Sample now samples a run while it trains; start one first")
+        (Path(run_dir) / SAMPLE_NOW).write_text("")
+        return "Asked for samples: they appear below after the next training step."
+
     def job_view(self) -> dict:
         """What step 4 shows now: stage in words, progress bar, losses, log, and whether a job runs."""
         status = self.jobs.status()

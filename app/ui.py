@@ -149,6 +149,15 @@ def build(studio: Studio) -> gr.Blocks:
                         job_log = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, autoscroll=False,
                                              interactive=False,
                                              elem_id="job-log")
+                        with gr.Row():
+                            gr.Markdown("**Samples during training**: what the emulator with its LoRA makes at step 0 "
+                                        "and every few steps, newest round first.")
+                            sample_now = gr.Button("Sample now", size="sm", elem_id="sample-now")
+                        samples_gallery = gr.Gallery(label="Samples (labelled by step)", columns=4, height=300,
+                                                     object_fit="contain", elem_id="samples", visible=False)
+                        samples_answers = gr.Markdown(elem_id="samples-answers")
+                        samples_timer = gr.Timer(2.0)
+                        samples_shown = gr.State(None)  # (images, answer characters) on the page now
                         next_train = gr.Button("Next: previews", variant="primary")
                     # ---------------------------------------------------------------- 5. preview
                     with gr.Step("5. Preview", id=STEP["preview"]):

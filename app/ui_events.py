@@ -337,6 +337,18 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                                  c.answer_tokens, c.ram],
        [c.current, c.name, c.msg_train])
     on(c.cancel.click, lambda: say(studio.cancel()), [], [c.msg_train])
+    on(c.sample_now.click, lambda current: say(studio.sample_now(current)), [c.current], [c.msg_train])
+
+    def on_samples(current, shown):
+        view = results.samples_view(current)
+        key = (len(view["images"]), len(view["answers"]))
+        if key == shown:  # nothing new: leave the gallery as it is (no flicker, a picked image stays picked)
+            return gr.skip(), gr.skip(), shown
+        return gr.Gallery(value=view["images"] or None, visible=bool(view["images"])), view["answers"], key
+
+    c.samples_timer.tick(guard(on_samples, 3, 1), inputs=[c.current, c.samples_shown],
+                         outputs=[c.samples_gallery, c.samples_answers, c.samples_shown], show_progress="hidden",
+                         concurrency_id="samples")
 
     def on_tick(seen, current, uncorrected, pick):
         view = studio.job_view()

@@ -103,6 +103,7 @@ class MemorySettings:
     calibration_samples: int = _setting(16, "calibration batches; a streamed pass keeps all their hidden states")
     keep_statistics: bool = _setting(False, "the run folder keeps every layer's Σxᵀx (the two-step path)")
     keep_checkpoints: int = _setting(2, "training checkpoints kept in the run folder")
+    samples: bool = _setting(True, "training samples from the emulator + LoRA between steps (--sample-every)")
     calibration_batch_size: int = _setting(1, "samples per calibration batch")
     stats_on_gpu: bool = _setting(False, "keep calibration sums (4·in² bytes per layer) on the GPU")
     generate_tokens: int = _setting(256, "VLM preview: new tokens generated per answer")
@@ -364,10 +365,23 @@ def _training_activations(run: _Run) -> dict[str, float]:
 
 
 def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimate:
+    """Weights, LoRA, grads and optimizer state, plus the largest of: the step's activations, the optimizer step,
+    and (EMLoC, with samples) a sampling round between steps: the text encoders and VAE loaded beside the model
+    and one inference forward (the grads are freed by then, set_to_none)."""
     adapter, state, step = _lora_terms(run)
     activations = _training_activations(run)
     parts = {**weights, "lora": adapter, "grads": adapter, "optimizer": state}
-    parts.update(activations if sum(activations.values()) >= step else {"optimizer step": step})
+    sampling: dict[str, float] = {}
+    if method == "emloc" and run.s.samples:
+        # FLUX samples from the cached prompt embeddings: of its run-once models only the VAE is loaded
+        sampling = {f"sampling: weights ({c.name})": run.b * c.params for c in run.arch.components
+                    if not c.name.startswith("text_encoder")}
+        sampling["sampling: activations"] = sum(_inference_activations(run, lora=False).values())
+    if sum(sampling.values()) - adapter > max(sum(activations.values()), step):
+        parts.pop("grads")  # a round runs after zero_grad(set_to_none=True): no grads then
+        parts.update(sampling)
+    else:
+        parts.update(activations if sum(activations.values()) >= step else {"optimizer step": step})
     return _estimate("training", method, parts)
 
 

@@ -267,6 +267,16 @@ def test_closing_the_page_keeps_training_and_cancel_stops_it(browser, world):
     page = open_page(browser, world)  # the page opens on the run, still training
     expect_text(page, "#job-status", "Training the LoRA on the emulator", timeout=60_000)
     expect_text(page, "#job-status", "of 5000")
+    # samples: the step-0 baseline of the user's own questions, then one more round when asked for
+    expect_text(page, "#samples-answers", "answer of the emulator + LoRA", timeout=60_000)
+    assert page.locator("#samples-answers tbody tr").count() >= 1
+    baseline = page.locator("#samples-answers tbody tr").count()
+    button(page, "Sample now").click()
+    expect_text(page, "#msg-train", "Asked for samples")
+    page.wait_for_function(f"document.querySelectorAll('#samples-answers tbody tr').length > {baseline}",
+                           timeout=60_000)
+    first = page.locator("#samples-answers tbody tr td").first.inner_text()
+    assert int(first) > 0  # the newest round first, labelled by its step
     shot(page, "10-train-reopened-running")
     button(page, "Start training").click()  # a second run while this one trains: refused, in words
     expect_text(page, "#msg-train", "already running")

@@ -298,6 +298,36 @@ class FluxBackend(DreamBoothData, Backend):
                 "guidance": self.settings.preview_guidance if guidance else 0.0,
                 "sequence_length": self._sequence_length()}
 
+    SAMPLE_PROMPTS = 4  # the instance prompt and up to three of the user's own captions
+
+    def write_samples(self, folder: Path, model: nn.Module) -> list[Path]:
+        """A round of training samples from the cached prompt embeddings (the instance prompt and up to three of
+        the captions, at the preview seeds): no text encoder is loaded beside the training model, only the VAE."""
+        from diffusers import FluxPipeline
+
+        meta = self.cache["meta"]
+        texts = sorted(meta["texts"], key=lambda t: t != self.settings.prompt)[:self.SAMPLE_PROMPTS]
+        pipe = FluxPipeline.from_pretrained(self.run.model, transformer=None, text_encoder=None, text_encoder_2=None,
+                                            tokenizer=None, tokenizer_2=None, dtype=self.dtype,
+                                            use_safetensors=True).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        how, requests = self._sampling(), [(t, seed) for t in texts for seed in self.settings.preview_seeds]
+        pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
+        images = []
+        try:
+            for text, seed in requests:
+                index = meta["texts"].index(text)
+                result = pipe(prompt_embeds=self.cache["embeds"][index][None].to(self.dtype),
+                              pooled_prompt_embeds=self.cache["pooled"][index][None].to(self.dtype),
+                              height=self.settings.resolution, width=self.settings.resolution,
+                              num_inference_steps=how["steps"], guidance_scale=how["guidance"],
+                              generator=torch.Generator("cpu").manual_seed(seed))
+                images.append(result.images[0])
+        finally:
+            pipe.transformer = None
+            del pipe
+        return write_preview_grid(folder, {"emulator + LoRA": images}, requests, self.settings.resolution)
+
     def generate(self, model: nn.Module, label: str) -> list:
         how = self._sampling()
         return sample_images(self._pipeline(), model, self._requests(), self.settings.resolution, how["steps"],

@@ -16,7 +16,7 @@ import psutil
 import torch
 
 from emloc.memory import GiB
-from pipelines.runner.settings import RunSettings, parse_rules
+from pipelines.runner.settings import RunSettings, parse_rules, sample_interval
 
 from .catalogue import load_meta_model
 from .planning import PHASE_NAMES, PlanSettings, plan_run
@@ -44,7 +44,8 @@ def plan_settings(run: RunSettings, backend: Any) -> PlanSettings:
         rules=tuple(parse_rules(run.rules)), lora_rank=run.rank, lora_targets=tuple(run.lora_targets),
         optimizer=run.optimizer, batch_size=run.batch_size, gradient_checkpointing=run.gradient_checkpointing,
         calibration_samples=run.calibration_samples, keep_statistics=run.keep_statistics,
-        keep_checkpoints=run.keep_checkpoints, budget_gb=gpu, ram_gb=ram, **backend.memory_shape())
+        keep_checkpoints=run.keep_checkpoints, samples=bool(sample_interval(run)), budget_gb=gpu, ram_gb=ram,
+        **backend.memory_shape())
 
 
 def plan_for_run(run: RunSettings, backend: Any) -> dict | None:

@@ -23,6 +23,7 @@ imports a backend by name):
     export(folder, corrected, uncorrected, config)   optional extra adapter formats, written into `folder`
     generate(model, label) -> list   preview outputs of one model variant; write_previews(folder, outputs)
                              writes files from {label: outputs} and returns their paths
+    write_samples(folder, model)  optional: one round of samples during training (default: the previews')
     release()                free everything the backend holds (text encoders, caches on the GPU, ...)
     check_model()            optional: raise ValueError when the model cannot be used (not downloaded, pickle
                              weights only, ...); called by Run.create before validate()
@@ -81,6 +82,11 @@ class Backend:
     def check_model(self) -> None: ...
     def check_preview(self) -> None: ...
     def export_snippet(self, lora: Path, plan: dict | None = None) -> str: return ""
+
+    def write_samples(self, folder: Path, model: torch.nn.Module) -> list[Path]:
+        """One round of training samples from `model` (the emulator + LoRA that trains) into `folder`; by default
+        the previews' requests. A backend may sample cheaper (FLUX: from the cached prompt embeddings)."""
+        return self.write_previews(folder, {"emulator + LoRA": self.generate(model, "emulator + LoRA")})
     def skeleton(self) -> torch.nn.Module | None: return None
     def finish_loading(self, model: torch.nn.Module) -> None: ...
     def memory_shape(self) -> dict: return {}

@@ -51,6 +51,9 @@ class RunSettings:
     checkpoint_every: int = field(default=50, metadata={"help": "save a training checkpoint every N steps"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     calibration_samples: int = field(default=16, metadata={"help": "batches of your data used for calibration"})
+    sample_every: int = field(default=-1, metadata={
+        "help": "samples from the training emulator + LoRA every N steps, and at step 0 (-1: about five rounds "
+                "in the run; 0: none)"})
     lam: float = field(default=3.0, metadata={"help": "correction clamp λ (0: no correction, inf: unclamped)"})
     svd: str = field(default=emloc.DEFAULT_SOLVER, metadata={"help": "emulator factorisation: " + ", ".join(emloc.SOLVERS)})
     rules: list[str] = field(default_factory=list, metadata={
@@ -82,6 +85,9 @@ class RunSettings:
         if not self.model:
             raise ValueError("no model given; pass a hub id or a local folder (--model)")
         emloc.rules.check_ratio(self.ratio, "--ratio")
+        if self.sample_every < -1:
+            raise ValueError(f"--sample-every must be a number of steps (0: no samples, -1: about five rounds); "
+                             f"got {self.sample_every}")
         for name in ("ram_gb", "gpu_gb"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -137,3 +143,10 @@ def settings_from_dict(cls: type, data: dict) -> Any:
     """A settings dataclass from a dict, ignoring keys it does not know (older or newer run.json)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def sample_interval(settings: RunSettings) -> int:
+    """Steps between training samples: --sample-every, or (-1) about five rounds in the run; 0: none."""
+    if settings.sample_every >= 0:
+        return settings.sample_every
+    return max(1, settings.steps // 5)

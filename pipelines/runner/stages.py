@@ -30,11 +30,13 @@ from emloc.emulator import emulator_files
 
 from .backend import Backend
 from .progress import Progress, RunCancelled
-from .settings import LOSS_LOG, PREVIEW_VARIANTS, RunSettings, parse_rules
+from .settings import LOSS_LOG, PREVIEW_VARIANTS, RunSettings, parse_rules, sample_interval
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+SAMPLES = "samples"  # samples/step-N/: what the emulator + LoRA made at step N of training
+SAMPLE_NOW = "sample-now"  # a file the app writes into the run folder: the next step is followed by a sample
 STATS_FILE = "stats.safetensors"
 GiB = 1024 ** 3
 
@@ -313,6 +315,9 @@ def train(run: Run, out: Path) -> None:
         _trim_loss_log(loss_log, start)
     peft_model.train()
     backend.shard = (accelerator.process_index, accelerator.num_processes)  # --batch-size is per process
+    every = sample_interval(settings)
+    if accelerator.is_main_process and every and start == 0:
+        _sample(run, plain, 0)  # the baseline: what the emulator makes before any training
     began, saved = time.monotonic(), start
     with open(loss_log if accelerator.is_main_process else os.devnull, "a") as log_file:
         for step in range(start, settings.steps):
@@ -341,6 +346,10 @@ def train(run: Run, out: Path) -> None:
                 if done % settings.checkpoint_every == 0 and done < settings.steps:
                     _save_checkpoint(run, plain, optimizer, done)
                     saved = done
+                asked = (run.dir / SAMPLE_NOW).exists()
+                if asked or (every and done % every == 0):
+                    (run.dir / SAMPLE_NOW).unlink(missing_ok=True)
+                    _sample(run, plain, done)
             eta = elapsed / (done - start) * (settings.steps - done)
             run.emit(Progress("train", done, settings.steps, loss=value, eta=eta))
     accelerator.wait_for_everyone()
@@ -350,6 +359,36 @@ def train(run: Run, out: Path) -> None:
     # run trained further (`train --resume --steps N`) goes on from here exactly
     emloc.write_adapter(emloc.adapter_state(plain), plain.peft_config["default"], out,
                         metadata={"emloc_base_model": settings.model, "emloc_steps": str(settings.steps)})
+
+
+def _sample(run: Run, model: nn.Module, step: int) -> None:
+    """One round of samples from the training model into samples/step-N/ (the backend's preview requests, fixed
+    seeds). It changes nothing training depends on: every step seeds its own draws, the model goes back to train
+    mode, and what the backend loaded to sample (text encoders, VAE) is freed again."""
+    backend = run.backend
+    run.emit(Progress("train", step, run.settings.steps, message=f"sampling at step {step}"))
+    final = run.dir / SAMPLES / f"step-{step:06d}"
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.eval()
+    try:
+        with torch.no_grad():
+            backend.write_samples(staging, model)
+    finally:
+        model.train()
+        backend.release()
+        gc.collect()
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(staging, final)
+    run.emit(Progress("train", step, run.settings.steps, message=f"samples of step {step} are ready"))
+
+
+def samples(run_dir: Path) -> list[Path]:
+    """The sample rounds of a run (samples/step-N), newest first."""
+    folder = Path(run_dir) / SAMPLES
+    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: -int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
 
 # -- correction and previews --------------------------------------------------------------------------------
