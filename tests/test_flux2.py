@@ -115,3 +115,29 @@ def test_the_app_offers_the_three_flux2_models_and_runs_them_with_the_flux2_back
         assert handlers.backend_for("flux", f"black-forest-labs/{name}") == "flux2"
     assert handlers.backend_for("flux", str(klein)) == "flux2"
     assert handlers.backend_for("flux", "black-forest-labs/FLUX.1-dev") == "flux"
+
+
+def test_the_export_snippet_pasted_into_python_makes_the_preview_again(finished_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    snippet = finished_run.backend.export_snippet(finished_run.dir / "lora", finished_run.info.get("plan"))
+    for setting in ("Flux2KleinPipeline", "height=32, width=32", "num_inference_steps=2", "max_sequence_length=32",
+                    "manual_seed(0)"):
+        assert setting in snippet, setting
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    made = np.asarray(Image.open(tmp_path / "sample.png"), dtype=np.float32)
+    preview = next(p for p in (finished_run.dir / "previews").glob("full-corrected-lora*__seed0.png"))
+    shown = np.asarray(Image.open(preview), dtype=np.float32)
+    base = np.asarray(Image.open(next((finished_run.dir / "previews").glob("base*__seed0.png"))), dtype=np.float32)
+    assert made.shape == shown.shape
+    assert np.abs(made - shown).mean() <= 1.0 and np.abs(base - shown).mean() > np.abs(made - shown).mean()
+    offloaded = finished_run.backend.export_snippet(finished_run.dir / "lora", {"phases": {"preview": {"mode": "files"}}})
+    assert "enable_group_offload" in offloaded
+    compile(offloaded, "snippet", "exec")

@@ -41,6 +41,30 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
 
 
+SNIPPET = '''import torch
+from diffusers import {pipeline}
+
+# The run's first preview of the full model with the corrected LoRA, made again: the same model, LoRA, prompt,
+# seed, size, denoising steps, guidance and text tokens (a [klein] Base model guides against the empty prompt).
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the run used on each
+pipe = {pipeline}.from_pretrained({model!r}, torch_dtype=dtype, use_safetensors=True){to_device}
+pipe.load_lora_weights({lora!r}, weight_name={weights!r})
+{offload}image = pipe(prompt={prompt!r}, height={size}, width={size}, num_inference_steps={steps}, guidance_scale={guidance},
+             max_sequence_length={tokens}, generator=torch.Generator("cpu").manual_seed({seed})).images[0]
+image.save("sample.png")
+'''
+# A GPU smaller than the transformer: it waits in RAM and diffusers' group offloading moves one block at a time.
+OFFLOAD = '''if device == "cuda":  # the run's plan: the transformer does not fit this GPU whole
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1)
+    pipe.text_encoder.to(device)
+    pipe.vae.to(device)
+else:
+    pipe.to(device)
+'''
+
+
 @dataclass
 class Flux2Settings:
     """Settings of a FLUX.2 DreamBooth run (the shared ones are in run.RunSettings)."""
@@ -334,6 +358,19 @@ class Flux2Backend(DreamBoothData, Backend):
             self._pipeline_class().save_lora_weights(
                 str(Path(folder) / name), transformer_lora_layers=diffusers_lora_state(state, lora_scaling(config)),
                 weight_name=LORA_FILE, safe_serialization=True)
+
+    def export_snippet(self, lora: Path, plan: dict | None = None) -> str:
+        """Python that renders the first preview of the full model with the corrected LoRA again (diffusers
+        format); the transformer is group-offloaded on a GPU where the run's plan did not preview it whole."""
+        prompt, seed = self._requests()[0]
+        how = self._sampling()
+        mode = ((plan or {}).get("phases", {}).get("preview") or {}).get("mode", "whole")
+        offload = mode != "whole"
+        return SNIPPET.format(
+            pipeline=self._index()["_class_name"], model=str(self.run.model), lora=str(Path(lora) / "diffusers"),
+            weights=LORA_FILE, prompt=prompt, size=int(self.settings.resolution), steps=int(how["steps"]),
+            guidance=float(how["guidance"]), tokens=int(self.settings.max_sequence_length), seed=int(seed),
+            to_device="" if offload else ".to(device)", offload=OFFLOAD if offload else "")
 
     def _requests(self) -> list[tuple[str, int]]:
         prompts = self.settings.preview_prompts or [self.settings.prompt]
