@@ -49,3 +49,43 @@ def build_tiny_klein(distilled: bool = True):
 def save_tiny_klein(folder: Path, distilled: bool = True) -> Path:
     build_tiny_klein(distilled).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+# [dev]: Mistral3's processor renders a system and a user message whose contents are lists of text parts.
+DEV_CHAT_TEMPLATE = ("{% for m in messages %}{{ '[' + m['role'] + ']' }}{% if m['content'] is string %}"
+                     "{{ m['content'] }}{% else %}{% for part in m['content'] %}{% if part['type'] == 'text' %}"
+                     "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '[/' + m['role'] + ']' }}{% endfor %}")
+
+
+def build_tiny_dev():
+    """A tiny FLUX.2 [dev]: a 31-layer Mistral3 text encoder of width 32 (hidden states 10, 20, 30 are stacked),
+    guidance embeddings in the transformer. The published [dev] tokenizes with a PixtralProcessor, which cannot be
+    built without torchvision; for the text prompts the pipeline encodes, its tokenizer's chat template is what
+    counts, so a plain tokenizer with a Mistral-style template stands in for it."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    tokenizer.chat_template = DEV_CHAT_TEMPLATE
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 48,
+                     "num_hidden_layers": 31, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                     "max_position_embeddings": 1024, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 1, "head_dim": 16, "image_size": 16, "patch_size": 4},
+        image_token_index=len(tokenizer) - 1, spatial_merge_size=2)
+    text = Mistral3ForConditionalGeneration(config)
+    transformer = Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=3 * 32, axes_dims_rope=(4, 4, 4, 4),
+                                          timestep_guidance_channels=32, guidance_embeds=True)
+    vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                             block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             sample_size=32, patch_size=(2, 2))
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tokenizer,
+                         transformer=transformer)
+
+
+def save_tiny_dev(folder: Path) -> Path:
+    build_tiny_dev().save_pretrained(str(folder), safe_serialization=True)
+    return folder

@@ -141,3 +141,39 @@ def test_the_export_snippet_pasted_into_python_makes_the_preview_again(finished_
     offloaded = finished_run.backend.export_snippet(finished_run.dir / "lora", {"phases": {"preview": {"mode": "files"}}})
     assert "enable_group_offload" in offloaded
     compile(offloaded, "snippet", "exec")
+
+
+def test_a_headless_dev_run_trains_with_guidance_and_its_export_loads_in_flux2pipeline(subject, tmp_path):
+    """FLUX.2 [dev]: a tiny Mistral3 text encoder (streamed block by block while it encodes), the guidance
+    embedding in training and previews; the export loads through Flux2Pipeline.load_lora_weights and changes it."""
+    from diffusers import Flux2Pipeline
+
+    from flux2_fixtures import save_tiny_dev
+
+    dev = save_tiny_dev(tmp_path / "dev")
+    settings = RunSettings(model=str(dev), ratio=0.5, calibration_samples=4, steps=4, rank=4, lr=1e-2, device="cpu")
+    run = Run.create(tmp_path / "runs" / "dev", "flux2", settings, _settings(subject))
+    assert run.backend._guidance() and stages.streams(run)
+    run.execute()
+    info = json.loads((run.dir / "run.json").read_text())
+    assert all(stage["status"] == "done" for stage in info["stages"].values())
+    assert len(list((run.dir / "previews").glob("*.png"))) == 4
+
+    def render(pipe):
+        return pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+                    max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+
+    pipe = Flux2Pipeline.from_pretrained(str(dev))
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe)
+    pipe.load_lora_weights(str(run.dir / "lora" / "diffusers"), weight_name=LORA_FILE)
+    assert float((render(pipe) - before).abs().max()) > 1e-4
+
+
+def test_a_distilled_klein_run_previews_without_cfg(subject, tmp_path):
+    distilled = save_tiny_klein(tmp_path / "klein-distilled", distilled=True)
+    settings = RunSettings(model=str(distilled), ratio=0.5, calibration_samples=2, steps=2, rank=4, device="cpu")
+    run = Run.create(tmp_path / "runs" / "distilled", "flux2", settings, _settings(subject))
+    assert not run.backend._real_cfg() and run.backend._sampling()["guidance"] == 1.0
+    run.execute()
+    assert len(list((run.dir / "previews").glob("*.png"))) == 4
