@@ -177,3 +177,27 @@ def test_a_distilled_klein_run_previews_without_cfg(subject, tmp_path):
     assert not run.backend._real_cfg() and run.backend._sampling()["guidance"] == 1.0
     run.execute()
     assert len(list((run.dir / "previews").glob("*.png"))) == 4
+
+
+def test_without_torchvision_the_dev_pipeline_tokenizes_with_its_tokenizer_alone(subject, tmp_path, monkeypatch):
+    """The published [dev] pipeline loads a PixtralProcessor, which needs torchvision; where loading it fails so,
+    the backend loads the tokenizer folder's tokenizer instead and encodes the same prompts."""
+    from diffusers import Flux2Pipeline
+
+    from flux2_fixtures import save_tiny_dev
+
+    dev = save_tiny_dev(tmp_path / "dev")
+    loaded = Flux2Pipeline.from_pretrained.__func__
+
+    def without_torchvision(cls, *args, **kwargs):
+        if "tokenizer" not in kwargs:  # as PixtralProcessor's requires_backends says it
+            raise ImportError("PixtralProcessor requires the Torchvision library but it was not found")
+        return loaded(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Flux2Pipeline, "from_pretrained", classmethod(without_torchvision))
+    settings = RunSettings(model=str(dev), ratio=0.5, calibration_samples=2, steps=1, rank=4, device="cpu")
+    run = Run.create(tmp_path / "runs" / "dev", "flux2", settings, _settings(subject))
+    pipe = run.backend._pipeline()
+    assert type(pipe.tokenizer).__name__.endswith(("Tokenizer", "TokenizerFast"))  # not a processor
+    embeds = run.backend._embed(pipe, [PROMPT])[PROMPT]
+    assert embeds.shape == (32, 3 * 32) and torch.isfinite(embeds).all()

@@ -143,8 +143,18 @@ class Flux2Backend(DreamBoothData, Backend):
         if self._pipe is None:
             import transformers
 
-            pipe = self._pipeline_class().from_pretrained(self.run.model, transformer=None, text_encoder=None,
-                                                          dtype=self.dtype, use_safetensors=True).to(self.device)
+            parts = dict(transformer=None, text_encoder=None, dtype=self.dtype, use_safetensors=True)
+            try:
+                pipe = self._pipeline_class().from_pretrained(self.run.model, **parts)
+            except ImportError as err:  # [dev]'s PixtralProcessor needs torchvision; its tokenizer alone does not
+                if "orchvision" not in str(err):
+                    raise
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(self._folder("tokenizer")))
+                pipe = self._pipeline_class().from_pretrained(self.run.model, tokenizer=tokenizer, **parts)
+                log.info("the text prompts are tokenized by the tokenizer alone (its processor needs torchvision)")
+            pipe = pipe.to(self.device)
             _, class_name = self._index()["text_encoder"]
             pipe.text_encoder = streamed_transformers_model(self._folder("text_encoder"),
                                                             getattr(transformers, class_name), self.device, self.dtype)
