@@ -26,8 +26,27 @@ def _tokenizer():
                               chat_template=CHAT_TEMPLATE, model_max_length=512)
 
 
+def _transformer_and_vae(guidance: bool):
+    """A 1 + 2 block Flux2Transformer2DModel (text width 3 x 32) and a 2-level AutoencoderKLFlux2 of 4 channels."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=3 * 32, axes_dims_rope=(4, 4, 4, 4),
+                                          timestep_guidance_channels=32, guidance_embeds=guidance)
+    vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                             block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             sample_size=32, patch_size=(2, 2))
+    return transformer, vae
+
+
+def render(pipe, prompt: str) -> torch.Tensor:
+    """Two denoising steps at 32 px, seed 0, as tensors: what the export tests compare."""
+    return pipe(prompt=prompt, height=32, width=32, num_inference_steps=2, guidance_scale=4.0, max_sequence_length=32,
+                generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+
+
 def build_tiny_klein(distilled: bool = True):
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
@@ -36,12 +55,7 @@ def build_tiny_klein(distilled: bool = True):
                                         num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
                                         head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
-    transformer = Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                                          num_attention_heads=2, joint_attention_dim=3 * 32, axes_dims_rope=(4, 4, 4, 4),
-                                          timestep_guidance_channels=32, guidance_embeds=False)
-    vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                             block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                             sample_size=32, patch_size=(2, 2))
+    transformer, vae = _transformer_and_vae(guidance=False)
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text,
                               tokenizer=tokenizer, transformer=transformer, is_distilled=distilled)
 
@@ -62,7 +76,7 @@ def build_tiny_dev():
     guidance embeddings in the transformer. The published [dev] tokenizes with a PixtralProcessor, which cannot be
     built without torchvision; for the text prompts the pipeline encodes, its tokenizer's chat template is what
     counts, so a plain tokenizer with a Mistral-style template stands in for it."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -76,12 +90,7 @@ def build_tiny_dev():
                        "num_attention_heads": 1, "head_dim": 16, "image_size": 16, "patch_size": 4},
         image_token_index=len(tokenizer) - 1, spatial_merge_size=2)
     text = Mistral3ForConditionalGeneration(config)
-    transformer = Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                                          num_attention_heads=2, joint_attention_dim=3 * 32, axes_dims_rope=(4, 4, 4, 4),
-                                          timestep_guidance_channels=32, guidance_embeds=True)
-    vae = AutoencoderKLFlux2(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                             block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                             sample_size=32, patch_size=(2, 2))
+    transformer, vae = _transformer_and_vae(guidance=True)
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tokenizer,
                          transformer=transformer)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flux2_fixtures import save_tiny_klein
+from flux2_fixtures import render, save_tiny_klein
 from flux_fixtures import write_subject_images
 from pipelines.flux2.backend import LORA_FILE, Flux2Backend, Flux2Settings
 from pipelines.planner.catalogue import load_meta_model
@@ -57,15 +57,11 @@ def test_a_headless_klein_run_completes_with_previews_and_exports(finished_run):
 def test_the_export_loads_in_the_plain_pipeline_and_changes_its_output(finished_run, klein):
     from diffusers import Flux2KleinPipeline
 
-    def render(pipe):
-        return pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
-                    max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
-
     pipe = Flux2KleinPipeline.from_pretrained(str(klein))
     pipe.set_progress_bar_config(disable=True)
-    before = render(pipe)
+    before = render(pipe, PROMPT)
     pipe.load_lora_weights(str(finished_run.dir / "lora" / "diffusers"), weight_name=LORA_FILE)
-    after = render(pipe)
+    after = render(pipe, PROMPT)
     assert float((after - before).abs().max()) > 1e-4
 
 
@@ -159,15 +155,11 @@ def test_a_headless_dev_run_trains_with_guidance_and_its_export_loads_in_flux2pi
     assert all(stage["status"] == "done" for stage in info["stages"].values())
     assert len(list((run.dir / "previews").glob("*.png"))) == 4
 
-    def render(pipe):
-        return pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
-                    max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
-
     pipe = Flux2Pipeline.from_pretrained(str(dev))
     pipe.set_progress_bar_config(disable=True)
-    before = render(pipe)
+    before = render(pipe, PROMPT)
     pipe.load_lora_weights(str(run.dir / "lora" / "diffusers"), weight_name=LORA_FILE)
-    assert float((render(pipe) - before).abs().max()) > 1e-4
+    assert float((render(pipe, PROMPT) - before).abs().max()) > 1e-4
 
 
 def test_a_distilled_klein_run_previews_without_cfg(subject, tmp_path):

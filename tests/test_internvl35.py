@@ -5,7 +5,6 @@ headless run (streaming included), the planner offline, and the catalogue's publ
 from __future__ import annotations
 
 import copy
-import csv
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pipelines.internvl.data import QASample, pairs_to_samples
 from pipelines.planner.catalogue import load_meta_model, vlm_architecture
 from pipelines.planner.planning import PlanSettings, plan_run
 from pipelines.runner import Run, RunSettings, stages
-from vlm_fixtures import save_tiny_internvl, save_tiny_internvl35, write_colour_images
+from vlm_fixtures import save_tiny_internvl, save_tiny_internvl35, write_colour_csv
 
 PUBLISHED = {"1B": 1.1e9, "2B": 2.3e9, "4B": 4.7e9, "8B": 8.5e9}  # vision + language, model cards (to 0.1 B)
 
@@ -32,12 +31,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def colour_data(tmp_path_factory) -> tuple[Path, list]:
     folder = tmp_path_factory.mktemp("colours")
-    rows = write_colour_images(folder)
-    with open(folder / "qa.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "question", "answer"])
-        writer.writerows(rows)
-    return folder, rows
+    return folder, write_colour_csv(folder)
 
 
 def _packer(folder: Path) -> ChatPacker:

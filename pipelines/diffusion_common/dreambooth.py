@@ -8,6 +8,7 @@ optional same-name .txt captions; checked, copied into the run and read back. Al
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +21,43 @@ WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 
+@dataclass
+class DreamBoothSettings:
+    """The settings of a DreamBooth run on a FLUX-family transformer (FLUX.1's defaults; FLUX.2 overrides some)."""
+
+    images: str = field(default="", metadata={"help": "folder with 3-50 JPEG/PNG/WebP photos of the subject"})
+    prompt: str = field(default="", metadata={"help": "instance prompt with the trigger word, e.g. 'a photo of sks dog'"})
+    trigger: str = field(default="sks", metadata={"help": "the rare word that names your subject in the prompt"})
+    resolution: int = field(default=512, metadata={"help": "training and preview size in pixels (multiple of 16)"})
+    random_flip: bool = field(default=False, metadata={"help": "also train on horizontally flipped images"})
+    guidance_scale: float = field(default=3.5, metadata={"help": "guidance embedding during training ([dev] only)"})
+    weighting_scheme: str = field(default="none", metadata={
+        "help": "timestep sampling / loss weighting: none, sigma_sqrt, logit_normal, mode, cosmap"})
+    logit_mean: float = field(default=0.0, metadata={"help": "mean of the logit_normal scheme"})
+    logit_std: float = field(default=1.0, metadata={"help": "std of the logit_normal scheme"})
+    mode_scale: float = field(default=1.29, metadata={"help": "scale of the mode scheme"})
+    max_sequence_length: int = field(default=0, metadata={"help": "T5 tokens (0: 512 for [dev], 256 for [schnell])"})
+    preview_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "preview prompts (default: the instance prompt)", "flag": "--preview-prompt", "preview": "--prompt"})
+    preview_seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "seeds of the previews", "flag": "--preview-seed", "preview": "--seed"})
+    preview_steps: int = field(default=0, metadata={
+        "help": "denoising steps of the previews (0: 28 for [dev], 4 for [schnell])", "preview": "--preview-steps"})
+    preview_guidance: float = field(default=3.5, metadata={"help": "guidance of the previews ([dev])",
+                                                           "preview": "--preview-guidance"})
+
+
+
 class DreamBoothData:
     """validate / copy_data / use_data of a DreamBooth image folder (mixed into a Backend)."""
 
     pipeline_name = "FluxPipeline"  # named in the message for a local folder that is no diffusers pipeline
+
+    def __init__(self, run, settings, device: torch.device):
+        super().__init__(run, settings, device)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as diffusers' DreamBooth examples
+        self.cache: dict = {}  # text embeddings, latent distributions, configs read once
+        self._pipe = None  # everything but the transformer, loaded when needed
 
     def validate(self) -> None:
         s = self.settings
@@ -82,6 +116,39 @@ class DreamBoothData:
         self.images = find_images(folder)
         self.prompts = [self._read_caption(c) if (c := self._caption_file(p)) else self.settings.prompt
                         for p in self.images]
+
+    # -- the flow-matching objective both families train with ----------------------------------------------
+    batched_inputs: tuple[str, ...] = ("hidden_states", "timestep", "guidance", "encoder_hidden_states")
+
+    def calibration_batches(self):
+        generator = torch.Generator().manual_seed(self.run.seed)
+        for _ in range(self.run.calibration_samples):
+            yield self._batch(generator, 1)["kwargs"]
+
+    def calibration_forward(self, model, batch: dict):
+        return model(**batch)
+
+    def unpack_prediction(self, pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The transformer's output in the latents' layout (FLUX.1 packs 2x2 patches into tokens)."""
+        return pred
+
+    def training_loss(self, model, step: int, generator: torch.Generator) -> torch.Tensor:
+        """`mean(w(σ) · (pred - (n - x0))²)` on the step's batch (`_batch`), this process's rows under several."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        rank, processes = self.shard
+        per_process = self.run.batch_size
+        batch = self._batch(generator, per_process * processes)  # the whole step's batch, drawn alike everywhere
+        if processes > 1:
+            rows = slice(rank * per_process, (rank + 1) * per_process)
+            batch["kwargs"] = {k: v[rows] if k in self.batched_inputs and v is not None else v
+                               for k, v in batch["kwargs"].items()}
+            batch.update({k: batch[k][rows] for k in ("noise", "x0", "sigmas")})
+        x0, sigmas = batch["x0"], batch["sigmas"]
+        pred = self.unpack_prediction(model(**batch["kwargs"])[0], x0)
+        weighting = compute_loss_weighting_for_sd3(self.settings.weighting_scheme, sigmas)
+        target = batch["noise"] - x0
+        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(1).mean()
 
     def data_settings(self, folder: Path) -> dict[str, str]:
         return {"images": str(folder)}  # the photos and their same-name captions were copied in side by side

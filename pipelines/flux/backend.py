@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,9 @@ from torch import nn
 
 from emloc.blockwise import BlockwiseModel
 from emloc.checkpoint import CheckpointReader, safetensors_files
-from pipelines.runner import Backend, RunSettings
+from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
-from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData  # noqa: F401 (re-exported: app)
+from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData, DreamBoothSettings  # noqa: F401 (re-exported: app)
 from pipelines.runner.data import load_rgb, resize_and_crop
 
 from .export import (load_snippet, preview_file_name, sample_images, write_diffusers_lora, write_kohya_export,
@@ -42,30 +42,9 @@ SINGLE_LORA = r"attn\.(to_q|to_k|to_v)|proj_mlp|proj_out"
 
 
 @dataclass
-class FluxSettings:
-    """Settings of a FLUX DreamBooth run (the shared ones are in run.RunSettings)."""
-
-    images: str = field(default="", metadata={"help": "folder with 3-50 JPEG/PNG/WebP photos of the subject"})
-    prompt: str = field(default="", metadata={"help": "instance prompt with the trigger word, e.g. 'a photo of sks dog'"})
-    trigger: str = field(default="sks", metadata={"help": "the rare word that names your subject in the prompt"})
-    resolution: int = field(default=512, metadata={"help": "training and preview size in pixels (multiple of 16)"})
-    random_flip: bool = field(default=False, metadata={"help": "also train on horizontally flipped images"})
-    guidance_scale: float = field(default=3.5, metadata={"help": "guidance embedding during training ([dev] only)"})
-    weighting_scheme: str = field(default="none", metadata={
-        "help": "timestep sampling / loss weighting: none, sigma_sqrt, logit_normal, mode, cosmap"})
-    logit_mean: float = field(default=0.0, metadata={"help": "mean of the logit_normal scheme"})
-    logit_std: float = field(default=1.0, metadata={"help": "std of the logit_normal scheme"})
-    mode_scale: float = field(default=1.29, metadata={"help": "scale of the mode scheme"})
-    max_sequence_length: int = field(default=0, metadata={"help": "T5 tokens (0: 512 for [dev], 256 for [schnell])"})
-    preview_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "preview prompts (default: the instance prompt)", "flag": "--preview-prompt", "preview": "--prompt"})
-    preview_seeds: list[int] = field(default_factory=lambda: [0], metadata={
-        "help": "seeds of the previews", "flag": "--preview-seed", "preview": "--seed"})
-    preview_steps: int = field(default=0, metadata={
-        "help": "denoising steps of the previews (0: 28 for [dev], 4 for [schnell])", "preview": "--preview-steps"})
-    preview_guidance: float = field(default=3.5, metadata={"help": "guidance of the previews ([dev])",
-                                                           "preview": "--preview-guidance"})
-
+class FluxSettings(DreamBoothSettings):
+    """Settings of a FLUX.1 DreamBooth run (the shared ones are in run.RunSettings; the DreamBooth ones in
+    pipelines/diffusion_common/dreambooth.py)."""
 
 BATCHED_INPUTS = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
 
@@ -75,12 +54,6 @@ class FluxBackend(DreamBoothData, Backend):
 
     name = "flux"
     settings_class = FluxSettings
-
-    def __init__(self, run: RunSettings, settings: FluxSettings, device: torch.device):
-        super().__init__(run, settings, device)
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.cache: dict[str, Any] = {}
-        self._pipe = None
 
     # -- the cache: text embeddings and latent distributions, computed once -------------------------------
     def _guidance(self) -> bool:
@@ -251,32 +224,13 @@ class FluxBackend(DreamBoothData, Backend):
         }
         return {"kwargs": kwargs, "noise": noise, "x0": x0, "sigmas": sigmas}
 
-    def calibration_batches(self):
-        generator = torch.Generator().manual_seed(self.run.seed)
-        for _ in range(self.run.calibration_samples):
-            yield self._batch(generator, 1)["kwargs"]
+    batched_inputs = BATCHED_INPUTS
 
-    def calibration_forward(self, model: nn.Module, batch: dict) -> Any:
-        return model(**batch)
-
-    def training_loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+    def unpack_prediction(self, pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         from diffusers import FluxPipeline
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        rank, processes = self.shard
-        per_process = self.run.batch_size
-        batch = self._batch(generator, per_process * processes)  # the whole step's batch, drawn alike everywhere
-        if processes > 1:
-            rows = slice(rank * per_process, (rank + 1) * per_process)
-            batch["kwargs"] = {k: v[rows] if k in BATCHED_INPUTS and v is not None else v for k, v in batch["kwargs"].items()}
-            batch.update({k: batch[k][rows] for k in ("noise", "x0", "sigmas")})
-        x0, sigmas = batch["x0"], batch["sigmas"]
-        pred = model(**batch["kwargs"])[0]
         size = x0.shape[-1] * self.cache["meta"]["vae_scale_factor"]
-        pred = FluxPipeline._unpack_latents(pred, size, size, self.cache["meta"]["vae_scale_factor"])
-        weighting = compute_loss_weighting_for_sd3(self.settings.weighting_scheme, sigmas)
-        target = batch["noise"] - x0
-        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(1).mean()
+        return FluxPipeline._unpack_latents(pred, size, size, self.cache["meta"]["vae_scale_factor"])
 
     # -- export and previews ------------------------------------------------------------------------------
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:

@@ -27,8 +27,8 @@ from torch import nn
 
 from emloc.blockwise import BlockwiseModel
 from emloc.checkpoint import CheckpointReader, safetensors_files
-from pipelines.diffusion_common.dreambooth import DreamBoothData, diffusers_lora_state
-from pipelines.runner import Backend, RunSettings
+from pipelines.diffusion_common.dreambooth import DreamBoothData, DreamBoothSettings, diffusers_lora_state
+from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import load_rgb, resize_and_crop
 from pipelines.runner.streaming import streamed_transformers_model
@@ -66,30 +66,16 @@ else:
 
 
 @dataclass
-class Flux2Settings:
-    """Settings of a FLUX.2 DreamBooth run (the shared ones are in run.RunSettings)."""
+class Flux2Settings(DreamBoothSettings):
+    """Settings of a FLUX.2 DreamBooth run: FLUX.1's (pipelines/diffusion_common/dreambooth.py), with FLUX.2's
+    own guidance, text length and preview defaults."""
 
-    images: str = field(default="", metadata={"help": "folder with 3-50 JPEG/PNG/WebP photos of the subject"})
-    prompt: str = field(default="", metadata={"help": "instance prompt with the trigger word, e.g. 'a photo of sks dog'"})
-    trigger: str = field(default="sks", metadata={"help": "the rare word that names your subject in the prompt"})
-    resolution: int = field(default=512, metadata={"help": "training and preview size in pixels (multiple of 16)"})
-    random_flip: bool = field(default=False, metadata={"help": "also train on horizontally flipped images"})
     guidance_scale: float = field(default=4.0, metadata={"help": "guidance embedding during training ([dev] only)"})
-    weighting_scheme: str = field(default="none", metadata={
-        "help": "timestep sampling / loss weighting: none, sigma_sqrt, logit_normal, mode, cosmap"})
-    logit_mean: float = field(default=0.0, metadata={"help": "mean of the logit_normal scheme"})
-    logit_std: float = field(default=1.0, metadata={"help": "std of the logit_normal scheme"})
-    mode_scale: float = field(default=1.29, metadata={"help": "scale of the mode scheme"})
     max_sequence_length: int = field(default=512, metadata={"help": "text tokens per prompt (the pipelines pad to 512)"})
-    preview_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "preview prompts (default: the instance prompt)", "flag": "--preview-prompt", "preview": "--prompt"})
-    preview_seeds: list[int] = field(default_factory=lambda: [0], metadata={
-        "help": "seeds of the previews", "flag": "--preview-seed", "preview": "--seed"})
     preview_steps: int = field(default=0, metadata={
         "help": "denoising steps of the previews (0: 50, or 4 for a distilled [klein])", "preview": "--preview-steps"})
     preview_guidance: float = field(default=4.0, metadata={
         "help": "guidance of the previews ([dev]: embedded; [klein] Base: real CFG)", "preview": "--preview-guidance"})
-
 
 class Flux2Backend(DreamBoothData, Backend):
     """The FLUX.2 transformer is the model that is calibrated, emulated, trained and corrected."""
@@ -97,12 +83,6 @@ class Flux2Backend(DreamBoothData, Backend):
     name = "flux2"
     settings_class = Flux2Settings
     pipeline_name = "Flux2Pipeline / Flux2KleinPipeline"
-
-    def __init__(self, run: RunSettings, settings: Flux2Settings, device: torch.device):
-        super().__init__(run, settings, device)
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.cache: dict[str, Any] = {}
-        self._pipe = None
 
     # -- what kind of FLUX.2 ---------------------------------------------------------------------------------
     def _index(self) -> dict:
@@ -333,31 +313,6 @@ class Flux2Backend(DreamBoothData, Backend):
             "return_dict": False,
         }
         return {"kwargs": kwargs, "noise": noise, "x0": x0, "sigmas": sigmas}
-
-    def calibration_batches(self):
-        generator = torch.Generator().manual_seed(self.run.seed)
-        for _ in range(self.run.calibration_samples):
-            yield self._batch(generator, 1)["kwargs"]
-
-    def calibration_forward(self, model: nn.Module, batch: dict) -> Any:
-        return model(**batch)
-
-    def training_loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-        rank, processes = self.shard
-        per_process = self.run.batch_size
-        batch = self._batch(generator, per_process * processes)  # the whole step's batch, drawn alike everywhere
-        if processes > 1:
-            rows = slice(rank * per_process, (rank + 1) * per_process)
-            batched = ("hidden_states", "timestep", "guidance", "encoder_hidden_states")
-            batch["kwargs"] = {k: v[rows] if k in batched and v is not None else v for k, v in batch["kwargs"].items()}
-            batch.update({k: batch[k][rows] for k in ("noise", "x0", "sigmas")})
-        x0, sigmas = batch["x0"], batch["sigmas"]
-        pred = model(**batch["kwargs"])[0]
-        weighting = compute_loss_weighting_for_sd3(self.settings.weighting_scheme, sigmas)
-        target = batch["noise"] - x0
-        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(1).mean()
 
     # -- export and previews ---------------------------------------------------------------------------------
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:

@@ -212,11 +212,15 @@ def _build_flux2(components: dict[str, dict], text_tokens: int) -> tuple[nn.Modu
     if "text_encoder" in components:
         extras.append(_text_encoder_component(components["text_encoder"]))
     if "vae" in components:
-        vae_config = {k: v for k, v in components["vae"].items() if not k.startswith("_")}
-        vae = _on_meta(lambda: AutoencoderKLFlux2.from_config(vae_config))
-        extras.append(Component("vae", _params(vae), _largest_piece(vae),
-                                VAE_LIVE_TENSORS * vae_config["block_out_channels"][0]))
+        extras.append(_vae_component(AutoencoderKLFlux2, components["vae"]))
     return transformer, flux2_architecture(config, tuple(extras), text_tokens)
+
+
+def _vae_component(cls: type, config: dict) -> Component:
+    """A VAE of class `cls` built on meta from its config: its size and its decode working set per pixel."""
+    values = {k: v for k, v in config.items() if not k.startswith("_")}
+    vae = _on_meta(lambda: cls.from_config(values))
+    return Component("vae", _params(vae), _largest_piece(vae), VAE_LIVE_TENSORS * values["block_out_channels"][0])
 
 
 def _build_flux(components: dict[str, dict], text_tokens: int) -> tuple[nn.Module, ArchitectureSpec]:
@@ -237,10 +241,7 @@ def _build_flux(components: dict[str, dict], text_tokens: int) -> tuple[nn.Modul
                 model = _on_meta(lambda: make(components[name]))
                 extras.append(Component(name, _params(model), _largest_piece(model)))
     if "vae" in components:
-        vae_config = {k: v for k, v in components["vae"].items() if not k.startswith("_")}
-        vae = _on_meta(lambda: AutoencoderKL.from_config(vae_config))
-        extras.append(Component("vae", _params(vae), _largest_piece(vae),
-                                VAE_LIVE_TENSORS * vae_config["block_out_channels"][0]))
+        extras.append(_vae_component(AutoencoderKL, components["vae"]))
     return transformer, flux_architecture(config, tuple(extras), text_tokens)
 
 
