@@ -337,6 +337,7 @@ def test_bad_input_shows_messages_in_words(page, world):
     shot(page, "12-bad-file-types")
     page.locator("#prompt").get_by_role("textbox").fill("a photo of my dog")  # no trigger word
     upload(page, "#flux-upload", world["photos"][:3])
+    expect_text(page, "#msg-data", "3 images added")  # the upload is in before the check is asked for
     button(page, "Check the data and continue").click()
     expect_text(page, "#msg-data", "Trigger word (step 2)")  # the page's own control, not a CLI flag
     assert "--" not in page.locator("#msg-data").inner_text()
