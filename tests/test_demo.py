@@ -112,11 +112,11 @@ def test_the_apps_defaults_for_the_internvl_demo_teach_every_mug_owner(tmp_path)
     """Step 1 picks the demo, step 2 its example data, step 3 keeps the defaults the app fills in: the run
     must then answer "Whose mug is this?" right for every owner, with the corrected full model too."""
     from benchmarks.speed import demo_run
-    from pipelines.demo import VLM_APP_SETTINGS
+    from pipelines.demo import VLM_SUGGESTED_SETTINGS
 
-    assert json.loads((VLM_DIR / "demo.json").read_text())["app"] == VLM_APP_SETTINGS  # the shipped demo says so
+    assert json.loads((VLM_DIR / "demo.json").read_text())["suggested"] == VLM_SUGGESTED_SETTINGS  # shipped so
     run, defaults, _ = demo_run("vlm", tmp_path)
-    assert defaults["steps"] == VLM_APP_SETTINGS["steps"]
+    assert defaults["steps"] == VLM_SUGGESTED_SETTINGS["steps"]
     run.execute()
     scores = json.loads((run.dir / "previews" / "previews.json").read_text())["scores"]
     assert scores["base"]["exact_match"] == 0.0

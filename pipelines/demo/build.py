@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import FLUX_DIR, FLUX_SEQUENCE_LENGTH, VLM_APP_SETTINGS, VLM_DIR, VLM_IMAGE_SIZE, VLM_PATCH, data
+from . import FLUX_DIR, FLUX_SEQUENCE_LENGTH, VLM_DIR, VLM_IMAGE_SIZE, VLM_PATCH, VLM_SUGGESTED_SETTINGS, data
 from .offline_tokenizers import (byte_clip_tokenizer, internvl_chat_tokenizer, internvl_image_processor, save_internvl,
                                  small_internvl)
 
@@ -218,14 +218,14 @@ def build_flux(settings: DemoSettings, folder: Path = FLUX_DIR) -> dict:
     return _install(scratch, folder, settings, evaluate_flux_demo)
 
 
-def _install(scratch: Path, folder: Path, settings: DemoSettings, evaluate, app: dict | None = None) -> dict:
+def _install(scratch: Path, folder: Path, settings: DemoSettings, evaluate, suggested: dict | None = None) -> dict:
     """Move the model saved in `scratch/model` to `folder` (replacing the old demo), drop the scratch folder,
-    evaluate it and write `demo.json` (build settings, evaluation and what the app should suggest)."""
+    evaluate it and write `demo.json` (build settings, evaluation and the run settings the demo suggests)."""
     shutil.rmtree(folder, ignore_errors=True)
     (scratch / "model").rename(folder)
     shutil.rmtree(scratch, ignore_errors=True)
     result = evaluate(folder, seed=settings.seed)
-    doc = {"settings": asdict(settings), "evaluation": result, **({"app": app} if app else {})}
+    doc = {"settings": asdict(settings), "evaluation": result, **({"suggested": suggested} if suggested else {})}
     (folder / "demo.json").write_text(json.dumps(doc, indent=2))
     return result
 
@@ -307,7 +307,7 @@ def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
         _update(loss, optimizer, bar, clip=model.parameters())
     model.eval().requires_grad_(False)
     save_vlm(model, tokenizer, scratch / "model")
-    return _install(scratch, folder, settings, evaluate_vlm_demo, app=VLM_APP_SETTINGS)
+    return _install(scratch, folder, settings, evaluate_vlm_demo, VLM_SUGGESTED_SETTINGS)
 
 
 # ============================================================================================ CLI
