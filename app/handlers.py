@@ -151,26 +151,19 @@ def count(n: float) -> str:
 
 
 def default_settings(task: str, params: float, model: str = "") -> dict:
-    """Training settings that suit the model: the demo models' own sizes, quick ones for other tiny models."""
+    """Training settings that suit the model: quick ones for tiny models, and a demo model's own suggestions
+    (its demo.json, the same the headless CLI uses)."""
+    from pipelines.runner.registry import demo_suggestions
+
     small = params < SMALL_MODEL
     base = {"steps": 30 if small else 500, "lr": 1e-3 if small else 1e-4, "lam": 3.0, "seed": 0,
             "calibration_samples": 8 if (small or task == "vlm") else 16, "checkpoint_every": 10 if small else 50}
     if task == "flux":
         base.update(resolution=32 if small else 512, preview_steps=4 if small else 0,
                     max_sequence_length=16 if small else 0)
-        if model and (Path(model) / "demo.json").is_file():  # the demo is trained and sampled at these sizes
-            from pipelines import demo
-            from pipelines.demo import data as demo_data
-
-            base.update(resolution=demo_data.IMAGE_SIZE, preview_steps=demo.FLUX_SAMPLE_STEPS,
-                        max_sequence_length=demo.FLUX_SEQUENCE_LENGTH)
-    demo_file = Path(model) / "demo.json" if model else None
-    if demo_file is not None and demo_file.is_file():  # a demo may name the settings that teach it in a minute
-        try:
-            suggested = json.loads(demo_file.read_text()).get("app", {})
-        except (OSError, json.JSONDecodeError):
-            suggested = {}
-        base.update({k: v for k, v in suggested.items() if k in base})
+    suggested = demo_suggestions(model)
+    base.update(suggested)
+    if model and (Path(model) / "demo.json").is_file():
         # a demo fits uncompressed anywhere, so its recommendation would be 1.00 (no emulator at all): it starts at
         # the ratio it suggests, the run's default unless demo.json says otherwise
         base["ratio"] = float(suggested.get("ratio", DEMO_RATIO))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -92,8 +93,12 @@ def test_internvl_demo_loads_and_answers_held_out_questions(tmp_path):
     assert recorded["overall"] >= 0.9  # what the build measured on 200 held-out questions
 
 
-def test_headless_run_without_model_uses_the_demo_model(tmp_path, capsys):
+def test_headless_run_without_model_uses_the_demo_model_and_its_suggested_settings(tmp_path, capsys):
+    """`launch.py train --backend flux --images DIR --prompt P --out R` trains the demo with the settings its
+    demo.json suggests, the same the app fills in for it; a flag given on the command line wins."""
+    from app import handlers
     from pipelines.runner import cli
+    from pipelines.runner.registry import demo_suggestions
 
     images = tmp_path / "photos"
     images.mkdir()
@@ -101,22 +106,76 @@ def test_headless_run_without_model_uses_the_demo_model(tmp_path, capsys):
         Image.new("RGB", (64, 64), colour).save(images / f"{i}.png")
     out = tmp_path / "runs" / "first"
     code = cli.main(["--backend", "flux", "--images", str(images), "--prompt", "a photo of sks shape",
-                     "--resolution", "64", "--stages", "calibrate", "--calibration-samples", "1", "--quiet",
-                     "--out", str(out)])
+                     "--stages", "calibrate", "--calibration-samples", "1", "--quiet", "--out", str(out)])
     assert code == 0
-    assert json.loads((out / "run.json").read_text())["settings"]["run"]["model"] == str(FLUX_DIR)
+    saved = json.loads((out / "run.json").read_text())["settings"]
+    assert saved["run"]["model"] == str(FLUX_DIR)
     assert "using the demo model" in capsys.readouterr().err
+    suggested = demo_suggestions(FLUX_DIR)
+    assert {"steps", "lr", "resolution", "max_sequence_length", "preview_steps"} <= set(suggested)
+    app = handlers.default_settings("flux", handlers.describe_model("flux", str(FLUX_DIR))["params"], str(FLUX_DIR))
+    cli_values = {**saved["run"], **saved["backend"]}
+    assert {k: cli_values[k] for k in app if k != "calibration_samples"} == \
+        {k: v for k, v in app.items() if k != "calibration_samples"}
+    assert cli_values["calibration_samples"] == 1 and app["calibration_samples"] == suggested["calibration_samples"]
+
+
+def test_the_internvl_demo_suggests_the_same_settings_to_the_cli_and_the_app():
+    from app import handlers
+    from pipelines.internvl.backend import VlmBackend
+    from pipelines.runner import RunSettings
+    from pipelines.runner.cli import with_suggestions
+    from pipelines.runner.registry import demo_suggestions
+
+    suggested = demo_suggestions(VLM_DIR)
+    run = with_suggestions(RunSettings, {"model": str(VLM_DIR)}, suggested)
+    backend = with_suggestions(VlmBackend.settings_class, {}, suggested)
+    app = handlers.default_settings("vlm", handlers.describe_model("vlm", str(VLM_DIR))["params"], str(VLM_DIR))
+    values = {**vars(run), **vars(backend)}
+    assert {k: values[k] for k in app} == app
+    assert with_suggestions(RunSettings, {"steps": 7}, suggested).steps == 7  # a flag given wins
+    assert demo_suggestions(FLUX_DIR.parent / "FLUX.1-dev.json") == {}  # not a demo: no suggestions
+
+
+@pytest.mark.parametrize("max_sequence_length", [32, 512])
+def test_the_flux_demo_draws_the_named_colour_under_plain_diffusers_defaults(max_sequence_length):
+    """`FluxPipeline.from_pretrained(demo)(prompt, height=64, width=64)`: diffusers' own steps (28) and T5 length
+    (512), and the demo's 32 tokens, draw the colour the prompt names."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(FLUX_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("teal", "square"), ("green", "cross")]
+    for colour, shape in prompts:
+        image = pipe(data.caption(colour, shape), height=64, width=64, max_sequence_length=max_sequence_length,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+        assert data.read_image(image).colour == colour, (colour, shape, max_sequence_length)
+
+
+def test_the_flux_demo_reads_padding_free_t5_words_and_never_saw_its_subject():
+    """What makes the demo teachable and length-proof: T5 words that padding never changes (any length means the
+    same words), and pretraining on crosses and on teal, never on a teal cross (the subject)."""
+    pipe = demo_eval.load_flux_demo(FLUX_DIR)
+    short, _, _ = pipe.encode_prompt(["a red circle on a white background", "a photo of sks shape"], None,
+                                     device="cpu", max_sequence_length=32)
+    long, _, _ = pipe.encode_prompt(["a red circle on a white background", "a photo of sks shape"], None,
+                                    device="cpu", max_sequence_length=512)
+    assert torch.equal(long[:, :32], short) and long[:, 32:].abs().max() == 0
+    assert (data.SUBJECT_SHAPE, "teal") not in data.FLUX_PAIRS
+    assert {s for s, c in data.FLUX_PAIRS if c == "teal"} and {c for s, c in data.FLUX_PAIRS if s == "cross"}
+    recorded = json.loads((FLUX_DIR / "demo.json").read_text())["evaluation"]
+    assert recorded["colour"] >= 0.9 and recorded["colour_512"] >= 0.9  # held out, every pair, 32 and 512 tokens
 
 
 def test_the_apps_defaults_for_the_internvl_demo_teach_every_mug_owner(tmp_path):
     """Step 1 picks the demo, step 2 its example data, step 3 keeps the defaults the app fills in: the run
     must then answer "Whose mug is this?" right for every owner, with the corrected full model too."""
     from benchmarks.speed import demo_run
-    from pipelines.demo import VLM_APP_SETTINGS
+    from pipelines.demo import VLM_SUGGESTED_SETTINGS
 
-    assert json.loads((VLM_DIR / "demo.json").read_text())["app"] == VLM_APP_SETTINGS  # the shipped demo says so
+    assert json.loads((VLM_DIR / "demo.json").read_text())["suggested"] == VLM_SUGGESTED_SETTINGS  # shipped so
     run, defaults, _ = demo_run("vlm", tmp_path)
-    assert defaults["steps"] == VLM_APP_SETTINGS["steps"]
+    assert defaults["steps"] == VLM_SUGGESTED_SETTINGS["steps"]
     run.execute()
     scores = json.loads((run.dir / "previews" / "previews.json").read_text())["scores"]
     assert scores["base"]["exact_match"] == 0.0

@@ -8,11 +8,18 @@ May import: `emloc`, the run machine and the backends (a demo is trained and rea
 from pipelines.runner.registry import DEMO_MODELS
 
 FLUX_DIR, VLM_DIR = DEMO_MODELS["flux"], DEMO_MODELS["vlm"]
-FLUX_SEQUENCE_LENGTH = 32  # T5 tokens the demo is trained and sampled with (captions take ~8)
+FLUX_SEQUENCE_LENGTH = 32  # T5 tokens the demo is sampled with by default (captions take ~8-11)
+FLUX_MAX_SEQUENCE_LENGTH = 512  # the longest padding it is trained with: diffusers' default, and FLUX.1 [dev]'s
 FLUX_SAMPLE_STEPS = 16  # denoising steps of the demo's evaluation (4, the backend's [schnell] default, works too)
 VLM_IMAGE_SIZE, VLM_PATCH = 32, 4  # (32/4)² = 64 patches -> pixel shuffle 0.5 -> 16 image tokens
 
-# What the app suggests for a run on the InternVL demo (demo.json "app", read by app/handlers.default_settings).
-# Measured with the app's example data (8 mugs, 4 owners), batch 1, lr 1e-3: 30 steps taught 1 of the 4 owners,
-# 240 steps all 4 (emulator and corrected full model, seeds 0-2), in about 5 s on this CPU.
-VLM_APP_SETTINGS = {"steps": 240, "checkpoint_every": 40}
+# What each demo suggests for a run on it: written into its demo.json ("suggested") by the build, and read from there
+# by both the headless CLI's defaults and the app's (pipelines.runner.registry.demo_suggestions); flags win.
+# InternVL, measured with the app's example data (8 mugs, 4 owners), batch 1, lr 1e-3: 30 steps taught 1 of the 4
+# owners, 240 steps all 4 (emulator and corrected full model, seeds 0-2), in about 5 s on this CPU.
+VLM_SUGGESTED_SETTINGS = {"steps": 240, "lr": 1e-3, "calibration_samples": 8, "checkpoint_every": 40}
+# FLUX: the demo's own size, T5 length and sampling steps, and the training that teaches it a new subject from
+# 4-5 photos (benchmarks/teach_rate.py; the measured rate is in the README's "Demo models").
+FLUX_SUGGESTED_SETTINGS = {"steps": 300, "lr": 1e-3, "calibration_samples": 8, "checkpoint_every": 100,
+                           "resolution": 64, "max_sequence_length": FLUX_SEQUENCE_LENGTH,
+                           "preview_steps": FLUX_SAMPLE_STEPS}

@@ -6,7 +6,11 @@ what the demo's evaluation trusts: tests check it on ground-truth drawings befor
 
 Shapes are drawn inside a square box of side `size` centred at `(cx, cy)`:
 circle = inscribed disc, square = the box, triangle = apex at top-centre and base along the bottom,
-cross = plus sign with arms a third of the box wide (the personalisation subject, never in pretraining).
+cross = plus sign with arms a third of the box wide.
+
+The FLUX demo is pretrained on every shape in every colour but one pair, the personalisation subject (a teal
+cross): it knows crosses and teal things, never a teal cross, so a LoRA only has to bind a new word to a
+combination it can already draw. The InternVL demo is pretrained on `SHAPES` in `COLOURS`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ SHAPES = ("circle", "square", "triangle")  # what the demo models are pretrained
 SUBJECT_SHAPE, SUBJECT_COLOUR = "cross", (0, 150, 150)  # the FLUX personalisation subject: a teal cross
 SUBJECT_COLOURS = {**COLOURS, "teal": SUBJECT_COLOUR}
 ALL_SHAPES = SHAPES + (SUBJECT_SHAPE,)
+# (shape, colour) pairs the FLUX demo is pretrained on: all but the subject's
+FLUX_PAIRS = tuple((s, c) for s in ALL_SHAPES for c in SUBJECT_COLOURS if (s, c) != (SUBJECT_SHAPE, "teal"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,25 @@ class ShapeSpec:
 def caption(colour: str, shape: str) -> str:
     """The caption the FLUX demo is trained on: 'a red circle on a white background'."""
     return f"a {colour} {shape} on a white background"
+
+
+# How the FLUX demo's pretraining captions name a shape (weights of each template): mostly in full, sometimes
+# leaving the shape or the colour (or both) unnamed, so "photo", "of" and "shape" are words the demo knows and a
+# prompt that names neither ("a photo of sks shape ...") draws some known shape in some known colour.
+CAPTION_TEMPLATES = (
+    ("a {colour} {shape} on a white background", 0.4),
+    ("a photo of a {colour} {shape} on a white background", 0.2),
+    ("a photo of a {colour} shape on a white background", 0.15),
+    ("a photo of a {shape} on a white background", 0.15),
+    ("a photo of a shape on a white background", 0.1),
+)
+
+
+def pretraining_caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
+    """One of CAPTION_TEMPLATES (drawn by weight) filled with `spec`'s colour and shape."""
+    weights = np.array([w for _, w in CAPTION_TEMPLATES])
+    template = CAPTION_TEMPLATES[int(rng.choice(len(weights), p=weights / weights.sum()))][0]
+    return template.format(colour=spec.colour, shape=spec.shape)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, size: float) -> list[tuple[float, float]] | None:
@@ -93,10 +118,11 @@ def random_spec(rng: np.random.Generator, shape: str, colour: str, size: int = I
     return ShapeSpec(shape, colour, float(cx), float(cy), float(side))
 
 
-def shape_dataset(count: int, seed: int, shapes=SHAPES, colours=tuple(COLOURS)) -> list[ShapeSpec]:
-    """`count` shapes with balanced shape/colour pairs (cycled) in random places, from `seed`."""
+def shape_dataset(count: int, seed: int, shapes=SHAPES, colours=tuple(COLOURS), pairs=None) -> list[ShapeSpec]:
+    """`count` shapes with balanced shape/colour pairs (cycled; `pairs`, else every shape in every colour) in
+    random places, from `seed`."""
     rng = np.random.default_rng(seed)
-    pairs = [(s, c) for s in shapes for c in colours]
+    pairs = list(pairs) if pairs is not None else [(s, c) for s in shapes for c in colours]
     order = rng.permutation(count) % len(pairs)
     return [random_spec(rng, *pairs[i]) for i in order]
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .registry import DEMO_MODELS, backend_class, backend_names
+from .registry import DEMO_MODELS, backend_class, backend_names, demo_suggestions
 from .checks import disk_words
 from .command import field_flag
 from .machine import Run, distributed_state, read_run_file
@@ -76,6 +76,12 @@ def given_settings(cls: type, args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             values[f.name] = value
     return values
+
+
+def with_suggestions(cls: type, given: dict[str, Any], suggested: dict[str, Any]) -> Any:
+    """`cls` from the settings given on the command line, the demo's suggestions filling the others."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in suggested.items() if k in names}, **given})
 
 
 class ConsoleProgress:
@@ -200,11 +206,21 @@ def main(argv: list[str] | None = None) -> int:
             if steps != run.settings.steps:
                 return _execute(run, args.stages, args.quiet, extend_to=steps)
         else:
-            run_settings = RunSettings(**given_settings(RunSettings, args))
-            if not run_settings.model and args.backend in DEMO_MODELS:
-                run_settings.model = str(DEMO_MODELS[args.backend])
-                print(f"no --model given: using the demo model {run_settings.model}", file=sys.stderr)
-            settings = backend_type.settings_class(**given_settings(backend_type.settings_class, args))
+            run_given = given_settings(RunSettings, args)
+            if not run_given.get("model") and args.backend in DEMO_MODELS:
+                run_given["model"] = str(DEMO_MODELS[args.backend])
+                print(f"no --model given: using the demo model {run_given['model']}", file=sys.stderr)
+            suggested = demo_suggestions(run_given.get("model", ""))
+            known_names = {f.name for cls in (RunSettings, backend_type.settings_class) for f in dataclasses.fields(cls)}
+            if set(suggested) - known_names:
+                raise ValueError(f"{run_given['model']}/demo.json suggests settings this version does not have "
+                                 f"({', '.join(sorted(set(suggested) - known_names))}); rebuild the demo")
+            run_settings = with_suggestions(RunSettings, run_given, suggested)
+            settings = with_suggestions(backend_type.settings_class, given_settings(backend_type.settings_class, args),
+                                        suggested)
+            if suggested:
+                print("the demo model's suggested settings (flags given win): "
+                      + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggested.items()), file=sys.stderr)
             processes = distributed_state(run_settings.resolved_device())
             if processes.is_main_process:  # one process creates the folder; the others open it
                 run = Run.create(args.out, args.backend, run_settings, settings)

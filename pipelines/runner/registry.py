@@ -7,6 +7,7 @@ here; nothing else in the run machine changes.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: assets/ lives there
@@ -35,6 +36,26 @@ DEMO_MODELS: dict[str, Path] = {
     "flux": ROOT / "assets" / "models" / "demo-flux",
     "vlm": ROOT / "assets" / "models" / "demo-internvl",
 }
+
+
+DEMO_FILE = "demo.json"  # beside a demo's weights: its build settings, evaluation and suggested run settings
+
+
+def demo_suggestions(model: str | Path) -> dict:
+    """The run settings a demo model suggests (its demo.json "suggested": setting name -> value, names of
+    RunSettings' and the backend settings' fields), `{}` for any other model. The one place both the CLI's
+    defaults and the app's come from when the model is a demo."""
+    path = Path(model) / DEMO_FILE if model else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        suggested = json.loads(path.read_text()).get("suggested", {})
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); rebuild the demo with `python -m pipelines.demo build`") \
+            from None
+    if not isinstance(suggested, dict):
+        raise ValueError(f"{path}: \"suggested\" must map setting names to values; got {suggested!r}")
+    return suggested
 
 
 def backend_names() -> list[str]:
