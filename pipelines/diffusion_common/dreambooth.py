@@ -150,6 +150,26 @@ class DreamBoothData:
         target = batch["noise"] - x0
         return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(1).mean()
 
+    def load_cache(self, folder: Path) -> None:
+        """The run's cache (build_cache): each text's embeddings, each image's latent distribution per view, and
+        whatever more the family keeps (`_load_more`)."""
+        import json
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from safetensors.torch import load_file
+
+        meta = json.loads((folder / "cache.json").read_text())
+        tensors = load_file(str(folder / "cache.safetensors"), device=str(self.device))
+        n, texts = len(meta["images"]), range(len(meta["texts"]))
+        self.cache.update(meta=meta, embeds=[tensors[f"text.{i}.embeds"] for i in texts],
+                          mean=[[tensors[f"latent.{i}.{v}.mean"] for v in range(meta["views"])] for i in range(n)],
+                          std=[[tensors[f"latent.{i}.{v}.std"] for v in range(meta["views"])] for i in range(n)])
+        self._load_more(tensors, meta)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.run.model, subfolder="scheduler")
+
+    def _load_more(self, tensors: dict, meta: dict) -> None:
+        """Family-specific cached tensors (FLUX.1: pooled CLIP embeddings; FLUX.2: the VAE's batch-norm stats)."""
+
     def data_settings(self, folder: Path) -> dict[str, str]:
         return {"images": str(folder)}  # the photos and their same-name captions were copied in side by side
 

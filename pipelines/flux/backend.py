@@ -109,18 +109,8 @@ class FluxBackend(DreamBoothData, Backend):
         (folder / "cache.json").write_text(json.dumps(meta, indent=2))
         self.release()  # text encoders and VAE leave memory before training
 
-    def load_cache(self, folder: Path) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from safetensors.torch import load_file
-
-        meta = json.loads((folder / "cache.json").read_text())
-        tensors = load_file(str(folder / "cache.safetensors"), device=str(self.device))
-        n = len(meta["images"])
-        self.cache.update(meta=meta, embeds=[tensors[f"text.{i}.embeds"] for i in range(len(meta["texts"]))],
-                          pooled=[tensors[f"text.{i}.pooled"] for i in range(len(meta["texts"]))],
-                          mean=[[tensors[f"latent.{i}.{v}.mean"] for v in range(meta["views"])] for i in range(n)],
-                          std=[[tensors[f"latent.{i}.{v}.std"] for v in range(meta["views"])] for i in range(n)])
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.run.model, subfolder="scheduler")
+    def _load_more(self, tensors: dict, meta: dict) -> None:
+        self.cache["pooled"] = [tensors[f"text.{i}.pooled"] for i in range(len(meta["texts"]))]
 
     # -- the model ----------------------------------------------------------------------------------------
     def load_model(self, device: torch.device) -> nn.Module:

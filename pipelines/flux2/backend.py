@@ -181,18 +181,8 @@ class Flux2Backend(DreamBoothData, Backend):
         (folder / "cache.json").write_text(json.dumps(meta, indent=2))
         self.release()  # the text encoder and the VAE leave memory before calibration
 
-    def load_cache(self, folder: Path) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from safetensors.torch import load_file
-
-        meta = json.loads((folder / "cache.json").read_text())
-        tensors = load_file(str(folder / "cache.safetensors"), device=str(self.device))
-        n = len(meta["images"])
-        self.cache.update(meta=meta, embeds=[tensors[f"text.{i}.embeds"] for i in range(len(meta["texts"]))],
-                          mean=[[tensors[f"latent.{i}.{v}.mean"] for v in range(meta["views"])] for i in range(n)],
-                          std=[[tensors[f"latent.{i}.{v}.std"] for v in range(meta["views"])] for i in range(n)],
-                          bn=(tensors["bn.mean"].view(1, -1, 1, 1), tensors["bn.std"].view(1, -1, 1, 1)))
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.run.model, subfolder="scheduler")
+    def _load_more(self, tensors: dict, meta: dict) -> None:
+        self.cache["bn"] = (tensors["bn.mean"].view(1, -1, 1, 1), tensors["bn.std"].view(1, -1, 1, 1))
 
     # -- the model -------------------------------------------------------------------------------------------
     def load_model(self, device: torch.device) -> nn.Module:
