@@ -5,7 +5,7 @@ LoRA on the emulator, LoRA correction with the λ clamp, and the memory planner.
 """
 
 from .calibration import COUNT_SUFFIX, collect_input_stats, merge_stats, second_moments
-from .correction import correct_lora
+from .correction import CORRECTION_METHODS, correct_lora
 from .emulator import (
     DEFAULT_SOLVER,
     EmulatorReport,
@@ -34,7 +34,7 @@ from .lora import (
 from .rules import factored_rank, match_rule, normalise_rules, rank_for_ratio, target_linears
 
 __all__ = [
-    "BlockwiseModel", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings",
+    "BlockwiseModel", "CORRECTION_METHODS", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings",
     "LowRankLinear", "adapter_factors", "adapter_state", "attach_lora", "build_emulator", "calibrate_and_build",
     "plan_groups", "collect_input_stats", "correct_lora", "factored_rank", "load_adapter",
     "load_emulator", "low_rank_factors", "lora_config", "lora_scaling", "lora_target_names", "match_rule",
