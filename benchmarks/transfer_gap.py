@@ -5,7 +5,10 @@ full model, measured at the model's output on held-out inputs, per correction me
 
     gap = ‖f_full+ΔW′(x) - f_emu+ΔW(x)‖ / ‖f_emu+ΔW(x) - f_emu(x)‖
 
-summed over every held-out input (Frobenius norms over all of them at once). ΔW is the LoRA the run machine
+summed over every held-out input (Frobenius norms over all of them at once). It mixes two errors: the base
+models' own difference `f_full(x) - f_emu(x)` (printed as "base error"), and the LoRA's effect changing on the
+way. The second table isolates the latter, `‖(f_full+ΔW′ - f_full) - (f_emu+ΔW - f_emu)‖ / ‖f_emu+ΔW - f_emu‖`
+("effect distortion"). ΔW is the LoRA the run machine
 trained on the emulator (pipelines/runner: calibrate -> emulate -> train, the demo's suggested settings);
 ΔW′ is `emloc.correct_lora(..., lam, method)` of it. 0 means the full model with the corrected LoRA computes
 what training saw; 1 means an error as large as the LoRA's whole effect. λ = 0 is the uncorrected adapter
@@ -163,8 +166,10 @@ def measure(run: Run, inputs, methods: list[str]) -> dict:
     emulator_plain = outputs(emulator, inputs)
     target = outputs(emulator, inputs, emloc.adapter_factors(state, config))  # what training saw
     effect = distance(target, emulator_plain)
-    result = {"effect": effect, "full, no LoRA": distance(outputs(full, inputs), target) / effect, "gaps": {},
-              "types": {}}
+    full_plain = outputs(full, inputs)
+    result = {"effect": effect, "full, no LoRA": distance(full_plain, target) / effect,
+              "base error": distance(full_plain, emulator_plain) / effect, "gaps": {}, "distortion": {}, "types": {}}
+    change_on_emulator = [t - e for t, e in zip(target, emulator_plain)]
     names = list(emloc.adapter_factors(state, config))
     for method in methods:
         for lam in LAMS:
@@ -173,7 +178,10 @@ def measure(run: Run, inputs, methods: list[str]) -> dict:
                                        second_moments=stats)
             factors = emloc.adapter_factors(fixed, config)
             seconds = time.monotonic() - started
-            result["gaps"][(method, lam)] = (distance(outputs(full, inputs, factors), target) / effect, seconds)
+            corrected = outputs(full, inputs, factors)
+            result["gaps"][(method, lam)] = (distance(corrected, target) / effect, seconds)
+            change_on_full = [c - f for c, f in zip(corrected, full_plain)]
+            result["distortion"][(method, lam)] = distance(change_on_full, change_on_emulator) / effect
             if lam not in TYPE_LAMS:
                 continue
             uncorrected = emloc.adapter_factors(state, config)
@@ -187,29 +195,56 @@ def lam_name(lam: float) -> str:
     return "∞" if math.isinf(lam) else f"{lam:g}"
 
 
-def report(backend: str, model: Path, results: dict[float, dict], methods: list[str], seed: int, count: int,
+def averaged(per_seed: list[dict]) -> dict:
+    """Mean over seeds of every number in measure()'s result, with the largest distance of a seed from it."""
+    first = per_seed[0]
+    out = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = {k: averaged([{"v": r[key][k]} for r in per_seed])["v"] for k in value}
+        elif isinstance(value, tuple):
+            out[key] = tuple(averaged([{"v": r[key][i]} for r in per_seed])["v"] for i in range(len(value)))
+        else:
+            values = [r[key] for r in per_seed]
+            mean = sum(values) / len(values)
+            out[key] = (mean, max(abs(v - mean) for v in values)) if len(values) > 1 else (mean, 0.0)
+    return out
+
+
+def cell(value: tuple[float, float]) -> str:
+    mean, spread = value
+    return f"{mean:.3f} ± {spread:.3f}" if spread else f"{mean:.3f}"
+
+
+def report(backend: str, model: Path, results: dict[float, dict], methods: list[str], seeds: list[int], count: int,
            minutes: float) -> str:
+    mean_of = "mean ± largest distance of a seed from the mean" if len(seeds) > 1 else "one seed"
     lines = [f"### {backend}: {model}", "",
-             f"Seed {seed}, {count} held-out inputs, {minutes:.1f} min on {torch.get_num_threads()} CPU thread(s). "
-             "gap = ‖f_full+ΔW′(x) - f_emu+ΔW(x)‖ / ‖f_emu+ΔW(x) - f_emu(x)‖ (0: the full model does what training "
-             "saw). λ = 0 is the uncorrected LoRA.", "",
-             "| ratio | λ | " + " | ".join(methods) + " |", "|---:|---:|" + "---:|" * len(methods)]
-    for ratio, result in results.items():
-        for lam in LAMS:
-            cells = [f"{result['gaps'][(m, lam)][0]:.3f}" for m in methods]
-            lines.append(f"| {ratio} | {lam_name(lam)} | " + " | ".join(cells) + " |")
-        lines.append(f"| {ratio} | full, no LoRA | " + " | ".join(f"{result['full, no LoRA']:.3f}" for _ in methods)
-                     + " |")
+             f"Seeds {seeds} ({mean_of}), {count} held-out inputs, {minutes:.1f} min on {torch.get_num_threads()} "
+             "CPU thread(s). λ = 0 is the uncorrected LoRA (the same for every method).", ""]
+    for key, title in (("gaps", "gap = ‖f_full+ΔW′(x) - f_emu+ΔW(x)‖ / ‖f_emu+ΔW(x) - f_emu(x)‖ (0: the full model "
+                                 "does what training saw)"),
+                       ("distortion", "effect distortion = ‖(f_full+ΔW′ - f_full) - (f_emu+ΔW - f_emu)‖ / "
+                                      "‖f_emu+ΔW - f_emu‖ (the base models' own difference left out)")):
+        lines += [title + ":", "", "| ratio | λ | " + " | ".join(methods) + " |", "|---:|---:|" + "---:|" * len(methods)]
+        for ratio, result in results.items():
+            for lam in LAMS:
+                values = [result[key][(m, lam)] for m in methods]
+                cells = [cell(v[0] if isinstance(v[0], tuple) else v) for v in values]
+                lines.append(f"| {ratio} | {lam_name(lam)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Base error ‖f_full - f_emu‖ / effect, and the full model without LoRA (gap of ΔW′ = 0): " + "; ".join(
+        f"ratio {ratio}: {cell(r['base error'])}, {cell(r['full, no LoRA'])}" for ratio, r in results.items()), ""]
     kinds = sorted({k for r in results.values() for (_, _, k) in r["types"]})
-    lines += ["", "One layer type corrected, the others uncorrected (gap; the all-types and none rows are above):", "",
+    lines += ["One layer type corrected, the others uncorrected (gap):", "",
               "| ratio | corrected | " + " | ".join(f"{m} λ={lam_name(l)}" for m in methods for l in TYPE_LAMS) + " |",
               "|---:|---|" + "---:|" * (len(methods) * len(TYPE_LAMS))]
     for ratio, result in results.items():
         for kind in kinds:
-            cells = [f"{result['types'][(m, l, kind)]:.3f}" for m in methods for l in TYPE_LAMS]
+            cells = [cell(result["types"][(m, l, kind)]) for m in methods for l in TYPE_LAMS]
             lines.append(f"| {ratio} | {kind} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds per correction of the whole adapter (λ = ∞): " + ", ".join(
-        f"{m} {sum(r['gaps'][(m, math.inf)][1] for r in results.values()) / len(results):.2f}" for m in methods)]
+        f"{m} {sum(r['gaps'][(m, math.inf)][1][0] for r in results.values()) / len(results):.2f}" for m in methods)]
     return "\n".join(lines)
 
 
@@ -219,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="", help="model folder (one backend only; default: that backend's demo)")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--methods", default=",".join(emloc.CORRECTION_METHODS))
-    parser.add_argument("--seed", type=int, default=0, help="the runs' seed")
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds (numbers are means over them)")
     parser.add_argument("--held-out", type=int, default=16, help="held-out inputs per backend")
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the demo's suggested)")
     parser.add_argument("--threads", type=int, default=1)
@@ -229,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model needs one --backend (flux or vlm)")
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
     methods = args.methods.split(",")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for backend in ("flux", "vlm"):
@@ -240,14 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = {}
             for ratio in ratios:
-                run = make_run(backend, model, ratio, args.seed, work, args.steps)
-                inputs = held_out_inputs(run, work, args.held_out)
-                results[ratio] = measure(run, inputs, methods)
-                print(f"{backend} ratio {ratio}: done after {(time.monotonic() - started) / 60:.1f} min",
-                      file=sys.stderr, flush=True)
+                per_seed = []
+                for seed in seeds:
+                    run = make_run(backend, model, ratio, seed, work / f"seed-{seed}", args.steps)
+                    per_seed.append(measure(run, held_out_inputs(run, work, args.held_out), methods))
+                    print(f"{backend} ratio {ratio} seed {seed}: done after {(time.monotonic() - started) / 60:.1f} "
+                          "min", file=sys.stderr, flush=True)
+                results[ratio] = averaged(per_seed)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        text = report(backend, model, results, methods, args.seed, args.held_out, (time.monotonic() - started) / 60)
+        text = report(backend, model, results, methods, seeds, args.held_out, (time.monotonic() - started) / 60)
         print(text + "\n", flush=True)
         (Path(args.out) / f"transfer_gap_{backend}.md").write_text(text + "\n")
     return 0
