@@ -24,6 +24,7 @@ from .lora import (
     adapter_factors,
     adapter_state,
     attach_lora,
+    config_with_rank,
     load_adapter,
     lora_config,
     lora_scaling,
@@ -35,7 +36,7 @@ from .rules import factored_rank, match_rule, normalise_rules, rank_for_ratio, t
 
 __all__ = [
     "BlockwiseModel", "CORRECTION_METHODS", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings",
-    "LowRankLinear", "adapter_factors", "adapter_state", "attach_lora", "build_emulator", "calibrate_and_build",
+    "LowRankLinear", "adapter_factors", "adapter_state", "attach_lora", "build_emulator", "config_with_rank", "calibrate_and_build",
     "plan_groups", "collect_input_stats", "correct_lora", "factored_rank", "load_adapter",
     "load_emulator", "low_rank_factors", "lora_config", "lora_scaling", "lora_target_names", "match_rule",
     "merge_stats", "normalise_rules", "rank_for_ratio", "read_adapter", "save_emulator", "second_moments", "stream_emulator",

@@ -8,6 +8,7 @@ The registration is not saved by PEFT: every load onto an emulator goes through 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -49,6 +50,19 @@ class LoraSettings:
 def lora_scaling(config: LoraConfig) -> float:
     """`s` of a PeftConfig: `lora_alpha / r`, or `lora_alpha / √r` with rsLoRA."""
     return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
+def config_with_rank(config: LoraConfig, rank: int) -> LoraConfig:
+    """A copy of `config` at LoRA rank `rank` with the same scaling `s` (lora_alpha = s·rank, or s·√rank with
+    rsLoRA): the config of a corrected adapter whose rank the correction changed (correct_lora(method="rank2r"))."""
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        raise ValueError("the adapter has per-layer ranks or alphas (rank_pattern / alpha_pattern); "
+                         "config_with_rank only widens a single-rank adapter")
+    widened = copy.deepcopy(config)
+    scaling = lora_scaling(config)
+    widened.r = rank
+    widened.lora_alpha = scaling * (math.sqrt(rank) if config.use_rslora else rank)
+    return widened
 
 
 def lora_target_names(model: nn.Module, patterns: list[str]) -> list[str]:

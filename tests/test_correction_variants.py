@@ -122,3 +122,22 @@ def test_unknown_method_and_wrong_statistics_are_reported():
     with pytest.raises(ValueError, match=r"expected \(24, 24\)"):
         correct_lora(full, emulator, state, 1.0, progress=False, method="weighted",
                      second_moments={"proj": torch.eye(10)})
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rank2r_adapter_loads_with_peft_at_the_same_scaling(tmp_path, rslora):
+    from emloc import LoraSettings, config_with_rank, load_adapter, lora_config, lora_scaling, write_adapter
+
+    full, emulator, state, x, stats = setting(seed=4)
+    config = lora_config(full, LoraSettings(rank=R, alpha=2.0, targets=["proj"], rslora=rslora))
+    scaling = lora_scaling(config)
+    corrected = correct_lora(full, emulator, state, scaling, lam=3.0, progress=False, method="rank2r",
+                             second_moments=stats)
+    widened = config_with_rank(config, 2 * R)
+    assert widened.r == 2 * R and lora_scaling(widened) == pytest.approx(scaling) and config.r == R
+    write_adapter(corrected, widened, tmp_path / "corrected")
+    loaded = load_adapter(full, tmp_path / "corrected")
+    expected = x.float() @ (full.proj.weight + delta(corrected, scaling).float()).T.detach() + full.proj.bias.detach()
+    with torch.no_grad():
+        found = loaded(x.float())
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-3 * float(expected.abs().max()))
