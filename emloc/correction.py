@@ -17,8 +17,9 @@ Two variants use the calibration statistics `Σ = Σ xᵀx` of the layer's input
 "weighted" fits the correction to the data instead of to rowspace(A) alone (`correct_pair_weighted`);
 "rank2r" returns a rank-2r adapter that also repairs the top data-weighted directions of `W - W_E` outside
 rowspace(A) (`correct_pair_rank2r`). Their equations are in those functions' docstrings. Σ is normalised by
-`trace(Σ)/in`; "weighted" regularises it, `Σ_δ = Σ + δ·I` (δ = 1e-6), so that a direction of rowspace(A) the
-data never visits gets the paper's answer instead of an arbitrary one. A layer without statistics gets Σ = I (then "weighted" is "paper").
+`trace(Σ)/in`; "weighted" regularises it, `Σ_δ = Σ + δ·I` (δ = 1e-6), so that `Pᵀ Σ_δ P` is invertible and a
+direction of rowspace(A) the data never visits is fitted in the plain metric, as the paper's. A layer without
+statistics gets Σ = I (then "weighted" is "paper").
 """
 
 from __future__ import annotations
