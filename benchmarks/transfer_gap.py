@@ -1,7 +1,8 @@
 """The transfer gap: how much of a LoRA's effect is lost or distorted when it moves from the emulator to the
 full model, measured at the model's output on held-out inputs, per correction method, λ and layer type.
 
-    PYTHONPATH=. python benchmarks/transfer_gap.py [--backend flux|vlm|both] [--model FOLDER] [--ratios 0.3,0.5,0.7]
+    PYTHONPATH=. python benchmarks/transfer_gap.py [--backend flux|vlm|both] [--model FOLDER] [--seeds 0,1]
+        [--ratios 0.3,0.5,0.7] [--methods paper,weighted,rank2r]
 
     gap = ‖f_full+ΔW′(x) - f_emu+ΔW(x)‖ / ‖f_emu+ΔW(x) - f_emu(x)‖
 
@@ -53,7 +54,8 @@ from pipelines.runner.stages import STATS_FILE, emulator_model  # noqa: E402
 FLUX_PROMPT = "a sks shape on a white background"
 LAMS = [0.0, 0.5, 1.0, 3.0, 10.0, math.inf]
 TYPE_LAMS = [3.0, math.inf]
-HELD_OUT_SEED = 987_654  # never a training step's seed (stages.step_seed(seed, step) for seed 0 is < 10⁴)
+HELD_OUT_SEED = 987_654  # no step's seed (stages.step_seed: seed·1_000_003 + step) for seeds < 10⁴ and steps < 12k,
+# nor a calibration generator's (the run seed)
 LAYER_TYPES = {
     "attention q/k/v": re.compile(r".*\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|q_proj|k_proj|v_proj)$"),
     "attention out": re.compile(r".*\.(to_out\.0|to_add_out|o_proj)$"),

@@ -176,8 +176,8 @@ def correct_pair_rank2r(
 
     After the paper's correction the layer's mismatch is `-(W - W_E) Π⊥` (`Π⊥ = I - P Pᵀ`): zero on
     rowspace(A), the emulator's error everywhere else. With `S Sᵀ = Σ` (S = Q diag(√l) from the eigenvectors
-    of Σ, without δ) and `M = Π⊥ S`, the second half `Z = s B₂ A₂` minimises `‖(-(W - W_E) Π⊥ - Z) S‖` over rank-r Z
-    with `Z P = 0` (exactness on rowspace(A) kept):
+    of Σ, without δ) and `M = Π⊥ S`, the second half `Z = s B₂ A₂` minimises `‖(-(W - W_E) Π⊥ - Z) S‖` over
+    rank-r Z with `Z P = 0` (exactness on rowspace(A) kept):
 
         T = -(W - W_E) M = U diag(t) Vᵀ,    Z = U_r diag(t_r) V_rᵀ M⁺,    Z M = [T]_r
 
