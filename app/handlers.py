@@ -156,7 +156,7 @@ def default_settings(task: str, params: float, model: str = "") -> dict:
     from pipelines.runner.registry import demo_suggestions
 
     small = params < SMALL_MODEL
-    base = {"steps": 30 if small else 500, "lr": 1e-3 if small else 1e-4, "lam": 3.0, "seed": 0,
+    base = {"steps": 30 if small else 500, "lr": 1e-3 if small else 1e-4, "lam": 3.0, "seed": 0, "batch_size": 1,
             "calibration_samples": 8 if (small or task == "vlm") else 16, "checkpoint_every": 10 if small else 50}
     if task == "flux":
         base.update(resolution=32 if small else 512, preview_steps=4 if small else 0,
@@ -404,7 +404,7 @@ CHART_LEGEND = (
 
 
 def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: int, task: str = "",
-                ram_gb: float | None = None, device: str = "cuda") -> dict:
+                ram_gb: float | None = None, device: str = "cuda", batch_size: int = 1) -> dict:
     """The planner's answer for the Budget step: {"svg", "text", "recommended", "ratio", "fits"}.
 
     `device` is what runs the job: "cuda" plans the GPU (budget_gb) and the RAM (ram_gb); "cpu" plans the RAM only
@@ -419,11 +419,13 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
         raise ValueError(f"the compression ratio must be in (0, 1]; got {ratio}")
     if int(rank or 0) < 1:
         raise ValueError(f"the LoRA rank must be at least 1; got {rank or 'nothing'}")
+    if int(batch_size or 0) < 1:
+        raise ValueError(f"the batch size must be at least 1; got {batch_size or 'nothing'}")
     if (ram_gb is not None or cpu) and not (ram_gb or 0) > 0:
         raise ValueError(f"the RAM budget must be a positive number of GiB (e.g. 32 for 32 GB of RAM); "
                          f"got {'nothing' if ram_gb is None else ram_gb}")
     settings = PlanSettings(budget_gb=None if cpu else float(budget_gb), ratio=None if ratio is None else float(ratio),
-                            lora_rank=int(rank), ram_gb=float(ram_gb) if ram_gb else None,
+                            lora_rank=int(rank), batch_size=int(batch_size), ram_gb=float(ram_gb) if ram_gb else None,
                             device="cpu" if cpu else "cuda", dtype="float32" if cpu else "bfloat16")
     plan = plan_run(model, settings)
     bars = []

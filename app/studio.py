@@ -53,6 +53,7 @@ class TrainRequest:
     ratio: float = 0.45
     ram_gb: float = 0.0  # the Budget step's RAM budget (0: what is available when the run starts)
     rank: int = 16
+    batch_size: int = 1
     steps: int = 500
     lr: float = 1e-4
     lam: float = 3.0
@@ -67,6 +68,7 @@ class TrainRequest:
 
 # TrainRequest field -> (its control on the page, whole number?)
 NUMBER_CONTROLS = {"ratio": ("Compression ratio (step 3)", False), "rank": ("LoRA rank (step 3)", True),
+                   "batch_size": ("Batch size (step 3)", True),
                    "steps": ("Training steps (step 4)", True), "lr": ("Learning rate (step 4)", False),
                    "lam": ("Correction clamp λ (step 4)", False), "seed": ("Seed (step 4)", True),
                    "calibration_samples": ("Calibration samples (step 4)", True),
@@ -158,7 +160,8 @@ class Studio:
         request = checked_numbers(request)
         run_settings = RunSettings(model=(request.model or "").strip(), ratio=float(request.ratio),
                                    steps=int(request.steps), lr=float(request.lr), rank=int(request.rank),
-                                   alpha=float(request.rank), seed=int(request.seed), lam=float(request.lam),
+                                   alpha=float(request.rank), batch_size=int(request.batch_size),
+                                   seed=int(request.seed), lam=float(request.lam),
                                    calibration_samples=int(request.calibration_samples),
                                    checkpoint_every=max(1, int(request.checkpoint_every)),
                                    ram_gb=float(request.ram_gb or 0.0))

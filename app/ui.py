@@ -112,6 +112,8 @@ def build(studio: Studio) -> gr.Blocks:
                                               info="1.00 = no compression: every layer is kept as it is",
                                               elem_id="ratio")
                             rank = gr.Dropdown([4, 8, 16, 32, 64], value=16, label="LoRA rank", scale=1)
+                            batch = gr.Dropdown([1, 2, 4, 8], value=1, label="Batch size (samples per training step)",
+                                                scale=1, elem_id="batch-size")
                         recommend = gr.Button("Use the recommended ratio", size="sm")
                         plan_text = gr.Markdown(elem_id="plan-text")
                         chart = gr.HTML(elem_id="memory-chart")

@@ -75,11 +75,12 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     """Bind every event of the page built by app/ui.py."""
 
     # -- shared views --------------------------------------------------------------------------------
-    def plan_view(model, budget, ratio, rank, ram=None, touched=False, kind="cuda"):
+    def plan_view(model, budget, ratio, rank, ram=None, touched=False, kind="cuda", batch=1):
         """Chart, text, recommendation, the slider (it follows the recommendation until the person moves it),
         message."""
         try:
-            plan = handlers.memory_plan(model, budget, ratio if touched else None, rank, ram_gb=ram, device=kind)
+            plan = handlers.memory_plan(model, budget, ratio if touched else None, rank, ram_gb=ram, device=kind,
+                                        batch_size=batch)
         except USER_ERRORS as err:
             return "", "", None, gr.skip(), say(err, good=False)
         budgets = "RAM budget" if kind == "cpu" else "GPU memory or RAM budget"
@@ -120,17 +121,17 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
         d = handlers.default_settings(task, info["params"], model)
         suggested = d.get("ratio")  # a demo's own ratio (it would fit uncompressed): the slider starts there
         svg, text, recommended, slider, message = plan_view(model, budget, suggested or ratio, rank, ram,
-                                                             suggested is not None, kind)
+                                                             suggested is not None, kind, d["batch_size"])
         if suggested is not None:
             slider = suggested
             text += f" This demo model starts at ratio {suggested:.2f}, so that the emulator is really compressed."
         return (info["text"], d["steps"], d["lr"], d["calibration_samples"], d.get("resolution", 512),
-                d["checkpoint_every"], d.get("preview_steps", 0), d.get("max_sequence_length", 0),
+                d["checkpoint_every"], d.get("preview_steps", 0), d.get("max_sequence_length", 0), d["batch_size"],
                 svg, text, recommended, slider, suggested is not None, message, "")
 
     # a new model: the slider follows its recommendation again
     model_outputs = [c.about, c.steps, c.lr, c.calibration, c.resolution, c.checkpoint_every, c.preview_steps,
-                     c.max_tokens, c.chart, c.plan_text, c.recommended, c.ratio, c.touched, c.msg_budget, c.msg_model]
+                     c.max_tokens, c.batch, c.chart, c.plan_text, c.recommended, c.ratio, c.touched, c.msg_budget, c.msg_model]
     on(c.model.change, on_model, [c.task, c.model, c.budget, c.ratio, c.rank, c.ram, c.device_kind], model_outputs)
 
     def on_load(task, model, budget, ratio, rank, ram):
@@ -283,20 +284,20 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     # -- 3. budget -----------------------------------------------------------------------------------
     c.presets.change(lambda preset: float(preset) if preset else gr.skip(), [c.presets], [c.budget],
                      concurrency_id="wizard")
-    plan_inputs = [c.model, c.budget, c.ratio, c.rank, c.ram, c.touched, c.device_kind]
+    plan_inputs = [c.model, c.budget, c.ratio, c.rank, c.ram, c.touched, c.device_kind, c.batch]
     plan_outputs = [c.chart, c.plan_text, c.recommended, c.ratio, c.msg_budget]
-    for event in (c.budget.change, c.rank.change, c.ram.change):
+    for event in (c.budget.change, c.rank.change, c.ram.change, c.batch.input):
         on(event, plan_view, plan_inputs, plan_outputs, trigger_mode="always_last")
 
-    def moved_ratio(model, budget, ratio, rank, ram, touched, kind):  # the person moved the slider: it is theirs now
-        svg, text, recommended, _, message = plan_view(model, budget, ratio, rank, ram, True, kind)
+    def moved_ratio(model, budget, ratio, rank, ram, touched, kind, batch):  # the person moved the slider: theirs now
+        svg, text, recommended, _, message = plan_view(model, budget, ratio, rank, ram, True, kind, batch)
         return svg, text, recommended, True, message
 
     on(c.ratio.release, moved_ratio, plan_inputs, [c.chart, c.plan_text, c.recommended, c.touched, c.msg_budget],
        trigger_mode="always_last")
 
-    def use_recommended(model, budget, ratio, rank, ram, touched, kind):
-        svg, text, recommended, _, message = plan_view(model, budget, ratio, rank, ram, False, kind)
+    def use_recommended(model, budget, ratio, rank, ram, touched, kind, batch):
+        svg, text, recommended, _, message = plan_view(model, budget, ratio, rank, ram, False, kind, batch)
         if recommended is None:
             raise ValueError("nothing to recommend: no ratio fits this budget; raise the budget first")
         return svg, text, recommended, recommended, False, message
@@ -304,8 +305,8 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     on(c.recommend.click, use_recommended, plan_inputs,
        [c.chart, c.plan_text, c.recommended, c.ratio, c.touched, c.msg_budget])
 
-    def go_train(recommended, model, budget, ratio, rank, ram, kind):
-        plan = handlers.memory_plan(model, budget, ratio, rank, ram_gb=ram, device=kind)
+    def go_train(recommended, model, budget, ratio, rank, ram, kind, batch):
+        plan = handlers.memory_plan(model, budget, ratio, rank, ram_gb=ram, device=kind, batch_size=batch)
         if plan["recommended"] is None:
             raise ValueError("no compression ratio fits this budget; raise the budget to continue")
         if not plan["fits"]:
@@ -314,19 +315,20 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
                              f"{plan['recommended']:.2f} or below (Use the recommended ratio), or raise the budget")
         return gr.Walkthrough(selected=STEP["train"]), ""
 
-    on(c.next_budget.click, go_train, [c.recommended, c.model, c.budget, c.ratio, c.rank, c.ram, c.device_kind],
+    on(c.next_budget.click, go_train, [c.recommended, c.model, c.budget, c.ratio, c.rank, c.ram, c.device_kind,
+                                       c.batch],
        [c.wizard, c.msg_budget])
 
     # -- 4. train ------------------------------------------------------------------------------------
     def on_start(task, model, name, flux_images, prompt, trigger, captions, vlm_images, table, ratio, rank, steps,
                  lr, lam, seed, calibration, checkpoint_every, resolution, preview_steps, max_tokens, answer_tokens,
-                 ram=None):
+                 ram=None, batch=1):
         request = TrainRequest(task=task, model=model, name=name,
                                images=flux_images if task == "flux" else vlm_images, prompt=prompt, trigger=trigger,
                                captions=captions, qa_table=table, ratio=ratio, rank=rank, steps=steps, lr=lr,
                                lam=lam, seed=seed, calibration_samples=calibration, checkpoint_every=checkpoint_every,
                                resolution=resolution, preview_steps=preview_steps, max_sequence_length=max_tokens,
-                               max_new_tokens=answer_tokens, ram_gb=float(ram or 0.0))
+                               max_new_tokens=answer_tokens, ram_gb=float(ram or 0.0), batch_size=batch)
         folder = studio.start_run(request)
         return folder, run_name(task, studio.runs_dir), say(f"Started {name}: your data was checked and copied "
                                                             f"into {folder}.")
@@ -334,7 +336,7 @@ def wire(studio: Studio, c) -> None:  # noqa: C901 - one place that lists every 
     on(c.start.click, on_start, [c.task, c.model, c.name, c.flux_images, c.prompt, c.trigger, c.captions,
                                  c.vlm_images, c.qa_table, c.ratio, c.rank, c.steps, c.lr, c.lam, c.seed,
                                  c.calibration, c.checkpoint_every, c.resolution, c.preview_steps, c.max_tokens,
-                                 c.answer_tokens, c.ram],
+                                 c.answer_tokens, c.ram, c.batch],
        [c.current, c.name, c.msg_train])
     on(c.cancel.click, lambda: say(studio.cancel()), [], [c.msg_train])
     on(c.sample_now.click, lambda current: say(studio.sample_now(current)), [c.current], [c.msg_train])

@@ -20,6 +20,7 @@ CONTROLS = {
     "--data": ("the questions and answers", "step 2"),
     "--ratio": ("Compression ratio", "step 3"),
     "--rank": ("LoRA rank", "step 3"),
+    "--batch-size": ("Batch size", "step 3"),
     "--ram-gb": ("RAM budget", "step 3"),
     "--gpu-gb": ("GPU memory budget", "step 3"),
     "--out": ("Run name", "step 4"),
