@@ -227,13 +227,16 @@ def recovery(rows: list[dict]) -> str:
 
 def difference(rows: list[dict], key: str, metric: str, base: str = "lam=3.0") -> str:
     """key − base (default: paper λ=3), paired by seed and item, with its interval and whether it excludes 0."""
-    centre, low, high = mean_interval(scores(rows, key, metric) - scores(rows, base, metric))
+    differences = scores(rows, key, metric) - scores(rows, base, metric)  # (seeds, items)
+    centre, low, high = mean_interval(differences)
+    if not differences.any():
+        return "0 (the same on every item)"
     verdict = "higher" if low > 0 else "lower" if high < 0 else "within noise"
     return f"{centre:+.3f} [{low:+.3f}, {high:+.3f}] {verdict}"
 
 
-def benchmark(task: Task, seeds: list[int], ratios: list[float], work: Path) -> str:
-    """Run everything for one backend; returns the markdown report."""
+def benchmark(task: Task, seeds: list[int], ratios: list[float], work: Path) -> tuple[str, dict]:
+    """Run everything for one backend; returns the markdown report and the per-item scores behind it."""
     scorer = Scorer(task.backend, task.model, work)
     metrics = ["new"] if task.backend == "flux" else ["new", "orig"]
     started = time.monotonic()
@@ -259,7 +262,9 @@ def benchmark(task: Task, seeds: list[int], ratios: list[float], work: Path) -> 
             run = make_run(task, scorer, work / f"calib-s{seed}-n{size}", 0.5, seed, calibration=size)
             calibration.setdefault(size, []).append(measure_run(run, scorer, [0.0, 3.0]))
     minutes = (time.monotonic() - started) / 60
-    return report(task, seeds, ratios, metrics, zero, by_ratio, calibration, minutes)
+    raw = {"seeds": seeds, "by_ratio": {str(r): rows for r, rows in by_ratio.items()},
+           "calibration": {str(n): rows for n, rows in calibration.items()}}
+    return report(task, seeds, ratios, metrics, zero, by_ratio, calibration, minutes), raw
 
 
 def scorer_base(task: Task, scorer: Scorer):
@@ -335,11 +340,14 @@ def main(argv: list[str] | None = None) -> int:
             task.lam_sweep, task.calibration_sweep = [0.0, 3.0, math.inf], []
         work = Path(tempfile.mkdtemp(prefix=f"quality-{task.backend}-"))
         try:
-            text = benchmark(task, seeds, ratios, work)
+            text, raw = benchmark(task, seeds, ratios, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(text + "\n", flush=True)
         (Path(args.out) / f"quality_{task.backend}.md").write_text(text + "\n")
+        # per-item scores (1 right, 0 wrong) by seed, column and metric: the intervals can be recomputed from them
+        (Path(args.out) / f"quality_{task.backend}_items.json").write_text(
+            json.dumps(raw, default=lambda a: a.astype(int).tolist()) + "\n")
     return 0
 
 
