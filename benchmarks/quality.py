@@ -197,10 +197,6 @@ def scores(results: list[dict], key: str, metric: str) -> np.ndarray:
     return np.stack([r[key][metric] for r in results])
 
 
-def mean(results: list[dict], key: str, metric: str) -> float:
-    return float(np.mean(scores(results, key, metric)))
-
-
 def cell(values: np.ndarray) -> str:
     """'mean [low, high]' with the two-stage bootstrap 95% interval (seeds, then items within each seed)."""
     centre, low, high = mean_interval(values)
