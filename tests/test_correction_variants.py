@@ -9,18 +9,10 @@ from torch import nn
 
 from emloc import LowRankLinear, correct_lora
 from emloc.correction import RIDGE
+from test_correction import OneLayer  # the one-layer model both correction tests wrap
 
 IN, OUT, R, TOKENS, DATA_RANK = 24, 16, 3, 40, 15
 A_KEY, B_KEY = "base_model.model.proj.lora_A.weight", "base_model.model.proj.lora_B.weight"
-
-
-class OneLayer(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def setting(seed=0):
