@@ -59,7 +59,7 @@ def finished(models, photos, tmp_path_factory):
     before = digest(photos)
     request = TrainRequest(task="flux", model=str(models["flux"]), name="my-dog", images=uploads(photos),
                            prompt="a photo of sks dog", trigger="sks",
-                           captions=[["dog_1.jpg", "a photo of sks dog on grass"]], **FLUX_FAST)
+                           captions=[["dog_1.jpg", "a photo of sks dog on grass"]], batch_size=2, **FLUX_FAST)
     begun = time.monotonic()
     folder = studio.start_run(request)
     returned = time.monotonic() - begun
@@ -186,6 +186,15 @@ def test_memory_chart_follows_the_ratio_and_says_when_nothing_fits():
         handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
 
 
+def test_the_budget_steps_batch_size_is_planned():
+    """More samples per step hold more activations: the chart and the recommendation count the Batch size."""
+    one = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=1)
+    eight = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=8)
+    assert one["svg"] != eight["svg"] and eight["recommended"] <= one["recommended"]
+    with pytest.raises(ValueError, match="batch size must be at least 1"):
+        handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=0)
+
+
 def test_a_cpu_job_budgets_ram_and_the_recommendation_is_the_default():
     """On a machine without a GPU the job runs on the CPU: the plan is of RAM (no GPU budget is asked for), the
     ratio left to the app is the recommended one, and the words name the page's own budget."""
@@ -224,6 +233,7 @@ def test_start_copies_the_uploads_and_trains_in_the_background(finished):
     assert any("[train]" in line for line in status.log)
     data = sorted(p.name for p in (folder / "data").iterdir())
     assert data == ["dog_0.png", "dog_1.jpg", "dog_1.txt", "dog_2.png", "dog_3.jpg"]
+    assert json.loads((folder / "run.json").read_text())["settings"]["run"]["batch_size"] == 2  # the Budget step's
     assert (folder / "data" / "dog_1.txt").read_text().strip() == "a photo of sks dog on grass"
     assert digest(finished["photos"]) == finished["before"]  # the user's files are untouched
     view = studio.job_view()
