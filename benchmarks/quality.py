@@ -55,7 +55,8 @@ from pipelines.demo import evaluate as demo_eval  # noqa: E402
 from pipelines.demo import FLUX_DIR, VLM_DIR  # noqa: E402
 from pipelines.runner import Run, RunSettings  # noqa: E402
 from pipelines.runner.registry import demo_suggestions  # noqa: E402
-from pipelines.runner.stages import STATS_FILE, emulator_model, step_seed  # noqa: E402
+from pipelines.runner.models import emulator_model  # noqa: E402
+from pipelines.runner.stages import STATS_FILE, step_seed  # noqa: E402
 from benchmarks.bootstrap import mean_interval, percentile_interval, resampled_means  # noqa: E402
 
 FLUX_PROMPT = "a sks shape on a white background"

@@ -49,7 +49,8 @@ import emloc  # noqa: E402
 from pipelines.demo import FLUX_DIR, VLM_DIR, FLUX_SEQUENCE_LENGTH, data  # noqa: E402
 from pipelines.runner import Run, RunSettings  # noqa: E402
 from pipelines.runner.registry import demo_suggestions  # noqa: E402
-from pipelines.runner.stages import STATS_FILE, emulator_model  # noqa: E402
+from pipelines.runner.models import emulator_model  # noqa: E402
+from pipelines.runner.stages import STATS_FILE  # noqa: E402
 
 FLUX_PROMPT = "a sks shape on a white background"
 LAMS = [0.0, 0.5, 1.0, 3.0, 10.0, math.inf]

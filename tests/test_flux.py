@@ -283,7 +283,7 @@ def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(mod
 
     import numpy as np
 
-    from pipelines.runner import stages
+    from pipelines.runner import variants
 
     write_subject_images(tmp_path / "dog", count=3, seed=4)
     flux = FluxSettings(images=str(tmp_path / "dog"), prompt="sks dog", resolution=32, max_sequence_length=16,
@@ -292,11 +292,11 @@ def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(mod
                            device="cpu", ram_gb=1000.0)
     run = Run.create(tmp_path / "runs" / "preview", "flux", settings, flux)
     run.execute()
-    assert stages.preview_mode(run) == "whole" and run.info["plan"]["phases"]["preview"]["mode"] == "whole"
+    assert variants.preview_mode(run) == "whole" and run.info["plan"]["phases"]["preview"]["mode"] == "whole"
     loaded = sorted((run.dir / "previews").glob("*.png"))
     for mode in ("files", "offload"):  # as plans under a small --ram-gb, or a small GPU with enough RAM, say
         run.info["plan"]["phases"]["preview"]["mode"] = mode
-        assert stages.preview_mode(run) == mode and stages.preview_streams(run)
+        assert variants.preview_mode(run) == mode and variants.preview_streams(run)
         other = run.preview(f"previews-{mode}")
         assert [p.name for p in loaded] == sorted(p.name for p in other.glob("*.png"))
         for path in loaded:

@@ -14,7 +14,7 @@ from flux_fixtures import write_subject_images
 from pipelines.flux2.backend import LORA_FILE, Flux2Backend, Flux2Settings
 from pipelines.planner.catalogue import load_meta_model
 from pipelines.planner.planning import PlanSettings, plan_run
-from pipelines.runner import Run, RunSettings, stages
+from pipelines.runner import Run, RunSettings, models
 
 PROMPT = "a photo of sks dog"
 
@@ -39,7 +39,7 @@ def _settings(subject: Path) -> Flux2Settings:
 def finished_run(klein, subject, tmp_path_factory):
     settings = RunSettings(model=str(klein), ratio=0.5, calibration_samples=4, steps=6, rank=4, lr=1e-2, device="cpu")
     run = Run.create(tmp_path_factory.mktemp("runs") / "klein", "flux2", settings, _settings(subject))
-    assert stages.streams(run)
+    assert models.streams(run)
     run.execute()
     return run
 
@@ -149,7 +149,7 @@ def test_a_headless_dev_run_trains_with_guidance_and_its_export_loads_in_flux2pi
     dev = save_tiny_dev(tmp_path / "dev")
     settings = RunSettings(model=str(dev), ratio=0.5, calibration_samples=4, steps=4, rank=4, lr=1e-2, device="cpu")
     run = Run.create(tmp_path / "runs" / "dev", "flux2", settings, _settings(subject))
-    assert run.backend._guidance() and stages.streams(run)
+    assert run.backend._guidance() and models.streams(run)
     run.execute()
     info = json.loads((run.dir / "run.json").read_text())
     assert all(stage["status"] == "done" for stage in info["stages"].values())

@@ -17,7 +17,7 @@ from pipelines.internvl.backend import ChatPacker, VlmBackend, VlmSettings, coll
 from pipelines.internvl.data import QASample, pairs_to_samples
 from pipelines.planner.catalogue import load_meta_model, vlm_architecture
 from pipelines.planner.planning import PlanSettings, plan_run
-from pipelines.runner import Run, RunSettings, stages
+from pipelines.runner import Run, RunSettings, models
 from vlm_fixtures import save_tiny_internvl, save_tiny_internvl35, write_colour_csv
 
 PUBLISHED = {"1B": 1.1e9, "2B": 2.3e9, "4B": 4.7e9, "8B": 8.5e9}  # vision + language, model cards (to 0.1 B)
@@ -94,7 +94,7 @@ def test_a_headless_streamed_run_completes_and_previews(checkpoint, colour_data,
                            device="cpu")
     run = Run.create(tmp_path / "run", "vlm", settings,
                      VlmSettings(data=str(folder / "qa.csv"), max_new_tokens=4, preview_samples=2))
-    assert stages.streams(run)
+    assert models.streams(run)
     run.execute()
     info = json.loads((run.dir / "run.json").read_text())
     assert all(stage["status"] == "done" for stage in info["stages"].values())

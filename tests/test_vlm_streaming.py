@@ -15,7 +15,7 @@ from emloc.blockwise import BlockwiseModel
 from emloc.calibration import StatsCollector
 from pipelines.internvl.backend import ChatPacker, VlmBackend, VlmSettings, collate, load_vlm, load_vlm_processing
 from pipelines.internvl.data import QASample, pairs_to_samples
-from pipelines.runner import Run, RunSettings, stages
+from pipelines.runner import Run, RunSettings, models, variants
 from vlm_fixtures import save_tiny_internvl, write_colour_csv
 
 
@@ -168,7 +168,7 @@ def test_streamed_run_builds_the_emulator_the_two_step_run_builds(checkpoint, co
         settings = RunSettings(model=str(checkpoint), ratio=0.5, calibration_samples=8, steps=2, rank=4, lr=1e-3,
                                keep_statistics=keep, device="cpu")
         run = Run.create(tmp_path / f"keep-{keep}", "vlm", settings, VlmSettings(data=str(folder / "qa.csv")))
-        assert stages.streams(run) != keep
+        assert models.streams(run) != keep
         run.execute(["calibrate", "emulate", "train", "correct"])
         reports[keep] = json.loads((run.dir / "emulator" / "report.json").read_text())
         adapters[keep] = load_file(str(run.dir / "lora" / "corrected" / "adapter_model.safetensors"))
@@ -197,11 +197,11 @@ def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(che
     run = Run.create(tmp_path / "preview", "vlm", settings,
                      VlmSettings(data=str(folder / "qa.csv"), max_new_tokens=4, preview_samples=3))
     run.execute()
-    assert stages.preview_mode(run) == "whole" and run.info["plan"]["phases"]["preview"]["mode"] == "whole"
+    assert variants.preview_mode(run) == "whole" and run.info["plan"]["phases"]["preview"]["mode"] == "whole"
     loaded = json.loads((run.dir / "previews" / "previews.json").read_text())
     assert len(loaded["items"]) == 3
     for mode in ("files", "offload"):  # as plans under a small --ram-gb, or a small GPU with enough RAM, say
         run.info["plan"]["phases"]["preview"]["mode"] = mode
-        assert stages.preview_mode(run) == mode
+        assert variants.preview_mode(run) == mode
         other = json.loads((run.preview(f"previews-{mode}") / "previews.json").read_text())
         assert [item["answers"] for item in other["items"]] == [item["answers"] for item in loaded["items"]], mode

@@ -4,7 +4,7 @@ Glue between the catalogue (a weightless model and its ArchitectureSpec) and eml
 `plan_run` feeds both `python launch.py plan` and the app's chart; after the first call for a model (which
 builds it on the meta device, cached) a plan takes milliseconds.
 
-Offload "auto" is what the run machine does (pipelines/runner/stages.py): calibration, emulator construction,
+Offload "auto" is what the run machine does (pipelines/runner/stages.py and variants.py): calibration, emulator construction,
 training's emulator build and correction always read the full model block by block (or layer by layer) from the
 checkpoint's files; the preview holds the full model whole when that fits both budgets and streams it from the
 files otherwise. Two budgets: the device's (`budget_gb`, a GPU's memory) and the host's (`ram_gb`, this machine's

@@ -4,6 +4,9 @@ The run machine renames `out` into place when a body returns, so a body that fai
 leaves nothing half-written. Training is the one long stage: it checkpoints every N steps and at its
 last step into `checkpoints/step-N/` and starts from the last checkpoint when one exists (a crashed run,
 or a finished one trained further). Every random choice of a step comes from a generator seeded with (seed, step), so a resumed run repeats the uninterrupted one.
+
+This file is the recipe; its components live beside it: models.py (how a stage gets the emulator or the full
+model), checkpoints.py (the checkpoint format and resume), variants.py (the models a preview compares).
 """
 
 from __future__ import annotations
@@ -13,49 +16,30 @@ import json
 import logging
 import math
 import os
-import pickle
-import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator
 
-import psutil
 import torch
 from torch import nn
 
 import emloc
-from emloc.checkpoint import CheckpointReader, StreamedForward, map_large_allocations, return_freed_memory
+from emloc.checkpoint import CheckpointReader, map_large_allocations, return_freed_memory
 from emloc.emulator import emulator_files
 
-from .backend import Backend
+from .checkpoints import CHECKPOINT_NAME, resume, save_checkpoint, trim_loss_log
+from .models import Run, emulator_model, full_model_streamed, streams
 from .progress import Progress, RunCancelled
-from .settings import LOSS_LOG, PREVIEW_VARIANTS, RunSettings, parse_rules, sample_interval
+from .settings import LOSS_LOG, PREVIEW_VARIANTS, parse_rules, sample_interval
+from .variants import preview_variant
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"  # samples/step-N/: what the emulator + LoRA made at step N of training
 SAMPLE_NOW = "sample-now"  # a file the app writes into the run folder: the next step is followed by a sample
 STATS_FILE = "stats.safetensors"
 GiB = 1024 ** 3
-
-
-class Run(Protocol):
-    """What a stage body uses of the run machine (machine.Run provides it; the bodies never import it)."""
-
-    dir: Path
-    backend: Backend
-    cancel_event: Any  # threading.Event
-    info: dict  # run.json: settings, stages, the plan made when the run was created
-
-    @property
-    def settings(self) -> RunSettings: ...
-    def output(self, stage: str) -> Path: ...
-    def emit(self, event: Progress) -> None: ...
-    def check_cancel(self) -> None: ...
-    def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None: ...
-    def load_tensors(self, path: Path) -> dict[str, torch.Tensor]: ...
 
 
 def compression_rules(run: Run) -> list[tuple[str, float]]:
@@ -66,44 +50,6 @@ def compression_rules(run: Run) -> list[tuple[str, float]]:
 def step_seed(seed: int, step: int) -> int:
     """The seed of one training step: a resumed run draws exactly what the uninterrupted one drew."""
     return (seed * 1_000_003 + step) % (2**63 - 1)
-
-
-def streams(run: Run) -> bool:
-    """Whether this run reads the model block by block from its files (the backend can, and the run does not
-    ask to keep the full calibration statistics, which only the two-step path has at once)."""
-    backend = run.backend
-    can = type(backend).blockwise is not Backend.blockwise  # the backend runs its model block by block
-    return can and not run.settings.keep_statistics and backend.skeleton() is not None
-
-
-def emulator_model(run: Run, device: torch.device | str) -> nn.Module:
-    """A fresh model with the run's emulator layers swapped in; the full model never reaches `device`.
-
-    Where the backend has a skeleton, the full model is never built either: the emulator's factors and the
-    uncompressed weights are read from files into the `meta` skeleton.
-    """
-    backend = run.backend
-    model = backend.skeleton() if streams(run) else None
-    if model is None:
-        model = backend.load_model(torch.device("cpu"))
-        emloc.load_emulator(model, run.output("emulate"), device="cpu")
-        return model.to(device)
-    # straight onto the device, one tensor at a time: the host never holds the emulator whole
-    emloc.load_emulator(model, run.output("emulate"), device=device)
-    backend.checkpoint().materialize(model, "", device, getattr(backend, "dtype", None))
-    backend.finish_loading(model)
-    return model.to(device)
-
-
-def full_model_streamed(run: Run) -> nn.Module:
-    """The full model for a forward-only pass: on the device, or (--offload) kept in CPU memory with each
-    layer's weights moved to the device only while that layer runs (accelerate's cpu_offload hooks)."""
-    backend = run.backend
-    if not run.settings.offload:
-        return backend.load_model(backend.device)
-    from accelerate import cpu_offload
-
-    return cpu_offload(backend.load_model(torch.device("cpu")), execution_device=backend.device)
 
 
 def _limited(run: Run, batches: Iterable[Any], limit: int, stage: str = "calibrate") -> Iterator[Any]:
@@ -191,105 +137,6 @@ def _mixed_precision(run: Run) -> str:
     return "bf16" if run.backend.device.type == "cuda" else "no"
 
 
-CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-
-
-def checkpoints(run: Run) -> list[Path]:
-    """Finished checkpoints of the run (folders `step-N` holding state.json), oldest first; leftovers such as
-    `step-N.tmp` or a damaged `step-N.damaged` are not checkpoints."""
-    folder = run.dir / CHECKPOINTS
-    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()
-             and (p / "state.json").is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
-
-
-def _save_checkpoint(run: Run, peft_model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    final = run.dir / CHECKPOINTS / f"step-{step:06d}"
-    if final.exists():
-        return
-    state = emloc.adapter_state(peft_model)
-    if not all(torch.isfinite(t).all() for t in state.values()):  # a resume from it would only repeat the failure
-        raise ValueError(f"the LoRA weights became NaN or infinite by step {step}: the learning rate is too high "
-                         "for this data; start a new run with a lower learning rate")
-    staging = final.with_name(final.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    run.save_tensors(staging / "adapter.safetensors", state)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "state.json").write_text(json.dumps({"step": step}))
-    os.rename(staging, final)
-    for old in checkpoints(run)[:-run.settings.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-class DamagedCheckpoint(ValueError):
-    """A checkpoint that cannot be resumed from; the message says what is wrong with it."""
-
-
-def _read_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.Optimizer
-                     ) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """(step, adapter state, optimizer state) of a checkpoint, all checked before anything is loaded."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        step = json.loads((folder / "state.json").read_text())["step"]
-        adapter = load_file(str(folder / "adapter.safetensors"))
-        saved = torch.load(folder / "optimizer.pt", weights_only=True)
-    except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
-        raise DamagedCheckpoint(f"unreadable: {type(err).__name__}: {str(err)[:200]}") from None
-    if not isinstance(step, int) or step != int(CHECKPOINT_NAME.fullmatch(folder.name).group(1)):
-        raise DamagedCheckpoint(f"state.json says step {step!r}")
-    expected = emloc.adapter_state(peft_model)
-    if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in expected):
-        raise DamagedCheckpoint("its adapter does not match this run's LoRA layers")
-    if not all(torch.isfinite(t).all() for t in adapter.values()):
-        raise DamagedCheckpoint("its adapter holds NaN or infinite values")
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != \
-            [len(g["params"]) for g in optimizer.param_groups]:
-        raise DamagedCheckpoint("its optimizer state does not match this run's LoRA")
-    return step, adapter, saved
-
-
-def _resume(run: Run, peft_model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load the newest checkpoint that is whole; damaged ones are set aside (`step-N.damaged`), with a message."""
-    from peft.utils import set_peft_model_state_dict
-
-    found = checkpoints(run)
-    for folder in reversed(found):
-        try:
-            step, adapter, saved = _read_checkpoint(folder, peft_model, optimizer)
-        except DamagedCheckpoint as err:
-            aside = folder.with_name(folder.name + ".damaged")
-            shutil.rmtree(aside, ignore_errors=True)
-            try:
-                os.rename(folder, aside)
-            except FileNotFoundError:  # another process of this run (torchrun) set it aside first
-                pass
-            message = f"skipped the damaged checkpoint {folder.name} ({err}); kept it as {aside.name}"
-            log.warning("%s", message)
-            run.emit(Progress("train", 0, 0, message=message))
-            continue
-        set_peft_model_state_dict(peft_model, adapter)
-        optimizer.load_state_dict(saved)
-        run.emit(Progress("train", 0, 0, message=f"resuming from checkpoint {folder.name} (step {step})"))
-        return step
-    if found:
-        run.emit(Progress("train", 0, 0, message="no usable checkpoint is left; training starts again from step 0"))
-    return 0
-
-
-def _trim_loss_log(path: Path, step: int) -> None:
-    """Keep only the log lines up to `step` (a crash may have logged steps past the last checkpoint)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
 def train(run: Run, out: Path) -> None:
     """LoRA on the emulator; checkpoints every N steps, resumes from the last one, honours cancel."""
     from accelerate import Accelerator
@@ -309,10 +156,10 @@ def train(run: Run, out: Path) -> None:
     accelerator = Accelerator(mixed_precision=_mixed_precision(run), cpu=backend.device.type == "cpu")
     peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     plain = accelerator.unwrap_model(peft_model)
-    start = _resume(run, plain, optimizer)
+    start = resume(run, plain, optimizer)
     loss_log = run.dir / LOSS_LOG
     if accelerator.is_main_process:
-        _trim_loss_log(loss_log, start)
+        trim_loss_log(loss_log, start)
     peft_model.train()
     backend.shard = (accelerator.process_index, accelerator.num_processes)  # --batch-size is per process
     every = sample_interval(settings)
@@ -323,7 +170,7 @@ def train(run: Run, out: Path) -> None:
         for step in range(start, settings.steps):
             if run.cancel_event.is_set():
                 if accelerator.is_main_process and step > saved:
-                    _save_checkpoint(run, plain, optimizer, step)
+                    save_checkpoint(run, plain, optimizer, step)
                 raise RunCancelled(f"training cancelled at step {step}; resume the run to continue from there")
             seed = step_seed(settings.seed, step)  # one draw for the whole step's batch; each process keeps its rows
             torch.manual_seed(seed)  # LoRA dropout and anything else global
@@ -344,7 +191,7 @@ def train(run: Run, out: Path) -> None:
                 log_file.write(json.dumps({"step": done, "loss": value, "lr": settings.lr, "seconds": round(elapsed, 3)}) + "\n")
                 log_file.flush()
                 if done % settings.checkpoint_every == 0 and done < settings.steps:
-                    _save_checkpoint(run, plain, optimizer, done)
+                    save_checkpoint(run, plain, optimizer, done)
                     saved = done
                 asked = (run.dir / SAMPLE_NOW).exists()
                 if asked or (every and done % every == 0):
@@ -355,7 +202,7 @@ def train(run: Run, out: Path) -> None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    _save_checkpoint(run, plain, optimizer, settings.steps)  # the final state, optimizer included: a finished
+    save_checkpoint(run, plain, optimizer, settings.steps)  # the final state, optimizer included: a finished
     # run trained further (`train --resume --steps N`) goes on from here exactly
     emloc.write_adapter(emloc.adapter_state(plain), plain.peft_config["default"], out,
                         metadata={"emloc_base_model": settings.model, "emloc_steps": str(settings.steps)})
@@ -413,81 +260,13 @@ def correct(run: Run, out: Path) -> None:
     backend.export(out, corrected, state, config)
 
 
-PREVIEW_MODES = ("whole", "offload", "files")
-
-
-def preview_mode(run: Run) -> str:
-    """How the previews hold the full model, as the plan made when the run was created chose (`--ram-gb`,
-    `--gpu-gb`): "whole" on the device; "offload": whole in host RAM, each block moved to the device while it
-    runs (a GPU smaller than the model, RAM large enough); "files": read block by block from its files (neither
-    holds it). Without a plan (a model the planner cannot read): "files" when the weights take more than half the
-    host memory budget, else "whole". `--offload` asks for "offload" on a GPU."""
-    if not streams(run):
-        return "whole"
-    plan = (run.info.get("plan") or {}).get("phases", {}).get("preview")
-    if plan is not None:
-        mode = plan.get("mode") or ("files" if plan["streamed"] else "whole")
-    else:
-        budget = run.settings.ram_gb * GiB if run.settings.ram_gb else psutil.virtual_memory().available
-        size = sum(f.stat().st_size for f in run.backend.checkpoint().files)
-        mode = "files" if size > budget / 2 else "whole"
-    if mode == "whole" and run.settings.offload and run.backend.device.type == "cuda":
-        mode = "offload"
-    return mode
-
-
-def preview_streams(run: Run) -> bool:
-    """Whether the previews do not hold the full model whole on the device (see `preview_mode`)."""
-    return preview_mode(run) != "whole"
-
-
-def _offloaded(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` (in host RAM) run with each submodule's weights moved to `device` only while it runs."""
-    from accelerate import cpu_offload
-
-    return cpu_offload(model, execution_device=device)
-
-
-def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False) -> nn.Module:
-    """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read from the files as they
-    run, the adapter (if any) added to its target layers' outputs; see emloc.checkpoint.StreamedForward."""
-    backend = run.backend
-    map_large_allocations()
-    model, reader = backend.skeleton(), backend.checkpoint()
-    if emulator:  # factored layers get their structure; their factors come from the emulator's files
-        emloc.load_emulator(model, run.output("emulate"), device="meta")
-        reader = reader.merged(CheckpointReader(emulator_files(run.output("emulate"))))
-    blocks = backend.blockwise(model, reader).blocks
-    lora = emloc.adapter_factors(*emloc.read_adapter(adapter)) if adapter is not None else None
-    model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None), lora)
-    backend.finish_loading(model)
-    return model
-
-
-def _variant(run: Run, label: str) -> nn.Module:
-    backend, lora = run.backend, run.output("correct")
-    mode = preview_mode(run)
-    if label == "emulator + LoRA":
-        if mode == "files":
-            return _streamed_variant(run, run.output("train"), emulator=True)
-        # training held the emulator on the device, so the preview can
-        return emloc.load_adapter(emulator_model(run, backend.device), run.output("train"))
-    folder = None if label == "base" else lora / ("corrected" if label == "full + corrected LoRA" else "uncorrected")
-    if mode == "files":
-        return _streamed_variant(run, folder)
-    model = backend.load_model(torch.device("cpu") if mode == "offload" else backend.device)
-    if folder is not None:
-        model = emloc.load_adapter(model, folder)
-    return _offloaded(model, backend.device) if mode == "offload" else model
-
-
 def preview(run: Run, out: Path) -> None:
     """The same requests through base, emulator + LoRA, full + corrected and full + uncorrected LoRA."""
     outputs = {}
     for index, label in enumerate(PREVIEW_VARIANTS):
         run.check_cancel()
         run.emit(Progress("preview", index, len(PREVIEW_VARIANTS), message=f"preview: {label}"))
-        model = _variant(run, label)
+        model = preview_variant(run, label)
         model.eval()
         with torch.no_grad():
             outputs[label] = run.backend.generate(model, label)
