@@ -15,7 +15,8 @@ from emloc import LoraSettings, attach_lora
 from emloc.architecture import summarize
 from pipelines.internvl.backend import ChatPacker, VlmBackend, VlmSettings, collate, load_vlm, load_vlm_processing
 from pipelines.internvl.data import QASample, pairs_to_samples
-from pipelines.planner.catalogue import load_meta_model, vlm_architecture
+from pipelines.internvl.planning import vlm_architecture
+from pipelines.planner.catalogue import load_meta_model
 from pipelines.planner.planning import PlanSettings, plan_run
 from pipelines.runner import Run, RunSettings, models
 from vlm_fixtures import save_tiny_internvl, save_tiny_internvl35, write_colour_csv

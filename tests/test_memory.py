@@ -302,7 +302,7 @@ def test_decoder_layer_saves_what_the_activation_model_says():
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
     from emloc.memory import ADAPTER_BYTES, activation_bytes_per_token
-    from pipelines.planner.catalogue import vlm_architecture
+    from pipelines.internvl.planning import vlm_architecture
 
     text = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2,
             "vocab_size": 160, "num_hidden_layers": 1}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -32,6 +34,78 @@ def confined_name(name: str, what: str) -> str:
 def hub_offline() -> bool:
     """True when huggingface_hub is told not to use the network (HF_HUB_OFFLINE=1)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class HubUnreachable(ValueError):
+    """A hub id was given, the model is not downloaded here, and the Hugging Face hub cannot be reached."""
+
+
+# huggingface_hub 2.4 raises httpx2's errors, which are not OSErrors; older versions raise requests' (OSErrors).
+# Matched by module so that none of these libraries has to be importable.
+NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
+# One TCP connection to the hub decides quickly: huggingface_hub itself retries a refused connection 5 times
+# over ~23 s (1 + 2 + 4 + 8 + 8 s) before it gives up.
+HUB_PROBE_SECONDS = 5.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def is_network_error(err: BaseException) -> bool:
+    """True for "the hub could not be reached" (no network, refused, timed out, offline mode), False for an
+    answer from the hub (not found, gated: an `HfHubHTTPError`) and for anything else."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(err, HfHubHTTPError):
+        return False
+    if isinstance(err, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    return any(c.__module__.split(".")[0] in NETWORK_MODULES for c in type(err).__mro__)
+
+
+def hub_unreachable_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the hub's endpoint (HF_ENDPOINT, huggingface.co by default) cannot be reached, or None when a TCP
+    connection to it opens within `timeout` seconds. Behind a proxy nothing is probed (None): the connection
+    goes through the proxy, and a failure there is caught where the hub is used."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{url.scheme}://{url.netloc}: {err.strerror or err}"
+    return None
+
+
+def hub_unreachable(model: str, flag: str, why: str) -> HubUnreachable:
+    """The error for a hub id that is neither downloaded nor reachable, saying what to do instead."""
+    return HubUnreachable(
+        f"{flag} {model}: the Hugging Face hub cannot be reached ({why}) and the model is not downloaded here. "
+        f"Download it into a folder on a machine with network (huggingface-cli download {model} --local-dir "
+        f"FOLDER) and give that folder as {flag}, or set HF_HUB_OFFLINE=1 to use only downloaded models")
+
+
+def _hub_files(model: str, flag: str) -> list[str]:
+    """The files of hub repository `model`; raises ValueError in words when it cannot be listed."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    why = hub_unreachable_reason()
+    if why:
+        raise hub_unreachable(model, flag, why)
+    try:
+        return HfApi().list_repo_files(model)
+    except GatedRepoError:
+        raise ValueError(f"{flag} {model} is gated: accept its licence on huggingface.co, then log in here with "
+                         "`huggingface-cli login`") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{flag} {model}: not found on the hub (a private model needs `huggingface-cli login`); "
+                         "check the id, or give a local folder") from None
+    except Exception as err:
+        if is_network_error(err):
+            raise hub_unreachable(model, flag, f"{type(err).__name__}: {err}") from None
+        raise
 
 
 def _weights_in(files: list[str], where: str) -> None:
@@ -57,9 +131,9 @@ def check_model_source(model: str, flag: str = "--model") -> None:
         raise ValueError(f"{flag} {model}: no such folder; check the path (or give a hub id such as "
                          "OpenGVLab/InternVL3-1B-hf)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
+    try:  # downloaded files first: no network needed
         local = snapshot_download(model, local_files_only=True)
     except LocalEntryNotFoundError:
         local = None
@@ -68,22 +142,11 @@ def check_model_source(model: str, flag: str = "--model") -> None:
         return
     if hub_offline():
         raise ValueError(f"{flag} {model} is not downloaded and this machine is offline (HF_HUB_OFFLINE=1), nor is "
-                         f"it a folder here: download it first on a connected machine "
-                         f"(huggingface-cli download {model}; for a gated model log in with `huggingface-cli login` "
-                         "and accept its licence on huggingface.co), or give a local folder or the demo model")
-    from huggingface_hub import HfApi
-
-    try:
-        files = HfApi().list_repo_files(model)
-    except GatedRepoError:
-        raise ValueError(f"{flag} {model} is gated: accept its licence on huggingface.co, then log in here with "
-                         "`huggingface-cli login`") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"{flag} {model}: not found on the hub (a private model needs `huggingface-cli login`); "
-                         "check the id, or give a local folder") from None
-    except OSError as err:  # no network: requests' and httpx' connection errors are OSErrors
-        raise ValueError(f"{flag} {model}: not downloaded, and the hub cannot be reached ({err}); connect to the "
-                         f"network or download it first (huggingface-cli download {model})") from None
+                         "it a folder here: download it into a folder on a machine with network (huggingface-cli "
+                         f"download {model} --local-dir FOLDER; for a gated model log in with `huggingface-cli login` "
+                         f"and accept its licence on huggingface.co) and give that folder as {flag}, or use the demo "
+                         "model")
+    files = _hub_files(model, flag)
     _weights_in(files, f"{flag} {model}")
 
 

@@ -1,7 +1,8 @@
 """The backend registry: backend name -> "module:Class", so the run machine never imports a backend by name.
 
-A new model family is one more folder in pipelines/ (a `pipelines.runner.Backend` subclass in it) and one line
-here; nothing else in the run machine changes.
+A new model family is one more folder in pipelines/ with a `pipelines.runner.Backend` subclass (backend.py) and
+what the planner needs to know about it (planning.py: a `pipelines.runner.planning.Planning`), and one line for
+each in BACKENDS and PLANNING here; nothing else in the run machine or the planner changes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ BACKENDS: dict[str, str] = {
     "flux": "pipelines.flux.backend:FluxBackend",  # FLUX.1 [dev] / [schnell] via diffusers: DreamBooth LoRA
     "vlm": "pipelines.internvl.backend:VlmBackend",  # InternVL via transformers: image + question/answer LoRA
     "flux2": "pipelines.flux2.backend:Flux2Backend",  # FLUX.2 [dev] / [klein] via diffusers: DreamBooth LoRA
+}
+
+# What the planner knows of each family (pipelines.runner.planning.Planning), under its backend's name. The
+# planner asks them in this order and the first that reads a model's files (or claims a bundle) wins.
+PLANNING: dict[str, str] = {
+    "flux": "pipelines.flux.planning:PLANNING",
+    "vlm": "pipelines.internvl.planning:PLANNING",
+    "flux2": "pipelines.flux2.planning:PLANNING",
 }
 
 
@@ -75,3 +84,12 @@ def backend_class(name: str) -> type:
             raise ValueError(f"backend {name!r} is not available in this version ({module_name} is missing)") from None
         raise
     return getattr(module, class_name)
+
+
+def plannings() -> dict:
+    """Backend name -> its registered `Planning` (imported on first use), in registration order."""
+    found = {}
+    for name, target in PLANNING.items():
+        module_name, _, attr = target.partition(":")
+        found[name] = getattr(importlib.import_module(module_name), attr)
+    return found
