@@ -102,8 +102,8 @@ def error_on(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Te
 def optimum_error(weight: torch.Tensor, calibration: torch.Tensor, ordinary: torch.Tensor | None, rank: int) -> float:
     """The error on `ordinary` (None: on the calibration inputs) of the float64 optimum for `calibration`."""
     w = weight.double()
-    l, q = torch.linalg.eigh(calibration.double())
-    m = w @ (q * l.clamp_min(0).sqrt())  # W S: (out, in)
+    lam, q = torch.linalg.eigh(calibration.double())
+    m = w @ (q * lam.clamp_min(0).sqrt())  # W S: (out, in)
     if ordinary is None:  # Eckart-Young: the error is the tail of the singular values of W S
         sigma = torch.linalg.svdvals(m)
         return float((sigma[rank:].square().sum() / sigma.square().sum()).sqrt())
@@ -131,7 +131,7 @@ def rows_for(weight, calibration, ordinary, label, ratios, solvers, device, plai
                   f"| {rank} | {seconds:.2f} | {total:.2f} | {error:.4f} | {best:.4f} | {error / best - 1:+.2%} |",
                   flush=True)
             del u, v
-    del white, w, c
+    white = w = c = None  # free this layer's device copies (not `del`: the timed lambdas above read them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -307,7 +307,7 @@ def report(task, seeds, ratios, metrics, zero, by_ratio, calibration, minutes) -
     if rows and len(task.lam_sweep) > 3:
         lines += ["", f"λ sweep at ratio 0.5 (full model + corrected LoRA; {'/'.join(metrics)}):", "",
                   "| λ | score |", "|---:|---|"]
-        lines += [f"| {l} | {fmt(rows, f'lam={l}', metrics)} |" for l in task.lam_sweep]
+        lines += [f"| {lam} | {fmt(rows, f'lam={lam}', metrics)} |" for lam in task.lam_sweep]
     if calibration:
         lines += ["", f"Calibration-size sweep at ratio 0.5, seed {seeds[0]} ({'/'.join(metrics)}; one seed, so the "
                   "interval is over items only):", "",

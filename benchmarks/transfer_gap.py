@@ -240,11 +240,11 @@ def report(backend: str, model: Path, results: dict[float, dict], methods: list[
         f"ratio {ratio}: {cell(r['base error'])}, {cell(r['full, no LoRA'])}" for ratio, r in results.items()), ""]
     kinds = sorted({k for r in results.values() for (_, _, k) in r["types"]})
     lines += ["One layer type corrected, the others uncorrected (gap):", "",
-              "| ratio | corrected | " + " | ".join(f"{m} λ={lam_name(l)}" for m in methods for l in TYPE_LAMS) + " |",
+              "| ratio | corrected | " + " | ".join(f"{m} λ={lam_name(lam)}" for m in methods for lam in TYPE_LAMS) + " |",
               "|---:|---|" + "---:|" * (len(methods) * len(TYPE_LAMS))]
     for ratio, result in results.items():
         for kind in kinds:
-            cells = [cell(result["types"][(m, l, kind)]) for m in methods for l in TYPE_LAMS]
+            cells = [cell(result["types"][(m, lam, kind)]) for m in methods for lam in TYPE_LAMS]
             lines.append(f"| {ratio} | {kind} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds per correction of the whole adapter (λ = ∞): " + ", ".join(
         f"{m} {sum(r['gaps'][(m, math.inf)][1][0] for r in results.values()) / len(results):.2f}" for m in methods)]

@@ -60,8 +60,8 @@ def error_on(w, approx, x):
 
 def optimum(w, c, rank):
     """The dense float64 optimum `U_k U_kᵀ W`, `U_k` the top-k left singular vectors of `W S`, `S Sᵀ = C`."""
-    l, q = torch.linalg.eigh(c)
-    u = torch.linalg.svd(w @ (q * l.clamp_min(0).sqrt()), full_matrices=False)[0][:, :rank]
+    lam, q = torch.linalg.eigh(c)
+    u = torch.linalg.svd(w @ (q * lam.clamp_min(0).sqrt()), full_matrices=False)[0][:, :rank]
     return u @ u.T @ w
 
 
