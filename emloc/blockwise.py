@@ -1,4 +1,4 @@
-"""Calibration and emulator construction in one streamed pass, block by block (DESIGN.md steps 1-2, "Memory").
+"""Calibration and emulator construction in one streamed pass, block by block (docs/method.md steps 1-2, "Memory").
 
 The model is a skeleton (parameters on `meta`) plus a `CheckpointReader` over its safetensors files. The
 calibration samples enter the first block as hidden states `h_0` (kept for all samples); then for each

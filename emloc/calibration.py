@@ -1,4 +1,4 @@
-"""Calibration statistics (DESIGN.md step 1): `C = Σ_tokens xᵀx` per target linear layer.
+"""Calibration statistics (docs/method.md step 1): `C = Σ_tokens xᵀx` per target linear layer.
 
 The user's own samples run through the *original* model, one batch at a time; a forward hook on
 each target `nn.Linear` adds `xᵀx` of its input (every leading dimension flattened into tokens:

@@ -1,4 +1,4 @@
-"""Weights read from a checkpoint's safetensors files when their turn comes (DESIGN.md "Memory").
+"""Weights read from a checkpoint's safetensors files when their turn comes (docs/method.md "Memory").
 
 A big model is never loaded whole: its skeleton is built with parameters on the `meta` device (no memory),
 and `CheckpointReader.materialize(module)` reads one submodule's tensors from the files (memory-mapped,

@@ -1,4 +1,4 @@
-"""LoRA correction (DESIGN.md step 4): make a LoRA trained on the emulator behave the same on the full model.
+"""LoRA correction (docs/method.md step 4): make a LoRA trained on the emulator behave the same on the full model.
 
 LoRA adds `ΔW = s·B A` (A: r x in, B: out x r). On the adapter's input subspace `V = rowspace(A)`
 we want `x (W + ΔW_c)ᵀ = x (W_E + ΔW)ᵀ`. With the thin SVD `Aᵀ = P Σ_a R` (P: in x r, orthonormal):
@@ -222,7 +222,7 @@ def correct_lora(
 ) -> dict[str, torch.Tensor]:
     """A new PEFT adapter state dict (same keys, same dtypes) corrected for the full model.
 
-    `method` is "paper" (DESIGN.md step 4), "weighted" or "rank2r" (see the module docstring); the last two
+    `method` is "paper" (docs/method.md step 4), "weighted" or "rank2r" (see the module docstring); the last two
     read `second_moments[module name]` (Σ xᵀx, as collect_input_stats returns; a run folder keeps them only
     with `keep_statistics`) and take Σ = I for a layer without an entry. "rank2r" returns rank-2r tensors.
 

@@ -1,4 +1,4 @@
-"""The emulator (DESIGN.md step 2): target linears replaced, in place, by rank-k factors `u v`.
+"""The emulator (docs/method.md step 2): target linears replaced, in place, by rank-k factors `u v`.
 
 For a layer `W` (out x in) with rule ratio `ρ`, `k = floor(ρ·in·out/(in+out))`; `W_E = u v` is the
 activation-aware truncated SVD of `W` (see factorize.py). At `ρ = 1`, and where the factors would not be

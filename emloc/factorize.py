@@ -1,4 +1,4 @@
-"""Activation-aware truncated SVD (DESIGN.md step 2), the maths behind one emulator layer.
+"""Activation-aware truncated SVD (docs/method.md step 2), the maths behind one emulator layer.
 
 With the calibration second moment `C = Σ_tokens xᵀx = Q diag(l) Qᵀ` (scaled by `trace(C)/in`,
 tiny eigenvalues clamped) and `S = Q diag(√l)`, so that `S Sᵀ = C`:
@@ -162,7 +162,7 @@ def _weighted_gram64(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors of DESIGN.md step 2 without whitening, for out <= in (float32 `w`).
+    """The factors of docs/method.md step 2 without whitening, for out <= in (float32 `w`).
 
     With `S Sᵀ = C` and `W S = U Σ Vᵀ`: `(W S)(W S)ᵀ = W C Wᵀ = U Σ² Uᵀ`, and since
     `V_kᵀ S⁻¹ = Σ_k⁻¹ U_kᵀ W S S⁻¹`, the factors are `u = U_k Σ_k^½`, `v = Σ_k^-½ U_kᵀ W`: the
@@ -209,7 +209,7 @@ def low_rank_factors(
 def balanced_factors(u_k: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`u = U_k Σ_k^½` (out, k) and `v = Σ_k^-½ U_kᵀ W` (k, in) from the top-k left singular pairs of `W S`.
 
-    `v` equals DESIGN.md's `Σ_k^½ V_kᵀ S⁻¹`, because `V_k = (W S)ᵀ U_k Σ_k⁻¹`, so `V_kᵀ S⁻¹ = Σ_k⁻¹ U_kᵀ W`;
+    `v` equals the method's `Σ_k^½ V_kᵀ S⁻¹`, because `V_k = (W S)ᵀ U_k Σ_k⁻¹`, so `V_kᵀ S⁻¹ = Σ_k⁻¹ U_kᵀ W`;
     no `S⁻¹` is applied, so input directions C hardly saw (eigenvalues at the floor) never multiply the
     float32 rounding of the SVD by `1/√floor` (with S⁻¹, a 1.6% element error at floor 1e-9 on a C from
     fewer tokens than inputs; 1e-6 this way). Singular values below 1e-7 of the largest are clamped there

@@ -1,4 +1,4 @@
-"""LoRA on the emulator with PEFT (DESIGN.md step 3), and the corrected adapter on the full model.
+"""LoRA on the emulator with PEFT (docs/method.md step 3), and the corrected adapter on the full model.
 
 `ΔW = s·B A`, `s = lora_alpha / r` (rsLoRA: `lora_alpha / √r`). LowRankLinear is registered with PEFT
 as a custom module, so LoRA wraps it exactly like an nn.Linear; targets are resolved here to exact

@@ -1,4 +1,4 @@
-"""The low-rank layer (DESIGN.md step 2): `y = u(v(x))`, the factors `W_E = u v` of one linear layer.
+"""The low-rank layer (docs/method.md step 2): `y = u(v(x))`, the factors `W_E = u v` of one linear layer.
 
 The layer knows nothing about the model around it; emulator.py decides which layers become one and
 at what rank, and lora.py / correction.py wrap or read it.

@@ -1,4 +1,4 @@
-"""VRAM planner (DESIGN.md "Memory"): the peak GPU memory of every phase of an EMLoC run, before any download.
+"""VRAM planner (docs/method.md "Memory"): the peak GPU memory of every phase of an EMLoC run, before any download.
 
 Input: a model built on the `meta` device (exact parameter counts, no weights) and an ArchitectureSpec
 (how tokens flow through its block stacks), both read through emloc/architecture.py. Each phase's peak is a sum of named parts, each one formula

@@ -1,4 +1,4 @@
-"""Calibration and emulator construction in bounded memory (DESIGN.md steps 1-2, "Memory").
+"""Calibration and emulator construction in bounded memory (docs/method.md steps 1-2, "Memory").
 
 Σ xᵀx for every target layer at once can dwarf the model (float32, in² per layer: ~70 GiB for
 FLUX.1-dev, ~256 GiB for a 38B InternVL). Here the target layers are split, in model order, into

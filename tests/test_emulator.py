@@ -116,7 +116,7 @@ def test_whitened_error_matches_svd_of_weighted_weight(solver, shape, tokens):
 @pytest.mark.parametrize("tokens", [400, 30])
 def test_gram_without_whitening_equals_the_whitened_factorisation(tokens):
     """For out <= in "gram" forms W C Wᵀ instead of whitening C: the same W_E = U_k U_kᵀ W and the same
-    balanced factors (‖u_i‖ = ‖v_i S‖ = σ_i^½) as the dense SVD of W S (DESIGN.md step 2)."""
+    balanced factors (‖u_i‖ = ‖v_i S‖ = σ_i^½) as the dense SVD of W S (docs/method.md step 2)."""
     layer, _, c = anisotropic_layer(out_f=40, in_f=56, tokens=tokens)
     rank = 12
     u, v = low_rank_factors(layer.weight, rank, c, "gram")

@@ -1,4 +1,4 @@
-"""The InternVL backend: teach a vision-language model your images and answers (a recipe, DESIGN.md).
+"""The InternVL backend: teach a vision-language model your images and answers (a recipe of docs/method.md).
 
 Model: a transformers-native `InternVLForConditionalGeneration` (hub ids ending in `-hf`, or a local
 folder; safetensors only). Inputs are packed here from `AutoTokenizer` + `AutoImageProcessor`, because

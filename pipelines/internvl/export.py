@@ -1,6 +1,6 @@
 """What an InternVL run hands the user besides its PEFT adapters: Python that answers a question with them.
 
-InternVLProcessor needs torchvision (its video processor), which many machines lack (see NOTES), so the
+InternVLProcessor needs torchvision (its video processor), which many machines lack (not a dependency here), so the
 snippet builds the model's inputs as pipelines/internvl/inputs.py does: the chat template's image token is
 expanded into `<img>` + image_seq_length·tiles context tokens + `</img>`, and the pixels come from the image
 processor alone.

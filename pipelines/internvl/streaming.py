@@ -1,4 +1,4 @@
-"""InternVL read block by block from its checkpoint files (DESIGN.md "Memory"): what the run machine streams with.
+"""InternVL read block by block from its checkpoint files (docs/method.md "Memory"): what the run machine streams with.
 
 The blocks are the vision encoder's layers up to the feature layer, then the language model's decoder layers.
 A batch becomes the state entering the first block, and each block's input its output, exactly as

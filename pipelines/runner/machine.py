@@ -1,6 +1,6 @@
 """The run machine: one personalisation = one folder `runs/<name>/`, five stages, shared by every backend.
 
-Stages (DESIGN.md "A run"): calibrate -> emulate -> train -> correct -> preview. Each writes its output
+Stages (docs/run-folder.md): calibrate -> emulate -> train -> correct -> preview. Each writes its output
 into a temporary folder that is renamed into place when complete, and is skipped when that output
 already exists, so a crash or a cancel loses at most the current stage; training also keeps periodic
 checkpoints and resumes from the last one. run.json holds every setting, the library versions and
