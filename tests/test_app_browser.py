@@ -27,6 +27,9 @@ from pipelines import demo
 from pipelines.demo import data as demo_data  # noqa: E402
 from vlm_fixtures import save_tiny_internvl, write_colour_images  # noqa: E402
 
+# Every test drives the app in headless chromium, most train to the end: minutes each (pyproject.toml markers).
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 CHROMIUM = "/usr/bin/chromium"
 # Without Debian's chromium these tests are skipped with the line that installs it; CI installs it (.ci/run)
 # and sets CI=true, where a missing browser is a failure, not a skip.
