@@ -1,8 +1,9 @@
 """The run machine: settings, the `Run` that takes a run folder through its five stages, progress events,
-the backend interface and registry, the shared upload checks and the headless CLI (`launch.py train|preview`).
+the backend interface (`backend`) and registry, what a family tells the planner (`planning`), the shared upload
+checks and the headless CLI (`launch.py train|preview`).
 
 May import: `emloc` only. Reaches backends only through `registry` (names -> "module:Class"), so adding a
-model family is one new folder beside this one and one line in registry.py.
+model family is one new folder beside this one and its two lines in registry.py (BACKENDS, PLANNING).
 """
 
 from .backend import Backend
