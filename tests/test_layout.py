@@ -23,7 +23,8 @@ ALLOWED = {
     "pipelines.runner": {"emloc"},
     "pipelines.diffusion_common": {"emloc", "pipelines.runner"},  # what FLUX.1 and FLUX.2 share, family-neutral
     BACKEND: {"emloc", "pipelines.runner", "pipelines.diffusion_common"},
-    "pipelines.planner": {"emloc", "pipelines.runner", "pipelines.diffusion_common", BACKEND},
+    # the planner knows families only through the registry (registry.PLANNING), never by importing one
+    "pipelines.planner": {"emloc", "pipelines.runner"},
     "pipelines.demo": {"emloc", "pipelines.runner", "pipelines.diffusion_common", BACKEND},
     "app": {"pipelines", "pipelines.runner", "pipelines.planner", "pipelines.demo", "pipelines.diffusion_common",
             BACKEND},
