@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.runner import cli
 
+pytestmark = pytest.mark.slow  # torchrun with 2 processes, then 1: 58 s measured on a loaded 2-core machine
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 # Same data, emulator and initial LoRA; the gradient of the 2-sample mean equals the mean of the two processes'
