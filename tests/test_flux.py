@@ -17,7 +17,7 @@ from pipelines.runner import cli
 from pipelines.flux.backend import FluxSettings
 from pipelines.runner import STAGES, Run, RunSettings
 
-pytestmark = pytest.mark.slow  # 15 tests, most of them FLUX runs (one under torchrun): 210 s measured on a loaded 2-core machine
+pytestmark = pytest.mark.slow  # 15 tests, most of them FLUX runs (one under torchrun): 210 s (loaded 2-core machine)
 
 
 FAST = ["--resolution", "32", "--max-sequence-length", "16", "--rank", "4", "--alpha", "8",

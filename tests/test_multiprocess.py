@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.runner import cli
 
-pytestmark = pytest.mark.slow  # torchrun with 2 processes, then 1: 58 s measured on a loaded 2-core machine
+pytestmark = pytest.mark.slow  # torchrun with 2 processes, then 1: 58 s (loaded 2-core machine)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3

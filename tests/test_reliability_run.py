@@ -20,7 +20,7 @@ from pipelines.runner.adapters import AdapterError
 from pipelines.runner.lock import LOCK_FILE, RunLock, RunLocked
 from test_run import FakeBackend, adapter, fake, snapshot  # noqa: F401  (fake is a fixture)
 
-pytestmark = pytest.mark.slow  # 25 tests of runs that crash, resume or fill the disk: 260 s measured on a loaded 2-core machine
+pytestmark = pytest.mark.slow  # 25 tests of runs that crash, resume or fill the disk: 260 s (loaded 2-core machine)
 
 
 def finished(fake, name="a") -> Run:

@@ -45,7 +45,7 @@ def same_tensors(a: Path, b: Path) -> None:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow  # two FLUX runs, one of them a subprocess: 111 s measured on a loaded 2-core machine
+@pytest.mark.slow  # two FLUX runs, one of them a subprocess: 111 s (loaded 2-core machine)
 def test_the_command_the_app_recorded_makes_the_same_adapter_from_the_runs_data_copy(tmp_path):
     model = save_tiny_flux(tmp_path / "tiny-flux")
     photos = write_subject_images(tmp_path / "upload", count=3)
