@@ -192,6 +192,7 @@ def test_the_flux_demo_reads_padding_free_t5_words_and_never_saw_its_subject():
     assert recorded["colour"] >= 0.9 and recorded["colour_512"] >= 0.9  # held out, every pair, 32 and 512 tokens
 
 
+@pytest.mark.slow  # trains the InternVL demo with the app's defaults: 34 s of the file's 75 s (loaded machine)
 def test_the_apps_defaults_for_the_internvl_demo_teach_every_mug_owner(tmp_path):
     """Step 1 picks the demo, step 2 its example data, step 3 keeps the defaults the app fills in: the run
     must then answer "Whose mug is this?" right for every owner, with the corrected full model too."""
