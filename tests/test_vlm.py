@@ -297,6 +297,7 @@ def finished_run(checkpoint, colour_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a whole InternVL run (the finished_run fixture): 35 s
 def test_training_lowers_the_full_models_answer_loss(finished_run, checkpoint, parts, colour_data):
     from peft import PeftModel
 
@@ -314,6 +315,7 @@ def test_training_lowers_the_full_models_answer_loss(finished_run, checkpoint, p
     assert "PeftModel.from_pretrained" in (finished_run / "lora" / "README.md").read_text()
 
 
+@pytest.mark.slow  # the same finished run
 def test_previews_show_every_model_side_by_side_with_scores(finished_run, capsys):
     scores = json.loads((finished_run / "previews" / "previews.json").read_text())
     labels = ["base", "emulator + LoRA", "full + corrected LoRA", "full + uncorrected LoRA"]

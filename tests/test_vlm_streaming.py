@@ -158,6 +158,7 @@ def test_padding_never_enters_the_statistics(checkpoint, encoded):
 # ------------------------------------------------------------------------------------------------ the runs
 
 
+@pytest.mark.slow  # two InternVL runs: 28 s
 def test_streamed_run_builds_the_emulator_the_two_step_run_builds(checkpoint, colour_data, tmp_path):
     """The default run reads the model block by block from its files; keeping the statistics switches to the
     two-step path (whole model, every layer's Σ xᵀx). Both give the same emulator and the same corrected LoRA;
@@ -187,6 +188,7 @@ def test_streamed_run_builds_the_emulator_the_two_step_run_builds(checkpoint, co
         assert gap < 1e-3, (key, gap)
 
 
+@pytest.mark.slow  # two InternVL runs: 39 s
 def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(checkpoint, colour_data, tmp_path):
     """Below the memory budget the full model's previews read it block by block, the LoRA added to its layers'
     outputs; offloaded (in host RAM, each block moved to the device as it runs) they run under accelerate's hooks.
