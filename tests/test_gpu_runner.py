@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.serialization
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
 from pipelines.runner import Run, cli, devices
 from pipelines.runner import registry as backends
