@@ -43,7 +43,8 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     # --standalone: a free rendezvous port, so parallel test runs do not collide on torchrun's default 29500
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "launch.py"), "train", *common, "--batch-size", "1", "--out", str(runs / "two")]
+               str(REPO / "launch.py"), "train", *common, "--batch-size", "1", "--out", str(runs / "two"),
+               "--stages", "calibrate", "emulate", "train", "correct"]  # the main one corrects alone, after the other left
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as two:
         try:
@@ -56,8 +57,9 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == ["two"]  # no per-process folders, no leftovers
     assert not list((runs / "two").glob("**/*.tmp")) and not list((runs / "two").glob("*.creating-*"))
     info = json.loads((runs / "two" / "run.json").read_text())
-    assert {s: info["stages"][s]["status"] for s in ("calibrate", "emulate", "train")} == dict.fromkeys(
-        ("calibrate", "emulate", "train"), "done")
+    assert {s: info["stages"][s]["status"] for s in ("calibrate", "emulate", "train", "correct")} == dict.fromkeys(
+        ("calibrate", "emulate", "train", "correct"), "done")
+    assert (runs / "two" / "lora" / "corrected").is_dir()
 
     assert cli.main([*common, "--batch-size", "2", "--out", str(runs / "one")]) == 0
 

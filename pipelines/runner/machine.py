@@ -46,7 +46,7 @@ from .adapters import check_adapter
 from .backend import Backend
 from .checks import check_device, check_lora_fits, check_writable, confined_name
 from .command import again_folder, train_arguments, train_command
-from .devices import MACHINE, apply_record, device_refusal, held_memory, machine_record
+from .devices import MACHINE, apply_record, device_refusal, held_memory, machine_record, use_device
 from .lock import RunLock
 from .progress import Progress, RunCancelled
 from .registry import backend_class, planner
@@ -252,6 +252,7 @@ class Run:
         made before devices were recorded records this machine's now, the first time it runs."""
         if self.refusal:
             raise ValueError(self.refusal)
+        use_device(self.backend.device)  # this thread's current CUDA device: what PEFT and accelerate mean by "cuda"
         if MACHINE not in self.info:
             self.info[MACHINE] = machine_record(self.settings.mixed_precision, self.backend)
         elif self.info[MACHINE]["device"] != str(self.backend.device):  # the device the user named (or cuda:N)

@@ -213,7 +213,8 @@ def train(run: Run, out: Path) -> None:
             checkpoint = done % settings.checkpoint_every == 0 and done < settings.steps
             sample = accelerator.is_main_process and (bool(every and done % every == 0) or (run.dir / SAMPLE_NOW).exists())
             if checkpoint or sample or done % read_every == 0 or done == settings.steps:
-                read_losses()  # the same steps on every process, so a non-finite loss stops them all together
+                read_losses()  # checkpoint and every-N steps are the same on every process: a non-finite loss
+                # stops them all at one step
             else:  # the step count moves; its loss comes with the next read
                 run.emit(Progress("train", done, settings.steps, eta=_eta(began, start, done, settings.steps)))
             if checkpoint and accelerator.is_main_process:
