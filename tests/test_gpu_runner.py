@@ -162,6 +162,16 @@ def test_an_indexed_cuda_device_is_made_current_before_the_accelerator_exists(mo
     assert made_current == []  # plain "cuda" and the CPU need nothing
 
 
+# -- F8: the process group's timeout -----------------------------------------------------------------------------
+def test_the_process_group_waits_hours_for_the_stages_the_main_process_runs_alone(monkeypatch):
+    import accelerate
+
+    asked = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: asked.append(kwargs))
+    devices.distributed_state(torch.device("cuda", 0))
+    assert asked[0]["cpu"] is False and asked[0]["timeout"].total_seconds() >= 6 * 3600  # NCCL's default: 600 s
+
+
 # -- F12: two trainings in one process ------------------------------------------------------------------------
 def test_two_trainings_in_one_process_may_ask_different_precisions(fake):
     root, settings, fake_settings = fake

@@ -10,6 +10,9 @@ GPUs, float32 on the CPU (F13). Training creates its `Accelerator` through `new_
 the run's CUDA device the current one (`--device cuda:1` must not train on cuda:0, F3) and starts accelerate's
 per-process state afresh (a second job in the app's process may ask another precision, F12).
 
+Under torchrun the process group waits hours, not NCCL's 10 minutes, for the stages the main process runs alone
+(F8; `distributed_state`).
+
 Each stage records what it held (`held_memory`): the device's allocated and reserved peaks and the host's peak
 resident memory, beside the plan's figures; `memory_report` puts the two side by side for the app (F9).
 """
@@ -17,6 +20,7 @@ resident memory, beside the plan's figures; `memory_report` puts the two side by
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import re
@@ -32,6 +36,21 @@ MACHINE = "machine"  # run.json: {"device", "dtype", "mixed_precision", "note"} 
 GiB = 1024 ** 3
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HOST_SAMPLE_SECONDS = 0.05  # how often the host's resident memory is read while a stage runs
+
+
+# How long the other processes of a torchrun job may wait in a barrier while the main one alone builds the cache,
+# calibrates and builds the emulator: hours on a consumer GPU (float64 factorisation, streamed reads), where NCCL's
+# default of 10 minutes would abort them and torchrun would then kill the main process mid-stage. A process that
+# fails still ends the job at once: torchrun stops every worker when one exits with an error.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def distributed_state(device: torch.device | None = None):
+    """accelerate's view of the processes: one, or several under `accelerate launch` / `torchrun`."""
+    from accelerate import PartialState
+
+    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    return PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
 
 
 # -- device and precision ----------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from .adapters import check_adapter
 from .backend import Backend
 from .checks import check_device, check_lora_fits, check_writable, confined_name
 from .command import again_folder, train_arguments, train_command
-from .devices import MACHINE, apply_record, device_refusal, held_memory, machine_record, use_device
+from .devices import (MACHINE, apply_record, device_refusal, distributed_state, held_memory, machine_record,
+                      use_device)
 from .lock import RunLock
 from .progress import Progress, RunCancelled
 from .registry import backend_class, planner
@@ -67,21 +68,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-# How long the other processes of a torchrun job may wait in a barrier while the main one alone builds the cache,
-# calibrates and builds the emulator: hours on a consumer GPU (float64 factorisation, streamed reads), where NCCL's
-# default of 10 minutes would abort them and torchrun would then kill the main process mid-stage. A process that
-# fails still ends the job at once: torchrun stops every worker when one exits with an error.
-PROCESS_GROUP_TIMEOUT = _dt.timedelta(hours=24)
-
-
-def distributed_state(device: torch.device | None = None):
-    """accelerate's view of the processes: one, or several under `accelerate launch` / `torchrun`."""
-    from accelerate import PartialState
-
-    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
-    return PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def _now() -> str:
@@ -337,6 +323,7 @@ class Run:
 
         The results so far (emulator adapter, lora/, previews, export zip) are moved whole, by rename, into
         `earlier/step-<old steps>/` before anything is trained: the finished adapter is never lost."""
+        self._check_device()
         with self._lock():
             done = self.settings.steps
             if steps <= done:
