@@ -12,7 +12,20 @@ Each subcommand parses its own flags (`python launch.py plan --help`).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+ALLOCATOR = "expandable_segments:True"
+
+
+def default_allocator(environ: dict = os.environ) -> None:
+    """PyTorch's CUDA allocator grows segments instead of caching fixed ones (less memory reserved but unused next to
+    a tight plan), unless the user configured the allocator. Read when torch first allocates: set before import."""
+    if not environ.get("PYTORCH_CUDA_ALLOC_CONF") and not environ.get("PYTORCH_ALLOC_CONF"):
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR
+
+
+default_allocator()  # at process start, before any subcommand imports torch
 
 # subcommand -> "module:function(argv) -> exit code"
 COMMANDS = {

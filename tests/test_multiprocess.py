@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     # --standalone: a free rendezvous port, so parallel test runs do not collide on torchrun's default 29500
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "launch.py"), "train", *common, "--batch-size", "1", "--out", str(runs / "two")]
+               str(REPO / "launch.py"), "train", *common, "--batch-size", "1", "--out", str(runs / "two"),
+               "--stages", "calibrate", "emulate", "train", "correct"]  # the main one corrects alone, after the other left
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as two:
         try:
@@ -57,8 +59,9 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == ["two"]  # no per-process folders, no leftovers
     assert not list((runs / "two").glob("**/*.tmp")) and not list((runs / "two").glob("*.creating-*"))
     info = json.loads((runs / "two" / "run.json").read_text())
-    assert {s: info["stages"][s]["status"] for s in ("calibrate", "emulate", "train")} == dict.fromkeys(
-        ("calibrate", "emulate", "train"), "done")
+    assert {s: info["stages"][s]["status"] for s in ("calibrate", "emulate", "train", "correct")} == dict.fromkeys(
+        ("calibrate", "emulate", "train", "correct"), "done")
+    assert (runs / "two" / "lora" / "corrected").is_dir()
 
     assert cli.main([*common, "--batch-size", "2", "--out", str(runs / "one")]) == 0
 
@@ -75,3 +78,29 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
         diff = float((adapters[0][key] - one).abs().max())
         change = float((one - start[key]).abs().max())
         assert diff <= ADAPTER_TOLERANCE * max(change, 1e-6), f"{key}: max |diff| {diff:.2e}, moved {change:.2e}"
+
+
+def test_a_refusal_on_the_main_process_ends_every_process_at_once(tmp_path):
+    """Run.create runs on the main process only; when it refuses (here: the folder exists), the other process is
+    told and stops with the same words, instead of waiting in a barrier for a folder that will not come."""
+    model = save_tiny_flux(tmp_path / "tiny-flux")
+    write_subject_images(tmp_path / "dog", count=4, seed=1)
+    taken = tmp_path / "runs" / "taken"
+    taken.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "launch.py"), "train", *_common(model, tmp_path / "dog"), "--out", str(taken)]
+    began = time.monotonic()
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as two:
+        try:
+            _, stderr = two.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(two.pid, signal.SIGKILL)
+            _, stderr = two.communicate()
+            pytest.fail("a refused run kept torchrun waiting for 90 s:\n" + stderr[-3000:])
+    assert two.returncode != 0
+    assert stderr.count("already exists; choose another --out") == 2, stderr[-3000:]  # the main's, and the other's
+    assert "error: the main process could not create the run" in stderr
+    assert time.monotonic() - began < 90
+    assert list(taken.iterdir()) == []  # nothing written into the user's folder

@@ -7,9 +7,11 @@ model family is one new folder beside this one and its two lines in registry.py 
 """
 
 from .backend import Backend
+from .devices import memory_report
 from .machine import Run, distributed_state, library_versions, write_json_atomic
 from .progress import Progress, RunCancelled
 from .settings import LOSS_LOG, PREVIEW_VARIANTS, RUN_FILE, STAGE_OUTPUT, STAGES, RunSettings, parse_rules
 
 __all__ = ["LOSS_LOG", "PREVIEW_VARIANTS", "RUN_FILE", "STAGES", "STAGE_OUTPUT", "Backend", "Progress", "Run",
-           "RunCancelled", "RunSettings", "distributed_state", "library_versions", "parse_rules", "write_json_atomic"]
+           "RunCancelled", "RunSettings", "distributed_state", "library_versions", "memory_report", "parse_rules",
+           "write_json_atomic"]

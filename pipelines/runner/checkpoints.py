@@ -59,6 +59,13 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint that cannot be resumed from; the message says what is wrong with it."""
 
 
+def _device_error(err: RuntimeError) -> bool:
+    """A RuntimeError about a device (CUDA missing, out of memory, a driver fault), which says nothing about the
+    checkpoint: classing it "damaged" would set aside checkpoints that are whole."""
+    words = str(err).lower()
+    return any(w in words for w in ("cuda", "device", "out of memory", "hip", "mps"))
+
+
 def read_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.Optimizer
                      ) -> tuple[int, dict[str, torch.Tensor], dict]:
     """(step, adapter state, optimizer state) of a checkpoint, all checked before anything is loaded."""
@@ -68,8 +75,12 @@ def read_checkpoint(folder: Path, peft_model: nn.Module, optimizer: torch.optim.
     try:
         step = json.loads((folder / "state.json").read_text())["step"]
         adapter = load_file(str(folder / "adapter.safetensors"))
-        saved = torch.load(folder / "optimizer.pt", weights_only=True)
+        # onto the CPU whatever device wrote it (a GPU run's Adam moments are tagged cuda:N, which a process
+        # without that GPU cannot rebuild); load_state_dict then moves each state to its parameter's device
+        saved = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
     except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
+        if isinstance(err, RuntimeError) and _device_error(err):  # this machine's fault, not the checkpoint's
+            raise
         raise DamagedCheckpoint(f"unreadable: {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(step, int) or step != int(CHECKPOINT_NAME.fullmatch(folder.name).group(1)):
         raise DamagedCheckpoint(f"state.json says step {step!r}")

@@ -156,6 +156,30 @@ def _execute(run: Run, stages: list[str], quiet: bool, extend_to: int | None = N
     return 0
 
 
+def _create_on_main(folder: str, backend: str, run_settings: RunSettings, settings: Any) -> Run:
+    """The main process creates the run folder and the others open it; when the main one is refused (bad data, a
+    plan that does not fit) every process raises its error, so none waits for a folder that will not come."""
+    processes = distributed_state(run_settings.resolved_device())
+    if processes.num_processes == 1:
+        return Run.create(folder, backend, run_settings, settings)
+    from accelerate.utils import broadcast_object_list
+
+    refusal = [None]
+    if processes.is_main_process:
+        try:
+            run = Run.create(folder, backend, run_settings, settings)
+        except Exception as err:
+            refusal = [(type(err).__name__, str(err))]
+            broadcast_object_list(refusal, from_process=0)
+            raise
+    broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        kind, message = refusal[0]
+        error = {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError}.get(kind, ValueError)
+        raise error(f"the main process could not create the run: {message}")
+    return run if processes.is_main_process else Run.open(folder)
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
     for library in ("diffusers", "transformers"):  # their per-file loading bars would drown the run's own
@@ -197,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             if not (Path(args.out) / RUN_FILE).is_file():
                 raise FileNotFoundError(f"{args.out} is not a run folder (no {RUN_FILE}); check the --out path")
-            run = Run.open(args.out)
             given = given_settings(RunSettings, args)
+            run = Run.open(args.out, device=given.pop("device", None))  # --device: where to continue this run
             steps = given.pop("steps", run.settings.steps)
             if given or (backend_type and given_settings(backend_type.settings_class, args)):
                 print("note: --resume continues with the settings saved in run.json (only --steps can change, to "
-                      "train further); other settings are ignored", file=sys.stderr)
+                      "train further, and --device, where to continue); other settings are ignored", file=sys.stderr)
             if steps != run.settings.steps:
                 return _execute(run, args.stages, args.quiet, extend_to=steps)
         else:
@@ -221,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             if suggested:
                 print("the demo model's suggested settings (flags given win): "
                       + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggested.items()), file=sys.stderr)
-            processes = distributed_state(run_settings.resolved_device())
-            if processes.is_main_process:  # one process creates the folder; the others open it
-                run = Run.create(args.out, args.backend, run_settings, settings)
-            processes.wait_for_everyone()
-            if not processes.is_main_process:
-                run = Run.open(args.out)
+            run = _create_on_main(args.out, args.backend, run_settings, settings)
         return _execute(run, args.stages, args.quiet)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -246,6 +265,8 @@ def preview(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py preview", description="Previews of a finished run.")
     parser.add_argument("--run", required=True, help="the run folder, e.g. runs/my-dog")
     parser.add_argument("--name", help="folder name for these previews (default: previews-<time>)")
+    parser.add_argument("--device", help="where to render: cpu, cuda or cuda:N (default: the device the run was "
+                        "made on)")
     parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     backend_type = None
     if known.run and (Path(known.run) / RUN_FILE).is_file():
@@ -258,7 +279,7 @@ def preview(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _logging(args.log_level)
     try:
-        run = Run.open(args.run)
+        run = Run.open(args.run, device=args.device)
         for name, value in given_settings(backend_type.settings_class, args).items():
             setattr(run.backend.settings, name, value)
         console = ConsoleProgress()

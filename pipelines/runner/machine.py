@@ -44,8 +44,10 @@ from safetensors.torch import load_file, save_file
 from . import stages as bodies  # the stage bodies; kept apart so this file stays readable
 from .adapters import check_adapter
 from .backend import Backend
-from .checks import check_lora_fits, check_writable, confined_name
+from .checks import check_device, check_lora_fits, check_writable, confined_name
 from .command import again_folder, train_arguments, train_command
+from .devices import (MACHINE, apply_record, device_refusal, distributed_state, held_memory, machine_record,
+                      use_device)
 from .lock import RunLock
 from .progress import Progress, RunCancelled
 from .registry import backend_class, planner
@@ -66,14 +68,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def distributed_state(device: torch.device | None = None):
-    """accelerate's view of the processes: one, or several under `accelerate launch` / `torchrun`."""
-    from accelerate import PartialState
-
-    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
 
 
 def _now() -> str:
@@ -126,6 +120,7 @@ class Run:
         self.dir, self.backend, self.info = Path(folder), backend, info
         self.callbacks: list[Callable[[Progress], None]] = []
         self.cancel_event = threading.Event()
+        self.refusal = ""  # why this run must not compute on this machine's device (see `open`); "" when it may
 
     # -- creating and opening ------------------------------------------------------------------------------
     @classmethod
@@ -138,6 +133,7 @@ class Run:
         if Path(run.model).exists():  # a local model folder: stored absolute, so the run opens from anywhere
             run = dataclasses.replace(run, model=str(Path(run.model).resolve()))
         backend = backend_class(backend_name)(run, settings, run.resolved_device())
+        machine = machine_record(run.mixed_precision, backend)  # device, dtype and precision, once for the run
         check_writable(folder)
         backend.check_model()  # not downloaded, pickle weights only: said before the data is read
         backend.validate()  # bad data fails here, before anything is written
@@ -151,7 +147,7 @@ class Run:
             summary = backend.copy_data(staging / "data")
             info = {"name": folder.name, "backend": backend_name, "created": _now(), "versions": library_versions(),
                     "settings": {"run": asdict(run), "backend": asdict(settings)}, "data": summary,
-                    "stages": {s: {"status": "pending"} for s in STAGES}, "plan": plan,
+                    "stages": {s: {"status": "pending"} for s in STAGES}, "plan": plan, MACHINE: machine,
                     "command": recorded_command(backend_name, backend, folder)}
             write_json_atomic(staging / RUN_FILE, info)
             os.rename(staging, folder)  # the run appears whole or not at all; rename never replaces a folder
@@ -162,8 +158,13 @@ class Run:
         return cls(folder, backend, info)
 
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> "Run":
-        """An existing run, with its backend rebuilt from run.json (to resume it or render previews)."""
+    def open(cls, folder: str | os.PathLike, device: str | None = None) -> "Run":
+        """An existing run, with its backend rebuilt from run.json (to resume it or render previews).
+
+        It computes in the dtype and precision recorded when it was made. `device` (`--device` with `--resume`)
+        names where to continue; without it the run's own device setting is resolved here, and a run whose
+        recorded device is of another kind (made on a GPU, opened where none is) can still be read and exported,
+        but refuses to compute (`execute`, `extend`, `preview`) with a message saying what to do."""
         folder = Path(folder)
         if not (folder / RUN_FILE).is_file():
             raise FileNotFoundError(f"{folder} is not a run folder (no {RUN_FILE})")
@@ -171,9 +172,23 @@ class Run:
         backend_type = backend_class(info["backend"])
         run = settings_from_dict(RunSettings, info["settings"]["run"])
         settings = settings_from_dict(backend_type.settings_class, info["settings"]["backend"])
-        backend = backend_type(run, settings, run.resolved_device())
+        record = info.get(MACHINE)
+        if device is not None:
+            check_device(device)
+            where = torch.device(device)
+        else:
+            try:
+                where = run.resolved_device()
+            except ValueError:  # e.g. made with --device cuda:1, opened where there is no such GPU: readable here
+                where = torch.device("cpu")
+                record = record or {"device": run.device, "dtype": None}
+        backend = backend_type(run, settings, where)
+        if record:
+            apply_record(backend, record)
         backend.use_data(folder / "data")
-        return cls(folder, backend, info)
+        opened = cls(folder, backend, info)
+        opened.refusal = device_refusal(record, where, folder, given=device is not None)
+        return opened
 
     @property
     def settings(self) -> RunSettings:
@@ -214,8 +229,20 @@ class Run:
         Under `accelerate launch` / `torchrun` with several processes, the main process alone runs
         calibrate, emulate, correct and preview and writes every file; all processes train (DDP).
         """
+        self._check_device()
         with self._lock():
             self._execute(stages)
+
+    def _check_device(self) -> None:
+        """Refuse, in words, to compute on a device of another kind than the run was made on (see `open`); a run
+        made before devices were recorded records this machine's now, the first time it runs."""
+        if self.refusal:
+            raise ValueError(self.refusal)
+        use_device(self.backend.device)  # this thread's current CUDA device: what PEFT and accelerate mean by "cuda"
+        if MACHINE not in self.info:
+            self.info[MACHINE] = machine_record(self.settings.mixed_precision, self.backend)
+        elif self.info[MACHINE]["device"] != str(self.backend.device):  # the device the user named (or cuda:N)
+            self.info[MACHINE] = {**self.info[MACHINE], "device": str(self.backend.device)}
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -231,6 +258,7 @@ class Run:
 
     def _execute(self, stages: Iterable[str]) -> None:
         processes = distributed_state(self.backend.device)
+        several = processes.num_processes > 1
         stages = list(stages)
         try:
             self._prepare_cache()
@@ -246,33 +274,47 @@ class Run:
                 raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
             self.check_cancel()
             done = self.output(stage).exists()
-            processes.wait_for_everyone()  # every process has looked before the main one publishes
+            if several:
+                processes.wait_for_everyone()  # every process has looked before the main one publishes
             if done:
                 self._set_stage(stage, "done")
                 self.emit(Progress(stage, 1, 1, message=f"{stage}: already done, skipped"))
-                continue
-            self._set_stage(stage, "running", started=_now())
-            self.emit(Progress(stage, 0, 0, message=f"{stage}: started"))
-            start = time.monotonic()
-            if self.is_main or stage == "train":
-                try:
-                    staging = self._staging(self.output(stage)) if self.is_main else None
+            else:
+                self._run_stage(stage, processes if several else None)
+            if several and stage == "train":
+                # the other processes only train: they leave now rather than wait in a barrier while the main one
+                # corrects and previews (which may outlast any process-group timeout); the main one goes on alone
+                if not self.is_main:
+                    return
+                several = False
+
+    def _run_stage(self, stage: str, processes: Any) -> None:
+        """One stage that has no output yet (`processes`: accelerate's state when there are several, else None)."""
+        self._set_stage(stage, "running", started=_now())
+        self.emit(Progress(stage, 0, 0, message=f"{stage}: started"))
+        start = time.monotonic()
+        if self.is_main or stage == "train":
+            try:
+                staging = self._staging(self.output(stage)) if self.is_main else None
+                with held_memory(self.backend.device) as held:
+                    self.info["stages"][stage]["held"] = held  # filled when the stage ends, failed ones too
                     getattr(bodies, stage)(self, staging)
-                    if self.is_main:
-                        self._publish(staging, self.output(stage))
-                except RunCancelled:
-                    self._set_stage(stage, "cancelled")
-                    raise
-                except BaseException as err:
-                    self._set_stage(stage, "failed", error=f"{type(err).__name__}: {err}")
-                    raise
-                finally:
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+                if self.is_main:
+                    self._publish(staging, self.output(stage))
+            except RunCancelled:
+                self._set_stage(stage, "cancelled")
+                raise
+            except BaseException as err:
+                self._set_stage(stage, "failed", error=f"{type(err).__name__}: {err}")
+                raise
+            finally:
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if processes is not None:
             processes.wait_for_everyone()
-            self._set_stage(stage, "done", finished=_now(), seconds=round(time.monotonic() - start, 2))
-            self.emit(Progress(stage, 1, 1, message=f"{stage}: done in {time.monotonic() - start:.1f} s"))
+        self._set_stage(stage, "done", finished=_now(), seconds=round(time.monotonic() - start, 2))
+        self.emit(Progress(stage, 1, 1, message=f"{stage}: done in {time.monotonic() - start:.1f} s"))
 
     # -- training a finished run further -------------------------------------------------------------------
     def extend(self, steps: int, stages: Iterable[str] = STAGES) -> None:
@@ -281,6 +323,7 @@ class Run:
 
         The results so far (emulator adapter, lora/, previews, export zip) are moved whole, by rename, into
         `earlier/step-<old steps>/` before anything is trained: the finished adapter is never lost."""
+        self._check_device()
         with self._lock():
             done = self.settings.steps
             if steps <= done:
@@ -321,7 +364,9 @@ class Run:
         if self.is_main and not cache.exists():
             self.emit(Progress("cache", 0, 0, message="caching inputs"))
             staging = self._staging(cache)
-            self.backend.build_cache(staging)
+            with held_memory(self.backend.device) as held:
+                self.info["cache"] = {"held": held}  # filled when the cache is built; written with a stage's status
+                self.backend.build_cache(staging)
             self._publish(staging, cache)
         distributed_state(self.backend.device).wait_for_everyone()
         self.backend.load_cache(cache)
@@ -335,15 +380,20 @@ class Run:
             raise FileExistsError(f"{final} already exists; choose another name")
         self.backend.check_preview()
         self.check_adapters()
+        self._check_device()
         with self._lock():
             self._prepare_cache()
             staging = self._staging(final)
             try:
-                bodies.preview(self, staging)
+                with held_memory(self.backend.device) as held:
+                    bodies.preview(self, staging)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             self._publish(staging, final)
+            self.info.setdefault("later_previews", {})[final.name] = {"held": held}
+            if self.is_main:
+                write_json_atomic(self.dir / RUN_FILE, self.info)
         return final
 
     def check_adapters(self) -> None:

@@ -47,7 +47,9 @@ class RunSettings:
                 "least optimiser memory)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay of the optimiser"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), no, bf16 or fp16"})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on a GPU that has it natively, fp16 on older GPUs, none on the CPU), no, bf16 or fp16; "
+                "resolved when the run is created and kept in run.json"})
     checkpoint_every: int = field(default=50, metadata={"help": "save a training checkpoint every N steps"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     calibration_samples: int = field(default=16, metadata={"help": "batches of your data used for calibration"})
@@ -68,7 +70,8 @@ class RunSettings:
                 "refuses to start when nothing fits"})
     gpu_gb: float = field(default=0.0, metadata={
         "help": "GPU memory budget in GiB (0: the device's free memory); ignored on a CPU run"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={
+        "help": "auto, cpu, cuda or cuda:N; a run keeps the kind it was made on (with --resume: where to continue)"})
     offload: bool = field(default=False, metadata={
         "help": "calibrate with the full model in CPU memory, one layer at a time on the GPU (for models larger than it)"})
 

@@ -29,6 +29,7 @@ from emloc.checkpoint import CheckpointReader, map_large_allocations, return_fre
 from emloc.emulator import emulator_files
 
 from .checkpoints import CHECKPOINT_NAME, resume, save_checkpoint, trim_loss_log
+from .devices import MACHINE, new_accelerator, run_precision
 from .models import Run, emulator_model, full_model_streamed, streams
 from .progress import Progress, RunCancelled
 from .settings import LOSS_LOG, PREVIEW_VARIANTS, parse_rules, sample_interval
@@ -132,28 +133,34 @@ def _optimizer(run: Run, params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def _mixed_precision(run: Run) -> str:
-    if run.settings.mixed_precision != "auto":
-        return run.settings.mixed_precision
-    return "bf16" if run.backend.device.type == "cuda" else "no"
+    """The precision recorded when the run was made (never `auto` resolved again on another machine)."""
+    recorded = (run.info.get(MACHINE) or {}).get("mixed_precision")
+    return recorded or run_precision(run.settings.mixed_precision, run.backend.device)[0]
+
+
+LOSS_READS = 10  # on a GPU, the loss is read to the host (a sync) once per this many steps, not every step
+
+
+def loss_read_interval(device: torch.device) -> int:
+    """Steps between reads of the loss to the host: every step on the CPU, where a read costs nothing."""
+    return LOSS_READS if device.type == "cuda" else 1
 
 
 def train(run: Run, out: Path) -> None:
     """LoRA on the emulator; checkpoints every N steps, resumes from the last one, honours cancel."""
-    from accelerate import Accelerator
-
     backend, settings = run.backend, run.settings
     model = emulator_model(run, backend.device)
     model.requires_grad_(False)
     if settings.gradient_checkpointing:
         backend.enable_gradient_checkpointing(model)
-    torch.manual_seed(settings.seed)  # the LoRA's initial A: the same in every run with this seed
     torch.manual_seed(settings.seed)  # LoRA's A is drawn at random: the same --seed gives the same start
     peft_model = emloc.attach_lora(model, settings.lora(settings.lora_targets or backend.default_lora_targets()))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     for p in params:  # trainable weights in float32 even when the frozen model is bf16 (as diffusers' examples)
         p.data = p.data.float()
     optimizer = _optimizer(run, params)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(run), cpu=backend.device.type == "cpu")
+    precision = _mixed_precision(run)
+    accelerator = new_accelerator(backend.device, precision)
     peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     plain = accelerator.unwrap_model(peft_model)
     start = resume(run, plain, optimizer)
@@ -166,9 +173,29 @@ def train(run: Run, out: Path) -> None:
     if accelerator.is_main_process and every and start == 0:
         _sample(run, plain, 0)  # the baseline: what the emulator makes before any training
     began, saved = time.monotonic(), start
+    read_every = loss_read_interval(backend.device)
+    unread: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, seconds) not yet on the host
+
+    def read_losses() -> None:
+        """Bring the unread losses to the host in one sync: log them, report them, stop on a non-finite one (before
+        any checkpoint holds the steps after it: checkpoints are written only right after a read)."""
+        values = torch.stack([loss for _, loss, _ in unread]).float().tolist() if unread else []
+        for (done, _, seconds), value in zip(unread, values):
+            if not math.isfinite(value):
+                raise ValueError(f"the training loss became {value} at step {done}: "
+                                 + _nan_advice(precision))
+            if accelerator.is_main_process:
+                log_file.write(json.dumps({"step": done, "loss": value, "lr": settings.lr, "seconds": seconds}) + "\n")
+            run.emit(Progress("train", done, settings.steps, loss=value,
+                              eta=seconds / (done - start) * (settings.steps - done)))
+        if accelerator.is_main_process:
+            log_file.flush()
+        unread.clear()
+
     with open(loss_log if accelerator.is_main_process else os.devnull, "a") as log_file:
         for step in range(start, settings.steps):
             if run.cancel_event.is_set():
+                read_losses()
                 if accelerator.is_main_process and step > saved:
                     save_checkpoint(run, plain, optimizer, step)
                 raise RunCancelled(f"training cancelled at step {step}; resume the run to continue from there")
@@ -177,28 +204,25 @@ def train(run: Run, out: Path) -> None:
             generator = torch.Generator().manual_seed(seed)
             with accelerator.autocast():
                 loss = backend.training_loss(peft_model, step, generator)
-            value = float(accelerator.reduce(loss.detach(), reduction="mean"))  # the loss of the whole batch
-            if not math.isfinite(value):
-                raise ValueError(f"the training loss became {value} at step {step + 1}: the learning rate is too high "
-                                 "for this data; start a new run with a lower learning rate (a resume would repeat "
-                                 "the same steps)")
+            reduced = accelerator.reduce(loss.detach(), reduction="mean")  # the loss of the whole batch
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            elapsed = time.monotonic() - began
-            if accelerator.is_main_process:
-                log_file.write(json.dumps({"step": done, "loss": value, "lr": settings.lr, "seconds": round(elapsed, 3)}) + "\n")
-                log_file.flush()
-                if done % settings.checkpoint_every == 0 and done < settings.steps:
-                    save_checkpoint(run, plain, optimizer, done)
-                    saved = done
-                asked = (run.dir / SAMPLE_NOW).exists()
-                if asked or (every and done % every == 0):
-                    (run.dir / SAMPLE_NOW).unlink(missing_ok=True)
-                    _sample(run, plain, done)
-            eta = elapsed / (done - start) * (settings.steps - done)
-            run.emit(Progress("train", done, settings.steps, loss=value, eta=eta))
+            unread.append((done, reduced, round(time.monotonic() - began, 3)))
+            checkpoint = done % settings.checkpoint_every == 0 and done < settings.steps
+            sample = accelerator.is_main_process and (bool(every and done % every == 0) or (run.dir / SAMPLE_NOW).exists())
+            if checkpoint or sample or done % read_every == 0 or done == settings.steps:
+                read_losses()  # checkpoint and every-N steps are the same on every process: a non-finite loss
+                # stops them all at one step
+            else:  # the step count moves; its loss comes with the next read
+                run.emit(Progress("train", done, settings.steps, eta=_eta(began, start, done, settings.steps)))
+            if checkpoint and accelerator.is_main_process:
+                save_checkpoint(run, plain, optimizer, done)
+                saved = done
+            if sample:
+                (run.dir / SAMPLE_NOW).unlink(missing_ok=True)
+                _sample(run, plain, done)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -206,6 +230,19 @@ def train(run: Run, out: Path) -> None:
     # run trained further (`train --resume --steps N`) goes on from here exactly
     emloc.write_adapter(emloc.adapter_state(plain), plain.peft_config["default"], out,
                         metadata={"emloc_base_model": settings.model, "emloc_steps": str(settings.steps)})
+
+
+def _eta(began: float, start: int, done: int, steps: int) -> float:
+    return (time.monotonic() - began) / (done - start) * (steps - done)
+
+
+def _nan_advice(precision: str) -> str:
+    advice = ("the learning rate is too high for this data; start a new run with a lower learning rate (a resume "
+              "would repeat the same steps)")
+    if precision == "fp16":  # float16's range is small: large activations overflow to inf whatever the rate
+        advice += ("; this run trains in float16, which overflows on some models: --mixed-precision bf16 or no "
+                   "may avoid it")
+    return advice
 
 
 def _sample(run: Run, model: nn.Module, step: int) -> None:
