@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -66,3 +67,18 @@ def tiny_transformer() -> TinyTransformer:
 def token_batches() -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [{"input_ids": torch.randint(0, 50, (2, 12), generator=generator)} for _ in range(4)]
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """(folder, run settings, backend settings) of a run of the trivial fake backend (tests/fake_backend.py)."""
+    from fake_backend import FakeBackend, FakeSettings
+    from pipelines.runner import RunSettings
+    from pipelines.runner import registry
+
+    monkeypatch.setitem(registry.BACKENDS, "fake", "fake_backend:FakeBackend")
+    FakeBackend.calls, FakeBackend.fail_at_step = {}, None
+    data = tmp_path / "values.json"
+    data.write_text(json.dumps([0.1 * i for i in range(8)]))
+    settings = RunSettings(model="fake", ratio=0.5, steps=9, rank=2, alpha=4, lr=1e-2, checkpoint_every=3, seed=7)
+    return tmp_path, settings, FakeSettings(data=str(data))

@@ -22,7 +22,7 @@ from pipelines.runner import Run, cli, devices
 from pipelines.runner import registry as backends
 from pipelines.runner import stages
 from test_reliability_run import crashed_after_two_checkpoints
-from test_run import FakeBackend, adapter, fake  # noqa: F401  (fake is a fixture)
+from fake_backend import FakeBackend, adapter
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["calibrate", "emulate", "train"]

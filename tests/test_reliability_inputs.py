@@ -22,7 +22,7 @@ from pipelines.internvl.data import read_qa_data
 from pipelines.runner import Run, RunSettings, cli
 from pipelines.runner.data import DataError, load_rgb
 from pipelines.runner.registry import DEMO_MODELS
-from test_run import fake  # noqa: F401  (a fixture)
+
 from vlm_fixtures import write_colour_images
 
 VLM = str(DEMO_MODELS["vlm"])

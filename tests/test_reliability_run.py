@@ -18,7 +18,7 @@ from app.studio import Studio
 from pipelines.runner import Run, cli
 from pipelines.runner.adapters import AdapterError
 from pipelines.runner.lock import LOCK_FILE, RunLock, RunLocked
-from test_run import FakeBackend, adapter, fake, snapshot  # noqa: F401  (fake is a fixture)
+from fake_backend import FakeBackend, adapter, snapshot
 
 pytestmark = pytest.mark.slow  # 25 tests of runs that crash, resume or fill the disk: 260 s (loaded 2-core machine)
 
