@@ -30,10 +30,11 @@ from emloc.checkpoint import CheckpointReader, safetensors_files
 from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
 from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData, DreamBoothSettings  # noqa: F401 (re-exported: app)
+from pipelines.diffusion_common.dreambooth import device_placement
 from pipelines.runner.data import load_rgb, resize_and_crop
 
-from .export import (load_snippet, preview_file_name, sample_images, write_diffusers_lora, write_kohya_export,
-                     write_preview_grid)
+from .export import (load_snippet, offload_settings, preview_file_name, sample_images, write_diffusers_lora,
+                     write_kohya_export, write_preview_grid)
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,14 @@ class FluxBackend(DreamBoothData, Backend):
         self.release()  # text encoders and VAE leave memory before training
 
     def _load_more(self, tensors: dict, meta: dict) -> None:
-        self.cache["pooled"] = [tensors[f"text.{i}.pooled"] for i in range(len(meta["texts"]))]
+        self.cache["pooled"] = [tensors[f"text.{i}.pooled"].to(self.dtype) for i in range(len(meta["texts"]))]
 
     # -- the model ----------------------------------------------------------------------------------------
     def load_model(self, device: torch.device) -> nn.Module:
         from diffusers import FluxTransformer2DModel
 
         model = FluxTransformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
-                                                       use_safetensors=True)
+                                                       use_safetensors=True, **device_placement(device))
         return model.to(device).eval().requires_grad_(False)
 
     def _transformer_folder(self) -> Path:
@@ -188,8 +189,9 @@ class FluxBackend(DreamBoothData, Backend):
         meta, s = self.cache["meta"], self.settings
         images = torch.randint(len(meta["images"]), (size,), generator=generator).tolist()
         views = torch.randint(meta["views"], (size,), generator=generator).tolist()
-        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)])  # (b, c, h, w)
-        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)])
+        # the cache stays on the CPU (load_cache): only this step's rows move to the device
+        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)]).to(self.device)  # (b, c, h, w)
+        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)]).to(self.device)
         sample = torch.randn(mean.shape, generator=generator).to(mean.device)
         x0 = ((mean + std * sample) - meta["shift_factor"]) * meta["scaling_factor"]
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -201,12 +203,12 @@ class FluxBackend(DreamBoothData, Backend):
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         b, c, h, w = noisy.shape
         texts = [meta["image_text"][i] for i in images]
-        embeds = torch.stack([self.cache["embeds"][t] for t in texts])
+        embeds = torch.stack([self.cache["embeds"][t] for t in texts]).to(self.device)
         kwargs = {
             "hidden_states": FluxPipeline._pack_latents(noisy, b, c, h, w).to(self.dtype),  # (b, h/2·w/2, 4c)
             "timestep": (timesteps / 1000).to(self.dtype),
             "guidance": torch.full((b,), s.guidance_scale, device=self.device) if self._guidance() else None,
-            "pooled_projections": torch.stack([self.cache["pooled"][t] for t in texts]).to(self.dtype),
+            "pooled_projections": torch.stack([self.cache["pooled"][t] for t in texts]).to(self.device, self.dtype),
             "encoder_hidden_states": embeds.to(self.dtype),
             "txt_ids": torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
             "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype),
@@ -261,8 +263,8 @@ class FluxBackend(DreamBoothData, Backend):
         try:
             for text, seed in requests:
                 index = meta["texts"].index(text)
-                result = pipe(prompt_embeds=self.cache["embeds"][index][None].to(self.dtype),
-                              pooled_prompt_embeds=self.cache["pooled"][index][None].to(self.dtype),
+                result = pipe(prompt_embeds=self.cache["embeds"][index][None].to(self.device, self.dtype),
+                              pooled_prompt_embeds=self.cache["pooled"][index][None].to(self.device, self.dtype),
                               height=self.settings.resolution, width=self.settings.resolution,
                               num_inference_steps=how["steps"], guidance_scale=how["guidance"],
                               generator=torch.Generator("cpu").manual_seed(seed))
@@ -282,9 +284,8 @@ class FluxBackend(DreamBoothData, Backend):
         transformer where the run's plan did not preview it whole."""
         prompt, seed = self._requests()[0]
         preview = preview_file_name("full + corrected LoRA", prompt, seed)
-        mode = ((plan or {}).get("phases", {}).get("preview") or {}).get("mode", "whole")
         return load_snippet(self.run.model, Path(lora) / "diffusers", prompt, seed, self.settings.resolution,
-                            preview=preview, offload=mode != "whole", **self._sampling())
+                            preview=preview, **offload_settings(plan), **self._sampling())
 
     def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
         return write_preview_grid(folder, outputs, self._requests(), self.settings.resolution)

@@ -26,6 +26,7 @@ from pipelines.flux.backend import DOUBLE_LORA, SINGLE_LORA
 from pipelines.flux2 import layout as flux2_layout
 from pipelines.internvl.backend import LANGUAGE_LINEARS, LORA_TARGETS, VISION_LINEARS
 from pipelines.runner.registry import ROOT
+from pipelines.runner.streaming import block_names
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
                            widest_per_token=5 * h)),
         default_compress=(FLUX_COMPRESS,), default_lora_targets=FLUX_LORA,
         text_tokens=text_tokens, pixels_per_token=16, components=components,
+        text_width=transformer_config.get("joint_attention_dim", 4096),
         lora_input_groups=(r"attn\.(to_q|to_k|to_v)|proj_mlp", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
         lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
 
@@ -143,6 +145,7 @@ def flux2_architecture(transformer_config: dict, components: tuple[Component, ..
                            widest_per_token=3 * h + 2 * m)),
         default_compress=flux2_layout.COMPRESS, default_lora_targets=flux2_layout.LORA_TARGETS,
         text_tokens=text_tokens, pixels_per_token=16, components=components,
+        text_width=transformer_config.get("joint_attention_dim", 15360),
         lora_input_groups=(r"attn\.(to_q|to_k|to_v)", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
         lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
 
@@ -159,8 +162,11 @@ def _text_encoder_component(config: dict) -> Component:
     model = _on_meta(lambda: model_class(built))
     text = getattr(built, "text_config", built)
     working = (text.num_hidden_layers + 1) * text.hidden_size + 3 * text.intermediate_size
+    # streamed as the run streams it (pipelines.runner.streaming): its blocks one at a time, the rest held throughout
+    blocks = [sum(p.numel() for p in model.get_submodule(name).parameters()) for name in block_names(model)]
+    held = _params(model) - sum(blocks) + max(blocks, default=0)
     return Component("text_encoder", _params(model), _largest_piece(model), prompt_encoder=True,
-                     working_per_token=working)
+                     working_per_token=working, streamed_params=held)
 
 
 def vlm_architecture(config: dict) -> ArchitectureSpec:
