@@ -81,7 +81,8 @@ def test_dev_on_24_gb_and_32_gb_of_ram_plans_every_phase_with_the_encoder_stream
     phases = {e.phase for e in plan.memory.estimates if e.method == "emloc"}
     assert phases == {"embeddings", "calibration", "emulator", "training", "correction", "preview"}
     embeddings = plan.get("embeddings", "emloc")
-    assert embeddings.streamed and embeddings.total < 4 * 2 ** 30  # one block of the 24 B encoder, not 45 GiB
+    # what stays loaded while the 24 B encoder streams (embeddings + LM head, 2.57 GiB) and one layer, not 45 GiB
+    assert embeddings.streamed and 4.5 * 2 ** 30 < embeddings.total < 6 * 2 ** 30
     assert plan.get("embeddings", "inference").total > 44 * 2 ** 30  # plain inference holds the encoder whole
     assert plan.get("embeddings", "qlora").total < plan.get("embeddings", "lora").total / 3  # NF4 encoder
     # the encoder is freed after its phase: no later phase counts it
