@@ -27,9 +27,10 @@ Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 
 training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
 correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
 preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits.
-FLUX also runs its text encoders and VAE (one at a time) in calibration: the larger peak counts; its preview keeps
-them resident beside the transformer and adds the VAE decode's working set b·6·c·H·W (c: the VAE's first channels),
-as a training sample round adds it to the VAE. Training also holds one step's batch of cached prompt embeddings.
+FLUX's prompt encoders run in their own phase (embeddings: the cache, and preview prompts typed later), streamed,
+beside the VAE, before any transformer is on the device; the preview keeps the VAE beside the transformer and adds
+its decode's working set b·6·c·H·W (c: the VAE's first channels), as a training sample round does. Training also
+holds one step's batch of cached prompt embeddings.
 Alternatives: LoRA and QLoRA training on the full model, plain inference (preview without adapter, whole).
 `allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
 device="cpu" plans the RAM peak of a run on the CPU (benchmarks/memory.py checks it): one memory holds what a GPU
@@ -267,9 +268,14 @@ def _prompt_embeddings(run: _Run, method: str) -> PhaseEstimate | None:
         weights = {f"weights ({c.name}, outside the blocks + one block)": run.b * (c.streamed_params or c.largest_piece)}
     else:
         weights = {f"weights ({c.name})": run.b * c.params}
+    # the smaller encoders (FLUX.1's CLIP) whole beside it; the VAE encodes the photos in the same stage
+    weights.update({f"weights ({o.name})": run.b * o.params for o in encoders if o is not c})
+    weights.update({f"weights ({o.name})": run.b * o.params for o in _resident_components(run)})
     tokens = run.s.batch_size * (run.s.text_tokens or run.arch.text_tokens)
-    return _estimate("embeddings", method, {**weights, f"activations ({c.name})": run.b * c.working_per_token * tokens},
-                     streamed, "prompt embeddings computed once into the run's cache; the encoder is then freed")
+    activations = {f"activations ({c.name})": run.b * c.working_per_token * tokens,
+                   "working set (VAE encode)": _decode_working_set(run)}
+    return _estimate("embeddings", method, {**weights, **activations}, streamed,
+                     "prompt embeddings computed once into the run's cache; the encoders are then freed")
 
 
 def _component_peak(run: _Run, offload: bool, pixels: int) -> dict[str, float]:
@@ -388,11 +394,11 @@ def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimat
     parts = {**weights, "lora": adapter, "grads": adapter, "optimizer": state, "inputs (the step's batch)": _step_inputs(run)}
     sampling: dict[str, float] = {}
     if method == "emloc" and run.s.samples:
-        # FLUX.1 and FLUX.2 sample from the cached prompt embeddings: of their run-once models only the VAE is built.
+        # FLUX.1 and FLUX.2 sample from the cached prompt embeddings: of their run-once models only the VAE is built
+        # (the prompt encoders never share the device with the transformer: _resident_components).
         # Its decode runs after the last denoising step, but the blocks the transformer's forward freed stay in the
         # caching allocator, sized for it, so both count (as in the preview, _with_components)
-        sampling = {f"sampling: weights ({c.name})": run.b * c.params for c in run.arch.components
-                    if not c.name.startswith("text_encoder")}
+        sampling = {f"sampling: weights ({c.name})": run.b * c.params for c in _resident_components(run)}
         sampling["sampling: activations"] = sum(_inference_activations(run, lora=False).values())
         sampling["sampling: VAE decode"] = _decode_working_set(run)
     if sum(sampling.values()) - adapter > max(sum(activations.values()), step):

@@ -93,9 +93,11 @@ def test_dev_on_24_gb_and_32_gb_of_ram_plans_every_phase_with_the_encoder_stream
     assert "| prompt embeddings |" in table and "FLUX.2 [dev]" in table
 
 
-def test_flux1_plans_have_no_prompt_embeddings_phase():
+def test_flux1_plans_a_prompt_embeddings_phase_with_t5_streamed():
+    """FLUX.1's T5-XXL streams block by block in its own phase (issue 25, F20), like FLUX.2's encoder."""
     plan = plan_run("black-forest-labs/FLUX.1-dev", PlanSettings(budget_gb=24))
-    assert plan.get("embeddings", "emloc") is None and "prompt embeddings" not in plan.to_markdown()
+    embeddings = plan.get("embeddings", "emloc")
+    assert embeddings is not None and embeddings.streamed and "| prompt embeddings |" in plan.to_markdown()
 
 
 def test_a_local_flux2_folder_plans_like_a_catalogue_id(tmp_path):

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
 
 from .kohya import write_kohya_lora
 
@@ -69,22 +68,6 @@ def write_kohya_export(state: dict[str, torch.Tensor], config: Any, folder: Path
     except ValueError as err:
         log.warning("no kohya / ComfyUI file written: %s; use the diffusers file", err)
         return None
-
-
-def sample_images(pipe: Any, model: nn.Module, requests: list[tuple[str, int]], size: int, steps: int,
-                  guidance_scale: float, sequence_length: int) -> list[Image.Image]:
-    """One image per (prompt, seed) request through `model` (a transformer, maybe PEFT-wrapped) in `pipe`."""
-    pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
-    images = []
-    try:
-        for prompt, seed in requests:
-            generator = torch.Generator("cpu").manual_seed(seed)
-            result = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          max_sequence_length=sequence_length, generator=generator)
-            images.append(result.images[0])
-    finally:
-        pipe.transformer = None
-    return images
 
 
 def _slug(text: str) -> str:
@@ -157,16 +140,17 @@ DISK = '''
                               offload_to_disk_path=tempfile.mkdtemp(prefix="offload-", dir="."),'''
 
 
-def offload_settings(plan: dict | None) -> dict:
+def offload_settings(plan: dict | None, t5_gib: float) -> dict:
     """How a snippet offloads the full model on the GPU, from the run's plan (run.json "plan"): "offload" (the
     model is not previewed whole), "disk" (the plan streamed it from the files because host RAM cannot hold it),
-    and "t5_fits": the plan's preview, which counts T5-XXL whole on the GPU, is within its GPU budget."""
+    and "t5_fits": T5-XXL whole (`t5_gib`) beside the plan's preview (which the run ran without T5, from its cached
+    embeddings) is within the plan's GPU budget; unknown budgets offload T5 too."""
     plan = plan or {}
     preview = (plan.get("phases") or {}).get("preview") or {}
     mode = preview.get("mode", "whole")
     budget, need = plan.get("gpu_budget_gib"), preview.get("device_gib")
     return {"offload": mode != "whole", "disk": mode == "files",
-            "t5_fits": budget is not None and need is not None and need <= budget}
+            "t5_fits": budget is not None and need is not None and need + t5_gib <= budget}
 
 
 def load_snippet(model: str, lora_folder: Path, prompt: str, seed: int, size: int, steps: int, guidance: float,

@@ -162,11 +162,15 @@ def _text_encoder_component(config: dict) -> Component:
     model = _on_meta(lambda: model_class(built))
     text = getattr(built, "text_config", built)
     working = (text.num_hidden_layers + 1) * text.hidden_size + 3 * text.intermediate_size
-    # streamed as the run streams it (pipelines.runner.streaming): its blocks one at a time, the rest held throughout
-    blocks = [sum(p.numel() for p in model.get_submodule(name).parameters()) for name in block_names(model)]
-    held = _params(model) - sum(blocks) + max(blocks, default=0)
     return Component("text_encoder", _params(model), _largest_piece(model), prompt_encoder=True,
-                     working_per_token=working, streamed_params=held)
+                     working_per_token=working, streamed_params=_streamed_params(model))
+
+
+def _streamed_params(model: nn.Module) -> int:
+    """Parameters a text encoder streamed as the run streams it (pipelines.runner.streaming) holds at once: its
+    blocks are read one at a time, everything outside them (embeddings, LM head) is held throughout."""
+    blocks = [sum(p.numel() for p in model.get_submodule(name).parameters()) for name in block_names(model)]
+    return _params(model) - sum(blocks) + max(blocks, default=0)
 
 
 def vlm_architecture(config: dict) -> ArchitectureSpec:
@@ -241,11 +245,21 @@ def _build_flux(components: dict[str, dict], text_tokens: int) -> tuple[nn.Modul
     if "text_encoder" in components or "text_encoder_2" in components:
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+        # prompt encoders: the cache stage (and a preview of a prompt typed later) runs them once, before any
+        # transformer is on the device, then frees them. CLIP is held whole; T5-XXL streams block by block
+        # (FluxBackend._pipeline), holding its embeddings and one block. Per token one block's working set:
+        # its input and output, the MLP's hidden (d_ff) twice, and T5's eager attention scores (heads x tokens) with
+        # their float32 softmax (3 elements in the dtype)
         for name, make in (("text_encoder", lambda c: CLIPTextModel(CLIPTextConfig(**c))),
                            ("text_encoder_2", lambda c: T5EncoderModel(T5Config(**c)))):
             if name in components:
                 model = _on_meta(lambda: make(components[name]))
-                extras.append(Component(name, _params(model), _largest_piece(model)))
+                width = model.config.hidden_size
+                ff = getattr(model.config, "d_ff", None) or model.config.intermediate_size
+                scores = 3 * model.config.num_heads * text_tokens if name == "text_encoder_2" else 0
+                held = _streamed_params(model) if name == "text_encoder_2" else _params(model)
+                extras.append(Component(name, _params(model), _largest_piece(model), prompt_encoder=True,
+                                        working_per_token=2 * width + 2 * ff + scores, streamed_params=held))
     if "vae" in components:
         extras.append(_vae_component(AutoencoderKL, components["vae"]))
     return transformer, flux_architecture(config, tuple(extras), text_tokens)
