@@ -197,3 +197,18 @@ def device_placement(device: torch.device | str) -> dict:
     plain load already is that."""
     device = torch.device(device)
     return {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+
+
+def pin_execution_device(pipe, device: torch.device):
+    """`pipe`, making its intermediates (latents, ids, guidance) on `device` whatever its components hold.
+
+    diffusers infers the execution device from its components' parameters; with the text encoders left out and the
+    transformer streamed or offloaded (its parameters on `meta`), a CPU pipeline may pick `meta` (the components are
+    read from a set, so it varies between processes). The pipeline becomes an instance of a subclass whose
+    `_execution_device` is `device`; nothing else changes."""
+    cls = type(pipe)
+    if not getattr(cls, "pinned_device", False):
+        pipe.__class__ = type(cls.__name__, (cls,), {"pinned_device": True,
+                                                     "_execution_device": property(lambda self: self.emloc_device)})
+    pipe.emloc_device = torch.device(device)
+    return pipe

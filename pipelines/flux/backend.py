@@ -30,7 +30,7 @@ from emloc.checkpoint import CheckpointReader, safetensors_files
 from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
 from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData, DreamBoothSettings  # noqa: F401 (re-exported: app)
-from pipelines.diffusion_common.dreambooth import device_placement
+from pipelines.diffusion_common.dreambooth import device_placement, pin_execution_device
 from pipelines.runner.data import load_rgb, resize_and_crop
 from pipelines.runner.streaming import streamed_transformers_model
 
@@ -83,9 +83,9 @@ class FluxBackend(DreamBoothData, Backend):
         from diffusers import FluxPipeline
 
         if self._pipe is None:
-            self._pipe = FluxPipeline.from_pretrained(self.run.model, transformer=None, text_encoder=None,
-                                                      text_encoder_2=None, dtype=self.dtype,
-                                                      use_safetensors=True).to(self.device)
+            self._pipe = pin_execution_device(FluxPipeline.from_pretrained(
+                self.run.model, transformer=None, text_encoder=None, text_encoder_2=None, dtype=self.dtype,
+                use_safetensors=True).to(self.device), self.device)
             self._pipe.set_progress_bar_config(disable=True)
         if text and self._pipe.text_encoder_2 is None:
             from transformers import CLIPTextModel, T5EncoderModel
@@ -289,6 +289,7 @@ class FluxBackend(DreamBoothData, Backend):
         pipe = FluxPipeline.from_pretrained(self.run.model, transformer=None, text_encoder=None, text_encoder_2=None,
                                             tokenizer=None, tokenizer_2=None, dtype=self.dtype,
                                             use_safetensors=True).to(self.device)
+        pipe = pin_execution_device(pipe, self.device)
         pipe.set_progress_bar_config(disable=True)
         requests = [(t, seed) for t in texts for seed in self.settings.preview_seeds]
         try:

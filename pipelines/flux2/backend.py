@@ -28,7 +28,7 @@ from torch import nn
 from emloc.blockwise import BlockwiseModel
 from emloc.checkpoint import CheckpointReader, safetensors_files
 from pipelines.diffusion_common.dreambooth import (DreamBoothData, DreamBoothSettings, device_placement,
-                                                   diffusers_lora_state)
+                                                   diffusers_lora_state, pin_execution_device)
 from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import load_rgb, resize_and_crop
@@ -143,7 +143,7 @@ class Flux2Backend(DreamBoothData, Backend):
                 tokenizer = AutoTokenizer.from_pretrained(str(self._folder("tokenizer")))
                 pipe = self._pipeline_class().from_pretrained(self.run.model, tokenizer=tokenizer, **parts)
                 log.info("the text prompts are tokenized by the tokenizer alone (its processor needs torchvision)")
-            pipe = pipe.to(self.device)
+            pipe = pin_execution_device(pipe.to(self.device), self.device)
             pipe.set_progress_bar_config(disable=True)
             self._pipe = pipe
         if text and self._pipe.text_encoder is None:
