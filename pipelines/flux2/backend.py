@@ -34,43 +34,13 @@ from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import load_rgb, resize_and_crop
 from pipelines.runner.streaming import streamed_transformers_model
 
+from .export import load_snippet
 from .layout import COMPRESS, LORA_TARGETS
 
 log = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
-
-
-SNIPPET = '''import tempfile
-
-import torch
-from diffusers import {pipeline}
-
-# The run's first preview of the full model with the corrected LoRA, made again: the same model, LoRA, prompt,
-# seed, size, denoising steps, guidance and text tokens (a [klein] Base model guides against the empty prompt).
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the run used on each
-pipe = {pipeline}.from_pretrained({model!r}, torch_dtype=dtype, use_safetensors=True){to_device}
-pipe.load_lora_weights({lora!r}, weight_name={weights!r})
-{offload}image = pipe(prompt={prompt!r}, height={size}, width={size}, num_inference_steps={steps}, guidance_scale={guidance},
-             max_sequence_length={tokens}, generator=torch.Generator("cpu").manual_seed({seed})).images[0]
-image.save("sample.png")
-'''
-# A GPU smaller than the transformer: the pipeline-level group offloading keeps the transformer AND the text encoder
-# (24 B for [dev], 45 GiB in bf16: it never goes to the GPU whole) off the GPU and moves one block at a time in, the
-# next one copied while the current one runs (use_stream); only the VAE goes to the GPU whole.
-OFFLOAD = '''if device == "cuda":  # the run's plan: the transformer does not fit this GPU whole
-    pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
-                              offload_type="block_level", num_blocks_per_group=1, use_stream=True,{disk}
-                              exclude_modules=["vae"])
-else:
-    pipe.to(device)
-'''
-# the run's plan streamed the model from its files (host RAM cannot hold it): each block waits in a file of a fresh
-# folder here, not in RAM (remove the folder afterwards)
-DISK = '''
-                              offload_to_disk_path=tempfile.mkdtemp(prefix="offload-", dir="."),'''
 
 
 @dataclass
@@ -342,12 +312,9 @@ class Flux2Backend(DreamBoothData, Backend):
         prompt, seed = self._requests()[0]
         how = self._sampling()
         mode = ((plan or {}).get("phases", {}).get("preview") or {}).get("mode", "whole")
-        offload = OFFLOAD.format(disk=DISK if mode == "files" else "") if mode != "whole" else ""
-        return SNIPPET.format(
-            pipeline=self._index()["_class_name"], model=str(self.run.model), lora=str(Path(lora) / "diffusers"),
-            weights=LORA_FILE, prompt=prompt, size=int(self.settings.resolution), steps=int(how["steps"]),
-            guidance=float(how["guidance"]), tokens=int(self.settings.max_sequence_length), seed=int(seed),
-            to_device="" if offload else ".to(device)", offload=offload)
+        return load_snippet(self._index()["_class_name"], str(self.run.model), Path(lora) / "diffusers", LORA_FILE,
+                            prompt, seed, int(self.settings.resolution), int(how["steps"]), float(how["guidance"]),
+                            int(self.settings.max_sequence_length), mode)
 
     def _requests(self) -> list[tuple[str, int]]:
         prompts = self.settings.preview_prompts or [self.settings.prompt]
