@@ -45,6 +45,9 @@ class Component:
     # its files when the run streams) and is freed before calibration: later phases never hold it
     prompt_encoder: bool = False
     working_per_token: int = 0  # prompt encoder: elements per text token held while one block runs (hidden states)
+    # prompt encoder read block by block: parameters held at once, everything outside its blocks (embeddings, LM
+    # head: 1.38 B for FLUX.2-dev's Mistral3) + its largest block; 0: largest_piece
+    streamed_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class ArchitectureSpec:
     shared_per_token: int = 0
     shared_fp32_per_token: int = 0
     lora_inputs_saved: tuple[str, ...] = ()
+    # flux: elements per text token of the cached prompt embeddings the transformer reads (joint_attention_dim);
+    # the cache stays on the host and each training step moves its batch of them to the device
+    text_width: int = 0
 
 
 @dataclass(frozen=True)

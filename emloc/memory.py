@@ -27,7 +27,10 @@ Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 
 training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
 correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
 preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits.
-FLUX also runs its text encoders and VAE (one at a time) in calibration and preview: the larger peak counts.
+FLUX's prompt encoders run in their own phase (embeddings: the cache, and preview prompts typed later), streamed,
+beside the VAE, before any transformer is on the device; the preview keeps the VAE beside the transformer and adds
+its decode's working set b·6·c·H·W (c: the VAE's first channels), as a training sample round does. Training also
+holds one step's batch of cached prompt embeddings.
 Alternatives: LoRA and QLoRA training on the full model, plain inference (preview without adapter, whole).
 `allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
 device="cpu" plans the RAM peak of a run on the CPU (benchmarks/memory.py checks it): one memory holds what a GPU
@@ -261,13 +264,18 @@ def _prompt_embeddings(run: _Run, method: str) -> PhaseEstimate | None:
     streamed = run.s.offload and method == "emloc"
     if method == "qlora":
         weights = {f"weights ({c.name}, NF4)": NF4_BYTES * c.params}
-    elif streamed:
-        weights = {f"weights ({c.name}, one block)": run.b * c.largest_piece}
+    elif streamed:  # the streamed model keeps what is outside its blocks (embeddings, LM head) loaded throughout
+        weights = {f"weights ({c.name}, outside the blocks + one block)": run.b * (c.streamed_params or c.largest_piece)}
     else:
         weights = {f"weights ({c.name})": run.b * c.params}
+    # the smaller encoders (FLUX.1's CLIP) whole beside it; the VAE encodes the photos in the same stage
+    weights.update({f"weights ({o.name})": run.b * o.params for o in encoders if o is not c})
+    weights.update({f"weights ({o.name})": run.b * o.params for o in _resident_components(run)})
     tokens = run.s.batch_size * (run.s.text_tokens or run.arch.text_tokens)
-    return _estimate("embeddings", method, {**weights, f"activations ({c.name})": run.b * c.working_per_token * tokens},
-                     streamed, "prompt embeddings computed once into the run's cache; the encoder is then freed")
+    activations = {f"activations ({c.name})": run.b * c.working_per_token * tokens,
+                   "working set (VAE encode)": _decode_working_set(run)}
+    return _estimate("embeddings", method, {**weights, **activations}, streamed,
+                     "prompt embeddings computed once into the run's cache; the encoders are then freed")
 
 
 def _component_peak(run: _Run, offload: bool, pixels: int) -> dict[str, float]:
@@ -279,6 +287,19 @@ def _component_peak(run: _Run, offload: bool, pixels: int) -> dict[str, float]:
         if sum(parts.values()) > sum(best.values()):
             best = parts
     return best
+
+
+def _decode_working_set(run: _Run) -> float:
+    """The VAE decode's working set at the run's resolution (b · live elements per pixel · pixels); 0 without one."""
+    if run.arch.family != "flux":
+        return 0
+    return max((run.b * c.transient_per_pixel * run.s.resolution ** 2 for c in _resident_components(run)), default=0)
+
+
+def _step_inputs(run: _Run) -> float:
+    """One training step's batch of cached prompt embeddings on the device, b·B·text tokens·width (the cache itself
+    stays on the host)."""
+    return run.b * run.s.batch_size * run.tokens.get("text", 0) * run.arch.text_width
 
 
 def _lora_terms(run: _Run) -> tuple[int, int, int]:
@@ -370,13 +391,16 @@ def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimat
     and one inference forward (the grads are freed by then, set_to_none)."""
     adapter, state, step = _lora_terms(run)
     activations = _training_activations(run)
-    parts = {**weights, "lora": adapter, "grads": adapter, "optimizer": state}
+    parts = {**weights, "lora": adapter, "grads": adapter, "optimizer": state, "inputs (the step's batch)": _step_inputs(run)}
     sampling: dict[str, float] = {}
     if method == "emloc" and run.s.samples:
-        # FLUX samples from the cached prompt embeddings: of its run-once models only the VAE is loaded
-        sampling = {f"sampling: weights ({c.name})": run.b * c.params for c in run.arch.components
-                    if not c.name.startswith("text_encoder")}
+        # FLUX.1 and FLUX.2 sample from the cached prompt embeddings: of their run-once models only the VAE is built
+        # (the prompt encoders never share the device with the transformer: _resident_components).
+        # Its decode runs after the last denoising step, but the blocks the transformer's forward freed stay in the
+        # caching allocator, sized for it, so both count (as in the preview, _with_components)
+        sampling = {f"sampling: weights ({c.name})": run.b * c.params for c in _resident_components(run)}
         sampling["sampling: activations"] = sum(_inference_activations(run, lora=False).values())
+        sampling["sampling: VAE decode"] = _decode_working_set(run)
     if sum(sampling.values()) - adapter > max(sum(activations.values()), step):
         parts.pop("grads")  # a round runs after zero_grad(set_to_none=True): no grads then
         parts.update(sampling)
@@ -398,7 +422,13 @@ def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
 
 
 def _with_components(run: _Run, phase: str, method: str, model: dict[str, float], offload: bool) -> PhaseEstimate:
-    """The larger of the trained model's peak and any run-once model's (they never share the GPU)."""
+    """The larger of the trained model's peak and any run-once model's alone. A preview pipeline decodes with every
+    model in `model` still resident (FluxPipeline keeps its encoders and the transformer's rest on the GPU), so the
+    VAE decode's working set is added to them: a sum, not the larger of the two. It is added to the transformer's
+    inference activations too: those are freed after the last denoising step, but the caching allocator keeps
+    their blocks, sized for them, reserved."""
+    if phase == "preview":
+        model = {**model, "working set (VAE decode)": _decode_working_set(run)}
     encoders = _component_peak(run, offload, run.s.resolution ** 2 if run.arch.family == "flux" else 0)
     if sum(encoders.values()) > sum(model.values()):
         return _estimate(phase, method, encoders, offload, "peak while a text encoder or the VAE runs")

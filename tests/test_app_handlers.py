@@ -515,7 +515,8 @@ def test_export_snippets_offload_the_model_where_the_runs_plan_did(finished, fin
     assert np.abs(np.asarray(Image.open(tmp_path / "sample.png"), dtype=np.float32) - shown).mean() <= 1.0
     _, vlm_folder = finished_vlm
     vlm = Run.open(vlm_folder).backend.export_snippet(vlm_folder / "lora", offloaded)
-    assert 'device_map="auto"' in vlm and 'max_memory={0: "12GiB", "cpu": "32GiB"}' in vlm
+    # the run's GPU (index 0 here) keeps 2.4 GiB of its 12 GiB budget free of weights (pipelines/internvl/export.py)
+    assert 'device_map="auto"' in vlm and 'max_memory={0: "9.6GiB", "cpu": "32GiB"}' in vlm
     compile(vlm, "vlm-snippet", "exec")
     (tmp_path / "vlm").mkdir()
     printed = run_snippet(vlm, tmp_path / "vlm").strip()  # the tiny model's answer may be empty

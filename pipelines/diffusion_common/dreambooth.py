@@ -151,17 +151,21 @@ class DreamBoothData:
         return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(1).mean()
 
     def load_cache(self, folder: Path) -> None:
-        """The run's cache (build_cache): each text's embeddings, each image's latent distribution per view, and
-        whatever more the family keeps (`_load_more`)."""
+        """The run's cache (build_cache), kept on the CPU: each text's embeddings (in the model's dtype), each
+        image's latent distribution per view (float32), and whatever more the family keeps (`_load_more`)."""
         import json
 
         from diffusers import FlowMatchEulerDiscreteScheduler
         from safetensors.torch import load_file
 
         meta = json.loads((folder / "cache.json").read_text())
-        tensors = load_file(str(folder / "cache.safetensors"), device=str(self.device))
+        # On the CPU for the whole run (FLUX.2-dev: 15 MiB per text in bf16): each step moves its own batch to the
+        # device (`_batch`), so the device holds one batch of embeddings, not every caption's.
+        tensors = load_file(str(folder / "cache.safetensors"), device="cpu")
         n, texts = len(meta["images"]), range(len(meta["texts"]))
-        self.cache.update(meta=meta, embeds=[tensors[f"text.{i}.embeds"] for i in texts],
+        # the embeddings in the model's dtype, as the transformer reads them; the latent distributions stay float32
+        # (noise is added to them in float32 before the step's batch is cast)
+        self.cache.update(meta=meta, embeds=[tensors[f"text.{i}.embeds"].to(self.dtype) for i in texts],
                           mean=[[tensors[f"latent.{i}.{v}.mean"] for v in range(meta["views"])] for i in range(n)],
                           std=[[tensors[f"latent.{i}.{v}.std"] for v in range(meta["views"])] for i in range(n)])
         self._load_more(tensors, meta)
@@ -185,3 +189,26 @@ def diffusers_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict
         tensor = tensor.detach().float().cpu()
         out[f"{match['module']}.lora_{match['part']}.weight"] = tensor * scaling if match["part"] == "B" else tensor
     return out
+
+
+def device_placement(device: torch.device | str) -> dict:
+    """`from_pretrained` keywords that load a model straight onto `device`, one tensor at a time, so the host never
+    holds it whole (diffusers and transformers both read `device_map={"": device}`); none for the CPU, where the
+    plain load already is that."""
+    device = torch.device(device)
+    return {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+
+
+def pin_execution_device(pipe, device: torch.device):
+    """`pipe`, making its intermediates (latents, ids, guidance) on `device` whatever its components hold.
+
+    diffusers infers the execution device from its components' parameters; with the text encoders left out and the
+    transformer streamed or offloaded (its parameters on `meta`), a CPU pipeline may pick `meta` (the components are
+    read from a set, so it varies between processes). The pipeline becomes an instance of a subclass whose
+    `_execution_device` is `device`; nothing else changes."""
+    cls = type(pipe)
+    if not getattr(cls, "pinned_device", False):
+        pipe.__class__ = type(cls.__name__, (cls,), {"pinned_device": True,
+                                                     "_execution_device": property(lambda self: self.emloc_device)})
+    pipe.emloc_device = torch.device(device)
+    return pipe

@@ -30,10 +30,12 @@ from emloc.checkpoint import CheckpointReader, safetensors_files
 from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
 from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData, DreamBoothSettings  # noqa: F401 (re-exported: app)
+from pipelines.diffusion_common.dreambooth import device_placement, pin_execution_device
 from pipelines.runner.data import load_rgb, resize_and_crop
+from pipelines.runner.streaming import streamed_transformers_model
 
-from .export import (load_snippet, preview_file_name, sample_images, write_diffusers_lora, write_kohya_export,
-                     write_preview_grid)
+from .export import (load_snippet, offload_settings, preview_file_name, write_diffusers_lora,
+                     write_kohya_export, write_preview_grid)
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +75,56 @@ class FluxBackend(DreamBoothData, Backend):
         limit = _tokenizer_limit(self.run.model)
         return min(default, limit) if limit else default
 
-    def _pipeline(self):
+    def _pipeline(self, text: bool = True):
+        """Everything but the transformer: the VAE, and with `text` the text encoders: CLIP whole, T5-XXL (8.9 GiB
+        for [dev]) read block by block from its files while it encodes (pipelines.runner.streaming), so the device
+        holds its embeddings and one block, never the whole encoder. Without `text` (every prompt's embeddings are
+        cached) no encoder is built."""
         from diffusers import FluxPipeline
 
-        if self._pipe is None:  # everything but the transformer
-            self._pipe = FluxPipeline.from_pretrained(self.run.model, transformer=None, dtype=self.dtype,
-                                                      use_safetensors=True).to(self.device)
+        if self._pipe is None:
+            self._pipe = pin_execution_device(FluxPipeline.from_pretrained(
+                self.run.model, transformer=None, text_encoder=None, text_encoder_2=None, dtype=self.dtype,
+                use_safetensors=True).to(self.device), self.device)
             self._pipe.set_progress_bar_config(disable=True)
+        if text and self._pipe.text_encoder_2 is None:
+            from transformers import CLIPTextModel, T5EncoderModel
+
+            self._pipe.text_encoder = CLIPTextModel.from_pretrained(
+                self.run.model, subfolder="text_encoder", dtype=self.dtype, use_safetensors=True,
+                **device_placement(self.device)).to(self.device).eval()
+            self._pipe.text_encoder_2 = streamed_transformers_model(self._folder("text_encoder_2"), T5EncoderModel,
+                                                                    self.device, self.dtype)
         return self._pipe
+
+    def _drop_text_encoders(self) -> None:
+        """Free the text encoders once the texts are embedded, before a transformer denoises beside them."""
+        if self._pipe is not None and self._pipe.text_encoder_2 is not None:
+            self._pipe.text_encoder = self._pipe.text_encoder_2 = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{text: (T5 embeddings (tokens, 4096), pooled CLIP embedding (768,))} through the text encoders."""
+        pipe, out = self._pipeline(text=True), {}
+        for text in texts:
+            embeds, pooled, _ = pipe.encode_prompt(text, text, device=self.device,
+                                                   max_sequence_length=self._sequence_length())
+            out[text] = (embeds[0], pooled[0])
+        return out
 
     def build_cache(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        pipe, size = self._pipeline(), self.settings.resolution
-        texts = sorted(set(self.prompts))
+        pipe, size = self._pipeline(text=True), self.settings.resolution
+        texts = sorted(set(self.prompts) | {p for p, _ in self._requests()})  # the previews' prompts too
         tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for index, text in enumerate(texts):
-                embeds, pooled, _ = pipe.encode_prompt(text, text, device=self.device,
-                                                       max_sequence_length=self._sequence_length())
-                tensors[f"text.{index}.embeds"], tensors[f"text.{index}.pooled"] = embeds[0], pooled[0]
+            for index, (embeds, pooled) in enumerate(self._embed(texts).values()):
+                tensors[f"text.{index}.embeds"], tensors[f"text.{index}.pooled"] = embeds, pooled
+            self._drop_text_encoders()
             for index, path in enumerate(self.images):
                 image = np.asarray(resize_and_crop(load_rgb(path), size), dtype=np.float32) / 127.5 - 1.0
                 pixels = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) in [-1, 1]
@@ -110,25 +142,27 @@ class FluxBackend(DreamBoothData, Backend):
         self.release()  # text encoders and VAE leave memory before training
 
     def _load_more(self, tensors: dict, meta: dict) -> None:
-        self.cache["pooled"] = [tensors[f"text.{i}.pooled"] for i in range(len(meta["texts"]))]
+        self.cache["pooled"] = [tensors[f"text.{i}.pooled"].to(self.dtype) for i in range(len(meta["texts"]))]
 
     # -- the model ----------------------------------------------------------------------------------------
     def load_model(self, device: torch.device) -> nn.Module:
         from diffusers import FluxTransformer2DModel
 
         model = FluxTransformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
-                                                       use_safetensors=True)
+                                                       use_safetensors=True, **device_placement(device))
         return model.to(device).eval().requires_grad_(False)
 
     def _transformer_folder(self) -> Path:
-        """The folder of the transformer's config and safetensors: local, or the hub snapshot in the cache."""
-        local = Path(self.run.model) / "transformer"
+        return self._folder("transformer")
+
+    def _folder(self, part: str) -> Path:
+        """The pipeline's `part` folder (config and safetensors): local, or the hub snapshot in the cache."""
+        local = Path(self.run.model) / part
         if local.is_dir():
             return local
         from huggingface_hub import snapshot_download
 
-        snapshot = snapshot_download(self.run.model, allow_patterns=["transformer/*"], local_files_only=True)
-        return Path(snapshot) / "transformer"
+        return Path(snapshot_download(self.run.model, allow_patterns=[f"{part}/*"], local_files_only=True)) / part
 
     def skeleton(self) -> nn.Module:
         from accelerate import init_empty_weights
@@ -188,8 +222,9 @@ class FluxBackend(DreamBoothData, Backend):
         meta, s = self.cache["meta"], self.settings
         images = torch.randint(len(meta["images"]), (size,), generator=generator).tolist()
         views = torch.randint(meta["views"], (size,), generator=generator).tolist()
-        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)])  # (b, c, h, w)
-        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)])
+        # the cache stays on the CPU (load_cache): only this step's rows move to the device
+        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)]).to(self.device)  # (b, c, h, w)
+        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)]).to(self.device)
         sample = torch.randn(mean.shape, generator=generator).to(mean.device)
         x0 = ((mean + std * sample) - meta["shift_factor"]) * meta["scaling_factor"]
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -201,12 +236,12 @@ class FluxBackend(DreamBoothData, Backend):
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         b, c, h, w = noisy.shape
         texts = [meta["image_text"][i] for i in images]
-        embeds = torch.stack([self.cache["embeds"][t] for t in texts])
+        embeds = torch.stack([self.cache["embeds"][t] for t in texts]).to(self.device)
         kwargs = {
             "hidden_states": FluxPipeline._pack_latents(noisy, b, c, h, w).to(self.dtype),  # (b, h/2·w/2, 4c)
             "timestep": (timesteps / 1000).to(self.dtype),
             "guidance": torch.full((b,), s.guidance_scale, device=self.device) if self._guidance() else None,
-            "pooled_projections": torch.stack([self.cache["pooled"][t] for t in texts]).to(self.dtype),
+            "pooled_projections": torch.stack([self.cache["pooled"][t] for t in texts]).to(self.device, self.dtype),
             "encoder_hidden_states": embeds.to(self.dtype),
             "txt_ids": torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
             "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype),
@@ -254,37 +289,77 @@ class FluxBackend(DreamBoothData, Backend):
         pipe = FluxPipeline.from_pretrained(self.run.model, transformer=None, text_encoder=None, text_encoder_2=None,
                                             tokenizer=None, tokenizer_2=None, dtype=self.dtype,
                                             use_safetensors=True).to(self.device)
+        pipe = pin_execution_device(pipe, self.device)
         pipe.set_progress_bar_config(disable=True)
-        how, requests = self._sampling(), [(t, seed) for t in texts for seed in self.settings.preview_seeds]
+        requests = [(t, seed) for t in texts for seed in self.settings.preview_seeds]
+        try:
+            images = self._sample(pipe, model, requests, self._prompt_embeds(texts))
+        finally:
+            del pipe
+        return write_preview_grid(folder, {"emulator + LoRA": images}, requests, self.settings.resolution)
+
+    def _prompt_embeds(self, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{text: (embeddings, pooled)} from the cache (on the CPU, in the model's dtype); texts it lacks (preview
+        prompts typed after the run) are encoded once, kept beside it, and the encoders freed."""
+        meta = self.cache.get("meta", {"texts": []})
+        typed = self.cache.setdefault("typed", {})
+        known = {t: (self.cache["embeds"][i], self.cache["pooled"][i]) for i, t in enumerate(meta["texts"])
+                 if t in texts}
+        known.update({t: typed[t] for t in texts if t in typed})
+        missing = [t for t in texts if t not in known]
+        if missing:
+            embedded = {t: tuple(x.to("cpu", self.dtype) for x in pair) for t, pair in self._embed(missing).items()}
+            self._drop_text_encoders()
+            typed.update(embedded)
+            known.update(embedded)
+        return known
+
+    def load_cache(self, folder: Path) -> None:
+        """The run's cache, then the embeddings of preview prompts typed after the run (launch.py preview --prompt):
+        encoded here, before any transformer is on the device, and the encoders freed again."""
+        super().load_cache(folder)
+        self._prompt_embeds(sorted({p for p, _ in self._requests()}))
+
+    def _sample(self, pipe, model: nn.Module, requests: list[tuple[str, int]], embeds: dict) -> list:
+        """One image per (prompt, seed) through `model` (a transformer, maybe PEFT-wrapped) in `pipe`, from the
+        prompts' embeddings (no text encoder runs)."""
+        how = self._sampling()
         pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
         images = []
         try:
             for text, seed in requests:
-                index = meta["texts"].index(text)
-                result = pipe(prompt_embeds=self.cache["embeds"][index][None].to(self.dtype),
-                              pooled_prompt_embeds=self.cache["pooled"][index][None].to(self.dtype),
+                prompt, pooled = embeds[text]
+                result = pipe(prompt_embeds=prompt[None].to(self.device, self.dtype),
+                              pooled_prompt_embeds=pooled[None].to(self.device, self.dtype),
                               height=self.settings.resolution, width=self.settings.resolution,
                               num_inference_steps=how["steps"], guidance_scale=how["guidance"],
                               generator=torch.Generator("cpu").manual_seed(seed))
                 images.append(result.images[0])
         finally:
             pipe.transformer = None
-            del pipe
-        return write_preview_grid(folder, {"emulator + LoRA": images}, requests, self.settings.resolution)
+        return images
 
     def generate(self, model: nn.Module, label: str) -> list:
-        how = self._sampling()
-        return sample_images(self._pipeline(), model, self._requests(), self.settings.resolution, how["steps"],
-                             how["guidance"], how["sequence_length"])
+        requests = self._requests()
+        embeds = self._prompt_embeds(sorted({p for p, _ in requests}))
+        return self._sample(self._pipeline(text=False), model, requests, embeds)
 
     def export_snippet(self, lora: Path, plan: dict | None = None) -> str:
         """Python that renders the first preview of the corrected LoRA again (diffusers format), offloading the
         transformer where the run's plan did not preview it whole."""
         prompt, seed = self._requests()[0]
         preview = preview_file_name("full + corrected LoRA", prompt, seed)
-        mode = ((plan or {}).get("phases", {}).get("preview") or {}).get("mode", "whole")
         return load_snippet(self.run.model, Path(lora) / "diffusers", prompt, seed, self.settings.resolution,
-                            preview=preview, offload=mode != "whole", **self._sampling())
+                            preview=preview, **offload_settings(plan, self._t5_gib()), **self._sampling())
+
+    def _t5_gib(self) -> float:
+        """GiB of T5-XXL (text_encoder_2) in bf16, as a snippet holds it on a GPU: counted on its meta build."""
+        from accelerate import init_empty_weights
+        from transformers import T5Config, T5EncoderModel
+
+        with init_empty_weights():
+            model = T5EncoderModel(T5Config.from_pretrained(str(self._folder("text_encoder_2"))))
+        return 2 * sum(p.numel() for p in model.parameters()) / 1024 ** 3
 
     def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
         return write_preview_grid(folder, outputs, self._requests(), self.settings.resolution)

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
 
 from .kohya import write_kohya_lora
 
@@ -71,22 +70,6 @@ def write_kohya_export(state: dict[str, torch.Tensor], config: Any, folder: Path
         return None
 
 
-def sample_images(pipe: Any, model: nn.Module, requests: list[tuple[str, int]], size: int, steps: int,
-                  guidance_scale: float, sequence_length: int) -> list[Image.Image]:
-    """One image per (prompt, seed) request through `model` (a transformer, maybe PEFT-wrapped) in `pipe`."""
-    pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
-    images = []
-    try:
-        for prompt, seed in requests:
-            generator = torch.Generator("cpu").manual_seed(seed)
-            result = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          max_sequence_length=sequence_length, generator=generator)
-            images.append(result.images[0])
-    finally:
-        pipe.transformer = None
-    return images
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -123,7 +106,9 @@ def write_preview_grid(folder: Path, outputs: dict[str, list[Image.Image]], requ
     return files + [grid_path]
 
 
-SNIPPET = '''import torch
+SNIPPET = '''import tempfile
+
+import torch
 from diffusers import FluxPipeline
 
 # The preview {preview} of this run, made again: the same model, LoRA, prompt, seed, size, denoising steps,
@@ -138,24 +123,48 @@ image.save("sample.png")
 '''
 
 
-# A GPU smaller than the transformer (the run's plan did not preview it whole): the transformer waits in RAM and
-# diffusers' group offloading moves one block at a time to the GPU; the text encoders and the VAE go to the GPU.
+# A GPU smaller than the transformer (the run's plan did not preview it whole): diffusers' group offloading keeps
+# the pipeline's models off the GPU and moves one block at a time in, the next one copied while the current one runs
+# (use_stream); the models named in exclude_modules go to the GPU whole.
 OFFLOAD = '''if device == "cuda":  # the run's plan: the transformer does not fit this GPU whole
-    pipe.transformer.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
-                                          offload_type="block_level", num_blocks_per_group=1)
-    for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-        part.to(device)
+    # {why}
+    pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                              offload_type="block_level", num_blocks_per_group=1, use_stream=True,{disk}
+                              exclude_modules={resident!r})
 else:
     pipe.to(device)
 '''
+# the run's plan streamed the model from its files (host RAM cannot hold it): each block waits in a file of a fresh
+# folder here, not in RAM (remove the folder afterwards)
+DISK = '''
+                              offload_to_disk_path=tempfile.mkdtemp(prefix="offload-", dir="."),'''
+
+
+def offload_settings(plan: dict | None, t5_gib: float) -> dict:
+    """How a snippet offloads the full model on the GPU, from the run's plan (run.json "plan"): "offload" (the
+    model is not previewed whole), "disk" (the plan streamed it from the files because host RAM cannot hold it),
+    and "t5_fits": T5-XXL whole (`t5_gib`) beside the plan's preview (which the run ran without T5, from its cached
+    embeddings) is within the plan's GPU budget; unknown budgets offload T5 too."""
+    plan = plan or {}
+    preview = (plan.get("phases") or {}).get("preview") or {}
+    mode = preview.get("mode", "whole")
+    budget, need = plan.get("gpu_budget_gib"), preview.get("device_gib")
+    return {"offload": mode != "whole", "disk": mode == "files",
+            "t5_fits": budget is not None and need is not None and need + t5_gib <= budget}
 
 
 def load_snippet(model: str, lora_folder: Path, prompt: str, seed: int, size: int, steps: int, guidance: float,
-                 sequence_length: int, preview: str = "", offload: bool = False) -> str:
+                 sequence_length: int, preview: str = "", offload: bool = False, disk: bool = False,
+                 t5_fits: bool = False) -> str:
     """Python that loads the diffusers-format LoRA and renders one preview again, with every setting it used.
 
-    `offload`: the full model did not fit the run's GPU budget whole, so the snippet offloads it."""
+    `offload`: the full model did not fit the run's GPU budget whole, so the snippet group-offloads it; `disk`: the
+    offloaded blocks wait in files, not RAM; `t5_fits`: T5-XXL (8.9 GiB for [dev]) goes to the GPU whole, else it is
+    group-offloaded like the transformer."""
+    resident = ["text_encoder", "text_encoder_2", "vae"] if t5_fits else ["text_encoder", "vae"]
+    why = ("T5, CLIP and the VAE fit the run's budget whole" if t5_fits
+           else "T5-XXL does not fit the run's budget beside the rest: it is offloaded block by block too")
+    code = OFFLOAD.format(why=why, disk=DISK if disk else "", resident=resident) if offload else ""
     return SNIPPET.format(model=str(model), lora=str(lora_folder), weights=LORA_FILE, prompt=prompt, seed=int(seed),
                           size=int(size), steps=int(steps), guidance=float(guidance), tokens=int(sequence_length),
-                          preview=preview or "image", to_device="" if offload else ".to(device)",
-                          offload=OFFLOAD if offload else "")
+                          preview=preview or "image", to_device="" if offload else ".to(device)", offload=code)

@@ -8,7 +8,7 @@ from torch import nn
 
 from emloc.architecture import ArchitectureSpec, BlockStack, Component
 from pipelines.diffusion_common.planning import read_pipeline, transformer_class_of, vae_component
-from pipelines.runner.planning import Fetch, Planning, component, on_meta
+from pipelines.runner.planning import Fetch, Planning, component, on_meta, param_count, streamed_params
 
 from .backend import DOUBLE_LORA, SINGLE_LORA
 
@@ -42,6 +42,7 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
                            widest_per_token=5 * h)),
         default_compress=(FLUX_COMPRESS,), default_lora_targets=FLUX_LORA,
         text_tokens=text_tokens, pixels_per_token=16, components=components,
+        text_width=transformer_config.get("joint_attention_dim", 4096),
         lora_input_groups=(r"attn\.(to_q|to_k|to_v)|proj_mlp", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
         lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
 
@@ -57,10 +58,21 @@ def build(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:
     if "text_encoder" in components or "text_encoder_2" in components:
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+        # prompt encoders: the cache stage (and a preview of a prompt typed later) runs them once, before any
+        # transformer is on the device, then frees them. CLIP is held whole; T5-XXL streams block by block
+        # (FluxBackend._pipeline), holding its embeddings and one block. Per token one block's working set:
+        # its input and output, the MLP's hidden (d_ff) twice, and T5's eager attention scores (heads x tokens) with
+        # their float32 softmax (3 elements in the dtype)
         for name, make in (("text_encoder", lambda c: CLIPTextModel(CLIPTextConfig(**c))),
                            ("text_encoder_2", lambda c: T5EncoderModel(T5Config(**c)))):
             if name in components:
-                extras.append(component(name, on_meta(lambda: make(components[name]))))
+                model = on_meta(lambda: make(components[name]))
+                width = model.config.hidden_size
+                ff = getattr(model.config, "d_ff", None) or model.config.intermediate_size
+                scores = 3 * model.config.num_heads * text_tokens if name == "text_encoder_2" else 0
+                held = streamed_params(model) if name == "text_encoder_2" else param_count(model)
+                extras.append(component(name, model, prompt_encoder=True,
+                                        working_per_token=2 * width + 2 * ff + scores, streamed_params=held))
     if "vae" in components:
         extras.append(vae_component(AutoencoderKL, components["vae"]))
     return transformer, flux_architecture(config, tuple(extras), text_tokens)

@@ -27,42 +27,20 @@ from torch import nn
 
 from emloc.blockwise import BlockwiseModel
 from emloc.checkpoint import CheckpointReader, safetensors_files
-from pipelines.diffusion_common.dreambooth import DreamBoothData, DreamBoothSettings, diffusers_lora_state
+from pipelines.diffusion_common.dreambooth import (DreamBoothData, DreamBoothSettings, device_placement,
+                                                   diffusers_lora_state, pin_execution_device)
 from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import load_rgb, resize_and_crop
 from pipelines.runner.streaming import streamed_transformers_model
 
+from .export import load_snippet
 from .layout import COMPRESS, LORA_TARGETS
 
 log = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
-
-
-SNIPPET = '''import torch
-from diffusers import {pipeline}
-
-# The run's first preview of the full model with the corrected LoRA, made again: the same model, LoRA, prompt,
-# seed, size, denoising steps, guidance and text tokens (a [klein] Base model guides against the empty prompt).
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the run used on each
-pipe = {pipeline}.from_pretrained({model!r}, torch_dtype=dtype, use_safetensors=True){to_device}
-pipe.load_lora_weights({lora!r}, weight_name={weights!r})
-{offload}image = pipe(prompt={prompt!r}, height={size}, width={size}, num_inference_steps={steps}, guidance_scale={guidance},
-             max_sequence_length={tokens}, generator=torch.Generator("cpu").manual_seed({seed})).images[0]
-image.save("sample.png")
-'''
-# A GPU smaller than the transformer: it waits in RAM and diffusers' group offloading moves one block at a time.
-OFFLOAD = '''if device == "cuda":  # the run's plan: the transformer does not fit this GPU whole
-    pipe.transformer.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
-                                          offload_type="block_level", num_blocks_per_group=1)
-    pipe.text_encoder.to(device)
-    pipe.vae.to(device)
-else:
-    pipe.to(device)
-'''
 
 
 @dataclass
@@ -118,11 +96,12 @@ class Flux2Backend(DreamBoothData, Backend):
 
     # -- the cache: prompt embeddings and latent distributions, computed once --------------------------------
     def _pipeline(self, text: bool = True):
-        """Everything but the transformer; the text encoder (24 B for [dev]) is read block by block from its files
-        while it encodes (pipelines.runner.streaming), so it never needs its whole size in memory."""
+        """Everything but the transformer; with `text`, also the text encoder (24 B for [dev]), read block by block
+        from its files while it encodes (pipelines.runner.streaming), so it never needs its whole size in memory.
+        Without `text` (every prompt's embedding is cached) no part of the encoder is built: even streamed it holds
+        its embeddings and LM head on the device (2.57 GiB for [dev]), which a sample round beside the training model
+        cannot afford."""
         if self._pipe is None:
-            import transformers
-
             parts = dict(transformer=None, text_encoder=None, dtype=self.dtype, use_safetensors=True)
             try:
                 pipe = self._pipeline_class().from_pretrained(self.run.model, **parts)
@@ -134,13 +113,24 @@ class Flux2Backend(DreamBoothData, Backend):
                 tokenizer = AutoTokenizer.from_pretrained(str(self._folder("tokenizer")))
                 pipe = self._pipeline_class().from_pretrained(self.run.model, tokenizer=tokenizer, **parts)
                 log.info("the text prompts are tokenized by the tokenizer alone (its processor needs torchvision)")
-            pipe = pipe.to(self.device)
-            _, class_name = self._index()["text_encoder"]
-            pipe.text_encoder = streamed_transformers_model(self._folder("text_encoder"),
-                                                            getattr(transformers, class_name), self.device, self.dtype)
+            pipe = pin_execution_device(pipe.to(self.device), self.device)
             pipe.set_progress_bar_config(disable=True)
             self._pipe = pipe
+        if text and self._pipe.text_encoder is None:
+            import transformers
+
+            _, class_name = self._index()["text_encoder"]
+            self._pipe.text_encoder = streamed_transformers_model(
+                self._folder("text_encoder"), getattr(transformers, class_name), self.device, self.dtype)
         return self._pipe
+
+    def _drop_text_encoder(self) -> None:
+        """Free the text encoder once the texts are embedded, before the transformer denoises beside it."""
+        if self._pipe is not None and self._pipe.text_encoder is not None:
+            self._pipe.text_encoder = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def _embed(self, pipe, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -189,7 +179,7 @@ class Flux2Backend(DreamBoothData, Backend):
         from diffusers import Flux2Transformer2DModel
 
         model = Flux2Transformer2DModel.from_pretrained(self.run.model, subfolder="transformer", dtype=self.dtype,
-                                                        use_safetensors=True)
+                                                        use_safetensors=True, **device_placement(device))
         return model.to(device).eval().requires_grad_(False)
 
     def _transformer_folder(self) -> Path:
@@ -279,10 +269,11 @@ class Flux2Backend(DreamBoothData, Backend):
         meta, s = self.cache["meta"], self.settings
         images = torch.randint(len(meta["images"]), (size,), generator=generator).tolist()
         views = torch.randint(meta["views"], (size,), generator=generator).tolist()
-        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)])  # (b, 32, H/8, W/8)
-        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)])
+        # the cache stays on the CPU (load_cache): only this step's rows move to the device
+        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)]).to(self.device)  # (b, 32, H/8, W/8)
+        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)]).to(self.device)
         sample = torch.randn(mean.shape, generator=generator).to(mean.device)
-        bn_mean, bn_std = self.cache["bn"]
+        bn_mean, bn_std = (t.to(self.device) for t in self.cache["bn"])
         latents = Flux2Pipeline._patchify_latents(mean + std * sample)  # (b, 128, H/16, W/16)
         x0 = Flux2Pipeline._pack_latents((latents - bn_mean) / bn_std)  # (b, (H/16)(W/16), 128)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -292,7 +283,7 @@ class Flux2Backend(DreamBoothData, Backend):
         timesteps = self.scheduler.timesteps[indices].to(self.device)
         sigmas = self.scheduler.sigmas[indices].to(self.device, torch.float32).view(-1, 1, 1)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
-        embeds = torch.stack([self.cache["embeds"][meta["image_text"][i]] for i in images])
+        embeds = torch.stack([self.cache["embeds"][meta["image_text"][i]] for i in images]).to(self.device)
         kwargs = {
             "hidden_states": noisy.to(self.dtype),
             "timestep": (timesteps / 1000).to(self.dtype),
@@ -316,16 +307,14 @@ class Flux2Backend(DreamBoothData, Backend):
 
     def export_snippet(self, lora: Path, plan: dict | None = None) -> str:
         """Python that renders the first preview of the full model with the corrected LoRA again (diffusers
-        format); the transformer is group-offloaded on a GPU where the run's plan did not preview it whole."""
+        format); on a GPU where the run's plan did not preview it whole, the transformer and the text encoder are
+        group-offloaded (to files where the plan streamed the model from its files)."""
         prompt, seed = self._requests()[0]
         how = self._sampling()
         mode = ((plan or {}).get("phases", {}).get("preview") or {}).get("mode", "whole")
-        offload = mode != "whole"
-        return SNIPPET.format(
-            pipeline=self._index()["_class_name"], model=str(self.run.model), lora=str(Path(lora) / "diffusers"),
-            weights=LORA_FILE, prompt=prompt, size=int(self.settings.resolution), steps=int(how["steps"]),
-            guidance=float(how["guidance"]), tokens=int(self.settings.max_sequence_length), seed=int(seed),
-            to_device="" if offload else ".to(device)", offload=OFFLOAD if offload else "")
+        return load_snippet(self._index()["_class_name"], str(self.run.model), Path(lora) / "diffusers", LORA_FILE,
+                            prompt, seed, int(self.settings.resolution), int(how["steps"]), float(how["guidance"]),
+                            int(self.settings.max_sequence_length), mode)
 
     def _requests(self) -> list[tuple[str, int]]:
         prompts = self.settings.preview_prompts or [self.settings.prompt]
@@ -336,25 +325,38 @@ class Flux2Backend(DreamBoothData, Backend):
         return {"steps": self.settings.preview_steps or (4 if distilled else 50),
                 "guidance": self.settings.preview_guidance if (self._guidance() or self._real_cfg()) else 1.0}
 
+    def load_cache(self, folder: Path) -> None:
+        """The run's cache, then the embeddings of preview prompts typed after the run (launch.py preview --prompt):
+        encoded here, before any transformer is on the device, and the encoder freed again."""
+        super().load_cache(folder)
+        self._prompt_embeds(self._preview_texts())
+
     def _prompt_embeds(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Cached embeddings; prompts typed after the run (launch.py preview --prompt) load the text encoder."""
+        """Cached embeddings (on the CPU, in the model's dtype); texts the cache lacks are encoded once, kept beside
+        it, and the encoder freed: it never shares the device with a transformer that denoises."""
         meta = self.cache.get("meta", {"texts": []})
+        typed = self.cache.setdefault("typed", {})
         known = {t: self.cache["embeds"][i] for i, t in enumerate(meta["texts"]) if t in texts}
+        known.update({t: typed[t] for t in texts if t in typed})
         missing = [t for t in texts if t not in known]
         if missing:
-            known.update(self._embed(self._pipeline(), missing))
+            embedded = {t: e.to("cpu", self.dtype) for t, e in self._embed(self._pipeline(text=True), missing).items()}
+            self._drop_text_encoder()
+            typed.update(embedded)
+            known.update(embedded)
         return known
 
     def generate(self, model: nn.Module, label: str) -> list:
         how, requests = self._sampling(), self._requests()
         embeds = self._prompt_embeds(sorted({p for p, _ in requests} | ({""} if self._real_cfg() else set())))
-        pipe = self._pipeline()
+        pipe = self._pipeline(text=False)  # from the embeddings: sample rounds and previews never build the encoder
         pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
         images = []
         try:
             for prompt, seed in requests:
-                extra = {"negative_prompt_embeds": embeds[""][None].to(self.dtype)} if self._real_cfg() else {}
-                result = pipe(prompt_embeds=embeds[prompt][None].to(self.dtype), height=self.settings.resolution,
+                extra = {"negative_prompt_embeds": embeds[""][None].to(self.device, self.dtype)} if self._real_cfg() else {}
+                result = pipe(prompt_embeds=embeds[prompt][None].to(self.device, self.dtype),
+                              height=self.settings.resolution,
                               width=self.settings.resolution, num_inference_steps=how["steps"],
                               guidance_scale=how["guidance"], generator=torch.Generator("cpu").manual_seed(seed),
                               max_sequence_length=self.settings.max_sequence_length, **extra)

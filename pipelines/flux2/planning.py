@@ -9,7 +9,7 @@ from torch import nn
 
 from emloc.architecture import ArchitectureSpec, BlockStack, Component
 from pipelines.diffusion_common.planning import read_pipeline, transformer_class_of, vae_component
-from pipelines.runner.planning import Fetch, Planning, component, on_meta
+from pipelines.runner.planning import Fetch, Planning, component, on_meta, streamed_params
 
 from . import layout as flux2_layout
 
@@ -40,6 +40,7 @@ def flux2_architecture(transformer_config: dict, components: tuple[Component, ..
                            widest_per_token=3 * h + 2 * m)),
         default_compress=flux2_layout.COMPRESS, default_lora_targets=flux2_layout.LORA_TARGETS,
         text_tokens=text_tokens, pixels_per_token=16, components=components,
+        text_width=transformer_config.get("joint_attention_dim", 15360),
         lora_input_groups=(r"attn\.(to_q|to_k|to_v)", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
         lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
 
@@ -56,7 +57,8 @@ def _text_encoder_component(config: dict) -> Component:
     model = on_meta(lambda: model_class(built))
     text = getattr(built, "text_config", built)
     working = (text.num_hidden_layers + 1) * text.hidden_size + 3 * text.intermediate_size
-    return component("text_encoder", model, prompt_encoder=True, working_per_token=working)
+    return component("text_encoder", model, prompt_encoder=True, working_per_token=working,
+                     streamed_params=streamed_params(model))
 
 
 def build(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:

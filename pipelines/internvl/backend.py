@@ -26,6 +26,7 @@ side by side, with exact match and token F1 where reference answers exist.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from dataclasses import dataclass, field
@@ -359,8 +360,9 @@ class VlmBackend(Backend):
         offload = None
         if mode != "whole":
             offload = (plan.get("gpu_budget_gib") or 8, plan.get("ram_budget_gib") or 16)
+        gpu_index = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
         return load_snippet(self.run.model, Path(lora) / "corrected", image, question, self.packer.image_seq_length,
-                            s.max_tiles, s.max_new_tokens, s.system_prompt, offload)
+                            s.max_tiles, s.max_new_tokens, s.system_prompt, offload, gpu_index)
 
     # -- previews --------------------------------------------------------------------------------------
     def preview_items(self) -> list[tuple[QASample, str | None, str]]:
@@ -401,7 +403,12 @@ class VlmBackend(Backend):
         return [folder / "previews.md", folder / "previews.json"]
 
     def release(self) -> None:
+        """Drop the packer and give the blocks a generate-based sample round reserved (KV cache, logits) back to
+        the GPU, so the training step after it does not stand on a fragmented cache (as FLUX's release does)."""
         self._packer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _cell(text: Any) -> str:

@@ -68,15 +68,57 @@ def _clean(text: str) -> str:
     return " ".join(words[:MAX_WORDS])
 
 
+QUESTION_TOKENS = 64  # the chat template and the question around the image's tokens
+
+
+def captioner_bytes(model: str, image_seq_length: int, max_new_tokens: int, dtype_bytes: int = 2) -> int:
+    """GPU bytes the captioner needs, whole in `dtype_bytes` per weight: the weights (counted on a meta build of the
+    config, nothing read), the KV cache of one answer (2 · layers · kv width · tokens), one decoder layer's working
+    set (tokens · (h + 3 · intermediate)) and the runtime overhead the planner counts (emloc.memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, InternVLForConditionalGeneration
+
+    from emloc.memory import RUNTIME_OVERHEAD_BYTES
+
+    config = AutoConfig.from_pretrained(model)
+    with init_empty_weights():
+        skeleton = InternVLForConditionalGeneration(config)
+    params = sum(p.numel() for p in {id(p): p for p in skeleton.parameters()}.values())
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_width = getattr(text, "num_key_value_heads", text.num_attention_heads) * head_dim
+    tokens = image_seq_length + QUESTION_TOKENS + max_new_tokens
+    kv_cache = 2 * text.num_hidden_layers * kv_width * tokens * dtype_bytes
+    working = tokens * (text.hidden_size + 3 * text.intermediate_size) * dtype_bytes
+    return dtype_bytes * params + kv_cache + working + RUNTIME_OVERHEAD_BYTES
+
+
+def check_captioner_fits(model: str, need: int, budget: int) -> None:
+    """Raise, in words, when the captioner (`need` bytes, captioner_bytes) is larger than the GPU's `budget`."""
+    if need > budget:
+        gib = 1024 ** 3
+        raise ValueError(f"the captioning model {model} needs about {need / gib:.1f} GiB on the GPU to caption (its "
+                         f"weights whole, an answer's KV cache and the CUDA runtime) but the GPU has "
+                         f"{budget / gib:.1f} GiB free; choose a smaller captioning model (e.g. InternVL3-1B or -2B), "
+                         f"free the GPU, or caption on the CPU (launch.py caption --device cpu)")
+
+
 class Captioner:
     """An InternVL model loaded once, captioning one image at a time."""
 
-    def __init__(self, model: str = "", device: str | torch.device = "cpu", max_new_tokens: int = 40):
+    def __init__(self, model: str = "", device: str | torch.device = "cpu", max_new_tokens: int = 40,
+                 budget_gb: float | None = None):
+        """`budget_gb`: GPU memory the captioner may use (default: what the GPU has free); a model that does not
+        fit it whole is refused before anything is loaded (it is never streamed or offloaded here)."""
         self.model_id = model or str(DEMO_MODELS["vlm"])
         self.device = torch.device(device)
         parts = load_vlm_processing(self.model_id)
         self.packer = ChatPacker(parts.tokenizer, parts.image_processor, parts.image_seq_length)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cuda":
+            budget = int(budget_gb * 1024 ** 3) if budget_gb else torch.cuda.mem_get_info(self.device)[0]
+            check_captioner_fits(self.model_id, captioner_bytes(self.model_id, parts.image_seq_length,
+                                                                max_new_tokens), budget)
         self.model = load_vlm(self.model_id, self.device, dtype)
         self.recipe = CaptionRecipe.of_model(self.model_id)
         self.max_new_tokens = max_new_tokens

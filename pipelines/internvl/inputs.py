@@ -106,9 +106,12 @@ def load_vlm(source: str, device: torch.device | str = "cpu", dtype: torch.dtype
     from transformers import InternVLForConditionalGeneration
 
     _check_internvl(source, trust_remote_code)
+    device = torch.device(device)
+    # straight onto an accelerator, tensor by tensor: the host never holds the whole model (a 38 B model is 71 GiB)
+    placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     try:
         model = InternVLForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **placement)
     except OSError as err:
         raise _not_found(source, err) from None
     model.requires_grad_(False)

@@ -65,6 +65,15 @@ def largest_piece(model: nn.Module) -> int:
     return best
 
 
+def streamed_params(model: nn.Module) -> int:
+    """Parameters a text encoder streamed as the run streams it (pipelines.runner.streaming) holds at once: its
+    blocks are read one at a time, everything outside them (embeddings, LM head) is held throughout."""
+    from .streaming import block_names
+
+    blocks = [sum(p.numel() for p in model.get_submodule(name).parameters()) for name in block_names(model)]
+    return param_count(model) - sum(blocks) + max(blocks, default=0)
+
+
 def component(name: str, model: nn.Module, **fields) -> Component:
     """A run-once model (text encoder, VAE) built on meta, as the planner counts it (`fields`: Component's)."""
     return Component(name, param_count(model), largest_piece(model), **fields)
