@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import re
 import sys
@@ -216,23 +217,35 @@ class HostWeights:
     """A model's tensors held in host RAM, read from its files once: the source of an offloaded model.
 
     `pin` (only where CUDA is) page-locks them, so a copy to the GPU runs asynchronously, beside the compute.
-    It answers `read` and `reading` as a CheckpointReader does, so StreamedForward takes either.
+    It answers `read` and `reading` as a CheckpointReader does, so StreamedForward takes either. `close()` (or
+    dropping the object) unpins them.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], pinned: Sequence[int] = ()):
         self.tensors = tensors
+        self.pinned = list(pinned)  # addresses page-locked in place, unlocked by close()
         self.bytes_read = 0  # nothing is read from the files after the copy
 
     @classmethod
     def from_reader(cls, reader: CheckpointReader, names: Iterable[str], dtype: torch.dtype | None = None,
                     pin: bool = False) -> "HostWeights":
-        """`names` read from `reader` into host RAM (cast to `dtype`), pinned when `pin`."""
-        tensors = {}
-        with reader.reading():
-            for name in names:
-                tensor = reader.read(name, "cpu", dtype)
-                tensors[name] = tensor.pin_memory() if pin else tensor
-        return cls(tensors)
+        """`names` read from `reader` into host RAM (cast to `dtype`), the large tensors pinned when `pin`."""
+        tensors, pinned = {}, []
+        for name in names:  # each read closes the file again: its pages do not stay resident beside the copy
+            tensors[name] = tensor = reader.read(name, "cpu", dtype)
+            if pin and tensor.nbytes >= STREAMING_MMAP_THRESHOLD and _pin_in_place(tensor):
+                pinned.append(tensor.data_ptr())
+        return cls(tensors, pinned)
+
+    def close(self) -> None:
+        """Unpin what was pinned (before the memory is freed, as CUDA requires)."""
+        from torch.cuda import _pin_memory_utils
+
+        while self.pinned:
+            _pin_memory_utils.unpin_memory(self.pinned.pop())
+
+    def __del__(self):
+        self.close()
 
     @property
     def nbytes(self) -> int:
@@ -256,11 +269,13 @@ class HostWeights:
 @dataclass
 class BlockCache:
     """Blocks kept on the device after their first read, up to `max_bytes`, for every model that shares the cache
-    (a preview's full-model variants differ only in LoRA hooks, so they can share their blocks' weights)."""
+    (a preview's full-model variants differ only in LoRA hooks, so they can share their blocks' weights); and the
+    weights outside the blocks, which every such model holds anyway (`rest`, not counted in `max_bytes`)."""
 
     max_bytes: int
     blocks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     used: int = 0
+    rest: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __contains__(self, block: str) -> bool:
         return block in self.blocks
@@ -271,7 +286,23 @@ class BlockCache:
             self.blocks[block], self.used = dict(tensors), self.used + size
 
     def clear(self) -> None:
-        self.blocks, self.used = {}, 0
+        self.blocks, self.used, self.rest = {}, 0, {}
+
+
+def _pin_in_place(tensor: torch.Tensor) -> bool:
+    """Page-lock `tensor`'s own memory (cudaHostRegister, as torch.distributed's checkpoint stager does); False, and
+    the tensor stays pageable (copied synchronously), where CUDA refuses. `tensor.pin_memory()` would copy it into
+    the pinned allocator's blocks, rounded up to a power of two: up to twice the model's RAM. Only tensors of at
+    least STREAMING_MMAP_THRESHOLD bytes (their own memory map, page-aligned, see map_large_allocations)."""
+    from torch.cuda import _pin_memory_utils
+
+    try:
+        _pin_memory_utils.pin_memory(tensor.data_ptr(), tensor.nbytes)
+    except RuntimeError as err:
+        logging.getLogger(__name__).warning("could not pin %d MiB of host memory (%s); it is copied unpinned",
+                                            tensor.nbytes >> 20, err)
+        return False
+    return True
 
 
 class StreamedForward:
@@ -302,23 +333,30 @@ class StreamedForward:
             block = model.get_submodule(name)
             self.handles.append(block.register_forward_pre_hook(self._reader_of(name)))
             self.handles.append(block.register_forward_hook(lambda module, args, output: release(module)))
+        self.lora_bytes = 0
         for name, (a, b) in (lora or {}).items():
-            self.handles.append(model.get_submodule(name).register_forward_hook(
-                _lora_hook(a.to(self.device), b.to(self.device))))
+            a, b = a.to(self.device), b.to(self.device)
+            self.lora_bytes += a.nbytes + b.nbytes
+            self.handles.append(model.get_submodule(name).register_forward_hook(_lora_hook(a, b)))
         in_blocks = {id(p) for name in blocks for p in model.get_submodule(name).parameters()}
         rest = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in in_blocks]
+        shared = self.cache.rest if self.cache is not None else {}
         for name in rest:
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner) if owner else model
-            module._parameters[leaf] = nn.Parameter(self.reader.read(name, self.device, self.dtype), requires_grad=False)
+            if name not in shared:
+                shared[name] = self.reader.read(name, self.device, self.dtype)
+            module._parameters[leaf] = nn.Parameter(shared[name], requires_grad=False)
 
     @property
     def held_bytes(self) -> int:
-        """Bytes this stream holds on the device outside the model's parameters: cached and prefetched blocks."""
-        pending = 0
+        """Bytes this stream holds on the device beside the model's parameters: cached blocks not running now, the
+        block read ahead, the LoRA factors."""
+        in_model = {p.data_ptr() for p in self.model.parameters() if p.device.type != "meta"}
+        held = [t for block in (self.cache.blocks.values() if self.cache is not None else ()) for t in block.values()]
         if self._pending is not None and self._pending[1].done():
-            pending = sum(t.nbytes for t in self._pending[1].result()[0].values())
-        return (self.cache.used if self.cache is not None else 0) + pending
+            held += list(self._pending[1].result()[0].values())
+        return sum(t.nbytes for t in held if t.data_ptr() not in in_model) + self.lora_bytes
 
     def _fetch(self, prefix: str, names: list[str], background: bool = False) -> tuple[dict[str, torch.Tensor], object]:
         """`prefix`'s tensors on the device; read in the `background`, on a GPU they are copied on the side stream

@@ -244,6 +244,15 @@ def _full_weights(run: _Run, offload: bool) -> dict[str, float]:
     return {"weights (one block)": run.b * run.summary.largest_piece} if offload else {"weights": run.b * run.summary.params}
 
 
+def _preview_weights(run: _Run, streamed: bool) -> dict[str, float]:
+    """The full model's weights in a preview: b·P whole; streamed (from the files, or offloaded from host RAM) the
+    block running and the next one, read ahead while it runs (emloc.checkpoint.StreamedForward's prefetch):
+    2·b·(largest block). Every variant, the emulator too, is held this way in a streamed preview."""
+    if not streamed:
+        return {"weights": run.b * run.summary.params}
+    return {"weights (two blocks: running, read ahead)": 2 * run.b * run.summary.largest_piece}
+
+
 def _resident_components(run: _Run) -> list:
     """Run-once models the calibration and preview phases load (VAE, FLUX.1's encoders): not the prompt encoders,
     whose embeddings the run computed once into its cache."""
@@ -616,7 +625,7 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     run = _Run(summary, arch, s, b, tokens, ranks, targets, counts)
     nf4 = {"weights (NF4 linears)": NF4_BYTES * counts.quantised, "weights (rest)": b * (counts.full - counts.quantised),
            "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
-    preview = {**_full_weights(run, s.offload), **_inference_activations(run, lora=True)}
+    preview = {**_preview_weights(run, s.offload), **_inference_activations(run, lora=True)}
     plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
     pass_ = _streamed_pass(run) if s.offload and not s.keep_statistics else (_calibration(run), _construction(run))
     if run.arch.components:  # the preview pipeline keeps its text encoders and VAE beside the transformer
@@ -641,9 +650,11 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     for e in estimates:
         e.host = {k: int(math.ceil(v)) for k, v in _host(run, e).items() if v}
     offloaded = None
-    if s.device == "cuda" and s.offload:  # the same GPU peak as streaming from the files; the model waits in RAM
+    if s.device == "cuda" and s.offload:  # the same GPU peak as streaming from the files (every variant, the
+        # emulator too, one block at a time and the next read ahead); the model waits in RAM, pinned in place
         streamed_preview = next(e for e in estimates if e.phase == "preview" and e.method == "emloc")
-        offloaded = replace(streamed_preview, offloaded=True, note="the model in RAM, one block at a time on the GPU")
+        offloaded = replace(streamed_preview, offloaded=True,
+                            note="the model in RAM (pinned), one block at a time on the GPU, the next copied ahead")
         host = {"runtime": HOST_RUNTIME_CUDA, "weights (whole model, offloaded)": b * summary.params}
         if run.arch.components:
             host["text encoders and VAE (loading)"] = max(b * c.params for c in run.arch.components)

@@ -76,6 +76,7 @@ def resident_budget(run: Run) -> int:
 def _held_in_ram(run: Run, model: nn.Module, reader: CheckpointReader) -> HostWeights:
     """Every weight of the skeleton `model` read once into host RAM in the run's dtype (pinned on a GPU run)."""
     backend = run.backend
+    map_large_allocations()  # large tensors in their own maps: pinned in place, handed back whole when freed
     names = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     pin = backend.device.type == "cuda" and torch.cuda.is_available()
     return HostWeights.from_reader(reader, names, getattr(backend, "dtype", None), pin)
