@@ -105,6 +105,7 @@ def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
         emloc.load_emulator(model, run.output("emulate"), device="meta")
         files = files.merged(CheckpointReader(emulator_files(run.output("emulate"))))
         reader = _held_in_ram(run, model, files) if preview_mode(run) == "offload" else files
+        cache = BlockCache(resident_budget(run))  # its own, for its own forwards: gone before the full variants run
     else:
         shared = shared or shared_weights(run)
         reader, cache = shared.reader, shared.cache
