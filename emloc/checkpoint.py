@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
 import re
 import sys
@@ -213,59 +212,6 @@ def meta_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.device.type == "meta"]
 
 
-class HostWeights:
-    """A model's tensors held in host RAM, read from its files once: the source of an offloaded model.
-
-    `pin` (only where CUDA is) page-locks them, so a copy to the GPU runs asynchronously, beside the compute.
-    It answers `read` and `reading` as a CheckpointReader does, so StreamedForward takes either. `close()` (or
-    dropping the object) unpins them.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], pinned: Sequence[int] = ()):
-        self.tensors = tensors
-        self.pinned = list(pinned)  # addresses page-locked in place, unlocked by close()
-        self.bytes_read = 0  # nothing is read from the files after the copy
-
-    @classmethod
-    def from_reader(cls, reader: CheckpointReader, names: Iterable[str], dtype: torch.dtype | None = None,
-                    pin: bool = False) -> "HostWeights":
-        """`names` read from `reader` into host RAM (cast to `dtype`), the large tensors pinned when `pin`."""
-        tensors, pinned = {}, []
-        for name in names:  # each read closes the file again: its pages do not stay resident beside the copy
-            tensors[name] = tensor = reader.read(name, "cpu", dtype)
-            if pin and tensor.nbytes >= STREAMING_MMAP_THRESHOLD and _pin_in_place(tensor):
-                pinned.append(tensor.data_ptr())
-        return cls(tensors, pinned)
-
-    def close(self) -> None:
-        """Unpin what was pinned (before the memory is freed, as CUDA requires)."""
-        from torch.cuda import _pin_memory_utils
-
-        while self.pinned:
-            _pin_memory_utils.unpin_memory(self.pinned.pop())
-
-    def __del__(self):
-        self.close()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    @contextlib.contextmanager
-    def reading(self):
-        yield self
-
-    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The held tensor on `device` (the tensor itself when it is there already: no copy)."""
-        tensor = self.tensors[name]
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        return tensor.to(device, non_blocking=tensor.is_pinned())
-
-
 @dataclass
 class BlockCache:
     """Blocks kept on the device after their first read, up to `max_bytes`, for every model that shares the cache
@@ -289,29 +235,13 @@ class BlockCache:
         self.blocks, self.used, self.rest = {}, 0, {}
 
 
-def _pin_in_place(tensor: torch.Tensor) -> bool:
-    """Page-lock `tensor`'s own memory (cudaHostRegister, as torch.distributed's checkpoint stager does); False, and
-    the tensor stays pageable (copied synchronously), where CUDA refuses. `tensor.pin_memory()` would copy it into
-    the pinned allocator's blocks, rounded up to a power of two: up to twice the model's RAM. Only tensors of at
-    least STREAMING_MMAP_THRESHOLD bytes (their own memory map, page-aligned, see map_large_allocations)."""
-    from torch.cuda import _pin_memory_utils
-
-    try:
-        _pin_memory_utils.pin_memory(tensor.data_ptr(), tensor.nbytes)
-    except RuntimeError as err:
-        logging.getLogger(__name__).warning("could not pin %d MiB of host memory (%s); it is copied unpinned",
-                                            tensor.nbytes >> 20, err)
-        return False
-    return True
-
-
 class StreamedForward:
     """Run a skeleton model whose blocks are read from the files just before each one runs and freed after it.
 
     Everything outside `blocks` is read once (`materialize` of the rest). `lora` ({layer name: (A, s·B)}, e.g.
     `emloc.adapter_factors` of a saved adapter) adds `(x Aᵀ)(s·B)ᵀ` to those layers' outputs, which is what PEFT's
-    unmerged adapter computes, on a dense layer or an emulator's factored one. `reader` is the files
-    (CheckpointReader) or the model in host RAM (HostWeights). Memory: the rest + one block, whatever the depth;
+    unmerged adapter computes, on a dense layer or an emulator's factored one. `reader`: the files, or anything
+    that reads as a CheckpointReader does (emloc.host_cache.CachedReader: what was read waits in host RAM). Memory: the rest + one block, whatever the depth;
     each forward of the model reads every block once. `remove()` takes the hooks off.
 
     `prefetch`: the next block is read (and, on a GPU, copied on a side stream) in a background thread while the
@@ -319,7 +249,7 @@ class StreamedForward:
     to its budget, and are not read again (shared by models of the same weights). Neither changes any result.
     """
 
-    def __init__(self, model: nn.Module, reader: CheckpointReader | HostWeights, blocks: Sequence[str],
+    def __init__(self, model: nn.Module, reader: CheckpointReader, blocks: Sequence[str],
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, prefetch: bool = False,
                  cache: BlockCache | None = None):

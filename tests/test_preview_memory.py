@@ -179,3 +179,23 @@ def _stored_bytes(run: Run) -> tuple[int, int]:
     blocks = run.backend.blockwise(model, reader).blocks
     sizes = {n: reader.read(n).nbytes for n, _ in model.named_parameters() if n in reader}
     return sum(sizes.values()), sum(v for n, v in sizes.items() if any(n.startswith(b + ".") for b in blocks))
+
+
+def test_cached_reader_reads_each_tensor_once_within_its_budget(tmp_path):
+    """What fits the budget is read from the files once and then comes from RAM; the rest is read every time."""
+    from safetensors.torch import save_file
+
+    from emloc.checkpoint import CheckpointReader
+    from emloc.host_cache import CachedReader
+
+    tensors = {f"block.{i}.weight": torch.full((256,), float(i)) for i in range(4)}  # 1 KiB each
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    for budget, expected in ((None, 4 * 1024), (2 * 1024, 4 * 1024 + 2 * 2 * 1024), (0, 3 * 4 * 1024)):
+        reader = CachedReader(CheckpointReader([tmp_path / "model.safetensors"]), budget)
+        for _ in range(3):
+            for name, tensor in tensors.items():
+                assert torch.equal(reader.read(name), tensor)
+        assert reader.bytes_read == expected, budget
+        assert reader.used <= (budget if budget is not None else 4 * 1024)
+        reader.close()
+        assert reader.used == 0 and not reader.held

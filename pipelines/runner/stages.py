@@ -288,7 +288,7 @@ def preview(run: Run, out: Path) -> None:
                 torch.cuda.empty_cache()
         files = run.backend.write_previews(out, {label: outputs[label] for label in PREVIEW_VARIANTS})
     finally:
-        if shared is not None and isinstance(shared.reader, variants.HostWeights):
+        if shared is not None and isinstance(shared.reader, variants.CachedReader):
             shared.reader.close()  # unpinned before it is freed
         shared = None
         run.backend.release()  # the pipeline's text encoders and VAE leave the device with the stage

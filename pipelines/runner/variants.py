@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import emloc
-from emloc.checkpoint import BlockCache, CheckpointReader, HostWeights, StreamedForward, map_large_allocations
+from emloc.checkpoint import BlockCache, CheckpointReader, StreamedForward, map_large_allocations
+from emloc.host_cache import CachedReader
 from emloc.emulator import emulator_files
 
 from .models import Run, emulator_model, streams
@@ -51,46 +52,52 @@ def preview_streams(run: Run) -> bool:
 @dataclass
 class FullWeights:
     """What the full-model variants of one preview request share (they differ only in LoRA hooks): where their
-    blocks come from, the files or (mode "offload") the model held once in host RAM, pinned where CUDA is; and
-    the blocks kept on the device after their first read, so the variants after the first read no more of them."""
+    blocks come from (the files; in mode "offload" the model kept in host RAM after its first read, pinned where
+    CUDA is) and the blocks kept on the device after their first read, so the variants after the first read no
+    more of them."""
 
-    reader: CheckpointReader | HostWeights
+    reader: CheckpointReader | CachedReader
     cache: BlockCache
 
 
-def resident_budget(run: Run) -> int:
-    """Bytes of blocks the preview may keep on the device between forwards: half of what the run's plan leaves free
-    of the device's budget at the preview (the host's on a CPU run); the other half stays as headroom for what the
-    plan does not see. 0 without a plan."""
+def _spare(run: Run, device: bool) -> int:
+    """Half of what the run's plan leaves free of a budget at the preview: the device's (the host's on a CPU run),
+    or, `device` False, the host's; the other half stays as headroom for what the plan does not see. 0 without a
+    plan."""
     plan = run.info.get("plan") or {}
     phase = plan.get("phases", {}).get("preview")
     if not phase:
         return 0
-    cuda = plan.get("device") == "cuda"
-    budget = plan.get("gpu_budget_gib") if cuda else plan.get("ram_budget_gib")
+    gpu = device and plan.get("device") == "cuda"
+    budget = plan.get("gpu_budget_gib") if gpu else plan.get("ram_budget_gib")
     if budget is None:
         return 0
-    return max(0, int((budget - phase["device_gib" if cuda else "host_gib"]) * GiB / 2))
+    return max(0, int((budget - phase["device_gib" if gpu else "host_gib"]) * GiB / 2))
 
 
-def _held_in_ram(run: Run, model: nn.Module, reader: CheckpointReader) -> HostWeights:
-    """Every weight of the skeleton `model` read once into host RAM in the run's dtype (pinned on a GPU run)."""
+def resident_budget(run: Run) -> int:
+    """Bytes of blocks the preview may keep on the device between forwards (see `_spare`)."""
+    return _spare(run, device=True)
+
+
+def _source(run: Run, files: CheckpointReader) -> CheckpointReader | CachedReader:
+    """Where a streamed variant's weights come from: mode "offload", the model kept in RAM after its first read
+    (pinned on a GPU); mode "files" on a GPU, the files with the blocks that fit half the RAM the plan leaves free
+    kept in RAM; on a CPU the files (the device is the host: blocks kept are `resident_budget`'s)."""
     backend = run.backend
+    cuda = backend.device.type == "cuda"
     map_large_allocations()  # large tensors in their own maps: pinned in place, handed back whole when freed
-    names = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    pin = backend.device.type == "cuda" and torch.cuda.is_available()
-    return HostWeights.from_reader(reader, names, getattr(backend, "dtype", None), pin)
+    if preview_mode(run) == "offload":
+        return CachedReader(files, None, pin=cuda and torch.cuda.is_available())
+    spare = _spare(run, device=False) if cuda else 0
+    return CachedReader(files, spare, pin=torch.cuda.is_available()) if spare else files
 
 
 def shared_weights(run: Run) -> FullWeights | None:
     """The full-model variants' shared source and block cache (see FullWeights); None when they hold it whole."""
-    mode = preview_mode(run)
-    if mode == "whole":
+    if preview_mode(run) == "whole":
         return None
-    reader = run.backend.checkpoint()
-    if mode == "offload":
-        reader = _held_in_ram(run, run.backend.skeleton(), reader)
-    return FullWeights(reader, BlockCache(resident_budget(run)))
+    return FullWeights(_source(run, run.backend.checkpoint()), BlockCache(resident_budget(run)))
 
 
 def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
@@ -104,7 +111,7 @@ def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
     if emulator:  # factored layers get their structure; their factors come from the emulator's files
         emloc.load_emulator(model, run.output("emulate"), device="meta")
         files = files.merged(CheckpointReader(emulator_files(run.output("emulate"))))
-        reader = _held_in_ram(run, model, files) if preview_mode(run) == "offload" else files
+        reader = _source(run, files)
         cache = BlockCache(resident_budget(run))  # its own, for its own forwards: gone before the full variants run
     else:
         shared = shared or shared_weights(run)
