@@ -26,7 +26,8 @@ Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 
 + a layer's Gram 4·(in² + B·n·in) (with stats_on_gpu every layer's 4·in² and the largest Gram); emulator = the worst factored layer (float32, its eighs float64: _construction);
 training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
 correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
-preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits.
+preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits;
+streamed (files or offload), every variant holds two blocks (the one running, the next read ahead).
 FLUX also runs its text encoders and VAE (one at a time) in calibration and preview: the larger peak counts.
 Alternatives: LoRA and QLoRA training on the full model, plain inference (preview without adapter, whole).
 `allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
