@@ -241,8 +241,9 @@ class StreamedForward:
     Everything outside `blocks` is read once (`materialize` of the rest). `lora` ({layer name: (A, s·B)}, e.g.
     `emloc.adapter_factors` of a saved adapter) adds `(x Aᵀ)(s·B)ᵀ` to those layers' outputs, which is what PEFT's
     unmerged adapter computes, on a dense layer or an emulator's factored one. `reader`: the files, or anything
-    that reads as a CheckpointReader does (emloc.host_cache.CachedReader: what was read waits in host RAM). Memory: the rest + one block, whatever the depth;
-    each forward of the model reads every block once. `remove()` takes the hooks off.
+    that reads as a CheckpointReader does (emloc.host_cache.CachedReader: what was read waits in host RAM).
+    Memory: the rest + one block, whatever the depth; each forward of the model reads every block once.
+    `remove()` takes the hooks off.
 
     `prefetch`: the next block is read (and, on a GPU, copied on a side stream) in a background thread while the
     current one runs: the rest + two blocks. `cache`: blocks that stay on the device after their first read, up
@@ -284,7 +285,7 @@ class StreamedForward:
         block read ahead, the LoRA factors."""
         in_model = {p.data_ptr() for p in self.model.parameters() if p.device.type != "meta"}
         held = [t for block in (self.cache.blocks.values() if self.cache is not None else ()) for t in block.values()]
-        if self._pending is not None and self._pending[1].done():
+        if self._pending is not None:  # waits for the read under way: it is held as soon as it starts
             held += list(self._pending[1].result()[0].values())
         return sum(t.nbytes for t in held if t.data_ptr() not in in_model) + self.lora_bytes
 

@@ -27,7 +27,8 @@ Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 
 training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
 correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
 preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits;
-streamed (files or offload), every variant holds two blocks (the one running, the next read ahead).
+streamed (files or offload), every variant, the emulator too, holds one block at a time (the run reads the
+next one ahead, and keeps blocks between forwards, only in what the budget leaves beyond this plan).
 FLUX also runs its text encoders and VAE (one at a time) in calibration and preview: the larger peak counts.
 Alternatives: LoRA and QLoRA training on the full model, plain inference (preview without adapter, whole).
 `allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
@@ -243,15 +244,6 @@ def _estimate(phase: str, method: str, parts: dict[str, float], streamed: bool =
 def _full_weights(run: _Run, offload: bool) -> dict[str, float]:
     """b·P whole, or b·(largest block or module) when the model streams from the CPU."""
     return {"weights (one block)": run.b * run.summary.largest_piece} if offload else {"weights": run.b * run.summary.params}
-
-
-def _preview_weights(run: _Run, streamed: bool) -> dict[str, float]:
-    """The full model's weights in a preview: b·P whole; streamed (from the files, or offloaded from host RAM) the
-    block running and the next one, read ahead while it runs (emloc.checkpoint.StreamedForward's prefetch):
-    2·b·(largest block). Every variant, the emulator too, is held this way in a streamed preview."""
-    if not streamed:
-        return {"weights": run.b * run.summary.params}
-    return {"weights (two blocks: running, read ahead)": 2 * run.b * run.summary.largest_piece}
 
 
 def _resident_components(run: _Run) -> list:
@@ -626,7 +618,7 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     run = _Run(summary, arch, s, b, tokens, ranks, targets, counts)
     nf4 = {"weights (NF4 linears)": NF4_BYTES * counts.quantised, "weights (rest)": b * (counts.full - counts.quantised),
            "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
-    preview = {**_preview_weights(run, s.offload), **_inference_activations(run, lora=True)}
+    preview = {**_full_weights(run, s.offload), **_inference_activations(run, lora=True)}
     plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
     pass_ = _streamed_pass(run) if s.offload and not s.keep_statistics else (_calibration(run), _construction(run))
     if run.arch.components:  # the preview pipeline keeps its text encoders and VAE beside the transformer
@@ -652,10 +644,10 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
         e.host = {k: int(math.ceil(v)) for k, v in _host(run, e).items() if v}
     offloaded = None
     if s.device == "cuda" and s.offload:  # the same GPU peak as streaming from the files (every variant, the
-        # emulator too, one block at a time and the next read ahead); the model waits in RAM, pinned in place
+        # emulator too, one block at a time); the model waits in RAM, pinned in place
         streamed_preview = next(e for e in estimates if e.phase == "preview" and e.method == "emloc")
         offloaded = replace(streamed_preview, offloaded=True,
-                            note="the model in RAM (pinned), one block at a time on the GPU, the next copied ahead")
+                            note="the model in RAM (pinned), one block at a time on the GPU")
         host = {"runtime": HOST_RUNTIME_CUDA, "weights (whole model, offloaded)": b * summary.params}
         if run.arch.components:
             host["text encoders and VAE (loading)"] = max(b * c.params for c in run.arch.components)

@@ -93,43 +93,55 @@ def _source(run: Run, files: CheckpointReader) -> CheckpointReader | CachedReade
     return CachedReader(files, spare, pin=torch.cuda.is_available()) if spare else files
 
 
+def _room(run: Run, model: nn.Module, blocks: list[str]) -> tuple[bool, int]:
+    """(read the next block ahead?, bytes of blocks to keep) for a streamed `model`: the plan counts one block, so
+    the block read ahead (the largest) is paid first out of `resident_budget`, and the blocks kept get the rest."""
+    spare = resident_budget(run)
+    size = torch.empty((), dtype=getattr(run.backend, "dtype", None) or torch.float32).element_size()
+    largest = max(sum(p.numel() for p in model.get_submodule(b).parameters()) for b in blocks) * size
+    return (True, spare - largest) if spare >= largest else (False, spare)
+
+
 def shared_weights(run: Run) -> FullWeights | None:
     """The full-model variants' shared source and block cache (see FullWeights); None when they hold it whole."""
     if preview_mode(run) == "whole":
         return None
-    return FullWeights(_source(run, run.backend.checkpoint()), BlockCache(resident_budget(run)))
+    files, model = run.backend.checkpoint(), run.backend.skeleton()
+    _, keep = _room(run, model, run.backend.blockwise(model, files).blocks)
+    return FullWeights(_source(run, files), BlockCache(keep))
 
 
 def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
                       shared: FullWeights | None = None) -> nn.Module:
     """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read as they run, from the files
-    (mode "files") or from host RAM ("offload"), the next block read while one runs; the adapter (if any) added to
-    its target layers' outputs; see emloc.checkpoint.StreamedForward. The full model's blocks come from `shared`."""
+    (mode "files") or from host RAM ("offload"), the next block read ahead where the budget has room for it; the
+    adapter (if any) added to its target layers' outputs; see emloc.checkpoint.StreamedForward. The full model's
+    blocks come from `shared`."""
     backend = run.backend
     map_large_allocations()
-    model, cache, files = backend.skeleton(), None, backend.checkpoint()
+    model, files = backend.skeleton(), backend.checkpoint()
     if emulator:  # factored layers get their structure; their factors come from the emulator's files
         emloc.load_emulator(model, run.output("emulate"), device="meta")
         files = files.merged(CheckpointReader(emulator_files(run.output("emulate"))))
-        reader = _source(run, files)
-        cache = BlockCache(resident_budget(run))  # its own, for its own forwards: gone before the full variants run
+    blocks = backend.blockwise(model, files).blocks
+    ahead, keep = _room(run, model, blocks)
+    if emulator:  # its own blocks kept, for its own forwards: gone before the full variants run
+        reader, cache = _source(run, files), BlockCache(keep)
     else:
         shared = shared or shared_weights(run)
         reader, cache = shared.reader, shared.cache
-    # a GPU copies the next block on a side stream; the files are read ahead on the CPU too (disk beside compute)
-    prefetch = backend.device.type == "cuda" or isinstance(reader, CheckpointReader)
-    blocks = backend.blockwise(model, files).blocks
     lora = emloc.adapter_factors(*emloc.read_adapter(adapter)) if adapter is not None else None
+    # the next block is read (on a GPU: copied on a side stream) while one runs: disk or PCIe beside the compute
     model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None), lora,
-                                         prefetch=prefetch, cache=cache)
+                                         prefetch=ahead, cache=cache)
     backend.finish_loading(model)
     return model
 
 
 def preview_variant(run: Run, label: str, shared: FullWeights | None = None) -> nn.Module:
     """The model of one preview variant, held as the plan's preview mode says. Only mode "whole" puts a model whole
-    on the device; in the others every variant, the emulator too, holds one block at a time (plus the next one,
-    prefetched, and the blocks `shared` keeps), as the plan counts it."""
+    on the device; in the others every variant, the emulator too, holds one block at a time, as the plan counts it
+    (plus, in what the budget leaves beyond the plan, the next block read ahead and the blocks kept)."""
     backend, lora = run.backend, run.output("correct")
     mode = preview_mode(run)
     if label == "emulator + LoRA":
