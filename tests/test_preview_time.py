@@ -19,7 +19,12 @@ def test_traffic_counts_each_mode_as_the_preview_holds_the_model():
     offload = preview_traffic("offload", full, emulator, outside, steps, tokens=7, bytes_per_param=2)
     assert offload.disk_bytes == 140 and offload.device_bytes == files.device_bytes  # read once, copied as files
     kept = preview_traffic("files", full, emulator, outside, steps, tokens=7, bytes_per_param=2, kept=1000.0)
-    assert kept.disk_bytes == 100 + (10 + 5 * 30)  # every block kept: the full model read once for three variants
+    assert kept.disk_bytes == kept.device_bytes == 100 + 40  # every block kept: each model read once
+    in_ram = preview_traffic("files", full, emulator, outside, steps, tokens=7, bytes_per_param=2, in_ram=1000.0)
+    assert in_ram.disk_bytes == 100 + 40 and in_ram.device_bytes == files.device_bytes  # read once, copied as files
+    some = preview_traffic("files", full, emulator, outside, steps, tokens=7, bytes_per_param=2, kept=30.0, in_ram=20.0)
+    assert some.device_bytes == (10 + 30 + 3 * 5 * 60) + (10 + 30)  # the emulator's 30 bytes of blocks all kept
+    assert some.disk_bytes == (10 + 30 + 20 + 3 * 5 * 40) + (10 + 30)
     cpu = preview_traffic("files", full, emulator, outside, steps, tokens=7, bytes_per_param=2, device="cpu")
     assert cpu.device_bytes == 0 and cpu.disk_bytes == files.disk_bytes
     with pytest.raises(ValueError, match="whole, offload or files"):

@@ -5,7 +5,8 @@ full + corrected, full + uncorrected LoRA), as pipelines/runner/variants.py hold
 - "whole": each variant's model is read from disk once and moved to the GPU once;
 - "offload": the full model and the emulator are read into RAM once; every forward copies their blocks to the GPU
   (the blocks kept on the GPU between forwards are copied once; the three full variants share them);
-- "files": the same traffic, each block read from disk on its way to the GPU.
+- "files": the same copies, each block read from disk on its way to the GPU (except those kept in RAM, on a GPU
+  run, after their first read).
 
     time ≈ disk bytes ÷ disk bandwidth + host→GPU bytes ÷ PCIe bandwidth + FLOPs ÷ compute throughput
 
@@ -49,23 +50,35 @@ class PreviewTraffic:
 
 
 def preview_traffic(mode: str, full: float, emulator: float, outside: float, forwards: int, tokens: float,
-                    bytes_per_param: float, kept: float = 0.0, device: str = "cuda") -> PreviewTraffic:
+                    bytes_per_param: float, kept: float = 0.0, in_ram: float = 0.0,
+                    device: str = "cuda") -> PreviewTraffic:
     """Bytes and FLOPs of one request. `full`, `emulator`: the models' weights in bytes; `outside`: the bytes outside
-    their blocks (read once per variant, shared by the full ones); `forwards`: forwards per variant (steps, or answer
-    tokens + 1); `tokens`: tokens through each variant in all its forwards; `kept`: bytes of blocks the preview
-    keeps on the device between forwards (read once, shared by the full variants)."""
+    their blocks (read once per model, shared by the full variants); `forwards`: forwards per variant (steps, or
+    answer tokens + 1); `tokens`: tokens through each variant in all its forwards; `kept`: bytes of blocks kept on
+    the device between forwards (read once); `in_ram`: ("files" on a GPU) bytes of blocks kept in host RAM after
+    their first read (read from disk once, copied to the GPU every forward)."""
     flops = 2 * tokens * (3 * full + emulator) / bytes_per_param
     if mode == "whole":
         moved = 3 * full + emulator
         return PreviewTraffic(moved, moved if device == "cuda" else 0.0, flops)
     if mode not in ("offload", "files"):
         raise ValueError(f"preview mode must be whole, offload or files; got {mode!r}")
-    blocks_full, blocks_emulator = full - outside, max(emulator - outside, 0.0)
-    kept = min(kept, blocks_full)
-    streamed = (outside + kept + 3 * forwards * (blocks_full - kept)  # the full variants, sharing
-                + outside + forwards * blocks_emulator)  # the emulator, on its own
-    disk = full + emulator if mode == "offload" else streamed
-    return PreviewTraffic(disk, streamed if device == "cuda" else 0.0, flops)
+    full_disk, full_device = _streamed(outside, full - outside, forwards, 3, kept, in_ram)  # the full variants share
+    emulator_disk, emulator_device = _streamed(outside, max(emulator - outside, 0.0), forwards, 1, kept, in_ram)
+    disk = full + emulator if mode == "offload" else full_disk + emulator_disk
+    return PreviewTraffic(disk, full_device + emulator_device if device == "cuda" else 0.0, flops)
+
+
+def _streamed(outside: float, blocks: float, forwards: int, variants: int, kept: float,
+              in_ram: float) -> tuple[float, float]:
+    """(bytes read from the files, bytes copied to the device) of `variants` models of the same weights run
+    `forwards` times each, block by block: the blocks kept on the device are read once, those kept in RAM are read
+    once and copied every forward, the others read and copied every forward."""
+    kept = min(kept, blocks)
+    in_ram = min(in_ram, blocks - kept)
+    moved = blocks - kept  # per forward
+    device = outside + kept + variants * forwards * moved
+    return outside + kept + in_ram + variants * forwards * (moved - in_ram), device
 
 
 def preview_seconds(traffic: PreviewTraffic, speeds: Speeds = Speeds(), device: str = "cuda") -> float:
@@ -89,9 +102,13 @@ def preview_time_line(plan, summary, tokens_per_forward: int, speeds: Speeds = S
         what = f"{s.generate_tokens} answer tokens after a {tokens_per_forward}-token prompt"
     budget = plan.budget_bytes if s.device == "cuda" else plan.ram_bytes
     used = preview.total if s.device == "cuda" else preview.host_total
-    kept = max(0, (budget - used) / 2) if budget is not None and mode != "whole" else 0  # as variants.resident_budget
+    # as pipelines/runner/variants.py: half of what a budget leaves (less the block read ahead) keeps blocks, on the
+    # device; and on a GPU in "files" mode, in RAM
+    kept = max(0, (budget - used) / 2 - b * max(summary.blocks.values())) if budget is not None else 0
+    in_ram = max(0, (plan.ram_bytes - preview.host_total) / 2) if s.device == "cuda" and plan.ram_bytes else 0
     outside = b * (summary.params - sum(summary.blocks.values()))
-    traffic = preview_traffic(mode, b * counts.full, b * counts.emulator, outside, forwards, tokens, b, kept, s.device)
+    traffic = preview_traffic(mode, b * counts.full, b * counts.emulator, outside, forwards, tokens, b, kept, in_ram,
+                              s.device)
     seconds = preview_seconds(traffic, speeds, s.device)
     moved = f"{traffic.disk_bytes / GiB:.0f} GiB read from disk" + (
         f", {traffic.device_bytes / GiB:.0f} GiB copied to the GPU" if s.device == "cuda" else "")
