@@ -26,7 +26,9 @@ Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 
 + a layer's Gram 4·(in² + B·n·in) (with stats_on_gpu every layer's 4·in² and the largest Gram); emulator = the worst factored layer (float32, its eighs float64: _construction);
 training = weights (emulator) + lora + grads + optimizer + max(activations + logits, optimizer step);
 correction = the worst LoRA target, full and emulator layer with float32 copies, + the adapter twice;
-preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits.
+preview = weights + adapter + one block's working set n·((a + h)·b + 4·a32) + KV cache + last token's logits;
+streamed (files or offload), every variant, the emulator too, holds one block at a time (the run reads the
+next one ahead, and keeps blocks between forwards, only in what the budget leaves beyond this plan).
 FLUX's prompt encoders run in their own phase (embeddings: the cache, and preview prompts typed later), streamed,
 beside the VAE, before any transformer is on the device; the preview keeps the VAE beside the transformer and adds
 its decode's working set b·6·c·H·W (c: the VAE's first channels), as a training sample round does. Training also
@@ -671,9 +673,11 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     for e in estimates:
         e.host = {k: int(math.ceil(v)) for k, v in _host(run, e).items() if v}
     offloaded = None
-    if s.device == "cuda" and s.offload:  # the same GPU peak as streaming from the files; the model waits in RAM
+    if s.device == "cuda" and s.offload:  # the same GPU peak as streaming from the files (every variant, the
+        # emulator too, one block at a time); the model waits in RAM, pinned in place
         streamed_preview = next(e for e in estimates if e.phase == "preview" and e.method == "emloc")
-        offloaded = replace(streamed_preview, offloaded=True, note="the model in RAM, one block at a time on the GPU")
+        offloaded = replace(streamed_preview, offloaded=True,
+                            note="the model in RAM (pinned), one block at a time on the GPU")
         host = {"runtime": HOST_RUNTIME_CUDA, "weights (whole model, offloaded)": b * summary.params}
         if run.arch.components:
             host["text encoders and VAE (loading)"] = max(b * c.params for c in run.arch.components)

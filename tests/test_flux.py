@@ -280,8 +280,8 @@ def test_streamed_run_builds_the_emulator_the_two_step_run_builds(models, tmp_pa
 
 def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(models, tmp_path):
     """Below the memory budget the full model's previews read it block by block, the LoRA added to its layers'
-    outputs as they run; with the model offloaded (in host RAM, each block moved to the device as it runs) they
-    are rendered by accelerate's hooks. Both give the images of the loaded model with the PEFT adapter."""
+    outputs as they run; with the model offloaded (read once into host RAM, each block moved to the device as it
+    runs, the next one read ahead) the same. Both give the images of the loaded model with the PEFT adapter."""
 
     import numpy as np
 

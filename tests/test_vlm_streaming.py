@@ -191,7 +191,7 @@ def test_streamed_run_builds_the_emulator_the_two_step_run_builds(checkpoint, co
 @pytest.mark.slow  # two InternVL runs: 39 s
 def test_previews_streamed_from_the_files_equal_previews_of_the_loaded_model(checkpoint, colour_data, tmp_path):
     """Below the memory budget the full model's previews read it block by block, the LoRA added to its layers'
-    outputs; offloaded (in host RAM, each block moved to the device as it runs) they run under accelerate's hooks.
+    outputs; offloaded (read once into host RAM, each block moved to the device as it runs) the same.
     Both give the answers of the loaded model with the PEFT adapter."""
     folder, _ = colour_data
     settings = RunSettings(model=str(checkpoint), ratio=0.5, calibration_samples=8, steps=4, rank=4, lr=3e-3,

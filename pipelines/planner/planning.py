@@ -19,10 +19,11 @@ from dataclasses import dataclass, field, fields, replace
 
 from emloc.architecture import summarize
 from emloc.memory import (METHODS, PHASES, RUNTIME_OVERHEAD_BYTES, GiB, MemoryPlan, MemorySettings, PhaseEstimate,
-                          plan_memory)
+                          plan_memory, stream_tokens)
 from emloc.rules import check_ratio
 
 from .catalogue import MetaModel, load_meta_model
+from .preview_time import preview_time_line
 
 RATIO_STEP = 0.01  # the recommendation searches ratios 0.01, 0.02, ..., 1.00
 OFFLOAD_MODES = ("auto", "never", "always")
@@ -317,6 +318,8 @@ def format_plan(plan: Plan) -> str:
     folder = plan.memory.run_folder
     lines.append(f"Run folder on disk: {gib(plan.memory.run_folder_bytes)} GiB ("
                  + ", ".join(f"{name} {gib(v)}" for name, v in folder.items()) + ").")
+    meta, summary = _summary(plan.model_id)
+    lines.append(preview_time_line(plan, summary, stream_tokens(meta.arch, s)["all"]))
     if plan.memory.cpu_stats_bytes and not cpu:
         lines.append(f"Calibration statistics (float32 Σxᵀx per compressed layer) take {gib(plan.memory.cpu_stats_bytes)} "
                      "GiB of RAM at once on the two-step path (keep statistics); the streamed pass holds one block's.")

@@ -33,7 +33,7 @@ from .devices import MACHINE, new_accelerator, run_precision
 from .models import Run, emulator_model, full_model_streamed, streams
 from .progress import Progress, RunCancelled
 from .settings import LOSS_LOG, PREVIEW_VARIANTS, parse_rules, sample_interval
-from .variants import preview_variant
+from . import variants
 
 log = logging.getLogger(__name__)
 
@@ -298,20 +298,37 @@ def correct(run: Run, out: Path) -> None:
 
 
 def preview(run: Run, out: Path) -> None:
-    """The same requests through base, emulator + LoRA, full + corrected and full + uncorrected LoRA."""
-    outputs = {}
-    for index, label in enumerate(PREVIEW_VARIANTS):
-        run.check_cancel()
-        run.emit(Progress("preview", index, len(PREVIEW_VARIANTS), message=f"preview: {label}"))
-        model = preview_variant(run, label)
-        model.eval()
-        with torch.no_grad():
-            outputs[label] = run.backend.generate(model, label)
-        del model
+    """The same requests through base, emulator + LoRA, full + corrected and full + uncorrected LoRA.
+
+    The emulator runs first and the three full-model variants after it, back to back, so that they share what
+    was read of the full model (variants.shared_weights: the model held in RAM once, blocks kept on the device);
+    the previews are written in the usual order."""
+    order = sorted(PREVIEW_VARIANTS, key=lambda label: label != "emulator + LoRA")
+    outputs, shared = {}, None
+    try:
+        for index, label in enumerate(order):
+            run.check_cancel()
+            run.emit(Progress("preview", index, len(order), message=f"preview: {label}"))
+            if label != "emulator + LoRA" and shared is None:
+                shared = variants.shared_weights(run)
+            model = variants.preview_variant(run, label, shared)
+            model.eval()
+            try:
+                with torch.no_grad():
+                    outputs[label] = run.backend.generate(model, label)
+            finally:
+                variants.finish_variant(model)
+            del model
+            gc.collect()
+            return_freed_memory()  # the next variant must not stand on this one's freed heap
+            if run.backend.device.type == "cuda":
+                torch.cuda.empty_cache()
+        files = run.backend.write_previews(out, {label: outputs[label] for label in PREVIEW_VARIANTS})
+    finally:
+        if shared is not None and isinstance(shared.reader, variants.CachedReader):
+            shared.reader.close()  # unpinned before it is freed
+        shared = None
+        run.backend.release()  # the pipeline's text encoders and VAE leave the device with the stage
         gc.collect()
-        return_freed_memory()  # the next variant must not stand on this one's freed heap
-        if run.backend.device.type == "cuda":
-            torch.cuda.empty_cache()
-    files = run.backend.write_previews(out, outputs)
     run.emit(Progress("preview", len(PREVIEW_VARIANTS), len(PREVIEW_VARIANTS),
                       message="previews: " + ", ".join(f.name for f in files)))

@@ -3,6 +3,7 @@ the run's plan chose: whole on the device, offloaded from host RAM, or streamed 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 import emloc
-from emloc.checkpoint import CheckpointReader, StreamedForward, map_large_allocations
+from emloc.checkpoint import BlockCache, CheckpointReader, StreamedForward, map_large_allocations
+from emloc.host_cache import CachedReader
 from emloc.emulator import emulator_files
 
 from .models import Run, emulator_model, streams
@@ -25,8 +27,9 @@ def preview_mode(run: Run) -> str:
     """How the previews hold the full model, as the plan made when the run was created chose (`--ram-gb`,
     `--gpu-gb`): "whole" on the device; "offload": whole in host RAM, each block moved to the device while it
     runs (a GPU smaller than the model, RAM large enough); "files": read block by block from its files (neither
-    holds it). Without a plan (a model the planner cannot read): "files" when the weights take more than half the
-    host memory budget, else "whole". `--offload` asks for "offload" on a GPU."""
+    holds it). Both of these run every variant, the emulator too, block by block (see preview_variant). Without a
+    plan (a model the planner cannot read): "files" when the weights take more than half the host memory budget,
+    else "whole". `--offload` asks for "offload" on a GPU."""
     if not streams(run):
         return "whole"
     plan = (run.info.get("plan") or {}).get("phases", {}).get("preview")
@@ -46,41 +49,114 @@ def preview_streams(run: Run) -> bool:
     return preview_mode(run) != "whole"
 
 
-def _offloaded(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` (in host RAM) run with each submodule's weights moved to `device` only while it runs."""
-    from accelerate import cpu_offload
+@dataclass
+class FullWeights:
+    """What the full-model variants of one preview request share (they differ only in LoRA hooks): where their
+    blocks come from (the files; in mode "offload" the model kept in host RAM after its first read, pinned where
+    CUDA is) and the blocks kept on the device after their first read, so the variants after the first read no
+    more of them."""
 
-    return cpu_offload(model, execution_device=device)
+    reader: CheckpointReader | CachedReader
+    cache: BlockCache
 
 
-def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False) -> nn.Module:
-    """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read from the files as they
-    run, the adapter (if any) added to its target layers' outputs; see emloc.checkpoint.StreamedForward."""
+def _spare(run: Run, device: bool) -> int:
+    """Half of what the run's plan leaves free of a budget at the preview: the device's (the host's on a CPU run),
+    or, `device` False, the host's; the other half stays as headroom for what the plan does not see. 0 without a
+    plan."""
+    plan = run.info.get("plan") or {}
+    phase = plan.get("phases", {}).get("preview")
+    if not phase:
+        return 0
+    gpu = device and plan.get("device") == "cuda"
+    budget = plan.get("gpu_budget_gib") if gpu else plan.get("ram_budget_gib")
+    if budget is None:
+        return 0
+    return max(0, int((budget - phase["device_gib" if gpu else "host_gib"]) * GiB / 2))
+
+
+def resident_budget(run: Run) -> int:
+    """Bytes of blocks the preview may keep on the device between forwards (see `_spare`)."""
+    return _spare(run, device=True)
+
+
+def _source(run: Run, files: CheckpointReader) -> CheckpointReader | CachedReader:
+    """Where a streamed variant's weights come from: mode "offload", the model kept in RAM after its first read
+    (pinned on a GPU); mode "files" on a GPU, the files with the blocks that fit half the RAM the plan leaves free
+    kept in RAM; on a CPU the files (the device is the host: blocks kept are `resident_budget`'s)."""
+    backend = run.backend
+    cuda = backend.device.type == "cuda"
+    map_large_allocations()  # large tensors in their own maps: pinned in place, handed back whole when freed
+    if preview_mode(run) == "offload":
+        return CachedReader(files, None, pin=cuda and torch.cuda.is_available())
+    spare = _spare(run, device=False) if cuda else 0
+    return CachedReader(files, spare, pin=torch.cuda.is_available()) if spare else files
+
+
+def _room(run: Run, model: nn.Module, blocks: list[str]) -> tuple[bool, int]:
+    """(read the next block ahead?, bytes of blocks to keep) for a streamed `model`: the plan counts one block, so
+    the block read ahead (the largest) is paid first out of `resident_budget`, and the blocks kept get the rest."""
+    spare = resident_budget(run)
+    size = torch.empty((), dtype=getattr(run.backend, "dtype", None) or torch.float32).element_size()
+    largest = max(sum(p.numel() for p in model.get_submodule(b).parameters()) for b in blocks) * size
+    return (True, spare - largest) if spare >= largest else (False, spare)
+
+
+def shared_weights(run: Run) -> FullWeights | None:
+    """The full-model variants' shared source and block cache (see FullWeights); None when they hold it whole."""
+    if preview_mode(run) == "whole":
+        return None
+    files, model = run.backend.checkpoint(), run.backend.skeleton()
+    _, keep = _room(run, model, run.backend.blockwise(model, files).blocks)
+    return FullWeights(_source(run, files), BlockCache(keep))
+
+
+def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
+                      shared: FullWeights | None = None) -> nn.Module:
+    """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read as they run, from the files
+    (mode "files") or from host RAM ("offload"), the next block read ahead where the budget has room for it; the
+    adapter (if any) added to its target layers' outputs; see emloc.checkpoint.StreamedForward. The full model's
+    blocks come from `shared`."""
     backend = run.backend
     map_large_allocations()
-    model, reader = backend.skeleton(), backend.checkpoint()
+    model, files = backend.skeleton(), backend.checkpoint()
     if emulator:  # factored layers get their structure; their factors come from the emulator's files
         emloc.load_emulator(model, run.output("emulate"), device="meta")
-        reader = reader.merged(CheckpointReader(emulator_files(run.output("emulate"))))
-    blocks = backend.blockwise(model, reader).blocks
+        files = files.merged(CheckpointReader(emulator_files(run.output("emulate"))))
+    blocks = backend.blockwise(model, files).blocks
+    ahead, keep = _room(run, model, blocks)
+    if emulator:  # its own blocks kept, for its own forwards: gone before the full variants run
+        reader, cache = _source(run, files), BlockCache(keep)
+    else:
+        shared = shared or shared_weights(run)
+        reader, cache = shared.reader, shared.cache
     lora = emloc.adapter_factors(*emloc.read_adapter(adapter)) if adapter is not None else None
-    model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None), lora)
+    # the next block is read (on a GPU: copied on a side stream) while one runs: disk or PCIe beside the compute
+    model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None), lora,
+                                         prefetch=ahead, cache=cache)
     backend.finish_loading(model)
     return model
 
 
-def preview_variant(run: Run, label: str) -> nn.Module:
+def preview_variant(run: Run, label: str, shared: FullWeights | None = None) -> nn.Module:
+    """The model of one preview variant, held as the plan's preview mode says. Only mode "whole" puts a model whole
+    on the device; in the others every variant, the emulator too, holds one block at a time, as the plan counts it
+    (plus, in what the budget leaves beyond the plan, the next block read ahead and the blocks kept)."""
     backend, lora = run.backend, run.output("correct")
     mode = preview_mode(run)
     if label == "emulator + LoRA":
-        if mode == "files":
-            return _streamed_variant(run, run.output("train"), emulator=True)
-        # training held the emulator on the device, so the preview can
-        return emloc.load_adapter(emulator_model(run, backend.device), run.output("train"))
+        if mode == "whole":  # the plan has room for the full model, so for the smaller emulator
+            return emloc.load_adapter(emulator_model(run, backend.device), run.output("train"))
+        return _streamed_variant(run, run.output("train"), emulator=True)
     folder = None if label == "base" else lora / ("corrected" if label == "full + corrected LoRA" else "uncorrected")
-    if mode == "files":
-        return _streamed_variant(run, folder)
-    model = backend.load_model(torch.device("cpu") if mode == "offload" else backend.device)
-    if folder is not None:
-        model = emloc.load_adapter(model, folder)
-    return _offloaded(model, backend.device) if mode == "offload" else model
+    if mode != "whole":
+        return _streamed_variant(run, folder, shared=shared)
+    model = backend.load_model(backend.device)
+    return emloc.load_adapter(model, folder) if folder is not None else model
+
+
+def finish_variant(model: nn.Module) -> None:
+    """Take a streamed variant's hooks off and stop its prefetch thread (nothing for a whole model)."""
+    stream = getattr(model, "emloc_stream", None)
+    if stream is not None:
+        stream.remove()
