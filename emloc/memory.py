@@ -20,7 +20,7 @@ residual stream, L = blocks in a stack, a = activation elements one block saves 
                recomputed) + B·n·(rotary cos/sin every checkpoint holds, once); backward (one block): the
                gradients of a block's widest tensor, 2·B·n·w·b (w: its elements per token, the MLP hidden)
   logits       B·n·V·LOSS_BYTES_PER_LOGIT for a model with an LM head (V = vocabulary)
-  overhead     RUNTIME_OVERHEAD_BYTES (CUDA context + caching-allocator slack), in every phase's total
+  overhead     runtime_overhead: CUDA context + caching-allocator slack (5% of the rest, >= 0.5 GiB), in every total
 
 Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 4·a32) + the LM head's logits B·n·V·b
 + a layer's Gram 4·(in² + B·n·in) (with stats_on_gpu every layer's 4·in² and the largest Gram); emulator = the worst factored layer (float32, its eighs float64: _construction);
@@ -51,7 +51,21 @@ from .architecture import (ArchitectureSpec, BlockStack, LinearShape, ModelSumma
                            lora_targets, summarize)
 
 GiB = 1024 ** 3
-RUNTIME_OVERHEAD_BYTES = GiB  # CUDA context (~0.5 GiB once cuBLAS kernels load) + ~0.5 GiB allocator slack
+# The runtime overhead of a GPU phase: what the process holds on the device beyond max_memory_allocated. Set from
+# published figures, NOT measured (no GPU was lent to this project when it was set); benchmarks/gpu_check.py
+# prints the held-vs-planned figures where a GPU is available, and these constants are what to correct from it.
+# - CUDA context: 287 MB with lazy module loading vs 667 MB eager for torch's kernels alone (pytorch/pytorch
+#   PR #86509, which made LAZY torch's default); ~0.7-0.8 GiB on the first CUDA call on older stacks (PyTorch
+#   forum, "High gpu memory overhead" / "pytorch's GPU memory floor": 723-800 MiB); cuBLAS / cuDNN kernel images
+#   load into it as they are first used. 0.75 GiB covers the eager figure and the libraries a training step loads.
+# - Caching-allocator slack (reserved but unallocated): a published OOM report shows 1.22 GiB reserved-unallocated
+#   beside 33.29 GiB allocated (3.7%); the review of the GPU path (reviews/gpu-path.md F9) estimates 0.3-2 GiB for a
+#   checkpointed training loop. Planned as 5% of the phase's allocated peak, at least 0.5 GiB; the run turns on
+#   expandable_segments, which lowers it.
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)
+ALLOCATOR_SLACK_FRACTION = 0.05
+ALLOCATOR_SLACK_MIN_BYTES = GiB // 2
+RUNTIME_OVERHEAD_BYTES = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK_MIN_BYTES  # the least any GPU phase adds
 ADAPTER_BYTES = 4  # PEFT's autocast_adapter_dtype keeps LoRA weights (and so grads) in float32
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax (double quant)
 # transformers' loss upcasts the logits to float32; at the peak (backward through log-softmax) the float32
@@ -234,9 +248,15 @@ class _Run:
         return self.tokens[stack.tokens] if stack else self.tokens["all"]
 
 
+def runtime_overhead(allocated: float) -> int:
+    """What a GPU phase holds beyond `allocated` (max_memory_allocated): the CUDA context and the caching
+    allocator's reserved-but-unallocated slack, max(ALLOCATOR_SLACK_MIN_BYTES, ALLOCATOR_SLACK_FRACTION·allocated)."""
+    return CUDA_CONTEXT_BYTES + max(ALLOCATOR_SLACK_MIN_BYTES, int(math.ceil(ALLOCATOR_SLACK_FRACTION * allocated)))
+
+
 def _estimate(phase: str, method: str, parts: dict[str, float], streamed: bool = False, note: str = "") -> PhaseEstimate:
     clean = {k: int(math.ceil(v)) for k, v in parts.items() if v}
-    return PhaseEstimate(phase, method, {**clean, "overhead": RUNTIME_OVERHEAD_BYTES}, streamed, note)
+    return PhaseEstimate(phase, method, {**clean, "overhead": runtime_overhead(sum(clean.values()))}, streamed, note)
 
 
 def _full_weights(run: _Run, offload: bool) -> dict[str, float]:
