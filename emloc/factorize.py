@@ -138,7 +138,7 @@ def factorisation_placement(device: torch.device | str) -> dict[str, str]:
             "eigh": f"float64 on {device}" + ("" if device.type == "cpu" else "; retried on cpu if it fails")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _announce(where: str, products: str) -> None:
     log.info("emulator factorisation on %s: Gram products %s, eigendecompositions float64 on %s", where,
              "in float64" if products == "float64" else "in float32 with the massive channels in float64", where)

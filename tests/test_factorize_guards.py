@@ -11,7 +11,12 @@ import torch
 
 from emloc import low_rank_factors, rank_for_ratio
 from emloc.calibration import StatsCollector
-from emloc.factorize import EIGEN_FLOOR, exact_float32, factorisation_placement, symmetric_eigh
+from emloc.factorize import (
+    EIGEN_FLOOR,
+    exact_float32,
+    factorisation_placement,
+    symmetric_eigh,
+)
 
 
 def modulation_layer(n_in=192, n_out=1152, samples=8, seed=0):
