@@ -84,6 +84,13 @@ EIGH64 = 13
 # on this CPU (benchmarks/streaming.py, "a process that only imports the stack"). A CUDA process also maps the
 # CUDA libraries and keeps pinned staging buffers; that part is an assumption, not measured here (no GPU lent).
 HOST_RUNTIME_CPU = int(0.40 * 1024 ** 3)
+# What the process's RSS holds beyond the live allocations of a phase that is not streamed (training, a whole
+# preview): glibc keeps freed heap memory for reuse (and per-thread arenas), and these phases never trim it (the
+# streamed ones call malloc_trim after each block). Measured on this CPU (benchmarks/streaming.py and a 20 ms
+# RSS/mallinfo2 sampler around `launch.py train --stages X`, FLUX width 1024): at the training peak the heap held
+# 146 MiB freed beside 722 MiB in use (4+8 blocks), 43 beside 325 (1+2); RSS exceeded the plan's live parts by
+# 16-34% of them in training and 14-23% in whole previews. A fraction of the phase's other host parts.
+HOST_HEAP_SLACK = 0.35
 HOST_RUNTIME_CUDA = int(1.5 * 1024 ** 3)
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PHASES = ("embeddings", "calibration", "emulator", "training", "correction", "preview")  # embeddings: prompt encoders
@@ -564,6 +571,8 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
                 tensor if e.phase == "correction" else block
         if e.method == "emloc" and e.phase == "training":  # the emulator is read into the skeleton one tensor at a time
             host["file pages (one tensor)"] = tensor
+        if not streamed:  # a process that frees and allocates without trimming: glibc keeps part of what it freed
+            host["allocator slack (freed heap kept)"] = HOST_HEAP_SLACK * sum(host.values())
         return {"runtime": HOST_RUNTIME_CPU, **host}
     host: dict[str, float] = {"runtime": HOST_RUNTIME_CUDA}
     if e.method != "emloc":  # loaded straight onto the GPU, one file at a time
