@@ -88,8 +88,10 @@ HOST_RUNTIME_CPU = int(0.40 * 1024 ** 3)
 # preview): glibc keeps freed heap memory for reuse (and per-thread arenas), and these phases never trim it (the
 # streamed ones call malloc_trim after each block). Measured on this CPU (benchmarks/streaming.py and a 20 ms
 # RSS/mallinfo2 sampler around `launch.py train --stages X`, FLUX width 1024): at the training peak the heap held
-# 146 MiB freed beside 722 MiB in use (4+8 blocks), 43 beside 325 (1+2); RSS exceeded the plan's live parts by
-# 16-34% of them in training and 14-23% in whole previews. A fraction of the phase's other host parts.
+# 146 MiB freed beside 722 MiB in use (4+8 blocks), 43 beside 325 (1+2); RSS exceeded the runtime + the plan's
+# live parts by 16-34% of those parts in training and 20-21% in previews, whole or streamed (benchmarks/README.md,
+# "Host budget"). A fraction of the phase's other host parts; the streamed calibration, emulator construction and
+# correction trim after each block and stay under their plan without it.
 HOST_HEAP_SLACK = 0.35
 HOST_RUNTIME_CUDA = int(1.5 * 1024 ** 3)
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
@@ -571,7 +573,8 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
                 tensor if e.phase == "correction" else block
         if e.method == "emloc" and e.phase == "training":  # the emulator is read into the skeleton one tensor at a time
             host["file pages (one tensor)"] = tensor
-        if not streamed:  # a process that frees and allocates without trimming: glibc keeps part of what it freed
+        if not streamed or e.phase == "preview":  # freed and allocated again without a trim (a streamed preview
+            # trims after each block, but its pipeline's encoders and VAE come and go): glibc keeps part of it
             host["allocator slack (freed heap kept)"] = HOST_HEAP_SLACK * sum(host.values())
         return {"runtime": HOST_RUNTIME_CPU, **host}
     host: dict[str, float] = {"runtime": HOST_RUNTIME_CUDA}

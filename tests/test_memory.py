@@ -426,3 +426,19 @@ def test_an_optimizer_the_trainer_does_not_know_is_refused_in_words():
 
     with pytest.raises(ValueError, match="--optimizer must be one of adamw, adamw8bit, adafactor; got 'sgd'"):
         RunSettings(model="x", optimizer="sgd").check()
+
+
+def test_cpu_phases_that_do_not_trim_plan_the_heap_glibc_keeps():
+    """Training and the preview free and allocate again without a trim: their RSS held 16-34% more than their live
+    parts at two depths (benchmarks/README.md, "Host budget"); the streamed passes trim after each block."""
+    from emloc.memory import HOST_HEAP_SLACK, HOST_RUNTIME_CPU
+
+    plan = plan_run("OpenGVLab/InternVL3-1B-hf", PlanSettings(device="cpu", dtype="float32", ram_gb=64, ratio=0.5))
+    for phase in ("training", "preview"):
+        host = plan.get(phase, "emloc").host
+        live = sum(v for k, v in host.items() if k not in ("runtime", "allocator slack (freed heap kept)"))
+        assert host["runtime"] == HOST_RUNTIME_CPU
+        assert abs(host["allocator slack (freed heap kept)"] - HOST_HEAP_SLACK * live) <= 1
+    streamed = plan_run("OpenGVLab/InternVL3-1B-hf", PlanSettings(device="cpu", dtype="float32", ram_gb=64, ratio=0.5,
+                                                                  offload="always"))
+    assert "allocator slack (freed heap kept)" not in streamed.get("emulator", "emloc").host
