@@ -459,7 +459,8 @@ def _calibration(run: _Run) -> PhaseEstimate:
 def _construction(run: _Run) -> PhaseEstimate:
     """Per factored layer, with the default "gram" solver (float32 elements; every eigh is float64, see
     emloc/factorize.py): a float64 n x n matrix and its eigh hold EIGH64·n². A layer with out > in is whitened
-    (float64 C and its eigh, EIGH64·in²), then factored: S (in²), W S (2·in·out while it is formed), the float64
+    (float64 C and its eigh, EIGH64·in²), then factored: S (in²), W S (2·in·out while it is formed; 3 on a GPU, whose
+    "split" Gram holds W S with unit-norm columns too), the float64
     Mᵀ M and its eigh, k(in+out); a layer with out <= in is never whitened (factorize.output_gram_factors): the
     float64 W C Wᵀ formed in GRAM_CHUNK blocks, then its eigh, EIGH64·out² + k(in+out).
     The error check holds W_E, W - W_E, (W - W_E)·C and its product with W - W_E: 4·in·out. On a GPU both also hold
@@ -475,8 +476,9 @@ def _construction(run: _Run) -> PhaseEstimate:
         sq, io = i * i, i * o
         own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
         moved = 0 if cpu else sq  # the statistics, moved from the host for the factorisation and the error check
-        if o > i:  # whitening's EIGH64·in² is always below what follows it
-            factoring = sq + 2 * io + EIGH64 * sq + k * (i + o)
+        if o > i:  # whitening's EIGH64·in² is always below what follows it; on a GPU with slow float64 the
+            # "split" Gram (factorize._gram) also holds W S with unit-norm columns: one more in·out
+            factoring = sq + (2 if cpu else 3) * io + EIGH64 * sq + k * (i + o)
         else:
             chunk = min(GRAM_CHUNK, i)
             forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
