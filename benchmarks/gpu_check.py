@@ -11,7 +11,8 @@ and its peak RSS):
 2. the FLUX demo (assets/models/demo-flux) and the InternVL demo (assets/models/demo-internvl) end to end on the
    device in the run's precision (bf16 on CUDA: `--mixed-precision auto`);
 3. a FLUX transformer of real width (3072, heads of 128) with a few blocks, random weights in bf16, written with
-   save_pretrained beside the demo's VAE and text encoders, through every stage at 512 px; then the same model
+   save_pretrained beside the demo's VAE and text encoders, through every stage at 256 px (4096 image tokens through
+   the demo's VAE, as FLUX.1 at 1024 px); then the same model
    at `--ratio 1` (nothing factored: LoRA on the full model) for the training step time.
 It prints markdown tables (each stage's allocated / reserved peak against the run's plan, as run.json records
 both, and as this script measured; the step time of emulator + LoRA against LoRA on the full model) and writes
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     vlm = ["--backend", "vlm", "--model", str(DEMOS / "demo-internvl"), "--data", str(work / "mugs" / "qa.csv"),
            "--max-new-tokens", "8", *common]
     rows += run_all_stages("InternVL demo", vlm, work / "run-vlm-demo", args.timeout)
-    width, double, single, size = (256, 1, 1, 64) if args.quick else (3072, 2, 4, 512)
+    # 256 px through the demo's VAE (4 px per latent, patch 1) is 4096 image tokens: FLUX.1's count at 1024 px
+    width, double, single, size = (256, 1, 1, 64) if args.quick else (3072, 2, 4, 256)
     dtype_name = "bfloat16" if args.device.startswith("cuda") else "float32"
     wide = work / "flux-wide"
     params = write_wide_flux(wide, width, double, single, args.device, dtype_name)
