@@ -287,8 +287,14 @@ def _reset_peak() -> None:
         pass
 
 
+def run_dtype(device: str) -> torch.dtype:
+    """The dtype a run uses on `device` (pipelines/runner: "auto" precision): bfloat16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 def _train_steps(spec: BenchModel, model: nn.Module, steps: int, device: str, checkpointing: bool) -> tuple[float, nn.Module]:
-    """LoRA training as pipelines/stages.train: float32 adapters, AdamW; returns the last loss and the PEFT model."""
+    """LoRA training as pipelines/stages.train: float32 adapters, AdamW, and on CUDA bf16 autocast around the
+    forward and loss (accelerate's mixed precision, as the run); returns the last loss and the PEFT model."""
     import emloc
 
     if checkpointing:
@@ -301,8 +307,10 @@ def _train_steps(spec: BenchModel, model: nn.Module, steps: int, device: str, ch
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
     peft_model.train()
     value = float("nan")
+    cuda = str(device).startswith("cuda")
     for step in range(steps):
-        loss = loss_of(spec, peft_model, make_batch(spec, model, seed=step, device=device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_of(spec, peft_model, make_batch(spec, model, seed=step, device=device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -324,9 +332,10 @@ def run_phase(spec: BenchModel, phase: str, method: str, work: Path, device: str
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rules = compress_rules(spec, ratio)
+    dtype = run_dtype(device)  # F19: the run's weights (bf16 on CUDA), so the plan's bf16 figures compare like with like
     started = time.perf_counter()
     if (phase, method) == ("calibration", "emloc"):
-        model = build(spec, device=device)
+        model = build(spec, device=device, dtype=dtype)
         batches = (make_batch(spec, model, seed=100 + i, device=device) for i in range(2))
         stats = emloc.collect_input_stats(model, batches, rules, forward=lambda m, b: forward(spec, m, b),
                                           stats_device="cpu", progress=False)
@@ -334,23 +343,23 @@ def run_phase(spec: BenchModel, phase: str, method: str, work: Path, device: str
 
         save_file({k: v.contiguous() for k, v in stats.items()}, str(work / "stats.safetensors"))
     elif phase == "emulator":
-        model = build(spec)  # the stage loads the model on the CPU and factorises each layer on the device
+        model = build(spec, dtype=dtype)  # the stage loads the model on the CPU and factorises each layer on the device
         stats = emloc.second_moments(load_file(str(work / "stats.safetensors")))
         emloc.build_emulator(model, rules, stats, svd=emloc.DEFAULT_SOLVER, compute_device=device, progress=False)
         shutil.rmtree(work / "emulator", ignore_errors=True)
         emloc.save_emulator(model, work / "emulator")
     elif phase == "training":
-        model = build(spec, work / "emulator" if method == "emloc" else None, device=device)
+        model = build(spec, work / "emulator" if method == "emloc" else None, device=device, dtype=dtype)
         _, peft_model = _train_steps(spec, model, steps, device, checkpointing=True)
         if method == "emloc":
             emloc.write_adapter(emloc.adapter_state(peft_model), peft_model.peft_config["default"], work / "adapter")
     elif phase == "correction":
         state, config = emloc.read_adapter(work / "adapter")
-        full, emulator = build(spec), build(spec, work / "emulator")
+        full, emulator = build(spec, dtype=dtype), build(spec, work / "emulator", dtype=dtype)
         emloc.correct_lora(full, emulator, state, emloc.lora_scaling(config), lam=3.0, compute_device=device,
                            progress=False)
     elif phase == "preview":
-        model = build(spec, device=device)
+        model = build(spec, device=device, dtype=dtype)
         if method == "emloc":
             model = emloc.load_adapter(model, work / "adapter")
         model.eval()
@@ -368,6 +377,7 @@ def run_phase(spec: BenchModel, phase: str, method: str, work: Path, device: str
               "seconds": round(seconds, 2)}
     if device.startswith("cuda"):
         result["cuda_allocated"] = torch.cuda.max_memory_allocated()
+        result["cuda_reserved"] = torch.cuda.max_memory_reserved()
     return result
 
 

@@ -63,7 +63,7 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float) -> dict:
+def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float, sample_every: int | None = None) -> dict:
     from pipelines.demo import data
 
     double, single = (int(n) for n in depth.split("+"))
@@ -78,7 +78,7 @@ def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float) 
             "--images", str(images), "--prompt", "a photo of sks shape on a white background", "--out", str(out),
             "--resolution", str(resolution), "--steps", "2", "--calibration-samples", "4", "--ratio", "0.45",
             "--max-sequence-length", "32", "--preview-steps", "2", "--preview-seed", "0", "--device", "cpu",
-            "--ram-gb", str(ram_gb), "--quiet"]
+            "--ram-gb", str(ram_gb), "--quiet"] + ([] if sample_every is None else ["--sample-every", str(sample_every)])
     row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer"), "ram_gb": ram_gb}
     for stage in STAGES:
         peak, seconds = peak_of(base + (["--resume"] if stage != "calibrate" else []) + ["--stages", stage])
@@ -135,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(OUT / "streaming-work"))
     parser.add_argument("--ram-gb", type=float, default=1.2,
                         help="the run's host budget in GiB: what does not fit it is streamed from the files")
+    parser.add_argument("--sample-every", type=int, default=None,
+                        help="passed to launch.py train (0: no sample rounds during training); default: the run's own")
+    parser.add_argument("--name", default="streaming", help="benchmarks/out/<name>.md and .json receive the table")
     args = parser.parse_args(argv)
-    drive(args, "streaming", "import pipelines.runner, pipelines.flux.backend, diffusers",
-          lambda depth, work: measure(depth, args.width, args.resolution, work, args.ram_gb))
+    drive(args, args.name, "import pipelines.runner, pipelines.flux.backend, diffusers",
+          lambda depth, work: measure(depth, args.width, args.resolution, work, args.ram_gb, args.sample_every))
     return 0
 
 

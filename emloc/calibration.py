@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factorize import all_finite
+from .factorize import all_finite, exact_float32
 from .rules import RuleLike, factored_rank, normalise_rules, target_linears
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class StatsCollector:
                     flat = x[mask.to(x.device)]  # (..., in) -> (kept tokens, in)
                 else:
                     flat = x.reshape(-1, x.shape[-1])  # (..., in) -> (tokens, in)
-                gram = flat.to(self.dtype).T @ flat.to(self.dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
+                with exact_float32():  # TF32 would round Σxᵀx to 10 bits of mantissa (reviews/gpu-path.md F17)
+                    gram = flat.to(self.dtype).T @ flat.to(self.dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
                 tokens = flat.shape[0]
                 self._last[0], self._last[1] = raw, (gram, tokens)
             device = self.stats_device or gram.device

@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointReader
-from .factorize import (DEFAULT_SOLVER, SOLVERS, Whitening, all_finite, needs_whitening, weighted_error,
-                        whitening)
+from .factorize import (DEFAULT_SOLVER, SOLVERS, Whitening, all_finite, factorisation_placement, needs_whitening,
+                        weighted_error, whitening)
 from .lowrank import LowRankLinear, dense_parameters
 from .rules import RuleLike, factored_rank, normalise_rules, target_linears
 
@@ -196,6 +196,7 @@ class EmulatorBuild:
             self.report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0, aware, True))
             return None
         device = torch.device(self.compute_device) if self.compute_device is not None else weight.device
+        self.info.setdefault("factorisation", factorisation_placement(device))  # which device and dtype did the eigh
         white = None
         if aware and needs_whitening(n_out, n_in, self.svd):
             shared = self._shared

@@ -20,13 +20,25 @@ float32, on the device the caller picks (the layer's, or a GPU). Real LLM and di
 have a few input channels 10³-10⁴ times the rest ("massive activations"): C's eigenvalues then span ten
 decades or more, and a float32 eigh, whose error is ~1e-7 of the largest eigenvalue, loses the small ones
 that weight the ordinary inputs (see EIGEN_FLOOR for the measurements).
+
+Consumer GPUs run float64 at 1/32-1/64 of float32's rate (reviews/gpu-path.md F10), so where the compute device
+is such a GPU (`float64_is_fast`) the Gram products are "split": formed in float32 with the dynamic range
+taken out first, and only the small pieces that carry it done in float64 (`_gram`, `_weighted_gram_split`); the
+eigendecompositions stay float64 on the device (their cost is bound by memory traffic more than by float64
+arithmetic), with a retry on the CPU when the GPU's eigensolver fails (`symmetric_eigh`, F11). Every float32
+product here runs with TF32 and reduced-precision matmuls off (`exact_float32`), whatever the process set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SOLVERS = ("full", "gram", "randomized")
 DEFAULT_SOLVER = "gram"  # fastest solver within 0.5% of full SVD's error: benchmarks/emulator_speed.py
@@ -47,6 +59,130 @@ RANDOMIZED_POWER_ITERATIONS = 4
 
 
 FINITE_CHECK_CHUNK = 1 << 22  # elements per chunk of all_finite: 4M, a ~24 MB transient whatever the tensor
+PRODUCTS = ("float64", "split")  # how Gram products are formed: see the module docstring
+# GPUs whose float64 runs at half float32's rate (P100, V100, A100, H100/H200, B200); every other CUDA device
+# (GeForce, RTX workstation, L4/L40, Jetson) runs it at 1/32-1/64 and gets the "split" products
+FAST_FLOAT64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+# "split" W C Wᵀ: input channels whose C_jj exceeds MASSIVE_DIAGONAL x the median diagonal (activations 10x the
+# typical RMS) are the massive ones; their rows and columns of C enter in float64 (at most MASSIVE_MAX of them,
+# the largest), the rest in float32 after equilibration by sqrt(diag C)
+MASSIVE_DIAGONAL = 100.0
+MASSIVE_MAX = 256
+
+
+def _matmul_backends() -> list:
+    """The per-backend float32 matmul settings (torch >= 2.9: `torch.backends.<cuda|mkldnn>.matmul.fp32_precision`)."""
+    found = []
+    for name in ("cuda", "mkldnn"):
+        matmul = getattr(getattr(torch.backends, name, None), "matmul", None)
+        if matmul is not None and hasattr(matmul, "fp32_precision"):
+            found.append(matmul)
+    return found
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Float32 matmuls in full float32 inside (no TF32 on CUDA, no bfloat16 in oneDNN on the CPU), restoring the
+    process's settings on exit. An environment that enables TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`,
+    `set_float32_matmul_precision("high")`) would otherwise round Σxᵀx and the factorisation products to 10 bits of
+    mantissa and lose the small eigenvalues this module keeps (reviews/gpu-path.md F17). Set through the
+    per-backend `fp32_precision` ("ieee"), which reads and restores whichever API the user set it with."""
+    backends = _matmul_backends()
+    if not backends:  # an older torch: the legacy flags only
+        saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved[0])
+            torch.backends.cuda.matmul.allow_tf32 = saved[1]
+        return
+    saved = [matmul.fp32_precision for matmul in backends]
+    for matmul in backends:
+        matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for matmul, value in zip(backends, saved):
+            matmul.fp32_precision = value
+
+
+def _exact(function):
+    """`function` run inside exact_float32."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with exact_float32():
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def float64_is_fast(device: torch.device | str) -> bool:
+    """Whether `device` runs float64 at a useful rate: the CPU, and the CUDA devices of FAST_FLOAT64_CAPABILITIES."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return tuple(torch.cuda.get_device_capability(device)) in FAST_FLOAT64_CAPABILITIES
+
+
+def products_for(device: torch.device | str) -> str:
+    """"float64" Gram products where float64 is fast, "split" elsewhere (see the module docstring)."""
+    return "float64" if float64_is_fast(device) else "split"
+
+
+def factorisation_placement(device: torch.device | str) -> dict[str, str]:
+    """Where and in what precision the factorisation of a layer on `device` runs, as emulator.json records it:
+    {"device", "gram_products" ("float64" or "split"), "eigh" ("float64 on <device>; retried on cpu on failure")}."""
+    device = torch.device(device)
+    return {"device": str(device), "gram_products": products_for(device),
+            "eigh": f"float64 on {device}" + ("" if device.type == "cpu" else "; retried on cpu if it fails")}
+
+
+@functools.cache
+def _announce(where: str, products: str) -> None:
+    log.info("emulator factorisation on %s: Gram products %s, eigendecompositions float64 on %s", where,
+             "in float64" if products == "float64" else "in float32 with the massive channels in float64", where)
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.linalg.eigh` of a symmetric float64 matrix (lower triangle read), ascending, on the matrix's device,
+    guarded against eigensolver failures (reviews/gpu-path.md F11: cuSOLVER has failed on rank-deficient
+    matrices such as the modulation layers' statistics, PyTorch issues #94772 and #105359).
+
+    The diagonal is shifted by `EIGEN_FLOOR·trace/n` first, and the shift taken off the eigenvalues again (the
+    eigenvectors of `A + εI` are those of `A`): exact matrices of rank 0 or with a zero trace then still have a
+    positive diagonal. A shift does not separate repeated eigenvalues, so on a RuntimeError (torch.linalg.LinAlgError,
+    a cuSOLVER status error, out of memory) or a non-finite result the eigh is retried on the CPU in float64, and if
+    LAPACK's eigh fails there too, the SVD of the same matrix (another LAPACK algorithm) gives it. The matrix is
+    modified in place (it is always the caller's own float64 temporary). Returns float64 tensors on its device."""
+    device, n = matrix.device, matrix.shape[0]
+    shift = float(EIGEN_FLOOR * matrix.diagonal().abs().sum() / max(n, 1))
+    matrix.diagonal().add_(shift)
+    attempts = [("eigh", device)] + ([("eigh", torch.device("cpu"))] if device.type != "cpu" else []) + \
+        [("svd", torch.device("cpu"))]
+    for index, (how, where) in enumerate(attempts):
+        try:
+            a = matrix.to(where)
+            if how == "eigh":
+                eigenvalues, vectors = torch.linalg.eigh(a)
+            else:  # A = U S Vᵀ: for a symmetric A the eigenvalues are S with the sign of uᵢ·vᵢ
+                u, sv, vh = torch.linalg.svd(a)
+                eigenvalues = sv * torch.sign((u * vh.T).sum(0))
+                eigenvalues, order = eigenvalues.sort()
+                vectors = u[:, order]
+            if not (all_finite(eigenvalues) and all_finite(vectors)):
+                raise torch.linalg.LinAlgError(f"eigh on {where} returned NaN or inf")
+        except RuntimeError as err:  # LinAlgError is a RuntimeError; so are cuSOLVER statuses and device OOM
+            if index == len(attempts) - 1:
+                raise
+            log.warning("%s of a %dx%d float64 matrix on %s failed (%s); retrying with %s on %s", how, n, n, where,
+                        str(err).splitlines()[0][:200], *attempts[index + 1])
+            continue
+        eigenvalues -= shift
+        if index:
+            log.info("the %dx%d eigendecomposition was done by %s on %s in float64", n, n, how, where)
+        return eigenvalues.to(device), vectors.to(device)
+    raise AssertionError("unreachable")
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -79,7 +215,7 @@ def _energy_scale(c: torch.Tensor) -> torch.Tensor:
 def _top_eigen(gram: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The `rank` leading eigenvectors of a symmetric (float64) Gram matrix and the square roots of their
     eigenvalues (the singular values), largest first, returned in `dtype`."""
-    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending; reads the lower triangle only
+    eigenvalues, vectors = symmetric_eigh(gram)  # ascending; reads the lower triangle only
     return vectors[:, -rank:].flip(-1).to(dtype), eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt().to(dtype)
 
 
@@ -96,6 +232,20 @@ def _gram64(a: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def _gram(a: torch.Tensor, products: str) -> torch.Tensor:
+    """`a aᵀ` (small, small) in float64 for a (small, big) float32 `a`. "split": the rows are scaled to unit norm
+    (n), `â âᵀ` is a float32 product of numbers of one size, and `a aᵀ = diag(n) (â âᵀ) diag(n)` is rescaled in
+    float64: each entry keeps float32's relative precision however the rows' norms differ, which is where a
+    whitened layer's range sits (the columns of `W S` are scaled by √l)."""
+    if products == "float64":
+        return _gram64(a)
+    norms = a.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (small,)
+    unit = a / norms[:, None]
+    gram = (unit @ unit.T).double()  # (small, big) @ (big, small): float32 products
+    norms = norms.double()
+    return gram.mul_(norms[:, None]).mul_(norms[None, :])
+
+
 def whitening(second_moment: torch.Tensor) -> Whitening:
     """Eigen-decompose the calibration second moment `C` into a whitening transform `S`, `S Sᵀ ≈ C`.
 
@@ -104,19 +254,20 @@ def whitening(second_moment: torch.Tensor) -> Whitening:
     c = second_moment.to(torch.float64, copy=True)  # (in, in); the caller's statistics stay as they are
     c /= _energy_scale(c)
     # accumulated in floating point, C is symmetric only up to rounding: eigh reads its lower triangle only
-    eigenvalues, q = torch.linalg.eigh(c)
+    eigenvalues, q = symmetric_eigh(c)
     del c
     sqrt_l = eigenvalues.clamp_min(EIGEN_FLOOR).sqrt()  # the mean eigenvalue is 1 here
     return Whitening(q=q.float(), sqrt_l=sqrt_l.float())
 
 
-def top_singular(m: torch.Tensor, rank: int, solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(m: torch.Tensor, rank: int, solver: str,
+                 products: str = "float64") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-`rank` singular triplets `(U_k (out,k), Σ_k (k,), V_k (in,k))` of `m` by `solver`."""
     if solver == "full":
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank].T
     if solver == "gram":
-        return _gram_svd(m, rank)
+        return _gram_svd(m, rank, products)
     if solver == "randomized":
         q = min(rank + RANDOMIZED_OVERSAMPLE, *m.shape)
         u, s, v = torch.svd_lowrank(m, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
@@ -124,13 +275,14 @@ def top_singular(m: torch.Tensor, rank: int, solver: str) -> tuple[torch.Tensor,
     raise ValueError(f"unknown svd solver {solver!r}; choose one of {', '.join(SOLVERS)}")
 
 
-def _gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_svd(m: torch.Tensor, rank: int, products: str = "float64") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # eigh of the smaller Gram matrix costs min(out,in)^3 instead of a full SVD of M; squaring doubles the
     # decades M's singular values span, which float32 cannot hold for a layer with massive activations
-    # (+8% error on a 128->512 layer with two channels x10^3), so the Gram and its eigh are float64.
+    # (+8% error on a 128->512 layer with two channels x10^3), so the Gram and its eigh are float64
+    # (or, "split", the Gram is equilibrated float32 rescaled in float64: _gram).
     out_f, in_f = m.shape
     wide = out_f <= in_f
-    vectors, sigma = _top_eigen(_gram64(m if wide else m.T), rank, m.dtype)  # (small, small)
+    vectors, sigma = _top_eigen(_gram(m if wide else m.T, products), rank, m.dtype)  # (small, small)
     safe = sigma.clamp_min(sigma.max().clamp_min(1e-30) * 1e-7)
     if wide:
         return vectors, sigma, (m.T @ vectors) / safe  # V_k = Mᵀ U_k Σ_k⁻¹
@@ -160,8 +312,54 @@ def _weighted_gram64(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def _massive_channels(c: torch.Tensor) -> torch.Tensor:
+    """Indices of C's massive input channels: C_jj > MASSIVE_DIAGONAL x the median diagonal, the largest
+    MASSIVE_MAX of them at most (int64, on C's device)."""
+    d = c.diagonal().double()
+    order = d.argsort(descending=True)[:MASSIVE_MAX]
+    return order[d[order] > MASSIVE_DIAGONAL * d.median()]
+
+
+def _weighted_gram_split(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`W C Wᵀ` (out, out) in float64 from float32 products: with J the massive channels and R the rest,
+
+        W C Wᵀ = W_R C_RR W_Rᵀ + P W_Jᵀ + W_J P_Rᵀ,   P = W C_{:,J},  P_R = W_R C_RJ,
+
+    where W_R C_RR W_Rᵀ = (W_R D) Ĉ (W_R D)ᵀ, Ĉ = D⁻¹ C_RR D⁻¹ (D = √diag C: unit diagonal), is formed in float32
+    one GRAM_CHUNK² block of C at a time, and the rank-|J| terms in float64 (out·in·|J| operations). What float32
+    cannot hold, the 10⁶-10¹² ratio of massive to ordinary channels, is in the float64 terms only."""
+    n_out, n_in = w.shape
+    hot = _massive_channels(c)
+    root = c.diagonal().float().clamp_min(torch.finfo(torch.float32).tiny).sqrt()  # D, (in,)
+    a = w * root  # W D: (out, in) float32
+    a[:, hot] = 0  # W_R D: the massive columns enter below, in float64
+    inverse = 1 / root
+    gram = torch.zeros(n_out, n_out, dtype=torch.float32, device=w.device)
+    for cols in range(0, n_in, GRAM_CHUNK):
+        right = slice(cols, cols + GRAM_CHUNK)
+        ac = torch.zeros(n_out, min(GRAM_CHUNK, n_in - cols), dtype=torch.float32, device=w.device)
+        for rows in range(0, n_in, GRAM_CHUNK):
+            left = slice(rows, rows + GRAM_CHUNK)
+            block = c[left, right].float() * inverse[left, None] * inverse[None, right]  # Ĉ block: (chunk, chunk)
+            ac.addmm_(a[:, left], block)  # (out, chunk) @ (chunk, chunk)
+        gram.addmm_(ac, a[:, right].T)  # -> (out, out)
+    del a, ac
+    gram = gram.double()
+    if len(hot):
+        c_hot = c[:, hot].double()  # C_{:,J}: (in, |J|)
+        w_hot = w[:, hot].double()  # W_J: (out, |J|)
+        p = torch.zeros(n_out, len(hot), dtype=torch.float64, device=w.device)
+        for rows in range(0, n_in, GRAM_CHUNK):
+            p.addmm_(w[:, rows:rows + GRAM_CHUNK].double(), c_hot[rows:rows + GRAM_CHUNK])  # W C_{:,J}
+        p_rest = p - w_hot @ c_hot[hot]  # W_R C_RJ = W C_{:,J} - W_J C_JJ
+        gram.addmm_(p, w_hot.T).addmm_(w_hot, p_rest.T)
+    return gram
+
+
 @torch.no_grad()
-def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+@_exact
+def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int,
+                        products: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors of docs/method.md step 2 without whitening, for out <= in (float32 `w`).
 
     With `S Sᵀ = C` and `W S = U Σ Vᵀ`: `(W S)(W S)ᵀ = W C Wᵀ = U Σ² Uᵀ`, and since
@@ -169,40 +367,51 @@ def output_gram_factors(w: torch.Tensor, second_moment: torch.Tensor, rank: int)
     same `W_E = U_k U_kᵀ W`, from an out x out eigh instead of an in x in one and no `S⁻¹`. On
     FLUX's single-block proj_out (15 360 -> 3072) that is 3072³ instead of 15 360³. `C` is scaled
     by `trace(C)/in` and floored as `whitening` does (`+ EIGEN_FLOOR·I` here: like the clamp, it keeps
-    unseen input directions weighted). `W C Wᵀ` and its eigh are float64 (see the module docstring).
+    unseen input directions weighted). `W C Wᵀ` and its eigh are float64 (see the module docstring); `products`
+    (default: products_for(w.device)) "split" forms W C Wᵀ by `_weighted_gram_split`.
     """
+    products = products or products_for(w.device)
+    _announce(str(w.device), products)
     c = second_moment.to(w.device)  # float32 or float64, read a block at a time: no copy on the compute device
     scale = _energy_scale(c).double()
-    g = _weighted_gram64(w, c)  # (out, out); eigh reads its lower triangle, as whitening's reads C's
+    # (out, out); eigh reads its lower triangle, as whitening's reads C's
+    g = _weighted_gram64(w, c) if products == "float64" else _weighted_gram_split(w, c)
     del c
     g /= scale
-    g.add_(_gram64(w), alpha=EIGEN_FLOOR)  # W (C/scale + floor·I) Wᵀ
+    g.add_(_gram(w, products), alpha=EIGEN_FLOOR)  # W (C/scale + floor·I) Wᵀ
     u_k, sigma = _top_eigen(g, rank, w.dtype)
     return balanced_factors(u_k, sigma, w)
 
 
 @torch.no_grad()
+@_exact
 def low_rank_factors(
     weight: torch.Tensor,
     rank: int,
     second_moment: torch.Tensor | None = None,
     solver: str = "full",
     white: Whitening | None = None,
+    products: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors `(u (out,k), v (k,in))` of the activation-aware rank-k approximation of `weight`.
 
     `white` may carry a precomputed whitening of `second_moment` (layers that read the same input,
-    such as q/k/v, share one).
+    such as q/k/v, share one). `products`: how the "gram" solver forms its Gram matrices, "float64" or "split"
+    (default: products_for(the weight's device): "split" on a GPU whose float64 is slow).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown svd solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    products = products or products_for(weight.device)
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {', '.join(PRODUCTS)}; got {products!r}")
     w = weight.float()
     if second_moment is not None and not needs_whitening(*w.shape, solver):
-        return output_gram_factors(w, second_moment, rank)
+        return output_gram_factors(w, second_moment, rank, products)
+    _announce(str(w.device), products)
     if white is None and second_moment is not None:
         white = whitening(second_moment.to(w.device))
     m = white.right(w) if white is not None else w  # W S: (out, in)
-    u_k, sigma, _ = top_singular(m, rank, solver)
+    u_k, sigma, _ = top_singular(m, rank, solver, products)
     return balanced_factors(u_k, sigma, w)
 
 
@@ -220,6 +429,7 @@ def balanced_factors(u_k: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor) ->
 
 
 @torch.no_grad()
+@_exact
 def weighted_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor | None) -> float:
     """Relative activation-weighted error `‖X (W - W_E)ᵀ‖_F / ‖X Wᵀ‖_F`, i.e. with `C = XᵀX`
     `sqrt(tr(D C Dᵀ) / tr(W C Wᵀ))`, `D = W - W_E`; the Frobenius error when `C` is None."""

@@ -1,4 +1,4 @@
-"""Weights that wait in host RAM after their first read from the files (DESIGN.md "Memory").
+"""Weights that wait in host RAM after their first read from the files (docs/method.md, "Memory").
 
 A model streamed block by block reads every block on every forward. Where the host has room, `CachedReader` keeps
 what it has read in RAM, so later forwards (and later models of the same weights) copy it from RAM instead of the

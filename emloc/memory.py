@@ -20,7 +20,7 @@ residual stream, L = blocks in a stack, a = activation elements one block saves 
                recomputed) + B·n·(rotary cos/sin every checkpoint holds, once); backward (one block): the
                gradients of a block's widest tensor, 2·B·n·w·b (w: its elements per token, the MLP hidden)
   logits       B·n·V·LOSS_BYTES_PER_LOGIT for a model with an LM head (V = vocabulary)
-  overhead     RUNTIME_OVERHEAD_BYTES (CUDA context + caching-allocator slack), in every phase's total
+  overhead     runtime_overhead: CUDA context + caching-allocator slack (5% of the rest, >= 0.5 GiB), in every total
 
 Phases (EMLoC): calibration = weights + one block's forward B·n·((a + h)·b + 4·a32) + the LM head's logits B·n·V·b
 + a layer's Gram 4·(in² + B·n·in) (with stats_on_gpu every layer's 4·in² and the largest Gram); emulator = the worst factored layer (float32, its eighs float64: _construction);
@@ -56,7 +56,21 @@ from .architecture import (ArchitectureSpec, BlockStack, LinearShape, ModelSumma
                            lora_targets, summarize)
 
 GiB = 1024 ** 3
-RUNTIME_OVERHEAD_BYTES = GiB  # CUDA context (~0.5 GiB once cuBLAS kernels load) + ~0.5 GiB allocator slack
+# The runtime overhead of a GPU phase: what the process holds on the device beyond max_memory_allocated. Set from
+# published figures, NOT measured (no GPU was lent to this project when it was set); benchmarks/gpu_check.py
+# prints the held-vs-planned figures where a GPU is available, and these constants are what to correct from it.
+# - CUDA context: 287 MB with lazy module loading vs 667 MB eager for torch's kernels alone (pytorch/pytorch
+#   PR #86509, which made LAZY torch's default); ~0.7-0.8 GiB on the first CUDA call on older stacks (PyTorch
+#   forum, "High gpu memory overhead" / "pytorch's GPU memory floor": 723-800 MiB); cuBLAS / cuDNN kernel images
+#   load into it as they are first used. 0.75 GiB covers the eager figure and the libraries a training step loads.
+# - Caching-allocator slack (reserved but unallocated): a published OOM report shows 1.22 GiB reserved-unallocated
+#   beside 33.29 GiB allocated (3.7%); the review of the GPU path (reviews/gpu-path.md F9) estimates 0.3-2 GiB for a
+#   checkpointed training loop. Planned as 5% of the phase's allocated peak, at least 0.5 GiB; the run turns on
+#   expandable_segments, which lowers it.
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)
+ALLOCATOR_SLACK_FRACTION = 0.05
+ALLOCATOR_SLACK_MIN_BYTES = GiB // 2
+RUNTIME_OVERHEAD_BYTES = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK_MIN_BYTES  # the least any GPU phase adds
 ADAPTER_BYTES = 4  # PEFT's autocast_adapter_dtype keeps LoRA weights (and so grads) in float32
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax (double quant)
 # transformers' loss upcasts the logits to float32; at the peak (backward through log-softmax) the float32
@@ -75,6 +89,15 @@ EIGH64 = 13
 # on this CPU (benchmarks/streaming.py, "a process that only imports the stack"). A CUDA process also maps the
 # CUDA libraries and keeps pinned staging buffers; that part is an assumption, not measured here (no GPU lent).
 HOST_RUNTIME_CPU = int(0.40 * 1024 ** 3)
+# What the process's RSS holds beyond the live allocations of a phase that is not streamed (training, a whole
+# preview): glibc keeps freed heap memory for reuse (and per-thread arenas), and these phases never trim it (the
+# streamed ones call malloc_trim after each block). Measured on this CPU (benchmarks/streaming.py and a 20 ms
+# RSS/mallinfo2 sampler around `launch.py train --stages X`, FLUX width 1024): at the training peak the heap held
+# 146 MiB freed beside 722 MiB in use (4+8 blocks), 43 beside 325 (1+2); RSS exceeded the runtime + the plan's
+# live parts by 16-34% of those parts in training and 20-21% in previews, whole or streamed (benchmarks/README.md,
+# "Host budget"). A fraction of the phase's other host parts; the streamed calibration, emulator construction and
+# correction trim after each block and stay under their plan without it.
+HOST_HEAP_SLACK = 0.35
 HOST_RUNTIME_CUDA = int(1.5 * 1024 ** 3)
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 PHASES = ("embeddings", "calibration", "emulator", "training", "correction", "preview")  # embeddings: prompt encoders
@@ -239,9 +262,15 @@ class _Run:
         return self.tokens[stack.tokens] if stack else self.tokens["all"]
 
 
+def runtime_overhead(allocated: float) -> int:
+    """What a GPU phase holds beyond `allocated` (max_memory_allocated): the CUDA context and the caching
+    allocator's reserved-but-unallocated slack, max(ALLOCATOR_SLACK_MIN_BYTES, ALLOCATOR_SLACK_FRACTION·allocated)."""
+    return CUDA_CONTEXT_BYTES + max(ALLOCATOR_SLACK_MIN_BYTES, int(math.ceil(ALLOCATOR_SLACK_FRACTION * allocated)))
+
+
 def _estimate(phase: str, method: str, parts: dict[str, float], streamed: bool = False, note: str = "") -> PhaseEstimate:
     clean = {k: int(math.ceil(v)) for k, v in parts.items() if v}
-    return PhaseEstimate(phase, method, {**clean, "overhead": RUNTIME_OVERHEAD_BYTES}, streamed, note)
+    return PhaseEstimate(phase, method, {**clean, "overhead": runtime_overhead(sum(clean.values()))}, streamed, note)
 
 
 def _full_weights(run: _Run, offload: bool) -> dict[str, float]:
@@ -462,7 +491,8 @@ def _calibration(run: _Run) -> PhaseEstimate:
 def _construction(run: _Run) -> PhaseEstimate:
     """Per factored layer, with the default "gram" solver (float32 elements; every eigh is float64, see
     emloc/factorize.py): a float64 n x n matrix and its eigh hold EIGH64·n². A layer with out > in is whitened
-    (float64 C and its eigh, EIGH64·in²), then factored: S (in²), W S (2·in·out while it is formed), the float64
+    (float64 C and its eigh, EIGH64·in²), then factored: S (in²), W S (2·in·out while it is formed; 3 on a GPU, whose
+    "split" Gram holds W S with unit-norm columns too), the float64
     Mᵀ M and its eigh, k(in+out); a layer with out <= in is never whitened (factorize.output_gram_factors): the
     float64 W C Wᵀ formed in GRAM_CHUNK blocks, then its eigh, EIGH64·out² + k(in+out).
     The error check holds W_E, W - W_E, (W - W_E)·C and its product with W - W_E: 4·in·out. On a GPU both also hold
@@ -478,8 +508,9 @@ def _construction(run: _Run) -> PhaseEstimate:
         sq, io = i * i, i * o
         own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
         moved = 0 if cpu else sq  # the statistics, moved from the host for the factorisation and the error check
-        if o > i:  # whitening's EIGH64·in² is always below what follows it
-            factoring = sq + 2 * io + EIGH64 * sq + k * (i + o)
+        if o > i:  # whitening's EIGH64·in² is always below what follows it; on a GPU with slow float64 the
+            # "split" Gram (factorize._gram) also holds W S with unit-norm columns: one more in·out
+            factoring = sq + (2 if cpu else 3) * io + EIGH64 * sq + k * (i + o)
         else:
             chunk = min(GRAM_CHUNK, i)
             forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
@@ -576,6 +607,9 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
                 tensor if e.phase == "correction" else block
         if e.method == "emloc" and e.phase == "training":  # the emulator is read into the skeleton one tensor at a time
             host["file pages (one tensor)"] = tensor
+        if not streamed or e.phase == "preview":  # freed and allocated again without a trim (a streamed preview
+            # trims after each block, but its pipeline's encoders and VAE come and go): glibc keeps part of it
+            host["allocator slack (freed heap kept)"] = HOST_HEAP_SLACK * sum(host.values())
         return {"runtime": HOST_RUNTIME_CPU, **host}
     host: dict[str, float] = {"runtime": HOST_RUNTIME_CUDA}
     if e.method != "emloc":  # loaded straight onto the GPU, one file at a time

@@ -26,6 +26,8 @@ from .catalogue import MetaModel, load_meta_model
 from .preview_time import preview_time_line
 
 RATIO_STEP = 0.01  # the recommendation searches ratios 0.01, 0.02, ..., 1.00
+HEADROOM_FRACTION = 0.05  # the recommendation keeps max(5% of the GPU budget, 0.5 GiB) free: headroom_bytes
+HEADROOM_MIN_BYTES = GiB // 2
 OFFLOAD_MODES = ("auto", "never", "always")
 STREAMABLE = ("calibration", "emulator", "correction", "preview")  # EMLoC phases that can hold the full model whole
 PHASE_NAMES = {"embeddings": "prompt embeddings", "calibration": "calibration", "emulator": "emulator construction", "training": "training",
@@ -174,32 +176,59 @@ def _plan_at(model_id: str, settings: PlanSettings, ratio: float, budget: int | 
     return replace(streamed, estimates=chosen)
 
 
+def headroom_bytes(budget_bytes: int) -> int:
+    """GPU memory a recommended ratio leaves unplanned: max(HEADROOM_FRACTION of the budget, HEADROOM_MIN_BYTES).
+
+    For what the plan cannot know: its own error (every term is a formula; reviews/gpu-path.md F9 found the old
+    recommendations 0.01-0.09 GiB under the budget), other processes on the GPU, a driver's display buffers."""
+    return max(int(HEADROOM_FRACTION * budget_bytes), HEADROOM_MIN_BYTES)
+
+
+def _largest_fitting(model_id: str, settings: PlanSettings, budget: int | None, ram: int | None,
+                     limit: int | None) -> tuple[float | None, str | None]:
+    """(largest ratio on the grid at which every EMLoC phase stays within `limit` on the GPU and `ram` on the host,
+    what failed at the next ratio up (None: ratio 1 fits)); `budget` (the bare GPU budget) resolves the offload
+    choices as the run resolves them."""
+    last_fail = None
+    for i in range(round(1 / RATIO_STEP), 0, -1):
+        ratio = round(i * RATIO_STEP, 6)
+        memory = _plan_at(model_id, settings, ratio, budget, ram)
+        over = [e for e in memory.estimates if e.method == "emloc" and _fits(e, limit, ram) is False]
+        if not over:
+            return ratio, last_fail
+        worst = over[0]
+        if limit is not None and worst.total > limit:
+            last_fail = f"{PHASE_NAMES[worst.phase]} needs {gib(worst.total)} GiB of GPU memory"
+        else:
+            last_fail = f"{PHASE_NAMES[worst.phase]} needs {gib(worst.host_total)} GiB of RAM"
+    return None, last_fail
+
+
 def recommend_ratio(model_id: str, settings: PlanSettings, budget_bytes: int | None,
                     ram_bytes: int | None = None) -> tuple[float | None, str]:
-    """The largest ratio on the RATIO_STEP grid at which every EMLoC phase fits both budgets, and why.
+    """The largest ratio on the RATIO_STEP grid at which every EMLoC phase fits both budgets, leaving
+    `headroom_bytes` of the GPU budget free, and why. When no ratio leaves that headroom, the largest ratio that
+    fits the bare budget, said so in the reason.
 
     Scans down from 1.0 and stops at the first ratio that fits, so the answer is the largest one by
     construction (no assumption that memory grows with the ratio).
     """
-    steps = round(1 / RATIO_STEP)
-    last_fail = None
     budget_words = " and ".join(w for w in (budget_bytes and f"{gib(budget_bytes)} GiB of GPU memory",
                                             ram_bytes and f"{gib(ram_bytes)} GiB of RAM") if w)
-    for i in range(steps, 0, -1):
-        ratio = round(i * RATIO_STEP, 6)
-        memory = _plan_at(model_id, settings, ratio, budget_bytes, ram_bytes)
-        over = [e for e in memory.estimates if e.method == "emloc" and _fits(e, budget_bytes, ram_bytes) is False]
-        if not over:
-            if last_fail is None:
-                return ratio, f"every EMLoC phase fits {budget_words} even uncompressed (ratio 1.00)"
-            return ratio, (f"largest ratio at which every EMLoC phase fits {budget_words}; at "
-                           f"{ratio + RATIO_STEP:.2f} {last_fail}")
-        worst = over[0]
-        if budget_bytes is not None and worst.total > budget_bytes:
-            last_fail = f"{PHASE_NAMES[worst.phase]} needs {gib(worst.total)} GiB of GPU memory"
-        else:
-            last_fail = f"{PHASE_NAMES[worst.phase]} needs {gib(worst.host_total)} GiB of RAM"
-    overhead = (f" (every phase also needs the {gib(RUNTIME_OVERHEAD_BYTES)} GiB runtime overhead)"
+    headroom = headroom_bytes(budget_bytes) if budget_bytes is not None else 0
+    spare = f", leaving {gib(headroom)} GiB of the GPU free" if headroom else ""
+    limit = budget_bytes - headroom if budget_bytes is not None else None
+    ratio, last_fail = _largest_fitting(model_id, settings, budget_bytes, ram_bytes, limit)
+    if ratio is None and headroom:
+        ratio, last_fail = _largest_fitting(model_id, settings, budget_bytes, ram_bytes, budget_bytes)
+        spare = (f", but no ratio leaves the {gib(headroom)} GiB of headroom the planner keeps for its own error "
+                 "(a tight fit: lower the LoRA rank, batch size, resolution or sequence length for room)")
+    if ratio is not None:
+        if last_fail is None:
+            return ratio, f"every EMLoC phase fits {budget_words}{spare} even uncompressed (ratio 1.00)"
+        return ratio, (f"largest ratio at which every EMLoC phase fits {budget_words}{spare}; at "
+                       f"{ratio + RATIO_STEP:.2f} {last_fail}")
+    overhead = (f" (every phase also needs the {gib(RUNTIME_OVERHEAD_BYTES)} GiB runtime overhead at least)"
                 if budget_bytes is not None else "")
     return None, (f"no ratio fits {budget_words}: even at ratio {RATIO_STEP:.2f} {last_fail}{overhead}; raise the "
                   "budget, or lower the LoRA rank, batch size, sequence length or resolution")
@@ -323,7 +352,8 @@ def format_plan(plan: Plan) -> str:
     if plan.memory.cpu_stats_bytes and not cpu:
         lines.append(f"Calibration statistics (float32 Σxᵀx per compressed layer) take {gib(plan.memory.cpu_stats_bytes)} "
                      "GiB of RAM at once on the two-step path (keep statistics); the streamed pass holds one block's.")
-    overhead = "" if cpu else f"GPU numbers include {gib(RUNTIME_OVERHEAD_BYTES)} GiB runtime overhead (CUDA context, allocator slack); "
+    overhead = "" if cpu else ("GPU numbers include the runtime overhead (CUDA context and allocator slack, at least "
+                               f"{gib(RUNTIME_OVERHEAD_BYTES)} GiB; emloc/memory.py runtime_overhead); ")
     lines.append(f"{overhead}RAM numbers include the process's own runtime (Python, torch, libraries). 'streamed': the "
                  "full model is read from its files one block at a time, so neither memory holds it whole; "
                  "'offloaded': it waits in RAM and each block is moved to the GPU as it runs. "

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import torch
 
-from emloc.memory import GiB
+from emloc.memory import CUDA_CONTEXT_BYTES, GiB
 from pipelines.runner.settings import RunSettings, parse_rules, sample_interval
 
 from .catalogue import load_meta_model
@@ -31,8 +31,18 @@ def budgets(run: RunSettings, device: torch.device) -> tuple[float | None, float
         return None, ram
     if run.gpu_gb:
         return run.gpu_gb, ram
+    return default_gpu_budget(device) / GiB, ram
+
+
+def default_gpu_budget(device: torch.device) -> int:
+    """Bytes of GPU memory the run may plan for when `--gpu-gb` is not given.
+
+    `mem_get_info` reports what is free *after* this process created its CUDA context (the call creates it) and
+    after what its caching allocator already reserved; every planned phase counts the context again
+    (emloc.memory.CUDA_CONTEXT_BYTES in its overhead). So the budget is free + reserved-by-us + that context
+    estimate: a plan equal to it fills what is free, without counting the context twice."""
     free, _ = torch.cuda.mem_get_info(device)
-    return free / GiB, ram
+    return int(free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES)
 
 
 def plan_settings(run: RunSettings, backend: Any) -> PlanSettings:
