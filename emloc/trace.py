@@ -22,6 +22,7 @@ checkpoint's recorded shapes, so code that streams weights from files runs uncha
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
@@ -33,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 from .checkpoint import CheckpointReader
 
+log = logging.getLogger(__name__)
 TRACE_DEVICE = "gpu"  # the name the trace's stand-in for a GPU goes by (see trace_device)
 
 
@@ -51,7 +53,12 @@ class MemoryCounter(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             kind = args[0].dtype
             return True if kind == torch.bool else float(STAND_IN_VALUE) if kind.is_floating_point else STAND_IN_VALUE
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except Exception as error:  # raised on the autograd engine's device thread, it would abort the process
+            # (torch's Python device guard cannot unwind it): say what failed before it does
+            log.error("traced op %s failed: %s", func, error)
+            raise
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self._count(tensor)
@@ -66,7 +73,7 @@ class MemoryCounter(TorchDispatchMode):
         self._seen.add(key)
         self.live[kind] = self.live.get(kind, 0) + size
         self.peak[kind] = max(self.peak.get(kind, 0), self.live[kind])
-        weakref.finalize(storage, self._free, key, kind, size)
+        weakref.finalize(storage, self._free, key, kind, size).atexit = False
 
     def _free(self, key: int, kind: str, size: int) -> None:
         self._seen.discard(key)
@@ -130,7 +137,36 @@ def trace_device() -> torch.device:
 
     if torch._C._get_privateuse1_backend_name() != TRACE_DEVICE:
         _setup_privateuseone_for_python_backend(TRACE_DEVICE, backend_module=_TraceDeviceModule())
+        library = torch.library.Library("aten", "IMPL")
+        library.impl("scaled_dot_product_attention", _gpu_attention, "AutogradPrivateUse1")
+        _KERNELS.append(library)
     return torch.device(TRACE_DEVICE)
+
+
+def _gpu_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    """Scaled-dot-product attention on the stand-in GPU through the kernel a CUDA GPU picks for half-precision
+    inputs: flash attention without a mask, memory-efficient attention with one. Each keeps the output and a float32
+    log-sum-exp per query; left to itself the stand-in device would take the math path, which materialises every
+    score (B·heads·n² in float32), which the card does not hold. Registered as the device's autograd kernel of
+    `aten::scaled_dot_product_attention`, so a recomputation on the autograd engine's thread takes it too."""
+    if query.dtype not in (torch.bfloat16, torch.float16):
+        return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
+                                                                 scale=scale, enable_gqa=enable_gqa)[0]
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    if attn_mask is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                                  scale=scale)[0]
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)  # the additive bias it takes
+    bias = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, query.requires_grad,
+                                                                  dropout_p, is_causal, scale=scale)[0]
+
+
+_KERNELS: list = []  # the torch.library registrations of the stand-in GPU, kept alive for the process
 
 
 @contextlib.contextmanager
