@@ -219,7 +219,34 @@ def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
 
 
-TRACERS: dict[str, Callable[[_Setup, object], tuple[int, int]]] = {"training": _trace_training}
+def _adapter(setup: _Setup, backend, model: nn.Module) -> tuple[dict[str, torch.Tensor], object]:
+    """The trained adapter as read_adapter returns it (float32, on the host) and its LoraConfig. Inside traced()."""
+    run_settings = backend.run
+    targets = run_settings.lora_targets or backend.default_lora_targets()
+    config = emloc.lora_config(model, run_settings.lora(targets))
+    state = {}
+    for name in emloc.lora_target_names(model, targets):
+        module = model.get_submodule(name)
+        state[f"base_model.model.{name}.lora_A.weight"] = torch.empty(run_settings.rank, module.in_features)
+        state[f"base_model.model.{name}.lora_B.weight"] = torch.empty(module.out_features, run_settings.rank)
+    return state, config
+
+
+def _trace_correction(setup: _Setup, backend) -> tuple[int, int]:
+    """stages.correct on a streamed run: both models skeletons, every layer read for its own turn."""
+    full = backend.skeleton()
+    emulator = _emulator_on_meta(backend.skeleton(), backend.default_rules(setup.ratio))
+    # the checkpoint's tensors and the emulator's factors, as the files hold them (the run's dtype)
+    reader = ShapeReader.of_module(full, backend.dtype).merged(ShapeReader.of_module(emulator, backend.dtype))
+    with traced() as counter:
+        state, config = _adapter(setup, backend, full)
+        emloc.correct_lora(full, emulator, state, emloc.lora_scaling(config), lam=backend.run.lam,
+                           compute_device=backend.device, progress=False, reader=reader)
+    return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
+
+
+TRACERS: dict[str, Callable[[_Setup, object], tuple[int, int]]] = {"training": _trace_training,
+                                                                    "correction": _trace_correction}
 
 
 def _extrapolated(setup: _Setup, tracer, full: dict[str, int]) -> tuple[int, int, dict[str, tuple[int, int]]]:
@@ -268,3 +295,48 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
                                   how=f"traced at depth 1 and 2 per stack, extrapolated to {full} "
                                       f"({time.monotonic() - began:.1f} s)", depths=full))
     return results
+
+
+def format_traces(model: str, budget_gb: float | None, traces: list[PhaseTrace]) -> str:
+    """A markdown table: phase x (formula, traced) on the device and on the host, in GiB."""
+    rows = [f"Traced on fake tensors (no weights, no GPU): {model}"
+            + (f" at {budget_gb:g} GiB" if budget_gb is not None else ""),
+            "", "| phase | device: formula | device: traced | formula / traced | host: formula | host: traced |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for t in traces:
+        rows.append(f"| {PHASE_NAMES[t.phase]} | {t.formula_device / GiB:.2f} | {t.traced_device / GiB:.2f} | "
+                    f"{t.device_ratio:.3f} | {t.formula_host / GiB:.2f} | {t.traced_host / GiB:.2f} |")
+    rows += ["", "Device: the planner's allocated bytes (its total minus the CUDA runtime overhead) against the peak of "
+             "live tensors on the stand-in GPU. Host: the planner's host total minus the process runtime against the "
+             "peak of live CPU tensors (file pages are not tensors)."]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.planner.trace MODEL BUDGET_GB [RATIO]`: the traces as JSON lines, one per phase.
+
+    The process ends with `os._exit`: torch's Python device guard (the stand-in GPU's) can abort an exiting
+    interpreter while the autograd engine's device thread shuts down, after all output is written; a caller
+    that wants the numbers without that risk runs this in a subprocess (tests/test_trace.py does)."""
+    import os
+    import sys
+    from dataclasses import asdict
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    model, budget = args[0], float(args[1])
+    ratio = float(args[2]) if len(args) > 2 and args[2] else None
+    phases = tuple(args[3].split(",")) if len(args) > 3 else PHASES
+    try:
+        traces = trace_plan(model, budget, ratio=ratio, phases=phases)
+        code = 0
+    except ValueError as err:
+        print(json.dumps({"error": str(err)}))
+        traces, code = [], 2
+    for t in traces:
+        print(json.dumps(asdict(t)))
+    sys.stdout.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
