@@ -6,16 +6,19 @@ GPU and on the CPU where it uses the host. No weights are read and no GPU is nee
 from the catalogue's config (or a local folder's). Each phase reports its traced peak beside the planner's formula
 (emloc/memory.py through planning.plan_run):
 
-    calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
     training                emloc.attach_lora on the emulator, backend.enable_gradient_checkpointing, the stage's
                             optimizer (stages._optimizer), one backend.training_loss + backward + optimizer step
-    correction              emloc.correct_lora with a reader over the full model and the emulator
-    preview                 one forward of the full model + adapter: emloc.checkpoint.StreamedForward where the plan
-                            streams it, the whole model where it does not
+    correction              emloc.correct_lora with a reader over the full model and the emulator (stages.correct's
+                            streamed path)
+
+Not traced yet: calibration + emulator construction (emloc.stream_emulator writes safetensors and fingerprints
+weight values, both of which need data: it needs a `save` seam and a value-free fingerprint), the preview
+(pipelines/runner/variants.py, being changed in parallel) and export's load.
 
 What cannot run on fake tensors gets a stand-in with the recorded shapes: the checkpoint's files (a `ShapeReader`),
 the run's cache (text embeddings, latents, token ids: `_fill_cache`), the backend's skeleton (the catalogue's
-build), the emulator's files written between stages (`_Files`).
+build at the traced depth) and the emulator's structure (what load_emulator(..., device="meta") builds from the
+run's files: `_emulator_on_meta`).
 
 Depth. A block stack's blocks are alike, and every phase streams or checkpoints them one at a time, so a phase's
 peak is affine in each stack's depth: peak(L) = peak(1, ..., 1) + Σ_s (L_s - 1)·Δ_s, Δ_s being what one more block
@@ -47,7 +50,7 @@ from .planning import PlanSettings, plan_run
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
-PHASES = ("emulator", "training", "correction", "preview")
+PHASES = ("training", "correction")  # the phases traced so far (calibration + emulator and preview: not yet)
 PHASE_NAMES = {"emulator": "calibration + emulator (streamed)", "training": "training step",
                "correction": "correction", "preview": "preview step"}
 
@@ -275,6 +278,11 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
     lora_rank, optimizer, ...). Raises ValueError for a model outside the catalogue that is no local folder, and
     when no ratio fits the budget and none is given."""
     settings = plan_settings(budget_gb, ram_gb, ratio, **shape)
+    if settings.device == "cpu":
+        raise ValueError("--trace traces a GPU run; plan a CPU run without it (benchmarks/memory.py measures those)")
+    unknown = [p for p in phases if p not in TRACERS]
+    if unknown:
+        raise ValueError(f"cannot trace {', '.join(unknown)} yet; traced phases: {', '.join(TRACERS)}")
     plan = plan_run(model, settings)
     chosen = ratio if ratio is not None else plan.recommended
     if chosen is None:
