@@ -53,6 +53,10 @@ def check_formula_against_trace(row: dict) -> None:
     assert formula <= (1 + relative) * traced + absolute, (
         f"{row['phase']}: the formula ({formula / GiB:.2f} GiB) is above the trace ({traced / GiB:.2f} GiB) "
         "by more than its stated margin")
+    # the host's formula also counts file pages and the interpreter, which are no tensors: only a lower bound here
+    assert row["formula_host"] >= (1 - BELOW) * row["traced_host"], (
+        f"{row['phase']}: the host formula ({row['formula_host'] / GiB:.2f} GiB) is below the traced host tensors "
+        f"({row['traced_host'] / GiB:.2f} GiB)")
 
 
 def test_formula_holds_the_traced_training_and_correction_of_flux2_klein():
