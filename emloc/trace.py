@@ -24,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -211,12 +211,12 @@ class ShapeReader(CheckpointReader):
         self.where = {name: (None, name) for name in self.shapes}
 
     @classmethod
-    def of_module(cls, module: nn.Module, dtype: torch.dtype | None = None) -> "ShapeReader":
+    def of_module(cls, module: nn.Module, dtype: torch.dtype | None = None) -> ShapeReader:
         """The checkpoint `module` would have been saved to (its parameters and persistent buffers)."""
         return cls({name: (tuple(t.shape), dtype if dtype is not None and t.is_floating_point() else t.dtype)
                     for name, t in module.state_dict(keep_vars=True).items()})
 
-    def merged(self, other: CheckpointReader) -> "ShapeReader":
+    def merged(self, other: CheckpointReader) -> ShapeReader:
         if not isinstance(other, ShapeReader):
             raise TypeError("a ShapeReader merges only with another ShapeReader")
         return ShapeReader({**self.shapes, **other.shapes})

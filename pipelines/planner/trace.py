@@ -32,9 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -51,8 +51,7 @@ log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
 PHASES = ("training", "correction")  # the phases traced so far (calibration + emulator and preview: not yet)
-PHASE_NAMES = {"emulator": "calibration + emulator (streamed)", "training": "training step",
-               "correction": "correction", "preview": "preview step"}
+PHASE_NAMES = {"training": "training step", "correction": "correction (streamed)"}
 
 
 @dataclass
@@ -123,7 +122,7 @@ class _Setup:
         """The family's backend, its device the stand-in GPU, its skeleton the catalogue's build at `depths`."""
         from pipelines.runner.registry import backend_class
 
-        cls = self.backend_class = backend_class(self.family_backend)
+        cls = backend_class(self.family_backend)
         settings = cls.settings_class()
         if self.bundle["family"] == "flux":
             settings.resolution = self.plan.resolution
@@ -257,11 +256,11 @@ def _extrapolated(setup: _Setup, tracer, full: dict[str, int]) -> tuple[int, int
     base = {name: 1 for name in full}
     peaks = {"base": tracer(setup, setup.backend(base))}
     device, host = peaks["base"]
-    for name in full:
+    for name, depth in full.items():
         deeper = tracer(setup, setup.backend({**base, name: 2}))
         peaks[name] = deeper
-        device += (full[name] - 1) * (deeper[0] - peaks["base"][0])
-        host += (full[name] - 1) * (deeper[1] - peaks["base"][1])
+        device += (depth - 1) * (deeper[0] - peaks["base"][0])
+        host += (depth - 1) * (deeper[1] - peaks["base"][1])
     return device, host, peaks
 
 
@@ -296,8 +295,6 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
         began = time.monotonic()
         device, host, _ = _extrapolated(setup, TRACERS[phase], full)
         estimate = plan.get(phase, "emloc")
-        if phase == "emulator":  # one streamed pass calibrates and builds: its peak is the larger of the two
-            estimate = max((plan.get("calibration", "emloc"), estimate), key=lambda e: e.allocated)
         host_formula = estimate.host_total - estimate.host.get("runtime", 0)
         results.append(PhaseTrace(phase, estimate.allocated, device, host_formula, host,
                                   how=f"traced at depth 1 and 2 per stack, extrapolated to {full} "
@@ -314,9 +311,9 @@ def format_traces(model: str, budget_gb: float | None, traces: list[PhaseTrace])
     for t in traces:
         rows.append(f"| {PHASE_NAMES[t.phase]} | {t.formula_device / GiB:.2f} | {t.traced_device / GiB:.2f} | "
                     f"{t.device_ratio:.3f} | {t.formula_host / GiB:.2f} | {t.traced_host / GiB:.2f} |")
-    rows += ["", "Device: the planner's allocated bytes (its total minus the CUDA runtime overhead) against the peak of "
-             "live tensors on the stand-in GPU. Host: the planner's host total minus the process runtime against the "
-             "peak of live CPU tensors (file pages are not tensors)."]
+    rows += ["", ("Device: the planner's allocated bytes (its total minus the CUDA runtime overhead) against the peak "
+                  "of live tensors on the stand-in GPU. Host: the planner's host total minus the process runtime "
+                  "against the peak of live CPU tensors (file pages are not tensors).")]
     return "\n".join(rows)
 
 
