@@ -45,6 +45,7 @@ class MemoryCounter(TorchDispatchMode):
     live: dict[str, int] = field(default_factory=dict)
     peak: dict[str, int] = field(default_factory=dict)
     _seen: set = field(default_factory=set)
+    _tests: dict = field(default_factory=dict)  # storage -> the bool a test computed on the stand-in values
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -52,7 +53,11 @@ class MemoryCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             kind = args[0].dtype
-            return True if kind == torch.bool else float(STAND_IN_VALUE) if kind.is_floating_point else STAND_IN_VALUE
+            if kind == torch.bool:
+                return self._tests.get(args[0].untyped_storage()._cdata, True)
+            return float(STAND_IN_VALUE) if kind.is_floating_point else STAND_IN_VALUE
+        if func is torch.ops.aten.equal.default:  # all-ones stand-ins are equal where the shapes are
+            return args[0].shape == args[1].shape
         try:
             out = func(*args, **(kwargs or {}))
         except Exception as error:  # raised on the autograd engine's device thread, it would abort the process
@@ -62,7 +67,26 @@ class MemoryCounter(TorchDispatchMode):
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self._count(tensor)
+        if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
+            self._follow_test(func, args, out)
         return out
+
+    def _follow_test(self, func, args, out: torch.Tensor) -> None:
+        """Record what a test gives on the stand-in values (see STAND_IN_VALUE)."""
+        name = func.overloadpacket.__name__
+        first = args[0] if args else None
+        known = self._tests.get(first.untyped_storage()._cdata, True) if isinstance(first, torch.Tensor) else True
+        if name in _COMPARISONS and len(args) > 1 and isinstance(args[1], (int, float)):
+            value = _COMPARISONS[name](float(STAND_IN_VALUE), float(args[1]))
+        elif name in ("isfinite", "all", "any"):
+            value = True if name == "isfinite" else known
+        elif name in ("isnan", "isinf"):
+            value = False
+        elif name in ("logical_not", "bitwise_not"):
+            value = not known
+        else:
+            return
+        self._tests[out.untyped_storage()._cdata] = value
 
     def _count(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -77,6 +101,7 @@ class MemoryCounter(TorchDispatchMode):
 
     def _free(self, key: int, kind: str, size: int) -> None:
         self._seen.discard(key)
+        self._tests.pop(key, None)
         self.live[kind] -= size
 
     def reset_peak(self) -> None:
@@ -85,9 +110,13 @@ class MemoryCounter(TorchDispatchMode):
 
 
 # Reads of a fake tensor's values (`.item()`, `.tolist()`, `if t:`, `int(t)`: aten._local_scalar_dense). The values a
-# trace runs on are stand-ins, so every read answers 1 (True for a test): an index into cached data (a trace's cache
-# holds two of everything), a step count (Adam divides by 1 - beta**step, so not 0), a finite-check (passes).
+# trace runs on are stand-ins, all read as 1: an index into cached data (a trace's cache holds two of everything), a
+# step count (Adam divides by 1 - beta**step, so not 0). A test is answered as it would be on those ones: comparisons
+# with a number, finiteness checks and their all/any/not are followed (`MemoryCounter._tests`), so `if scale <= 0:
+# raise` passes as `if torch.isfinite(x).all()` does.
 STAND_IN_VALUE = 1
+_COMPARISONS = {"le": float.__le__, "lt": float.__lt__, "ge": float.__ge__, "gt": float.__gt__, "eq": float.__eq__,
+                "ne": float.__ne__}
 
 
 class _TraceDeviceModule:

@@ -50,8 +50,9 @@ from .planning import PlanSettings, plan_run
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
-PHASES = ("training", "correction")  # the phases traced so far (calibration + emulator and preview: not yet)
-PHASE_NAMES = {"training": "training step", "correction": "correction (streamed)"}
+PHASES = ("emulator", "training", "correction")  # the phases traced so far (preview and export: not yet)
+PHASE_NAMES = {"emulator": "calibration + emulator (one streamed pass)", "training": "training step",
+               "correction": "correction (streamed)"}
 
 
 @dataclass
@@ -183,7 +184,7 @@ def _fill_cache(setup: _Setup, backend) -> None:
         else config["vision_config"].get("image_size", 448)
     sample = {"input_ids": torch.zeros(p.seq_len, dtype=torch.long), "labels": torch.zeros(p.seq_len, dtype=torch.long),
               "pixel_values": torch.empty(tiles, 3, side, side)}
-    backend.encoded = [sample, sample]
+    backend.encoded = [sample] * max(2, p.calibration_samples)  # calibration draws that many samples
     backend._packer = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0))
 
 
@@ -247,8 +248,43 @@ def _trace_correction(setup: _Setup, backend) -> tuple[int, int]:
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
 
 
-TRACERS: dict[str, Callable[[_Setup, object], tuple[int, int]]] = {"training": _trace_training,
-                                                                    "correction": _trace_correction}
+def _write_nothing(tensors, path, metadata=None) -> None:
+    """stream_emulator's `save` in a dry run: the factors have shapes and no values."""
+
+
+def _trace_emulator(setup: _Setup, backend) -> tuple[int, int]:
+    """stages.emulate on a streamed run (_emulate_streamed): calibration and emulator construction in one pass."""
+    import itertools
+    import tempfile
+
+    from pipelines.runner.stages import compression_rules
+
+    model = backend.skeleton()
+    reader = ShapeReader.of_module(model, backend.dtype)
+    run = _RunView(backend)
+    with traced() as counter, tempfile.TemporaryDirectory() as out:
+        _fill_cache(setup, backend)
+        batches = list(itertools.islice(backend.calibration_batches(), backend.run.calibration_samples))
+        streamed = backend.blockwise(model, reader)
+        emloc.stream_emulator(streamed, batches, compression_rules(run), out, svd=backend.run.svd,
+                              base_model=backend.run.model, progress=False, save=_write_nothing)
+        del batches, streamed
+    return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
+
+
+@dataclass
+class _RunView:
+    """What stages.compression_rules reads of a run."""
+
+    backend: object
+
+    @property
+    def settings(self):
+        return self.backend.run
+
+
+TRACERS: dict[str, Callable[[_Setup, object], tuple[int, int]]] = {
+    "emulator": _trace_emulator, "training": _trace_training, "correction": _trace_correction}
 
 
 def _extrapolated(setup: _Setup, tracer, full: dict[str, int]) -> tuple[int, int, dict[str, tuple[int, int]]]:
@@ -295,6 +331,8 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
         began = time.monotonic()
         device, host, _ = _extrapolated(setup, TRACERS[phase], full)
         estimate = plan.get(phase, "emloc")
+        if phase == "emulator":  # one streamed pass calibrates and builds: its peak is the larger of the two
+            estimate = max((plan.get("calibration", "emloc"), estimate), key=lambda e: e.allocated)
         host_formula = estimate.host_total - estimate.host.get("runtime", 0)
         results.append(PhaseTrace(phase, estimate.allocated, device, host_formula, host,
                                   how=f"traced at depth 1 and 2 per stack, extrapolated to {full} "
