@@ -25,7 +25,9 @@ BELOW = 0.05  # the formula may be at most 5% below the trace
 # that does not scale with the ratio; not found yet), hence 1.5 GiB;
 # correction: none beyond the 5% (the formula counted both adapters and both float32 layer copies on the device,
 # 2.8x the trace on FLUX.1-dev, until emloc/memory.py's _correction was fixed against this test).
-ABOVE = {"training": (0.05, int(1.5 * GiB)), "correction": (0.05, 0)}
+# emulator (the streamed calibration + construction pass): FLUX.1-dev +3..9%, FLUX.2 [dev] +5%.
+ABOVE = {"training": (0.05, int(1.5 * GiB)), "correction": (0.05, 0), "emulator": (0.10, 0)}
+KNOWN_GAPS = {("black-forest-labs/FLUX.2-klein-4B", "emulator")}  # formula below the trace: see the xfail test
 MAIN_MODELS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-4B",
                "OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-38B-hf", "OpenGVLab/InternVL3_5-8B-HF")
 
@@ -39,7 +41,7 @@ def _run(code_or_module: list[str]) -> list[dict]:
     return lines
 
 
-def trace(model: str, budget_gb: float, phases: str = "training,correction") -> list[dict]:
+def trace(model: str, budget_gb: float, phases: str = "emulator,training,correction") -> list[dict]:
     return _run(["-m", "pipelines.planner.trace", model, str(budget_gb), "", phases])
 
 
@@ -59,9 +61,17 @@ def check_formula_against_trace(row: dict) -> None:
 
 
 def test_formula_holds_the_traced_training_and_correction_of_flux2_klein():
-    rows = trace("black-forest-labs/FLUX.2-klein-4B", 12)
+    rows = trace("black-forest-labs/FLUX.2-klein-4B", 12, "training,correction")
     assert [r["phase"] for r in rows] == ["training", "correction"]
     for row in rows:
+        check_formula_against_trace(row)
+
+
+@pytest.mark.xfail(strict=True, reason="the calibration formula leaves out what the FLUX.2 pass keeps beside the "
+                   "block (the embedders read once for the pass, each sample's rotary and modulations): 0.92 GiB "
+                   "planned, 1.06 traced at ratio 1.0")
+def test_formula_holds_the_traced_calibration_pass_of_flux2_klein():
+    for row in trace("black-forest-labs/FLUX.2-klein-4B", 12, "emulator"):
         check_formula_against_trace(row)
 
 
@@ -117,4 +127,5 @@ def test_formula_holds_the_traced_phases_of_the_main_models(model, budget_gb):
         assert "no ratio fits" in rows[0]["error"]
         return
     for row in rows:
-        check_formula_against_trace(row)
+        if (model, row["phase"]) not in KNOWN_GAPS:
+            check_formula_against_trace(row)

@@ -10,10 +10,10 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
                             optimizer (stages._optimizer), one backend.training_loss + backward + optimizer step
     correction              emloc.correct_lora with a reader over the full model and the emulator (stages.correct's
                             streamed path)
+    calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
+                            (stages._emulate_streamed; FLUX families only, see UNTRACEABLE)
 
-Not traced yet: calibration + emulator construction (emloc.stream_emulator writes safetensors and fingerprints
-weight values, both of which need data: it needs a `save` seam and a value-free fingerprint), the preview
-(pipelines/runner/variants.py, being changed in parallel) and export's load.
+Not traced yet: the preview (pipelines/runner/variants.py, being changed in parallel) and export's load.
 
 What cannot run on fake tensors gets a stand-in with the recorded shapes: the checkpoint's files (a `ShapeReader`),
 the run's cache (text embeddings, latents, token ids: `_fill_cache`), the backend's skeleton (the catalogue's
@@ -283,6 +283,10 @@ class _RunView:
         return self.backend.run
 
 
+# phases a family's code cannot run on fake tensors yet, and why
+UNTRACEABLE = {"vlm": {"emulator": "the InternVL pass keeps only real tokens (boolean-mask indexing, a shape that "
+                                   "depends on the values: aten.nonzero)"}}
+
 TRACERS: dict[str, Callable[[_Setup, object], tuple[int, int]]] = {
     "emulator": _trace_emulator, "training": _trace_training, "correction": _trace_correction}
 
@@ -328,6 +332,9 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
     full = {name: int(config[key]) for name, (config, key) in _stacks(bundle).items()}
     results = []
     for phase in phases:
+        if phase in UNTRACEABLE.get(bundle["family"], ()):
+            log.warning("%s: %s is not traced: %s", model, phase, UNTRACEABLE[bundle["family"]][phase])
+            continue
         began = time.monotonic()
         device, host, _ = _extrapolated(setup, TRACERS[phase], full)
         estimate = plan.get(phase, "emloc")
