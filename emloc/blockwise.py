@@ -76,8 +76,12 @@ def stream_emulator(
     base_model: str | None = None,
     progress: bool = True,
     on_block: Callable[[int, int], None] | None = None,
+    save: Callable[..., None] = save_file,
 ) -> EmulatorReport:
     """Calibrate on `batches` and build the emulator of `streamed.model` block by block, written into `out`.
+
+    `save(tensors, path, metadata=...)` writes one block's factors (safetensors' `save_file`; a dry run on tensors
+    without data, pipelines/planner/trace.py, passes one that writes nothing).
 
     `out` receives `emulator-NNNNN.safetensors` (the factors of block N) and `emulator.json`, which
     `load_emulator` reads like a one-file emulator. `on_block(done, total)` is called after each block.
@@ -119,7 +123,7 @@ def stream_emulator(
                                     for key, t in low.state_dict().items()})
                     del low
             del stats
-            save_file(tensors, str(folder / f"emulator-{index:05d}.safetensors"), metadata={"format": "emloc-emulator"})
+            save(tensors, str(folder / f"emulator-{index:05d}.safetensors"), metadata={"format": "emloc-emulator"})
             del tensors, block
             streamed.unload(block_name)
             if on_block is not None:

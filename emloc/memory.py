@@ -413,7 +413,13 @@ def _training_activations(run: _Run) -> dict[str, float]:
     logits = s.batch_size * run.tokens["all"] * arch.vocab_size * LOSS_BYTES_PER_LOGIT
     if frozen > stored + recompute + logits:
         return {"activations (frozen forward)": frozen}
-    return {"activations": stored, "recompute one block": recompute, "backward (one block)": backward, "logits": logits}
+    # The loss's backward through the logits ends before the first block is recomputed and back-propagated, so the
+    # two transients never coexist: the larger counts (traced on InternVL3-8B/38B, tests/test_trace.py: the sum was
+    # 1.2-2.5 GiB above the run's peak)
+    transient = {"recompute one block": recompute, "backward (one block)": backward}
+    if logits > recompute + backward:
+        transient = {"logits": logits}
+    return {"activations": stored, **transient}
 
 
 def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimate:
@@ -526,18 +532,21 @@ def _construction(run: _Run) -> PhaseEstimate:
 
 
 def _correction(run: _Run) -> PhaseEstimate:
-    """Per LoRA target: the full layer and its float32 copy, the emulator layer and its float32 copy;
-    plus the adapter and its corrected copy (float32)."""
+    """Per LoRA target: the full layer and the emulator layer, and the float32 copy of the larger of the two (each
+    model's layer is applied in turn, its copy freed before the other's: correction._apply_without_bias). Streamed,
+    the adapter and its corrected copy stay on the host (read_adapter reads them there; only one layer's pair moves);
+    the whole-model path counts them on the device. Checked by tests/test_trace.py against the traced code."""
     b, worst, copies = run.b, 0, 0
     for t in run.targets:
         io, k = t.in_features * t.out_features, run.ranks.get(t.name, 0)
         emu = k * (t.in_features + t.out_features) if k else io
-        worst = max(worst, (b + FACTOR_BYTES) * (io + emu))
         # float32 layers on the compute device: .to(float32) returns them as they are (measured on the CPU: no copies)
-        copies = max(copies, 0 if b == FACTOR_BYTES else FACTOR_BYTES * (io + emu))
+        copy = 0 if b == FACTOR_BYTES else FACTOR_BYTES * max(io, emu)
+        worst = max(worst, b * (io + emu) + copy)
+        copies = max(copies, copy)
     adapter = {"adapter + corrected copy": 2 * ADAPTER_BYTES * run.counts.lora}
     if run.s.offload:
-        return _estimate("correction", "emloc", {"layers (one of each model)": worst, **adapter}, True)
+        return _estimate("correction", "emloc", {"layers (one of each model)": worst}, True)
     both = {"weights (full + emulator)": b * (run.counts.full + run.counts.emulator), "float32 layer copies": copies}
     return _estimate("correction", "emloc", {**both, **adapter})
 

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", help="catalogue id (see --list), hub id or local model folder")
     parser.add_argument("--list", action="store_true", help="list the catalogue's models and exit")
+    parser.add_argument("--trace", action="store_true",
+                        help="also run the run's own code on fake tensors at the model's real size (no weights, no "
+                             "GPU; about 10-30 s) and print each phase's traced peak beside the formula's")
     first = ("budget_gb", "ram_gb", "device")  # the budgets first
     for f in sorted(dataclasses.fields(PlanSettings), key=lambda f: first.index(f.name) if f.name in first else 9):
         names = FLAG_NAMES.get(f.name, ["--" + f.name.replace("_", "-")])
@@ -120,4 +123,27 @@ def main(argv: list[str] | None = None) -> int:
     if plan.recommended is None and plan.emloc_fits() is False:  # no ratio fits, or the given rules do not
         print(f"\nerror: {plan.reason}", file=sys.stderr)
         return 1
+    if args.trace:
+        return _trace(args.model, values, plan.ratio)
     return 0
+
+
+def _trace(model: str, values: dict, ratio: float) -> int:
+    """Print the trace of every phase beside the formula (pipelines/planner/trace.py), then end the process."""
+    import os
+
+    from .trace import format_traces, trace_plan
+
+    shape = {k: v for k, v in values.items() if k not in ("budget_gb", "ram_gb", "ratio")}
+    print()
+    try:
+        print(format_traces(model, values["budget_gb"],
+                            trace_plan(model, values["budget_gb"], values["ram_gb"], ratio=ratio, **shape)))
+        code = 0
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the stand-in GPU's device guard can abort the interpreter's shutdown after the work is done (trace.main)
+    os._exit(code)
