@@ -63,10 +63,9 @@ PRODUCTS = ("float64", "split")  # how Gram products are formed: see the module 
 # GPUs whose float64 runs at half float32's rate (P100, V100, A100, H100/H200, B200); every other CUDA device
 # (GeForce, RTX workstation, L4/L40, Jetson) runs it at 1/32-1/64 and gets the "split" products
 FAST_FLOAT64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
-# "split" W C Wᵀ: input channels whose C_jj exceeds MASSIVE_DIAGONAL x the median diagonal (activations 10x the
-# typical RMS) are the massive ones; their rows and columns of C enter in float64 (at most MASSIVE_MAX of them,
-# the largest), the rest in float32 after equilibration by sqrt(diag C)
-MASSIVE_DIAGONAL = 100.0
+# "split" W C Wᵀ: the MASSIVE_MAX input channels with the largest C_jj (the massive ones, activations 10x the typical
+# RMS or more, are among them: a layer has a handful) enter C's rows and columns in float64, the rest in float32
+# after equilibration by sqrt(diag C)
 MASSIVE_MAX = 256
 
 
@@ -118,10 +117,14 @@ def _exact(function):
 
 
 def float64_is_fast(device: torch.device | str) -> bool:
-    """Whether `device` runs float64 at a useful rate: the CPU, and the CUDA devices of FAST_FLOAT64_CAPABILITIES."""
+    """Whether `device` runs float64 at a useful rate: the CPU, and the CUDA devices of FAST_FLOAT64_CAPABILITIES.
+    Any other accelerator is taken to be a consumer GPU's kind (slow or no float64), so it gets the "split"
+    products; the planner counts that path, and the dry run's stand-in GPU (emloc/trace.py) traces it."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type == "cpu":
         return True
+    if device.type != "cuda":
+        return False
     return tuple(torch.cuda.get_device_capability(device)) in FAST_FLOAT64_CAPABILITIES
 
 
@@ -313,11 +316,12 @@ def _weighted_gram64(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def _massive_channels(c: torch.Tensor) -> torch.Tensor:
-    """Indices of C's massive input channels: C_jj > MASSIVE_DIAGONAL x the median diagonal, the largest
-    MASSIVE_MAX of them at most (int64, on C's device)."""
-    d = c.diagonal().double()
-    order = d.argsort(descending=True)[:MASSIVE_MAX]
-    return order[d[order] > MASSIVE_DIAGONAL * d.median()]
+    """Indices of the input channels whose rows and columns of C enter in float64: the MASSIVE_MAX largest
+    diagonal entries (int64, on C's device), which hold every massive channel (C_jj above 100x the median) a layer
+    has in practice. Always that many, massive or not: the split is exact for any set of channels, extra
+    ones only add float64 precision, and a fixed count keeps every shape independent of the values (the dry run
+    traces this code on tensors without values)."""
+    return c.diagonal().argsort(descending=True)[:MASSIVE_MAX]
 
 
 def _weighted_gram_split(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

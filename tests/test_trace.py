@@ -25,8 +25,10 @@ BELOW = 0.05  # the formula may be at most 5% below the trace
 # that does not scale with the ratio; not found yet), hence 1.5 GiB;
 # correction: none beyond the 5% (the formula counted both adapters and both float32 layer copies on the device,
 # 2.8x the trace on FLUX.1-dev, until emloc/memory.py's _correction was fixed against this test).
-# emulator (the streamed calibration + construction pass): FLUX.1-dev +3..9%, FLUX.2 [dev] +5%.
-ABOVE = {"training": (0.05, int(1.5 * GiB)), "correction": (0.05, 0), "emulator": (0.10, 0)}
+# emulator (the streamed calibration + construction pass, traced on the "split" Gram products a consumer GPU runs):
+# FLUX.1-dev +3..9%, FLUX.2 [dev] +12% (its widest layer's factorisation: the formula holds W S, its unit-norm copy
+# and W at once, 3·in·out, where the traced code has freed one of them at its peak).
+ABOVE = {"training": (0.05, int(1.5 * GiB)), "correction": (0.05, 0), "emulator": (0.15, 0)}
 KNOWN_GAPS = {("black-forest-labs/FLUX.2-klein-4B", "emulator")}  # formula below the trace: see the xfail test
 MAIN_MODELS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-4B",
                "OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-38B-hf", "OpenGVLab/InternVL3_5-8B-HF")
