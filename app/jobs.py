@@ -97,12 +97,14 @@ class JobManager:
         self._output: Path | None = None
         self._offset = 0  # where this job's events start in progress.jsonl
         self._after: Callable[[], None] | None = None
+        self._result = ""
 
     # -- starting and stopping -------------------------------------------------------------------------
     def start(self, kind: str, run_dir: str | Path, arguments: list[str],
-              after: Callable[[], None] | None = None) -> None:
+              after: Callable[[], None] | None = None, result: str = "") -> None:
         """Run `python launch.py *arguments` for the run in `run_dir`; JobBusy if a job runs. `after` is called
-        once when the process has ended well (e.g. to note what the previews were asked for)."""
+        once when the process has ended well (e.g. to note what the previews were asked for); `result` is what the
+        job makes (e.g. the previews' folder), reported when it has ended well."""
         run_dir = Path(run_dir)
         with self._lock:
             self._refresh()
@@ -116,7 +118,7 @@ class JobManager:
             with open(self._output, "w") as out:  # the child keeps its own copy of the file descriptor
                 self._process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            self._after = after
+            self._after, self._result = after, result
             self._log.clear()
             self._status = JobStatus(kind=kind, run_dir=str(run_dir), state="running", stage="starting",
                                      started=time.time(), version=self._status.version + 1,
@@ -174,7 +176,7 @@ class JobManager:
         self._read_events(run_dir / PROGRESS_LOG, process.pid)  # what it wrote just before it ended
         s.losses = read_losses(run_dir) if s.kind == "run" else s.losses
         if code == 0:
-            s.state = "done"
+            s.state, s.result = "done", self._result
             if self._after is not None:
                 try:
                     self._after()

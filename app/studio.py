@@ -226,7 +226,7 @@ class Studio:
             elif image:
                 arguments += [_preview_flag(settings_class, "preview_images"),
                               str(Path(run_dir) / "data" / "images" / image)]
-        self.jobs.start("preview", run_dir, arguments, after=after)
+        self.jobs.start("preview", run_dir, arguments, after=after, result=str(Path(run_dir) / name))
         return f"Rendering previews of {Path(run_dir).name}; they appear here when ready."
 
     def previews(self, run_dir: str, uncorrected: bool = False) -> dict:
