@@ -175,7 +175,7 @@ FORMAT_WORDS = {
 def export_info(run_dir: str | Path) -> dict:
     """Where the corrected adapter is and its formats: {"text", "folder"} (the backend writes the snippet)."""
     run_dir = Path(run_dir).resolve()
-    info = run_info(run_dir)
+    run_info(run_dir)  # a run folder, or a FileNotFoundError in words
     lora = run_dir / "lora"
     if not (lora / "corrected").is_dir():
         raise FileNotFoundError(f"{run_dir.name} has no corrected adapter yet; finish training (step 4) first")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import families, handlers, results
+from . import handlers
 from .manager import Manager, Values
 from .page import STEP, PageState
 from .steps import Context, budget, data, export, model, preview, runs, train

@@ -10,7 +10,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from .. import families, form, handlers, results
+from .. import families, form, results
 from ..manager import Values, say
 from ..page import STEP, PageState
 from ..studio import IDLE, run_name
