@@ -282,13 +282,21 @@ def test_cancel_stops_after_a_step_and_resume_finishes_the_run(models, qa, tmp_p
     assert status.state == "cancelled" and "cancelled" in describe_job(status)["text"]
     stopped = status.losses[-1][0]
     assert "cancelled at train" in studio.list_runs()[0]["status"]
-    run_dir = studio.resume_run("colours")
+    from app.page import PageState
+    from app.steps import runs
+
+    assert runs.picked(studio, {"runs.pick": "colours"})["runs.extend_steps"] == 12  # "Train to" starts at its steps
+    resumed = runs.resume(studio, {"page.state": PageState(kind="qa"), "runs.pick": "colours",
+                                   "runs.extend_steps": None, "preview.uncorrected": False})
+    assert resumed["train.msg"] == "" and "Resuming colours" in resumed["runs.msg"]  # "Stopping ..." is gone
+    run_dir = resumed["page.state"].run_dir
     status = studio.jobs.wait(timeout=180)
     assert status.state == "done", status.error
     steps = [step for step, _ in status.losses]
     assert steps == list(range(1, 13)) and stopped < 12
     view = studio.previews(run_dir)
     assert view["headers"][-1] == "full + corrected LoRA" and len(view["rows"]) == 4
+    assert "ask 4 of your 8 questions" in view["text"]  # the cut is said, not silent
     assert all(cell for row in view["rows"] for cell in row[3:])  # an answer (or "(empty answer)") in every cell
     with pytest.raises(ValueError, match="already finished"):
         studio.resume_run("colours")
