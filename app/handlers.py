@@ -428,7 +428,7 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
                    f"At ratio {plan.ratio:.2f}, {', '.join(over)} do{'es' if len(over) == 1 else ''} not fit; "
                    f"use the recommended ratio or less.")
         slider = ("the slider follows it until you move it" if ratio is None else
-                  f"the slider is at {plan.ratio:.2f}, your choice (Use the recommended ratio to follow it again)"
+                  f"the slider is at {plan.ratio:.2f} (Use the recommended ratio to follow it)"
                   if abs(plan.ratio - plan.recommended) > 0.005 else "the slider is at it")
         text = (f"{verdict} Recommended ratio: **{plan.recommended:.2f}**, the largest at which every phase fits "
                 f"your budget; {slider}.")

@@ -70,6 +70,8 @@ class Manager:
             unknown = set(result) - set(components)
             if unknown:
                 raise KeyError(f"{getattr(fn, '__name__', fn)} returned {sorted(unknown)}, not among its outputs")
+            if not result:  # nothing changes (gradio reads an empty dict as one value, not as no updates)
+                return {component: gr.skip() for component in components.values()}
             return {components[k]: v for k, v in result.items()}
 
         call.__name__ = getattr(fn, "__name__", "handler")

@@ -210,7 +210,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     expect_text(page, "#snippet", "num_inference_steps")  # the preview's own settings (tested by running it)
     expect_text(page, "#snippet", "max_sequence_length")
     shot(page, "06-export")
-    page.locator("button.step-button", has_text="4. Train").click()  # back to the finished run: loss curve, log
+    page.locator("button.step-button:not([disabled])", has_text="4. Train").click()  # back to the finished run: loss curve, log
     expect_text(page, "#job-status", "finished")
     shot(page, "04c-train-finished")
     page.get_by_role("tab", name="Past runs").click()
@@ -558,7 +558,7 @@ def test_a_tiny_flux2_klein_goes_from_model_to_export(page, world):
     expect_text(page, "#export-text", "For diffusers")
     expect_text(page, "#export-text", "pytorch_lora_weights.safetensors")
     expect_text(page, "#snippet", "load_lora_weights")
-    page.locator("button.step-button", has_text="4. Train").click()  # the curve and summary are still there
+    page.locator("button.step-button:not([disabled])", has_text="4. Train").click()  # the curve and summary are still there
     expect_text(page, "#job-status", "finished")
     assert page.locator("#loss-plot").inner_text().count("step") >= 1
     no_traceback(page)
@@ -577,17 +577,17 @@ def test_switching_task_after_a_run_shows_nothing_of_it_and_keeps_the_photos(pag
     page.get_by_role("option", name=finished[0], exact=True).click()
     button(page, "Open").click()
     expect_text(page, "#preview-text", "Previews of")
-    page.locator("button.step-button", has_text="2. Data").click()
+    page.locator("button.step-button:not([disabled])", has_text="2. Data").click()
     upload(page, "#photo-upload", world["photos"][:3])
     expect_text(page, "#msg-data", "3 images added")
     choose_task(page, "Teach a vision-language model (InternVL)")
-    page.locator("button.step-button", has_text="4. Train").click()
+    page.locator("button.step-button:not([disabled])", has_text="4. Train").click()
     expect_text(page, "#job-status", "Nothing is running")
     assert finished[0] not in page.locator("#job-status").inner_text()
     assert not page.locator("#samples").is_visible()
-    page.locator("button.step-button", has_text="2. Data").click()
+    page.locator("button.step-button:not([disabled])", has_text="2. Data").click()
     assert "photos ready" not in page.locator("body").inner_text()
     choose_task(page, "Personalise an image model (FLUX.1, FLUX.2)")
-    page.locator("button.step-button", has_text="2. Data").click()
+    page.locator("button.step-button:not([disabled])", has_text="2. Data").click()
     page.wait_for_function("document.querySelectorAll('#photo-gallery img').length == 3")
     no_traceback(page)

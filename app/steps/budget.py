@@ -40,6 +40,10 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
             "budget.msg": message}
     if not touched and plan["recommended"] is not None:
         view["budget.ratio"] = plan["recommended"]
+    suggested = handlers.demo_ratio(v["model.model"])
+    if touched and suggested is not None and abs(plan["ratio"] - suggested) < 0.005:
+        view["budget.text"] += (f" This demo model starts at ratio {suggested:.2f}, so that the emulator is really "
+                                "compressed.")
     return view
 
 
@@ -49,10 +53,7 @@ def model_view(v: Values, suggested: float | None) -> Values:
     if suggested is None:
         return {**plan_view({**v, "budget.touched": False}), "budget.touched": False}
     view = plan_view({**v, "budget.ratio": suggested, "budget.touched": True})
-    view["budget.ratio"] = suggested
-    if view.get("budget.text"):
-        view["budget.text"] += f" This demo model starts at ratio {suggested:.2f}, so that the emulator is really compressed."
-    return {**view, "budget.touched": True}
+    return {**view, "budget.ratio": suggested, "budget.touched": True}
 
 
 def moved_ratio(studio, v: Values) -> Values:
