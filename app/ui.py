@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import handlers
-from .manager import Manager, Values
+from .manager import Manager, Values, say
 from .page import STEP, PageState
 from .steps import Context, budget, data, export, model, preview, runs, train
 from .studio import Studio
@@ -28,8 +28,41 @@ CSS = """
 THEME = gr.themes.Soft(primary_hue="teal", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])
 RECENT_S = 1800  # a job that ended this recently is offered on pages opened after it
+RUNS_REFRESH_S = 5  # Past runs is listed again this often while a job runs (its step count moves)
 
 MODEL_INPUTS = ["page.state", "model.model", "data.prompt", *budget.PLAN_INPUTS]
+
+
+def tick(studio: Studio, v: Values) -> Values:
+    """Every second: the Train step follows this page's run; when its job ends well the results are shown (a run
+    moves on to its previews); Past runs follows any job."""
+    state: PageState = v["page.state"]
+    seen = v["train.seen"] or {}
+    job = studio.jobs.status()
+    ours = bool(state.run_dir) and job.run_dir == state.run_dir
+    now = time.time()
+    relist = (job.state != seen.get("state") or job.stage != seen.get("stage")
+              or (job.running and now - seen.get("listed", 0) >= RUNS_REFRESH_S))
+    drawn = {"version": job.version, "state": job.state, "stage": job.stage, "started": job.started,
+             "run_dir": state.run_dir, "listed": now if relist else seen.get("listed", 0)}
+    if job.version == seen.get("version") and state.run_dir == seen.get("run_dir"):
+        return {}
+    out: Values = {"train.seen": drawn, **train.job_view(studio, state.run_dir)}
+    if ours and job.kind == "preview":
+        out["preview.progress"] = studio.train_view(state.run_dir)["preview_progress"]
+    # a job that started and ended between two ticks (a quick preview) was never seen running: its start tells
+    ended = (seen.get("state") == "running" or job.started != seen.get("started")) and not job.running
+    if ours and ended and job.state == "done":
+        out.update(preview.view(studio, state.run_dir, v["preview.uncorrected"]))
+        out["preview.msg"] = ""
+        if job.kind == "run":
+            out.update(export.view(studio, state.run_dir))
+            out["page.wizard"] = gr.Walkthrough(selected=STEP["preview"])
+    if ours and ended and job.kind == "preview" and job.state != "done":
+        out["preview.msg"] = say(f"The previews were not made: {job.error}", good=False)
+    if relist:
+        out.update(runs.view(studio, v["runs.pick"]))
+    return out
 
 
 def choose_model(studio: Studio, v: Values) -> Values:
@@ -103,6 +136,10 @@ def build(studio: Studio) -> gr.Blocks:
         data.bind_next(ctx)
         train.bind_late(ctx)
         runs.bind_late(ctx)
+        manager.bind(manager["page.timer"].tick, partial(tick, studio),
+                     ["page.state", "train.seen", "preview.uncorrected", "runs.pick"],
+                     ["train.seen", *train.VIEW, "page.wizard", "preview.progress", "preview.msg", *preview.cleared(),
+                      *export.cleared(), *runs.view_ids()], concurrency_id="tick")
         outputs = model_outputs()
         manager.bind(manager["model.model"].change, partial(choose_model, studio), MODEL_INPUTS, outputs,
                      message="model.msg")

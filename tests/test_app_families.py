@@ -16,7 +16,7 @@ from app import families, results
 from app.page import PageState
 from app.steps import data, export, preview, train
 from app.studio import Studio
-from app.ui import choose_model
+from app.ui import choose_model, tick
 
 FAST = {"train.steps": 3, "train.lr": 1e-3, "train.calibration_samples": 4, "train.checkpoint_every": 2,
         "train.resolution": 32, "train.preview_steps": 2, "train.max_sequence_length": 32, "train.max_new_tokens": 3}
@@ -78,7 +78,7 @@ def test_each_family_goes_from_model_to_export_through_the_step_handlers(world, 
     v["page.state"] = started["page.state"]
     status = studio.jobs.wait(timeout=600)
     assert status.state == "done", status.error
-    shown = train.tick(studio, v)  # the timer: the run ended, the previews and the files are shown
+    shown = tick(studio, v)  # the timer: the run ended, the previews and the files are shown
     assert "finished" in shown["train.status"] and len(shown["train.loss_plot"]) == 3
     if kind == "images":
         assert len(shown["preview.gallery"].value or []) == 3  # base | emulator + LoRA | full + corrected
@@ -91,7 +91,7 @@ def test_each_family_goes_from_model_to_export_through_the_step_handlers(world, 
     assert "Rendering previews" in preview.render(studio, v)["preview.msg"]
     status = studio.jobs.wait(timeout=600)
     assert status.state == "done", status.error
-    after = train.tick(studio, {**v, "train.seen": shown["train.seen"]})
+    after = tick(studio, {**v, "train.seen": shown["train.seen"]})
     assert len(after["train.loss_plot"]) == 3  # the curve stays on the Train step after a preview job
     view = preview.view(studio, v["page.state"].run_dir, False)
     if kind == "images":

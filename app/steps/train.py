@@ -4,7 +4,6 @@ memory (planned against held). The step shows this page's run only: another run'
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import gradio as gr
@@ -17,7 +16,6 @@ from ..studio import IDLE, run_name
 from . import Context
 
 SETTINGS = form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS
-RUNS_REFRESH_S = 5  # Past runs is listed again this often while a job runs (its step count moves)
 VIEW = ["train.status", "train.progress", "train.loss_plot", "train.log", "train.cancel", "train.memory"]
 
 
@@ -84,40 +82,6 @@ def samples(studio, v: Values) -> Values:
             "train.samples_answers": view["answers"], "train.samples_shown": key}
 
 
-def tick(studio, v: Values) -> Values:
-    """Every second: the Train step follows this page's run; when its job ends well the results are shown (a run
-    moves on to its previews); Past runs follows any job."""
-    from . import export, preview, runs
-
-    state: PageState = v["page.state"]
-    seen = v["train.seen"] or {}
-    job = studio.jobs.status()
-    ours = bool(state.run_dir) and job.run_dir == state.run_dir
-    now = time.time()
-    relist = (job.state != seen.get("state") or job.stage != seen.get("stage")
-              or (job.running and now - seen.get("listed", 0) >= RUNS_REFRESH_S))
-    drawn = {"version": job.version, "state": job.state, "stage": job.stage, "started": job.started,
-             "run_dir": state.run_dir, "listed": now if relist else seen.get("listed", 0)}
-    if job.version == seen.get("version") and state.run_dir == seen.get("run_dir"):
-        return {}
-    out: Values = {"train.seen": drawn, **job_view(studio, state.run_dir)}
-    if ours and job.kind == "preview":
-        out["preview.progress"] = studio.train_view(state.run_dir)["preview_progress"]
-    # a job that started and ended between two ticks (a quick preview) was never seen running: its start tells
-    ended = (seen.get("state") == "running" or job.started != seen.get("started")) and not job.running
-    if ours and ended and job.state == "done":
-        out.update(preview.view(studio, state.run_dir, v["preview.uncorrected"]))
-        out["preview.msg"] = ""
-        if job.kind == "run":
-            out.update(export.view(studio, state.run_dir))
-            out["page.wizard"] = gr.Walkthrough(selected=STEP["preview"])
-    if ours and ended and job.kind == "preview" and job.state != "done":
-        out["preview.msg"] = say(f"The previews were not made: {job.error}", good=False)
-    if relist:
-        out.update(runs.view(studio, v["runs.pick"]))
-    return out
-
-
 def go_preview(studio, v: Values) -> Values:
     from . import preview
 
@@ -179,7 +143,7 @@ def build(ctx: Context) -> dict:
 
 def bind_late(ctx: Context) -> None:
     """Events whose outputs are in later steps (Preview, Export, Past runs): bound once they are built."""
-    from . import export, preview, runs
+    from . import preview
 
     m, studio = ctx.manager, ctx.studio
     inputs = ["page.state", "model.model", "train.name", "data.prompt", "data.trigger", "data.captions",
@@ -187,9 +151,5 @@ def bind_late(ctx: Context) -> None:
               *[f"train.{n}" for n in SETTINGS]]
     m.bind(m["train.start"].click, partial(start, studio), inputs, ["page.state", "train.name", *VIEW],
            message="train.msg")
-    tick_outputs = ["train.seen", *VIEW, "page.wizard", "preview.progress", "preview.msg",
-                    *preview.cleared(), *export.cleared(), *runs.view_ids()]
-    m.bind(m["page.timer"].tick, partial(tick, studio), ["page.state", "train.seen", "preview.uncorrected",
-                                                         "runs.pick"], tick_outputs, concurrency_id="tick")
     m.bind(m["train.next"].click, partial(go_preview, studio), ["page.state", "preview.uncorrected"],
            ["page.wizard", *preview.cleared()], message="train.msg")
