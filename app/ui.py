@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import handlers
+from . import plan as plans
 from .manager import Manager, Values, say
 from .page import STEP, PageState
 from .steps import Context, budget, data, export, model, preview, runs, train
@@ -70,7 +71,7 @@ def choose_model(studio: Studio, v: Values) -> Values:
     state: PageState = v["page.state"]
     info = handlers.describe_model(state.kind, v["model.model"])
     settings = train.settings_view(studio, info["backend"], info["params"], v["model.model"])
-    suggested = handlers.demo_ratio(v["model.model"])
+    suggested = plans.demo_ratio(v["model.model"])
     plan = budget.model_view({**v, "budget.rank": settings["budget.rank"],
                               "budget.batch_size": settings["budget.batch_size"]}, suggested)
     return {"model.about": info["text"], "model.msg": "", **settings, **plan,
@@ -88,7 +89,7 @@ def load(studio: Studio, v: Values) -> Values:
     device = handlers.detect_device()
     state: PageState = v["page.state"]
     state.device = device["kind"]
-    out: Values = {"model.device": device["text"], "budget.runs_on": handlers.runs_on(device),
+    out: Values = {"model.device": device["text"], "budget.runs_on": plans.runs_on(device),
                    "budget.budget": gr.Number(value=round(device["total_gb"]) if device["kind"] == "cuda" else
                                               v["budget.budget"], visible=device["kind"] == "cuda"),
                    "budget.presets": gr.Radio(visible=device["kind"] == "cuda"), **runs.view(studio)}

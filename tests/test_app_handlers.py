@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from app import form, handlers, results
+from app import plan as plans
 from app.jobs import JobBusy, JobStatus
 from app.studio import Studio, describe_job, parse_seeds
 from flux_fixtures import save_tiny_flux, write_subject_images
@@ -180,53 +181,53 @@ def test_qa_table_is_imported_checked_and_empty_tables_refused(models, qa, tmp_p
 
 
 def test_memory_chart_follows_the_ratio_and_says_when_nothing_fits():
-    low = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.2, 16)
-    high = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.9, 16)
+    low = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.2, 16)
+    high = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.9, 16)
     assert low["svg"] != high["svg"] and "EMLoC (ratio 0.20)" in low["svg"] and "budget 24 GiB" in low["svg"]
     assert low["recommended"] == high["recommended"] and 0 < low["recommended"] <= 1
     assert low["fits"] and "Recommended ratio" in low["text"]
     for method in ("LoRA (full model)", "QLoRA (NF4 base)", "plain inference"):
         assert method in low["svg"]
-    impossible = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 1, 0.45, 16)
+    impossible = plans.memory_plan("black-forest-labs/FLUX.1-dev", 1, 0.45, 16)
     assert impossible["recommended"] is None and "too small" in impossible["text"]
     with pytest.raises(ValueError, match="positive number of GiB"):
-        handlers.memory_plan("black-forest-labs/FLUX.1-dev", -3, 0.45, 16)
+        plans.memory_plan("black-forest-labs/FLUX.1-dev", -3, 0.45, 16)
     with pytest.raises(ValueError, match="ratio must be in"):
-        handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
+        plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
 
 
 def test_the_budget_steps_batch_size_is_planned():
     """More samples per step hold more activations: the chart and the recommendation count the Batch size."""
-    one = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=1)
-    eight = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=8)
+    one = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=1)
+    eight = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=8)
     assert one["svg"] != eight["svg"] and eight["recommended"] <= one["recommended"]
     with pytest.raises(ValueError, match="batch size must be at least 1"):
-        handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=0)
+        plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=0)
 
 
 def test_a_cpu_job_budgets_ram_and_the_recommendation_is_the_default():
     """On a machine without a GPU the job runs on the CPU: the plan is of RAM (no GPU budget is asked for), the
     ratio left to the app is the recommended one, and the words name the page's own budget."""
-    plan = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=32, device="cpu")
+    plan = plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=32, device="cpu")
     assert plan["recommended"] is not None and plan["ratio"] == plan["recommended"]
     assert "predicted peak RAM (this job runs on the CPU)" in plan["svg"] and "budget 32 GiB" in plan["svg"]
     assert "the slider follows it" in plan["text"]
-    chosen = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, 0.3, 16, ram_gb=32, device="cpu")
+    chosen = plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, 0.3, 16, ram_gb=32, device="cpu")
     assert chosen["ratio"] == 0.3 and "EMLoC (ratio 0.30)" in chosen["svg"]
-    tight = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=0.2, device="cpu")
+    tight = plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=0.2, device="cpu")
     assert tight["recommended"] is None and "Raise the RAM budget" in tight["text"]
     for word in ("batch size", "--", "sequence length", " GB "):
         assert word not in tight["text"], word
     with pytest.raises(ValueError, match="RAM budget must be a positive number of GiB"):
-        handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=None, device="cpu")
+        plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=None, device="cpu")
     for word in ("EMLoC", "LoRA (full model)", "QLoRA", "plain inference", "calibration", "emulator construction",
                  "training", "correction", "preview", "streamed", "dashed line", "GiB"):
-        assert word in handlers.CHART_LEGEND, word
-    assert "runs on the **CPU**" in handlers.runs_on({"kind": "cpu", "name": "CPU", "free_gb": 20, "total_gb": 24})
+        assert word in plans.CHART_LEGEND, word
+    assert "runs on the **CPU**" in plans.runs_on({"kind": "cpu", "name": "CPU", "free_gb": 20, "total_gb": 24})
 
 
 def test_the_slider_maximum_plans_no_compression():
-    plan = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 80, 1.0, 16)
+    plan = plans.memory_plan("black-forest-labs/FLUX.1-dev", 80, 1.0, 16)
     assert "EMLoC (no compression)" in plan["svg"] and "EMLoC (ratio" not in plan["svg"]
     assert "nothing is compressed: every layer is kept" in plan["text"]
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from app import form, handlers, results
+from app import plan as plans
 from app.page import PageState
 from app.steps import budget, data, export, model, train
 from app.studio import IDLE, Studio, parse_seeds
@@ -53,17 +54,17 @@ def test_the_train_step_of_a_page_without_a_run_shows_no_other_runs_job(studio):
 
 
 def test_the_budget_text_agrees_with_the_slider():
-    chosen = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 80, 0.30, 16)
+    chosen = plans.memory_plan("black-forest-labs/FLUX.1-dev", 80, 0.30, 16)
     assert chosen["recommended"] != pytest.approx(0.30, abs=0.005)
     assert "the slider follows it" not in chosen["text"] and "the slider is at 0.30" in chosen["text"]
-    following = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 80, None, 16)
+    following = plans.memory_plan("black-forest-labs/FLUX.1-dev", 80, None, 16)
     assert "the slider follows it" in following["text"] and following["ratio"] == following["recommended"]
     demo_model = str(demo.FLUX_DIR)
     if not (demo.FLUX_DIR / "demo.json").is_file():
         pytest.skip("the demo models are not built (python -m pipelines.demo build)")
     v = {"model.model": demo_model, "budget.budget": 24, "budget.ratio": 0.45, "budget.rank": 16, "budget.ram": 8.0,
          "budget.touched": False, "page.state": PageState(), "budget.batch_size": 1}
-    view = budget.model_view(v, handlers.demo_ratio(demo_model))
+    view = budget.model_view(v, plans.demo_ratio(demo_model))
     assert view["budget.ratio"] == pytest.approx(0.45) and "the slider is at 0.45" in view["budget.text"]
     assert "the slider follows it" not in view["budget.text"]
 

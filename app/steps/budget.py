@@ -8,6 +8,7 @@ from functools import partial
 import gradio as gr
 
 from .. import form, handlers
+from .. import plan as plans
 from ..manager import Values, say
 from ..page import STEP
 from . import Context
@@ -28,7 +29,7 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
     touched = v["budget.touched"] if touched is None else touched
     kind = v["page.state"].device
     try:
-        plan = handlers.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"] if touched else None,
+        plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"] if touched else None,
                                     v["budget.rank"], ram_gb=v["budget.ram"], device=kind,
                                     batch_size=v["budget.batch_size"])
     except (ValueError, OSError) as err:
@@ -40,7 +41,7 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
             "budget.msg": message}
     if not touched and plan["recommended"] is not None:
         view["budget.ratio"] = plan["recommended"]
-    suggested = handlers.demo_ratio(v["model.model"])
+    suggested = plans.demo_ratio(v["model.model"])
     if touched and suggested is not None and abs(plan["ratio"] - suggested) < 0.005:
         view["budget.text"] += (f" This demo model starts at ratio {suggested:.2f}, so that the emulator is really "
                                 "compressed.")
@@ -70,7 +71,7 @@ def use_recommended(studio, v: Values) -> Values:
 
 def go_train(studio, v: Values) -> Values:
     kind = v["page.state"].device
-    plan = handlers.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"], v["budget.rank"],
+    plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"], v["budget.rank"],
                                 ram_gb=v["budget.ram"], device=kind, batch_size=v["budget.batch_size"])
     if plan["recommended"] is None:
         raise ValueError("no compression ratio fits this budget; raise the budget to continue")
@@ -91,7 +92,7 @@ def build(ctx: Context) -> dict:
             budget = gr.Number(24, label=gpu_field.label, minimum=None, elem_id="budget", visible=False)
             ram = gr.Number(handlers.available_ram_gib(), label=ram_field.label, minimum=None, elem_id="ram-budget",
                             info="what is free when this step opens; type your own to keep it")
-            presets = gr.Radio([str(p) for p in handlers.BUDGET_PRESETS], label="GPU size presets (GiB)", value=None,
+            presets = gr.Radio([str(p) for p in plans.BUDGET_PRESETS], label="GPU size presets (GiB)", value=None,
                                visible=False)
         msg = gr.Markdown(elem_id="msg-budget", elem_classes="emloc-msg")  # beside the budgets it is mostly about
         with gr.Row():
@@ -105,7 +106,7 @@ def build(ctx: Context) -> dict:
         recommend = gr.Button("Use the recommended ratio", size="sm")
         text = gr.Markdown(elem_id="plan-text")
         chart = gr.HTML(elem_id="memory-chart")
-        gr.Markdown(handlers.CHART_LEGEND, elem_id="chart-legend")
+        gr.Markdown(plans.CHART_LEGEND, elem_id="chart-legend")
         next_button = gr.Button("Next: training", variant="primary")
     elems = {"runs_on": runs_on, "budget": budget, "ram": ram, "presets": presets, "ratio": ratio, "rank": rank,
              "batch_size": batch, "recommend": recommend, "text": text, "chart": chart, "msg": msg,
