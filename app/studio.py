@@ -165,8 +165,11 @@ class Studio:
             return {**view, "memory": "", "losses": []}
         if not ours or status.kind != "run":
             view["text"] = run_state_words(run_dir)
-            view["progress"] = progress_bar(1.0 if view["text"].startswith("**Run") and "finished" in view["text"]
-                                            else 0.0, "done" if "finished" in view["text"] else "not running")
+            finished = (Path(run_dir) / "lora" / "corrected").is_dir()
+            view["progress"] = progress_bar(1.0 if finished else 0.0, "done" if finished else "not running")
+            if not ours and status.running:
+                view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
+                                 "time.)")
             if ours and status.kind == "preview":  # Cancel stops the preview job (step 5 shows its progress)
                 view["log"] = "\n".join(reversed(status.log))
             else:
