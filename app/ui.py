@@ -139,21 +139,21 @@ def build(studio: Studio) -> gr.Blocks:
         runs.bind_late(ctx)
         manager.bind(manager["page.timer"].tick, partial(tick, studio),
                      ["page.state", "train.seen", "preview.uncorrected", "runs.pick"],
-                     ["train.seen", *train.VIEW, "page.wizard", "preview.progress", "preview.msg", *preview.cleared(),
-                      *export.cleared(), *runs.view_ids()], concurrency_id="tick")
+                     ["train.seen", *train.VIEW, "page.wizard", "preview.progress", "preview.msg", *preview.IDS,
+                      *export.IDS, *runs.view_ids()], concurrency_id="tick")
         outputs = model_outputs()
         manager.bind(manager["model.model"].change, partial(choose_model, studio), MODEL_INPUTS, outputs,
                      message="model.msg")
         everything = ["page.state", "page.wizard", "page.tabs", "model.device", "model.show_last", "model.task",
                       "model.model", "budget.runs_on", "budget.budget", "budget.presets", *runs.view_ids(),
-                      *data.task_view(PageState()), "data.msg", *train.VIEW, "train.msg", *preview.cleared(),
-                      *export.cleared(), *outputs]
+                      *data.TASK_IDS, "data.msg", *train.VIEW, "train.msg", *preview.IDS,
+                      *export.IDS, *outputs]
         manager.bind(page.load, partial(load, studio), MODEL_INPUTS, list(dict.fromkeys(everything)),
                      message="model.msg")
         manager.bind(manager["model.show_last"].click, partial(show_last, studio), ["page.state", "preview.uncorrected"],
                      list(dict.fromkeys(["page.state", "page.tabs", "page.wizard", "model.task", "model.model",
-                                         *data.task_view(PageState()), "data.msg", *train.VIEW, "train.msg",
-                                         *preview.cleared(), *export.cleared(), "model.show_last", "model.msg"])),
+                                         *data.TASK_IDS, "data.msg", *train.VIEW, "train.msg",
+                                         *preview.IDS, *export.IDS, "model.show_last", "model.msg"])),
                      message="model.msg")
     page.emloc_manager = manager  # tests reach components by id
     return page

@@ -14,6 +14,10 @@ from ..manager import Values, say
 from ..page import STEP, PageState
 from . import Context
 
+# (output ids are listed, not read from a view: a component made while the page is built would join the page)
+TASK_IDS = ["data.photo_box", "data.qa_box", "data.photo_gallery", "data.qa_gallery", "data.msg"]  # task_view's
+
+
 GALLERY = {"images": "data.photo_gallery", "qa": "data.qa_gallery"}
 
 
@@ -185,10 +189,8 @@ def build(ctx: Context) -> dict:
 
 def bind_next(ctx: Context) -> None:
     """Next needs the Budget step's RAM box: bound once it is built."""
-    from . import budget
-
     m = ctx.manager
     m.bind(m["data.next"].click, partial(go_budget, ctx.studio),
            ["page.state", "model.model", "data.prompt", "data.trigger", "data.captions", "data.qa_table",
-            "budget.ram_touched"], ["page.wizard", *budget.ram_view({"budget.ram_touched": False})],
+            "budget.ram_touched"], ["page.wizard", "budget.ram"],
            message="data.msg")

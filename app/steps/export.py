@@ -15,6 +15,10 @@ from ..studio import run_name
 from . import Context
 
 
+# (output ids are listed, not read from a view: a component made while the page is built would join the page)
+IDS = ["export.text", "export.download", "export.snippet", "export.msg"]  # what cleared() sets
+
+
 def cleared() -> Values:
     return {"export.text": "", "export.download": None, "export.snippet": "", "export.msg": ""}
 
@@ -64,8 +68,8 @@ def build(ctx: Context) -> dict:
     elems = {"text": text, "download": download, "snippet": snippet, "msg": msg, "new_run": another}
     m.add("export", elems)
     m.bind(m["preview.next"].click, partial(go_export, studio), ["page.state"],
-           ["page.wizard", "preview.msg", *cleared()], message="preview.msg")
+           ["page.wizard", "preview.msg", *IDS], message="preview.msg")
     m.bind(another.click, partial(new_run, studio), ["page.state"],
-           ["page.state", "page.wizard", "train.name", *train.cleared(), *preview.cleared(), *cleared(), "model.msg"],
+           ["page.state", "page.wizard", "train.name", *train.CLEARED_IDS, *preview.IDS, *IDS, "model.msg"],
            message="export.msg")
     return elems

@@ -78,8 +78,8 @@ def bind_task(ctx: Context) -> None:
     """The task switch touches every step: bound once all of them are built."""
     from . import data, export, preview, train
 
-    outputs = ["page.state", "model.model", "model.msg", *data.task_view(PageState()), *train.cleared(),
-               *preview.cleared(), *export.cleared()]
+    outputs = ["page.state", "model.model", "model.msg", *data.TASK_IDS, *train.CLEARED_IDS,
+               *preview.IDS, *export.IDS]
     ctx.manager.bind(ctx.manager["model.task"].input, partial(switch_task, ctx.studio), ["page.state", "model.task"],
                      outputs, message="model.msg")
     ctx.manager.bind(ctx.manager["model.plan_only"].click, partial(plan_only, ctx.studio), [],

@@ -14,6 +14,11 @@ from ..page import STEP
 from . import Context
 
 
+# (output ids are listed, not read from a view: a component made while the page is built would join the page)
+IDS = ["preview.text", "preview.gallery", "preview.answers", "preview.scores", "preview.ask", "preview.seeds",
+       "preview.ask_image", "preview.ask_upload", "preview.progress"]  # what view() and cleared() set
+
+
 def cleared() -> Values:
     """No run: nothing of another run's previews, questions or answers."""
     return {"preview.text": "", "preview.gallery": gr.Gallery(value=None, visible=False),
@@ -80,7 +85,7 @@ def build(ctx: Context) -> dict:
     m.add("preview", elems)
     m.bind(uncorrected.change, lambda v: {**view(studio, v["page.state"].run_dir, v["preview.uncorrected"]),
                                           "preview.msg": ""},
-           ["page.state", "preview.uncorrected"], list(cleared()), message="preview.msg")
+           ["page.state", "preview.uncorrected"], IDS, message="preview.msg")
     m.bind(render_button.click, partial(render, studio),
            ["page.state", "preview.ask", "preview.seeds", "preview.ask_image", "preview.ask_upload"],
            ["preview.msg"], message="preview.msg")

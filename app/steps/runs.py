@@ -107,9 +107,8 @@ def bind_late(ctx: Context) -> None:
     from . import data, export, preview, train
 
     m, studio = ctx.manager, ctx.studio
-    state = PageState()
-    outputs = ["page.state", "page.tabs", "page.wizard", "model.task", "model.model", *data.task_view(state),
-               "data.msg", *train.VIEW, "train.msg", *preview.cleared(), *export.cleared()]
+    outputs = ["page.state", "page.tabs", "page.wizard", "model.task", "model.model", *data.TASK_IDS,
+               "data.msg", *train.VIEW, "train.msg", *preview.IDS, *export.IDS]
     inputs = ["page.state", "runs.pick", "runs.extend_steps", "preview.uncorrected"]
     for button, handler in (("runs.open", open_run), ("runs.resume", resume), ("runs.extend", extend)):
         m.bind(m[button].click, partial(handler, studio), inputs, [*outputs, "runs.msg"], message="runs.msg")

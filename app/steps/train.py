@@ -15,6 +15,11 @@ from ..page import STEP, PageState
 from ..studio import IDLE, run_name
 from . import Context
 
+# (output ids are listed, not read from a view: a component made while the page is built would join the page)
+CLEARED_IDS = ["train.status", "train.progress", "train.loss_plot", "train.log", "train.cancel", "train.memory",
+               "train.msg", "train.samples_gallery", "train.samples_answers", "train.samples_shown", "train.seen"]
+
+
 SETTINGS = form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS
 VIEW = ["train.status", "train.progress", "train.loss_plot", "train.log", "train.cancel", "train.memory"]
 
@@ -152,4 +157,4 @@ def bind_late(ctx: Context) -> None:
     m.bind(m["train.start"].click, partial(start, studio), inputs, ["page.state", "train.name", *VIEW],
            message="train.msg")
     m.bind(m["train.next"].click, partial(go_preview, studio), ["page.state", "preview.uncorrected"],
-           ["page.wizard", *preview.cleared()], message="train.msg")
+           ["page.wizard", *preview.IDS], message="train.msg")
