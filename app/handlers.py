@@ -1,4 +1,4 @@
-"""Event handlers of steps 1-3 (model, data, budget): plain functions that call into pipelines/.
+"""Event handlers of steps 1-2 (model, data): plain functions that call into pipelines/ (step 3: app/plan.py).
 
 Every handler takes and returns plain values (strings, lists, dicts), so tests call them directly;
 app/ui_events.py binds them to components (steps 4-6 and Past runs: app/studio.py). A handler that
@@ -17,22 +17,18 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS as PHOTO_LIMITS
+from pipelines.internvl.data import IMAGE_LIMITS as QA_LIMITS
 from pipelines.runner.data import DataError, ImageLimits, check_image
-from pipelines.flux.backend import IMAGE_LIMITS as FLUX_LIMITS
-from pipelines.planner.planning import METHOD_NAMES, PHASE_NAMES, PlanSettings, plan_run
-from pipelines.internvl.data import IMAGE_LIMITS as VLM_LIMITS
 
-from .plots import Bar, memory_chart
+from . import families, form
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = {"flux": "Personalise an image model (FLUX)", "vlm": "Teach a vision-language model (InternVL)"}
-DEMO_MODELS = {"flux": ROOT / "assets" / "models" / "demo-flux", "vlm": ROOT / "assets" / "models" / "demo-internvl"}
-EXAMPLE_PROMPT = "a photo of sks shape on a white background"  # the demo FLUX subject: a teal cross
-BUDGET_PRESETS = (8, 12, 16, 24, 48, 80)
-DEMO_RATIO = 0.45  # the compression ratio a demo model starts at (RunSettings' default)
-SMALL_MODEL = 100e6  # parameters; below this a model trains on a CPU in seconds (the demo models)
+EXAMPLE_PROMPT = "a photo of sks shape on a white background"  # the image demo's words; its subject: a teal cross
+GENERIC_PROMPT = "a photo of sks dog"  # the Prompt box's example for any other image model
+SMALL_MODEL = form.SMALL_MODEL
 GiB = 2**30
 
 
@@ -64,58 +60,50 @@ def available_ram_gib() -> float:
     return max(0.1, int(psutil.virtual_memory().available / GiB * 10) / 10)
 
 
-def model_choices(task: str, demo: dict[str, Path] | None = None) -> list[tuple[str, str]]:
-    """(label, value) of the models offered for `task`: the demo model first, then the catalogue."""
+def model_choices(kind: str, demo: dict[str, Path] | None = None) -> list[tuple[str, str]]:
+    """(label, value) of the models offered for the task `kind` (a data kind): demo models first, then the
+    catalogue's models whose backend takes that kind of data."""
     from pipelines.planner.catalogue import catalogue
 
-    demo = demo or DEMO_MODELS
     choices = []
-    if task in demo and Path(demo[task]).is_dir():
-        choices.append((f"Demo model (tiny, runs on a CPU): {Path(demo[task]).name}", str(demo[task])))
+    for backend, folder in families.demo_models(demo).items():
+        if families.backend_type(backend).data_kind == kind and Path(folder).is_dir():
+            choices.append((f"Demo model (tiny, runs on a CPU): {Path(folder).name}", str(folder)))
     for entry in catalogue().values():
-        if entry.family == task:
+        if families.backend_type(entry.backend or entry.family).data_kind == kind:
             state = {"downloaded": "downloaded", "offline": "not downloaded; this machine is offline",
                      "hub": "weights downloaded when training starts"}[hub_state(entry.model_id)]
             choices.append((f"{entry.display_name} ({entry.model_id}, {state})", entry.model_id))
     return choices
 
 
-def backend_for(task: str, model: str) -> str:
-    """The run backend of `model` for `task`: "flux2" for a FLUX.2 model picked under the FLUX task, else the task's."""
-    from pipelines.planner.catalogue import load_meta_model
+def describe_model(kind: str, model: str) -> dict:
+    """What the model is, from its config alone (no weights): {"name", "backend", "params", "local", "text"}.
 
-    try:
-        backend = load_meta_model((model or "").strip()).backend
-    except (ValueError, OSError):  # unreadable here: the task's own backend says what is wrong when it loads
-        return task
-    return backend if task == "flux" and backend in ("flux", "flux2") else task
-
-
-def describe_model(task: str, model: str) -> dict:
-    """What the model is, from its config alone (no weights): {"name", "family", "params", "text"}.
-
-    Raises ValueError when the model is unknown or belongs to the other task.
+    Raises ValueError when the model is unknown or its backend takes another kind of data than the task.
     """
     from pipelines.planner.catalogue import load_meta_model
 
     model = (model or "").strip()
     if not model:
         raise ValueError("choose a model: the demo model, one from the list, a hub id (owner/name) or a local folder")
-    if task not in TASKS:
-        raise ValueError(f"choose what to do first: {' or '.join(TASKS.values())}")
+    tasks = families.tasks()
+    if kind not in tasks:
+        raise ValueError(f"choose what to do first: {' or '.join(tasks.values())}")
     meta = load_meta_model(model)
-    if meta.family != task:
-        raise ValueError(f"{model} is a {'FLUX image' if meta.family == 'flux' else 'InternVL vision-language'} model; "
-                         f"pick one for '{TASKS[task]}' or switch the task above")
+    backend = families.backend_type(meta.backend)
+    if backend.data_kind != kind:
+        raise ValueError(f"{model} is a {backend.display_name} model, which is for '{tasks[backend.data_kind]}'; "
+                         f"pick one for '{tasks[kind]}' or switch the task above")
     params = sum(p.numel() for p in meta.model.parameters())
     local = Path(model).expanduser().is_dir()
     where = "a local folder" if local else {
         "downloaded": "the Hugging Face hub (downloaded on this machine)",
         "offline": "the Hugging Face hub: **not downloaded, and this machine is offline**, so it cannot be trained here",
         "hub": "the Hugging Face hub (weights are downloaded when training starts)"}[hub_state(model)]
-    what = "transformer" if task == "flux" else "model"
-    return {"name": meta.display_name, "family": meta.family, "params": params, "local": local,
-            "text": f"**{meta.display_name}**: {count(params)} parameters in the {what}, from {where}."}
+    return {"name": meta.display_name, "backend": meta.backend, "params": params, "local": local,
+            "text": f"**{meta.display_name}** ({backend.display_name}): {count(params)} parameters in the model that "
+                    f"is trained, from {where}."}
 
 
 def hub_state(model: str) -> str:
@@ -150,49 +138,34 @@ def count(n: float) -> str:
     return f"{int(n)}"
 
 
-def default_settings(task: str, params: float, model: str = "") -> dict:
-    """Training settings that suit the model: quick ones for tiny models, and a demo model's own suggestions
-    (its demo.json, the same the headless CLI uses)."""
-    from pipelines.runner.registry import demo_suggestions
-
-    small = params < SMALL_MODEL
-    base = {"steps": 30 if small else 500, "lr": 1e-3 if small else 1e-4, "lam": 3.0, "seed": 0, "batch_size": 1,
-            "calibration_samples": 8 if (small or task == "vlm") else 16, "checkpoint_every": 10 if small else 50}
-    if task == "flux":
-        base.update(resolution=32 if small else 512, preview_steps=4 if small else 0,
-                    max_sequence_length=16 if small else 0)
-    suggested = demo_suggestions(model)
-    base.update(suggested)
-    if model and (Path(model) / "demo.json").is_file():
-        # a demo fits uncompressed anywhere, so its recommendation would be 1.00 (no emulator at all): it starts at
-        # the ratio it suggests, the run's default unless demo.json says otherwise
-        base["ratio"] = float(suggested.get("ratio", DEMO_RATIO))
-    return base
-
-
-def example_data(task: str, folder: Path) -> tuple[list[dict], list[list[str]], str]:
+def example_data(kind: str, folder: Path) -> tuple[list[dict], list[list[str]], str]:
     """Example uploads for the demo models (pipelines/demo/data.py): (images, QA rows, prompt).
 
-    FLUX: 5 photos of the demo subject (a teal cross); InternVL: 8 mugs and whose they are.
+    "images": 5 photos of the demo subject (a teal cross); "qa": 8 mugs and whose they are.
     """
     from pipelines.demo import data as demo_data
 
     folder.mkdir(parents=True, exist_ok=True)
-    if task == "flux":
+    if kind == "images":
         paths = demo_data.write_subject_images(folder, count=5, seed=0)
         return [{"path": str(p), "name": p.name} for p in paths], [], EXAMPLE_PROMPT
     rows = demo_data.write_mug_images(folder, per_owner=2, seed=0)
     return ([{"path": str(p), "name": p.name} for p, _, _ in rows], [[p.name, q, a] for p, q, a in rows], "")
 
 
+def default_prompt(model: str) -> str:
+    """The Prompt box's starting words: what the image demo knows (shapes), else the usual example."""
+    return EXAMPLE_PROMPT if form.is_demo(model) else GENERIC_PROMPT
+
+
 # ---------------------------------------------------------------------------------------------- step 2
 
 
-FLUX_IMAGES = (FLUX_LIMITS.min_count, FLUX_LIMITS.max_count)  # how many photos a FLUX run takes
-LIMITS = {"flux": FLUX_LIMITS, "vlm": VLM_LIMITS}
+PHOTOS = (PHOTO_LIMITS.min_count, PHOTO_LIMITS.max_count)  # how many photos an image run takes
+LIMITS = {"images": PHOTO_LIMITS, "qa": QA_LIMITS}  # what each data kind's uploads must be
 
 
-def add_images(current: list[dict], files: list[str] | None, task: str = "flux") -> tuple[list[dict], str]:
+def add_images(current: list[dict], files: list[str] | None, task: str = "images") -> tuple[list[dict], str]:
     """Check newly uploaded files (as the task's backend will) and add the good ones; returns (list, message)."""
     limits: ImageLimits = LIMITS[task]
     max_count = limits.max_count
@@ -272,7 +245,9 @@ def caption_photos(current: list[dict], table: Any, trigger: str, model: str,
             progress(done + 1, len(todo), rows[index][0])
     kept = len(rows) - len(todo)
     return rows, (f"Wrote {len(todo)} caption{'s' if len(todo) != 1 else ''} with {Path(model).name or model}"
-                  + (f"; kept the {kept} you typed" if kept else "") + ". Edit them in the table before training.")
+                  + (f"; kept the {kept} you typed" if kept else "") + ". These are the captioning model's guesses "
+                  "(a small model names only the colours and shapes it was taught, and may be wrong): read each one "
+                  "and correct it in the table before training.")
 
 
 def _device() -> str:
@@ -300,9 +275,9 @@ def relabel(err: Exception, folder: Path, what: str = "your upload") -> str:
     return str(err).replace(str(folder) + os.sep, "").replace(str(folder), what)
 
 
-def stage_flux_data(images: list[dict], prompt: str, trigger: str, captions: Any, folder: Path) -> dict:
+def stage_photo_data(images: list[dict], prompt: str, trigger: str, captions: Any, folder: Path) -> dict:
     """Write the photos and their captions into `folder` (a temporary place) for the backend to check and copy."""
-    low, high = FLUX_IMAGES
+    low, high = PHOTOS
     if len(images or []) < low:
         raise DataError(f"{len(images or [])} image{'s' if len(images or []) != 1 else ''} so far; add at least {low} "
                         f"photos of your subject (JPEG, PNG or WebP; {low}-{high})")
@@ -366,7 +341,7 @@ def qa_rows_for_images(images: list[dict], table: Any) -> list[list[str]]:
     return rows + [[item["name"], "", ""] for item in images or [] if item["name"] not in used]
 
 
-def stage_vlm_data(images: list[dict], table: Any, folder: Path) -> dict:
+def stage_qa_data(images: list[dict], table: Any, folder: Path) -> dict:
     """Check the question/answer table against the uploaded images and write qa.jsonl into `folder`."""
     from pipelines.internvl.data import pairs_to_samples, write_qa_jsonl
 
@@ -387,122 +362,25 @@ def stage_vlm_data(images: list[dict], table: Any, folder: Path) -> dict:
     return {"data": str(folder / "qa.jsonl"), "samples": len(report.samples), "summary": report.summary()}
 
 
-# ---------------------------------------------------------------------------------------------- step 3
-
-
-# What the chart's words mean, shown under it (every word on the chart is explained on the page).
-CHART_LEGEND = (
-    "**Reading the chart.** Each bar is the peak memory of one phase of a run. "
-    "*EMLoC*: this app's method (train a LoRA on a compressed copy of the model, then correct it for the full "
-    "model). *LoRA (full model)*, *QLoRA (NF4 base)* and *plain inference* are shown for comparison: LoRA trained "
-    "on the uncompressed model, LoRA on a 4-bit copy, and generating without training. Phases: *calibration* "
-    "measures how your data flows through the model; *emulator construction* builds the compressed copy; "
-    "*training* trains the LoRA on it; *correction* adapts the LoRA to the full model; *preview / inference* draws "
-    "or answers with the results. *streamed*: that phase reads the model from its files one block at a time, so "
-    "the memory never holds it whole. The dashed line is your budget: green bars fit it, red bars do not. "
-    "All numbers are GiB.")
-
-
-def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: int, task: str = "",
-                ram_gb: float | None = None, device: str = "cuda", batch_size: int = 1) -> dict:
-    """The planner's answer for the Budget step: {"svg", "text", "recommended", "ratio", "fits"}.
-
-    `device` is what runs the job: "cuda" plans the GPU (budget_gb) and the RAM (ram_gb); "cpu" plans the RAM only
-    (float32, as a CPU run computes), and the chart shows RAM. `ratio` None: the recommended ratio. ValueError
-    (in the page's words) for bad input.
-    """
-    cpu = device == "cpu"
-    if not cpu and (budget_gb is None or not budget_gb > 0):
-        raise ValueError(f"the GPU memory budget must be a positive number of GiB (e.g. 24 for a 24 GB card); "
-                         f"got {'nothing' if budget_gb is None else budget_gb}")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"the compression ratio must be in (0, 1]; got {ratio}")
-    if int(rank or 0) < 1:
-        raise ValueError(f"the LoRA rank must be at least 1; got {rank or 'nothing'}")
-    if int(batch_size or 0) < 1:
-        raise ValueError(f"the batch size must be at least 1; got {batch_size or 'nothing'}")
-    if (ram_gb is not None or cpu) and not (ram_gb or 0) > 0:
-        raise ValueError(f"the RAM budget must be a positive number of GiB (e.g. 32 for 32 GB of RAM); "
-                         f"got {'nothing' if ram_gb is None else ram_gb}")
-    settings = PlanSettings(budget_gb=None if cpu else float(budget_gb), ratio=None if ratio is None else float(ratio),
-                            lora_rank=int(rank), batch_size=int(batch_size), ram_gb=float(ram_gb) if ram_gb else None,
-                            device="cpu" if cpu else "cuda", dtype="float32" if cpu else "bfloat16")
-    plan = plan_run(model, settings)
-    bars = []
-    kept = plan.ratio == 1.0  # the slider's maximum: the emulator keeps every layer as it is
-    emloc_label = "EMLoC (no compression)" if kept else f"EMLoC (ratio {plan.ratio:.2f})"
-    for estimate in plan.memory.estimates:
-        group = emloc_label if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
-        value = estimate.host_total if cpu else estimate.total
-        bars.append(Bar(group, PHASE_NAMES[estimate.phase], value / GiB, "streamed" if estimate.streamed else ""))
-    fits = plan.emloc_fits()
-    over = [PHASE_NAMES[e.phase] for e in plan.memory.estimates if e.method == "emloc" and not plan.fits(e)]
-    memory = "RAM" if cpu else "GPU memory"
-    if plan.recommended is None:
-        worst = max((e for e in plan.memory.estimates if e.method == "emloc"),
-                    key=lambda e: e.host_total if cpu else e.total)
-        need = (worst.host_total if cpu else worst.total) / GiB
-        text = (f"**This budget is too small for {plan.display_name}.** Even at the smallest compression ratio, "
-                f"{PHASE_NAMES[worst.phase]} needs {need:.1f} GiB of {memory}. Raise the "
-                f"{'RAM' if cpu else 'GPU memory'} budget, lower the LoRA rank, or pick a smaller model in step 1.")
-    else:
-        verdict = ("Every EMLoC phase fits." if fits else
-                   f"At ratio {plan.ratio:.2f}, {', '.join(over)} do{'es' if len(over) == 1 else ''} not fit; "
-                   f"use the recommended ratio or less.")
-        text = (f"{verdict} Recommended ratio: **{plan.recommended:.2f}**, the largest at which every phase fits "
-                f"your budget; the slider follows it until you move it.")
-    if kept:
-        text += (" At ratio 1.00 nothing is compressed: every layer is kept as it is, so training holds the full "
-                 "model, as LoRA on the full model does.")
-    if plan.memory.counts.full < SMALL_MODEL:
-        text += (f" {plan.display_name} is tiny, so every phase needs little more than the fixed "
-                 f"{'runtime' if cpu else 'GPU runtime'} overhead; pick a catalogue model in step 1 to see where "
-                 "EMLoC saves memory.")
-    if plan.ram_bytes is not None and not cpu:
-        host = max((e for e in plan.memory.estimates if e.method == "emloc"), key=lambda e: e.host_total)
-        text += (f" RAM: at most {host.host_total / GiB:.1f} GiB ({PHASE_NAMES[host.phase]}) of your "
-                 f"{plan.ram_bytes / GiB:.1f} GiB" + (" — too little: raise the RAM budget or lower the ratio."
-                                                      if host.host_total > plan.ram_bytes else "."))
-    folder = plan.memory.run_folder_bytes
-    text += (f" The run folder will take about {folder / GiB:.1f} GiB of disk." if folder >= GiB / 10 else
-             f" The run folder will take about {folder / 1024 ** 2:.0f} MiB of disk.")
-    where = "RAM (this job runs on the CPU)" if cpu else "GPU memory"
-    title = f"{plan.display_name}: predicted peak {where} per phase (LoRA rank {int(rank)})"
-    line = plan.ram_bytes / GiB if cpu else float(budget_gb)
-    return {"svg": memory_chart(bars, line, title), "text": text, "recommended": plan.recommended,
-            "ratio": plan.ratio, "fits": bool(fits), "legend": CHART_LEGEND}
-
-
-def runs_on(device: dict) -> str:
-    """The Budget step's first line: which device runs the job, and what is budgeted."""
-    if device["kind"] == "cuda":
-        return (f"This job runs on the GPU **{device['name']}** ({device['free_gb']:.1f} GiB free of "
-                f"{device['total_gb']:.1f} GiB): the plan budgets its memory and this machine's RAM.")
-    return (f"This job runs on the **CPU**: there is no GPU on this machine, so the plan budgets RAM "
-            f"({device['free_gb']:.1f} GiB free of {device['total_gb']:.1f} GiB). Plan on a machine with a GPU to "
-            "see its memory.")
-
-
-def check_data(task: str, model: str, images: list[dict], prompt: str, trigger: str, captions: Any,
+def check_data(kind: str, model: str, images: list[dict], prompt: str, trigger: str, captions: Any,
                qa_table: Any) -> str:
     """Check step 2 as the run will (in a temporary folder, removed after); returns a summary in words."""
     import tempfile
 
-    from pipelines.runner.registry import backend_class
     from pipelines.runner import RunSettings
 
     folder = Path(tempfile.mkdtemp(prefix="emloc-check-")) / "data"
     try:
-        if task == "flux":
-            staged = stage_flux_data(images, prompt, trigger, captions, folder)
-            backend_type = backend_class(backend_for("flux", model))
+        if kind == "images":
+            staged = stage_photo_data(images, prompt, trigger, captions, folder)
+            backend_type = families.backend_type(families.model_backend(model))
             settings = backend_type.settings_class(images=staged["images"], prompt=staged["prompt"],
                                                    trigger=staged["trigger"])
             backend_type(RunSettings(model=model), settings, _cpu()).validate()
             captioned = len(list(folder.glob("*.txt")))
             return (f"{len(images)} photos ready; prompt {staged['prompt']!r}"
                     + (f", {captioned} with their own caption." if captioned else "."))
-        staged = stage_vlm_data(images, qa_table, folder)
+        staged = stage_qa_data(images, qa_table, folder)
         return f"{staged['summary'].replace(str(folder), 'your table')}; ready."
     except (ValueError, OSError) as err:
         raise DataError(relabel(err, folder)) from None

@@ -1,29 +1,35 @@
-"""One background job at a time: a run (or new previews of a run) in a worker thread.
+"""One job at a time, each in its own process: the `launch.py train|preview ...` command of a run.
 
-The job belongs to the app's process, not to a browser tab: closing the page does not stop it, and
-any page that opens later reads the same `JobStatus` (the UI polls it with a timer). The worker
-subscribes to the run machine's `Progress` events (pipelines/runner/machine.py) and keeps what the page shows:
-the stage, step X of Y, the loss curve, the ETA and a log in words. Cancel sets the run's
-`cancel_event`; the run machine stops between two steps and keeps everything done so far.
+The app starts the command with subprocess and watches the run folder: `progress.jsonl` (every progress event
+the CLI writes, pipelines/runner/progress.py), `loss.jsonl`, `samples/` and run.json. Cancel sends SIGINT, which
+the CLI handles as Ctrl-C (stop after the current step, keep everything). The job belongs to the app, not to a
+browser tab: closing the page does not stop it, and any page opened later reads the same `JobStatus`. When the
+process ends, its memory (GPU included) goes back to the system.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipelines.runner import Progress, Run, RunCancelled
+from pipelines.runner import LOSS_LOG, RUN_FILE
+from pipelines.runner.progress import PROGRESS_LOG
 
-log = logging.getLogger(__name__)
-
-LOG_LINES = 400  # the log keeps the most recent lines
-LOGGERS = ("pipelines", "emloc")  # their INFO messages join the job's log
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch.py"
+LOG_LINES = 400  # the page's log keeps the most recent lines
+JOB_LOGS = "logs"  # <run>/logs/<kind>-<time>.txt: what the job's process printed
+CANCELLED_CODES = (130, -signal.SIGINT)
 
 
 class JobBusy(RuntimeError):
@@ -48,6 +54,7 @@ class JobStatus:
     losses: list[tuple[int, float]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     result: str = ""  # e.g. the folder of new previews
+    command: str = ""  # the command line the process runs
     version: int = 0  # grows with every change, so a poll can tell that nothing changed
 
     @property
@@ -55,131 +62,171 @@ class JobStatus:
         return self.state == "running"
 
 
-class _LogToJob(logging.Handler):
-    def __init__(self, manager: "JobManager"):
-        super().__init__(logging.INFO)
-        self.manager = manager
+def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, loss) pairs of a run's loss log (a line being written is left for the next read)."""
+    path = Path(run_dir) / LOSS_LOG
+    if not path.is_file():
+        return []
+    pairs = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            pairs.append((int(record["step"]), float(record["loss"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return pairs
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.manager._append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+def _failed_stage_error(run_dir: Path) -> str:
+    try:
+        stages = json.loads((run_dir / RUN_FILE).read_text()).get("stages", {})
+    except (OSError, ValueError):
+        return ""
+    return next((entry.get("error", "") for entry in stages.values()
+                 if isinstance(entry, dict) and entry.get("status") == "failed"), "")
 
 
 class JobManager:
-    """Holds at most one running job; `start` refuses a second one with a message that says why."""
+    """Holds at most one running job process; `start` refuses a second one with a message that says why."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._status = JobStatus()
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
-        self._run: Run | None = None
-        self._thread: threading.Thread | None = None
+        self._process: subprocess.Popen | None = None
+        self._output: Path | None = None
+        self._offset = 0  # where this job's events start in progress.jsonl
+        self._after: Callable[[], None] | None = None
+        self._result = ""
+
+    # -- starting and stopping -------------------------------------------------------------------------
+    def start(self, kind: str, run_dir: str | Path, arguments: list[str],
+              after: Callable[[], None] | None = None, result: str = "") -> None:
+        """Run `python launch.py *arguments` for the run in `run_dir`; JobBusy if a job runs. `after` is called
+        once when the process has ended well (e.g. to note what the previews were asked for); `result` is what the
+        job makes (e.g. the previews' folder), reported when it has ended well."""
+        run_dir = Path(run_dir)
+        with self._lock:
+            self._refresh()
+            if self._status.running:
+                raise JobBusy(self._busy(self._status))
+            progress = run_dir / PROGRESS_LOG
+            self._offset = progress.stat().st_size if progress.is_file() else 0
+            (run_dir / JOB_LOGS).mkdir(exist_ok=True)
+            self._output = run_dir / JOB_LOGS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+            command = [sys.executable, str(LAUNCH), *arguments]
+            with open(self._output, "w") as out:  # the child keeps its own copy of the file descriptor
+                self._process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self._after, self._result = after, result
+            self._log.clear()
+            self._status = JobStatus(kind=kind, run_dir=str(run_dir), state="running", stage="starting",
+                                     started=time.time(), version=self._status.version + 1,
+                                     losses=read_losses(run_dir), command=" ".join(["python", "launch.py", *arguments]))
+            self._append(f"{kind} started in {run_dir} (process {self._process.pid})")
+
+    def cancel(self) -> str:
+        """Ask the running job to stop after its current step (SIGINT, the CLI's Ctrl-C); says what happens."""
+        with self._lock:
+            self._refresh()
+            if not self._status.running or self._process is None:
+                return "Nothing is running."
+            self._process.send_signal(signal.SIGINT)
+            self._append("cancel requested: stopping after the current step")
+        return "Stopping after the current step; everything done so far is kept (resume it from Past runs)."
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Block until the current job's process ends (tests, and the app's shutdown); returns its final status."""
+        process = self._process
+        if process is not None:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.status()
 
     # -- reading ---------------------------------------------------------------------------------------
     def status(self) -> JobStatus:
-        """A snapshot of the current job (lists copied)."""
+        """A snapshot of the current job, read afresh from its process and run folder."""
         with self._lock:
-            copy = dataclasses.replace(self._status, losses=list(self._status.losses), log=list(self._log))
-        return copy
+            self._refresh()
+            return dataclasses.replace(self._status, losses=list(self._status.losses), log=list(self._log))
 
     def busy_message(self) -> str:
         """Why a new job cannot start now, or '' when one can."""
         status = self.status()
-        if not status.running:
-            return ""
+        return self._busy(status) if status.running else ""
+
+    @staticmethod
+    def _busy(status: JobStatus) -> str:
         where = f"{status.stage}" + (f", step {status.step} of {status.total}" if status.total > 1 else "")
         return (f"A job is already running: {Path(status.run_dir).name} ({where}). Only one job runs at a time; "
                 "wait for it to finish or press Cancel in step 4.")
 
-    # -- starting and stopping -------------------------------------------------------------------------
-    def start(self, kind: str, run: Run, work: Callable[[Run], str | None],
-              losses: list[tuple[int, float]] | None = None) -> None:
-        """Run `work(run)` in a worker thread; raise JobBusy if a job is running. `work` may return a result.
-
-        `losses`: the curve so far (a resumed run), continued by the new steps.
-        """
-        with self._lock:
-            if self._status.state == "running":
-                raise JobBusy(self._busy_unlocked())
-            self._log.clear()
-            self._status = JobStatus(kind=kind, run_dir=str(run.dir), state="running", stage="starting",
-                                     started=time.time(), version=self._status.version + 1,
-                                     losses=list(losses or []))
-            self._run = run
-            run.callbacks.append(self._on_progress)
-            self._thread = threading.Thread(target=self._work, args=(run, work), name=f"emloc-{kind}", daemon=True)
-        self._append(f"{kind} started in {run.dir}")
-        self._thread.start()
-
-    def _busy_unlocked(self) -> str:
-        s = self._status
-        return (f"A job is already running: {Path(s.run_dir).name} ({s.stage}). Only one job runs at a time; "
-                "wait for it to finish or press Cancel in step 4.")
-
-    def cancel(self) -> str:
-        """Ask the running job to stop after its current step; returns what happened, in words."""
-        with self._lock:
-            run = self._run if self._status.state == "running" else None
-        if run is None:
-            return "Nothing is running."
-        run.cancel_event.set()
-        self._append("cancel requested: stopping after the current step")
-        return "Stopping after the current step; everything done so far is kept (resume it from Past runs)."
-
-    def wait(self, timeout: float | None = None) -> JobStatus:
-        """Block until the current job ends (for tests and the CLI); returns its final status."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        return self.status()
-
-    # -- the worker ------------------------------------------------------------------------------------
-    def _work(self, run: Run, work: Callable[[Run], str | None]) -> None:
-        handler = _LogToJob(self)
-        loggers = [logging.getLogger(name) for name in LOGGERS]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.addHandler(handler)
-            if lg.level == logging.NOTSET or lg.level > logging.INFO:
-                lg.setLevel(logging.INFO)
-        state, error, result = "done", "", ""
-        try:
-            result = work(run) or ""
-        except RunCancelled as err:
-            state, error = "cancelled", str(err)
-        except Exception as err:  # the page shows it in words; the traceback goes to the terminal's log
-            log.exception("job in %s failed", run.dir)
-            state, error = "failed", f"{type(err).__name__}: {err}"
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.removeHandler(handler)
-                lg.setLevel(level)
-            if run.backend is not None:
+    # -- watching the run folder -----------------------------------------------------------------------
+    def _refresh(self) -> None:
+        s, process = self._status, self._process
+        if process is None or s.state != "running":
+            return
+        run_dir = Path(s.run_dir)
+        self._read_events(run_dir / PROGRESS_LOG, process.pid)
+        code = process.poll()
+        if code is None:
+            return
+        self._read_events(run_dir / PROGRESS_LOG, process.pid)  # what it wrote just before it ended
+        s.losses = read_losses(run_dir) if s.kind == "run" else s.losses
+        if code == 0:
+            s.state, s.result = "done", self._result
+            if self._after is not None:
                 try:
-                    run.backend.release()
-                except Exception:  # releasing is best effort; the job's outcome is what matters
-                    log.exception("releasing the backend failed")
-        with self._lock:
-            self._status.state, self._status.error, self._status.result = state, error, result
-            self._status.finished = time.time()
-            self._status.version += 1
-            self._run = None
-        self._append({"done": "finished", "cancelled": f"cancelled: {error}", "failed": f"failed: {error}"}[state])
+                    self._after()
+                finally:
+                    self._after = None
+        elif code in CANCELLED_CODES:
+            s.state, s.error = "cancelled", self._last_line("cancelled:") or "cancelled"
+        else:
+            s.state = "failed"
+            s.error = _failed_stage_error(run_dir) or self._last_line("error:") or self._last_line("") or \
+                f"the job's process ended with exit code {code}"
+        s.finished, s.version = time.time(), s.version + 1
+        self._append({"done": "finished", "cancelled": f"cancelled: {s.error}",
+                      "failed": f"failed: {s.error}"}[s.state])
 
-    def _on_progress(self, event: Progress) -> None:
-        with self._lock:
-            s = self._status
-            s.stage, s.step, s.total, s.eta = event.stage, event.step, event.total, event.eta
-            if event.message:
-                s.message = event.message
-            if event.loss is not None and event.stage == "train":
-                if s.losses and s.losses[-1][0] >= event.step:  # a resumed stage starts its curve again
-                    s.losses = [p for p in s.losses if p[0] < event.step]
-                s.losses.append((event.step, float(event.loss)))
+    def _read_events(self, path: Path, pid: int) -> None:
+        if not path.is_file():
+            return
+        with open(path, encoding="utf-8") as file:
+            file.seek(self._offset)
+            chunk = file.read()
+        whole = chunk[:chunk.rfind("\n") + 1]  # a line being written is read next time
+        self._offset += len(whole.encode("utf-8"))
+        s = self._status
+        for line in whole.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("pid") != pid:
+                continue
+            s.stage, s.step, s.total, s.eta = event["stage"], event["step"], event["total"], event.get("eta")
+            if event.get("message"):
+                s.message = event["message"]
+                if not (event["stage"] == "calibrate" and event["total"] > 1):
+                    self._append(f"[{event['stage']}] {event['message']}", event.get("time"))
+            if event.get("loss") is not None and event["stage"] == "train":
+                if s.losses and s.losses[-1][0] >= event["step"]:  # a resumed stage starts its curve again
+                    s.losses = [p for p in s.losses if p[0] < event["step"]]
+                s.losses.append((int(event["step"]), float(event["loss"])))
             s.version += 1
-        if event.message and not (event.stage == "calibrate" and event.total > 1):
-            self._append(f"[{event.stage}] {event.message}")
 
-    def _append(self, line: str) -> None:
-        with self._lock:
-            self._log.append(time.strftime("%H:%M:%S ") + line)
-            self._status.version += 1
+    def _last_line(self, prefix: str) -> str:
+        try:
+            lines = [line.strip() for line in self._output.read_text(errors="replace").splitlines() if line.strip()]
+        except (OSError, AttributeError):
+            return ""
+        found = [line for line in lines if line.startswith(prefix)]
+        return found[-1][len(prefix):].strip() if found else ""
+
+    def _append(self, line: str, when: float | None = None) -> None:
+        self._log.append(time.strftime("%H:%M:%S ", time.localtime(when or time.time())) + line)
+        self._status.version += 1

@@ -18,7 +18,7 @@ SHOWN = PREVIEW_VARIANTS[:3]  # base | emulator + LoRA | full + corrected LoRA; 
 
 
 def _slug(text: str) -> str:
-    """File-name form of a variant label, as pipelines/flux/export.py names the preview files."""
+    """Lower-case words joined by '-': how preview file names spell a variant and a prompt."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -46,7 +46,7 @@ REQUEST_FILE = "request.json"  # written by the app beside previews it asked for
 
 
 def preview_prompts(run_dir: str | Path, folder: Path) -> list[str]:
-    """The prompts of a FLUX preview folder in full (file names keep only the first 40 characters)."""
+    """The prompts of an image preview folder in full (file names keep only the first 40 characters)."""
     if (folder / REQUEST_FILE).is_file():
         return json.loads((folder / REQUEST_FILE).read_text()).get("prompts", [])
     if folder.name == "previews":
@@ -55,33 +55,44 @@ def preview_prompts(run_dir: str | Path, folder: Path) -> list[str]:
     return []
 
 
-def flux_previews(folder: Path, uncorrected: bool = False, known: list[str] | None = None
-                  ) -> tuple[list[tuple[str, str]], list[str]]:
+def _parse_image(stem: str, labels: tuple[str, ...]) -> tuple[str, str, int] | None:
+    """(variant label, prompt slug, seed) of a preview image's file stem, or None when it is none of `labels`'.
+
+    Families write `<variant>__<prompt>__seed<N>` or `<variant>-<prompt>__seed<N>` (the prompt shortened); both
+    start with the variant's slug and end with the seed, which is all that is read here."""
+    body, sep, seed = stem.rpartition("__seed")
+    if not sep or not seed.isdigit():
+        return None
+    for label in sorted(labels, key=lambda lb: -len(_slug(lb))):  # "full-uncorrected-lora" before "full-..."
+        head = _slug(label)
+        if body == head or body.startswith(head + "-") or body.startswith(head + "_"):
+            return label, body[len(head):].strip("-_"), int(seed)
+    return None
+
+
+def image_previews(folder: Path, uncorrected: bool = False, known: list[str] | None = None
+                   ) -> tuple[list[tuple[str, str]], list[str]]:
     """((image path, caption) in reading order, prompts): one row per (prompt, seed), one column per variant.
 
-    `known`: the prompts in full, matched to the shortened ones in the file names.
-    """
-    full = {_slug(p)[:40]: p for p in known or []}
+    `known`: the prompts in full, matched to the shortened ones in the file names."""
     labels = PREVIEW_VARIANTS if uncorrected else SHOWN
-    by_label: dict[str, dict[str, Path]] = {label: {} for label in labels}
+    found: dict[tuple[str, int], dict[str, Path]] = {}
     for path in sorted(folder.glob("*__seed*.png")):
-        prefix, _, request = path.stem.partition("__")
-        for label in labels:
-            if prefix == _slug(label):
-                by_label[label][request] = path
-    requests = sorted({r for files in by_label.values() for r in files},
-                      key=lambda r: (r.rsplit("__seed", 1)[0], int(r.rsplit("__seed", 1)[1] or 0)))
-    def words(slug: str) -> str:
-        return full.get(slug, slug.replace("-", " "))
+        parsed = _parse_image(path.stem, PREVIEW_VARIANTS)
+        if parsed and parsed[0] in labels:
+            found.setdefault((parsed[1], parsed[2]), {})[parsed[0]] = path
 
-    prompts = sorted({words(r.rpartition("__seed")[0]) for r in requests})
+    def words(slug: str) -> str:
+        full = [p for p in known or [] if slug and (_slug(p).startswith(slug) or slug.startswith(_slug(p)))]
+        return full[0] if full else slug.replace("-", " ")
+
+    requests = sorted(found, key=lambda r: (r[0], r[1]))
+    prompts = sorted({words(slug) for slug, _ in requests})
     items = []
-    for request in requests:
-        prompt, _, seed = request.rpartition("__seed")
-        which = f"{words(prompt)} · " if len(prompts) > 1 else ""
-        for label in labels:
-            if request in by_label[label]:
-                items.append((str(by_label[label][request]), f"{label} · {which}seed {seed}"))
+    for slug, seed in requests:
+        which = f"{words(slug)} · " if len(prompts) > 1 else ""
+        items += [(str(found[(slug, seed)][label]), f"{label} · {which}seed {seed}") for label in labels
+                  if label in found[(slug, seed)]]
     return items, prompts
 
 
@@ -114,7 +125,7 @@ def seen_in_training(item: dict, trained: set[str], run_dir: Path | None) -> str
     return "yes" if inside and path.name in trained else "no (a new image)"
 
 
-def vlm_previews(folder: Path, uncorrected: bool = False, run_dir: str | Path | None = None
+def answer_previews(folder: Path, uncorrected: bool = False, run_dir: str | Path | None = None
                  ) -> tuple[list[str], list[list[str]], str]:
     """(headers, rows, scores text) of the answer table in previews.json, with whether each image was trained on."""
     path = folder / "previews.json"
@@ -151,33 +162,33 @@ def shown_name(path: str) -> str:
     return re.sub(r"^(\d{5}-)+", "", Path(path).name)
 
 
+# What each export format folder under lora/ is for (the backends name the folders by format, not by family)
+FORMAT_WORDS = {
+    "diffusers": "**For diffusers** (`load_lora_weights` of the model's pipeline, keys "
+                 "`transformer.<module>.lora_A/B.weight`; the snippet below loads it)",
+    "diffusers-uncorrected": "**For diffusers, uncorrected** (the LoRA as trained on the emulator)",
+    "kohya": "**For ComfyUI, Forge or kohya_ss**: the kohya-format file (keys `lora_unet_...` with "
+             "`lora_down`/`lora_up`/`alpha`); put it in ComfyUI's `models/loras/` folder",
+}
+
+
 def export_info(run_dir: str | Path) -> dict:
     """Where the corrected adapter is and its formats: {"text", "folder"} (the backend writes the snippet)."""
     run_dir = Path(run_dir).resolve()
-    info = run_info(run_dir)
+    run_info(run_dir)  # a run folder, or a FileNotFoundError in words
     lora = run_dir / "lora"
     if not (lora / "corrected").is_dir():
         raise FileNotFoundError(f"{run_dir.name} has no corrected adapter yet; finish training (step 4) first")
     lines = [f"**Corrected adapter, PEFT format** (adapter\\_config.json + adapter\\_model.safetensors; loads with "
              f"`PeftModel.from_pretrained`): `{lora / 'corrected'}`",
              f"**Uncorrected adapter** (the LoRA as trained on the emulator, for comparison): `{lora / 'uncorrected'}`"]
-    folders = "corrected/, uncorrected/"
-    if info["backend"] == "flux":
-        lines.insert(1, "**For diffusers**: `FluxPipeline.load_lora_weights` loads the diffusers-format file "
-                        "(keys `transformer.<module>.lora_A/B.weight`): "
-                        f"`{lora / 'diffusers' / 'pytorch_lora_weights.safetensors'}`")
-        kohya = lora / "kohya" / "flux_lora_kohya.safetensors"
-        if kohya.is_file():
-            lines.insert(1, "**For ComfyUI, Forge or kohya_ss**: the kohya-format file (keys `lora_unet_...` with "
-                            "`lora_down`/`lora_up`/`alpha`); put it in ComfyUI's `models/loras/` folder: "
-                            f"`{kohya}`")
-            folders += ", diffusers/, diffusers-uncorrected/ and kohya/"
-        else:
-            lines.insert(1, "**No kohya / ComfyUI file** in this run: it was made before that format was exported, "
-                            "or one of its LoRA layers has no name in that format; ComfyUI users need a run with "
-                            "the default LoRA layers.")
-            folders += ", diffusers/ and diffusers-uncorrected/"
-    lines.append(f"The zip below holds all of them, in the folders {folders}.")
+    folders = ["corrected/", "uncorrected/"]
+    for extra in sorted(p for p in lora.iterdir() if p.is_dir() and p.name not in ("corrected", "uncorrected")):
+        files = sorted(f for f in extra.glob("*.safetensors"))
+        words = FORMAT_WORDS.get(extra.name, f"**{extra.name}/**")
+        lines.insert(1 + (len(folders) - 2), f"{words}: " + ", ".join(f"`{f}`" for f in files or [extra]))
+        folders.append(f"{extra.name}/")
+    lines.append(f"The zip below holds all of them, in the folders {', '.join(folders)}.")
     return {"text": "\n\n".join(lines), "folder": str(lora)}
 
 
@@ -217,3 +228,61 @@ def samples_view(run_dir: str | Path | None) -> dict:
     table = ("| step | image | question | answer of the emulator + LoRA |\n|---:|---|---|---|\n" + "\n".join(rows)
              if rows else "")
     return {"images": images, "answers": table}
+
+
+def memory_report(info: dict) -> list[dict]:
+    """Planned against held memory per stage of a run (run.json `info`): {"phase", "name", "planned_device_gib",
+    "held_device_allocated_gib", "held_device_reserved_gib", "planned_host_gib", "held_host_gib"}, None where not
+    known. The run machine's own `pipelines.runner.devices.memory_report` is used where this version has it."""
+    try:
+        from pipelines.runner.devices import memory_report as runner_report
+    except ImportError:
+        runner_report = None
+    if runner_report is not None:
+        return runner_report(info)
+    phases = ((info.get("plan") or {}).get("phases")) or {}
+    stage_phase = {"calibrate": "calibration", "emulate": "emulator", "train": "training", "correct": "correction",
+                   "preview": "preview"}
+    rows = []
+    for stage, entry in (info.get("stages") or {}).items():
+        held = (entry.get("held") if isinstance(entry, dict) else None) or {}
+        planned = phases.get(stage_phase.get(stage, stage)) or {}
+        if not held and not planned:
+            continue
+        rows.append({"phase": stage, "name": planned.get("name", stage), "planned_device_gib": planned.get("device_gib"),
+                     "held_device_allocated_gib": held.get("device_allocated_gib"),
+                     "held_device_reserved_gib": held.get("device_reserved_gib"),
+                     "planned_host_gib": planned.get("host_gib"), "held_host_gib": held.get("host_rss_gib")})
+    return rows
+
+
+def memory_table(info: dict) -> str:
+    """The run's memory, planned beside held, as a markdown table ("" when the run has no plan)."""
+    rows = memory_report(info)
+    if not rows:
+        return ""
+
+    def gib(value) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    lines = ["| phase | planned device | held device (allocated / reserved) | planned RAM | held RAM |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        held = ("–" if r["held_device_allocated_gib"] is None else
+                f"{gib(r['held_device_allocated_gib'])} / {gib(r['held_device_reserved_gib'])}")
+        lines.append(f"| {r['name']} | {gib(r['planned_device_gib'])} | {held} | {gib(r['planned_host_gib'])} | "
+                     f"{gib(r['held_host_gib'])} |")
+    return "**Memory, GiB** (planned before the run; held: measured while it ran)\n\n" + "\n".join(lines)
+
+
+def when(iso: str) -> str:
+    """'2026-12-04T21:50:03+00:00' -> '4 Dec 2026, 21:50' in this machine's local time ('' for nothing)."""
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(str(iso))
+    except ValueError:
+        return str(iso or "")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return f"{moment.day} {moment:%b %Y, %H:%M}"

@@ -1,104 +1,44 @@
 """Handlers of steps 4-6 and Past runs: start, watch, cancel and resume runs; previews and export.
 
-`Studio` holds what outlives a browser tab: the runs folder and the one `JobManager`. Its methods take
-and return plain values; app/ui.py binds them to components.
+`Studio` holds what outlives a browser tab: the runs folder and the one `JobManager`. A run is created here (its
+settings and data checked, the data copied in: `Run.create`, quick) and then trained by its own process, the
+`launch.py train --out <run> --resume` command (app/jobs.py); previews likewise run `launch.py preview`. Every
+method takes and returns plain values (dicts by name), so tests call them without a browser.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import math
 import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
 from pipelines.runner.checks import check_model_source
-from pipelines.runner.registry import backend_class
 from pipelines.runner.data import DataError, check_image
-from pipelines.runner import LOSS_LOG, PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
 
-from . import handlers, results
-from .words import failure_words
-from .jobs import JobBusy, JobManager, JobStatus
+from . import families, form, handlers, results
+from .jobs import JobBusy, JobManager, JobStatus, read_losses
 from .plots import progress_bar
-
-log = logging.getLogger(__name__)
+from .words import failure_words
 
 STAGE_WORDS = {"starting": "Starting", "cache": "Caching your data (text embeddings, latents, tokens)",
                "calibrate": "Calibrating: reading your data through the full model",
                "emulate": "Building the low-rank emulator", "train": "Training the LoRA on the emulator",
                "correct": "Correcting the LoRA for the full model", "preview": "Rendering previews"}
-MAX_SEEDS = 8
+MAX_SEEDS = 16
 ASKED_DIR = "asked"  # new images a question was asked about in step 5, inside the run folder
+IDLE = "Nothing is running. Press **Start training** when the steps above are done."
+__all__ = ["JobBusy", "Studio", "describe_job", "parse_seeds", "read_losses", "run_name"]
 
 
-@dataclass
-class TrainRequest:
-    """Everything the wizard collected, as the Start button sends it."""
-
-    task: str
-    model: str
-    name: str
-    images: list[dict] = field(default_factory=list)  # accepted uploads {"path", "name"}
-    prompt: str = ""  # FLUX
-    trigger: str = "sks"  # FLUX
-    captions: Any = None  # FLUX: [image, caption] rows
-    qa_table: Any = None  # InternVL: [image, question, answer] rows
-    ratio: float = 0.45
-    ram_gb: float = 0.0  # the Budget step's RAM budget (0: what is available when the run starts)
-    rank: int = 16
-    batch_size: int = 1
-    steps: int = 500
-    lr: float = 1e-4
-    lam: float = 3.0
-    seed: int = 0
-    calibration_samples: int = 16
-    checkpoint_every: int = 50
-    resolution: int = 512  # FLUX
-    preview_steps: int = 0  # FLUX (0: the model's default)
-    max_sequence_length: int = 0  # FLUX (0: the model's default)
-    max_new_tokens: int = 32  # InternVL: longest preview answer
-
-
-# TrainRequest field -> (its control on the page, whole number?)
-NUMBER_CONTROLS = {"ratio": ("Compression ratio (step 3)", False), "rank": ("LoRA rank (step 3)", True),
-                   "batch_size": ("Batch size (step 3)", True),
-                   "steps": ("Training steps (step 4)", True), "lr": ("Learning rate (step 4)", False),
-                   "lam": ("Correction clamp λ (step 4)", False), "seed": ("Seed (step 4)", True),
-                   "calibration_samples": ("Calibration samples (step 4)", True),
-                   "checkpoint_every": ("Checkpoint every N steps (step 4, More settings)", True),
-                   "resolution": ("Image size (step 4, More settings)", True),
-                   "preview_steps": ("Preview denoising steps (step 4, More settings)", True),
-                   "max_sequence_length": ("Text tokens (step 4, More settings)", True),
-                   "max_new_tokens": ("Longest preview answer (step 4, More settings)", True)}
-
-
-def checked_numbers(request: TrainRequest) -> TrainRequest:
-    """The request with every number box read as a number; an empty or non-numeric box is named in words."""
-    values = {}
-    for name, (label, whole) in NUMBER_CONTROLS.items():
-        value = getattr(request, name)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{label} is empty; type a {'whole ' if whole else ''}number") from None
-        if number != number:  # nan
-            raise ValueError(f"{label} is not a number; type a {'whole ' if whole else ''}number")
-        if whole and (not math.isfinite(number) or number != int(number)):
-            raise ValueError(f"{label} must be a whole number; got {number:g}")
-        values[name] = int(number) if whole else number
-    return dataclasses.replace(request, **values)
-
-
-def run_name(task: str, runs_dir: Path) -> str:
-    """A new, unused run name such as flux-20261123-1630."""
-    stem = f"{task}-{time.strftime('%Y%m%d-%H%M')}"
+def run_name(backend: str, runs_dir: Path) -> str:
+    """A new, unused run name such as flux-20261123-1630 (the backend's registered name first)."""
+    stem = f"{backend or 'run'}-{time.strftime('%Y%m%d-%H%M')}"
     name, n = stem, 2
     while (Path(runs_dir) / name).exists():
         name, n = f"{stem}-{n}", n + 1
@@ -118,79 +58,84 @@ def check_run_name(name: str, runs_dir: Path) -> Path:
     return folder
 
 
-def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
-    """(step, loss) pairs of a run's loss log."""
-    path = Path(run_dir) / LOSS_LOG
-    if not path.is_file():
-        return []
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [(int(r["step"]), float(r["loss"])) for r in records]
-
-
 def parse_seeds(text: str) -> list[int]:
-    """'0, 1 2' -> [0, 1, 2]; ValueError in words for anything else."""
+    """'0, 1 2' -> [0, 1, 2]; '1000-1003' -> [1000, 1001, 1002, 1003]; ValueError in words for anything else."""
     parts = [p for p in re.split(r"[,\s]+", str(text or "").strip()) if p]
     if not parts:
-        raise ValueError("give at least one seed, e.g. 0 or 0, 1, 2")
-    try:
-        seeds = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"seeds must be whole numbers separated by commas, e.g. 0, 1, 2; got {text!r}") from None
-    if len(seeds) > MAX_SEEDS or any(s < 0 for s in seeds):
-        raise ValueError(f"use 1 to {MAX_SEEDS} seeds, each 0 or more; got {text!r}")
+        raise ValueError("give at least one seed, e.g. 0 or 0, 1, 2 or a range 1000-1015")
+    seeds: list[int] = []
+    for part in parts:
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(f"seeds must be whole numbers or ranges separated by commas, e.g. 0, 1, 1000-1015; "
+                             f"got {text!r}")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        if high < low:
+            raise ValueError(f"the seed range {part} runs backwards; write it as {high}-{low}")
+        seeds += range(low, min(high, low + MAX_SEEDS) + 1)
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"use 1 to {MAX_SEEDS} seeds (each makes one row of pictures); got {len(seeds)} in {text!r}")
     return seeds
 
 
+def _preview_flag(settings_class: type, name: str) -> str:
+    f = next(f for f in dataclasses.fields(settings_class) if f.name == name)
+    return f.metadata["preview"]
+
+
 class Studio:
-    """The app's long-lived state: where runs live and the one background job."""
+    """The app's long-lived state: where runs live and the one job."""
 
     def __init__(self, runs_dir: str | Path = "runs", demo_models: dict[str, Path] | None = None):
         self.runs_dir = Path(runs_dir).resolve()
-        self.demo_models = demo_models or handlers.DEMO_MODELS
+        self.demo_models = families.demo_models(demo_models)
         self.jobs = JobManager()
 
     # -- step 4: start, watch, cancel ------------------------------------------------------------------
-    def start_run(self, request: TrainRequest) -> str:
-        """Check everything, create the run folder (data copied in) and start it; returns the run folder."""
+    def start_run(self, values: dict[str, Any]) -> str:
+        """Check everything, create the run folder (data copied in) and start its process; returns the folder.
+
+        `values` by name: "kind" (the task's data kind), "model", "name", the data ("images", "prompt", "trigger",
+        "captions" or "images", "qa_table") and the settings the page shows (RunSettings' and the backend's field
+        names)."""
         busy = self.jobs.busy_message()
         if busy:
             raise JobBusy(busy)
-        folder = check_run_name(request.name, self.runs_dir)
-        check_model_source(request.model, "the model")  # a hub id that is not downloaded, pickle-only weights...
-        request = checked_numbers(request)
-        run_settings = RunSettings(model=(request.model or "").strip(), ratio=float(request.ratio),
-                                   steps=int(request.steps), lr=float(request.lr), rank=int(request.rank),
-                                   alpha=float(request.rank), batch_size=int(request.batch_size),
-                                   seed=int(request.seed), lam=float(request.lam),
-                                   calibration_samples=int(request.calibration_samples),
-                                   checkpoint_every=max(1, int(request.checkpoint_every)),
-                                   ram_gb=float(request.ram_gb or 0.0))
+        folder = check_run_name(values.get("name", ""), self.runs_dir)
+        model = (values.get("model") or "").strip()
+        check_model_source(model, "the model")  # a hub id that is not downloaded, pickle-only weights...
+        backend = families.model_backend(model)
+        if families.backend_type(backend).data_kind != values.get("kind"):
+            raise ValueError(f"{model} is a {families.display_name(backend)} model; choose one for this task in step 1")
+        numbers = {n: form.read_number(n, values.get(n)) for n in form.TRAIN_FIELDS + form.MORE_FIELDS
+                   + ("ratio", "rank", "batch_size")}
+        numbers["ram_gb"] = float(values.get("ram_gb") or 0.0)
+        numbers["checkpoint_every"] = max(1, numbers["checkpoint_every"])
+        run_settings = RunSettings(model=model, alpha=float(numbers["rank"]), **numbers)
         staging = Path(tempfile.mkdtemp(prefix="emloc-upload-"))
         try:
-            settings = self._backend_settings(request, staging / "data")
-            run = Run.create(folder, handlers.backend_for(request.task, request.model), run_settings, settings)
+            settings = self._backend_settings(backend, values, staging / "data")
+            run = Run.create(folder, backend, run_settings, settings)
         except DataError as err:
             raise DataError(handlers.relabel(err, staging / "data")) from None
         except ValueError as err:
             raise ValueError(handlers.relabel(err, staging / "data")) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self.jobs.start("run", run, lambda r: r.execute())
+        self.jobs.start("run", run.dir, ["train", "--out", str(run.dir), "--resume", "--quiet", "--log-level", "info"])
         return str(run.dir)
 
-    def _backend_settings(self, request: TrainRequest, data: Path) -> Any:
-        backend = handlers.backend_for(request.task, request.model) if request.task in handlers.TASKS else None
-        settings_class = backend_class(backend).settings_class if backend else None
-        if settings_class is None:
-            raise ValueError("choose what to do in step 1 first")
-        if request.task == "flux":
-            staged = handlers.stage_flux_data(request.images, request.prompt, request.trigger, request.captions, data)
-            tokens = int(request.max_sequence_length) or (512 if backend == "flux2" else 0)  # FLUX.2 pads to 512
-            return settings_class(images=staged["images"], prompt=staged["prompt"], trigger=staged["trigger"],
-                                  resolution=int(request.resolution), preview_steps=int(request.preview_steps),
-                                  max_sequence_length=tokens)
-        staged = handlers.stage_vlm_data(request.images, request.qa_table, data)
-        return settings_class(data=staged["data"], max_new_tokens=int(request.max_new_tokens))
+    def _backend_settings(self, backend: str, values: dict, data: Path) -> Any:
+        backend_type = families.backend_type(backend)
+        shown = {n: form.read_number(n, values.get(n), form.field_view(backend_type.settings_class, n))
+                 for n in form.backend_fields(backend) if values.get(n) is not None}
+        if backend_type.data_kind == "images":
+            staged = handlers.stage_photo_data(values.get("images"), values.get("prompt"), values.get("trigger"),
+                                               values.get("captions"), data)
+            return backend_type.settings_class(images=staged["images"], prompt=staged["prompt"],
+                                               trigger=staged["trigger"], **shown)
+        staged = handlers.stage_qa_data(values.get("images"), values.get("qa_table"), data)
+        return backend_type.settings_class(data=staged["data"], **shown)
 
     def cancel(self) -> str:
         return self.jobs.cancel()
@@ -200,73 +145,103 @@ class Studio:
         from pipelines.runner.stages import SAMPLE_NOW
 
         status = self.jobs.status()
-        if not run_dir or not status.running or Path(status.run_dir) != Path(run_dir):
+        if not run_dir or not status.running or status.kind != "run" or Path(status.run_dir) != Path(run_dir):
             raise ValueError("no training is running: Sample now samples a run while it trains; start one first")
         (Path(run_dir) / SAMPLE_NOW).write_text("")
         return "Asked for samples: they appear below after the next training step."
 
-    def job_view(self) -> dict:
-        """What step 4 shows now: stage in words, progress bar, losses, log, and whether a job runs."""
+    def train_view(self, run_dir: str) -> dict:
+        """What step 4 shows for this page's run `run_dir` ("" = none yet): {"text", "progress", "losses", "log",
+        "running" (this run's job runs: Cancel is live), "state", "kind", "version", "started", "preview_progress",
+        "memory"}. Another run's job is only mentioned; the loss curve and summary come from the run's files, so
+        they stay while a preview job of the run renders."""
         status = self.jobs.status()
-        view = describe_job(status)
-        if status.run_dir:
-            view["text"] += "  \n" + settings_summary(status.run_dir) + command_words(status.run_dir)
+        ours = bool(run_dir) and bool(status.run_dir) and Path(status.run_dir) == Path(run_dir)
+        view = describe_job(status) if ours else describe_job(JobStatus(version=status.version))
+        if not run_dir:
+            if status.running:
+                view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
+                                 "time; Past runs shows it.)")
+            return {**view, "memory": "", "losses": []}
+        if not ours or status.kind != "run":
+            view["text"] = run_state_words(run_dir)
+            finished = (Path(run_dir) / "lora" / "corrected").is_dir()
+            view["progress"] = progress_bar(1.0 if finished else 0.0, "done" if finished else "not running")
+            if not ours and status.running:
+                view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
+                                 "time.)")
+            if ours and status.kind == "preview":  # Cancel stops the preview job (step 5 shows its progress)
+                view["log"] = "\n".join(reversed(status.log))
+            else:
+                view["log"], view["running"] = "", False
+        view["losses"] = read_losses(run_dir)
+        view["text"] += "  \n" + settings_summary(run_dir) + command_words(run_dir)
+        try:
+            view["memory"] = results.memory_table(results.run_info(run_dir))
+        except (OSError, ValueError):
+            view["memory"] = ""
         return view
 
     # -- step 5: previews ------------------------------------------------------------------------------
     def render_preview(self, run_dir: str, text: str, seeds: str, image: str | None = None,
                        upload: str | None = None) -> str:
-        """New previews of a finished run for a prompt (FLUX) or a question (InternVL), in the background.
-
-        InternVL: the question is asked about `image` (one of the run's images) or `upload` (a new image, kept in
+        """New previews of a finished run in their own process (`launch.py preview`): for a prompt and seeds (image
+        previews) or a question about one of the run's images or a new one (answer previews, the new image kept in
         `<run>/asked/` so the answers can be shown beside it later)."""
         busy = self.jobs.busy_message()
         if busy:
             raise JobBusy(busy)
         if not run_dir:
             raise ValueError("no run yet: train one in step 4, or open one under Past runs")
-        run = Run.open(run_dir)
-        if not run.output("correct").exists():
+        info = results.run_info(run_dir)
+        if not (Path(run_dir) / "lora" / "corrected").is_dir():
             raise FileNotFoundError(f"{Path(run_dir).name} has no corrected LoRA yet; let training finish first")
+        settings_class = families.backend_type(info["backend"]).settings_class
         text = (text or "").strip()
-        if run.info["backend"] == "flux":
-            run.backend.settings.preview_seeds = parse_seeds(seeds)
-            run.backend.settings.preview_prompts = [text] if text else []
+        name = time.strftime("previews-%Y%m%d-%H%M%S")
+        arguments = ["preview", "--run", str(run_dir), "--name", name]
+        after = None
+        if families.preview_kind(info["backend"]) == families.IMAGE_PREVIEW:
+            for seed in parse_seeds(seeds):
+                arguments += [_preview_flag(settings_class, "preview_seeds"), str(seed)]
+            if text:
+                arguments += [_preview_flag(settings_class, "preview_prompts"), text]
+            prompts = [text] if text else []
+
+            def after() -> None:  # the file names keep only the start of a prompt: the page shows it in full
+                folder = Path(run_dir) / name
+                if prompts and folder.is_dir():
+                    (folder / results.REQUEST_FILE).write_text(json.dumps({"prompts": prompts}))
         else:
             if not text:
                 raise ValueError("type a question to ask the three models")
-            run.backend.settings.preview_questions = [text]
+            arguments += [_preview_flag(settings_class, "preview_questions"), text]
             if upload:
                 try:
-                    check_image(Path(upload), handlers.LIMITS["vlm"])
+                    check_image(Path(upload), handlers.LIMITS["qa"])
                 except DataError as err:  # said with the file's name, not the upload's temporary path
                     raise DataError(str(err).replace(str(upload), Path(upload).name)) from None
                 asked = Path(run_dir) / ASKED_DIR / time.strftime("%Y%m%d-%H%M%S")
                 asked.mkdir(parents=True, exist_ok=True)
                 target = asked / Path(upload).name
                 shutil.copyfile(upload, target)
-                run.backend.settings.preview_images = [str(target)]
-            else:
-                run.backend.settings.preview_images = [str(Path(run_dir) / "data" / "images" / image)] if image else []
-        prompts = list(getattr(run.backend.settings, "preview_prompts", []) or [])
-
-        def render(r: Run) -> str:
-            folder = r.preview()
-            if prompts:  # the file names keep only 40 characters of a prompt
-                (folder / results.REQUEST_FILE).write_text(json.dumps({"prompts": prompts}))
-            return str(folder)
-
-        self.jobs.start("preview", run, render)
+                arguments += [_preview_flag(settings_class, "preview_images"), str(target)]
+            elif image:
+                arguments += [_preview_flag(settings_class, "preview_images"),
+                              str(Path(run_dir) / "data" / "images" / image)]
+        self.jobs.start("preview", run_dir, arguments, after=after, result=str(Path(run_dir) / name))
         return f"Rendering previews of {Path(run_dir).name}; they appear here when ready."
 
     def previews(self, run_dir: str, uncorrected: bool = False) -> dict:
-        """The newest previews of a run: {"task", "images", "headers", "rows", "scores", "text"}."""
+        """The newest previews of a run: {"kind" (the backend's preview kind), "images", "headers", "rows",
+        "scores", "text"}."""
         if not run_dir:
-            return {"task": "", "images": [], "headers": [], "rows": [], "scores": "",
+            return {"kind": "", "images": [], "headers": [], "rows": [], "scores": "",
                     "text": "No run yet: train one in step 4, or open one under Past runs."}
         info = results.run_info(run_dir)
+        kind = families.preview_kind(info["backend"])
         folders = results.preview_folders(run_dir)
-        view = {"task": info["backend"], "images": [], "headers": [], "rows": [], "scores": "", "text": ""}
+        view = {"kind": kind, "images": [], "headers": [], "rows": [], "scores": "", "text": ""}
         if not folders:
             view["text"] = f"{Path(run_dir).name} has no previews yet; they are made at the end of training."
             return view
@@ -274,12 +249,16 @@ class Studio:
         columns = "base | emulator + LoRA | full model + corrected LoRA"
         columns += " | full + uncorrected LoRA" if uncorrected else ""
         view["text"] = f"Previews of **{Path(run_dir).name}** ({newest.name}): {columns}."
-        if info["backend"] == "flux":
+        if kind == families.IMAGE_PREVIEW:
             known = results.preview_prompts(run_dir, newest)
-            view["images"], prompts = results.flux_previews(newest, uncorrected, known)
+            view["images"], prompts = results.image_previews(newest, uncorrected, known)
             view["text"] += " Prompt" + ("s" if len(prompts) > 1 else "") + ": " + "; ".join(f"“{p}”" for p in prompts)
         else:
-            view["headers"], view["rows"], view["scores"] = results.vlm_previews(newest, uncorrected, run_dir)
+            view["headers"], view["rows"], view["scores"] = results.answer_previews(newest, uncorrected, run_dir)
+            asked, total = len(view["rows"]), question_count(run_dir)
+            if newest.name == "previews" and total > asked:
+                view["text"] += (f" The run's previews ask {asked} of your {total} questions (the run's preview "
+                                 "samples); ask any other one below.")
         return view
 
     def question_images(self, run_dir: str) -> list[str]:
@@ -308,24 +287,18 @@ class Studio:
             try:
                 info = results.run_info(path.parent)
             except (OSError, ValueError) as err:
-                runs.append({"name": path.parent.name, "task": "?", "model": "", "created": "",
+                runs.append({"name": path.parent.name, "task": "?", "model": "", "created": "", "stamp": "",
                              "status": f"damaged: {results.damage_words(err)}", "steps": ""})
                 continue
-            stages = info["stages"]
-            pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
-            status = "finished" if not pending else stage_words(pending[0], stages.get(pending[0]),
-                                                                 info["settings"]["run"].get("model", ""))
+            status = run_state(info)
             if running.running and Path(running.run_dir) == path.parent:
                 status = "running now"
             settings = info["settings"]["run"]
-            try:
-                steps = f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"
-            except (ValueError, KeyError, TypeError):  # a damaged loss log does not hide the run
-                steps = f"? of {settings.get('steps', '?')}"
-            runs.append({"name": path.parent.name, "task": handlers.TASKS.get(info["backend"], "?"),
-                         "model": Path(str(settings.get("model", ""))).name, "created": str(info.get("created", "")),
-                         "status": status, "steps": steps})
-        return sorted(runs, key=lambda r: r["created"], reverse=True)
+            steps = f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"
+            runs.append({"name": path.parent.name, "task": families.display_name(info["backend"]),
+                         "model": Path(str(settings.get("model", ""))).name, "stamp": str(info.get("created", "")),
+                         "created": results.when(info.get("created", "")), "status": status, "steps": steps})
+        return sorted(runs, key=lambda r: r["stamp"], reverse=True)
 
     def open_run(self, name: str) -> str:
         """The folder of the past run `name` (checked)."""
@@ -336,36 +309,46 @@ class Studio:
         return str(folder)
 
     def resume_run(self, name: str) -> str:
-        """Continue an interrupted run from its last finished stage / checkpoint, in the background."""
+        """Continue an interrupted run from its last finished stage / checkpoint, in its own process."""
         busy = self.jobs.busy_message()
         if busy:
             raise JobBusy(busy)
-        run = Run.open(self.open_run(name))
-        if all(run.info["stages"][s].get("status") == "done" for s in STAGES):
+        folder = self.open_run(name)
+        info = results.run_info(folder)
+        if all(info["stages"][s].get("status") == "done" for s in STAGES):
             raise ValueError(f"{name} is already finished; open it to see its results")
-        self.jobs.start("run", run, lambda r: r.execute(), losses=read_losses(run.dir))
-        return str(run.dir)
+        self.jobs.start("run", folder, ["train", "--out", folder, "--resume", "--quiet", "--log-level", "info"])
+        return folder
 
     def extend_run(self, name: str, steps: Any) -> str:
-        """Train the finished run `name` on to `steps` in the background; its results so far are kept in earlier/."""
+        """Train the finished run `name` on to `steps` in its own process; its results so far are kept in earlier/."""
         busy = self.jobs.busy_message()
         if busy:
             raise JobBusy(busy)
-        run = Run.open(self.open_run(name))
-        if not all(run.info["stages"][s].get("status") == "done" for s in STAGES):
+        folder = self.open_run(name)
+        info = results.run_info(folder)
+        if not all(info["stages"][s].get("status") == "done" for s in STAGES):
             raise ValueError(f"{name} is not finished; press Resume to finish it, then train it further")
-        done = run.settings.steps
+        done = int(info["settings"]["run"]["steps"])
         try:
             target = float(steps)
         except (TypeError, ValueError):
             raise ValueError(f"Train to (steps) is empty; type a whole number of steps above {done}") from None
-        if not math.isfinite(target) or target != int(target):
+        if target != target or target in (float("inf"), float("-inf")) or target != int(target):
             raise ValueError(f"Train to (steps) must be a whole number; got {target:g}")
         if target <= done:
             raise ValueError(f"Train further needs more steps than {name} has ({done}): type more than {done} in "
                              "Train to (steps)")
-        self.jobs.start("run", run, lambda r: r.extend(int(target)), losses=read_losses(run.dir))
-        return str(run.dir)
+        self.jobs.start("run", folder, ["train", "--out", folder, "--resume", "--steps", str(int(target)), "--quiet",
+                                        "--log-level", "info"])
+        return folder
+
+    def run_steps(self, name: str) -> int | None:
+        """The steps the run `name` has now (Past runs' "Train to" starts there)."""
+        try:
+            return int(results.run_info(self.runs_dir / name)["settings"]["run"]["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
 FAILURE_CHARS = 400  # a failure's message in the Past runs table, cut here
@@ -380,6 +363,32 @@ def stage_words(stage: str, entry: Any, model: str = "") -> str:
     return f"{status} at {stage}"
 
 
+def run_state(info: dict) -> str:
+    """'finished', or the first unfinished stage's state ('cancelled at train', 'failed at calibrate: ...')."""
+    stages = info["stages"]
+    pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
+    if not pending:
+        return "finished"
+    return stage_words(pending[0], stages.get(pending[0]), info["settings"]["run"].get("model", ""))
+
+
+def run_state_words(run_dir: str | Path) -> str:
+    """The Train step's first line for a run no job of this page is running."""
+    name = Path(run_dir).name
+    try:
+        state = run_state(results.run_info(run_dir))
+    except (OSError, ValueError) as err:
+        return f"**Run {name}** cannot be read ({err})."
+    if state == "finished":
+        return f"**Run {name} finished.** See the previews in step 5 and the files in step 6."
+    return f"**Run {name}: {state}.** Resume it under Past runs."
+
+
+def question_count(run_dir: str | Path) -> int:
+    path = Path(run_dir) / "data" / "qa.jsonl"
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+
+
 def settings_summary(run_dir: str | Path) -> str:
     """One line with the settings a run was started with (from its run.json)."""
     try:
@@ -387,10 +396,11 @@ def settings_summary(run_dir: str | Path) -> str:
     except (OSError, ValueError):
         return ""
     run, backend = info["settings"]["run"], info["settings"]["backend"]
-    parts = [f"model {Path(run['model']).name}", f"{run['steps']} steps", f"ratio {run['ratio']:.2f}",
-             f"LoRA rank {run['rank']}", f"learning rate {run['lr']:g}", f"λ {run['lam']:g}", f"seed {run['seed']}"]
-    if info["backend"] == "flux":
-        parts.append(f"{backend.get('resolution')} px")
+    parts = [f"model {Path(run['model']).name} ({families.display_name(info['backend'])})", f"{run['steps']} steps",
+             f"ratio {run['ratio']:.2f}", f"LoRA rank {run['rank']}", f"learning rate {run['lr']:g}",
+             f"λ {run['lam']:g}", f"seed {run['seed']}"]
+    if backend.get("resolution"):
+        parts.append(f"{backend['resolution']} px")
     return "Settings: " + " · ".join(parts)
 
 
@@ -419,8 +429,7 @@ def describe_job(status: JobStatus) -> dict:
     if status.state == "idle":
         return {"state": "idle", "kind": "", "running": False, "run_dir": "", "finished": 0.0, "losses": [], "log": "",
                 "version": status.version, "stage": "", "preview_progress": "", "started": 0.0,
-                "text": "Nothing is running. Press **Start training** when the steps above are done.",
-                "progress": progress_bar(0.0, "not started")}
+                "text": IDLE, "progress": progress_bar(0.0, "not started")}
     index = STAGES.index(status.stage) if status.stage in STAGES else 0
     within = status.step / status.total if status.total else 0.0
     fraction = 1.0 if status.state == "done" else (index + within) / len(STAGES)

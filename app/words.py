@@ -11,36 +11,41 @@ from __future__ import annotations
 
 import re
 
-# CLI flag -> (the control on the page that sets the same value, as app/ui.py labels it; where it is)
+# CLI flag -> (the control on the page that sets the same value; where it is). The settings' labels come from their
+# fields (app/form.py), as the controls are built; these are the data and names that are not settings fields.
 CONTROLS = {
     "--model": ("Model", "step 1"),
     "--images": ("your photos", "step 2"),
-    "--prompt": ("Prompt", "step 2"),
-    "--trigger": ("Trigger word", "step 2"),
     "--data": ("the questions and answers", "step 2"),
-    "--ratio": ("Compression ratio", "step 3"),
-    "--rank": ("LoRA rank", "step 3"),
-    "--batch-size": ("Batch size", "step 3"),
-    "--ram-gb": ("RAM budget", "step 3"),
-    "--gpu-gb": ("GPU memory budget", "step 3"),
     "--out": ("Run name", "step 4"),
-    "--steps": ("Training steps", "step 4"),
-    "--lr": ("Learning rate", "step 4"),
-    "--lam": ("Correction clamp λ", "step 4"),
-    "--seed": ("Seed", "step 4"),
-    "--calibration-samples": ("Calibration samples", "step 4"),
-    "--checkpoint-every": ("Checkpoint every N steps", "step 4, More settings"),
-    "--resolution": ("Image size", "step 4, More settings"),
-    "--preview-steps": ("Preview denoising steps", "step 4, More settings"),
-    "--max-sequence-length": ("Text tokens", "step 4, More settings"),
-    "--max-new-tokens": ("Longest preview answer", "step 4, More settings"),
-    "--preview-prompt": ("New prompt", "step 5"),
-    "--preview-question": ("New prompt or question", "step 5"),
-    "--question": ("New prompt or question", "step 5"),
+    "--preview-question": ("New question", "step 5"),
+    "--question": ("New question", "step 5"),
     "--preview-image": ("Image for the question", "step 5"),
     "--image": ("Image for the question", "step 5"),
+    "--preview-prompt": ("New prompt", "step 5"),
     "--preview-seed": ("Seeds", "step 5"),
 }
+
+
+def _field_controls() -> dict[str, tuple[str, str]]:
+    """Each shown setting's flag -> (its label, its step), from the same fields the controls are built from."""
+    from . import form
+
+    found = {}
+    for name in form.WHERE:
+        try:
+            view = form.run_field(name)
+        except KeyError:
+            try:
+                view = form.any_backend_field(name)
+            except KeyError:
+                continue
+        found[view.flag] = (view.label, form.where(name))
+    found.update({"--prompt": ("Prompt", "step 2"), "--trigger": ("Trigger word", "step 2")})
+    return found
+
+
+CONTROLS.update(_field_controls())
 # Flags the page does not offer: said as a setting without a control to point at.
 NO_CONTROL = ("a setting the app leaves at its default", "")
 

@@ -117,17 +117,18 @@ def step_speed(spec: BenchModel, ratios: list[float], repeats: int, device: str)
 # -- stage times of a whole run ---------------------------------------------------------------------------------
 def demo_run(backend: str, work: Path):
     """`(Run, app defaults, uploads)`: a run folder on the shipped demo model of `backend` as the app starts one,
-    from the app's example data and its default settings for that model (app/handlers.py), on the CPU."""
-    from app import handlers
+    from the app's example data and its default settings for that model (app/form.py), on the CPU."""
+    from app import form, handlers
     from pipelines.runner.registry import DEMO_MODELS, backend_class
     from pipelines.runner import Run, RunSettings
 
     model = DEMO_MODELS[backend]
-    info = handlers.describe_model(backend, str(model))
-    d = {**handlers.default_settings(backend, info["params"], str(model)), "params": info["params"]}
-    images, qa_rows, prompt = handlers.example_data(backend, work / "uploads")
+    kind = backend_class(backend).data_kind  # the app's task: "images" or "qa"
+    info = handlers.describe_model(kind, str(model))
+    d = {**form.defaults(backend, info["params"], str(model)), "params": info["params"]}
+    images, qa_rows, prompt = handlers.example_data(kind, work / "uploads")
     settings_class = backend_class(backend).settings_class
-    if backend == "flux":
+    if kind == "images":
         settings = settings_class(images=str(work / "uploads"), prompt=prompt, trigger="sks", resolution=d["resolution"],
                                   preview_steps=d["preview_steps"], max_sequence_length=d["max_sequence_length"])
     else:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import handlers, results
+from app import form, handlers, results
+from app import plan as plans
 from app.jobs import JobBusy, JobStatus
-from app.studio import Studio, TrainRequest, describe_job, parse_seeds
+from app.studio import Studio, describe_job, parse_seeds
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.runner.data import DataError
 from vlm_fixtures import save_tiny_internvl, write_colour_images
@@ -22,6 +23,15 @@ from vlm_fixtures import save_tiny_internvl, write_colour_images
 FLUX_FAST = dict(steps=3, lr=1e-3, rank=4, calibration_samples=4, checkpoint_every=2, resolution=32,
                  preview_steps=2, max_sequence_length=16)
 SMALL_PARAMS = handlers.SMALL_MODEL
+
+
+def request(kind: str, model, name: str, **given) -> dict:
+    """What the wizard's Start button sends, by name: the model's starting settings with `given` on top."""
+    backend = "flux" if kind == "images" else "vlm"
+    values = {"kind": kind, "model": str(model), "name": name, "ratio": 0.45, "ram_gb": 0.0,
+              **form.defaults(backend, 1e5, str(model)), "trigger": "sks"}
+    values.setdefault("images", [])
+    return {**values, **given}
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +67,14 @@ def finished(models, photos, tmp_path_factory):
     """A FLUX run started from the handlers and waited for (3 steps on the tiny model)."""
     studio = Studio(tmp_path_factory.mktemp("runs"), models)
     before = digest(photos)
-    request = TrainRequest(task="flux", model=str(models["flux"]), name="my-dog", images=uploads(photos),
+    values = request("images", str(models["flux"]), "my-dog", images=uploads(photos),
                            prompt="a photo of sks dog", trigger="sks",
                            captions=[["dog_1.jpg", "a photo of sks dog on grass"]], batch_size=2, **FLUX_FAST)
     begun = time.monotonic()
-    folder = studio.start_run(request)
+    folder = studio.start_run(values)
     returned = time.monotonic() - begun
     with pytest.raises(JobBusy, match="already running: my-dog"):
-        studio.start_run(TrainRequest(task="flux", model=str(models["flux"]), name="second", images=uploads(photos),
+        studio.start_run(request("images", str(models["flux"]), "second", images=uploads(photos),
                                       prompt="a photo of sks dog", **FLUX_FAST))
     status = studio.jobs.wait(timeout=300)
     return {"studio": studio, "folder": Path(folder), "status": status, "returned": returned, "before": before,
@@ -75,23 +85,23 @@ def finished(models, photos, tmp_path_factory):
 
 
 def test_model_step_offers_the_demo_model_first_and_describes_it(models):
-    choices = handlers.model_choices("flux", models)
+    choices = handlers.model_choices("images", models)
     assert choices[0][1] == str(models["flux"]) and "Demo model" in choices[0][0]
     assert any(value == "black-forest-labs/FLUX.1-dev" for _, value in choices)
     assert all("InternVL" not in label for label, _ in choices)
-    info = handlers.describe_model("flux", str(models["flux"]))
-    assert info["family"] == "flux" and info["local"] and 10_000 < info["params"] < SMALL_PARAMS
-    assert handlers.default_settings("flux", info["params"])["resolution"] == 32  # the tiny model trains at 32 px
-    assert handlers.default_settings("flux", 12e9)["steps"] == 500
+    info = handlers.describe_model("images", str(models["flux"]))
+    assert info["backend"] == "flux" and info["local"] and 10_000 < info["params"] < SMALL_PARAMS
+    assert form.defaults("flux", info["params"])["resolution"] == 32  # the tiny model trains at 32 px
+    assert form.defaults("flux", 12e9)["steps"] == 500
 
 
 def test_model_step_refuses_the_other_tasks_model_and_unknown_ids(models):
-    with pytest.raises(ValueError, match="InternVL vision-language model"):
-        handlers.describe_model("flux", str(models["vlm"]))
+    with pytest.raises(ValueError, match="is a InternVL model, which is for 'Teach a vision-language model"):
+        handlers.describe_model("images", str(models["vlm"]))
     with pytest.raises(ValueError, match="unknown model"):
-        handlers.describe_model("vlm", "nobody/no-such-model")
+        handlers.describe_model("qa", "nobody/no-such-model")
     with pytest.raises(ValueError, match="choose a model"):
-        handlers.describe_model("flux", " ")
+        handlers.describe_model("images", " ")
 
 
 def test_device_is_detected_with_its_free_memory():
@@ -135,13 +145,13 @@ def test_more_than_fifty_photos_are_refused_with_a_count(tmp_path):
 def test_flux_data_check_needs_three_photos_and_the_trigger_word(models, photos):
     captions = handlers.caption_rows(uploads(photos), [["dog_1.jpg", "a photo of sks dog on grass"]])
     assert captions[1] == ["dog_1.jpg", "a photo of sks dog on grass"] and captions[0] == ["dog_0.png", ""]
-    summary = handlers.check_data("flux", str(models["flux"]), uploads(photos), "a photo of sks dog", "sks", captions,
+    summary = handlers.check_data("images", str(models["flux"]), uploads(photos), "a photo of sks dog", "sks", captions,
                                   None)
     assert "4 photos ready" in summary and "1 with their own caption" in summary
     with pytest.raises(ValueError, match="2 images so far; add at least 3"):
-        handlers.check_data("flux", str(models["flux"]), uploads(photos[:2]), "a photo of sks dog", "sks", None, None)
+        handlers.check_data("images", str(models["flux"]), uploads(photos[:2]), "a photo of sks dog", "sks", None, None)
     with pytest.raises(ValueError, match="does not contain the trigger word 'sks'"):
-        handlers.check_data("flux", str(models["flux"]), uploads(photos), "a photo of my dog", "sks", None, None)
+        handlers.check_data("images", str(models["flux"]), uploads(photos), "a photo of my dog", "sks", None, None)
 
 
 def test_qa_table_is_imported_checked_and_empty_tables_refused(models, qa, tmp_path):
@@ -152,14 +162,14 @@ def test_qa_table_is_imported_checked_and_empty_tables_refused(models, qa, tmp_p
     csv = tmp_path / "qa.csv"
     csv.write_text("image,question,answer\n" + "".join(f"images/{r[0]},{r[1]},{r[2]}\n" for r in rows))
     assert handlers.read_qa_table_file(str(jsonl)) == rows == handlers.read_qa_table_file(str(csv))
-    summary = handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, rows)
+    summary = handlers.check_data("qa", str(models["vlm"]), images, "", "", None, rows)
     assert summary.startswith("8 samples") and str(tmp_path) not in summary
     with pytest.raises(ValueError, match="table is empty"):
-        handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, [["", "", ""]])
+        handlers.check_data("qa", str(models["vlm"]), images, "", "", None, [["", "", ""]])
     with pytest.raises(ValueError, match="row 1: image 'cat.png' is not among your uploaded images"):
-        handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, [["cat.png", "What?", "a cat"]])
+        handlers.check_data("qa", str(models["vlm"]), images, "", "", None, [["cat.png", "What?", "a cat"]])
     with pytest.raises(ValueError, match="row 1: empty answer"):
-        handlers.check_data("vlm", str(models["vlm"]), images, "", "", None, [[rows[0][0], "What colour?", ""]])
+        handlers.check_data("qa", str(models["vlm"]), images, "", "", None, [[rows[0][0], "What colour?", ""]])
     assert handlers.qa_rows_for_images(images[:2], []) == [[images[0]["name"], "", ""], [images[1]["name"], "", ""]]
     bad = tmp_path / "qa.txt"
     bad.write_text("hello")
@@ -171,53 +181,53 @@ def test_qa_table_is_imported_checked_and_empty_tables_refused(models, qa, tmp_p
 
 
 def test_memory_chart_follows_the_ratio_and_says_when_nothing_fits():
-    low = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.2, 16)
-    high = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.9, 16)
+    low = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.2, 16)
+    high = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.9, 16)
     assert low["svg"] != high["svg"] and "EMLoC (ratio 0.20)" in low["svg"] and "budget 24 GiB" in low["svg"]
     assert low["recommended"] == high["recommended"] and 0 < low["recommended"] <= 1
     assert low["fits"] and "Recommended ratio" in low["text"]
     for method in ("LoRA (full model)", "QLoRA (NF4 base)", "plain inference"):
         assert method in low["svg"]
-    impossible = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 1, 0.45, 16)
+    impossible = plans.memory_plan("black-forest-labs/FLUX.1-dev", 1, 0.45, 16)
     assert impossible["recommended"] is None and "too small" in impossible["text"]
     with pytest.raises(ValueError, match="positive number of GiB"):
-        handlers.memory_plan("black-forest-labs/FLUX.1-dev", -3, 0.45, 16)
+        plans.memory_plan("black-forest-labs/FLUX.1-dev", -3, 0.45, 16)
     with pytest.raises(ValueError, match="ratio must be in"):
-        handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
+        plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 1.5, 16)
 
 
 def test_the_budget_steps_batch_size_is_planned():
     """More samples per step hold more activations: the chart and the recommendation count the Batch size."""
-    one = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=1)
-    eight = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=8)
+    one = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=1)
+    eight = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=8)
     assert one["svg"] != eight["svg"] and eight["recommended"] <= one["recommended"]
     with pytest.raises(ValueError, match="batch size must be at least 1"):
-        handlers.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=0)
+        plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.45, 16, batch_size=0)
 
 
 def test_a_cpu_job_budgets_ram_and_the_recommendation_is_the_default():
     """On a machine without a GPU the job runs on the CPU: the plan is of RAM (no GPU budget is asked for), the
     ratio left to the app is the recommended one, and the words name the page's own budget."""
-    plan = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=32, device="cpu")
+    plan = plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=32, device="cpu")
     assert plan["recommended"] is not None and plan["ratio"] == plan["recommended"]
     assert "predicted peak RAM (this job runs on the CPU)" in plan["svg"] and "budget 32 GiB" in plan["svg"]
     assert "the slider follows it" in plan["text"]
-    chosen = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, 0.3, 16, ram_gb=32, device="cpu")
+    chosen = plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, 0.3, 16, ram_gb=32, device="cpu")
     assert chosen["ratio"] == 0.3 and "EMLoC (ratio 0.30)" in chosen["svg"]
-    tight = handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=0.2, device="cpu")
+    tight = plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=0.2, device="cpu")
     assert tight["recommended"] is None and "Raise the RAM budget" in tight["text"]
     for word in ("batch size", "--", "sequence length", " GB "):
         assert word not in tight["text"], word
     with pytest.raises(ValueError, match="RAM budget must be a positive number of GiB"):
-        handlers.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=None, device="cpu")
+        plans.memory_plan("OpenGVLab/InternVL3-1B-hf", None, None, 16, ram_gb=None, device="cpu")
     for word in ("EMLoC", "LoRA (full model)", "QLoRA", "plain inference", "calibration", "emulator construction",
                  "training", "correction", "preview", "streamed", "dashed line", "GiB"):
-        assert word in handlers.CHART_LEGEND, word
-    assert "runs on the **CPU**" in handlers.runs_on({"kind": "cpu", "name": "CPU", "free_gb": 20, "total_gb": 24})
+        assert word in plans.CHART_LEGEND, word
+    assert "runs on the **CPU**" in plans.runs_on({"kind": "cpu", "name": "CPU", "free_gb": 20, "total_gb": 24})
 
 
 def test_the_slider_maximum_plans_no_compression():
-    plan = handlers.memory_plan("black-forest-labs/FLUX.1-dev", 80, 1.0, 16)
+    plan = plans.memory_plan("black-forest-labs/FLUX.1-dev", 80, 1.0, 16)
     assert "EMLoC (no compression)" in plan["svg"] and "EMLoC (ratio" not in plan["svg"]
     assert "nothing is compressed: every layer is kept" in plan["text"]
 
@@ -236,16 +246,16 @@ def test_start_copies_the_uploads_and_trains_in_the_background(finished):
     assert json.loads((folder / "run.json").read_text())["settings"]["run"]["batch_size"] == 2  # the Budget step's
     assert (folder / "data" / "dog_1.txt").read_text().strip() == "a photo of sks dog on grass"
     assert digest(finished["photos"]) == finished["before"]  # the user's files are untouched
-    view = studio.job_view()
+    view = studio.train_view(str(folder))
     assert view["state"] == "done" and "finished" in view["text"] and 'value="1.000"' in view["progress"]
     runs = studio.list_runs()
     assert runs[0]["name"] == "my-dog" and runs[0]["status"] == "finished" and runs[0]["steps"] == "3 of 3"
     with pytest.raises(FileExistsError, match="already exists"):
-        studio.start_run(TrainRequest(task="flux", model="x", name="my-dog"))
+        studio.start_run(request("images", "x", "my-dog"))
     with pytest.raises(ValueError, match="run name"):
-        studio.start_run(TrainRequest(task="flux", model="x", name="../escape"))
+        studio.start_run(request("images", "x", "../escape"))
     with pytest.raises(ValueError, match="not downloaded and this machine is offline"):  # before any folder is made
-        studio.start_run(TrainRequest(task="flux", model="black-forest-labs/FLUX.1-dev", name="from-the-hub"))
+        studio.start_run(request("images", "black-forest-labs/FLUX.1-dev", "from-the-hub"))
     assert not (studio.runs_dir / "from-the-hub").exists()
 
 
@@ -261,9 +271,9 @@ def test_job_description_counts_stages_and_steps():
 def test_cancel_stops_after_a_step_and_resume_finishes_the_run(models, qa, tmp_path):
     images, rows, _ = qa
     studio = Studio(tmp_path / "runs", models)
-    request = TrainRequest(task="vlm", model=str(models["vlm"]), name="colours", images=images, qa_table=rows,
+    values = request("qa", str(models["vlm"]), "colours", images=images, qa_table=rows,
                            steps=12, lr=1e-3, rank=4, calibration_samples=8, checkpoint_every=2, max_new_tokens=2)
-    studio.start_run(request)
+    studio.start_run(values)
     deadline = time.monotonic() + 120
     while studio.jobs.status().step < 3 or studio.jobs.status().stage != "train":
         assert time.monotonic() < deadline and studio.jobs.status().state == "running", studio.jobs.status().error
@@ -273,13 +283,21 @@ def test_cancel_stops_after_a_step_and_resume_finishes_the_run(models, qa, tmp_p
     assert status.state == "cancelled" and "cancelled" in describe_job(status)["text"]
     stopped = status.losses[-1][0]
     assert "cancelled at train" in studio.list_runs()[0]["status"]
-    run_dir = studio.resume_run("colours")
+    from app.page import PageState
+    from app.steps import runs
+
+    assert runs.picked(studio, {"runs.pick": "colours"})["runs.extend_steps"] == 12  # "Train to" starts at its steps
+    resumed = runs.resume(studio, {"page.state": PageState(kind="qa"), "runs.pick": "colours",
+                                   "runs.extend_steps": None, "preview.uncorrected": False})
+    assert resumed["train.msg"] == "" and "Resuming colours" in resumed["runs.msg"]  # "Stopping ..." is gone
+    run_dir = resumed["page.state"].run_dir
     status = studio.jobs.wait(timeout=180)
     assert status.state == "done", status.error
     steps = [step for step, _ in status.losses]
     assert steps == list(range(1, 13)) and stopped < 12
     view = studio.previews(run_dir)
     assert view["headers"][-1] == "full + corrected LoRA" and len(view["rows"]) == 4
+    assert "ask 4 of your 8 questions" in view["text"]  # the cut is said, not silent
     assert all(cell for row in view["rows"] for cell in row[3:])  # an answer (or "(empty answer)") in every cell
     with pytest.raises(ValueError, match="already finished"):
         studio.resume_run("colours")
@@ -329,12 +347,12 @@ def test_a_hub_model_that_is_not_downloaded_or_gated_is_refused_at_step_one(mode
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub = "black-forest-labs/FLUX.1-dev"
     with pytest.raises(ValueError, match="not downloaded and this machine is offline") as refused:
-        handlers.check_model_ready("flux", hub)
+        handlers.check_model_ready("images", hub)
     assert "huggingface-cli login" in str(refused.value) and "local_files_only" not in str(refused.value)
-    assert "not downloaded, and this machine is offline" in handlers.describe_model("flux", hub)["text"]
-    labels = dict((value, label) for label, value in handlers.model_choices("flux", models))
+    assert "not downloaded, and this machine is offline" in handlers.describe_model("images", hub)["text"]
+    labels = dict((value, label) for label, value in handlers.model_choices("images", models))
     assert "not downloaded; this machine is offline" in labels[hub]
-    assert handlers.check_model_ready("flux", str(models["flux"]))["local"]  # the demo model goes on
+    assert handlers.check_model_ready("images", str(models["flux"]))["local"]  # the demo model goes on
 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError
@@ -351,7 +369,7 @@ def test_a_hub_model_that_is_not_downloaded_or_gated_is_refused_at_step_one(mode
     monkeypatch.setattr(checks, "hub_unreachable_reason", lambda: None)  # the hub answers (here: "gated")
     with pytest.raises(ValueError, match="is gated: accept its licence on huggingface.co, then log in here with "
                                          "`huggingface-cli login`"):
-        handlers.check_model_ready("flux", hub)
+        handlers.check_model_ready("images", hub)
 
 
 def test_a_run_that_failed_is_listed_as_failed_with_its_message(models, photos, tmp_path):
@@ -374,21 +392,21 @@ def test_a_run_that_failed_is_listed_as_failed_with_its_message(models, photos, 
     row = studio.list_runs()[0]
     assert row["status"].startswith("failed at calibrate: while caching the data:"), row["status"]
     assert "pending" not in row["status"] and len(row["status"]) < 500
-    assert "failed" in studio.job_view()["text"]
+    assert "failed" in studio.train_view(str(studio.runs_dir / "broken"))["text"]
 
 
 def test_messages_name_the_pages_controls_not_command_line_flags(models, photos):
     from app.words import in_app_words
 
     with pytest.raises(ValueError) as refused:
-        handlers.check_data("flux", str(models["flux"]), uploads(photos), "a photo of my dog", "sks", None, None)
+        handlers.check_data("images", str(models["flux"]), uploads(photos), "a photo of my dog", "sks", None, None)
     shown = in_app_words(str(refused.value))
     assert "--" not in shown and "Prompt, step 2" in shown and "set Trigger word (step 2) to" in shown
     assert in_app_words("--rank 64 is larger than the LoRA layer x; use --rank 16 or less") == \
         "LoRA rank (step 3) 64 is larger than the LoRA layer x; set LoRA rank (step 3) to 16 or less"
     studio = Studio(Path(photos[0]).parent.parent / "runs-words", models)
     with pytest.raises(ValueError, match=r"^Training steps \(step 4\) is empty; type a whole number$"):
-        studio.start_run(TrainRequest(task="flux", model=str(models["flux"]), name="empty-box",
+        studio.start_run(request("images", str(models["flux"]), "empty-box",
                                       images=uploads(photos), prompt="a photo of sks dog",
                                       **{**FLUX_FAST, "steps": None}))
     assert not (studio.runs_dir / "empty-box").exists()
@@ -441,7 +459,7 @@ def finished_vlm(models, qa, tmp_path_factory):
     """An InternVL run of 2 steps on the tiny model, from the handlers."""
     images, rows, _ = qa
     studio = Studio(tmp_path_factory.mktemp("vlm-runs"), models)
-    folder = studio.start_run(TrainRequest(task="vlm", model=str(models["vlm"]), name="colours", images=images,
+    folder = studio.start_run(request("qa", str(models["vlm"]), "colours", images=images,
                                            qa_table=rows, steps=2, lr=1e-3, rank=4, calibration_samples=8,
                                            checkpoint_every=2, max_new_tokens=3))
     status = studio.jobs.wait(timeout=300)

@@ -121,7 +121,7 @@ def test_internvl_demo_loads_and_answers_held_out_questions(tmp_path):
 def test_headless_run_without_model_uses_the_demo_model_and_its_suggested_settings(tmp_path, capsys):
     """`launch.py train --backend flux --images DIR --prompt P --out R` trains the demo with the settings its
     demo.json suggests, the same the app fills in for it; a flag given on the command line wins."""
-    from app import handlers
+    from app import form, handlers
     from pipelines.runner import cli
     from pipelines.runner.registry import demo_suggestions
 
@@ -138,7 +138,7 @@ def test_headless_run_without_model_uses_the_demo_model_and_its_suggested_settin
     assert "using the demo model" in capsys.readouterr().err
     suggested = demo_suggestions(FLUX_DIR)
     assert {"steps", "lr", "resolution", "max_sequence_length", "preview_steps"} <= set(suggested)
-    app = handlers.default_settings("flux", handlers.describe_model("flux", str(FLUX_DIR))["params"], str(FLUX_DIR))
+    app = form.defaults("flux", handlers.describe_model("images", str(FLUX_DIR))["params"], str(FLUX_DIR))
     cli_values = {**saved["run"], **saved["backend"]}
     assert {k: cli_values[k] for k in app if k != "calibration_samples"} == \
         {k: v for k, v in app.items() if k != "calibration_samples"}
@@ -146,7 +146,7 @@ def test_headless_run_without_model_uses_the_demo_model_and_its_suggested_settin
 
 
 def test_the_internvl_demo_suggests_the_same_settings_to_the_cli_and_the_app():
-    from app import handlers
+    from app import form, handlers
     from pipelines.internvl.backend import VlmBackend
     from pipelines.runner import RunSettings
     from pipelines.runner.cli import with_suggestions
@@ -155,7 +155,7 @@ def test_the_internvl_demo_suggests_the_same_settings_to_the_cli_and_the_app():
     suggested = demo_suggestions(VLM_DIR)
     run = with_suggestions(RunSettings, {"model": str(VLM_DIR)}, suggested)
     backend = with_suggestions(VlmBackend.settings_class, {}, suggested)
-    app = handlers.default_settings("vlm", handlers.describe_model("vlm", str(VLM_DIR))["params"], str(VLM_DIR))
+    app = form.defaults("vlm", handlers.describe_model("qa", str(VLM_DIR))["params"], str(VLM_DIR))
     values = {**vars(run), **vars(backend)}
     assert {k: values[k] for k in app} == app
     assert with_suggestions(RunSettings, {"steps": 7}, suggested).steps == 7  # a flag given wins

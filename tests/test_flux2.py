@@ -105,14 +105,14 @@ def test_the_planner_plans_the_tiny_klein_offline(klein):
 
 
 def test_the_app_offers_the_three_flux2_models_and_runs_them_with_the_flux2_backend(klein):
-    from app import handlers
+    from app import families, handlers
 
-    offered = [value for _, value in handlers.model_choices("flux", demo={})]
+    offered = [value for _, value in handlers.model_choices("images", demo={})]
     for name in ("FLUX.2-dev", "FLUX.2-klein-4B", "FLUX.2-klein-9B"):
         assert f"black-forest-labs/{name}" in offered
-        assert handlers.backend_for("flux", f"black-forest-labs/{name}") == "flux2"
-    assert handlers.backend_for("flux", str(klein)) == "flux2"
-    assert handlers.backend_for("flux", "black-forest-labs/FLUX.1-dev") == "flux"
+        assert families.model_backend(f"black-forest-labs/{name}") == "flux2"
+    assert families.model_backend(str(klein)) == "flux2"
+    assert families.model_backend("black-forest-labs/FLUX.1-dev") == "flux"
 
 
 def test_the_export_snippet_pasted_into_python_makes_the_preview_again(finished_run, tmp_path):

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.studio import Studio, TrainRequest
+from app import form
+from app.studio import Studio
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.flux.backend import FluxSettings
 from pipelines.runner import Run, RunSettings
@@ -50,15 +51,17 @@ def test_the_command_the_app_recorded_makes_the_same_adapter_from_the_runs_data_
     model = save_tiny_flux(tmp_path / "tiny-flux")
     photos = write_subject_images(tmp_path / "upload", count=3)
     studio = Studio(tmp_path / "runs", {"flux": model})
-    folder = Path(studio.start_run(TrainRequest(
-        task="flux", model=str(model), name="dog", images=[{"path": str(p), "name": p.name} for p in photos],
-        prompt="a photo of sks dog", captions=[["dog_1.jpg", "a photo of sks dog on grass"]], **FAST)))
+    folder = Path(studio.start_run({  # what the wizard's Start sends, by name
+        **form.defaults("flux", 1e5), "kind": "images", "model": str(model), "name": "dog", "ratio": 0.45,
+        "images": [{"path": str(p), "name": p.name} for p in photos], "prompt": "a photo of sks dog", "trigger": "sks",
+        "captions": [["dog_1.jpg", "a photo of sks dog on grass"]], **FAST}))
     assert studio.jobs.wait(timeout=300).state == "done"
     command = json.loads((folder / "run.json").read_text())["command"]
     assert f"--images {folder / 'data'}" in command and "--seed 7" in command and "--steps 3" in command
     assert f"--out {folder}-again" in command
     # the Train step shows it
-    assert command in studio.job_view()["text"] and "from a terminal" in studio.job_view()["text"]
+    shown = studio.train_view(str(folder))["text"]
+    assert command in shown and "from a terminal" in shown
 
     shutil.rmtree(tmp_path / "upload")  # the uploads are long gone; the run's own copy is what the command reads
     done = run_recorded(command)

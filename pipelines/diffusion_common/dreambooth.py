@@ -26,9 +26,9 @@ class DreamBoothSettings:
     """The settings of a DreamBooth run on a FLUX-family transformer (FLUX.1's defaults; FLUX.2 overrides some)."""
 
     images: str = field(default="", metadata={"help": "folder with 3-50 JPEG/PNG/WebP photos of the subject"})
-    prompt: str = field(default="", metadata={"help": "instance prompt with the trigger word, e.g. 'a photo of sks dog'"})
-    trigger: str = field(default="sks", metadata={"help": "the rare word that names your subject in the prompt"})
-    resolution: int = field(default=512, metadata={"help": "training and preview size in pixels (multiple of 16)"})
+    prompt: str = field(default="", metadata={"label": "Prompt", "help": "instance prompt: the sentence that describes every training photo, with the trigger word standing for your subject, e.g. 'a photo of sks dog' (a photo's own caption, when it has one, replaces it)"})
+    trigger: str = field(default="sks", metadata={"label": "Trigger word", "help": "the rare word that names your subject in the prompt"})
+    resolution: int = field(default=512, metadata={"label": "Image size", "help": "training and preview size in pixels (multiple of 16)"})
     random_flip: bool = field(default=False, metadata={"help": "also train on horizontally flipped images"})
     guidance_scale: float = field(default=3.5, metadata={"help": "guidance embedding during training ([dev] only)"})
     weighting_scheme: str = field(default="none", metadata={
@@ -36,12 +36,12 @@ class DreamBoothSettings:
     logit_mean: float = field(default=0.0, metadata={"help": "mean of the logit_normal scheme"})
     logit_std: float = field(default=1.0, metadata={"help": "std of the logit_normal scheme"})
     mode_scale: float = field(default=1.29, metadata={"help": "scale of the mode scheme"})
-    max_sequence_length: int = field(default=0, metadata={"help": "T5 tokens (0: 512 for [dev], 256 for [schnell])"})
-    preview_prompts: list[str] = field(default_factory=list, metadata={
+    max_sequence_length: int = field(default=0, metadata={"label": "Text tokens", "help": "T5 tokens (0: 512 for [dev], 256 for [schnell])"})
+    preview_prompts: list[str] = field(default_factory=list, metadata={"label": "New prompt",
         "help": "preview prompts (default: the instance prompt)", "flag": "--preview-prompt", "preview": "--prompt"})
-    preview_seeds: list[int] = field(default_factory=lambda: [0], metadata={
+    preview_seeds: list[int] = field(default_factory=lambda: [0], metadata={"label": "Seeds",
         "help": "seeds of the previews", "flag": "--preview-seed", "preview": "--seed"})
-    preview_steps: int = field(default=0, metadata={
+    preview_steps: int = field(default=0, metadata={"label": "Preview denoising steps",
         "help": "denoising steps of the previews (0: 28 for [dev], 4 for [schnell])", "preview": "--preview-steps"})
     preview_guidance: float = field(default=3.5, metadata={"help": "guidance of the previews ([dev])",
                                                            "preview": "--preview-guidance"})

@@ -55,6 +55,7 @@ class FluxBackend(DreamBoothData, Backend):
     """The FLUX transformer is the model that is calibrated, emulated, trained and corrected."""
 
     name = "flux"
+    display_name, data_kind, preview_kind = "FLUX.1", "images", "images"
     settings_class = FluxSettings
 
     # -- the cache: text embeddings and latent distributions, computed once -------------------------------

@@ -59,6 +59,7 @@ class Flux2Backend(DreamBoothData, Backend):
     """The FLUX.2 transformer is the model that is calibrated, emulated, trained and corrected."""
 
     name = "flux2"
+    display_name, data_kind, preview_kind = "FLUX.2", "images", "images"
     settings_class = Flux2Settings
     pipeline_name = "Flux2Pipeline / Flux2KleinPipeline"
 

@@ -94,12 +94,12 @@ class VlmSettings:
     holdout: int = field(default=0, metadata={"help": "samples kept out of training to judge the previews"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow the checkpoint's own Python code (only for checkpoints you trust)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "longest preview answer in tokens",
+    max_new_tokens: int = field(default=32, metadata={"label": "Longest preview answer", "help": "longest preview answer in tokens",
                                                       "preview": "--max-new-tokens"})
-    preview_questions: list[str] = field(default_factory=list, metadata={
+    preview_questions: list[str] = field(default_factory=list, metadata={"label": "New question",
         "help": "questions for the previews (default: held-out or first training samples)",
         "flag": "--preview-question", "preview": "--question"})
-    preview_images: list[str] = field(default_factory=list, metadata={
+    preview_images: list[str] = field(default_factory=list, metadata={"label": "Image for the question",
         "help": "an image for each preview question (one image is shared by all)",
         "flag": "--preview-image", "preview": "--image"})
     preview_samples: int = field(default=4, metadata={"help": "samples previewed when no question is given",
@@ -149,6 +149,7 @@ class VlmBackend(Backend):
     """InternVL: the whole model (vision tower, projector, language model) is calibrated and emulated."""
 
     name = "vlm"
+    display_name, data_kind, preview_kind = "InternVL", "qa", "answers"
     settings_class = VlmSettings
 
     def __init__(self, run: RunSettings, settings: VlmSettings, device: torch.device):

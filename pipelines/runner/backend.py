@@ -79,12 +79,11 @@ class Backend(ABC):
 
     name: ClassVar[str] = "base"
     settings_class: ClassVar[type] = type(None)
-    # What the app shows for the family (agreed with app/): its name, what its data step asks for ("images":
-    # photos + prompt / captions; "qa": images + question/answer pairs) and how its previews are shown
-    # ("images": a gallery; "answers": a table of text answers).
-    display_name: ClassVar[str] = ""
-    data_kind: ClassVar[str] = "images"
-    preview_kind: ClassVar[str] = "images"
+    # What the app asks of a family instead of naming it (app/ never tests a backend's name):
+    display_name: ClassVar[str] = "a model"  # the family in words: "FLUX.1", "FLUX.2", "InternVL"
+    data_kind: ClassVar[str] = "images"  # the Data step: "images" (photos + prompt / captions) or "qa" (images +
+    # question/answer pairs)
+    preview_kind: ClassVar[str] = "images"  # the Preview step: "images" (a gallery) or "answers" (a table of text)
     # (this process's index, number of processes) while training: training_loss draws the step's whole batch
     # (batch_size x processes samples, the same on every process) and keeps its own batch_size rows
     shard: tuple[int, int] = (0, 1)

@@ -30,7 +30,7 @@ from .registry import DEMO_MODELS, backend_class, backend_names, demo_suggestion
 from .checks import disk_words
 from .command import field_flag
 from .machine import Run, distributed_state, read_run_file
-from .progress import Progress, RunCancelled
+from .progress import PROGRESS_LOG, Progress, ProgressFile, RunCancelled
 from .settings import RUN_FILE, STAGES, RunSettings
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _cancel_on_ctrl_c(run: Run) -> None:
 def _execute(run: Run, stages: list[str], quiet: bool, extend_to: int | None = None) -> int:
     console = ConsoleProgress(quiet or not run.is_main)  # one set of bars, however many processes
     if run.is_main:
-        run.callbacks.append(console)
+        run.callbacks += [console, ProgressFile(run.dir / PROGRESS_LOG)]  # the file: what the app watches
     _cancel_on_ctrl_c(run)
     try:
         if extend_to is None:
@@ -283,9 +283,13 @@ def preview(argv: list[str] | None = None) -> int:
         for name, value in given_settings(backend_type.settings_class, args).items():
             setattr(run.backend.settings, name, value)
         console = ConsoleProgress()
-        run.callbacks.append(console)
+        run.callbacks += [console, ProgressFile(run.dir / PROGRESS_LOG)]
+        _cancel_on_ctrl_c(run)  # SIGINT (the app's Cancel, or Ctrl-C): stop between two preview variants
         folder = run.preview(args.name)
         console.close()
+    except RunCancelled as err:
+        print(f"cancelled: {err}", file=sys.stderr)
+        return 130
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

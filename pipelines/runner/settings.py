@@ -34,14 +34,14 @@ class RunSettings:
 
     model: str = field(default="", metadata={"help": "hub id or local folder of the model (safetensors only); "
                                                               "default: the backend's small demo model in assets/"})
-    ratio: float = field(default=0.45, metadata={"help": "fraction of each compressed layer's parameters kept (0, 1]"})
-    steps: int = field(default=500, metadata={"help": "training steps"})
-    lr: float = field(default=1e-4, metadata={"help": "learning rate (constant)"})
-    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    ratio: float = field(default=0.45, metadata={"label": "Compression ratio", "help": "fraction of each compressed layer's parameters kept (0, 1]"})
+    steps: int = field(default=500, metadata={"label": "Training steps", "help": "training steps"})
+    lr: float = field(default=1e-4, metadata={"label": "Learning rate", "help": "learning rate (constant)"})
+    rank: int = field(default=16, metadata={"label": "LoRA rank", "help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the update is scaled by alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    batch_size: int = field(default=1, metadata={"help": "samples per training step"})
-    seed: int = field(default=0, metadata={"help": "seed of every random choice in the run"})
+    batch_size: int = field(default=1, metadata={"label": "Batch size", "help": "samples per training step"})
+    seed: int = field(default=0, metadata={"label": "Seed", "help": "seed of every random choice in the run"})
     optimizer: str = field(default="adamw", metadata={
         "help": "adamw; adamw8bit (bitsandbytes, CUDA only); adafactor (factored second moment, no momentum: the "
                 "least optimiser memory)"})
@@ -50,13 +50,13 @@ class RunSettings:
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on a GPU that has it natively, fp16 on older GPUs, none on the CPU), no, bf16 or fp16; "
                 "resolved when the run is created and kept in run.json"})
-    checkpoint_every: int = field(default=50, metadata={"help": "save a training checkpoint every N steps"})
+    checkpoint_every: int = field(default=50, metadata={"label": "Checkpoint every N steps", "help": "save a training checkpoint every N steps"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    calibration_samples: int = field(default=16, metadata={"help": "batches of your data used for calibration"})
+    calibration_samples: int = field(default=16, metadata={"label": "Calibration samples", "help": "batches of your data used for calibration"})
     sample_every: int = field(default=-1, metadata={
         "help": "samples from the training emulator + LoRA every N steps, and at step 0 (-1: about five rounds "
                 "in the run; 0: none)"})
-    lam: float = field(default=3.0, metadata={"help": "correction clamp λ (0: no correction, inf: unclamped)"})
+    lam: float = field(default=3.0, metadata={"label": "Correction clamp λ", "help": "correction clamp λ: how far correcting the LoRA for the full model may move each of its components, at most λ times the component's own size (0: no correction, the LoRA as trained on the emulator; inf: unclamped)"})
     svd: str = field(default=emloc.DEFAULT_SOLVER, metadata={"help": "emulator factorisation: " + ", ".join(emloc.SOLVERS)})
     rules: list[str] = field(default_factory=list, metadata={
         "help": "compression rules REGEX=RATIO (first match wins); default: the backend's"})
@@ -65,10 +65,10 @@ class RunSettings:
     keep_statistics: bool = field(default=False, metadata={
         "help": "keep the calibration statistics (Σ xᵀx of every layer) in the run folder; needs them all in memory "
                 "at once instead of one block's"})
-    ram_gb: float = field(default=0.0, metadata={
+    ram_gb: float = field(default=0.0, metadata={"label": "RAM budget (GiB)",
         "help": "host memory (RAM) budget in GiB (0: what is available now); the run streams what does not fit and "
                 "refuses to start when nothing fits"})
-    gpu_gb: float = field(default=0.0, metadata={
+    gpu_gb: float = field(default=0.0, metadata={"label": "GPU memory budget (GiB)",
         "help": "GPU memory budget in GiB (0: the device's free memory); ignored on a CPU run"})
     device: str = field(default="auto", metadata={
         "help": "auto, cpu, cuda or cuda:N; a run keeps the kind it was made on (with --resume: where to continue)"})

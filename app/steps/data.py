@@ -1,0 +1,196 @@
+"""Step 2, Data: the uploads of the task's data kind ("images": photos, a trigger word, a prompt and optional
+captions; "qa": images and a question/answer table), checked as the run will check them."""
+
+from __future__ import annotations
+
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from .. import handlers
+from ..manager import Values, say
+from ..page import STEP, PageState
+from . import Context
+
+# (output ids are listed, not read from a view: a component made while the page is built would join the page)
+TASK_IDS = ["data.photo_box", "data.qa_box", "data.photo_gallery", "data.qa_gallery", "data.msg"]  # task_view's
+
+
+GALLERY = {"images": "data.photo_gallery", "qa": "data.qa_gallery"}
+
+
+def task_view(state: PageState) -> Values:
+    """The data panel of the state's task, with that task's uploads; the last data check is forgotten."""
+    return {"data.photo_box": gr.Column(visible=state.kind == "images"),
+            "data.qa_box": gr.Column(visible=state.kind == "qa"),
+            "data.photo_gallery": handlers.gallery_items(state.uploads.get("images", [])),
+            "data.qa_gallery": handlers.gallery_items(state.uploads.get("qa", [])), "data.msg": ""}
+
+
+def prompt_view(model: str, prompt: str) -> Values:
+    """The Prompt box follows the model while it holds an example (the image demo's words, or the usual one)."""
+    if (prompt or "").strip() in ("", handlers.EXAMPLE_PROMPT, handlers.GENERIC_PROMPT):
+        return {"data.prompt": handlers.default_prompt(model)}
+    return {}
+
+
+def upload(studio, v: Values) -> Values:
+    """Check newly dropped files (as the run will) and add the good ones; the table follows the images."""
+    state: PageState = v["page.state"]
+    images, message = handlers.add_images(state.images, v["upload"], state.kind)
+    state = state.with_images(images)
+    if state.kind == "images":
+        table = {"data.captions": handlers.caption_rows(images, v["data.captions"]), "data.photo_upload": None}
+    else:
+        table = {"data.qa_table": handlers.qa_rows_for_images(images, v["data.qa_table"]), "data.qa_upload": None}
+    return {"page.state": state, GALLERY[state.kind]: handlers.gallery_items(images), **table,
+            "data.msg": say(message, good="- " not in message)}
+
+
+def remove(studio, v: Values) -> Values:
+    state: PageState = v["page.state"]
+    removed = state.images[state.picked]["name"] if state.picked is not None and \
+        0 <= state.picked < len(state.images) else None
+    images, message = handlers.remove_image(state.images, state.picked)
+    state = state.with_images(images)
+    if state.kind == "images":
+        table = {"data.captions": handlers.caption_rows(images, v["data.captions"])}
+    else:
+        rows = [row for row in handlers.table_rows(v["data.qa_table"]) if not row or row[0] != removed]
+        table = {"data.qa_table": rows or None}
+    return {"page.state": state, GALLERY[state.kind]: handlers.gallery_items(images), **table, "data.msg": say(message)}
+
+
+def caption(studio, v: Values) -> Values:
+    rows, message = handlers.caption_photos(v["page.state"].images, v["data.captions"], v["data.trigger"],
+                                            v["data.caption_model"])
+    return {"data.captions": rows, "data.caption_msg": say(message)}
+
+
+def import_table(studio, v: Values) -> Values:
+    rows = handlers.read_qa_table_file(v["data.qa_import"])
+    names = {item["name"] for item in v["page.state"].uploads.get("qa", [])}
+    missing = sorted({row[0] for row in rows if row[0] and row[0] not in names})
+    note = (f" Upload these images too: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}." if missing
+            else "")
+    return {"data.qa_table": rows, "data.qa_import": None,
+            "data.msg": say(f"{len(rows)} questions imported.{note}", good=not missing)}
+
+
+def example(studio, v: Values) -> Values:
+    """The demo's example data in place of what the task's set holds (said on the page: nothing is mixed)."""
+    state: PageState = v["page.state"]
+    images, rows, example_prompt = handlers.example_data(state.kind, Path(tempfile.mkdtemp(prefix="emloc-example-")))
+    had = len(state.images)
+    images, _ = handlers.add_images([], [i["path"] for i in images], state.kind)
+    state = state.with_images(images)
+    if state.kind == "images":
+        prompt = v["data.prompt"]
+        replaced = (f"Replaced your {had} photo{'s' if had != 1 else ''} and the prompt {prompt!r} with" if had
+                    else f"Replaced the prompt {prompt!r} with")
+        message = (f"{replaced} the example data: {len(images)} photos of the demo subject (a teal cross) and the "
+                   f"prompt {example_prompt!r}, trigger word 'sks'. Your own files on disk are untouched; drop them "
+                   "again to use them.")
+        return {"page.state": state, "data.photo_gallery": handlers.gallery_items(images),
+                "data.captions": handlers.caption_rows(images, None), "data.prompt": example_prompt,
+                "data.trigger": "sks", "data.msg": say(message)}
+    typed = len([row for row in handlers.table_rows(v["data.qa_table"]) if any(row)])
+    replaced = f"Replaced your {had} images and {typed} questions with" if had or typed else "Added"
+    message = (f"{replaced} the example data: {len(images)} photos of mugs and {len(rows)} questions about whose mug "
+               "each is. Your own files on disk are untouched; drop them again to use them.")
+    return {"page.state": state, "data.qa_gallery": handlers.gallery_items(images), "data.qa_table": rows,
+            "data.msg": say(message)}
+
+
+def go_budget(studio, v: Values) -> Values:
+    """Check the data as the run will, then show the Budget step with the RAM available now."""
+    from . import budget
+
+    state: PageState = v["page.state"]
+    summary = handlers.check_data(state.kind, v["model.model"], state.images, v["data.prompt"], v["data.trigger"],
+                                  v["data.captions"], v["data.qa_table"])
+    return {"page.wizard": gr.Walkthrough(selected=STEP["budget"]), "data.msg": say(summary), **budget.ram_view(v)}
+
+
+def _upload_panel(kind: str, noun: str, height: int):
+    drop = gr.File(file_count="multiple", label=f"Drop {noun}s here, or click to choose", height=120,
+                   elem_id=f"{'photo' if kind == 'images' else 'qa'}-upload")
+    gallery = gr.Gallery(label=f"Your {noun}s (click one to select it)", columns=8, height=height,
+                         allow_preview=False, fit_columns=False,
+                         elem_id=f"{'photo' if kind == 'images' else 'qa'}-gallery")
+    return drop, gallery, gr.Button(f"Remove the selected {noun}", size="sm")
+
+
+def build(ctx: Context) -> dict:
+    from ..form import any_backend_field
+
+    studio, m = ctx.studio, ctx.manager
+    prompt_field, trigger_field = any_backend_field("prompt"), any_backend_field("trigger")
+    with gr.Step("2. Data", id=STEP["data"]):
+        example_button = gr.Button("No data at hand? Use example data made for the demo model", size="sm")
+        with gr.Column(visible=True) as photo_box:
+            gr.Markdown("Add **3 to 50 photos** of your subject (JPEG, PNG or WebP), and the prompt that names it "
+                        "with a rare trigger word.")
+            photo_upload, photo_gallery, photo_remove = _upload_panel("images", "photo", 220)
+            with gr.Row():
+                trigger = gr.Textbox(trigger_field.default, label=trigger_field.label, info=trigger_field.help,
+                                     scale=1)
+                prompt = gr.Textbox(handlers.GENERIC_PROMPT, label=f"{prompt_field.label} (must contain the trigger "
+                                    "word)", info=prompt_field.help, scale=3, elem_id="prompt")
+            captions = gr.Dataframe(headers=["image", "caption"], column_count=2, interactive=True,
+                                    static_columns=[0], label="Captions per photo (optional; empty means the prompt)",
+                                    elem_id="captions")
+            with gr.Row():
+                caption_model = gr.Dropdown(handlers.model_choices("qa", studio.demo_models), scale=3,
+                                            label="Captioning model (an InternVL you have)", elem_id="caption-model")
+                caption_button = gr.Button("Suggest captions for my photos", scale=1, elem_id="caption-photos")
+            caption_msg = gr.Markdown(elem_id="msg-caption", elem_classes="emloc-msg")
+        with gr.Column(visible=False) as qa_box:
+            gr.Markdown("Add your **images** and a **question and answer** for each (the table), or import a .jsonl "
+                        "/ .csv file with the columns image, question, answer.")
+            qa_upload, qa_gallery, qa_remove = _upload_panel("qa", "image", 180)
+            qa_import = gr.File(label="Import questions and answers (.jsonl or .csv)", elem_id="qa-import", height=140)
+            qa_table = gr.Dataframe(headers=["image", "question", "answer"], column_count=3, interactive=True,
+                                    label="Questions and answers", elem_id="qa-table")
+        msg = gr.Markdown(elem_id="msg-data", elem_classes="emloc-msg")
+        next_button = gr.Button("Check the data and continue", variant="primary")
+    elems = {"example": example_button, "photo_box": photo_box, "photo_upload": photo_upload,
+             "photo_gallery": photo_gallery, "photo_remove": photo_remove, "trigger": trigger, "prompt": prompt,
+             "captions": captions, "caption_model": caption_model, "caption": caption_button,
+             "caption_msg": caption_msg, "qa_box": qa_box, "qa_upload": qa_upload, "qa_gallery": qa_gallery,
+             "qa_remove": qa_remove, "qa_import": qa_import, "qa_table": qa_table, "msg": msg, "next": next_button}
+    m.add("data", elems)
+    state_out = ["page.state", "data.photo_gallery", "data.qa_gallery", "data.captions", "data.qa_table"]
+    for drop in ("data.photo_upload", "data.qa_upload"):
+        m.bind(m[drop].upload, lambda v, studio=studio, drop=drop: upload(studio, {**v, "upload": v[drop]}),
+               ["page.state", drop, "data.captions", "data.qa_table"], [*state_out, drop], message="data.msg")
+    for button in ("data.photo_remove", "data.qa_remove"):
+        m.bind(m[button].click, partial(remove, studio), ["page.state", "data.captions", "data.qa_table"], state_out,
+               message="data.msg")
+
+    def pick(state: PageState, evt: gr.SelectData) -> PageState:
+        state.picked = evt.index
+        return state
+
+    photo_gallery.select(pick, [m["page.state"]], [m["page.state"]], concurrency_id="wizard")
+    qa_gallery.select(pick, [m["page.state"]], [m["page.state"]], concurrency_id="wizard")
+    # gradio's own progress over the table while the model writes (a few seconds per photo on a CPU)
+    m.bind(caption_button.click, partial(caption, studio),
+           ["page.state", "data.captions", "data.trigger", "data.caption_model"], ["data.captions"],
+           message="data.caption_msg", show_progress="full", show_progress_on=[captions])
+    m.bind(qa_import.upload, partial(import_table, studio), ["page.state", "data.qa_import"],
+           ["data.qa_table", "data.qa_import"], message="data.msg")
+    m.bind(example_button.click, partial(example, studio), ["page.state", "data.prompt", "data.qa_table"],
+           [*state_out, "data.prompt", "data.trigger"], message="data.msg")
+    return elems
+
+
+def bind_next(ctx: Context) -> None:
+    """Next needs the Budget step's RAM box: bound once it is built."""
+    m = ctx.manager
+    m.bind(m["data.next"].click, partial(go_budget, ctx.studio),
+           ["page.state", "model.model", "data.prompt", "data.trigger", "data.captions", "data.qa_table",
+            "budget.ram_touched"], ["page.wizard", "budget.ram"],
+           message="data.msg")

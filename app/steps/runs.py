@@ -1,0 +1,114 @@
+"""Past runs: every run in the runs folder; open one (its results), resume one that was interrupted, or train a
+finished one further; the picked run's memory, planned against held."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from .. import families, handlers, results
+from ..manager import Values, say
+from ..page import STEP, PageState
+from . import Context
+
+COLUMNS = ["name", "task", "model", "created", "status", "steps"]
+
+
+def view_ids() -> list[str]:
+    return ["runs.table", "runs.pick"]
+
+
+def view(studio, pick: str | None = None) -> Values:
+    rows = studio.list_runs()
+    names = [r["name"] for r in rows]
+    return {"runs.table": pd.DataFrame([[r[k] for k in COLUMNS] for r in rows], columns=COLUMNS),
+            "runs.pick": gr.Dropdown(choices=names, value=pick if pick in names else (names[0] if names else None))}
+
+
+def picked(studio, v: Values) -> Values:
+    """The picked run's steps in "Train to" (it trains on from there) and its memory."""
+    name = v["runs.pick"]
+    if not name:
+        return {"runs.extend_steps": None, "runs.memory": ""}
+    try:
+        info = results.run_info(studio.runs_dir / name)
+    except (OSError, ValueError):
+        return {"runs.extend_steps": None, "runs.memory": ""}
+    return {"runs.extend_steps": studio.run_steps(name), "runs.memory": results.memory_table(info)}
+
+
+def follow(studio, state: PageState, folder: str, uncorrected: bool) -> Values:
+    """The wizard on the run `folder`: its task, model, Train view, previews and export (when finished)."""
+    from . import data, export, preview, train
+
+    info = results.run_info(folder)
+    kind = families.kind_of_run(info)
+    state = state.open_run(folder, kind, info["backend"])
+    finished = (Path(folder) / "lora" / "corrected").is_dir()
+    model = info["settings"]["run"]["model"]
+    return {"page.state": state, "page.tabs": gr.Tabs(selected="wizard"), "model.task": kind,
+            "model.model": gr.Dropdown(choices=handlers.model_choices(kind, studio.demo_models), value=model),
+            **data.task_view(state), "data.msg": "", **train.job_view(studio, folder), "train.msg": "",
+            **preview.view(studio, folder, uncorrected), **(export.view(studio, folder) if finished else
+                                                           export.cleared()),
+            "page.wizard": gr.Walkthrough(selected=STEP["preview"] if finished else STEP["train"])}
+
+
+def open_run(studio, v: Values) -> Values:
+    folder = studio.open_run(v["runs.pick"])
+    return {**follow(studio, v["page.state"], folder, v["preview.uncorrected"]), "runs.msg": say(f"Opened {v['runs.pick']}.")}
+
+
+def resume(studio, v: Values) -> Values:
+    folder = studio.resume_run(v["runs.pick"])
+    return {**follow(studio, v["page.state"], folder, v["preview.uncorrected"]),
+            "page.wizard": gr.Walkthrough(selected=STEP["train"]), "runs.msg": say(f"Resuming {v['runs.pick']}."),
+            "train.msg": ""}
+
+
+def extend(studio, v: Values) -> Values:
+    folder = studio.extend_run(v["runs.pick"], v["runs.extend_steps"])
+    return {**follow(studio, v["page.state"], folder, v["preview.uncorrected"]),
+            "page.wizard": gr.Walkthrough(selected=STEP["train"]),
+            "runs.msg": say(f"Training {v['runs.pick']} further, to {int(v['runs.extend_steps'])} steps.")}
+
+
+def build(ctx: Context) -> dict:
+    studio, m = ctx.studio, ctx.manager
+    gr.Markdown("Every run in the runs folder. Open one to see its results, resume one that was interrupted (it "
+                "continues from its last finished stage and checkpoint), or train a finished one further.")
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="runs-table")
+    with gr.Row():
+        pick = gr.Dropdown([], label="Run", scale=2, elem_id="run-pick")
+        refresh = gr.Button("Refresh", size="sm")
+        open_button = gr.Button("Open", variant="primary", size="sm")
+        resume_button = gr.Button("Resume", size="sm")
+    msg = gr.Markdown(elem_id="msg-runs", elem_classes="emloc-msg")  # under the buttons it answers
+    with gr.Row():
+        extend_steps = gr.Number(None, label="Train to (steps)", precision=0, scale=1, elem_id="extend-steps",
+                                 info="starts at the steps the picked run has; a finished run trains on from its "
+                                      "last step, its results so far kept in its folder under earlier/")
+        extend_button = gr.Button("Train further", size="sm", scale=1, elem_id="extend")
+    memory = gr.Markdown(elem_id="runs-memory")
+    elems = {"table": table, "pick": pick, "refresh": refresh, "open": open_button, "resume": resume_button,
+             "extend_steps": extend_steps, "extend": extend_button, "memory": memory, "msg": msg}
+    m.add("runs", elems)
+    m.bind(refresh.click, lambda v: {**view(studio, v["runs.pick"]), "runs.msg": ""}, ["runs.pick"],
+           [*view_ids()], message="runs.msg")
+    m.bind(pick.change, partial(picked, studio), ["runs.pick"], ["runs.extend_steps", "runs.memory"],
+           message="runs.msg")
+    return elems
+
+
+def bind_late(ctx: Context) -> None:
+    from . import data, export, preview, train
+
+    m, studio = ctx.manager, ctx.studio
+    outputs = ["page.state", "page.tabs", "page.wizard", "model.task", "model.model", *data.TASK_IDS,
+               "data.msg", *train.VIEW, "train.msg", *preview.IDS, *export.IDS]
+    inputs = ["page.state", "runs.pick", "runs.extend_steps", "preview.uncorrected"]
+    for button, handler in (("runs.open", open_run), ("runs.resume", resume), ("runs.extend", extend)):
+        m.bind(m[button].click, partial(handler, studio), inputs, [*outputs, "runs.msg"], message="runs.msg")

@@ -1,0 +1,111 @@
+"""The page's state between runs and tasks, through the step handlers (values by "step.element"), no browser."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app import form, handlers, results
+from app import plan as plans
+from app.page import PageState
+from app.steps import budget, data, export, model, train
+from app.studio import IDLE, Studio, parse_seeds
+from pipelines import demo
+
+UPLOADS = {"images": [{"path": "/x/sks-0.png", "name": "sks-0.png"}], "qa": [{"path": "/x/mug.png", "name": "mug.png"}]}
+
+
+@pytest.fixture
+def studio(tmp_path):
+    return Studio(tmp_path / "runs")
+
+
+def test_switching_task_forgets_the_run_and_keeps_each_tasks_uploads(studio, tmp_path):
+    state = PageState(kind="images", run_dir=str(tmp_path / "runs" / "flux-1"), uploads=dict(UPLOADS))
+    out = model.switch_task(studio, {"page.state": state, "model.task": "qa"})
+    new = out["page.state"]
+    assert new.kind == "qa" and new.run_dir == "" and new.uploads == UPLOADS
+    # nothing of the image run or its data check stays on the later steps
+    assert out["train.status"] == IDLE and out["train.log"] == "" and out["train.memory"] == ""
+    assert not out["train.samples_gallery"].value and out["train.samples_answers"] == ""
+    assert out["data.msg"] == "" and out["preview.text"] == "" and out["export.snippet"] == ""
+    assert out["data.qa_box"].visible and not out["data.photo_box"].visible
+    assert out["data.qa_gallery"] == [("/x/mug.png", "mug.png")]
+    back = model.switch_task(studio, {"page.state": new, "model.task": "images"})
+    assert back["data.photo_gallery"] == [("/x/sks-0.png", "sks-0.png")]  # the photos are still there
+    assert "data.prompt" not in back and "data.captions" not in back  # typed words are not touched
+
+
+def test_start_another_run_keeps_model_data_and_settings_even_across_a_task_switch(studio, tmp_path):
+    state = PageState(kind="images", run_dir="", uploads=dict(UPLOADS))
+    out = export.new_run(studio, {"page.state": state})
+    assert out["page.state"].uploads == UPLOADS and out["page.state"].run_dir == ""
+    assert "your model, data and settings are kept" in out["model.msg"]
+    assert not {"data.prompt", "data.trigger", "data.captions", "model.model"} & set(out)
+    there = model.switch_task(studio, {"page.state": out["page.state"], "model.task": "qa"})["page.state"]
+    back = model.switch_task(studio, {"page.state": there, "model.task": "images"})
+    assert back["page.state"].uploads["images"] == UPLOADS["images"]
+
+
+def test_the_train_step_of_a_page_without_a_run_shows_no_other_runs_job(studio):
+    view = studio.train_view("")
+    assert view["text"] == IDLE and view["log"] == "" and view["losses"] == [] and not view["running"]
+
+
+def test_the_budget_text_agrees_with_the_slider():
+    chosen = plans.memory_plan("black-forest-labs/FLUX.1-dev", 80, 0.30, 16)
+    assert chosen["recommended"] != pytest.approx(0.30, abs=0.005)
+    assert "the slider follows it" not in chosen["text"] and "the slider is at 0.30" in chosen["text"]
+    following = plans.memory_plan("black-forest-labs/FLUX.1-dev", 80, None, 16)
+    assert "the slider follows it" in following["text"] and following["ratio"] == following["recommended"]
+    demo_model = str(demo.FLUX_DIR)
+    if not (demo.FLUX_DIR / "demo.json").is_file():
+        pytest.skip("the demo models are not built (python -m pipelines.demo build)")
+    v = {"model.model": demo_model, "budget.budget": 24, "budget.ratio": 0.45, "budget.rank": 16, "budget.ram": 8.0,
+         "budget.touched": False, "page.state": PageState(), "budget.batch_size": 1}
+    view = budget.model_view(v, plans.demo_ratio(demo_model))
+    assert view["budget.ratio"] == pytest.approx(0.45) and "the slider is at 0.45" in view["budget.text"]
+    assert "the slider follows it" not in view["budget.text"]
+
+
+def test_the_ram_budget_is_read_when_the_step_opens(monkeypatch):
+    readings = iter([3.3, 2.1])
+    monkeypatch.setattr(handlers, "available_ram_gib", lambda: next(readings))
+    assert budget.ram_view({"budget.ram_touched": False}) == {"budget.ram": 3.3}
+    assert budget.ram_view({"budget.ram_touched": False}) == {"budget.ram": 2.1}
+    assert budget.ram_view({"budget.ram_touched": True}) == {}  # typed by the person: kept
+
+
+def test_seed_ranges_are_accepted():
+    assert parse_seeds("1000-1015") == list(range(1000, 1016))
+    assert parse_seeds("0, 3-4 9") == [0, 3, 4, 9]
+    with pytest.raises(ValueError, match="use 1 to 16 seeds"):
+        parse_seeds("1000-1016")
+    with pytest.raises(ValueError, match="runs backwards"):
+        parse_seeds("9-3")
+
+
+def test_the_demo_prompt_names_what_the_demo_knows_and_a_typed_prompt_stays():
+    if not (demo.FLUX_DIR / "demo.json").is_file():
+        pytest.skip("the demo models are not built (python -m pipelines.demo build)")
+    assert data.prompt_view(str(demo.FLUX_DIR), "a photo of sks dog") == {"data.prompt": handlers.EXAMPLE_PROMPT}
+    assert "shape" in handlers.EXAMPLE_PROMPT and "dog" not in handlers.EXAMPLE_PROMPT
+    assert data.prompt_view(str(demo.FLUX_DIR), "a photo of sks mug on my desk") == {}
+
+
+def test_settings_have_one_label_help_and_default_from_their_fields():
+    lam = form.run_field("lam")
+    assert lam.label == "Correction clamp λ" and lam.default == 3.0 and "how far" in lam.help
+    prompt = form.any_backend_field("prompt")
+    assert prompt.label == "Prompt" and "instance prompt: the sentence that describes every training photo" in prompt.help
+    assert form.field_view(form.backend_class("flux2").settings_class, "max_sequence_length").label == "Text tokens"
+    assert form.defaults("flux2", 12e9)["max_sequence_length"] == 512  # FLUX.2's own default, from its field
+    assert form.backend_fields("vlm") == ["max_new_tokens"]
+    with pytest.raises(ValueError, match=r"^Training steps \(step 4\) must be a whole number; got 2.5$"):
+        form.read_number("steps", 2.5)
+
+
+def test_timestamps_are_shown_in_words():
+    assert re.fullmatch(r"4 Dec 2026, \d\d:\d\d", results.when("2026-12-04T21:50:03+00:00"))
+    assert train.cleared()["train.status"] == IDLE
