@@ -109,3 +109,17 @@ def test_settings_have_one_label_help_and_default_from_their_fields():
 def test_timestamps_are_shown_in_words():
     assert re.fullmatch(r"4 Dec 2026, \d\d:\d\d", results.when("2026-12-04T21:50:03+00:00"))
     assert train.cleared()["train.status"] == IDLE
+
+
+def test_the_budget_steps_trace_puts_the_runs_traced_peaks_beside_the_formula(studio):
+    """The second opinion beside the chart: the run's own code traced on tensors without data (no weights read)."""
+    v = {"model.model": str(demo.FLUX_DIR), "budget.budget": 24, "budget.ratio": 0.45, "budget.rank": 16,
+         "budget.ram": 8.0, "budget.touched": True, "page.state": PageState(), "budget.batch_size": 1}
+    out = budget.trace_view(studio, v)
+    table = out["budget.trace"]
+    for phase in ("calibration + emulator", "training step", "correction"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {phase}"))
+        formula, traced = (float(cell) for cell in row.split("|")[2:4])
+        assert traced > 0 or phase.startswith("correction"), row  # the demo's correction is under 0.01 GiB
+        assert formula >= 0
+    assert "no GPU" in table  # this CPU page is told what the device columns mean

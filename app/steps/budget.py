@@ -69,6 +69,19 @@ def use_recommended(studio, v: Values) -> Values:
     return {**view, "budget.ratio": view["budget.recommended"], "budget.touched": False}
 
 
+def trace_view(studio, v: Values) -> Values:
+    """A second opinion on the chart: the run's own code traced on tensors without data at this model's size and
+    ratio (pipelines/planner/trace.py), beside the planner's formulas. Takes seconds to a minute; reads no weights."""
+    from pipelines.planner.trace import format_traces, trace_in_subprocess
+
+    model, ratio = v["model.model"], v["budget.ratio"]
+    budget = v["budget.budget"] if v["page.state"].device != "cpu" else max(float(v["budget.ram"] or 0), 1.0)
+    traces = trace_in_subprocess(model, float(budget or 24), ratio=ratio)
+    note = ("" if v["page.state"].device != "cpu" else
+            "\n\nThis machine has no GPU: the device columns are what a GPU run of this plan would hold.")
+    return {"budget.trace": format_traces(str(model), None, traces) + note, "budget.msg": ""}
+
+
 def go_train(studio, v: Values) -> Values:
     kind = v["page.state"].device
     plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"], v["budget.rank"],
@@ -107,10 +120,12 @@ def build(ctx: Context) -> dict:
         text = gr.Markdown(elem_id="plan-text")
         chart = gr.HTML(elem_id="memory-chart")
         gr.Markdown(plans.CHART_LEGEND, elem_id="chart-legend")
+        check = gr.Button("Check this plan by tracing the run's code (reads no weights; up to a minute)", size="sm")
+        traced = gr.Markdown(elem_id="plan-trace")
         next_button = gr.Button("Next: training", variant="primary")
     elems = {"runs_on": runs_on, "budget": budget, "ram": ram, "presets": presets, "ratio": ratio, "rank": rank,
              "batch_size": batch, "recommend": recommend, "text": text, "chart": chart, "msg": msg,
-             "next": next_button, "touched": gr.State(False), "ram_touched": gr.State(False),
+             "next": next_button, "check": check, "trace": traced, "touched": gr.State(False), "ram_touched": gr.State(False),
              "recommended": gr.State(None)}
     m.add("budget", elems)
     presets.change(lambda preset: float(preset) if preset else gr.skip(), [presets], [budget], concurrency_id="wizard")
@@ -121,6 +136,7 @@ def build(ctx: Context) -> dict:
            trigger_mode="always_last")
     m.bind(recommend.click, partial(use_recommended, studio), PLAN_INPUTS, [*PLAN_OUTPUTS, "budget.touched"],
            message="budget.msg")
+    m.bind(check.click, partial(trace_view, studio), PLAN_INPUTS, ["budget.trace", "budget.msg"], message="budget.msg")
     m.bind(next_button.click, partial(go_train, studio), PLAN_INPUTS, ["page.wizard", "budget.msg"],
            message="budget.msg")
     return elems

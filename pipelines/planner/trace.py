@@ -362,6 +362,27 @@ def format_traces(model: str, budget_gb: float | None, traces: list[PhaseTrace])
     return "\n".join(rows)
 
 
+def trace_in_subprocess(model: str, budget_gb: float, ratio: float | None = None,
+                        phases: tuple[str, ...] = PHASES, timeout: float = 600) -> list[PhaseTrace]:
+    """`trace_plan` in its own process (see `main` for why), for callers that must outlive it (the app's Budget
+    step). Raises ValueError with the planner's words when the model cannot be planned."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "pipelines.planner.trace", str(model), f"{budget_gb:g}",
+               "" if ratio is None else f"{ratio:g}", ",".join(phases)]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout, check=False)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    errors = [row["error"] for row in rows if "error" in row]
+    if errors:
+        raise ValueError(errors[0])
+    if not rows:
+        raise RuntimeError(f"the trace of {model} ended without a result (exit {done.returncode}): "
+                           f"{done.stderr.strip()[-500:]}")
+    return [PhaseTrace(**row) for row in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.planner.trace MODEL BUDGET_GB [RATIO]`: the traces as JSON lines, one per phase.
 
