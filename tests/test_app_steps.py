@@ -123,3 +123,28 @@ def test_the_budget_steps_trace_puts_the_runs_traced_peaks_beside_the_formula(st
         assert traced > 0 or phase.startswith("correction"), row  # the demo's correction is under 0.01 GiB
         assert formula >= 0
     assert "no GPU" in table  # this CPU page is told what the device columns mean
+
+
+def test_step_one_says_an_unreachable_hub_in_words_at_once_and_the_plan_stays_available(studio, monkeypatch):
+    """No HF_HUB_OFFLINE and no network (a hub endpoint that refuses connections): Next at step 1 says so in words,
+    offers the plan anyway, and the Budget step plans the catalogue model from its shipped config."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", refused)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    state = PageState(kind="images")
+    started = time.monotonic()
+    out = model.go_data(studio, {"page.state": state, "model.model": "black-forest-labs/FLUX.1-dev"})
+    assert time.monotonic() - started < 20  # no 30 s of retries
+    assert "cannot be reached" in out["model.msg"] and "Traceback" not in out["model.msg"]
+    assert out["model.plan_only"].visible and "page.wizard" not in out
+    plan = plans.memory_plan("black-forest-labs/FLUX.1-dev", 12, None, 16)
+    assert plan["recommended"] is not None and plan["svg"]
