@@ -614,6 +614,9 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
         elif e.method == "emloc" and streamed:  # correction reads one layer at a time, the others one block
             host["file pages (one tensor)" if e.phase == "correction" else "file pages (one block)"] = \
                 tensor if e.phase == "correction" else block
+        if e.method == "emloc" and e.phase == "correction" and streamed:  # the adapter and its corrected copy stay
+            # on the host (the device parts of a streamed correction leave them out), which is this memory here
+            host["adapters"] = 3 * ADAPTER_BYTES * run.counts.lora
         if e.method == "emloc" and e.phase == "training":  # the emulator is read into the skeleton one tensor at a time
             host["file pages (one tensor)"] = tensor
         if not streamed or e.phase == "preview":  # freed and allocated again without a trim (a streamed preview

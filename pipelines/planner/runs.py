@@ -83,5 +83,23 @@ def plan_for_run(run: RunSettings, backend: Any) -> dict | None:
             mode = ("offload" if e.offloaded else "files") if e.streamed else "whole"
             phases[e.phase] = {"name": PHASE_NAMES[e.phase], "streamed": e.streamed, "mode": mode,
                                "device_gib": round(e.total / GiB, 3), "host_gib": round(e.host_total / GiB, 3)}
+            if e.phase == "preview" and e.streamed:
+                phases[e.phase].update(_blocks_kept(settings, e))
     return {"device": settings.device, "gpu_budget_gib": settings.budget_gb, "ram_budget_gib": round(settings.ram_gb, 3),
             "phases": phases, "run_folder_gib": round(plan.memory.run_folder_bytes / GiB, 3)}
+
+
+def _blocks_kept(settings, e) -> dict:
+    """What a streamed preview holds beyond its one block, counted in its plan: it reads the next block ahead and
+    keeps blocks between forwards in half of what the budget leaves (pipelines/runner/variants.py), on the device
+    (the host on a CPU run) and, on a GPU run, blocks kept in half of the RAM left. The other halves stay free."""
+    gpu = settings.device == "cuda"
+    device_base, host_base = e.total / GiB, e.host_total / GiB
+    device_budget = settings.budget_gb if gpu else settings.ram_gb
+    kept = max(0.0, (device_budget - (device_base if gpu else host_base)) / 2) if device_budget else 0.0
+    kept_host = max(0.0, (settings.ram_gb - host_base) / 2) if gpu and settings.ram_gb else 0.0
+    if gpu:
+        return {"blocks_kept_gib": round(kept, 3), "blocks_kept_host_gib": round(kept_host, 3),
+                "device_gib": round(device_base + kept, 3), "host_gib": round(host_base + kept_host, 3)}
+    return {"blocks_kept_gib": round(kept, 3), "host_gib": round(host_base + kept, 3),
+            "device_gib": round(device_base + kept, 3)}

@@ -69,6 +69,9 @@ def _spare(run: Run, device: bool) -> int:
     if not phase:
         return 0
     gpu = device and plan.get("device") == "cuda"
+    kept = phase.get("blocks_kept_gib" if device or plan.get("device") != "cuda" else "blocks_kept_host_gib")
+    if kept is not None:  # the plan counted it (pipelines/planner/runs.py _blocks_kept)
+        return int(kept * GiB)
     budget = plan.get("gpu_budget_gib") if gpu else plan.get("ram_budget_gib")
     if budget is None:
         return 0
