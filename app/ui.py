@@ -125,6 +125,10 @@ def show_last(studio: Studio, v: Values) -> Values:
             "model.show_last": gr.Button(visible=False), "model.msg": ""}
 
 
+def step_picked(evt: gr.SelectData) -> int:
+    return int(evt.index)
+
+
 def build(studio: Studio) -> gr.Blocks:
     """The whole page bound to `studio` (one per process: it owns the job)."""
     manager = Manager()
@@ -143,6 +147,8 @@ def build(studio: Studio) -> gr.Blocks:
                         step.build(ctx)
             with gr.Tab("Past runs", id="runs"):
                 runs.build(ctx)
+        # a step header clicked: remembered as the step shown (handlers that move the wizard set it themselves)
+        wizard.select(step_picked, None, manager["page.step"], concurrency_id="save", show_progress="hidden")
         model.bind_task(ctx)
         data.bind_next(ctx)
         train.bind_late(ctx)
