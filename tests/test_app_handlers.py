@@ -607,7 +607,14 @@ def test_an_app_started_while_a_job_runs_follows_it_cancels_it_and_then_offers_r
         assert job.running and job.run_dir == str(run.dir) and (job.stage, job.step, job.total) == ("train", 3, 8)
         assert studio.list_runs()[0]["status"] == "running now"
         view = studio.train_view(str(run.dir))
-        assert view["running"] and "step 3 of 8" in view["text"] or view["running"], view["text"]  # Cancel is live
+        assert view["running"], view["text"]  # Cancel is live
+        # a page reloaded on this run comes back to it, live, on the Train step
+        from app import restore
+
+        back = restore.restore(studio, {"state": {"kind": "images", "run_dir": str(run.dir)},
+                                        "form": {"model.model": str(models["flux"])}, "step": 3}, "cpu")
+        assert back["page.state"].run_dir == str(run.dir) and back["train.cancel"].interactive
+        assert back["page.wizard"].selected == 3 and not back.get("train.msg")
         assert "Stopping" in studio.cancel()
         assert process.wait(timeout=20) == 130  # the signal reached that pid
         deadline = time.time() + 10
