@@ -80,11 +80,11 @@ def kept_uploads(state: PageState) -> tuple[PageState, Values]:
     state.uploads = uploads
     if not lost:
         return state, {}
-    words = " and ".join(f"{n} of your {NOUN.get(k, 'files')} ({'photos' if k == 'images' else 'questions'} "
-                         f"task)" for k, n in lost.items())
-    return state, {"data.msg": say(f"Your {NOUN.get(state.kind, 'photos')} need uploading again: {words} were "
-                                   "kept in a temporary folder that is gone since the page was last open.",
-                                   good=False)}
+    words = " and ".join(f"{n} of your {NOUN.get(k, 'files')}" + ("" if k == state.kind else " (the other task's)")
+                         for k, n in lost.items())
+    return state, {"data.msg": say(f"Your {NOUN.get(state.kind, 'photos')} need uploading again: {words} "
+                                   f"{'was' if sum(lost.values()) == 1 else 'were'} kept in a temporary folder that "
+                                   "is gone since the page was last open (the others are still here).", good=False)}
 
 
 def restore(studio, saved: dict, device: str, uncorrected: bool = False) -> Values:
