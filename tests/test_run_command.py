@@ -29,12 +29,13 @@ FAST = dict(steps=3, lr=1e-3, rank=4, calibration_samples=3, checkpoint_every=2,
 def run_recorded(command: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The recorded line as a user would paste it in the project folder (python = this interpreter).
 
-    It runs on as many threads as this process (conftest sets one): a CPU matmul sums in a different order on
-    another thread count, and three Adam steps carry that last-bit difference into the adapter.
+    It runs in this process's environment, as the app's job did (app/jobs.py starts `launch.py` with it): so on as
+    many threads as that job, since a CPU matmul sums in a different order on another thread count, and three Adam
+    steps carry that last-bit difference into the adapter.
     """
     argv = shlex.split(command)
     assert argv[:3] == ["python", "launch.py", "train"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
