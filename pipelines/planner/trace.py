@@ -12,8 +12,10 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
                             streamed path)
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
                             (stages._emulate_streamed; FLUX families only, see UNTRACEABLE)
+    preview                 variants.preview_variant for each variant in the plan's preview mode, one forward each
+                            (_trace_preview: a FLUX transformer step, an InternVL prefill; the VAE is not traced)
 
-Not traced yet: the preview (pipelines/runner/variants.py, being changed in parallel) and export's load.
+Not traced yet: the preview's VAE decode and sampling loop, and export's load.
 
 What cannot run on fake tensors gets a stand-in with the recorded shapes: the checkpoint's files (a `ShapeReader`),
 the run's cache (text embeddings, latents, token ids: `_fill_cache`), the backend's skeleton (the catalogue's
