@@ -13,7 +13,7 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
                             (stages._emulate_streamed; FLUX families only, see UNTRACEABLE)
     preview                 variants.preview_variant for each variant in the plan's preview mode, one forward each
-                            (_trace_preview: a FLUX transformer step, an InternVL prefill; the VAE is not traced)
+                            (trace_preview.py: a FLUX transformer step, an InternVL prefill; the VAE is not traced)
 
 Not traced yet: the preview's VAE decode and sampling loop, and export's load.
 
@@ -31,7 +31,6 @@ extrapolation against a deeper trace.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -43,10 +42,9 @@ import torch
 from torch import nn
 
 import emloc
-from emloc.emulator import set_submodule
-from emloc.lowrank import LowRankLinear
 from emloc.trace import ShapeReader, materialize_fake, trace_device, traced
 
+from .trace_inputs import _emulator_on_meta, _fill_cache, _lora_dtype
 from .catalogue import _find_entry, _read_folder, backend_of, meta_model_from_bundle
 from .planning import PlanSettings, plan_run
 
@@ -113,7 +111,7 @@ class _Setup:
     bundle: dict
     plan: PlanSettings
     ratio: float
-    preview: object = None  # the plan's preview estimate (its mode: preview_mode_of)
+    preview: object = None  # the plan's preview estimate (its mode: trace_preview.preview_mode_of)
 
     def run_settings(self):
         from pipelines.runner.settings import RunSettings
@@ -147,56 +145,7 @@ def _skeleton(bundle: dict) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _emulator_on_meta(model: nn.Module, rules) -> nn.Module:
-    """The emulator's structure, as `load_emulator(model, folder, device="meta")` gives it from the run's files."""
-    for name, (linear, ratio) in emloc.target_linears(model, emloc.normalise_rules(rules)).items():
-        rank = emloc.factored_rank(linear.in_features, linear.out_features, ratio)
-        if rank:
-            set_submodule(model, name, LowRankLinear(linear.in_features, linear.out_features, rank,
-                                                     bias=linear.bias is not None, device="meta"))
-    return model
-
-
-def _fill_cache(setup: _Setup, backend) -> None:
-    """The run's cache (what build_cache writes from the user's data), as stand-ins of its shapes: two images,
-    two prompts, so that whichever a step draws exists. Call inside `traced()`."""
-    device, p = backend.device, setup.plan
-    if setup.bundle["family"] == "flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        transformer = setup.bundle["components"]["transformer"]
-        flux2 = setup.family_backend == "flux2"
-        channels = transformer["in_channels"] // 4  # both pack 2x2 latent patches into a token
-        side = p.resolution // 8
-        tokens = backend.settings.max_sequence_length
-        latent = [[torch.empty(channels, side, side, device=device) for _ in range(2)] for _ in range(2)]
-        backend.cache.update(
-            guidance=bool(transformer.get("guidance_embeds")), transformer=dict(transformer),
-            index={"_class_name": "Flux2Pipeline" if flux2 else "FluxPipeline", "is_distilled": True},
-            meta={"images": ["a", "b"], "views": 2, "image_text": [0, 1], "texts": ["a", "b"], "shift_factor": 0.0,
-                  "scaling_factor": 1.0, "vae_scale_factor": 8},
-            mean=latent, std=latent, embeds=[torch.empty(tokens, transformer["joint_attention_dim"], device=device)] * 2,
-            pooled=[torch.empty(transformer.get("pooled_projection_dim", 768), device=device)] * 2,
-            bn=(torch.empty(1, transformer["in_channels"], 1, 1, device=device),) * 2)
-        backend.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        return
-    from types import SimpleNamespace
-
-    config = setup.bundle["config"]
-    tiles = p.image_tiles
-    side = config["vision_config"]["image_size"][0] if isinstance(config["vision_config"].get("image_size"), list) \
-        else config["vision_config"].get("image_size", 448)
-    sample = {"input_ids": torch.zeros(p.seq_len, dtype=torch.long), "labels": torch.zeros(p.seq_len, dtype=torch.long),
-              "pixel_values": torch.empty(tiles, 3, side, side)}
-    backend.encoded = [sample] * max(2, p.calibration_samples)  # calibration draws that many samples
-    backend._packer = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0))
-
-
 # -- the phases: each returns (device peak, host peak) in bytes ----------------------------------------------------
-def _lora_dtype(name: str, tensor: torch.Tensor) -> torch.dtype | None:
-    return torch.float32 if ".lora_" in name else None  # train(): trainable weights in float32
-
-
 def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
     """stages.train up to its first step: the emulator (+ LoRA) on the device, the stage's optimizer, one step."""
     import types
@@ -276,116 +225,11 @@ def _trace_emulator(setup: _Setup, backend) -> tuple[int, int]:
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
 
 
-class _StandInOutputs:
-    """variants.RunOutputs of a dry run: the emulator's structure as load_emulator builds it, its factors and the
-    adapters as shapes (float32 on the host, as adapter_factors returns them from the files)."""
-
-    def __init__(self, setup: _Setup, backend):
-        self.setup, self.backend = setup, backend
-
-    def emulator(self, run, model: nn.Module) -> ShapeReader:
-        _emulator_on_meta(model, self.backend.default_rules(self.setup.ratio))
-        return ShapeReader.of_module(model, self.backend.dtype)
-
-    def adapter(self, folder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        run_settings = self.backend.run
-        model = self.backend.skeleton()
-        return {name: (torch.empty(run_settings.rank, model.get_submodule(name).in_features),
-                       torch.empty(model.get_submodule(name).out_features, run_settings.rank))
-                for name in emloc.lora_target_names(model, run_settings.lora_targets or
-                                                    self.backend.default_lora_targets())}
-
-
-def preview_mode_of(estimate) -> str:
-    """The preview mode (variants.PREVIEW_MODES) the plan's preview estimate stands for."""
-    return "offload" if estimate.offloaded else "files" if estimate.streamed else "whole"
-
-
-def _preview_step(setup: _Setup, backend, model: nn.Module) -> None:
-    """One forward of a preview variant: FLUX, one denoising step of the transformer on the cache's prompt
-    embeddings at the plan's resolution (batch 1); InternVL, the language model over the plan's sequence, with its
-    KV cache and the last token's logits, as generate's prefill."""
-    with torch.no_grad():
-        if setup.bundle["family"] == "flux":
-            out = backend.calibration_forward(model, next(iter(backend.calibration_batches())))
-        else:
-            ids = torch.zeros(1, setup.plan.seq_len, dtype=torch.long, device=backend.device)
-            out = model(input_ids=ids, past_key_values=_empty_kv_cache(model, backend), use_cache=True,
-                        logits_to_keep=1)
-        del out
-
-
-def _whole_variant(setup: _Setup, backend, label: str) -> nn.Module:
-    """A variant of mode "whole" on `meta`, as load_model / emulator_model + load_adapter build it."""
-    model = backend.skeleton()
-    if label == "emulator + LoRA":
-        model = _emulator_on_meta(model, backend.default_rules(setup.ratio))
-    if label == "base":
-        return model
-    run_settings = backend.run
-    return emloc.attach_lora(model, run_settings.lora(run_settings.lora_targets or backend.default_lora_targets()))
-
-
-def _empty_kv_cache(model: nn.Module, backend):
-    """The DynamicCache generate starts from, its layers already started: a layer's own lazy start builds
-    `torch.tensor([], device=...)` from data, which the stand-in GPU cannot (it has no real allocator)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    text = model.config.text_config
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    width = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cache = DynamicCache()
-    for _ in range(text.num_hidden_layers):
-        layer = DynamicLayer()
-        layer.dtype, layer.device, layer.is_initialized = backend.dtype, backend.device, True
-        layer.keys, layer.values = (torch.empty(1, heads, 0, width, dtype=backend.dtype, device=backend.device)
-                                    for _ in range(2))
-        cache.layers.append(layer)
-    return cache
-
-
 def _trace_preview(setup: _Setup, backend) -> tuple[int, int]:
-    """stages.preview's variants held as the plan's preview mode says (variants.preview_variant; the emulator
-    first, then base, full + corrected and full + uncorrected LoRA), each running one forward (_preview_step).
-    Streamed modes run the run's own code, its file reads filled by a ShapeReader and _StandInOutputs; with no
-    budget left beyond the plan (the run reads ahead and keeps blocks only in that room), one block at a time.
-    Mode "whole" (load_model / emulator_model read every tensor from the files) is traced as what they build: the
-    model (or emulator) with PEFT's LoRA, whole on the device."""
-    from types import SimpleNamespace
+    """The preview phase (pipelines/planner/trace_preview.py)."""
+    from .trace_preview import trace_preview
 
-    from pipelines.runner import variants
-
-    mode = preview_mode_of(setup.preview)
-    backend.checkpoint = lambda: ShapeReader.of_module(backend.skeleton(), backend.dtype)
-    run = SimpleNamespace(backend=backend, settings=backend.run, output=lambda stage: Path(stage),
-                          info={"plan": {"phases": {"preview": {"mode": mode, "streamed": mode != "whole"}}}})
-    labels = ("emulator + LoRA", "base", "full + corrected LoRA", "full + uncorrected LoRA")
-    whole = {label: _whole_variant(setup, backend, label) for label in labels} if mode == "whole" else {}
-    real_outputs, variants.OUTPUTS = variants.OUTPUTS, _StandInOutputs(setup, backend)
-    try:
-        with traced() as counter:
-            _fill_cache(setup, backend)
-            shared = None
-            for label in labels:
-                if mode == "whole":  # PEFT's injection cannot run on fakes: built on meta above, filled here
-                    model = materialize_fake(whole.pop(label), backend.device, backend.dtype, dtype_of=_lora_dtype)
-                    backend.finish_loading(model)
-                else:
-                    if label != "emulator + LoRA" and shared is None:
-                        shared = variants.shared_weights(run)
-                    model = variants.preview_variant(run, label, shared)
-                model.eval()
-                try:
-                    _preview_step(setup, backend, model)
-                finally:
-                    variants.finish_variant(model)
-                del model
-                gc.collect()  # as stages.preview: a streamed variant and its StreamedForward refer to each other
-            del shared
-    finally:
-        variants.OUTPUTS = real_outputs
-    return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
+    return trace_preview(setup, backend)
 
 
 @dataclass
@@ -398,10 +242,6 @@ class _RunView:
     def settings(self):
         return self.backend.run
 
-
-# the preview formula's parts the trace does not run: the pipeline's VAE, resident beside the transformer, and its
-# decode (the scheduler and VAE decode of stages.preview's backend.generate are not traced)
-PREVIEW_UNTRACED = ("weights (vae)", "working set (VAE decode)")
 
 # phases a family's code cannot run on fake tensors yet, and why
 UNTRACEABLE = {"vlm": {"emulator": "the InternVL pass keeps only real tokens (boolean-mask indexing, a shape that "
@@ -472,8 +312,10 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
         estimate = plan.get(phase, "emloc")
         if phase == "emulator":  # one streamed pass calibrates and builds: its peak is the larger of the two
             estimate = max((plan.get("calibration", "emloc"), estimate), key=lambda e: e.allocated)
-        if phase == "preview":  # the VAE is not traced (see _trace_preview): its parts leave the formula too
-            estimate = replace(estimate, parts={k: v for k, v in estimate.parts.items() if k not in PREVIEW_UNTRACED})
+        if phase == "preview":  # the VAE is not traced (see trace_preview): its parts leave the formula too
+            from . import trace_preview
+
+            estimate = replace(estimate, parts={k: v for k, v in estimate.parts.items() if k not in trace_preview.PREVIEW_UNTRACED})
         host_formula = estimate.host_total - estimate.host.get("runtime", 0)
         results.append(PhaseTrace(phase, estimate.allocated, device, host_formula, host,
                                   how=f"traced at depth {start} and {start + 1} per stack, extrapolated to {full} "
