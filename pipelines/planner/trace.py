@@ -11,7 +11,7 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
     correction              emloc.correct_lora with a reader over the full model and the emulator (stages.correct's
                             streamed path)
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
-                            (stages._emulate_streamed; FLUX families only, see UNTRACEABLE)
+                            (stages._emulate_streamed; InternVL through the StatsCollector.select_tokens seam)
     preview                 variants.preview_variant for each variant in the plan's preview mode, one forward each
                             (trace_preview.py: a FLUX transformer step, an InternVL prefill; the VAE is not traced)
 
@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 import emloc
+from emloc.calibration import StatsCollector
 from emloc.trace import ShapeReader, materialize_fake, trace_device, traced
 
 from .trace_inputs import _emulator_on_meta, _fill_cache, _lora_dtype
@@ -206,15 +207,32 @@ def _write_nothing(tensors, path, metadata=None) -> None:
 
 
 def _trace_emulator(setup: _Setup, backend) -> tuple[int, int]:
-    """stages.emulate on a streamed run (_emulate_streamed): calibration and emulator construction in one pass."""
+    """stages.emulate on a streamed run (_emulate_streamed): calibration and emulator construction in one pass, its
+    token selection (InternVL's mask of real tokens) filled by `_every_token`."""
+    model = backend.skeleton()
+    reader = ShapeReader.of_module(model, backend.dtype)
+    run = _RunView(backend)
+    real_select = StatsCollector.select_tokens
+    StatsCollector.select_tokens = staticmethod(_every_token)
+    try:
+        return _trace_pass(setup, backend, model, reader, run)
+    finally:
+        StatsCollector.select_tokens = real_select
+
+
+def _every_token(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """StatsCollector's token selection in a dry run: every token (what a mask of real tokens keeps at most), a
+    shape that does not depend on the mask's values."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _trace_pass(setup: _Setup, backend, model, reader, run) -> tuple[int, int]:
+    """emloc.stream_emulator over backend.blockwise on the cache's calibration batches, traced."""
     import itertools
     import tempfile
 
     from pipelines.runner.stages import compression_rules
 
-    model = backend.skeleton()
-    reader = ShapeReader.of_module(model, backend.dtype)
-    run = _RunView(backend)
     with traced() as counter, tempfile.TemporaryDirectory() as out:
         _fill_cache(setup, backend)
         batches = list(itertools.islice(backend.calibration_batches(), backend.run.calibration_samples))
@@ -244,8 +262,7 @@ class _RunView:
 
 
 # phases a family's code cannot run on fake tensors yet, and why
-UNTRACEABLE = {"vlm": {"emulator": "the InternVL pass keeps only real tokens (boolean-mask indexing, a shape that "
-                                   "depends on the values: aten.nonzero)"}}
+UNTRACEABLE: dict[str, dict[str, str]] = {}
 
 TRACERS: dict[str, Callable[[_Setup, object], tuple[int, int]]] = {
     "emulator": _trace_emulator, "training": _trace_training, "correction": _trace_correction,
