@@ -1,6 +1,6 @@
 """The planner's formula against the run's own code traced on fake tensors, for the catalogue's main models.
 
-    PYTHONPATH=. python benchmarks/trace.py [--models M1,M2] [--budgets 12,24] [--phases emulator,training,correction]
+    PYTHONPATH=. python benchmarks/trace.py [--models M1,M2] [--budgets 12,24] [--phases emulator,training,correction,preview]
 
 Each (model, budget) is traced in its own subprocess (`python -m pipelines.planner.trace`, see
 pipelines/planner/trace.py) at the ratio the planner recommends for that budget; no weights are read and no GPU is
@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--budgets", default="12,24")
-    parser.add_argument("--phases", default="emulator,training,correction")
+    parser.add_argument("--phases", default="emulator,training,correction,preview")
     args = parser.parse_args()
     print("| model | budget | phase | device: formula | device: traced | formula / traced | host: formula | "
           "host: traced | trace time |")

@@ -32,6 +32,13 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
+def kept_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of `x` (..., in) that `mask` (its leading shape) marks: (kept tokens, in). A shape that depends on
+    the mask's values: the dry run (pipelines/planner/trace.py), whose tensors have none, swaps in a fixed-shape
+    selection through `StatsCollector.select_tokens`."""
+    return x[mask]
+
+
 class StatsCollector:
     """Forward hooks that sum `xᵀx` and count tokens at the inputs of `targets` ({name: nn.Linear}).
 
@@ -51,6 +58,8 @@ class StatsCollector:
         self._last: list = [None, None]  # (input tensor, its xᵀx)
         self._handles: list = []
 
+    select_tokens = staticmethod(kept_tokens)  # the seam of the dry run (see kept_tokens)
+
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             raw = args[0] if args else kwargs.get("input", kwargs.get("x"))
@@ -60,7 +69,7 @@ class StatsCollector:
                 x = raw.detach()
                 mask = self.mask
                 if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-                    flat = x[mask.to(x.device)]  # (..., in) -> (kept tokens, in)
+                    flat = self.select_tokens(x, mask.to(x.device))  # (..., in) -> (kept tokens, in)
                 else:
                     flat = x.reshape(-1, x.shape[-1])  # (..., in) -> (tokens, in)
                 with exact_float32():  # TF32 would round Σxᵀx to 10 bits of mantissa (reviews/gpu-path.md F17)

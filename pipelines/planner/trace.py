@@ -11,9 +11,11 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
     correction              emloc.correct_lora with a reader over the full model and the emulator (stages.correct's
                             streamed path)
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
-                            (stages._emulate_streamed; FLUX families only, see UNTRACEABLE)
+                            (stages._emulate_streamed; InternVL through the StatsCollector.select_tokens seam)
+    preview                 variants.preview_variant for each variant in the plan's preview mode, one forward each
+                            (trace_preview.py: a FLUX transformer step, an InternVL prefill; the VAE is not traced)
 
-Not traced yet: the preview (pipelines/runner/variants.py, being changed in parallel) and export's load.
+Not traced yet: the preview's VAE decode and sampling loop, and export's load.
 
 What cannot run on fake tensors gets a stand-in with the recorded shapes: the checkpoint's files (a `ShapeReader`),
 the run's cache (text embeddings, latents, token ids: `_fill_cache`), the backend's skeleton (the catalogue's
@@ -40,19 +42,19 @@ import torch
 from torch import nn
 
 import emloc
-from emloc.emulator import set_submodule
-from emloc.lowrank import LowRankLinear
+from emloc.calibration import StatsCollector
 from emloc.trace import ShapeReader, materialize_fake, trace_device, traced
 
+from .trace_inputs import _emulator_on_meta, _fill_cache, _lora_dtype
 from .catalogue import _find_entry, _read_folder, backend_of, meta_model_from_bundle
 from .planning import PlanSettings, plan_run
 
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
-PHASES = ("emulator", "training", "correction")  # the phases traced so far (preview and export: not yet)
+PHASES = ("emulator", "training", "correction", "preview")  # the phases traced so far (export's load: not yet)
 PHASE_NAMES = {"emulator": "calibration + emulator (one streamed pass)", "training": "training step",
-               "correction": "correction (streamed)"}
+               "correction": "correction (streamed)", "preview": "preview (one forward of each variant)"}
 
 
 @dataclass
@@ -110,6 +112,7 @@ class _Setup:
     bundle: dict
     plan: PlanSettings
     ratio: float
+    preview: object = None  # the plan's preview estimate (its mode: trace_preview.preview_mode_of)
 
     def run_settings(self):
         from pipelines.runner.settings import RunSettings
@@ -143,56 +146,7 @@ def _skeleton(bundle: dict) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _emulator_on_meta(model: nn.Module, rules) -> nn.Module:
-    """The emulator's structure, as `load_emulator(model, folder, device="meta")` gives it from the run's files."""
-    for name, (linear, ratio) in emloc.target_linears(model, emloc.normalise_rules(rules)).items():
-        rank = emloc.factored_rank(linear.in_features, linear.out_features, ratio)
-        if rank:
-            set_submodule(model, name, LowRankLinear(linear.in_features, linear.out_features, rank,
-                                                     bias=linear.bias is not None, device="meta"))
-    return model
-
-
-def _fill_cache(setup: _Setup, backend) -> None:
-    """The run's cache (what build_cache writes from the user's data), as stand-ins of its shapes: two images,
-    two prompts, so that whichever a step draws exists. Call inside `traced()`."""
-    device, p = backend.device, setup.plan
-    if setup.bundle["family"] == "flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        transformer = setup.bundle["components"]["transformer"]
-        flux2 = setup.family_backend == "flux2"
-        channels = transformer["in_channels"] // 4  # both pack 2x2 latent patches into a token
-        side = p.resolution // 8
-        tokens = backend.settings.max_sequence_length
-        latent = [[torch.empty(channels, side, side, device=device) for _ in range(2)] for _ in range(2)]
-        backend.cache.update(
-            guidance=bool(transformer.get("guidance_embeds")), transformer=dict(transformer),
-            index={"_class_name": "Flux2Pipeline" if flux2 else "FluxPipeline", "is_distilled": True},
-            meta={"images": ["a", "b"], "views": 2, "image_text": [0, 1], "texts": ["a", "b"], "shift_factor": 0.0,
-                  "scaling_factor": 1.0, "vae_scale_factor": 8},
-            mean=latent, std=latent, embeds=[torch.empty(tokens, transformer["joint_attention_dim"], device=device)] * 2,
-            pooled=[torch.empty(transformer.get("pooled_projection_dim", 768), device=device)] * 2,
-            bn=(torch.empty(1, transformer["in_channels"], 1, 1, device=device),) * 2)
-        backend.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        return
-    from types import SimpleNamespace
-
-    config = setup.bundle["config"]
-    tiles = p.image_tiles
-    side = config["vision_config"]["image_size"][0] if isinstance(config["vision_config"].get("image_size"), list) \
-        else config["vision_config"].get("image_size", 448)
-    sample = {"input_ids": torch.zeros(p.seq_len, dtype=torch.long), "labels": torch.zeros(p.seq_len, dtype=torch.long),
-              "pixel_values": torch.empty(tiles, 3, side, side)}
-    backend.encoded = [sample] * max(2, p.calibration_samples)  # calibration draws that many samples
-    backend._packer = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0))
-
-
 # -- the phases: each returns (device peak, host peak) in bytes ----------------------------------------------------
-def _lora_dtype(name: str, tensor: torch.Tensor) -> torch.dtype | None:
-    return torch.float32 if ".lora_" in name else None  # train(): trainable weights in float32
-
-
 def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
     """stages.train up to its first step: the emulator (+ LoRA) on the device, the stage's optimizer, one step."""
     import types
@@ -253,15 +207,32 @@ def _write_nothing(tensors, path, metadata=None) -> None:
 
 
 def _trace_emulator(setup: _Setup, backend) -> tuple[int, int]:
-    """stages.emulate on a streamed run (_emulate_streamed): calibration and emulator construction in one pass."""
+    """stages.emulate on a streamed run (_emulate_streamed): calibration and emulator construction in one pass, its
+    token selection (InternVL's mask of real tokens) filled by `_every_token`."""
+    model = backend.skeleton()
+    reader = ShapeReader.of_module(model, backend.dtype)
+    run = _RunView(backend)
+    real_select = StatsCollector.select_tokens
+    StatsCollector.select_tokens = staticmethod(_every_token)
+    try:
+        return _trace_pass(setup, backend, model, reader, run)
+    finally:
+        StatsCollector.select_tokens = real_select
+
+
+def _every_token(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """StatsCollector's token selection in a dry run: every token (what a mask of real tokens keeps at most), a
+    shape that does not depend on the mask's values."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _trace_pass(setup: _Setup, backend, model, reader, run) -> tuple[int, int]:
+    """emloc.stream_emulator over backend.blockwise on the cache's calibration batches, traced."""
     import itertools
     import tempfile
 
     from pipelines.runner.stages import compression_rules
 
-    model = backend.skeleton()
-    reader = ShapeReader.of_module(model, backend.dtype)
-    run = _RunView(backend)
     with traced() as counter, tempfile.TemporaryDirectory() as out:
         _fill_cache(setup, backend)
         batches = list(itertools.islice(backend.calibration_batches(), backend.run.calibration_samples))
@@ -270,6 +241,13 @@ def _trace_emulator(setup: _Setup, backend) -> tuple[int, int]:
                               base_model=backend.run.model, progress=False, save=_write_nothing)
         del batches, streamed
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
+
+
+def _trace_preview(setup: _Setup, backend) -> tuple[int, int]:
+    """The preview phase (pipelines/planner/trace_preview.py)."""
+    from .trace_preview import trace_preview
+
+    return trace_preview(setup, backend)
 
 
 @dataclass
@@ -284,24 +262,34 @@ class _RunView:
 
 
 # phases a family's code cannot run on fake tensors yet, and why
-UNTRACEABLE = {"vlm": {"emulator": "the InternVL pass keeps only real tokens (boolean-mask indexing, a shape that "
-                                   "depends on the values: aten.nonzero)"}}
+UNTRACEABLE: dict[str, dict[str, str]] = {}
 
 TRACERS: dict[str, Callable[[_Setup, object], tuple[int, int]]] = {
-    "emulator": _trace_emulator, "training": _trace_training, "correction": _trace_correction}
+    "emulator": _trace_emulator, "training": _trace_training, "correction": _trace_correction,
+    "preview": _trace_preview}
 
 
-def _extrapolated(setup: _Setup, tracer, full: dict[str, int]) -> tuple[int, int, dict[str, tuple[int, int]]]:
-    """(device, host) peak at depth `full`, from traces at depth 1 per stack and depth 2 in each stack in turn."""
-    base = {name: 1 for name in full}
+def _extrapolated(setup: _Setup, tracer, full: dict[str, int],
+                  start: int = 1) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    """(device, host) peak at depth `full`, from traces at depth `start` per stack and `start` + 1 in each stack in
+    turn (a stack shallower than `start` is traced at its own depth)."""
+    base = {name: min(start, depth) for name, depth in full.items()}
     peaks = {"base": tracer(setup, setup.backend(base))}
     device, host = peaks["base"]
     for name, depth in full.items():
-        deeper = tracer(setup, setup.backend({**base, name: 2}))
+        if depth == base[name]:
+            continue
+        deeper = tracer(setup, setup.backend({**base, name: base[name] + 1}))
         peaks[name] = deeper
-        device += (depth - 1) * (deeper[0] - peaks["base"][0])
-        host += (depth - 1) * (deeper[1] - peaks["base"][1])
+        device += (depth - base[name]) * (deeper[0] - peaks["base"][0])
+        host += (depth - base[name]) * (deeper[1] - peaks["base"][1])
     return device, host, peaks
+
+
+# The depth a phase's extrapolation starts from: a forward without grad (the preview) frees the embedding's output
+# once a second block has run, so its peak steps up from 1 block to 2 and is affine only from 2 on (InternVL3-38B:
+# +20 MiB from 1 to 2 language blocks, +0 from 2 to 3 and 3 to 4; extrapolated from 1 it was 1.2 GiB too high)
+START_DEPTH = {"preview": 2}
 
 
 def plan_settings(budget_gb: float | None = None, ram_gb: float | None = None, ratio: float | None = None,
@@ -328,7 +316,7 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
         raise ValueError(f"no ratio fits {model} in {budget_gb} GiB; give one with --ratio to trace it anyway")
     plan = plan if ratio is not None else plan_run(model, replace(settings, ratio=chosen))
     bundle = _bundle(model)
-    setup = _Setup(plan.model_id, backend_of(bundle), bundle, settings, chosen)
+    setup = _Setup(plan.model_id, backend_of(bundle), bundle, settings, chosen, plan.get("preview", "emloc"))
     full = {name: int(config[key]) for name, (config, key) in _stacks(bundle).items()}
     results = []
     for phase in phases:
@@ -336,13 +324,18 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
             log.warning("%s: %s is not traced: %s", model, phase, UNTRACEABLE[bundle["family"]][phase])
             continue
         began = time.monotonic()
-        device, host, _ = _extrapolated(setup, TRACERS[phase], full)
+        start = START_DEPTH.get(phase, 1)
+        device, host, _ = _extrapolated(setup, TRACERS[phase], full, start)
         estimate = plan.get(phase, "emloc")
         if phase == "emulator":  # one streamed pass calibrates and builds: its peak is the larger of the two
             estimate = max((plan.get("calibration", "emloc"), estimate), key=lambda e: e.allocated)
+        if phase == "preview":  # the VAE is not traced (see trace_preview): its parts leave the formula too
+            from . import trace_preview
+
+            estimate = replace(estimate, parts={k: v for k, v in estimate.parts.items() if k not in trace_preview.PREVIEW_UNTRACED})
         host_formula = estimate.host_total - estimate.host.get("runtime", 0)
         results.append(PhaseTrace(phase, estimate.allocated, device, host_formula, host,
-                                  how=f"traced at depth 1 and 2 per stack, extrapolated to {full} "
+                                  how=f"traced at depth {start} and {start + 1} per stack, extrapolated to {full} "
                                       f"({time.monotonic() - began:.1f} s)", depths=full))
     return results
 

@@ -114,6 +114,24 @@ def shared_weights(run: Run) -> FullWeights | None:
     return FullWeights(_source(run, files), BlockCache(keep))
 
 
+@dataclass
+class RunOutputs:
+    """What a streamed preview reads of the run's own outputs: the emulator's structure and factors, the adapters.
+    The seam of the dry run (pipelines/planner/trace.py), which swaps `OUTPUTS` for shaped stand-ins of them."""
+
+    def emulator(self, run: Run, model: nn.Module) -> CheckpointReader:
+        """Give the `meta` skeleton `model` the emulator's factored layers; returns the reader of their factors."""
+        emloc.load_emulator(model, run.output("emulate"), device="meta")
+        return CheckpointReader(emulator_files(run.output("emulate")))
+
+    def adapter(self, folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: (A, s·B)} of the adapter saved in `folder` (emloc.adapter_factors)."""
+        return emloc.adapter_factors(*emloc.read_adapter(folder))
+
+
+OUTPUTS = RunOutputs()
+
+
 def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
                       shared: FullWeights | None = None) -> nn.Module:
     """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read as they run, from the files
@@ -124,8 +142,7 @@ def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
     map_large_allocations()
     model, files = backend.skeleton(), backend.checkpoint()
     if emulator:  # factored layers get their structure; their factors come from the emulator's files
-        emloc.load_emulator(model, run.output("emulate"), device="meta")
-        files = files.merged(CheckpointReader(emulator_files(run.output("emulate"))))
+        files = files.merged(OUTPUTS.emulator(run, model))
     blocks = backend.blockwise(model, files).blocks
     ahead, keep = _room(run, model, blocks)
     if emulator:  # its own blocks kept, for its own forwards: gone before the full variants run
@@ -133,7 +150,7 @@ def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
     else:
         shared = shared or shared_weights(run)
         reader, cache = shared.reader, shared.cache
-    lora = emloc.adapter_factors(*emloc.read_adapter(adapter)) if adapter is not None else None
+    lora = OUTPUTS.adapter(adapter) if adapter is not None else None
     # the next block is read (on a GPU: copied on a side stream) while one runs: disk or PCIe beside the compute
     model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None), lora,
                                          prefetch=ahead, cache=cache)
