@@ -440,7 +440,7 @@ def test_a_new_run_starts_clean_and_example_data_replaces_the_set(page, world, t
     new_photo = tmp_path / "my-own-mug.png"
     Image.new("RGB", (96, 96), (240, 200, 30)).save(new_photo)
     page.locator("#ask-upload input[type=file]").set_input_files(str(new_photo))
-    page.wait_for_timeout(1500)
+    page.locator("#ask-upload img").first.wait_for(timeout=30_000)  # the upload has reached the server, not a fixed wait
     button(page, "Render new previews").click()
     expect_text(page, "#preview-text", "(previews-", timeout=TRAINING_TIMEOUT_MS)
     expect_text(page, "#answers", "no (a new image)")
