@@ -5,12 +5,17 @@ Plain functions over plain values, called by app/steps/budget.py; the numbers co
 
 from __future__ import annotations
 
+import functools
+
 from pipelines.planner.planning import METHOD_NAMES, PHASE_NAMES, PlanSettings, plan_run
 
 from . import form
 from .plots import Bar, memory_chart
 
-BUDGET_PRESETS = (8, 12, 16, 24, 48, 80)
+# GPU sizes the Budget step offers as presets (GiB) -> the RAM a machine with such a card typically has (GiB): a
+# preset fills the RAM budget with that (at most what is free now), unless the person typed their own
+CARD_RAM = {8: 16, 12: 32, 16: 32, 24: 64, 48: 128, 80: 256}
+BUDGET_PRESETS = tuple(CARD_RAM)
 SMALL_MODEL = form.SMALL_MODEL
 GiB = 2**30
 
@@ -99,6 +104,56 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
     line = plan.ram_bytes / GiB if cpu else float(budget_gb)
     return {"svg": memory_chart(bars, line, title), "text": text, "recommended": plan.recommended,
             "ratio": plan.ratio, "fits": bool(fits), "legend": CHART_LEGEND}
+
+
+def preset_budgets(card: float, available_ram: float, ram_touched: bool = False, ram: float | None = None
+                   ) -> tuple[float, float]:
+    """(GPU budget, RAM budget) of the preset `card` (GiB): the card's size, and the RAM a machine with it typically
+    has (CARD_RAM), at most `available_ram` (what is free here: a budget above it would run out), or the person's
+    own `ram` when they typed one (`ram_touched`)."""
+    card = float(card)
+    if card not in CARD_RAM:
+        raise ValueError(f"{card:g} GiB is not one of the presets ({', '.join(str(c) for c in CARD_RAM)}); type the "
+                         "GPU memory budget instead")
+    if ram_touched and ram:
+        return card, float(ram)
+    return card, float(min(CARD_RAM[int(card)], available_ram))
+
+
+@functools.lru_cache(maxsize=64)
+def card_table(model: str, rank: int, batch_size: int = 1, ram_gb: float | None = None,
+               cards: tuple[int, ...] = BUDGET_PRESETS) -> str:
+    """What each preset card means for `model`: per card, the recommended ratio, the largest EMLoC phase at it and
+    whether LoRA on the full model or QLoRA would fit the same card instead (a markdown table; the planner's
+    numbers, milliseconds each after the first). `ram_gb` None: each card with its typical RAM (CARD_RAM)."""
+    lines = ["| GPU | recommended ratio | largest EMLoC phase at that ratio | LoRA (full model) | QLoRA (NF4 base) |",
+             "|---:|---:|---|---|---|"]
+    for card in cards:
+        ram = float(ram_gb) if ram_gb else float(CARD_RAM.get(card, 2 * card))
+        settings = PlanSettings(budget_gb=float(card), lora_rank=int(rank), batch_size=int(batch_size), ram_gb=ram)
+        plan = plan_run(model, settings)
+        emloc = [e for e in plan.memory.estimates if e.method == "emloc"]
+        worst = max(emloc, key=lambda e: e.total)
+
+        def other(method: str) -> str:
+            training = plan.get("training", method)
+            if training is None:
+                return "–"
+            return (f"fits ({training.total / GiB:.1f} GiB)" if plan.fits(training)
+                    else f"does not fit ({training.total / GiB:.1f} GiB)")
+
+        if plan.recommended is None:
+            row = f"| {card} GB | nothing fits | {PHASE_NAMES[worst.phase]} needs {worst.total / GiB:.1f} GiB even at " \
+                  f"{plan.ratio:.2f} |"
+        else:
+            row = (f"| {card} GB | **{plan.recommended:.2f}** | {PHASE_NAMES[worst.phase]}: "
+                   f"{worst.total / GiB:.1f} GiB of {card} |")
+        lines.append(row + f" {other('lora')} | {other('qlora')} |")
+    ram_words = (f"your RAM budget of {float(ram_gb):g} GiB" if ram_gb else
+                 "the RAM such a machine typically has (" + ", ".join(f"{c} GB: {r} GiB" for c, r in CARD_RAM.items()
+                                                                      if c in cards) + ")")
+    return (f"**What each GPU size means for this model** (LoRA rank {int(rank)}, batch size {int(batch_size)}, with "
+            f"{ram_words}):\n\n" + "\n".join(lines))
 
 
 def runs_on(device: dict) -> str:

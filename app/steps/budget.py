@@ -15,7 +15,7 @@ from . import Context
 
 PLAN_INPUTS = ["model.model", "budget.budget", "budget.ratio", "budget.rank", "budget.ram", "budget.touched",
                "page.state", "budget.batch_size"]
-PLAN_OUTPUTS = ["budget.chart", "budget.text", "budget.recommended", "budget.ratio", "budget.msg"]
+PLAN_OUTPUTS = ["budget.chart", "budget.text", "budget.recommended", "budget.ratio", "budget.msg", "budget.cards"]
 
 
 def ram_view(v: Values) -> Values:
@@ -33,12 +33,13 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
                                     v["budget.rank"], ram_gb=v["budget.ram"], device=kind,
                                     batch_size=v["budget.batch_size"])
     except (ValueError, OSError) as err:
-        return {"budget.chart": "", "budget.text": "", "budget.recommended": None, "budget.msg": say(err, good=False)}
+        return {"budget.chart": "", "budget.text": "", "budget.recommended": None, "budget.msg": say(err, good=False),
+                "budget.cards": ""}
     budgets = "RAM budget" if kind == "cpu" else "GPU memory or RAM budget"
     message = "" if plan["recommended"] is not None else say(
         f"No compression ratio fits this budget; raise the {budgets} (or pick a smaller model) to continue.", False)
     view = {"budget.chart": plan["svg"], "budget.text": plan["text"], "budget.recommended": plan["recommended"],
-            "budget.msg": message}
+            "budget.msg": message, "budget.cards": cards_view(v)}
     if not touched and plan["recommended"] is not None:
         view["budget.ratio"] = plan["recommended"]
     suggested = plans.demo_ratio(v["model.model"])
@@ -46,6 +47,27 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
         view["budget.text"] += (f" This demo model starts at ratio {suggested:.2f}, so that the emulator is really "
                                 "compressed.")
     return view
+
+
+def cards_view(v: Values) -> str:
+    """What each preset card means for this model (app/plan.py card_table), each card with the RAM its machine
+    typically has; "" when the planner cannot read the model (the plan says why)."""
+    try:
+        return plans.card_table(str(v["model.model"]), int(v["budget.rank"] or 16), int(v["budget.batch_size"] or 1))
+    except (ValueError, OSError):
+        return ""
+
+
+def use_preset(studio, v: Values) -> Values:
+    """A card preset: the GPU budget is the card's size, the RAM budget what such a machine typically has (at most
+    what is free here; a RAM budget the person typed stays), and the ratio slider follows the recommendation again;
+    the plan says what that means."""
+    if not v["budget.presets"]:
+        return {}
+    card, ram = plans.preset_budgets(v["budget.presets"], handlers.available_ram_gib(), v["budget.ram_touched"],
+                                     v["budget.ram"])
+    view = plan_view({**v, "budget.budget": card, "budget.ram": ram}, touched=False)
+    return {**view, "budget.budget": card, "budget.ram": ram, "budget.touched": False}
 
 
 def model_view(v: Values, suggested: float | None) -> Values:
@@ -105,8 +127,9 @@ def build(ctx: Context) -> dict:
             budget = gr.Number(24, label=gpu_field.label, minimum=None, elem_id="budget", visible=False)
             ram = gr.Number(handlers.available_ram_gib(), label=ram_field.label, minimum=None, elem_id="ram-budget",
                             info="what is free when this step opens; type your own to keep it")
-            presets = gr.Radio([str(p) for p in plans.BUDGET_PRESETS], label="GPU size presets (GiB)", value=None,
-                               visible=False)
+            presets = gr.Radio([(f"{p} GB", str(p)) for p in plans.BUDGET_PRESETS], value=None, visible=False,
+                               label="Presets for common cards", elem_id="budget-presets",
+                               info="fills the GPU memory and RAM budgets; the ratio follows the recommendation")
         msg = gr.Markdown(elem_id="msg-budget", elem_classes="emloc-msg")  # beside the budgets it is mostly about
         with gr.Row():
             ratio = gr.Slider(0.05, 1.0, value=ratio_field.default, step=0.01, scale=3, elem_id="ratio",
@@ -120,18 +143,21 @@ def build(ctx: Context) -> dict:
         text = gr.Markdown(elem_id="plan-text")
         chart = gr.HTML(elem_id="memory-chart")
         gr.Markdown(plans.CHART_LEGEND, elem_id="chart-legend")
+        cards = gr.Markdown(elem_id="card-table")  # what each preset card would mean for this model
         check = gr.Button("Check this plan by tracing the run's code (reads no weights; up to a minute)", size="sm")
         traced = gr.Markdown(elem_id="plan-trace")
         next_button = gr.Button("Next: training", variant="primary")
     elems = {"runs_on": runs_on, "budget": budget, "ram": ram, "presets": presets, "ratio": ratio, "rank": rank,
              "batch_size": batch, "recommend": recommend, "text": text, "chart": chart, "msg": msg,
              "next": next_button, "check": check, "trace": traced, "touched": gr.State(False), "ram_touched": gr.State(False),
-             "recommended": gr.State(None)}
+             "recommended": gr.State(None), "cards": cards}
     m.add("budget", elems)
-    presets.change(lambda preset: float(preset) if preset else gr.skip(), [presets], [budget], concurrency_id="wizard")
+    m.bind(presets.input, partial(use_preset, studio), [*PLAN_INPUTS, "budget.presets", "budget.ram_touched"],
+           [*PLAN_OUTPUTS, "budget.budget", "budget.ram", "budget.touched"], message="budget.msg")
     for event in (budget.change, rank.change, batch.input, ram.change):
         m.bind(event, lambda v: plan_view(v), PLAN_INPUTS, PLAN_OUTPUTS, trigger_mode="always_last")
     ram.input(lambda: True, [], [m["budget.ram_touched"]], concurrency_id="wizard")  # typed: theirs now
+    budget.input(lambda: None, [], [presets], concurrency_id="wizard")  # a typed budget is no preset any more
     m.bind(ratio.release, partial(moved_ratio, studio), PLAN_INPUTS, [*PLAN_OUTPUTS, "budget.touched"],
            trigger_mode="always_last")
     m.bind(recommend.click, partial(use_recommended, studio), PLAN_INPUTS, [*PLAN_OUTPUTS, "budget.touched"],
