@@ -20,6 +20,7 @@ from typing import Any
 from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, check_image
+from pipelines.runner.requests import MAX_SEEDS, parse_seeds  # noqa: F401 (MAX_SEEDS: the app's)
 
 from . import families, form, handlers, results
 from .jobs import JobBusy, JobManager, JobStatus, read_losses
@@ -30,7 +31,6 @@ STAGE_WORDS = {"starting": "Starting", "cache": "Caching your data (text embeddi
                "calibrate": "Calibrating: reading your data through the full model",
                "emulate": "Building the low-rank emulator", "train": "Training the LoRA on the emulator",
                "correct": "Correcting the LoRA for the full model", "preview": "Rendering previews"}
-MAX_SEEDS = 16
 ASKED_DIR = "asked"  # new images a question was asked about in step 5, inside the run folder
 IDLE = "Nothing is running. Press **Start training** when the steps above are done."
 __all__ = ["JobBusy", "Studio", "describe_job", "parse_seeds", "read_losses", "run_name"]
@@ -56,26 +56,6 @@ def check_run_name(name: str, runs_dir: Path) -> Path:
         raise FileExistsError(f"a run named {name!r} already exists; choose another name (open the old one under "
                               "Past runs)")
     return folder
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0, 1 2' -> [0, 1, 2]; '1000-1003' -> [1000, 1001, 1002, 1003]; ValueError in words for anything else."""
-    parts = [p for p in re.split(r"[,\s]+", str(text or "").strip()) if p]
-    if not parts:
-        raise ValueError("give at least one seed, e.g. 0 or 0, 1, 2 or a range 1000-1015")
-    seeds: list[int] = []
-    for part in parts:
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise ValueError(f"seeds must be whole numbers or ranges separated by commas, e.g. 0, 1, 1000-1015; "
-                             f"got {text!r}")
-        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-        if high < low:
-            raise ValueError(f"the seed range {part} runs backwards; write it as {high}-{low}")
-        seeds += range(low, min(high, low + MAX_SEEDS) + 1)
-    if len(seeds) > MAX_SEEDS:
-        raise ValueError(f"use 1 to {MAX_SEEDS} seeds (each makes one row of pictures); got {len(seeds)} in {text!r}")
-    return seeds
 
 
 def _preview_flag(settings_class: type, name: str) -> str:
@@ -202,7 +182,7 @@ class Studio:
         arguments = ["preview", "--run", str(run_dir), "--name", name]
         after = None
         if families.preview_kind(info["backend"]) == families.IMAGE_PREVIEW:
-            for seed in parse_seeds(seeds):
+            for seed in parse_seeds(seeds, "Seeds"):
                 arguments += [_preview_flag(settings_class, "preview_seeds"), str(seed)]
             if text:
                 arguments += [_preview_flag(settings_class, "preview_prompts"), text]

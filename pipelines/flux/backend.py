@@ -281,12 +281,14 @@ class FluxBackend(DreamBoothData, Backend):
     SAMPLE_PROMPTS = 4  # the instance prompt and up to three of the user's own captions
 
     def write_samples(self, folder: Path, model: nn.Module) -> list[Path]:
-        """A round of training samples from the cached prompt embeddings (the instance prompt and up to three of
-        the captions, at the preview seeds): no text encoder is loaded beside the training model, only the VAE."""
+        """A round of training samples from the prompt embeddings (--sample-prompt, else the instance prompt and up
+        to three of the captions; at the preview seeds), embedded before training: no text encoder is loaded beside
+        the training model, only the VAE."""
         from diffusers import FluxPipeline
 
         meta = self.cache["meta"]
-        texts = sorted(meta["texts"], key=lambda t: t != self.settings.prompt)[:self.SAMPLE_PROMPTS]
+        texts = list(self.run.sample_prompts) or sorted(meta["texts"], key=lambda t: t != self.settings.prompt
+                                                        )[:self.SAMPLE_PROMPTS]
         pipe = FluxPipeline.from_pretrained(self.run.model, transformer=None, text_encoder=None, text_encoder_2=None,
                                             tokenizer=None, tokenizer_2=None, dtype=self.dtype,
                                             use_safetensors=True).to(self.device)
@@ -319,7 +321,7 @@ class FluxBackend(DreamBoothData, Backend):
         """The run's cache, then the embeddings of preview prompts typed after the run (launch.py preview --prompt):
         encoded here, before any transformer is on the device, and the encoders freed again."""
         super().load_cache(folder)
-        self._prompt_embeds(sorted({p for p, _ in self._requests()}))
+        self._prompt_embeds(sorted({p for p, _ in self._requests()} | set(self.run.sample_prompts)))
 
     def _sample(self, pipe, model: nn.Module, requests: list[tuple[str, int]], embeds: dict) -> list:
         """One image per (prompt, seed) through `model` (a transformer, maybe PEFT-wrapped) in `pipe`, from the
@@ -336,9 +338,13 @@ class FluxBackend(DreamBoothData, Backend):
                               num_inference_steps=how["steps"], guidance_scale=how["guidance"],
                               generator=torch.Generator("cpu").manual_seed(seed))
                 images.append(result.images[0])
+                self.output_done()
         finally:
             pipe.transformer = None
         return images
+
+    def preview_count(self) -> int:
+        return len(self._requests())
 
     def generate(self, model: nn.Module, label: str) -> list:
         requests = self._requests()

@@ -330,7 +330,7 @@ class Flux2Backend(DreamBoothData, Backend):
         """The run's cache, then the embeddings of preview prompts typed after the run (launch.py preview --prompt):
         encoded here, before any transformer is on the device, and the encoder freed again."""
         super().load_cache(folder)
-        self._prompt_embeds(self._preview_texts())
+        self._prompt_embeds(sorted(set(self._preview_texts()) | set(self.run.sample_prompts)))
 
     def _prompt_embeds(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Cached embeddings (on the CPU, in the model's dtype); texts the cache lacks are encoded once, kept beside
@@ -347,8 +347,8 @@ class Flux2Backend(DreamBoothData, Backend):
             known.update(embedded)
         return known
 
-    def generate(self, model: nn.Module, label: str) -> list:
-        how, requests = self._sampling(), self._requests()
+    def generate(self, model: nn.Module, label: str, requests: list[tuple[str, int]] | None = None) -> list:
+        how, requests = self._sampling(), requests or self._requests()
         embeds = self._prompt_embeds(sorted({p for p, _ in requests} | ({""} if self._real_cfg() else set())))
         pipe = self._pipeline(text=False)  # from the embeddings: sample rounds and previews never build the encoder
         pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -362,14 +362,25 @@ class Flux2Backend(DreamBoothData, Backend):
                               guidance_scale=how["guidance"], generator=torch.Generator("cpu").manual_seed(seed),
                               max_sequence_length=self.settings.max_sequence_length, **extra)
                 images.append(result.images[0])
+                self.output_done()
         finally:
             pipe.transformer = None
         return images
 
-    def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
+    def preview_count(self) -> int:
+        return len(self._requests())
+
+    def write_samples(self, folder: Path, model: nn.Module) -> list[Path]:
+        """A round of training samples: the --sample-prompt prompts (else the previews') at the preview seeds."""
+        requests = [(p, seed) for p in self.run.sample_prompts for seed in self.settings.preview_seeds] or None
+        return self.write_previews(folder, {"emulator + LoRA": self.generate(model, "emulator + LoRA", requests)},
+                                   requests)
+
+    def write_previews(self, folder: Path, outputs: dict[str, list],
+                       requests: list[tuple[str, int]] | None = None) -> list[Path]:
         files = []
         for label, images in outputs.items():
-            for (prompt, seed), image in zip(self._requests(), images):
+            for (prompt, seed), image in zip(requests or self._requests(), images):
                 slug = "-".join("".join(c if c.isalnum() else " " for c in f"{label} {prompt}").lower().split())[:60]
                 path = Path(folder) / f"{slug}__seed{seed}.png"
                 image.save(path)

@@ -375,16 +375,35 @@ class VlmBackend(Backend):
             return [(sample, sample.answer, "held out") for sample in self.held_out[:count]]
         return [(sample, sample.answer, "trained on") for sample in self.samples[:count]]
 
-    def generate(self, model: torch.nn.Module, label: str) -> list:
+    def generate(self, model: torch.nn.Module, label: str, items: list | None = None) -> list:
         answers = []
-        for sample, _, _ in self.preview_items():
+        for sample, _, _ in items or self.preview_items():
             answers.append(generate_answer(model, self.packer, sample, self.settings.max_new_tokens, self.device))
             log.debug("%s: %r -> %r", label, sample.turns[-1][0], answers[-1])
+            self.output_done()
         return answers
 
-    def write_previews(self, folder: Path, outputs: dict[str, list]) -> list[Path]:
+    def preview_count(self) -> int:
+        return len(self.preview_items())
+
+    def sample_items(self) -> list[tuple[QASample, str | None, str]]:
+        """A sample round's questions: --sample-prompt asked about the first preview question's image (no reference
+        answer), else the previews'."""
+        if not self.run.sample_prompts:
+            return self.preview_items()
+        first = self.preview_items()[0][0] if (self.samples or self.settings.preview_questions) else None
+        images = tuple(first.images[:1]) if first is not None else ()
+        for question in self.run.sample_prompts:
+            check_no_image_tokens(question, "question", "--sample-prompt")
+        return [(QASample(images, ((question, "?"),)), None, "sample") for question in self.run.sample_prompts]
+
+    def write_samples(self, folder: Path, model: torch.nn.Module) -> list[Path]:
+        items = self.sample_items()
+        return self.write_previews(folder, {"emulator + LoRA": self.generate(model, "emulator + LoRA", items)}, items)
+
+    def write_previews(self, folder: Path, outputs: dict[str, list], items: list | None = None) -> list[Path]:
         """previews.json (every answer, exact match and token F1 per model) and previews.md (the table)."""
-        items = self.preview_items()
+        items = items or self.preview_items()
         rows, scores = [], {}
         for index, (sample, reference, source) in enumerate(items):
             rows.append({"question": sample.turns[-1][0], "image": sample.images[0] if sample.images else None,

@@ -53,6 +53,8 @@ neither, `streams(backend)` tells:
 Output (samples, previews, exports):
     write_samples(folder, model)   one round of samples during training (default: the previews')
     check_preview()          raise ValueError for preview settings that cannot be rendered
+    preview_count()          how many outputs `generate` makes per variant (0: unknown); with `output_done()`,
+                             called by `generate` after each output, the machine reports progress per image/answer
     export(folder, corrected, uncorrected, config)   extra adapter formats, written into `folder`
     export_snippet(lora, plan)   Python that loads the run's corrected adapter (under `lora`, the run's lora/
                              folder) and makes one preview again, offloading the model where the run's plan
@@ -65,7 +67,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
@@ -156,6 +158,15 @@ class Backend(ABC):
         return self.write_previews(folder, {"emulator + LoRA": self.generate(model, "emulator + LoRA")})
 
     def check_preview(self) -> None: ...
+    def preview_count(self) -> int: return 0
+
+    on_output: Callable[[], None] | None = None  # set by the run machine while it renders previews
+
+    def output_done(self) -> None:
+        """Called by `generate` after each image or answer: the machine's progress per output (see preview_count)."""
+        if self.on_output is not None:
+            self.on_output()
+
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None: ...
     def export_snippet(self, lora: Path, plan: dict | None = None) -> str: return ""
     def release(self) -> None: ...

@@ -31,6 +31,7 @@ from .checks import disk_words
 from .command import field_flag
 from .machine import Run, distributed_state, read_run_file
 from .progress import PROGRESS_LOG, Progress, ProgressFile, RunCancelled
+from .requests import parse_scales, parse_seeds
 from .settings import RUN_FILE, STAGES, RunSettings
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,37 @@ def add_settings_options(parser: argparse.ArgumentParser, cls: type, title: str,
         dest = f"{cls.__name__}.{f.name}"
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif many and kind is int:  # seeds: "--seed 3 --seed 7", "--seed 1000-1015" or "--seed '1, 5, 9'"
+            group.add_argument(flag, dest=dest, type=_seed_list(flag), action="extend", default=None,
+                               metavar=flag.lstrip("-").replace("-", "_").upper(),
+                               help=help_text + "; numbers or ranges (1000-1015, '1, 5, 9'), or repeat the flag")
         elif many:
             group.add_argument(flag, dest=dest, type=kind, action="append", default=None, metavar=flag.lstrip("-").replace("-", "_").upper(),
                                help=help_text + "; repeat for several")
         else:
             group.add_argument(flag, dest=dest, type=kind, default=None, metavar=flag.lstrip("-").replace("-", "_").upper(), help=help_text)
+
+
+def _seed_list(flag: str):
+    """An argparse type for a list of whole numbers: `parse_seeds` with the flag in its message."""
+    def parse(text: str) -> list[int]:
+        try:
+            return parse_seeds(text, flag)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = "seeds"
+    return parse
+
+
+def _scale_list(text: str) -> list[float]:
+    try:
+        return parse_scales(text, "--scales")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_scale_list.__name__ = "strengths"
 
 
 def given_settings(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -268,6 +295,9 @@ def preview(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="where to render: cpu, cuda or cuda:N (default: the device the run was "
                         "made on)")
     parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    parser.add_argument("--scales", type=_scale_list, default=None, metavar="STRENGTHS",
+                        help="a strength grid instead of the usual previews: the corrected LoRA at each strength "
+                             "(e.g. '0, 0.5, 1, 1.25'; 0 is the base model) for every prompt / question and seed")
     backend_type = None
     if known.run and (Path(known.run) / RUN_FILE).is_file():
         try:
@@ -285,7 +315,7 @@ def preview(argv: list[str] | None = None) -> int:
         console = ConsoleProgress()
         run.callbacks += [console, ProgressFile(run.dir / PROGRESS_LOG)]
         _cancel_on_ctrl_c(run)  # SIGINT (the app's Cancel, or Ctrl-C): stop between two preview variants
-        folder = run.preview(args.name)
+        folder = run.preview(args.name, scales=args.scales)
         console.close()
     except RunCancelled as err:
         print(f"cancelled: {err}", file=sys.stderr)

@@ -371,8 +371,9 @@ class Run:
         distributed_state(self.backend.device).wait_for_everyone()
         self.backend.load_cache(cache)
 
-    def preview(self, name: str | None = None) -> Path:
-        """Render previews into a new folder `previews-<time>` (or `name`) of a run whose LoRA is done."""
+    def preview(self, name: str | None = None, scales: list[float] | None = None) -> Path:
+        """Render previews into a new folder `previews-<time>` (or `name`) of a run whose LoRA is done; with `scales`,
+        a strength grid instead (stages.preview_grid: the corrected LoRA at each strength)."""
         if not self.output("correct").exists():
             raise FileNotFoundError(f"{self.dir} has no corrected LoRA yet; finish training first")
         final = self.dir / confined_name(name or _dt.datetime.now().strftime("previews-%Y%m%d-%H%M%S"), "--name")
@@ -386,7 +387,10 @@ class Run:
             staging = self._staging(final)
             try:
                 with held_memory(self.backend.device) as held:
-                    bodies.preview(self, staging)
+                    if scales:
+                        bodies.preview_grid(self, staging, scales)
+                    else:
+                        bodies.preview(self, staging)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

@@ -74,6 +74,11 @@ class RunSettings:
         "help": "auto, cpu, cuda or cuda:N; a run keeps the kind it was made on (with --resume: where to continue)"})
     offload: bool = field(default=False, metadata={
         "help": "calibrate with the full model in CPU memory, one layer at a time on the GPU (for models larger than it)"})
+    sample_prompts: list[str] = field(default_factory=list, metadata={
+        "label": "Sample prompts", "flag": "--sample-prompt",
+        "help": "what each sample round during training renders (image models: prompts, at the preview seeds) or asks "
+                "(InternVL: questions about the first preview image); default: the instance prompt and a few of the "
+                "captions (image models), the preview questions (InternVL)"})
 
     def resolved_device(self) -> torch.device:
         """`auto` means the first CUDA device when there is one, else the CPU."""
@@ -122,6 +127,9 @@ class RunSettings:
         if not self.lam >= 0:  # inf is allowed (unclamped); nan and negatives are not
             raise ValueError(f"--lam must be a number >= 0 (0: no correction, inf: unclamped); got {self.lam}")
         parse_rules(self.rules)
+        for prompt in self.sample_prompts:
+            if not str(prompt).strip() or len(str(prompt)) > 1000:
+                raise ValueError(f"--sample-prompt {str(prompt)[:40]!r}: give a sentence or two (1-1000 characters)")
 
     def lora(self, targets: list[str]) -> emloc.LoraSettings:
         """The LoRA of this run on `targets` (regexes)."""

@@ -34,6 +34,7 @@ from .models import Run, emulator_model, full_model_streamed, streams
 from .progress import Progress, RunCancelled
 from .settings import LOSS_LOG, PREVIEW_VARIANTS, parse_rules, sample_interval
 from . import variants
+from .requests import strength_label
 
 log = logging.getLogger(__name__)
 
@@ -304,14 +305,63 @@ def preview(run: Run, out: Path) -> None:
     was read of the full model (variants.shared_weights: the model held in RAM once, blocks kept on the device);
     the previews are written in the usual order."""
     order = sorted(PREVIEW_VARIANTS, key=lambda label: label != "emulator + LoRA")
+    loaders = {label: (lambda shared, label=label: variants.preview_variant(run, label, shared)) for label in order}
+    outputs = _render(run, loaders, full=lambda label: label != "emulator + LoRA")
+    files = run.backend.write_previews(out, {label: outputs[label] for label in PREVIEW_VARIANTS})
+    run.emit(Progress("preview", len(PREVIEW_VARIANTS), len(PREVIEW_VARIANTS),
+                      message="previews: " + ", ".join(f.name for f in files)))
+
+
+GRID_FILE = "grid.json"  # in a strength grid's folder: its strengths and column labels, in order
+
+
+def preview_grid(run: Run, out: Path, scales: list[float]) -> None:
+    """A strength grid: every preview request (prompt and seed, or question) through the full model with the
+    corrected LoRA at each strength in `scales` (variants.strength_variant; 0 is the base model), one variant at a
+    time, sharing what was read of the full model as the previews' full variants do. Progress is reported per image
+    (or answer) as stage "grid"; `grid.json` lists the strengths and their column labels."""
+    labels = {strength_label(scale): scale for scale in scales}
+    per_variant = run.backend.preview_count()
+    total, done = per_variant * len(labels), 0
+
+    def on_output() -> None:
+        nonlocal done
+        done += 1
+        run.emit(Progress("grid", done, total, message=f"{current[0]}: image {done} of {total or '?'}"))
+        run.check_cancel()  # Cancel stops between two images, not only between two strengths
+
+    current = [""]
+
+    def loader(label: str):
+        def load(shared):
+            current[0] = label
+            return variants.strength_variant(run, labels[label], shared)
+        return load
+
+    run.backend.on_output = on_output
+    try:
+        run.emit(Progress("grid", 0, total, message="loading the models"))
+        outputs = _render(run, {label: loader(label) for label in labels}, full=lambda label: True, announce=False)
+    finally:
+        run.backend.on_output = None
+    run.backend.write_previews(out, outputs)
+    (out / GRID_FILE).write_text(json.dumps({"scales": list(labels.values()), "labels": list(labels)}, indent=2))
+    run.emit(Progress("grid", total, total, message=f"strength grid: {len(labels)} strengths"))
+
+
+def _render(run: Run, loaders: dict, full, announce: bool = True) -> dict[str, list]:
+    """{label: the backend's outputs} of each variant `loaders[label](shared)` builds, in order; the variants for
+    which `full(label)` is true share one variants.shared_weights (created before the first of them). `announce`:
+    a "preview" progress event per variant (a grid reports per image instead)."""
     outputs, shared = {}, None
     try:
-        for index, label in enumerate(order):
+        for index, (label, load) in enumerate(loaders.items()):
             run.check_cancel()
-            run.emit(Progress("preview", index, len(order), message=f"preview: {label}"))
-            if label != "emulator + LoRA" and shared is None:
+            if announce:
+                run.emit(Progress("preview", index, len(loaders), message=f"preview: {label}"))
+            if full(label) and shared is None:
                 shared = variants.shared_weights(run)
-            model = variants.preview_variant(run, label, shared)
+            model = load(shared)
             model.eval()
             try:
                 with torch.no_grad():
@@ -323,12 +373,10 @@ def preview(run: Run, out: Path) -> None:
             return_freed_memory()  # the next variant must not stand on this one's freed heap
             if run.backend.device.type == "cuda":
                 torch.cuda.empty_cache()
-        files = run.backend.write_previews(out, {label: outputs[label] for label in PREVIEW_VARIANTS})
     finally:
         if shared is not None and isinstance(shared.reader, variants.CachedReader):
             shared.reader.close()  # unpinned before it is freed
         shared = None
         run.backend.release()  # the pipeline's text encoders and VAE leave the device with the stage
         gc.collect()
-    run.emit(Progress("preview", len(PREVIEW_VARIANTS), len(PREVIEW_VARIANTS),
-                      message="previews: " + ", ".join(f.name for f in files)))
+    return outputs

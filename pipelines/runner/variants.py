@@ -133,7 +133,7 @@ OUTPUTS = RunOutputs()
 
 
 def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
-                      shared: FullWeights | None = None) -> nn.Module:
+                      shared: FullWeights | None = None, strength: float = 1.0) -> nn.Module:
     """The full model (or, `emulator`, the emulator) as a skeleton whose blocks are read as they run, from the files
     (mode "files") or from host RAM ("offload"), the next block read ahead where the budget has room for it; the
     adapter (if any) added to its target layers' outputs; see emloc.checkpoint.StreamedForward. The full model's
@@ -151,6 +151,9 @@ def _streamed_variant(run: Run, adapter: Path | None, emulator: bool = False,
         shared = shared or shared_weights(run)
         reader, cache = shared.reader, shared.cache
     lora = OUTPUTS.adapter(adapter) if adapter is not None else None
+    if lora is not None and strength != 1.0:  # (A, s·B) -> (A, t·s·B) in place: t·ΔW, no new tensor
+        for _, scaled_b in lora.values():
+            scaled_b.mul_(strength)
     # the next block is read (on a GPU: copied on a side stream) while one runs: disk or PCIe beside the compute
     model.emloc_stream = StreamedForward(model, reader, blocks, backend.device, getattr(backend, "dtype", None), lora,
                                          prefetch=ahead, cache=cache)
@@ -173,6 +176,25 @@ def preview_variant(run: Run, label: str, shared: FullWeights | None = None) -> 
         return _streamed_variant(run, folder, shared=shared)
     model = backend.load_model(backend.device)
     return emloc.load_adapter(model, folder) if folder is not None else model
+
+
+def strength_variant(run: Run, strength: float, shared: FullWeights | None = None) -> nn.Module:
+    """The full model with the corrected LoRA at `strength` t, a column of the strength grid: every layer's update
+    is t·ΔW = (t·s·B) A, the adapter's B factors multiplied in place after loading, so the variant holds exactly the
+    tensors of "full + corrected LoRA" (the plan's preview memory holds for every strength); t = 0 is the base
+    model itself (no adapter at all)."""
+    if strength == 0:
+        return preview_variant(run, "base", shared)
+    folder = run.output("correct") / "corrected"
+    if preview_mode(run) != "whole":
+        return _streamed_variant(run, folder, shared=shared, strength=strength)
+    model = emloc.load_adapter(run.backend.load_model(run.backend.device), folder)
+    if strength != 1.0:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if ".lora_B." in name:  # PEFT's B of each adapted layer: ΔW = s·B A
+                    parameter.mul_(strength)
+    return model
 
 
 def finish_variant(model: nn.Module) -> None:
