@@ -23,10 +23,11 @@ from pipelines.runner.registry import backend_class, backend_names, demo_suggest
 BUDGET_FIELDS = ("ratio", "rank", "batch_size", "ram_gb", "gpu_gb")
 TRAIN_FIELDS = ("steps", "lr", "lam", "seed", "calibration_samples")
 MORE_FIELDS = ("checkpoint_every",)
+TEXT_FIELDS = ("sample_prompts",)  # lists typed one item per line, under "More settings"
 # Backend fields under "More settings", shown when the run's backend has them
 BACKEND_FIELDS = ("resolution", "preview_steps", "max_sequence_length", "max_new_tokens")
 WHERE = {**{n: "step 3" for n in BUDGET_FIELDS}, **{n: "step 4" for n in TRAIN_FIELDS},
-         **{n: "step 4, More settings" for n in MORE_FIELDS + BACKEND_FIELDS}}
+         **{n: "step 4, More settings" for n in MORE_FIELDS + BACKEND_FIELDS + TEXT_FIELDS}}
 SMALL_MODEL = 100e6  # parameters; below this a model trains on a CPU in seconds (the demo models)
 # What suits a tiny model (seconds per run on a CPU); a demo's own demo.json suggestions win over these
 QUICK = {"steps": 30, "lr": 1e-3, "calibration_samples": 8, "checkpoint_every": 10, "resolution": 32,

@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, check_image
-from pipelines.runner.requests import MAX_SEEDS, parse_seeds  # noqa: F401 (MAX_SEEDS: the app's)
+from pipelines.runner.requests import MAX_SEEDS, parse_prompts, parse_scales, parse_seeds  # noqa: F401
 
 from . import families, form, handlers, results
 from .jobs import JobBusy, JobManager, JobStatus, read_losses
@@ -30,7 +30,8 @@ from .words import failure_words
 STAGE_WORDS = {"starting": "Starting", "cache": "Caching your data (text embeddings, latents, tokens)",
                "calibrate": "Calibrating: reading your data through the full model",
                "emulate": "Building the low-rank emulator", "train": "Training the LoRA on the emulator",
-               "correct": "Correcting the LoRA for the full model", "preview": "Rendering previews"}
+               "correct": "Correcting the LoRA for the full model", "preview": "Rendering previews",
+               "grid": "Rendering the strength grid"}
 ASKED_DIR = "asked"  # new images a question was asked about in step 5, inside the run folder
 IDLE = "Nothing is running. Press **Start training** when the steps above are done."
 __all__ = ["JobBusy", "Studio", "describe_job", "parse_seeds", "read_losses", "run_name"]
@@ -91,7 +92,8 @@ class Studio:
                    + ("ratio", "rank", "batch_size")}
         numbers["ram_gb"] = float(values.get("ram_gb") or 0.0)
         numbers["checkpoint_every"] = max(1, numbers["checkpoint_every"])
-        run_settings = RunSettings(model=model, alpha=float(numbers["rank"]), **numbers)
+        run_settings = RunSettings(model=model, alpha=float(numbers["rank"]), **numbers,
+                                   sample_prompts=parse_prompts(values.get("sample_prompts"), "Sample prompts"))
         staging = Path(tempfile.mkdtemp(prefix="emloc-upload-"))
         try:
             settings = self._backend_settings(backend, values, staging / "data")
@@ -164,10 +166,11 @@ class Studio:
 
     # -- step 5: previews ------------------------------------------------------------------------------
     def render_preview(self, run_dir: str, text: str, seeds: str, image: str | None = None,
-                       upload: str | None = None) -> str:
-        """New previews of a finished run in their own process (`launch.py preview`): for a prompt and seeds (image
-        previews) or a question about one of the run's images or a new one (answer previews, the new image kept in
-        `<run>/asked/` so the answers can be shown beside it later)."""
+                       upload: str | None = None, scales: str = "") -> str:
+        """New previews of a finished run in their own process (`launch.py preview`): for prompts (one per line) and
+        seeds (image previews) or questions about one of the run's images or a new one (answer previews, the new
+        image kept in `<run>/asked/` so the answers can be shown beside it later). `scales` ("0, 0.5, 1"): a
+        strength grid of the corrected LoRA instead (app/grid.py shows it)."""
         busy = self.jobs.busy_message()
         if busy:
             raise JobBusy(busy)
@@ -177,26 +180,31 @@ class Studio:
         if not (Path(run_dir) / "lora" / "corrected").is_dir():
             raise FileNotFoundError(f"{Path(run_dir).name} has no corrected LoRA yet; let training finish first")
         settings_class = families.backend_type(info["backend"]).settings_class
-        text = (text or "").strip()
+        texts = parse_prompts(text, "New prompt")
         name = time.strftime("previews-%Y%m%d-%H%M%S")
         arguments = ["preview", "--run", str(run_dir), "--name", name]
+        if scales:
+            arguments += ["--scales", ", ".join(f"{s:g}" for s in parse_scales(scales, "LoRA strengths"))]
         after = None
         if families.preview_kind(info["backend"]) == families.IMAGE_PREVIEW:
             for seed in parse_seeds(seeds, "Seeds"):
                 arguments += [_preview_flag(settings_class, "preview_seeds"), str(seed)]
-            if text:
-                arguments += [_preview_flag(settings_class, "preview_prompts"), text]
-            prompts = [text] if text else []
+            for prompt in texts:
+                arguments += [_preview_flag(settings_class, "preview_prompts"), prompt]
+            prompts = texts
 
             def after() -> None:  # the file names keep only the start of a prompt: the page shows it in full
                 folder = Path(run_dir) / name
                 if prompts and folder.is_dir():
                     (folder / results.REQUEST_FILE).write_text(json.dumps({"prompts": prompts}))
         else:
-            if not text:
+            if not texts and not scales:
                 raise ValueError("type a question to ask the three models")
-            arguments += [_preview_flag(settings_class, "preview_questions"), text]
-            if upload:
+            for question in texts:
+                arguments += [_preview_flag(settings_class, "preview_questions"), question]
+            if not texts:  # a grid of the run's own preview questions
+                pass
+            elif upload:
                 try:
                     check_image(Path(upload), handlers.LIMITS["qa"])
                 except DataError as err:  # said with the file's name, not the upload's temporary path
@@ -429,7 +437,10 @@ def describe_job(status: JobStatus) -> dict:
     bar = progress_bar(fraction, f"{words} · {detail}" if status.state == "running" and detail else
                        ("done" if status.state == "done" else words))
     rendering = ""  # step 5's own bar while a preview job runs: which of the four models is being sampled
-    if status.kind == "preview" and status.state == "running":
+    if status.kind == "preview" and status.state == "running" and status.stage == "grid":  # per image (app/grid.py)
+        rendering = progress_bar(status.step / status.total if status.total else 0.0,
+                                 f"Rendering the strength grid of {name}: {status.message or 'starting'} · {elapsed} so far")
+    elif status.kind == "preview" and status.state == "running":
         done = status.step if status.stage == "preview" else 0
         total = len(PREVIEW_VARIANTS)
         label = PREVIEW_VARIANTS[min(done, total - 1)] if status.stage == "preview" else "loading the models"

@@ -4,6 +4,7 @@ sample prompts and the strength grid of the Preview step, and what the Export st
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -54,3 +55,133 @@ def test_the_card_table_recommends_more_of_the_model_on_larger_cards():
     for card, ratio in zip(plans.BUDGET_PRESETS, ratios):
         assert plans.memory_plan(FLUX_DEV, card, None, 16, ram_gb=plans.CARD_RAM[card])["recommended"] == ratio
     assert "LoRA (full model)" in table and "does not fit" in table  # what the same card would not do
+
+
+# --------------------------------------------------------------------- item 4: strength grid, prompts, seeds
+@pytest.fixture(scope="module")
+def flux_run(tmp_path_factory):
+    """A finished tiny FLUX.1 run (2 steps; checkpoints every step, both kept)."""
+    from flux_fixtures import save_tiny_flux, write_subject_images
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    root = tmp_path_factory.mktemp("features")
+    model = save_tiny_flux(root / "tiny-flux")
+    write_subject_images(root / "dog", count=3, seed=4)
+    run = Run.create(root / "runs" / "flux-grid", "flux",
+                     RunSettings(model=str(model), ratio=0.5, calibration_samples=2, steps=2, lr=1e-2, device="cpu",
+                                 checkpoint_every=1, sample_every=0, ram_gb=1000.0),
+                     FluxSettings(images=str(root / "dog"), prompt="a photo of sks dog", resolution=32,
+                                  max_sequence_length=16, preview_steps=2))
+    run.execute()
+    return run
+
+
+def run_job_here(studio, monkeypatch):
+    """Jobs run in this process, through the very `launch.py` arguments the app would start them with."""
+    from pipelines.runner import cli
+
+    def start(kind, run_dir, arguments, after=None, result=""):
+        assert arguments[0] == "preview"
+        assert cli.preview(arguments[1:]) == 0
+        if after is not None:
+            after()
+
+    monkeypatch.setattr(studio.jobs, "start", start)
+
+
+def test_the_preview_step_renders_a_strength_grid_of_several_prompts_and_seed_ranges(flux_run, monkeypatch):
+    from app.steps import preview
+    from app.studio import Studio
+
+    studio = Studio(flux_run.dir.parent)
+    run_job_here(studio, monkeypatch)
+    prompts = "a photo of sks dog on the beach\na photo of sks dog in the snow"
+    message = preview.render_grid(studio, {"page.state": PageState(run_dir=str(flux_run.dir)), "preview.ask": prompts,
+                                           "preview.seeds": "3-4", "preview.ask_image": None,
+                                           "preview.ask_upload": None, "preview.scales": "0, 0.5, 1"})
+    assert "Rendering a strength grid" in message["preview.msg"]
+    shown = preview.view(studio, str(flux_run.dir), False)
+    gallery = shown["preview.gallery"]
+    assert gallery.visible and len(gallery.value) == 2 * 2 * 3  # prompts x seeds x strengths
+    captions = [item["caption"] if isinstance(item, dict) else item[1] for item in
+                (gallery.value.root if hasattr(gallery.value, "root") else gallery.value)]
+    assert captions[:3] == [f"{label} · a photo of sks dog on the beach · seed 3" for label in
+                            ("LoRA strength 0 (base model)", "LoRA strength 0.5", "LoRA strength 1")]
+    assert captions[-1] == "LoRA strength 1 · a photo of sks dog in the snow · seed 4"
+    assert "Strength grid of" in shown["preview.text"] and "strengths 0, 0.5, 1" in shown["preview.text"]
+
+
+def test_bad_strengths_and_seeds_are_said_in_the_words_of_the_preview_step(flux_run, monkeypatch):
+    from app.manager import failure
+    from app.steps import preview
+    from app.studio import Studio
+
+    studio = Studio(flux_run.dir.parent)
+    run_job_here(studio, monkeypatch)
+    values = {"page.state": PageState(run_dir=str(flux_run.dir)), "preview.ask": "", "preview.seeds": "0",
+              "preview.ask_image": None, "preview.ask_upload": None, "preview.scales": "0, one"}
+    with pytest.raises(ValueError) as err:
+        preview.render_grid(studio, values)
+    assert "LoRA strengths must be numbers" in failure(err.value) and "'one'" in failure(err.value)
+    with pytest.raises(ValueError) as err:
+        preview.render_grid(studio, {**values, "preview.scales": "1", "preview.seeds": "7-2"})
+    assert "Seeds: the range 7-2 runs backwards; write it as 2-7" in failure(err.value)
+
+
+def test_the_grids_progress_is_per_image_on_the_preview_step():
+    from app.jobs import JobStatus
+    from app.studio import describe_job
+
+    status = JobStatus(kind="preview", run_dir="/runs/flux-1", state="running", stage="grid", step=5, total=12,
+                       message="LoRA strength 0.5: image 5 of 12", started=time.time())
+    bar = describe_job(status)["preview_progress"]
+    assert "Rendering the strength grid of flux-1: LoRA strength 0.5: image 5 of 12" in bar
+    assert 'value="0.417"' in bar  # 5 of 12 images
+
+
+def test_a_run_samples_the_sample_prompts_it_is_given(tmp_path):
+    """--sample-prompt: each sample round renders those prompts (at the preview seeds), not the instance prompt."""
+    from flux_fixtures import save_tiny_flux, write_subject_images
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+    from pipelines.runner.stages import samples
+
+    model = save_tiny_flux(tmp_path / "tiny-flux")
+    write_subject_images(tmp_path / "dog", count=3, seed=4)
+    wanted = ["a photo of sks dog on the moon", "a drawing of sks dog"]
+    run = Run.create(tmp_path / "runs" / "sampled", "flux",
+                     RunSettings(model=str(model), ratio=0.5, calibration_samples=2, steps=2, lr=1e-2, device="cpu",
+                                 sample_every=2, ram_gb=1000.0, sample_prompts=wanted),
+                     FluxSettings(images=str(tmp_path / "dog"), prompt="a photo of sks dog", resolution=32,
+                                  max_sequence_length=16, preview_steps=1, preview_seeds=[0, 1]))
+    run.execute(["calibrate", "emulate", "train"])
+    rounds = samples(run.dir)
+    assert [r.name for r in rounds] == ["step-000002", "step-000000"]
+    for folder in rounds:
+        names = sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+        assert names == sorted(f"emulator-lora__{slug}__seed{seed}.png" for slug in
+                               ("a-photo-of-sks-dog-on-the-moon", "a-drawing-of-sks-dog") for seed in (0, 1))
+    assert "--sample-prompt 'a drawing of sks dog'" in run.info["command"]
+
+
+def test_the_train_steps_sample_prompts_reach_the_run_one_per_line(flux_run, monkeypatch):
+    from app import form
+    from app.studio import Studio
+
+    studio = Studio(flux_run.dir.parent)
+    monkeypatch.setattr(studio.jobs, "start", lambda *args, **kwargs: None)
+    photos = [{"path": str(p), "name": p.name} for p in sorted((flux_run.dir / "data").iterdir())
+              if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    values = {"kind": "images", "model": flux_run.settings.model, "name": "with-samples", "images": photos,
+              "prompt": "a photo of sks dog", "trigger": "sks", "captions": None, "ratio": 0.5, "rank": 4,
+              "batch_size": 1, "ram_gb": 1000.0, "resolution": 32, "preview_steps": 1, "max_sequence_length": 16,
+              **{n: form.run_field(n).default for n in form.TRAIN_FIELDS + form.MORE_FIELDS},
+              "sample_prompts": "a photo of sks dog on the moon\n\n  a drawing of sks dog  \n"}
+    folder = studio.start_run(values)
+    from app import results
+
+    settings = results.run_info(folder)["settings"]["run"]
+    assert settings["sample_prompts"] == ["a photo of sks dog on the moon", "a drawing of sks dog"]
+    with pytest.raises(ValueError, match="Sample prompts: 'x' is given twice"):
+        studio.start_run({**values, "name": "twice", "sample_prompts": "x\nx"})

@@ -20,7 +20,7 @@ CLEARED_IDS = ["train.status", "train.progress", "train.loss_plot", "train.log",
                "train.msg", "train.samples_gallery", "train.samples_answers", "train.samples_shown", "train.seen"]
 
 
-SETTINGS = form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS
+SETTINGS = form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS + form.TEXT_FIELDS
 VIEW = ["train.status", "train.progress", "train.loss_plot", "train.log", "train.cancel", "train.memory"]
 
 
@@ -115,6 +115,10 @@ def build(ctx: Context) -> dict:
                     f = form.any_backend_field(n)
                     elems[n] = gr.Number(f.default, label=f.label, info=f.help, precision=0 if f.whole else None,
                                          elem_id=n.replace("_", "-"))
+            for n in form.TEXT_FIELDS:  # one item per line
+                f = form.run_field(n)
+                elems[n] = gr.Textbox("", label=f"{f.label} (one per line)", info=f.help, lines=2,
+                                      elem_id=n.replace("_", "-"))
         with gr.Row():
             elems["start"] = gr.Button("Start training", variant="primary", elem_id="start")
             elems["cancel"] = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")

@@ -33,7 +33,7 @@ def parse_seeds(text: str, what: str = "seeds") -> list[int]:
                              f"{part!r} in {text!r} is neither")
         low, high = int(match.group(1)), int(match.group(2) or match.group(1))
         if high < low:
-            raise ValueError(f"the seed range {part} runs backwards; write it as {high}-{low}")
+            raise ValueError(f"{what}: the range {part} runs backwards; write it as {high}-{low}")
         seeds += range(low, min(high, low + MAX_SEEDS) + 1)
     if len(seeds) > MAX_SEEDS:
         raise ValueError(f"{what}: use 1 to {MAX_SEEDS} seeds (each makes one row of pictures); got "
