@@ -4,6 +4,7 @@
     python launch.py plan --model ID_OR_PATH --budget-gb 24 ...   # will it fit? (no download)
     python launch.py train --backend flux|vlm ...                 # a whole run from the terminal
     python launch.py preview --run runs/NAME ...                  # previews of a finished run
+    python launch.py export --run runs/NAME [--step N]            # a zip of its adapters (a checkpoint's: corrected)
     python launch.py caption --images DIR [--model ID] [--trigger sks] # a .txt caption beside each photo
 
 Each subcommand parses its own flags (`python launch.py plan --help`).
@@ -33,6 +34,7 @@ COMMANDS = {
     "plan": "pipelines.planner.cli:main",
     "train": "pipelines.runner.cli:main",
     "preview": "pipelines.runner.cli:preview",
+    "export": "pipelines.runner.cli:export",
     "caption": "pipelines.internvl.caption:main",
 }
 

@@ -332,3 +332,37 @@ def preview(argv: list[str] | None = None) -> int:
     if (folder / "previews.md").exists():
         print((folder / "previews.md").read_text())
     return 0
+
+
+def export(argv: list[str] | None = None) -> int:
+    """`launch.py export`: a zip of a run's adapters with a README.md; `--step N` corrects the kept checkpoint of
+    step N for the full model first (as the correct stage corrects the final adapter); returns the exit code."""
+    from .exports import export_checkpoint, export_zip, kept_steps
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="launch.py export", description="Export a run's adapters (a zip with a "
+                                     "README.md; the files carry the trigger word, prompts and settings).")
+    parser.add_argument("--run", required=True, help="the run folder, e.g. runs/my-dog")
+    parser.add_argument("--step", type=int, default=None, help="a kept checkpoint's step (default: the final adapter)")
+    parser.add_argument("--device", help="where to correct: cpu, cuda or cuda:N (default: the run's device)")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    args = parser.parse_args(argv)
+    _logging(args.log_level)
+    try:
+        run = Run.open(args.run, device=args.device)
+        run.callbacks += [ConsoleProgress(quiet=True), ProgressFile(run.dir / PROGRESS_LOG)]
+        step = args.step
+        if step is not None and step != run.settings.steps:
+            if step not in kept_steps(run):
+                raise ValueError(f"--step {step}: {run.dir.name} keeps checkpoints of steps "
+                                 f"{', '.join(str(s) for s in kept_steps(run)) or 'none'}")
+            print(f"corrected adapters: {export_checkpoint(run, step)}")
+        snippet = run.backend.export_snippet(run.output("correct"), run.info.get("plan"))
+        print(f"zip: {export_zip(run, step, snippet)}")
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {disk_words(err)} ({err}); fix that and try again", file=sys.stderr)
+        return 2
+    return 0

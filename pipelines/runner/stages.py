@@ -33,7 +33,7 @@ from .devices import MACHINE, new_accelerator, run_precision
 from .models import Run, emulator_model, full_model_streamed, streams
 from .progress import Progress, RunCancelled
 from .settings import LOSS_LOG, PREVIEW_VARIANTS, parse_rules, sample_interval
-from . import variants
+from . import cards, variants
 from .requests import strength_label
 
 log = logging.getLogger(__name__)
@@ -279,8 +279,16 @@ def samples(run_dir: Path) -> list[Path]:
 # -- correction and previews --------------------------------------------------------------------------------
 def correct(run: Run, out: Path) -> None:
     """The LoRA corrected for the full model; both models stay on the CPU, one layer at a time on the device."""
-    backend, settings = run.backend, run.settings
     state, config = emloc.read_adapter(run.output("train"))
+    correct_adapter(run, state, config, out)
+    cards.stamp(run, out)  # the trigger word, prompts, base model and settings in every file, a card per adapter
+
+
+def correct_adapter(run: Run, state: dict[str, torch.Tensor], config: Any, out: Path) -> None:
+    """`state` (an adapter trained on the emulator, PEFT keys) corrected for the full model into `out/corrected`,
+    as trained into `out/uncorrected`, and the backend's export formats beside them: the correct stage's body, also
+    run for an intermediate checkpoint's adapter (exports.export_checkpoint)."""
+    backend, settings = run.backend, run.settings
     reader = None
     full = backend.skeleton() if streams(run) else None
     if full is None:
