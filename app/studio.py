@@ -20,6 +20,7 @@ from typing import Any
 from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, check_image
+from pipelines.runner.exports import export_zip
 from pipelines.runner.requests import MAX_SEEDS, parse_prompts, parse_scales, parse_seeds  # noqa: F401
 
 from . import families, form, handlers, results
@@ -263,7 +264,8 @@ class Studio:
         run.check_adapters()  # a NaN, incomplete or mis-shaped adapter is refused, in words
         # reproduces a preview with its settings, offloading the model where the run's plan did
         snippet = run.backend.export_snippet(Path(info["folder"]), run.info.get("plan"))
-        return {**info, "snippet": snippet, "zip": results.export_zip(run_dir)}
+        # the zip holds a README.md (what each file is, the trigger word, how to load each: pipelines/runner/cards.py)
+        return {**info, "snippet": snippet, "zip": str(export_zip(run, None, snippet))}
 
     def list_runs(self) -> list[dict]:
         """Every run under the runs folder, newest first: name, task, model, created, status, steps.

@@ -82,8 +82,8 @@ def run_job_here(studio, monkeypatch):
     from pipelines.runner import cli
 
     def start(kind, run_dir, arguments, after=None, result=""):
-        assert arguments[0] == "preview"
-        assert cli.preview(arguments[1:]) == 0
+        assert arguments[0] in ("preview", "export") and kind == arguments[0]
+        assert getattr(cli, arguments[0])(arguments[1:]) == 0
         if after is not None:
             after()
 
@@ -185,3 +185,37 @@ def test_the_train_steps_sample_prompts_reach_the_run_one_per_line(flux_run, mon
     assert settings["sample_prompts"] == ["a photo of sks dog on the moon", "a drawing of sks dog"]
     with pytest.raises(ValueError, match="Sample prompts: 'x' is given twice"):
         studio.start_run({**values, "name": "twice", "sample_prompts": "x\nx"})
+
+
+# ------------------------------------------------------------------------------------ item 7: export step
+def test_the_export_step_offers_each_kept_checkpoint_and_corrects_one_on_request(flux_run, monkeypatch):
+    import zipfile
+
+    from app.jobs import JobStatus
+    from app.steps import export
+    from app.studio import Studio
+
+    studio = Studio(flux_run.dir.parent)
+    run_dir = str(flux_run.dir)
+    final = export.view(studio, run_dir)
+    assert final["export.which"].choices == [("final (step 2)", "final"), ("step 1 (not corrected yet)", "1")]
+    assert "trigger word **sks**" in final["export.text"] and not final["export.correct"].visible
+    with zipfile.ZipFile(final["export.download"]) as archive:
+        assert "Trigger word: **sks**" in archive.read("README.md").decode()
+    step = export.view(studio, run_dir, "1")
+    assert step["export.correct"].visible and step["export.download"] is None
+    assert "not corrected for the full model yet" in step["export.text"]
+    run_job_here(studio, monkeypatch)
+    values = {"page.state": PageState(run_dir=run_dir), "export.which": "1"}
+    started = export.correct_checkpoint(studio, values)
+    assert "Correcting step 1" in started["export.msg"]
+    monkeypatch.setattr(studio.jobs, "status", lambda: JobStatus(kind="export", run_dir=run_dir, state="done"))
+    shown = export.follow(studio, values)
+    assert "Step 1 is corrected" in shown["export.msg"] and not shown["export.timer"].active
+    assert ("step 1", "1") in shown["export.which"].choices and shown["export.which"].value == "1"
+    assert "Step 1**, corrected for the full model" in shown["export.text"] and "**kohya/**" in shown["export.text"]
+    assert "exports/step-000001/diffusers" in shown["export.snippet"]
+    with zipfile.ZipFile(shown["export.download"]) as archive:
+        assert "adapters of step 1" in archive.read("README.md").decode()
+    with pytest.raises(ValueError, match="choose a checkpoint in the menu first"):
+        export.correct_checkpoint(studio, {**values, "export.which": "final"})
