@@ -201,11 +201,9 @@ class Studio:
         else:
             if not texts and not scales:
                 raise ValueError("type a question to ask the three models")
-            for question in texts:
+            for question in texts:  # none (a grid only): the run's own preview questions, about their own images
                 arguments += [_preview_flag(settings_class, "preview_questions"), question]
-            if not texts:  # a grid of the run's own preview questions
-                pass
-            elif upload:
+            if texts and upload:
                 try:
                     check_image(Path(upload), handlers.LIMITS["qa"])
                 except DataError as err:  # said with the file's name, not the upload's temporary path
@@ -215,7 +213,7 @@ class Studio:
                 target = asked / Path(upload).name
                 shutil.copyfile(upload, target)
                 arguments += [_preview_flag(settings_class, "preview_images"), str(target)]
-            elif image:
+            elif texts and image:
                 arguments += [_preview_flag(settings_class, "preview_images"),
                               str(Path(run_dir) / "data" / "images" / image)]
         self.jobs.start("preview", run_dir, arguments, after=after, result=str(Path(run_dir) / name))
