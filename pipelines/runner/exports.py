@@ -88,6 +88,7 @@ def export_zip(run: Run, step: int | None = None, snippet: str = "") -> Path:
     with zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(README, readme(run, folder, shown, snippet))
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
-            archive.write(path, path.relative_to(folder).as_posix())
+            if path.relative_to(folder).as_posix() != README:  # a backend's own lora/README.md: the zip's says more
+                archive.write(path, path.relative_to(folder).as_posix())
     staging.rename(target)
     return target
