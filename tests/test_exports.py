@@ -117,3 +117,25 @@ def test_a_checkpoint_without_its_emulator_says_only_the_uncorrected_lora_is_the
         export_checkpoint(Run.open(copy), 2)
     with pytest.raises(FileNotFoundError, match=r"keeps no checkpoint of step 1 \(kept: 2, 3\)"):
         export_checkpoint(Run.open(copy), 1)
+
+
+def test_an_internvl_export_carries_its_model_and_settings_and_one_readme(tmp_path):
+    from pipelines.internvl.backend import VlmSettings
+    from vlm_fixtures import save_tiny_internvl, write_colour_csv
+
+    model = save_tiny_internvl(tmp_path / "tiny-internvl")
+    write_colour_csv(tmp_path / "colours")
+    run = Run.create(tmp_path / "runs" / "vlm", "vlm",
+                     RunSettings(model=str(model), ratio=0.5, calibration_samples=8, steps=2, rank=4, lr=3e-3,
+                                 device="cpu", sample_every=0, ram_gb=1000.0),
+                     VlmSettings(data=str(tmp_path / "colours" / "qa.csv"), max_new_tokens=3, preview_samples=2))
+    run.execute(["calibrate", "emulate", "train", "correct"])
+    meta = metadata(run.output("correct") / "corrected" / "adapter_model.safetensors")
+    assert meta["emloc_base_model"] == str(model) and meta["emloc_rank"] == "4" and meta["emloc_family"] == "InternVL"
+    assert "emloc_trigger_word" not in meta and "modelspec.trigger_phrase" not in meta  # no trigger word to tell
+    card = (run.output("correct") / "corrected" / "README.md").read_text()
+    assert card.startswith(f"---\nbase_model: {model}\nlibrary_name: peft") and "PeftModel.from_pretrained" in card
+    with zipfile.ZipFile(export_zip(run, None, "print('the snippet')")) as archive:
+        names = archive.namelist()
+        assert names.count("README.md") == 1 and "corrected/adapter_model.safetensors" in names
+        assert "print('the snippet')" in archive.read("README.md").decode()
