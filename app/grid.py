@@ -55,7 +55,7 @@ def image_grid(run_dir: str | Path, folder: Path, labels: list[str]) -> tuple[li
     for slug, seed in rows:
         for label in labels:
             if label in found[(slug, seed)]:
-                items.append((str(found[(slug, seed)][label]), f"{label} · {words(slug)} · seed {seed}"))
+                items.append((str(found[(slug, seed)][label]), f"{label} · seed {seed} · {words(slug)}"))
     return items, [words(slug) for slug in dict.fromkeys(slug for slug, _ in rows)]
 
 

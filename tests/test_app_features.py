@@ -106,9 +106,9 @@ def test_the_preview_step_renders_a_strength_grid_of_several_prompts_and_seed_ra
     assert gallery.visible and len(gallery.value) == 2 * 2 * 3  # prompts x seeds x strengths
     captions = [item["caption"] if isinstance(item, dict) else item[1] for item in
                 (gallery.value.root if hasattr(gallery.value, "root") else gallery.value)]
-    assert captions[:3] == [f"{label} · a photo of sks dog on the beach · seed 3" for label in
+    assert captions[:3] == [f"{label} · seed 3 · a photo of sks dog on the beach" for label in
                             ("LoRA strength 0 (base model)", "LoRA strength 0.5", "LoRA strength 1")]
-    assert captions[-1] == "LoRA strength 1 · a photo of sks dog in the snow · seed 4"
+    assert captions[-1] == "LoRA strength 1 · seed 4 · a photo of sks dog in the snow"
     assert "Strength grid of" in shown["preview.text"] and "strengths 0, 0.5, 1" in shown["preview.text"]
 
 

@@ -27,13 +27,13 @@ FOLDERS = {
                   "PeftModel.from_pretrained(base_model, \"corrected\")  # base_model: {base} loaded with its library"),
     "uncorrected": ("the LoRA as trained on the emulator, not corrected (PEFT format), for comparison",
                     "PeftModel.from_pretrained(base_model, \"uncorrected\")"),
-    "diffusers": ("the corrected LoRA in diffusers' format (keys transformer.<module>.lora_A/B.weight; the LoRA "
-                  "scale folded into lora_B)",
+    "diffusers": ("the corrected LoRA in diffusers' format (keys `transformer.<module>.lora_A/B.weight`; the LoRA "
+                  "scale folded into `lora_B`)",
                   "pipe.load_lora_weights(\"diffusers\", weight_name=\"pytorch_lora_weights.safetensors\")"),
     "diffusers-uncorrected": ("the uncorrected LoRA in diffusers' format",
                               "pipe.load_lora_weights(\"diffusers-uncorrected\", "
                               "weight_name=\"pytorch_lora_weights.safetensors\")"),
-    "kohya": ("the corrected LoRA for ComfyUI, Forge and kohya_ss (keys lora_unet_..., lora_down / lora_up / alpha)",
+    "kohya": ("the corrected LoRA for ComfyUI, Forge and kohya_ss (keys `lora_unet_...`, `lora_down` / `lora_up` / `alpha`)",
               "copy the .safetensors file into ComfyUI's models/loras/ folder and pick it in a LoraLoader node"),
 }
 
