@@ -110,3 +110,19 @@ def test_seeds_and_strengths_are_read_as_typed_and_bad_ones_are_said_in_words():
     for text, words in [("0, a", "not a number"), ("-1", "outside 0 to 4"), ("1, 1.0", "twice"), ("", "at least")]:
         with pytest.raises(ValueError, match=words):
             parse_scales(text)
+
+
+def test_the_cli_reads_seed_ranges_and_says_a_bad_one_in_its_flags_words(flux_run, capsys):
+    from pipelines.runner import cli
+
+    with pytest.raises(SystemExit) as exit_code:
+        cli.preview(["--run", str(flux_run.dir), "--seed", "5-2"])
+    assert exit_code.value.code == 2
+    assert "--seed: the range 5-2 runs backwards; write it as 2-5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.preview(["--run", str(flux_run.dir), "--scales", "0, x"])
+    assert "--scales must be numbers separated by commas" in capsys.readouterr().err
+    parser = __import__("argparse").ArgumentParser()
+    cli.add_settings_options(parser, type(flux_run.backend.settings), "flux", preview=True)
+    given = cli.given_settings(type(flux_run.backend.settings), parser.parse_args(["--seed", "1000-1002", "--seed", "7"]))
+    assert given["preview_seeds"] == [1000, 1001, 1002, 7]
