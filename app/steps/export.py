@@ -91,7 +91,8 @@ def checkpoint_view(run_dir: str, step: int) -> Values:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = ", ".join(f"`{f.name}`" for f in sorted(sub.glob("*.safetensors")))
         lines.append(f"- **{sub.name}/**: {FOLDERS.get(sub.name, (sub.name, ''))[0]} ({files})")
-    snippet = run.backend.export_snippet(folder, run.info.get("plan"))
+    snippet = (f"# Step {step}'s LoRA: the same settings as the run's preview, which the final LoRA made, so the "
+               "image differs from it\n" + run.backend.export_snippet(folder, run.info.get("plan")))
     return {"export.text": trigger_words(run_dir) + "\n".join(lines), "export.snippet": snippet,
             "export.download": str(export_zip(run, step, snippet)), "export.correct": gr.Button(visible=False)}
 
