@@ -52,6 +52,11 @@ neither, `streams(backend)` tells:
 
 Output (samples, previews, exports):
     write_samples(folder, model)   one round of samples during training (default: the previews')
+    validation_scores(model) {"validation_loss": ..., ...} of the training model on the held-out data at a sample
+                             round (no grad, eval mode, the training batch size at most); {} when nothing is held out
+    class_images_to_draw()   how many class images the base model draws before training (prior preservation); 0: none
+    write_class_images(folder, model) / use_class_images(folder)   draw them with the base model (held as the preview
+                             holds it) into the run's class-images/, and read them back (a resumed run draws none)
     check_preview()          raise ValueError for preview settings that cannot be rendered
     export(folder, corrected, uncorrected, config)   extra adapter formats, written into `folder`
     export_snippet(lora, plan)   Python that loads the run's corrected adapter (under `lora`, the run's lora/
@@ -155,6 +160,10 @@ class Backend(ABC):
         the previews' requests. A backend may sample cheaper (FLUX: from the cached prompt embeddings)."""
         return self.write_previews(folder, {"emulator + LoRA": self.generate(model, "emulator + LoRA")})
 
+    def validation_scores(self, model: torch.nn.Module) -> dict[str, float]: return {}
+    def class_images_to_draw(self) -> int: return 0
+    def write_class_images(self, folder: Path, model: torch.nn.Module) -> list[Path]: return []
+    def use_class_images(self, folder: Path) -> None: ...
     def check_preview(self) -> None: ...
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None: ...
     def export_snippet(self, lora: Path, plan: dict | None = None) -> str: return ""
