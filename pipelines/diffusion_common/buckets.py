@@ -36,7 +36,7 @@ def buckets(resolution: int) -> list[tuple[int, int]]:
         width = k * MULTIPLE
         height = max(MULTIPLE, round(area / width / MULTIPLE) * MULTIPLE)
         if 1 / MAX_ASPECT <= width / height <= MAX_ASPECT:
-            found.add((width, height))
+            found |= {(width, height), (height, width)}  # a tall bucket for every wide one, whatever the rounding
     return sorted(found, key=lambda size: -size[0] / size[1])
 
 
