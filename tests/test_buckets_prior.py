@@ -224,3 +224,23 @@ def test_the_loss_chart_draws_validation_beside_training(tmp_path):
     assert list(frame["series"]) == [TRAINING, TRAINING, VALIDATION, VALIDATION]
     assert frame["step"].dtype == "int64" and frame["loss"].dtype == "float64"
     assert len(loss_frame([])) == 0 and read_validation("") == []
+
+
+def test_a_validation_round_holds_less_memory_than_a_training_step(model, tmp_path):
+    """The planner adds nothing for validation: its no-grad forwards of at most --batch-size rows stay under the
+    training step's peak (forward + backward of the same rows, LoRA gradients). Counted storage by storage."""
+    import emloc
+    from diffusers import FluxTransformer2DModel
+    from emloc.trace import MemoryCounter
+
+    backend = _backend(model, tmp_path, batch_size=2, holdout=2, resolutions=[])
+    transformer = FluxTransformer2DModel.from_pretrained(str(model), subfolder="transformer").requires_grad_(False)
+    backend.enable_gradient_checkpointing(transformer)
+    peft_model = emloc.attach_lora(transformer, backend.run.lora(backend.default_lora_targets()))
+    peft_model.train()
+    with MemoryCounter() as training:
+        backend.training_loss(peft_model, 0, torch.Generator().manual_seed(0)).backward()
+    peft_model.eval()
+    with MemoryCounter() as validation, torch.no_grad():
+        backend.validation_loss(peft_model)
+    assert 0 < validation.peak["cpu"] <= training.peak["cpu"], (validation.peak, training.peak)

@@ -236,13 +236,15 @@ class DreamBoothData(FlowObjective):
                 "images": [p.name for p in self.images], "image_text": [texts.index(p) for p in self.prompts]}
 
     def memory_sizes(self) -> list[tuple[int, int]]:
-        """Every (width, height) a training step may take (the user's photos' buckets at each size, the square of
-        each size for class images), for the planner's largest bucket."""
+        """Every (width, height) a forward may take (each photo's bucket at each size, validation and class images
+        too; the square of each size for drawn class images and the previews), for the planner's largest bucket."""
         from PIL import Image
 
         sizes = [(r, r) for r in self.resolutions()]
-        if self.settings.images and Path(self.settings.images).is_dir():
-            for path in find_images(self.settings.images):
+        s = self.settings
+        folders = [f for f in (s.images, s.validation_images, s.class_images) if f and Path(f).is_dir()]
+        for folder in folders:  # validation photos and the user's class images are forwarded at their buckets too
+            for path in find_images(folder):
                 with Image.open(path) as image:
                     sizes += self._sizes(*ImageOps.exif_transpose(image).size)
         return sizes

@@ -272,6 +272,8 @@ class VlmBackend(Backend):
         """The longest sample the run will pack (tokens, image tokens included; at most --max-length), from the
         user's own data: the planner's activations and calibration hidden states scale with it."""
         samples = read_qa_data(self.settings.data).samples[:MEMORY_SAMPLES]
+        if self.settings.validation_data:  # forwarded (no grad) at the sample rounds: as long a sample counts
+            samples += read_qa_data(self.settings.validation_data).samples[:MEMORY_SAMPLES]
         longest = max((self.packer.encode(sample)["input_ids"].shape[-1] for sample in samples), default=0)
         tiles = self.settings.max_tiles + (1 if self.settings.max_tiles > 1 else 0)  # InternVL adds a thumbnail
         return {"seq_len": max(1, min(self.settings.max_length, longest)), "image_tiles": tiles}

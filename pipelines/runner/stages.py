@@ -173,8 +173,9 @@ def train(run: Run, out: Path) -> None:
     every = sample_interval(settings)
     if accelerator.is_main_process and every and start == 0:
         _sample(run, plain, 0)  # the baseline: what the emulator makes before any training
-    if accelerator.is_main_process and start == 0:
-        _validate(run, plain, 0, loss_log, accelerator)
+    if accelerator.is_main_process and every and start == 0:
+        _validate(run, plain, 0, loss_log, accelerator)  # held-out data scored with the sample rounds (the plan
+        # counts their generation only when there are rounds)
     began, saved = time.monotonic(), start
     read_every = loss_read_interval(backend.device)
     unread: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, seconds) not yet on the host
@@ -226,7 +227,7 @@ def train(run: Run, out: Path) -> None:
             if sample:
                 (run.dir / SAMPLE_NOW).unlink(missing_ok=True)
                 _sample(run, plain, done)
-            if accelerator.is_main_process and (sample or done == settings.steps):
+            if accelerator.is_main_process and (sample or (every and done == settings.steps)):
                 log_file.flush()
                 _validate(run, plain, done, loss_log, accelerator)
     accelerator.wait_for_everyone()
