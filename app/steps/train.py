@@ -72,7 +72,7 @@ def start(studio, v: Values) -> Values:
               "prompt": v["data.prompt"], "trigger": v["data.trigger"], "captions": v["data.captions"],
               "qa_table": v["data.qa_table"], "ratio": v["budget.ratio"], "rank": v["budget.rank"],
               "batch_size": v["budget.batch_size"], "ram_gb": v["budget.ram"],
-              **{n: v[f"train.{n}"] for n in SETTINGS}, **{n: v[f"data.{n}"] for n in form.DATA_FIELDS}}
+              **{n: v[f"train.{n}"] for n in SETTINGS}, **{n: v.get(f"data.{n}") for n in form.DATA_FIELDS}}
     folder = studio.start_run(values)
     backend = results.run_info(folder)["backend"]
     state = state.open_run(folder, state.kind, backend)
