@@ -244,3 +244,20 @@ def test_a_validation_round_holds_less_memory_than_a_training_step(model, tmp_pa
     with MemoryCounter() as validation, torch.no_grad():
         backend.validation_loss(peft_model)
     assert 0 < validation.peak["cpu"] <= training.peak["cpu"], (validation.peak, training.peak)
+
+
+def test_the_data_steps_settings_are_read_as_the_backend_reads_them(tmp_path):
+    from app import form
+
+    photo = _photos(tmp_path / "drop", [(64, 64)]) / "p0.png"
+    values = {"holdout": 2.0, "resolutions": "512, 768", "class_prompt": " a photo of a dog ", "class_count": 3,
+              "prior_weight": 0.5, "class_images": [str(photo)]}
+    read = form.data_settings("flux", values, tmp_path / "staging")
+    assert read == {"holdout": 2, "resolutions": [512, 768], "class_prompt": "a photo of a dog", "class_count": 3,
+                    "prior_weight": 0.5, "class_images": str(tmp_path / "staging" / form.CLASS_UPLOADS)}
+    assert (tmp_path / "staging" / form.CLASS_UPLOADS / "p0.png").is_file()
+    assert form.data_settings("vlm", values) == {"holdout": 2}  # InternVL has no sizes or class images
+    with pytest.raises(ValueError, match=r"More image sizes \(step 2\) must be whole numbers"):
+        form.data_settings("flux", {"resolutions": "512px"})
+    with pytest.raises(ValueError, match=r"Held-out photos \(step 2\) must be a whole number"):
+        form.data_settings("flux", {"holdout": 1.5})

@@ -3,6 +3,7 @@ captions; "qa": images and a question/answer table), checked as the run will che
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -112,20 +113,25 @@ def go_budget(studio, v: Values) -> Values:
     from . import budget
 
     state: PageState = v["page.state"]
-    summary = handlers.check_data(state.kind, v["model.model"], state.images, v["data.prompt"], v["data.trigger"],
-                                  v["data.captions"], v["data.qa_table"], extra=more_settings(state.kind, v))
+    staging = Path(tempfile.mkdtemp(prefix="emloc-check-more-"))
+    try:
+        summary = handlers.check_data(state.kind, v["model.model"], state.images, v["data.prompt"],
+                                      v["data.trigger"], v["data.captions"], v["data.qa_table"],
+                                      extra=more_settings(state.kind, v, staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"page.wizard": gr.Walkthrough(selected=STEP["budget"]), "data.msg": say(summary + held_out_words(v)),
             **budget.ram_view(v)}
 
 
-def more_settings(kind: str, v: Values) -> dict:
+def more_settings(kind: str, v: Values, staging: Path | None = None) -> dict:
     """The Data step's own settings (held-out count, image sizes, prior preservation) as the backend reads them,
     checked (ValueError naming the control). The question task's held-out count is checked against its table here
     (its backend reads the table only when the run is made)."""
     from ..families import model_backend
     from ..form import DATA_FIELDS, data_settings
 
-    values = data_settings(model_backend(v["model.model"]), {n: v.get(f"data.{n}") for n in DATA_FIELDS})
+    values = data_settings(model_backend(v["model.model"]), {n: v.get(f"data.{n}") for n in DATA_FIELDS}, staging)
     if kind == "qa":
         rows = len([row for row in handlers.table_rows(v["data.qa_table"]) if any(row)])
         if not 0 <= values.get("holdout", 0) < max(rows, 1):
@@ -232,8 +238,11 @@ def _more_photo_settings(field) -> dict:
         with gr.Row():
             class_count = gr.Number(count.default, label=count.label, info=count.help, precision=0, minimum=0)
             prior_weight = gr.Number(weight.default, label=weight.label, info=weight.help, minimum=0)
+        own = field("class_images")
+        class_images = gr.File(file_count="multiple", label=f"{own.label} (optional: your own, instead of drawing "
+                               "them)", height=110, elem_id="class-images")
     return {"resolutions": resolutions, "class_prompt": class_prompt, "class_count": class_count,
-            "prior_weight": prior_weight}
+            "prior_weight": prior_weight, "class_images": class_images}
 
 
 def bind_next(ctx: Context) -> None:
