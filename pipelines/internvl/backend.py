@@ -234,7 +234,7 @@ class VlmBackend(Backend):
         extra = Path(folder) / VALIDATION_FOLDER / "qa.jsonl"
         if extra.is_file():
             self.held_out += read_qa_data(extra).samples
-        self._held_out_encoded: list[dict[str, torch.Tensor]] | None = None
+        self._held_out_encoded = None
 
     def data_settings(self, folder: Path) -> dict[str, str]:
         out = {"data": str(Path(folder) / "qa.jsonl")}  # InternVL's format, its images in folder/images/

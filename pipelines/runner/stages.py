@@ -173,8 +173,7 @@ def train(run: Run, out: Path) -> None:
     every = sample_interval(settings)
     if accelerator.is_main_process and every and start == 0:
         _sample(run, plain, 0)  # the baseline: what the emulator makes before any training
-    if accelerator.is_main_process and every and start == 0:
-        _validate(run, plain, 0, loss_log, accelerator)  # held-out data scored with the sample rounds (the plan
+        _validate(run, plain, 0, loss_log, accelerator)  # held-out data is scored with the sample rounds (the plan
         # counts their generation only when there are rounds)
     began, saved = time.monotonic(), start
     read_every = loss_read_interval(backend.device)
