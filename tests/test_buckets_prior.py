@@ -153,12 +153,12 @@ def test_no_held_out_photos_means_no_validation_scores(model, tmp_path):
 
 
 @pytest.mark.parametrize("settings, words", [
-    ({"holdout": 5}, "Held-out photos is 5 but there are 5 photos"),
+    ({"holdout": 5}, r"Held-out photos \(--holdout\) is 5 but there are 5 photos"),
     ({"class_prompt": "a photo of sks dog"}, "leave the trigger word out"),
     ({"class_images": "EMPTY", "class_prompt": "a dog"}, "holds no JPEG, PNG or WebP images"),
     ({"class_images": "EMPTY"}, "Class prompt is empty"),
-    ({"resolutions": [100]}, "More image sizes: 100 is not a multiple of 16"),
-    ({"resolution": 40}, "Image size 40 is not a multiple of 16"),
+    ({"resolutions": [100]}, r"More image sizes \(--train-resolution\): 100 is not a multiple of 16"),
+    ({"resolution": 40}, r"Image size \(--resolution\) 40 is not a multiple of 16"),
 ])
 def test_bad_data_settings_are_refused_in_the_words_of_the_screen(model, tmp_path, settings, words):
     (tmp_path / "empty").mkdir()

@@ -45,7 +45,7 @@ def test_the_last_questions_and_the_validation_file_are_held_out(checkpoint, col
 def test_holding_out_every_question_is_refused_in_the_words_of_the_screen(checkpoint, colour_csv):
     backend = VlmBackend(RunSettings(model=str(checkpoint), calibration_samples=8),
                          VlmSettings(data=str(colour_csv), holdout=8), torch.device("cpu"))
-    with pytest.raises(ValueError, match="Held-out questions is 8 but there are 8 questions"):
+    with pytest.raises(ValueError, match=r"Held-out questions \(--holdout\) is 8 but there are 8 questions"):
         backend.validate()
 
 

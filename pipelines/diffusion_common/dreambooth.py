@@ -105,7 +105,8 @@ class DreamBoothData(FlowObjective):
             raise DataError("the trigger word is empty; pass --trigger WORD (e.g. sks)")
         self._check_prompt(s.prompt, "the instance prompt (--prompt)")
         for value in [s.resolution, *s.resolutions]:
-            check_resolution(value, "Image size" if value == s.resolution else "More image sizes:")
+            check_resolution(value, "Image size (--resolution)" if value == s.resolution
+                             else "More image sizes (--train-resolution):")
         if s.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"--weighting-scheme {s.weighting_scheme!r} is unknown; "
                              "use none, sigma_sqrt, logit_normal, mode or cosmap")
@@ -116,7 +117,7 @@ class DreamBoothData(FlowObjective):
         images = find_images(s.images)
         check_images(images, IMAGE_LIMITS, where=s.images)
         if not 0 <= s.holdout < len(images):
-            raise DataError(f"Held-out photos is {s.holdout} but there are {len(images)} photos; hold out fewer "
+            raise DataError(f"Held-out photos (--holdout) is {s.holdout} but there are {len(images)} photos; hold out fewer "
                             "than your photos (at least one must stay for training), or 0 for none")
         if s.validation_images:
             check_images(find_images(s.validation_images), ImageLimits(1, IMAGE_LIMITS.max_count, 32),

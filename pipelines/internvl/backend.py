@@ -197,7 +197,7 @@ class VlmBackend(Backend):
                              f"got {self.run.calibration_samples}")
         report = read_qa_data(s.data)
         if not 0 <= s.holdout < len(report.samples):
-            raise DataError(f"Held-out questions is {s.holdout} but there are {len(report.samples)} questions; hold "
+            raise DataError(f"Held-out questions (--holdout) is {s.holdout} but there are {len(report.samples)} questions; hold "
                             "out fewer than your questions (at least one must stay for training), or 0 for none")
         if s.validation_data:
             read_qa_data(s.validation_data)  # its own problems, said in its own words
