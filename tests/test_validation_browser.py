@@ -81,7 +81,9 @@ def test_held_out_questions_show_a_validation_loss_beside_the_training_loss(app_
         records = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "validation_loss" in r]  # written by the run, at its sample rounds
         assert json.loads((run / "run.json").read_text())["settings"]["backend"]["holdout"] == 2
-        tab.get_by_role("button", name="Next: previews", exact=True).wait_for()
+        expect(tab.locator("#answers")).to_contain_text("full + corrected LoRA", timeout=180_000)  # on Preview
+        tab.locator("button.step-button:not([disabled])", has_text="4. Train").click()  # back to the curve
+        expect(tab.locator("#job-status")).to_contain_text("finished")
         plot = tab.locator("#loss-plot")
         expect(plot).to_contain_text("validation (held out)", timeout=30_000)  # the chart's legend
         expect(plot).to_contain_text("training")
