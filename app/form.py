@@ -26,8 +26,12 @@ MORE_FIELDS = ("checkpoint_every",)
 TEXT_FIELDS = ("sample_prompts",)  # lists typed one item per line, under "More settings"
 # Backend fields under "More settings", shown when the run's backend has them
 BACKEND_FIELDS = ("resolution", "preview_steps", "max_sequence_length", "max_new_tokens")
+# Backend fields the Data step shows (held-out data, sizes, prior preservation), passed when the backend has them
+DATA_FIELDS = ("holdout", "resolutions", "class_prompt", "class_images", "class_count", "prior_weight")
+CLASS_UPLOADS = "class-images"  # beside the staged photos: the class images dropped on the Data step
 WHERE = {**{n: "step 3" for n in BUDGET_FIELDS}, **{n: "step 4" for n in TRAIN_FIELDS},
-         **{n: "step 4, More settings" for n in MORE_FIELDS + BACKEND_FIELDS + TEXT_FIELDS}}
+         **{n: "step 4, More settings" for n in MORE_FIELDS + BACKEND_FIELDS + TEXT_FIELDS},
+         **{n: "step 2" for n in DATA_FIELDS}}
 SMALL_MODEL = 100e6  # parameters; below this a model trains on a CPU in seconds (the demo models)
 # What suits a tiny model (seconds per run on a CPU); a demo's own demo.json suggestions win over these
 QUICK = {"steps": 30, "lr": 1e-3, "calibration_samples": 8, "checkpoint_every": 10, "resolution": 32,
@@ -122,3 +126,44 @@ def read_number(name: str, value: Any, view: FieldView | None = None) -> int | f
             raise ValueError(f"{label} must be a whole number; got {number:g}")
         return int(number)
     return number
+
+
+def data_settings(backend: str, values: dict[str, Any], staging: Path | None = None) -> dict[str, Any]:
+    """The Data step's backend settings (DATA_FIELDS the backend has) from the page's values: numbers checked as
+    numbers, a list of sizes read from "512, 768", dropped class images copied into `staging`/class-images (the
+    setting names that folder; none without `staging`); ValueError naming the control otherwise."""
+    import shutil
+
+    cls = backend_class(backend).settings_class
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for name in DATA_FIELDS:
+        value = values.get(name)
+        if name not in names or value is None:
+            continue
+        view = field_view(cls, name)
+        if name == "class_images":  # the files of a multiple-file drop
+            files = [str(getattr(f, "name", f)) for f in (value if isinstance(value, list) else [value]) if f]
+            if files and staging is not None:
+                folder = Path(staging) / CLASS_UPLOADS
+                folder.mkdir(parents=True, exist_ok=True)
+                for path in files:
+                    shutil.copyfile(path, folder / Path(path).name)
+                out[name] = str(folder)
+        elif isinstance(view.default, list):
+            out[name] = read_number_list(value, view)
+        elif isinstance(view.default, str):
+            out[name] = str(value).strip()
+        else:
+            out[name] = read_number(name, value, view)
+    return out
+
+
+def read_number_list(value: Any, view: FieldView) -> list[int]:
+    """Whole numbers typed as "512, 768" (commas or spaces); [] when empty."""
+    words = str(value or "").replace(",", " ").split()
+    try:
+        return [int(word) for word in words]
+    except ValueError:
+        raise ValueError(f"{view.label} ({where(view.name)}) must be whole numbers separated by commas, e.g. "
+                         f"512, 768; got {value!r}") from None

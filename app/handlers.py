@@ -363,7 +363,7 @@ def stage_qa_data(images: list[dict], table: Any, folder: Path) -> dict:
 
 
 def check_data(kind: str, model: str, images: list[dict], prompt: str, trigger: str, captions: Any,
-               qa_table: Any) -> str:
+               qa_table: Any, extra: dict | None = None) -> str:
     """Check step 2 as the run will (in a temporary folder, removed after); returns a summary in words."""
     import tempfile
 
@@ -375,7 +375,7 @@ def check_data(kind: str, model: str, images: list[dict], prompt: str, trigger: 
             staged = stage_photo_data(images, prompt, trigger, captions, folder)
             backend_type = families.backend_type(families.model_backend(model))
             settings = backend_type.settings_class(images=staged["images"], prompt=staged["prompt"],
-                                                   trigger=staged["trigger"])
+                                                   trigger=staged["trigger"], **(extra or {}))  # the Data step's more
             backend_type(RunSettings(model=model), settings, _cpu()).validate()
             captioned = len(list(folder.glob("*.txt")))
             return (f"{len(images)} photos ready; prompt {staged['prompt']!r}"

@@ -1,12 +1,19 @@
-"""Charts of the app, drawn as SVG (no plotting library needed): the memory plan and the progress bar.
+"""Charts of the app: the memory plan and the progress bar drawn as SVG (no plotting library needed), and the
+frame of the loss chart (training loss, and validation loss where data is held out).
 
-Only layout lives here: the numbers come from pipelines.planning (see handlers.memory_rows).
+Only layout lives here: the numbers come from pipelines.planning (see handlers.memory_rows) and the run's loss log.
 """
 
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.runner import LOSS_LOG
 
 FITS, OVER, NO_BUDGET = "#2e9d5b", "#d64545", "#5b7fd6"
 HALO = "paint-order:stroke;stroke:var(--body-background-fill,#fff);stroke-width:4px"  # text over the budget line
@@ -76,3 +83,31 @@ def progress_bar(fraction: float, text: str) -> str:
     fraction = min(max(fraction, 0.0), 1.0)
     return (f'<div class="emloc-progress"><progress value="{fraction:.3f}" max="1" aria-label="{html.escape(text)}" '
             f'style="width:100%;height:18px"></progress><div style="font-size:13px">{html.escape(text)}</div></div>')
+
+
+TRAINING, VALIDATION = "training", "validation (held out)"  # the loss chart's two series, as its legend says
+
+
+def read_validation(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, validation loss) of each sample round of a run: the loss log's {"step", "validation_loss"} lines
+    (pipelines/runner/stages.py _validate); [] when nothing is held out or there is no run."""
+    path = Path(run_dir) / LOSS_LOG if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            points.append((int(record["step"]), float(record["validation_loss"])))
+        except (ValueError, KeyError, TypeError):  # a training line, or one being written
+            continue
+    return points
+
+
+def loss_frame(losses: list, validation: list = ()) -> pd.DataFrame:
+    """(step, loss) pairs of training and of validation as one typed frame for the line chart (a "series" column
+    colours them): numbers, so the chart draws numeric axes even before the first step."""
+    rows = [(s, v, TRAINING) for s, v in losses or []] + [(s, v, VALIDATION) for s, v in validation or []]
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="object")})

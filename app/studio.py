@@ -112,6 +112,8 @@ class Studio:
         backend_type = families.backend_type(backend)
         shown = {n: form.read_number(n, values.get(n), form.field_view(backend_type.settings_class, n))
                  for n in form.backend_fields(backend) if values.get(n) is not None}
+        shown.update(form.data_settings(backend, values, data.parent))  # the Data step's held-out count, sizes,
+        # class prompt and class images (staged beside the photos)
         if backend_type.data_kind == "images":
             staged = handlers.stage_photo_data(values.get("images"), values.get("prompt"), values.get("trigger"),
                                                values.get("captions"), data)

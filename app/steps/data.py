@@ -3,6 +3,7 @@ captions; "qa": images and a question/answer table), checked as the run will che
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,9 @@ from ..page import STEP, PageState
 from . import Context
 
 # (output ids are listed, not read from a view: a component made while the page is built would join the page)
-TASK_IDS = ["data.photo_box", "data.qa_box", "data.photo_gallery", "data.qa_gallery", "data.msg"]  # task_view's
+TASK_IDS = ["data.photo_box", "data.qa_box", "data.photo_gallery", "data.qa_gallery", "data.msg",
+            "data.holdout"]  # task_view's
+HOLDOUT_LABEL = {"images": "Held-out photos", "qa": "Held-out questions"}  # the backends' own labels
 
 
 GALLERY = {"images": "data.photo_gallery", "qa": "data.qa_gallery"}
@@ -26,7 +29,8 @@ def task_view(state: PageState) -> Values:
     return {"data.photo_box": gr.Column(visible=state.kind == "images"),
             "data.qa_box": gr.Column(visible=state.kind == "qa"),
             "data.photo_gallery": handlers.gallery_items(state.uploads.get("images", [])),
-            "data.qa_gallery": handlers.gallery_items(state.uploads.get("qa", [])), "data.msg": ""}
+            "data.qa_gallery": handlers.gallery_items(state.uploads.get("qa", [])), "data.msg": "",
+            "data.holdout": gr.Number(label=HOLDOUT_LABEL.get(state.kind, "Held out"))}
 
 
 def prompt_view(model: str, prompt: str) -> Values:
@@ -109,9 +113,38 @@ def go_budget(studio, v: Values) -> Values:
     from . import budget
 
     state: PageState = v["page.state"]
-    summary = handlers.check_data(state.kind, v["model.model"], state.images, v["data.prompt"], v["data.trigger"],
-                                  v["data.captions"], v["data.qa_table"])
-    return {"page.wizard": gr.Walkthrough(selected=STEP["budget"]), "data.msg": say(summary), **budget.ram_view(v)}
+    staging = Path(tempfile.mkdtemp(prefix="emloc-check-more-"))
+    try:
+        summary = handlers.check_data(state.kind, v["model.model"], state.images, v["data.prompt"],
+                                      v["data.trigger"], v["data.captions"], v["data.qa_table"],
+                                      extra=more_settings(state.kind, v, staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"page.wizard": gr.Walkthrough(selected=STEP["budget"]), "data.msg": say(summary + held_out_words(v)),
+            **budget.ram_view(v)}
+
+
+def more_settings(kind: str, v: Values, staging: Path | None = None) -> dict:
+    """The Data step's own settings (held-out count, image sizes, prior preservation) as the backend reads them,
+    checked (ValueError naming the control). The question task's held-out count is checked against its table here
+    (its backend reads the table only when the run is made)."""
+    from ..families import model_backend
+    from ..form import DATA_FIELDS, data_settings
+
+    values = data_settings(model_backend(v["model.model"]), {n: v.get(f"data.{n}") for n in DATA_FIELDS}, staging)
+    if kind == "qa":
+        rows = len([row for row in handlers.table_rows(v["data.qa_table"]) if any(row)])
+        if not 0 <= values.get("holdout", 0) < max(rows, 1):
+            raise ValueError(f"Held-out questions is {values['holdout']} but the table has {rows} questions; hold "
+                             "out fewer than your questions (at least one must stay for training), or 0 for none")
+        return {}
+    return values
+
+
+def held_out_words(v: Values) -> str:
+    held = int(v.get("data.holdout") or 0)
+    return (f" {held} held out: the validation loss is drawn beside the training loss at every sample round."
+            if held else "")
 
 
 def _upload_panel(kind: str, noun: str, height: int):
@@ -147,6 +180,7 @@ def build(ctx: Context) -> dict:
                                             label="Captioning model (an InternVL you have)", elem_id="caption-model")
                 caption_button = gr.Button("Suggest captions for my photos", scale=1, elem_id="caption-photos")
             caption_msg = gr.Markdown(elem_id="msg-caption", elem_classes="emloc-msg")
+            more = _more_photo_settings(any_backend_field)
         with gr.Column(visible=False) as qa_box:
             gr.Markdown("Add your **images** and a **question and answer** for each (the table), or import a .jsonl "
                         "/ .csv file with the columns image, question, answer.")
@@ -154,13 +188,17 @@ def build(ctx: Context) -> dict:
             qa_import = gr.File(label="Import questions and answers (.jsonl or .csv)", elem_id="qa-import", height=140)
             qa_table = gr.Dataframe(headers=["image", "question", "answer"], column_count=3, interactive=True,
                                     label="Questions and answers", elem_id="qa-table")
+        holdout = gr.Number(0, label=HOLDOUT_LABEL["images"], precision=0, minimum=0, elem_id="holdout",
+                            info="kept out of training (the last ones) to measure a validation loss at each sample "
+                                 "round, drawn beside the training loss; 0: none")
         msg = gr.Markdown(elem_id="msg-data", elem_classes="emloc-msg")
         next_button = gr.Button("Check the data and continue", variant="primary")
     elems = {"example": example_button, "photo_box": photo_box, "photo_upload": photo_upload,
              "photo_gallery": photo_gallery, "photo_remove": photo_remove, "trigger": trigger, "prompt": prompt,
              "captions": captions, "caption_model": caption_model, "caption": caption_button,
              "caption_msg": caption_msg, "qa_box": qa_box, "qa_upload": qa_upload, "qa_gallery": qa_gallery,
-             "qa_remove": qa_remove, "qa_import": qa_import, "qa_table": qa_table, "msg": msg, "next": next_button}
+             "qa_remove": qa_remove, "qa_import": qa_import, "qa_table": qa_table, "msg": msg, "next": next_button,
+             "holdout": holdout, **more}
     m.add("data", elems)
     state_out = ["page.state", "data.photo_gallery", "data.qa_gallery", "data.captions", "data.qa_table"]
     for drop in ("data.photo_upload", "data.qa_upload"):
@@ -187,10 +225,32 @@ def build(ctx: Context) -> dict:
     return elems
 
 
+def _more_photo_settings(field) -> dict:
+    """Image sizes and prior preservation (the FLUX backends' fields, their labels and help)."""
+    with gr.Accordion("More: image sizes, prior preservation", open=False):
+        sizes, prompt, count, weight = (field(n) for n in ("resolutions", "class_prompt", "class_count",
+                                                           "prior_weight"))
+        with gr.Row():
+            resolutions = gr.Textbox("", label=sizes.label, info=sizes.help, placeholder="e.g. 768, 1024",
+                                     elem_id="resolutions")
+            class_prompt = gr.Textbox("", label=prompt.label, info=prompt.help, placeholder="e.g. a photo of a dog",
+                                      elem_id="class-prompt")
+        with gr.Row():
+            class_count = gr.Number(count.default, label=count.label, info=count.help, precision=0, minimum=0)
+            prior_weight = gr.Number(weight.default, label=weight.label, info=weight.help, minimum=0)
+        own = field("class_images")
+        class_images = gr.File(file_count="multiple", label=f"{own.label} (optional: your own, instead of drawing "
+                               "them)", height=110, elem_id="class-images")
+    return {"resolutions": resolutions, "class_prompt": class_prompt, "class_count": class_count,
+            "prior_weight": prior_weight, "class_images": class_images}
+
+
 def bind_next(ctx: Context) -> None:
     """Next needs the Budget step's RAM box: bound once it is built."""
+    from ..form import DATA_FIELDS
+
     m = ctx.manager
     m.bind(m["data.next"].click, partial(go_budget, ctx.studio),
            ["page.state", "model.model", "data.prompt", "data.trigger", "data.captions", "data.qa_table",
-            "budget.ram_touched"], ["page.wizard", "budget.ram"],
+            "budget.ram_touched", *[f"data.{n}" for n in DATA_FIELDS]], ["page.wizard", "budget.ram"],
            message="data.msg")

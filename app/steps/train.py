@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import families, form, results
+from ..plots import read_validation
 from ..manager import Values, say
 from ..page import STEP, PageState
 from ..studio import IDLE, run_name
@@ -24,10 +25,11 @@ SETTINGS = form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS + form.TEX
 VIEW = ["train.status", "train.progress", "train.loss_plot", "train.log", "train.cancel", "train.memory"]
 
 
-def loss_frame(losses: list) -> pd.DataFrame:
-    """(step, loss) pairs as a typed frame: numbers, so the plot draws numeric axes even before the first step."""
-    return pd.DataFrame({"step": pd.Series([s for s, _ in losses or []], dtype="int64"),
-                         "loss": pd.Series([v for _, v in losses or []], dtype="float64")})
+def loss_frame(losses: list, validation: list = ()) -> pd.DataFrame:
+    """The loss chart's frame (app/plots.py): training and, where data is held out, validation loss."""
+    from ..plots import loss_frame as frame
+
+    return frame(losses, validation)
 
 
 def settings_view(studio, backend: str, params: float, model: str) -> Values:
@@ -59,7 +61,7 @@ def job_view(studio, run_dir: str) -> Values:
     """The Train step for the run `run_dir` as its files and its job (if any) say."""
     view = studio.train_view(run_dir)
     return {"train.status": view["text"], "train.progress": view["progress"],
-            "train.loss_plot": loss_frame(view["losses"]), "train.log": view["log"],
+            "train.loss_plot": loss_frame(view["losses"], read_validation(run_dir)), "train.log": view["log"],
             "train.cancel": gr.Button(interactive=view["running"]), "train.memory": view["memory"]}
 
 
@@ -70,7 +72,7 @@ def start(studio, v: Values) -> Values:
               "prompt": v["data.prompt"], "trigger": v["data.trigger"], "captions": v["data.captions"],
               "qa_table": v["data.qa_table"], "ratio": v["budget.ratio"], "rank": v["budget.rank"],
               "batch_size": v["budget.batch_size"], "ram_gb": v["budget.ram"],
-              **{n: v[f"train.{n}"] for n in SETTINGS}}
+              **{n: v[f"train.{n}"] for n in SETTINGS}, **{n: v.get(f"data.{n}") for n in form.DATA_FIELDS}}
     folder = studio.start_run(values)
     backend = results.run_info(folder)["backend"]
     state = state.open_run(folder, state.kind, backend)
@@ -125,7 +127,8 @@ def build(ctx: Context) -> dict:
         elems["msg"] = gr.Markdown(elem_id="msg-train", elem_classes="emloc-msg")  # under Start / Cancel
         elems["status"] = gr.Markdown(IDLE, elem_id="job-status")
         elems["progress"] = gr.HTML(handlers_progress(), elem_id="job-progress")
-        elems["loss_plot"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=260,
+        elems["loss_plot"] = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", height=260,
+                                         title="Training loss (and validation loss on held-out data)",
                                          elem_id="loss-plot")
         elems["memory"] = gr.Markdown(elem_id="run-memory")
         elems["log"] = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, autoscroll=False,
@@ -157,7 +160,7 @@ def bind_late(ctx: Context) -> None:
     m, studio = ctx.manager, ctx.studio
     inputs = ["page.state", "model.model", "train.name", "data.prompt", "data.trigger", "data.captions",
               "data.qa_table", "budget.ratio", "budget.rank", "budget.batch_size", "budget.ram",
-              *[f"train.{n}" for n in SETTINGS]]
+              *[f"train.{n}" for n in SETTINGS], *[f"data.{n}" for n in form.DATA_FIELDS]]
     m.bind(m["train.start"].click, partial(start, studio), inputs, ["page.state", "train.name", *VIEW],
            message="train.msg")
     m.bind(m["train.next"].click, partial(go_preview, studio), ["page.state", "preview.uncorrected"],

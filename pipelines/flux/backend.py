@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +30,6 @@ from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
 from pipelines.diffusion_common.dreambooth import IMAGE_LIMITS, MAX_PROMPT_CHARS, DreamBoothData, DreamBoothSettings  # noqa: F401 (re-exported: app)
 from pipelines.diffusion_common.dreambooth import device_placement, pin_execution_device
-from pipelines.runner.data import load_rgb, resize_and_crop
 from pipelines.runner.streaming import streamed_transformers_model
 
 from .export import (load_snippet, offload_settings, preview_file_name, write_diffusers_lora,
@@ -119,26 +117,18 @@ class FluxBackend(DreamBoothData, Backend):
     def build_cache(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        pipe, size = self._pipeline(text=True), self.settings.resolution
-        texts = sorted(set(self.prompts) | {p for p, _ in self._requests()})  # the previews' prompts too
+        pipe = self._pipeline(text=True)
+        texts = sorted(self._training_texts() | {p for p, _ in self._requests()})  # the previews' prompts too
         tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for index, (embeds, pooled) in enumerate(self._embed(texts).values()):
                 tensors[f"text.{index}.embeds"], tensors[f"text.{index}.pooled"] = embeds, pooled
             self._drop_text_encoders()
-            for index, path in enumerate(self.images):
-                image = np.asarray(resize_and_crop(load_rgb(path), size), dtype=np.float32) / 127.5 - 1.0
-                pixels = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) in [-1, 1]
-                views = [pixels, pixels.flip(-1)] if self.settings.random_flip else [pixels]
-                for view, batch in enumerate(views):
-                    dist = pipe.vae.encode(batch.to(self.device, self.dtype)).latent_dist
-                    tensors[f"latent.{index}.{view}.mean"] = dist.mean[0]
-                    tensors[f"latent.{index}.{view}.std"] = dist.std[0]
+            meta = {"texts": texts, **self._encode_data(pipe, texts, tensors)}
         save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, str(folder / "cache.safetensors"))
         vae = pipe.vae.config
-        meta = {"texts": texts, "image_text": [texts.index(p) for p in self.prompts], "views": len(views),
-                "shift_factor": vae.shift_factor, "scaling_factor": vae.scaling_factor,
-                "vae_scale_factor": pipe.vae_scale_factor, "images": [p.name for p in self.images]}
+        meta.update(shift_factor=vae.shift_factor, scaling_factor=vae.scaling_factor,
+                    vae_scale_factor=pipe.vae_scale_factor)
         (folder / "cache.json").write_text(json.dumps(meta, indent=2))
         self.release()  # text encoders and VAE leave memory before training
 
@@ -202,7 +192,7 @@ class FluxBackend(DreamBoothData, Backend):
         blocks += [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
         return BlockwiseModel(model, reader, blocks, enter, step, device=self.device, dtype=self.dtype)
     def memory_shape(self) -> dict:
-        return {"resolution": self.settings.resolution, "text_tokens": self._sequence_length()}
+        return {**self.memory_rows(), "text_tokens": self._sequence_length()}
 
     def check_model(self) -> None:
         check_model_source(self.run.model)
@@ -215,48 +205,35 @@ class FluxBackend(DreamBoothData, Backend):
         return [rf"transformer_blocks\.\d+\.({DOUBLE_LORA})", rf"single_transformer_blocks\.\d+\.({SINGLE_LORA})"]
 
     # -- batches ------------------------------------------------------------------------------------------
-    def _batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
-        """Transformer inputs for `size` noised latents; returns the model kwargs plus `noise`, `x0`, `sigmas`."""
-        from diffusers import FluxPipeline
-        from diffusers.training_utils import compute_density_for_timestep_sampling
+    def _x0(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the scaled latents the transformer denoises: (z - shift) · scale, (b, c, h, w)."""
+        meta = self.cache["meta"]
+        return (z - meta["shift_factor"]) * meta["scaling_factor"]
 
-        meta, s = self.cache["meta"], self.settings
-        images = torch.randint(len(meta["images"]), (size,), generator=generator).tolist()
-        views = torch.randint(meta["views"], (size,), generator=generator).tolist()
-        # the cache stays on the CPU (load_cache): only this step's rows move to the device
-        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)]).to(self.device)  # (b, c, h, w)
-        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)]).to(self.device)
-        sample = torch.randn(mean.shape, generator=generator).to(mean.device)
-        x0 = ((mean + std * sample) - meta["shift_factor"]) * meta["scaling_factor"]
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        u = compute_density_for_timestep_sampling(s.weighting_scheme, size, s.logit_mean, s.logit_std, s.mode_scale,
-                                                  generator=generator)
-        indices = (u * self.scheduler.config.num_train_timesteps).long()
-        timesteps = self.scheduler.timesteps[indices].to(self.device)
-        sigmas = self.scheduler.sigmas[indices].to(self.device, torch.float32).view(-1, 1, 1, 1)
-        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+    def _kwargs(self, noisy: torch.Tensor, timesteps: torch.Tensor, texts: list[int], latent_hw: tuple) -> dict:
+        """The transformer's inputs for noised latents (b, c, h, w) and the rows' text indices."""
+        from diffusers import FluxPipeline
+
         b, c, h, w = noisy.shape
-        texts = [meta["image_text"][i] for i in images]
         embeds = torch.stack([self.cache["embeds"][t] for t in texts]).to(self.device)
-        kwargs = {
+        return {
             "hidden_states": FluxPipeline._pack_latents(noisy, b, c, h, w).to(self.dtype),  # (b, h/2·w/2, 4c)
             "timestep": (timesteps / 1000).to(self.dtype),
-            "guidance": torch.full((b,), s.guidance_scale, device=self.device) if self._guidance() else None,
+            "guidance": torch.full((b,), self.settings.guidance_scale, device=self.device) if self._guidance() else None,
             "pooled_projections": torch.stack([self.cache["pooled"][t] for t in texts]).to(self.device, self.dtype),
             "encoder_hidden_states": embeds.to(self.dtype),
             "txt_ids": torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),
             "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype),
             "return_dict": False,
         }
-        return {"kwargs": kwargs, "noise": noise, "x0": x0, "sigmas": sigmas}
 
     batched_inputs = BATCHED_INPUTS
 
     def unpack_prediction(self, pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         from diffusers import FluxPipeline
 
-        size = x0.shape[-1] * self.cache["meta"]["vae_scale_factor"]
-        return FluxPipeline._unpack_latents(pred, size, size, self.cache["meta"]["vae_scale_factor"])
+        scale = self.cache["meta"]["vae_scale_factor"]  # a bucket may be wider than tall, or taller
+        return FluxPipeline._unpack_latents(pred, x0.shape[-2] * scale, x0.shape[-1] * scale, scale)
 
     # -- export and previews ------------------------------------------------------------------------------
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:
@@ -347,7 +324,10 @@ class FluxBackend(DreamBoothData, Backend):
         return len(self._requests())
 
     def generate(self, model: nn.Module, label: str) -> list:
-        requests = self._requests()
+        return self._render(model, self._requests())
+
+    def _render(self, model: nn.Module, requests: list[tuple[str, int]]) -> list:
+        """One image per (prompt, seed) at Image size through `model`, from the prompts' embeddings."""
         embeds = self._prompt_embeds(sorted({p for p, _ in requests}))
         return self._sample(self._pipeline(text=False), model, requests, embeds)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +30,6 @@ from pipelines.diffusion_common.dreambooth import (DreamBoothData, DreamBoothSet
                                                    diffusers_lora_state, pin_execution_device)
 from pipelines.runner import Backend
 from pipelines.runner.checks import check_model_source
-from pipelines.runner.data import load_rgb, resize_and_crop
 from pipelines.runner.streaming import streamed_transformers_model
 
 from .export import load_snippet
@@ -149,26 +147,17 @@ class Flux2Backend(DreamBoothData, Backend):
     def build_cache(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        pipe, size = self._pipeline(), self.settings.resolution
-        texts = sorted(set(self.prompts) | set(self._preview_texts()))
+        pipe = self._pipeline()
+        texts = sorted(self._training_texts() | set(self._preview_texts()))
         tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for index, (text, embeds) in enumerate(self._embed(pipe, texts).items()):
                 tensors[f"text.{index}.embeds"] = embeds
-            for index, path in enumerate(self.images):
-                image = np.asarray(resize_and_crop(load_rgb(path), size), dtype=np.float32) / 127.5 - 1.0
-                pixels = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) in [-1, 1]
-                views = [pixels, pixels.flip(-1)] if self.settings.random_flip else [pixels]
-                for view, batch in enumerate(views):
-                    dist = pipe.vae.encode(batch.to(self.device, self.dtype)).latent_dist
-                    tensors[f"latent.{index}.{view}.mean"] = dist.mean[0]
-                    tensors[f"latent.{index}.{view}.std"] = dist.std[0]
+            meta = {"texts": texts, **self._encode_data(pipe, texts, tensors)}
             bn = pipe.vae.bn
             tensors["bn.mean"] = bn.running_mean.float()
             tensors["bn.std"] = torch.sqrt(bn.running_var.float() + pipe.vae.config.batch_norm_eps)
         save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, str(folder / "cache.safetensors"))
-        meta = {"texts": texts, "image_text": [texts.index(p) for p in self.prompts], "views": len(views),
-                "images": [p.name for p in self.images]}
         (folder / "cache.json").write_text(json.dumps(meta, indent=2))
         self.release()  # the text encoder and the VAE leave memory before calibration
 
@@ -249,7 +238,7 @@ class Flux2Backend(DreamBoothData, Backend):
                               dtype=self.dtype)
 
     def memory_shape(self) -> dict:
-        return {"resolution": self.settings.resolution, "text_tokens": self.settings.max_sequence_length}
+        return {**self.memory_rows(), "text_tokens": self.settings.max_sequence_length}
 
     def check_model(self) -> None:
         check_model_source(self.run.model)
@@ -262,39 +251,30 @@ class Flux2Backend(DreamBoothData, Backend):
         return list(LORA_TARGETS)
 
     # -- batches ---------------------------------------------------------------------------------------------
-    def _batch(self, generator: torch.Generator, size: int) -> dict[str, Any]:
-        """Transformer inputs for `size` noised latents, plus `noise` and `x0` (packed tokens) and `sigmas`."""
+    def _x0(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents (b, 32, H/8, W/8) -> packed normalised tokens (b, (H/16)(W/16), 128)."""
         from diffusers import Flux2Pipeline
-        from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        meta, s = self.cache["meta"], self.settings
-        images = torch.randint(len(meta["images"]), (size,), generator=generator).tolist()
-        views = torch.randint(meta["views"], (size,), generator=generator).tolist()
-        # the cache stays on the CPU (load_cache): only this step's rows move to the device
-        mean = torch.stack([self.cache["mean"][i][v] for i, v in zip(images, views)]).to(self.device)  # (b, 32, H/8, W/8)
-        std = torch.stack([self.cache["std"][i][v] for i, v in zip(images, views)]).to(self.device)
-        sample = torch.randn(mean.shape, generator=generator).to(mean.device)
-        bn_mean, bn_std = (t.to(self.device) for t in self.cache["bn"])
-        latents = Flux2Pipeline._patchify_latents(mean + std * sample)  # (b, 128, H/16, W/16)
-        x0 = Flux2Pipeline._pack_latents((latents - bn_mean) / bn_std)  # (b, (H/16)(W/16), 128)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        u = compute_density_for_timestep_sampling(s.weighting_scheme, size, s.logit_mean, s.logit_std, s.mode_scale,
-                                                  generator=generator)
-        indices = (u * self.scheduler.config.num_train_timesteps).long()
-        timesteps = self.scheduler.timesteps[indices].to(self.device)
-        sigmas = self.scheduler.sigmas[indices].to(self.device, torch.float32).view(-1, 1, 1)
-        noisy = (1.0 - sigmas) * x0 + sigmas * noise
-        embeds = torch.stack([self.cache["embeds"][meta["image_text"][i]] for i in images]).to(self.device)
-        kwargs = {
+        bn_mean, bn_std = (t.to(z.device) for t in self.cache["bn"])
+        return Flux2Pipeline._pack_latents((Flux2Pipeline._patchify_latents(z) - bn_mean) / bn_std)
+
+    def _kwargs(self, noisy: torch.Tensor, timesteps: torch.Tensor, texts: list[int], latent_hw: tuple) -> dict:
+        """The transformer's inputs for noised tokens and the rows' text indices (`latent_hw`: the VAE latent's
+        height and width, halved by the 2x2 patches into the token grid)."""
+        from diffusers import Flux2Pipeline
+
+        size = noisy.shape[0]
+        embeds = torch.stack([self.cache["embeds"][t] for t in texts]).to(self.device)
+        grid = torch.empty(size, 1, latent_hw[0] // 2, latent_hw[1] // 2, device="meta")  # only its shape is read
+        return {
             "hidden_states": noisy.to(self.dtype),
             "timestep": (timesteps / 1000).to(self.dtype),
-            "guidance": torch.full((size,), s.guidance_scale, device=self.device) if self._guidance() else None,
+            "guidance": torch.full((size,), self.settings.guidance_scale, device=self.device) if self._guidance() else None,
             "encoder_hidden_states": embeds.to(self.dtype),
             "txt_ids": Flux2Pipeline._prepare_text_ids(embeds)[0].to(self.device),
-            "img_ids": Flux2Pipeline._prepare_latent_ids(latents)[0].to(self.device),
+            "img_ids": Flux2Pipeline._prepare_latent_ids(grid)[0].to(self.device),
             "return_dict": False,
         }
-        return {"kwargs": kwargs, "noise": noise, "x0": x0, "sigmas": sigmas}
 
     # -- export and previews ---------------------------------------------------------------------------------
     def export(self, folder: Path, corrected: dict, uncorrected: dict, config: Any) -> None:
@@ -348,7 +328,11 @@ class Flux2Backend(DreamBoothData, Backend):
         return known
 
     def generate(self, model: nn.Module, label: str, requests: list[tuple[str, int]] | None = None) -> list:
-        how, requests = self._sampling(), requests or self._requests()
+        return self._render(model, requests or self._requests())
+
+    def _render(self, model: nn.Module, requests: list[tuple[str, int]]) -> list:
+        """One image per (prompt, seed) at Image size through `model`, from the prompts' embeddings."""
+        how = self._sampling()
         embeds = self._prompt_embeds(sorted({p for p, _ in requests} | ({""} if self._real_cfg() else set())))
         pipe = self._pipeline(text=False)  # from the embeddings: sample rounds and previews never build the encoder
         pipe.transformer = model.get_base_model() if hasattr(model, "get_base_model") else model

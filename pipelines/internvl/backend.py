@@ -49,6 +49,7 @@ from .streaming import internvl_blockwise
 from .data import (IMAGE_MARKER, QASample, check_image, check_no_image_tokens, exact_match, read_qa_data, token_f1,
                    write_qa_jsonl)
 from .export import load_snippet
+from .validation import VALIDATION_ITEMS, held_out_scores
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ class VlmSettings:
     max_tiles: int = field(default=1, metadata={"help": "448px tiles per image (more: finer detail, more memory)"})
     max_length: int = field(default=2048, metadata={"help": "longest training sample in tokens"})
     system_prompt: str = field(default="", metadata={"help": "system prompt for every conversation (default none)"})
-    holdout: int = field(default=0, metadata={"help": "samples kept out of training to judge the previews"})
+    holdout: int = field(default=0, metadata={"label": "Held-out questions",
+        "help": "samples kept out of training (the last ones): validation loss, exact match and token F1 at each "
+                "sample round, and the previews' questions"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow the checkpoint's own Python code (only for checkpoints you trust)"})
     max_new_tokens: int = field(default=32, metadata={"label": "Longest preview answer", "help": "longest preview answer in tokens",
@@ -104,6 +107,9 @@ class VlmSettings:
         "flag": "--preview-image", "preview": "--image"})
     preview_samples: int = field(default=4, metadata={"help": "samples previewed when no question is given",
                                                       "preview": "--preview-samples"})
+    validation_data: str = field(default="", metadata={"label": "Validation questions",
+        "help": "a second file of questions and answers (the formats of --data) kept for validation only, besides "
+                "the held-out ones"})
 
 
 LOAD_SNIPPET = """# Your personalised InternVL
@@ -121,6 +127,7 @@ tokenizer = AutoTokenizer.from_pretrained("{model}")
 ```
 """
 MEMORY_SAMPLES = 256  # samples packed to find the longest one for the planner (the data's first ones)
+VALIDATION_FOLDER = "validation"  # data/validation/: the validation questions' copy
 CALIBRATION_RANGE = (8, 64)  # calibration samples: enough for stable statistics, few enough to be quick
 
 
@@ -162,6 +169,7 @@ class VlmBackend(Backend):
         self.samples: list[QASample] = []
         self.held_out: list[QASample] = []
         self.encoded: list[dict[str, torch.Tensor]] = []
+        self._held_out_encoded: list[dict[str, torch.Tensor]] | None = None  # packed once, at the first round
 
     @property
     def packer(self) -> ChatPacker:
@@ -189,7 +197,10 @@ class VlmBackend(Backend):
                              f"got {self.run.calibration_samples}")
         report = read_qa_data(s.data)
         if not 0 <= s.holdout < len(report.samples):
-            raise ValueError(f"--holdout {s.holdout} leaves nothing to train on ({len(report.samples)} samples)")
+            raise DataError(f"Held-out questions (--holdout) is {s.holdout} but there are {len(report.samples)} questions; hold "
+                            "out fewer than your questions (at least one must stay for training), or 0 for none")
+        if s.validation_data:
+            read_qa_data(s.validation_data)  # its own problems, said in its own words
         self._typed_questions()
         self.packer  # noqa: B018 - the model's files must be readable before a run folder is made
         log.info("data: %s", report.summary())
@@ -210,15 +221,34 @@ class VlmBackend(Backend):
 
     def copy_data(self, folder: Path) -> dict:
         report = read_qa_data(self.settings.data)
-        return {"source": str(self.settings.data), **write_qa_jsonl(report.samples, folder)}
+        summary = {"source": str(self.settings.data), **write_qa_jsonl(report.samples, folder)}
+        if self.settings.validation_data:
+            summary["validation"] = write_qa_jsonl(read_qa_data(self.settings.validation_data).samples,
+                                                   Path(folder) / VALIDATION_FOLDER)
+        return summary
 
     def use_data(self, folder: Path) -> None:
         samples = read_qa_data(Path(folder) / "qa.jsonl").samples
         cut = len(samples) - self.settings.holdout
         self.samples, self.held_out = samples[:cut], samples[cut:]
+        extra = Path(folder) / VALIDATION_FOLDER / "qa.jsonl"
+        if extra.is_file():
+            self.held_out += read_qa_data(extra).samples
+        self._held_out_encoded = None
 
     def data_settings(self, folder: Path) -> dict[str, str]:
-        return {"data": str(Path(folder) / "qa.jsonl")}  # InternVL's format, its images in folder/images/
+        out = {"data": str(Path(folder) / "qa.jsonl")}  # InternVL's format, its images in folder/images/
+        if self.settings.validation_data:
+            out["validation_data"] = str(Path(folder) / VALIDATION_FOLDER / "qa.jsonl")
+        return out
+
+    def validation_scores(self, model: torch.nn.Module) -> dict[str, float]:
+        """Validation loss, exact match and token F1 on the held-out questions (validation.py); {} without any."""
+        items = self.held_out[:VALIDATION_ITEMS]
+        if self._held_out_encoded is None:
+            self._held_out_encoded = [self.packer.encode(sample) for sample in items]  # images decoded once a run
+        return held_out_scores(model, self.packer, items, self._held_out_encoded, self.run.batch_size,
+                               self.settings.max_new_tokens, self.device)
 
     def build_cache(self, folder: Path) -> None:
         """Token ids, labels and pixels of every training sample: images are decoded once per run."""
@@ -242,6 +272,8 @@ class VlmBackend(Backend):
         """The longest sample the run will pack (tokens, image tokens included; at most --max-length), from the
         user's own data: the planner's activations and calibration hidden states scale with it."""
         samples = read_qa_data(self.settings.data).samples[:MEMORY_SAMPLES]
+        if self.settings.validation_data:  # forwarded (no grad) at the sample rounds: as long a sample counts
+            samples += read_qa_data(self.settings.validation_data).samples[:MEMORY_SAMPLES]
         longest = max((self.packer.encode(sample)["input_ids"].shape[-1] for sample in samples), default=0)
         tiles = self.settings.max_tiles + (1 if self.settings.max_tiles > 1 else 0)  # InternVL adds a thumbnail
         return {"seq_len": max(1, min(self.settings.max_length, longest)), "image_tiles": tiles}

@@ -52,10 +52,11 @@ def plan_settings(run: RunSettings, backend: Any) -> PlanSettings:
     return PlanSettings(
         device="cuda" if device.type == "cuda" else "cpu", dtype=dtype, ratio=run.ratio,
         rules=tuple(parse_rules(run.rules)), lora_rank=run.rank, lora_targets=tuple(run.lora_targets),
-        optimizer=run.optimizer, batch_size=run.batch_size, gradient_checkpointing=run.gradient_checkpointing,
+        optimizer=run.optimizer, gradient_checkpointing=run.gradient_checkpointing,
         calibration_samples=run.calibration_samples, keep_statistics=run.keep_statistics,
         keep_checkpoints=run.keep_checkpoints, samples=bool(sample_interval(run)), budget_gb=gpu, ram_gb=ram,
-        **backend.memory_shape())
+        **{"batch_size": run.batch_size, **backend.memory_shape()})  # a backend may train more rows per step
+        # (FLUX's prior preservation: the class rows join each step)
 
 
 def plan_for_run(run: RunSettings, backend: Any) -> dict | None:
@@ -85,6 +86,11 @@ def plan_for_run(run: RunSettings, backend: Any) -> dict | None:
                                "device_gib": round(e.total / GiB, 3), "host_gib": round(e.host_total / GiB, 3)}
             if e.phase == "preview" and e.streamed:
                 phases[e.phase].update(_blocks_kept(settings, e))
+    drawn = getattr(backend, "class_images_to_draw", lambda: 0)()
+    if drawn and "preview" in phases:  # prior preservation: the base model draws them at the start of training,
+        # held as the preview holds it (pipelines/runner/stages.py _class_images): the preview's phase, once more
+        phases["class_images"] = {**phases["preview"], "name": f"drawing {drawn} class images (the base model, as "
+                                  "the preview holds it)"}
     return {"device": settings.device, "gpu_budget_gib": settings.budget_gb, "ram_budget_gib": round(settings.ram_gb, 3),
             "phases": phases, "run_folder_gib": round(plan.memory.run_folder_bytes / GiB, 3)}
 

@@ -52,6 +52,11 @@ neither, `streams(backend)` tells:
 
 Output (samples, previews, exports):
     write_samples(folder, model)   one round of samples during training (default: the previews')
+    validation_scores(model) {"validation_loss": ..., ...} of the training model on the held-out data at a sample
+                             round (no grad, eval mode, the training batch size at most); {} when nothing is held out
+    class_images_to_draw()   how many class images the base model draws before training (prior preservation); 0: none
+    write_class_images(folder, model) / use_class_images(folder)   draw them with the base model (held as the preview
+                             holds it) into the run's class-images/, and read them back (a resumed run draws none)
     check_preview()          raise ValueError for preview settings that cannot be rendered
     preview_count()          how many outputs `generate` makes per variant (0: unknown); with `output_done()`,
                              called by `generate` after each output, the machine reports progress per image/answer
@@ -157,6 +162,10 @@ class Backend(ABC):
         the previews' requests. A backend may sample cheaper (FLUX: from the cached prompt embeddings)."""
         return self.write_previews(folder, {"emulator + LoRA": self.generate(model, "emulator + LoRA")})
 
+    def validation_scores(self, model: torch.nn.Module) -> dict[str, float]: return {}
+    def class_images_to_draw(self) -> int: return 0
+    def write_class_images(self, folder: Path, model: torch.nn.Module) -> list[Path]: return []
+    def use_class_images(self, folder: Path) -> None: ...
     def check_preview(self) -> None: ...
     def preview_count(self) -> int: return 0
 

@@ -139,8 +139,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is `size`, then cut the centre `size x size` square."""
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return resized.crop((left, top, left + size, top + size))
+    return resize_and_crop_to(image, size, size)
+
+
+def resize_and_crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize (bicubic) so the image covers `width` x `height`, then cut that size from its centre: the shape is
+    kept up to the sliver the target's aspect ratio differs by (an aspect-ratio bucket's)."""
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))

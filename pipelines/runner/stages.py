@@ -29,7 +29,7 @@ from emloc.checkpoint import CheckpointReader, map_large_allocations, return_fre
 from emloc.emulator import emulator_files
 
 from .checkpoints import CHECKPOINT_NAME, resume, save_checkpoint, trim_loss_log
-from .devices import MACHINE, new_accelerator, run_precision
+from .devices import MACHINE, distributed_state, new_accelerator, run_precision
 from .models import Run, emulator_model, full_model_streamed, streams
 from .progress import Progress, RunCancelled
 from .settings import LOSS_LOG, PREVIEW_VARIANTS, parse_rules, sample_interval
@@ -150,6 +150,7 @@ def loss_read_interval(device: torch.device) -> int:
 def train(run: Run, out: Path) -> None:
     """LoRA on the emulator; checkpoints every N steps, resumes from the last one, honours cancel."""
     backend, settings = run.backend, run.settings
+    _class_images(run)  # prior preservation: the base model draws them first (once; a resume reads them)
     model = emulator_model(run, backend.device)
     model.requires_grad_(False)
     if settings.gradient_checkpointing:
@@ -173,6 +174,8 @@ def train(run: Run, out: Path) -> None:
     every = sample_interval(settings)
     if accelerator.is_main_process and every and start == 0:
         _sample(run, plain, 0)  # the baseline: what the emulator makes before any training
+        _validate(run, plain, 0, loss_log, accelerator)  # held-out data is scored with the sample rounds (the plan
+        # counts their generation only when there are rounds)
     began, saved = time.monotonic(), start
     read_every = loss_read_interval(backend.device)
     unread: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, seconds) not yet on the host
@@ -224,6 +227,9 @@ def train(run: Run, out: Path) -> None:
             if sample:
                 (run.dir / SAMPLE_NOW).unlink(missing_ok=True)
                 _sample(run, plain, done)
+            if accelerator.is_main_process and (sample or (every and done == settings.steps)):
+                log_file.flush()
+                _validate(run, plain, done, loss_log, accelerator)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -267,6 +273,58 @@ def _sample(run: Run, model: nn.Module, step: int) -> None:
     shutil.rmtree(final, ignore_errors=True)
     os.rename(staging, final)
     run.emit(Progress("train", step, run.settings.steps, message=f"samples of step {step} are ready"))
+
+
+def _validate(run: Run, model: nn.Module, step: int, loss_log: Path, accelerator: Any) -> None:
+    """The held-out data's scores at a sample round (and the last step), appended to the loss log as
+    {"step", "validation_loss", ...} and reported; nothing when nothing is held out. No gradients, eval mode, at
+    most the training batch per forward: within the training step's peak."""
+    model.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            scores = run.backend.validation_scores(model)
+    finally:
+        model.train()
+    if not scores:
+        return
+    with open(loss_log, "a") as log_file:
+        log_file.write(json.dumps({"step": step, **scores}) + "\n")
+    words = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in scores.items())
+    run.emit(Progress("train", step, run.settings.steps, message=f"held-out data at step {step}: {words}"))
+
+
+CLASS_IMAGES = "class-images"  # the run's class images drawn by the base model (prior preservation)
+
+
+def _class_images(run: Run) -> None:
+    """Draw the class images with the base model before training, held as the plan's preview holds it (a phase
+    of the preview's memory: the planner's "class images"), into class-images/ (renamed into place when whole, so a
+    resume finds them and draws none); then hand them to the backend."""
+    backend, final = run.backend, run.dir / CLASS_IMAGES
+    count = backend.class_images_to_draw()
+    if not count:
+        return
+    if run.is_main and not final.exists():
+        run.emit(Progress("train", 0, run.settings.steps, message=f"drawing {count} class images with the base model"))
+        staging = final.with_name(final.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model = variants.preview_variant(run, "base")
+        model.eval()
+        try:
+            with torch.no_grad():
+                backend.write_class_images(staging, model)
+        finally:
+            variants.finish_variant(model)
+            del model
+            backend.release()
+            gc.collect()
+            return_freed_memory()
+            if backend.device.type == "cuda":
+                torch.cuda.empty_cache()
+        os.rename(staging, final)
+    distributed_state(backend.device).wait_for_everyone()  # every process trains on the main one's drawings
+    backend.use_class_images(final)
 
 
 def samples(run_dir: Path) -> list[Path]:
