@@ -90,6 +90,7 @@ class Studio:
         self.runs_dir = Path(runs_dir).resolve()
         self.demo_models = families.demo_models(demo_models)
         self.jobs = JobManager()
+        self.jobs.attach(self.runs_dir)  # a job an earlier app started that still runs is this app's job again
 
     # -- step 4: start, watch, cancel ------------------------------------------------------------------
     def start_run(self, values: dict[str, Any]) -> str:
@@ -306,6 +307,7 @@ class Studio:
             raise ValueError("pick a run in the list first")
         folder = self.runs_dir / name
         results.run_info(folder)
+        self.jobs.attach(self.runs_dir)  # its job may have been started by an app that has since stopped
         return str(folder)
 
     def resume_run(self, name: str) -> str:
@@ -369,6 +371,10 @@ def run_state(info: dict) -> str:
     pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
     if not pending:
         return "finished"
+    if isinstance(stages.get(pending[0]), dict) and stages[pending[0]].get("status") == "running":
+        # said only of a run whose job is not running now: its process ended without saying so (killed, or the
+        # machine stopped); everything up to its last checkpoint is kept
+        return f"stopped at {pending[0]} (its job is no longer running); press Resume to continue it"
     return stage_words(pending[0], stages.get(pending[0]), info["settings"]["run"].get("model", ""))
 
 

@@ -600,3 +600,44 @@ def test_switching_task_after_a_run_shows_nothing_of_it_and_keeps_the_photos(pag
     button(page, "Next: your data").click()
     page.wait_for_function("document.querySelectorAll('#photo-gallery img').length == 3")
     no_traceback(page)
+
+
+def test_a_reload_mid_wizard_comes_back_where_it_was_and_says_which_photos_need_uploading_again(page, world,
+                                                                                                 tmp_path):
+    import uuid
+
+    unique = tmp_path / f"reload-{uuid.uuid4().hex[:8]}.png"  # a name no other upload has: its copies are found
+    shutil.copy(world["photos"][0], unique)
+    photos = [unique, *world["photos"][1:]]
+    button(page, "Next: your data").click()
+    upload(page, "#photo-upload", photos)
+    expect_text(page, "#msg-data", f"{len(photos)} images added")
+    page.locator("#prompt").get_by_role("textbox").fill("a photo of sks shape on the beach")
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#plan-text", "Recommended ratio")
+    page.locator("#ram-budget input").fill("5.5")
+    page.locator("#ram-budget input").press("Enter")
+    page.wait_for_timeout(3000)  # the page is kept in the browser every 1.5 s
+    page.reload()
+    page.locator("#device").get_by_text("CPU").wait_for(state="attached")
+    expect_text(page, "#plan-text", "Recommended ratio")  # back on the Budget step, its plan drawn
+    assert page.locator("#plan-text").is_visible()
+    assert float(page.locator("#ram-budget input").input_value()) == pytest.approx(5.5)
+    shot(page, "reload-1-budget-restored")
+    page.locator("button.step-button:not([disabled])", has_text="2. Data").click()
+    assert page.locator("#prompt").get_by_role("textbox").input_value() == "a photo of sks shape on the beach"
+    assert page.locator("#photo-gallery img").count() == len(photos)
+    page.wait_for_timeout(3000)  # the step picked by its header is kept too
+    # the app's temporary copies of one photo are gone (a cleaned temp folder): the page says so at the Data step
+    temp = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(__import__("tempfile").gettempdir()) / "gradio")
+    copies = list(temp.rglob(unique.name))
+    assert copies, f"no copy of {unique.name} under {temp}"
+    for copy in copies:
+        copy.unlink()
+    page.reload()
+    page.locator("#device").get_by_text("CPU").wait_for(state="attached")
+    expect_text(page, "#msg-data", "need uploading again")  # on the Data step, where it was
+    assert page.locator("#msg-data").is_visible()
+    expect_text(page, "#msg-data", "1 of your photos")
+    assert page.locator("#photo-gallery img").count() == len(photos) - 1
+    no_traceback(page)

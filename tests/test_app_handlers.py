@@ -562,3 +562,73 @@ def test_caption_my_photos_keeps_typed_captions_and_refuses_in_words(tmp_path):
         handlers.caption_photos(images, typed, " ", str(demo.VLM_DIR))
     with pytest.raises(ValueError, match="captioning model"):
         handlers.caption_photos(images, typed, "sks", str(tmp_path / "no-such-model"))
+
+
+def test_an_app_started_while_a_job_runs_follows_it_cancels_it_and_then_offers_resume(models, photos, tmp_path):
+    """The job is its own process: an app (re)started while it runs finds it through <run>/job.json, shows its
+    progress, and Cancel signals that pid; once it has stopped unfinished, the run is 'stopped' with Resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from app.jobs import JOB_FILE
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import RUN_FILE, STAGES, Run, RunSettings
+    from pipelines.runner.progress import PROGRESS_LOG
+
+    runs = tmp_path / "runs"
+    settings = FluxSettings(images=str(photos[0].parent), prompt="a photo of sks dog", resolution=32,
+                            preview_steps=2, max_sequence_length=16)
+    run = Run.create(runs / "left-running", "flux", RunSettings(model=str(models["flux"]), steps=8, rank=4,
+                                                                 calibration_samples=4), settings)
+    info = json.loads((run.dir / RUN_FILE).read_text())
+    for stage in STAGES[:STAGES.index("train")]:
+        info["stages"][stage] = {"status": "done"}
+    info["stages"]["train"] = {"status": "running"}  # as the CLI leaves it while training
+    (run.dir / RUN_FILE).write_text(json.dumps(info))
+    # a stand-in for `launch.py train --out <run>` started by an earlier app: it reports step 3 of 8 and stops
+    # on SIGINT with the CLI's exit code for a cancel
+    code = ("import json, os, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, lambda *a: sys.exit(130))\n"
+            f"open({str(run.dir / PROGRESS_LOG)!r}, 'a').write(json.dumps({{'pid': os.getpid(), 'stage': 'train', "
+            "'step': 3, 'total': 8, 'eta': 5.0, 'message': 'step 3', 'loss': 0.5, 'time': time.time()}) + '\\n')\n"
+            "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", code, "launch.py", "train", "--out", str(run.dir)])
+    try:
+        (run.dir / JOB_FILE).write_text(json.dumps({"pid": process.pid, "kind": "run", "started": time.time(),
+                                                    "command": [sys.executable, "launch.py", "train", "--out",
+                                                                str(run.dir)]}))
+        deadline = time.time() + 20
+        while not (run.dir / PROGRESS_LOG).is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        studio = Studio(runs, models)  # the app starts again
+        job = studio.jobs.status()
+        assert job.running and job.run_dir == str(run.dir) and (job.stage, job.step, job.total) == ("train", 3, 8)
+        assert studio.list_runs()[0]["status"] == "running now"
+        view = studio.train_view(str(run.dir))
+        assert view["running"], view["text"]  # Cancel is live
+        # a page reloaded on this run comes back to it, live, on the Train step
+        from app import restore
+
+        back = restore.restore(studio, {"state": {"kind": "images", "run_dir": str(run.dir)},
+                                        "form": {"model.model": str(models["flux"])}, "step": 3}, "cpu")
+        assert back["page.state"].run_dir == str(run.dir) and back["train.cancel"].interactive
+        assert back["page.wizard"].selected == 3 and not back.get("train.msg")
+        assert "Stopping" in studio.cancel()
+        assert process.wait(timeout=20) == 130  # the signal reached that pid
+        deadline = time.time() + 10
+        while studio.jobs.status().running and time.time() < deadline:
+            time.sleep(0.1)
+        assert studio.jobs.status().state == "cancelled"
+        row = studio.list_runs()[0]
+        assert row["status"].startswith("stopped at train") and "Resume" in row["status"], row["status"]
+        assert "cancelled" in studio.train_view(str(run.dir))["text"]
+        later = Studio(runs, models)  # and an app started after it: the dead job's record is not followed
+        view = later.train_view(str(run.dir))
+        assert not later.jobs.status().running and not view["running"]
+        assert "stopped at train" in view["text"] and "Resume" in view["text"], view["text"]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()

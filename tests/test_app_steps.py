@@ -148,3 +148,52 @@ def test_step_one_says_an_unreachable_hub_in_words_at_once_and_the_plan_stays_av
     assert out["model.plan_only"].visible and "page.wizard" not in out
     plan = plans.memory_plan("black-forest-labs/FLUX.1-dev", 12, None, 16)
     assert plan["recommended"] is not None and plan["svg"]
+
+
+def test_a_reload_brings_back_the_task_model_uploads_words_settings_and_step_and_says_what_is_lost(studio, tmp_path):
+    """What the browser keeps (restore.snapshot, through JSON as localStorage holds it) is put back by the page's
+    load; an upload whose kept copy is gone is dropped and the Data step says the photos need uploading again."""
+    import json
+
+    from PIL import Image
+
+    from app import restore
+    from app.page import STEP
+
+    if not (demo.FLUX_DIR / "demo.json").is_file():
+        pytest.skip("the demo models are not built (python -m pipelines.demo build)")
+    kept = tmp_path / "kept.png"
+    Image.new("RGB", (64, 64), (0, 128, 128)).save(kept)
+    uploads = {"images": [{"path": str(kept), "name": "kept.png"}, {"path": str(tmp_path / "gone.png"),
+                                                                     "name": "gone.png"}], "qa": []}
+    state = PageState(kind="images", uploads=uploads, ratio_touched=True)
+    typed = {"page.state": state, "page.step": STEP["budget"], "model.task": "images", "model.model": str(demo.FLUX_DIR),
+             "data.prompt": "a photo of sks shape in the snow", "data.trigger": "sks",
+             "data.captions": [["kept.png", "a teal cross"], ["gone.png", ""]], "data.qa_table": None,
+             "budget.budget": 24, "budget.ram": 6.5, "budget.ratio": 0.37, "budget.rank": 8, "budget.batch_size": 2,
+             "budget.touched": True, "budget.ram_touched": True, "train.name": "my-run", "train.steps": 123}
+    saved = json.loads(json.dumps(restore.save(studio, typed)["page.saved"]))
+    assert restore.save(studio, {**typed, "page.saved": saved}) == {}  # unchanged: nothing is written again
+    out = restore.restore(studio, saved, "cpu")
+    assert out["page.state"].kind == "images" and out["page.state"].ratio_touched
+    assert out["page.state"].uploads["images"] == [{"path": str(kept), "name": "kept.png"}]
+    assert out["data.photo_gallery"] == [(str(kept), "kept.png")]
+    assert "need uploading again" in out["data.msg"] and "1 of your photos" in out["data.msg"]
+    assert out["model.task"] == "images" and out["model.model"].value == str(demo.FLUX_DIR)
+    assert out["data.prompt"] == "a photo of sks shape in the snow" and out["data.captions"][0] == ["kept.png",
+                                                                                                     "a teal cross"]
+    assert (out["budget.ratio"], out["budget.rank"], out["budget.batch_size"], out["budget.ram"]) == (0.37, 8, 2, 6.5)
+    assert out["train.name"] == "my-run" and out["train.steps"] == 123 and out["model.about"]
+    assert out["page.wizard"].selected == STEP["budget"] and out["page.step"] == STEP["budget"]
+    assert out["budget.chart"]  # the plan is drawn for the restored settings
+    # the menu's change event that the restored model fires keeps the restored settings
+    from app.ui import choose_model
+
+    again = choose_model(studio, {"page.state": out["page.state"], "model.model": str(demo.FLUX_DIR)})
+    assert set(again) == {"model.about"}
+    # a run that is no longer in the runs folder is said at the Train step
+    gone = {**saved, "state": {**saved["state"], "run_dir": str(tmp_path / "runs" / "deleted")}, "step": STEP["export"]}
+    out = restore.restore(studio, gone, "cpu")
+    assert "no longer in the runs folder" in out["train.msg"] and out["page.state"].run_dir == ""
+    assert out["page.wizard"].selected == STEP["train"]
+    assert restore.restore(studio, {}, "cpu") == {}  # a first visit: nothing to restore
