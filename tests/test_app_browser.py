@@ -417,6 +417,40 @@ def test_a_failed_run_is_listed_as_failed_and_past_runs_refresh_themselves(page,
     shot(page, "18-past-runs-failed-run")
 
 
+def test_a_run_picked_while_past_runs_is_being_listed_is_the_one_open_opens(page, world, tmp_path, monkeypatch):
+    """A listing of Past runs (Refresh, the timer's) that lands after the person picked a run leaves their pick:
+    it used to put back the run the menu showed when it began, and Open opened that one (the CI failure of
+    2026-12-05: a finished InternVL run picked, the newest unfinished run opened on the Train step)."""
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    for name in ("pick-older", "pick-newest"):
+        Run.create(world["runs"] / name, "flux", RunSettings(model=str(world["studio"].demo_models["flux"]), steps=2,
+                                                             rank=4),
+                   FluxSettings(images=str(world["photos"][0].parent), prompt=world["prompt"], resolution=32))
+        time.sleep(1.1)  # one second apart: pick-newest is listed first
+    studio = world["studio"]
+    listing = studio.list_runs
+
+    def slow_listing():  # a loaded machine: the listing takes a while
+        time.sleep(3)
+        return listing()
+
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", "pick-newest")
+    monkeypatch.setattr(studio, "list_runs", slow_listing)
+    button(page, "Refresh").click()  # reads the menu now (on pick-newest) and lands in 3 s
+    page.get_by_role("combobox", name="Run").click()
+    page.get_by_role("option", name="pick-older", exact=True).click()
+    page.wait_for_timeout(4500)  # the listing has landed
+    monkeypatch.setattr(studio, "list_runs", listing)
+    button(page, "Open").click()
+    expect_text(page, "#msg-runs", "Opened pick-older")
+    expect_text(page, "#job-status", "pick-older")
+    no_traceback(page)
+
+
 def test_a_new_run_starts_clean_and_example_data_replaces_the_set(page, world, tmp_path):
     finished = [p.parents[1].name for p in world["runs"].glob("vlm-*/lora/corrected")]
     if not finished:  # run alone (not after the InternVL wizard test): make the finished InternVL run it opens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -632,3 +633,36 @@ def test_an_app_started_while_a_job_runs_follows_it_cancels_it_and_then_offers_r
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             process.wait()
+
+
+def test_a_job_record_whose_process_ended_unwaited_or_is_another_program_is_not_followed(tmp_path):
+    """<run>/job.json names a pid: a job that has ended but was never waited for (a zombie, still in the process
+    table) is not running, nor is a live process that is not `launch.py` of that run (a reused pid)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from app.jobs import JOB_FILE, live_job
+
+    run = tmp_path / "runs" / "a-run"
+    run.mkdir(parents=True)
+    ended = subprocess.Popen([sys.executable, "-c", "pass", "launch.py", "train", "--out", str(run)])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "launch.py", "train", "--out",
+                              str(tmp_path / "runs" / "another-run")])
+    try:
+        deadline = time.time() + 20
+        while psutil.Process(ended.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(ended.pid).status() == psutil.STATUS_ZOMBIE  # ended, not waited for
+        (run / JOB_FILE).write_text(json.dumps({"pid": ended.pid, "kind": "run", "command": []}))
+        assert live_job(run) is None
+        assert not Studio(tmp_path / "runs").jobs.status().running
+        (run / JOB_FILE).write_text(json.dumps({"pid": other.pid, "kind": "run", "command": []}))
+        assert live_job(run) is None  # alive, but another run's job
+        (run / JOB_FILE).write_text(json.dumps({"pid": os.getpid(), "kind": "run", "command": []}))
+        assert live_job(run) is None  # alive, but not launch.py at all
+    finally:
+        other.kill()
+        other.wait()
+        ended.wait()

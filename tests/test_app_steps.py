@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -197,3 +198,45 @@ def test_a_reload_brings_back_the_task_model_uploads_words_settings_and_step_and
     assert "no longer in the runs folder" in out["train.msg"] and out["page.state"].run_dir == ""
     assert out["page.wizard"].selected == STEP["train"]
     assert restore.restore(studio, {}, "cpu") == {}  # a first visit: nothing to restore
+
+
+def shown_value(before, update):
+    """What a component holds after the browser applies `update` (a value, or a component whose constructor
+    arguments are the props it changes: gradio leaves the value alone when none is given)."""
+    if hasattr(update, "constructor_args"):
+        return update.constructor_args.get("value", before)
+    return update
+
+
+def test_a_run_list_that_lands_after_the_person_picked_a_run_keeps_their_pick(studio, tmp_path):
+    """The timer's listing of Past runs (and Refresh's) reads the Run menu when it starts and lands later: it must
+    not put back the run the menu showed then. It did, and Open then opened that other run (the newest, an
+    unfinished one: the Train step instead of the finished run's previews; the CI failure of 2026-12-05)."""
+    from app import ui
+    from app.steps import runs
+    from pipelines.demo import data as demo_data
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    if not (demo.FLUX_DIR / "demo.json").is_file():
+        pytest.skip("the demo models are not built (python -m pipelines.demo build)")
+    photos = demo_data.write_subject_images(tmp_path / "photos", count=3, seed=0)
+    for name in ("finished-one", "newest-broken"):
+        Run.create(studio.runs_dir / name, "flux", RunSettings(model=str(demo.FLUX_DIR), steps=2, rank=4),
+                   FluxSettings(images=str(photos[0].parent), prompt="a photo of sks shape", resolution=32))
+        time.sleep(1.1)  # created one second apart: the newest is listed first
+    names = [r["name"] for r in studio.list_runs()]
+    assert names == ["newest-broken", "finished-one"]
+    page = runs.view(studio)  # the page's load: the menu on the newest run
+    pick = shown_value(None, page["runs.pick"])
+    assert pick == "newest-broken"
+    # the timer's tick (its first one relists) and Refresh read the menu now ...
+    ticked = ui.tick(studio, {"page.state": PageState(), "train.seen": {"version": -1, "state": ""},
+                              "preview.uncorrected": False, "runs.pick": pick})
+    refreshed = runs.view(studio, pick)
+    # ... the person picks the finished run before they land; it stays picked
+    for update in (ticked["runs.pick"], refreshed["runs.pick"]):
+        assert shown_value("finished-one", update) == "finished-one"
+        assert list(update.constructor_args["choices"]) == names  # the list itself is new
+    # a menu on a run that is gone (or none) is set to the newest
+    assert shown_value("deleted", runs.view(studio, "deleted")["runs.pick"]) == "newest-broken"

@@ -22,10 +22,15 @@ def view_ids() -> list[str]:
 
 
 def view(studio, pick: str | None = None) -> Values:
+    """The runs table and the Run menu's choices. `pick` is the menu's value when the event began: a listing
+    (the timer's, Refresh, the page's load) may land after the person picked another run, so the menu's value is
+    set only when `pick` is no run at all (none yet, or deleted); writing back `pick` itself would undo their
+    choice, and Open would open the run they had moved away from."""
     rows = studio.list_runs()
     names = [r["name"] for r in rows]
-    return {"runs.table": pd.DataFrame([[r[k] for k in COLUMNS] for r in rows], columns=COLUMNS),
-            "runs.pick": gr.Dropdown(choices=names, value=pick if pick in names else (names[0] if names else None))}
+    menu = gr.Dropdown(choices=names) if pick in names else \
+        gr.Dropdown(choices=names, value=names[0] if names else None)
+    return {"runs.table": pd.DataFrame([[r[k] for k in COLUMNS] for r in rows], columns=COLUMNS), "runs.pick": menu}
 
 
 def picked(studio, v: Values) -> Values:
