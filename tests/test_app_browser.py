@@ -147,6 +147,14 @@ def no_traceback(page) -> None:
     assert page.locator(".toast-body").count() == 0, "gradio showed an error toast"
 
 
+def near(page, message: str, control, most_px: float = 120) -> None:
+    """The message `message` (a selector) shows right under or beside `control` (a locator), not a screen away."""
+    said, at = page.locator(message).bounding_box(), control.bounding_box()
+    assert said and at, (message, said, at)
+    gap = max(said["y"] - (at["y"] + at["height"]), at["y"] - (said["y"] + said["height"]), 0)  # px between them
+    assert gap < most_px, (message, gap, said, at)
+
+
 def choose_task(page, label: str) -> None:
     page.get_by_label(label).check()
     page.wait_for_timeout(1500)
@@ -163,6 +171,9 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     upload(page, "#photo-upload", world["photos"])
     expect_text(page, "#msg-data", "4 images added")
     assert page.locator("#photo-gallery img").count() == 4
+    if world["prompt"] == EXAMPLE_PROMPT:  # the demo model's prompt names what it knows (shapes), not a dog
+        assert page.locator("#prompt").get_by_role("textbox").input_value() == EXAMPLE_PROMPT
+    expect_text(page, "#prompt", "instance prompt")  # the word is explained where it is asked for
     page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
     shot(page, "02-data-flux")
     button(page, "Check the data and continue").click()
@@ -178,6 +189,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     assert float(page.locator("#ratio input[type=number]").input_value()) == pytest.approx(0.45)
     shot(page, "03-budget")
     button(page, "Next: training").click()
+    expect_text(page, "#lam", "how far correcting the LoRA")  # the clamp explained beside its field
     page.locator("#steps input").fill("24")
     button(page, "Start training").click()
     expect_text(page, "#msg-train", "Started")
@@ -219,6 +231,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     page.get_by_role("tab", name="Past runs").click()
     button(page, "Refresh").click()
     expect_text(page, "#runs-table", "finished")
+    assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:", page.locator("#runs-table").inner_text())  # no ISO stamps
     shot(page, "07-past-runs")
     button(page, "Open").click()  # a past run reopens on its previews
     expect_text(page, "#msg-runs", "Opened flux-")
@@ -286,6 +299,7 @@ def test_closing_the_page_keeps_training_and_cancel_stops_it(browser, world):
     shot(page, "10-train-reopened-running")
     button(page, "Start training").click()  # a second run while this one trains: refused, in words
     expect_text(page, "#msg-train", "already running")
+    near(page, "#msg-train", button(page, "Start training"))  # said under the button, not below the log
     button(page, "Cancel").click()
     expect_text(page, "#msg-train", "Stopping after the current step")
     expect_text(page, "#job-status", "was cancelled")
@@ -346,6 +360,7 @@ def test_bad_input_shows_messages_in_words(page, world):
     expect_text(page, "#msg-data", "3 images added")  # the upload is in before the check is asked for
     button(page, "Check the data and continue").click()
     expect_text(page, "#msg-data", "Trigger word (step 2)")  # the page's own control, not a CLI flag
+    near(page, "#msg-data", button(page, "Check the data and continue"))  # just above the button
     assert "--" not in page.locator("#msg-data").inner_text()
     shot(page, "17-bad-prompt-names-the-control")
     page.locator("#photo-gallery img").first.wait_for()
@@ -544,6 +559,9 @@ def test_past_runs_train_a_finished_run_further(page, world, tmp_path):
     expect_text(page, "#runs-table", "extend-me")
     page.get_by_role("combobox", name="Run").click()
     page.get_by_role("option", name="extend-me", exact=True).click()
+    from playwright.sync_api import expect
+
+    expect(page.locator("#extend-steps input")).to_have_value("2")  # "Train to" starts at the run's steps, not 0
     page.locator("#extend-steps input").fill("2")
     button(page, "Train further").click()  # not more than it has: said in the words of this screen
     expect_text(page, "#msg-runs", "Train further needs more steps than extend-me has (2): type more than 2 in "
@@ -597,6 +615,7 @@ def test_a_tiny_flux2_klein_goes_from_model_to_export(page, world):
     expect_text(page, "#snippet", "load_lora_weights")
     page.locator("button.step-button:not([disabled])", has_text="4. Train").click()  # the curve and summary are still there
     expect_text(page, "#job-status", "finished")
+    expect_text(page, "#job-status", "Settings: model")  # the summary is still there after the preview job
     assert page.locator("#loss-plot").inner_text().count("step") >= 1
     no_traceback(page)
     shot(page, "24-flux2-export")

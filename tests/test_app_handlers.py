@@ -325,6 +325,9 @@ def test_previews_show_three_models_side_by_side_and_render_new_ones(finished):
     view = studio.previews(folder)
     assert len(view["images"]) == 6 and f"“{long_prompt}”" in view["text"]
     assert [c.rsplit("seed ", 1)[1] for _, c in view["images"]] == ["1"] * 3 + ["2"] * 3
+    train = studio.train_view(folder)  # the preview job did not take the Train step's curve and summary away
+    assert [step for step, _ in train["losses"]] == [1, 2, 3] and "Settings: model" in train["text"]
+    assert "finished" in train["text"]
 
 
 def test_export_gives_the_adapter_a_zip_and_a_snippet(finished):
