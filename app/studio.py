@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
+from pipelines.runner import PREVIEW_VARIANTS, STAGES, Run, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, check_image
 
@@ -151,38 +151,6 @@ class Studio:
         (Path(run_dir) / SAMPLE_NOW).write_text("")
         return "Asked for samples: they appear below after the next training step."
 
-    def train_view(self, run_dir: str) -> dict:
-        """What step 4 shows for this page's run `run_dir` ("" = none yet): {"text", "progress", "losses", "log",
-        "running" (this run's job runs: Cancel is live), "state", "kind", "version", "started", "preview_progress",
-        "memory"}. Another run's job is only mentioned; the loss curve and summary come from the run's files, so
-        they stay while a preview job of the run renders."""
-        status = self.jobs.status()
-        ours = bool(run_dir) and bool(status.run_dir) and Path(status.run_dir) == Path(run_dir)
-        view = describe_job(status) if ours else describe_job(JobStatus(version=status.version))
-        if not run_dir:
-            if status.running:
-                view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
-                                 "time; Past runs shows it.)")
-            return {**view, "memory": "", "losses": []}
-        if not ours or status.kind != "run":
-            view["text"] = run_state_words(run_dir)
-            finished = (Path(run_dir) / "lora" / "corrected").is_dir()
-            view["progress"] = progress_bar(1.0 if finished else 0.0, "done" if finished else "not running")
-            if not ours and status.running:
-                view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
-                                 "time.)")
-            if ours and status.kind == "preview":  # Cancel stops the preview job (step 5 shows its progress)
-                view["log"] = "\n".join(reversed(status.log))
-            else:
-                view["log"], view["running"] = "", False
-        view["losses"] = read_losses(run_dir)
-        view["text"] += "  \n" + settings_summary(run_dir) + command_words(run_dir)
-        try:
-            view["memory"] = results.memory_table(results.run_info(run_dir))
-        except (OSError, ValueError):
-            view["memory"] = ""
-        return view
-
     # -- step 5: previews ------------------------------------------------------------------------------
     def render_preview(self, run_dir: str, text: str, seeds: str, image: str | None = None,
                        upload: str | None = None) -> str:
@@ -278,29 +246,6 @@ class Studio:
         snippet = run.backend.export_snippet(Path(info["folder"]), run.info.get("plan"))
         return {**info, "snippet": snippet, "zip": results.export_zip(run_dir)}
 
-    def list_runs(self) -> list[dict]:
-        """Every run under the runs folder, newest first: name, task, model, created, status, steps.
-
-        A run whose run.json is damaged is listed as damaged (with why); the others as usual."""
-        runs = []
-        running = self.jobs.status()
-        for path in Path(self.runs_dir).glob(f"*/{RUN_FILE}"):
-            try:
-                info = results.run_info(path.parent)
-            except (OSError, ValueError) as err:
-                runs.append({"name": path.parent.name, "task": "?", "model": "", "created": "", "stamp": "",
-                             "status": f"damaged: {results.damage_words(err)}", "steps": ""})
-                continue
-            status = run_state(info)
-            if running.running and Path(running.run_dir) == path.parent:
-                status = "running now"
-            settings = info["settings"]["run"]
-            steps = f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"
-            runs.append({"name": path.parent.name, "task": families.display_name(info["backend"]),
-                         "model": Path(str(settings.get("model", ""))).name, "stamp": str(info.get("created", "")),
-                         "created": results.when(info.get("created", "")), "status": status, "steps": steps})
-        return sorted(runs, key=lambda r: r["stamp"], reverse=True)
-
     def open_run(self, name: str) -> str:
         """The folder of the past run `name` (checked)."""
         if not name:
@@ -345,81 +290,9 @@ class Studio:
                                         "--log-level", "info"])
         return folder
 
-    def run_steps(self, name: str) -> int | None:
-        """The steps the run `name` has now (Past runs' "Train to" starts there)."""
-        try:
-            return int(results.run_info(self.runs_dir / name)["settings"]["run"]["steps"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-
-FAILURE_CHARS = 400  # a failure's message in the Past runs table, cut here
-
-
-def stage_words(stage: str, entry: Any, model: str = "") -> str:
-    """The state of a run's first unfinished stage for Past runs: 'failed at calibrate: <why>', 'cancelled at ...'."""
-    status = entry.get("status", "pending") if isinstance(entry, dict) else "pending"
-    if status == "failed":
-        why = failure_words(entry.get("error", ""), model)
-        return f"failed at {stage}: {why[:FAILURE_CHARS]}{'…' if len(why) > FAILURE_CHARS else ''}"
-    return f"{status} at {stage}"
-
-
-def run_state(info: dict) -> str:
-    """'finished', or the first unfinished stage's state ('cancelled at train', 'failed at calibrate: ...')."""
-    stages = info["stages"]
-    pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
-    if not pending:
-        return "finished"
-    if isinstance(stages.get(pending[0]), dict) and stages[pending[0]].get("status") == "running":
-        # said only of a run whose job is not running now: its process ended without saying so (killed, or the
-        # machine stopped); everything up to its last checkpoint is kept
-        return f"stopped at {pending[0]} (its job is no longer running); press Resume to continue it"
-    return stage_words(pending[0], stages.get(pending[0]), info["settings"]["run"].get("model", ""))
-
-
-def run_state_words(run_dir: str | Path) -> str:
-    """The Train step's first line for a run no job of this page is running."""
-    name = Path(run_dir).name
-    try:
-        state = run_state(results.run_info(run_dir))
-    except (OSError, ValueError) as err:
-        return f"**Run {name}** cannot be read ({err})."
-    if state == "finished":
-        return f"**Run {name} finished.** See the previews in step 5 and the files in step 6."
-    return f"**Run {name}: {state}.** Resume it under Past runs."
-
-
 def question_count(run_dir: str | Path) -> int:
     path = Path(run_dir) / "data" / "qa.jsonl"
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
-
-
-def settings_summary(run_dir: str | Path) -> str:
-    """One line with the settings a run was started with (from its run.json)."""
-    try:
-        info = results.run_info(run_dir)
-    except (OSError, ValueError):
-        return ""
-    run, backend = info["settings"]["run"], info["settings"]["backend"]
-    parts = [f"model {Path(run['model']).name} ({families.display_name(info['backend'])})", f"{run['steps']} steps",
-             f"ratio {run['ratio']:.2f}", f"LoRA rank {run['rank']}", f"learning rate {run['lr']:g}",
-             f"λ {run['lam']:g}", f"seed {run['seed']}"]
-    if backend.get("resolution"):
-        parts.append(f"{backend['resolution']} px")
-    return "Settings: " + " · ".join(parts)
-
-
-def command_words(run_dir: str | Path) -> str:
-    """The recorded `launch.py train ...` line of a run, as the Train step shows it ("" for older runs)."""
-    try:
-        command = results.run_info(run_dir).get("command")
-    except (OSError, ValueError):
-        return ""
-    if not command:
-        return ""
-    return ("\n\nThe same run from a terminal (in the EMLoC Studio folder; it reads the copy of your data in the "
-            f"run folder and writes a new run beside it):\n\n```\n{command}\n```")
 
 
 def _duration(seconds: float | None) -> str:

@@ -51,7 +51,7 @@ def tick(studio: Studio, v: Values) -> Values:
         return {}
     out: Values = {"train.seen": drawn, **train.job_view(studio, state.run_dir)}
     if ours and job.kind == "preview":
-        out["preview.progress"] = studio.train_view(state.run_dir)["preview_progress"]
+        out["preview.progress"] = train.train_view(studio, state.run_dir)["preview_progress"]
     # a job that started and ended between two ticks (a quick preview) was never seen running: its start tells
     ended = (seen.get("state") == "running" or job.started != seen.get("started")) and not job.running
     if ours and ended and job.state == "done":

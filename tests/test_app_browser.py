@@ -444,22 +444,23 @@ def test_a_run_picked_while_past_runs_is_being_listed_is_the_one_open_opens(page
                                                              rank=4),
                    FluxSettings(images=str(world["photos"][0].parent), prompt=world["prompt"], resolution=32))
         time.sleep(1.1)  # one second apart: pick-newest is listed first
-    studio = world["studio"]
-    listing = studio.list_runs
+    from app.steps import runs
 
-    def slow_listing():  # a loaded machine: the listing takes a while
+    listing = runs.list_runs
+
+    def slow_listing(studio):  # a loaded machine: the listing takes a while
         time.sleep(3)
-        return listing()
+        return listing(studio)
 
     page.get_by_role("tab", name="Past runs").click()
     button(page, "Refresh").click()
     expect_text(page, "#runs-table", "pick-newest")
-    monkeypatch.setattr(studio, "list_runs", slow_listing)
+    monkeypatch.setattr(runs, "list_runs", slow_listing)
     button(page, "Refresh").click()  # reads the menu now (on pick-newest) and lands in 3 s
     page.get_by_role("combobox", name="Run").click()
     page.get_by_role("option", name="pick-older", exact=True).click()
     page.wait_for_timeout(4500)  # the listing has landed
-    monkeypatch.setattr(studio, "list_runs", listing)
+    monkeypatch.setattr(runs, "list_runs", listing)
     button(page, "Open").click()
     expect_text(page, "#msg-runs", "Opened pick-older")
     expect_text(page, "#job-status", "pick-older")

@@ -16,6 +16,8 @@ from PIL import Image
 from app import form, handlers, results
 from app import plan as plans
 from app.jobs import JobBusy, JobStatus
+from app.steps.runs import list_runs
+from app.steps.train import train_view
 from app.studio import Studio, describe_job, parse_seeds
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.runner.data import DataError
@@ -247,9 +249,9 @@ def test_start_copies_the_uploads_and_trains_in_the_background(finished):
     assert json.loads((folder / "run.json").read_text())["settings"]["run"]["batch_size"] == 2  # the Budget step's
     assert (folder / "data" / "dog_1.txt").read_text().strip() == "a photo of sks dog on grass"
     assert digest(finished["photos"]) == finished["before"]  # the user's files are untouched
-    view = studio.train_view(str(folder))
+    view = train_view(studio, str(folder))
     assert view["state"] == "done" and "finished" in view["text"] and 'value="1.000"' in view["progress"]
-    runs = studio.list_runs()
+    runs = list_runs(studio)
     assert runs[0]["name"] == "my-dog" and runs[0]["status"] == "finished" and runs[0]["steps"] == "3 of 3"
     with pytest.raises(FileExistsError, match="already exists"):
         studio.start_run(request("images", "x", "my-dog"))
@@ -283,7 +285,7 @@ def test_cancel_stops_after_a_step_and_resume_finishes_the_run(models, qa, tmp_p
     status = studio.jobs.wait(timeout=60)
     assert status.state == "cancelled" and "cancelled" in describe_job(status)["text"]
     stopped = status.losses[-1][0]
-    assert "cancelled at train" in studio.list_runs()[0]["status"]
+    assert "cancelled at train" in list_runs(studio)[0]["status"]
     from app.page import PageState
     from app.steps import runs
 
@@ -325,7 +327,7 @@ def test_previews_show_three_models_side_by_side_and_render_new_ones(finished):
     view = studio.previews(folder)
     assert len(view["images"]) == 6 and f"“{long_prompt}”" in view["text"]
     assert [c.rsplit("seed ", 1)[1] for _, c in view["images"]] == ["1"] * 3 + ["2"] * 3
-    train = studio.train_view(folder)  # the preview job did not take the Train step's curve and summary away
+    train = train_view(studio, folder)  # the preview job did not take the Train step's curve and summary away
     assert [step for step, _ in train["losses"]] == [1, 2, 3] and "Settings: model" in train["text"]
     assert "finished" in train["text"]
 
@@ -393,10 +395,10 @@ def test_a_run_that_failed_is_listed_as_failed_with_its_message(models, photos, 
     studio.resume_run("broken")
     status = studio.jobs.wait(timeout=120)
     assert status.state == "failed"
-    row = studio.list_runs()[0]
+    row = list_runs(studio)[0]
     assert row["status"].startswith("failed at calibrate: while caching the data:"), row["status"]
     assert "pending" not in row["status"] and len(row["status"]) < 500
-    assert "failed" in studio.train_view(str(studio.runs_dir / "broken"))["text"]
+    assert "failed" in train_view(studio, str(studio.runs_dir / "broken"))["text"]
 
 
 def test_messages_name_the_pages_controls_not_command_line_flags(models, photos):
@@ -609,8 +611,8 @@ def test_an_app_started_while_a_job_runs_follows_it_cancels_it_and_then_offers_r
         studio = Studio(runs, models)  # the app starts again
         job = studio.jobs.status()
         assert job.running and job.run_dir == str(run.dir) and (job.stage, job.step, job.total) == ("train", 3, 8)
-        assert studio.list_runs()[0]["status"] == "running now"
-        view = studio.train_view(str(run.dir))
+        assert list_runs(studio)[0]["status"] == "running now"
+        view = train_view(studio, str(run.dir))
         assert view["running"], view["text"]  # Cancel is live
         # a page reloaded on this run comes back to it, live, on the Train step
         from app import restore
@@ -625,11 +627,11 @@ def test_an_app_started_while_a_job_runs_follows_it_cancels_it_and_then_offers_r
         while studio.jobs.status().running and time.time() < deadline:
             time.sleep(0.1)
         assert studio.jobs.status().state == "cancelled"
-        row = studio.list_runs()[0]
+        row = list_runs(studio)[0]
         assert row["status"].startswith("stopped at train") and "Resume" in row["status"], row["status"]
-        assert "cancelled" in studio.train_view(str(run.dir))["text"]
+        assert "cancelled" in train_view(studio, str(run.dir))["text"]
         later = Studio(runs, models)  # and an app started after it: the dead job's record is not followed
-        view = later.train_view(str(run.dir))
+        view = train_view(later, str(run.dir))
         assert not later.jobs.status().running and not view["running"]
         assert "stopped at train" in view["text"] and "Resume" in view["text"], view["text"]
     finally:

@@ -11,6 +11,8 @@ from app import form, handlers, results
 from app import plan as plans
 from app.page import PageState
 from app.steps import budget, data, export, model, train
+from app.steps.runs import list_runs
+from app.steps.train import train_view
 from app.studio import IDLE, Studio, parse_seeds
 from pipelines import demo
 
@@ -50,7 +52,7 @@ def test_start_another_run_keeps_model_data_and_settings_even_across_a_task_swit
 
 
 def test_the_train_step_of_a_page_without_a_run_shows_no_other_runs_job(studio):
-    view = studio.train_view("")
+    view = train_view(studio, "")
     assert view["text"] == IDLE and view["log"] == "" and view["losses"] == [] and not view["running"]
 
 
@@ -225,7 +227,7 @@ def test_a_run_list_that_lands_after_the_person_picked_a_run_keeps_their_pick(st
         Run.create(studio.runs_dir / name, "flux", RunSettings(model=str(demo.FLUX_DIR), steps=2, rank=4),
                    FluxSettings(images=str(photos[0].parent), prompt="a photo of sks shape", resolution=32))
         time.sleep(1.1)  # created one second apart: the newest is listed first
-    names = [r["name"] for r in studio.list_runs()]
+    names = [r["name"] for r in list_runs(studio)]
     assert names == ["newest-broken", "finished-one"]
     page = runs.view(studio)  # the page's load: the menu on the newest run
     pick = shown_value(None, page["runs.pick"])

@@ -5,14 +5,17 @@ memory (planned against held). The step shows this page's run only: another run'
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from .. import families, form, results
+from ..jobs import JobStatus, read_losses
 from ..manager import Values, say
 from ..page import STEP, PageState
-from ..studio import IDLE, run_name
+from ..plots import progress_bar
+from ..studio import IDLE, describe_job, run_name
 from . import Context
 
 # (output ids are listed, not read from a view: a component made while the page is built would join the page)
@@ -50,14 +53,84 @@ def cleared() -> Values:
 
 
 def handlers_progress() -> str:
-    from ..plots import progress_bar
-
     return progress_bar(0.0, "not started")
+
+
+def train_view(studio, run_dir: str) -> dict:
+    """What step 4 shows for this page's run `run_dir` ("" = none yet): {"text", "progress", "losses", "log",
+    "running" (this run's job runs: Cancel is live), "state", "kind", "version", "started", "preview_progress",
+    "memory"}. Another run's job is only mentioned; the loss curve and summary come from the run's files, so
+    they stay while a preview job of the run renders."""
+    status = studio.jobs.status()
+    ours = bool(run_dir) and bool(status.run_dir) and Path(status.run_dir) == Path(run_dir)
+    view = describe_job(status) if ours else describe_job(JobStatus(version=status.version))
+    if not run_dir:
+        if status.running:
+            view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
+                             "time; Past runs shows it.)")
+        return {**view, "memory": "", "losses": []}
+    if not ours or status.kind != "run":
+        view["text"] = run_state_words(run_dir)
+        finished = (Path(run_dir) / "lora" / "corrected").is_dir()
+        view["progress"] = progress_bar(1.0 if finished else 0.0, "done" if finished else "not running")
+        if not ours and status.running:
+            view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
+                             "time.)")
+        if ours and status.kind == "preview":  # Cancel stops the preview job (step 5 shows its progress)
+            view["log"] = "\n".join(reversed(status.log))
+        else:
+            view["log"], view["running"] = "", False
+    view["losses"] = read_losses(run_dir)
+    view["text"] += "  \n" + settings_summary(run_dir) + command_words(run_dir)
+    try:
+        view["memory"] = results.memory_table(results.run_info(run_dir))
+    except (OSError, ValueError):
+        view["memory"] = ""
+    return view
+
+
+def run_state_words(run_dir: str | Path) -> str:
+    """The Train step's first line for a run no job of this page is running."""
+    name = Path(run_dir).name
+    try:
+        state = results.run_state(results.run_info(run_dir))
+    except (OSError, ValueError) as err:
+        return f"**Run {name}** cannot be read ({err})."
+    if state == "finished":
+        return f"**Run {name} finished.** See the previews in step 5 and the files in step 6."
+    return f"**Run {name}: {state}.** Resume it under Past runs."
+
+
+def settings_summary(run_dir: str | Path) -> str:
+    """One line with the settings a run was started with (from its run.json)."""
+    try:
+        info = results.run_info(run_dir)
+    except (OSError, ValueError):
+        return ""
+    run, backend = info["settings"]["run"], info["settings"]["backend"]
+    parts = [f"model {Path(run['model']).name} ({families.display_name(info['backend'])})", f"{run['steps']} steps",
+             f"ratio {run['ratio']:.2f}", f"LoRA rank {run['rank']}", f"learning rate {run['lr']:g}",
+             f"λ {run['lam']:g}", f"seed {run['seed']}"]
+    if backend.get("resolution"):
+        parts.append(f"{backend['resolution']} px")
+    return "Settings: " + " · ".join(parts)
+
+
+def command_words(run_dir: str | Path) -> str:
+    """The recorded `launch.py train ...` line of a run, as the Train step shows it ("" for older runs)."""
+    try:
+        command = results.run_info(run_dir).get("command")
+    except (OSError, ValueError):
+        return ""
+    if not command:
+        return ""
+    return ("\n\nThe same run from a terminal (in the EMLoC Studio folder; it reads the copy of your data in the "
+            f"run folder and writes a new run beside it):\n\n```\n{command}\n```")
 
 
 def job_view(studio, run_dir: str) -> Values:
     """The Train step for the run `run_dir` as its files and its job (if any) say."""
-    view = studio.train_view(run_dir)
+    view = train_view(studio, run_dir)
     return {"train.status": view["text"], "train.progress": view["progress"],
             "train.loss_plot": loss_frame(view["losses"]), "train.log": view["log"],
             "train.cancel": gr.Button(interactive=view["running"]), "train.memory": view["memory"]}
