@@ -24,6 +24,7 @@ from pipelines.runner.data import DataError, check_image
 from . import families, form, handlers, results
 from .jobs import JobBusy, JobManager, JobStatus, read_losses
 from .plots import progress_bar
+from .jobqueue import JobQueue, QueuedJob
 from .words import failure_words
 
 STAGE_WORDS = {"starting": "Starting", "cache": "Caching your data (text embeddings, latents, tokens)",
@@ -34,6 +35,11 @@ MAX_SEEDS = 16
 ASKED_DIR = "asked"  # new images a question was asked about in step 5, inside the run folder
 IDLE = "Nothing is running. Press **Start training** when the steps above are done."
 __all__ = ["JobBusy", "Studio", "describe_job", "parse_seeds", "read_losses", "run_name"]
+
+
+def ordinal(n: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 11 -> '11th'."""
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def run_name(backend: str, runs_dir: Path) -> str:
@@ -84,23 +90,34 @@ def _preview_flag(settings_class: type, name: str) -> str:
 
 
 class Studio:
-    """The app's long-lived state: where runs live and the one job."""
+    """The app's long-lived state: where runs live, the one running job and the jobs queued behind it."""
 
     def __init__(self, runs_dir: str | Path = "runs", demo_models: dict[str, Path] | None = None):
         self.runs_dir = Path(runs_dir).resolve()
         self.demo_models = families.demo_models(demo_models)
         self.jobs = JobManager()
         self.jobs.attach(self.runs_dir)  # a job an earlier app started that still runs is this app's job again
+        self.queue = JobQueue(self.runs_dir, self.jobs)  # jobs an earlier app lined up start in their turn
+
+    def submit(self, job: QueuedJob, queue: bool = True) -> int:
+        """Start `job` now, or line it up behind the running job (app/queue.py); returns its place in line, 0 when
+        it started."""
+        return self.queue.submit(job, queue)
+
+    def close(self) -> None:
+        """The app stops: no queued job starts any more (they stay in the queue's file for the next app)."""
+        self.queue.close()
 
     # -- step 4: start, watch, cancel ------------------------------------------------------------------
-    def start_run(self, values: dict[str, Any]) -> str:
+    def start_run(self, values: dict[str, Any], queue: bool = False) -> str:
         """Check everything, create the run folder (data copied in) and start its process; returns the folder.
+        With `queue`, a run that cannot start now waits in the queue (`queue.place_of` says where).
 
         `values` by name: "kind" (the task's data kind), "model", "name", the data ("images", "prompt", "trigger",
         "captions" or "images", "qa_table") and the settings the page shows (RunSettings' and the backend's field
         names)."""
         busy = self.jobs.busy_message()
-        if busy:
+        if busy and not queue:
             raise JobBusy(busy)
         folder = check_run_name(values.get("name", ""), self.runs_dir)
         model = (values.get("model") or "").strip()
@@ -123,7 +140,8 @@ class Studio:
             raise ValueError(handlers.relabel(err, staging / "data")) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self.jobs.start("run", run.dir, ["train", "--out", str(run.dir), "--resume", "--quiet", "--log-level", "info"])
+        self.submit(QueuedJob("run", str(run.dir), ["train", "--out", str(run.dir), "--resume", "--quiet",
+                                                    "--log-level", "info"], what="training"), queue)
         return str(run.dir)
 
     def _backend_settings(self, backend: str, values: dict, data: Path) -> Any:
@@ -156,10 +174,8 @@ class Studio:
                        upload: str | None = None) -> str:
         """New previews of a finished run in their own process (`launch.py preview`): for a prompt and seeds (image
         previews) or a question about one of the run's images or a new one (answer previews, the new image kept in
-        `<run>/asked/` so the answers can be shown beside it later)."""
-        busy = self.jobs.busy_message()
-        if busy:
-            raise JobBusy(busy)
+        `<run>/asked/` so the answers can be shown beside it later). While another job runs they wait in the
+        queue."""
         if not run_dir:
             raise ValueError("no run yet: train one in step 4, or open one under Past runs")
         info = results.run_info(run_dir)
@@ -169,18 +185,14 @@ class Studio:
         text = (text or "").strip()
         name = time.strftime("previews-%Y%m%d-%H%M%S")
         arguments = ["preview", "--run", str(run_dir), "--name", name]
-        after = None
+        writes = {}
         if families.preview_kind(info["backend"]) == families.IMAGE_PREVIEW:
             for seed in parse_seeds(seeds):
                 arguments += [_preview_flag(settings_class, "preview_seeds"), str(seed)]
             if text:
                 arguments += [_preview_flag(settings_class, "preview_prompts"), text]
-            prompts = [text] if text else []
-
-            def after() -> None:  # the file names keep only the start of a prompt: the page shows it in full
-                folder = Path(run_dir) / name
-                if prompts and folder.is_dir():
-                    (folder / results.REQUEST_FILE).write_text(json.dumps({"prompts": prompts}))
+            if text:  # the file names keep only the start of a prompt: the page shows it in full
+                writes[str(Path(run_dir) / name / results.REQUEST_FILE)] = json.dumps({"prompts": [text]})
         else:
             if not text:
                 raise ValueError("type a question to ask the three models")
@@ -198,7 +210,11 @@ class Studio:
             elif image:
                 arguments += [_preview_flag(settings_class, "preview_images"),
                               str(Path(run_dir) / "data" / "images" / image)]
-        self.jobs.start("preview", run_dir, arguments, after=after, result=str(Path(run_dir) / name))
+        place = self.submit(QueuedJob("preview", str(run_dir), arguments, result=str(Path(run_dir) / name),
+                                      writes=writes, what="previews"))
+        if place:
+            return (f"Queued new previews of {Path(run_dir).name}: {ordinal(place)} in line; they render when the "
+                    "jobs before them have finished and appear here then.")
         return f"Rendering previews of {Path(run_dir).name}; they appear here when ready."
 
     def previews(self, run_dir: str, uncorrected: bool = False) -> dict:

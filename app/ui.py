@@ -19,6 +19,7 @@ from . import plan as plans
 from .manager import Manager, Values, say
 from .page import STEP, PageState
 from .steps import Context, budget, data, export, model, preview, runs, train
+from .steps import queue as queue_steps
 from .studio import Studio
 
 CSS = """
@@ -45,11 +46,15 @@ def tick(studio: Studio, v: Values) -> Values:
     now = time.time()
     relist = (job.state != seen.get("state") or job.stage != seen.get("stage")
               or (job.running and now - seen.get("listed", 0) >= RUNS_REFRESH_S))
+    waiting = queue_steps.key(studio)
     drawn = {"version": job.version, "state": job.state, "stage": job.stage, "started": job.started,
-             "run_dir": state.run_dir, "listed": now if relist else seen.get("listed", 0)}
-    if job.version == seen.get("version") and state.run_dir == seen.get("run_dir"):
+             "run_dir": state.run_dir, "listed": now if relist else seen.get("listed", 0), "queue": waiting}
+    if job.version == seen.get("version") and state.run_dir == seen.get("run_dir") and waiting == seen.get("queue"):
         return {}
     out: Values = {"train.seen": drawn, **train.job_view(studio, state.run_dir)}
+    if waiting != seen.get("queue"):
+        out.update(queue_steps.view(studio, v.get("queue.pick")))
+        relist = True  # a run's status in Past runs says it waits
     if ours and job.kind == "preview":
         out["preview.progress"] = train.train_view(studio, state.run_dir)["preview_progress"]
     # a job that started and ended between two ticks (a quick preview) was never seen running: its start tells
@@ -96,7 +101,8 @@ def load(studio: Studio, v: Values) -> Values:
     out: Values = {"model.device": device["text"], "budget.runs_on": plans.runs_on(device),
                    "budget.budget": gr.Number(value=round(device["total_gb"]) if device["kind"] == "cuda" else
                                               v["budget.budget"], visible=device["kind"] == "cuda"),
-                   "budget.presets": gr.Radio(visible=device["kind"] == "cuda"), **runs.view(studio)}
+                   "budget.presets": gr.Radio(visible=device["kind"] == "cuda"), **runs.view(studio),
+                   **queue_steps.view(studio)}
     job = studio.jobs.status()
     saved = v.get("page.saved") or {}
     saved_run = (saved.get("state") or {}).get("run_dir", "") if isinstance(saved, dict) else ""
@@ -154,9 +160,9 @@ def build(studio: Studio) -> gr.Blocks:
         train.bind_late(ctx)
         runs.bind_late(ctx)
         manager.bind(manager["page.timer"].tick, partial(tick, studio),
-                     ["page.state", "train.seen", "preview.uncorrected", "runs.pick"],
+                     ["page.state", "train.seen", "preview.uncorrected", "runs.pick", "queue.pick"],
                      ["train.seen", *train.VIEW, "page.wizard", "preview.progress", "preview.msg", *preview.IDS,
-                      *export.IDS, *runs.view_ids()], concurrency_id="tick")
+                      *export.IDS, *runs.view_ids(), *queue_steps.IDS], concurrency_id="tick")
         outputs = model_outputs()
         manager.bind(manager["model.model"].change, partial(choose_model, studio), MODEL_INPUTS, outputs,
                      message="model.msg")
@@ -164,7 +170,7 @@ def build(studio: Studio) -> gr.Blocks:
                       "model.model", "budget.runs_on", "budget.budget", "budget.presets", *runs.view_ids(),
                       *data.TASK_IDS, "data.msg", *train.VIEW, "train.msg", *preview.IDS,
                       *export.IDS, *outputs]
-        everything += ["page.step", *restore.FORM, *train.CLEARED_IDS, "model.about"]
+        everything += ["page.step", *restore.FORM, *train.CLEARED_IDS, "model.about", *queue_steps.IDS]
         manager.bind(page.load, partial(load, studio), [*MODEL_INPUTS, "page.saved", "preview.uncorrected"],
                      list(dict.fromkeys(everything)), message="model.msg")
         manager.bind(manager["page.save_timer"].tick, partial(restore.save, studio),

@@ -671,3 +671,132 @@ def test_a_job_record_whose_process_ended_unwaited_or_is_another_program_is_not_
         other.kill()
         other.wait()
         ended.wait()
+
+
+# ---------------------------------------------------------------------------------------------- the queue
+
+STAND_IN = '''\
+import pathlib, sys, time
+arguments = sys.argv[1:]
+run = pathlib.Path(arguments[arguments.index("--out" if "--out" in arguments else "--run") + 1])
+order = pathlib.Path(__file__).parent / "order.txt"
+with open(order, "a") as f:
+    f.write(f"start {run.name} {arguments[0]}\\n")
+deadline = time.time() + 60
+while not (run / "go").exists() and time.time() < deadline:
+    time.sleep(0.05)
+with open(order, "a") as f:
+    f.write(f"end {run.name}\\n")
+'''
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """`launch.py` replaced by a stand-in that notes when it starts and ends (order.txt) and runs until its run
+    folder holds a file "go": the queue's order is seen without training anything."""
+    from app import jobs
+
+    folder = tmp_path / "stand-in"
+    folder.mkdir()
+    (folder / "launch.py").write_text(STAND_IN)
+    monkeypatch.setattr(jobs, "LAUNCH", folder / "launch.py")
+    return folder / "order.txt"
+
+
+def wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def lines(order: Path) -> list[str]:
+    return order.read_text().splitlines() if order.is_file() else []
+
+
+def test_queued_jobs_run_one_at_a_time_in_order_and_the_queue_survives_a_restart(stand_in, tmp_path):
+    from app.jobqueue import QUEUE_FILE, QueuedJob
+    from app.steps import queue as queue_steps
+
+    runs = tmp_path / "runs"
+    folders = {name: runs / name for name in ("a", "b", "c", "d")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+
+    def job(name: str) -> QueuedJob:
+        return QueuedJob("run", str(folders[name]), ["train", "--out", str(folders[name]), "--resume"], what="training")
+
+    studio = Studio(runs)
+    assert studio.submit(job("a")) == 0  # nothing runs: it starts now
+    wait_for(lambda: lines(stand_in) == ["start a train"], "a to start")
+    assert studio.submit(job("b")) == 1 and studio.submit(job("c")) == 2 and studio.submit(job("d")) == 3
+    with pytest.raises(JobBusy, match="already running: a"):
+        studio.submit(job("d"), queue=False)  # Start training (not Add to queue) is refused while a job runs
+    # the queue is a file in the runs folder: each job the same launch.py command a run records
+    saved = json.loads((runs / QUEUE_FILE).read_text())["jobs"]
+    assert [Path(j["run_dir"]).name for j in saved] == ["b", "c", "d"]
+    assert studio.queue.jobs()[0].command == f"python launch.py train --out {folders['b']} --resume"
+    shown = queue_steps.view(studio)
+    assert [row.split(" | ")[1] for row in shown["queue.table"].splitlines() if row.startswith("| 1st")] == \
+        ["b (training)"]
+    assert "2nd" in shown["queue.table"] and "3rd" in shown["queue.table"]
+    removed = queue_steps.remove(studio, {"queue.pick": studio.queue.jobs()[1].id})  # c leaves the line
+    assert "Removed c (training) from the queue" in removed["queue.msg"]
+    assert [Path(j.run_dir).name for j in studio.queue.jobs()] == ["b", "d"]
+    studio.close()  # the app stops while a runs and b, d wait ...
+    again = Studio(runs)  # ... and starts again over the same runs folder
+    assert again.jobs.status().running and again.jobs.status().run_dir == str(folders["a"])
+    assert again.queue.place_of(str(folders["b"])) == 1 and again.queue.place_of(str(folders["d"])) == 2
+    time.sleep(1.5)
+    assert lines(stand_in) == ["start a train"]  # nothing starts beside the running job
+    (folders["a"] / "go").touch()
+    wait_for(lambda: lines(stand_in)[-1:] == ["start b train"], "b to start after a")
+    time.sleep(1.5)
+    assert lines(stand_in) == ["start a train", "end a", "start b train"]
+    (folders["b"] / "go").touch()
+    (folders["d"] / "go").touch()
+    wait_for(lambda: lines(stand_in)[-1:] == ["end d"], "d to run")
+    assert lines(stand_in) == ["start a train", "end a", "start b train", "end b", "start d train", "end d"]
+    wait_for(lambda: not again.queue.jobs(), "the queue to empty")
+    assert json.loads((runs / QUEUE_FILE).read_text()) == {"jobs": []}
+    again.close()
+
+
+def test_add_to_queue_and_new_previews_wait_behind_a_running_job_and_the_page_says_so(stand_in, models, photos,
+                                                                                       tmp_path):
+    from app.page import PageState
+    from app.steps import train
+    from app.steps.queue import view as queue_view
+    from app.jobqueue import QueuedJob
+
+    runs = tmp_path / "runs"
+    (runs / "busy").mkdir(parents=True)
+    studio = Studio(runs, models)
+    studio.submit(QueuedJob("run", str(runs / "busy"), ["train", "--out", str(runs / "busy")]))
+    wait_for(lambda: studio.jobs.status().running, "the first job to run")
+    values = request("images", str(models["flux"]), "lined-up", images=uploads(photos), prompt="a photo of sks dog",
+                     **FLUX_FAST)
+    state = PageState(kind="images", uploads={"images": uploads(photos), "qa": []})
+    page = {"page.state": state, "model.model": values["model"], "train.name": "lined-up",
+            "data.prompt": values["prompt"], "data.trigger": "sks", "data.captions": None, "data.qa_table": None,
+            "budget.ratio": values["ratio"], "budget.rank": values["rank"], "budget.batch_size": 1,
+            "budget.ram": 0.0, **{f"train.{n}": values.get(n) for n in train.SETTINGS}}
+    with pytest.raises(JobBusy, match="Add to queue"):
+        train.start(studio, page)  # Start training says what to do instead
+    out = train.start(studio, page, queue=True)
+    folder = out["page.state"].run_dir
+    assert "Added lined-up to the queue, 1st in line" in out["train.msg"]
+    assert "lined-up is waiting in the queue** (1st in line)" in out["train.status"]
+    assert "lined-up (training)" in out["queue.table"]
+    assert list_runs(studio)[0]["status"] == "waiting in the queue (1st in line)"
+    # new previews of a finished run wait too (the run is made to look finished: the stand-in trains nothing)
+    (Path(folder) / "lora" / "corrected").mkdir(parents=True)
+    said = studio.render_preview(folder, "a photo of sks dog in the snow", "1000-1001")
+    assert said.startswith("Queued new previews of lined-up: 2nd in line")
+    waiting = studio.queue.jobs()
+    assert [j.what for j in waiting] == ["training", "previews"]
+    assert waiting[1].arguments[:3] == ["preview", "--run", folder] and "1001" in waiting[1].arguments
+    assert list(waiting[1].writes.values()) == ['{"prompts": ["a photo of sks dog in the snow"]}']
+    assert "2nd: lined-up (previews)" in [c[0] for c in queue_view(studio)["queue.pick"].constructor_args["choices"]]
+    studio.close()
+    (runs / "busy" / "go").touch()

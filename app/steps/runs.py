@@ -14,6 +14,7 @@ from pipelines.runner import RUN_FILE
 from .. import families, handlers, results
 from ..jobs import read_losses
 from ..manager import Values, say
+from ..studio import ordinal
 from ..page import STEP, PageState
 from . import Context
 
@@ -26,6 +27,9 @@ def list_runs(studio) -> list[dict]:
     A run whose run.json is damaged is listed as damaged (with why); the others as usual."""
     runs = []
     running = studio.jobs.status()
+    places: dict[Path, int] = {}  # a run's first job in the queue: its place in line
+    for place, job in enumerate(studio.queue.jobs(), 1):
+        places.setdefault(Path(job.run_dir), place)
     for path in Path(studio.runs_dir).glob(f"*/{RUN_FILE}"):
         try:
             info = results.run_info(path.parent)
@@ -34,8 +38,11 @@ def list_runs(studio) -> list[dict]:
                          "status": f"damaged: {results.damage_words(err)}", "steps": ""})
             continue
         status = results.run_state(info)
+        place = places.get(path.parent, 0)
         if running.running and Path(running.run_dir) == path.parent:
             status = "running now"
+        elif place:
+            status = f"waiting in the queue ({ordinal(place)} in line)"
         settings = info["settings"]["run"]
         steps = f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"
         runs.append({"name": path.parent.name, "task": families.display_name(info["backend"]),

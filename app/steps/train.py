@@ -15,8 +15,9 @@ from ..jobs import JobStatus, read_losses
 from ..manager import Values, say
 from ..page import STEP, PageState
 from ..plots import progress_bar
-from ..studio import IDLE, describe_job, run_name
+from ..studio import IDLE, describe_job, ordinal, run_name
 from . import Context
+from . import queue as queue_steps
 
 # (output ids are listed, not read from a view: a component made while the page is built would join the page)
 CLEARED_IDS = ["train.status", "train.progress", "train.loss_plot", "train.log", "train.cancel", "train.memory",
@@ -70,7 +71,9 @@ def train_view(studio, run_dir: str) -> dict:
                              "time; Past runs shows it.)")
         return {**view, "memory": "", "losses": []}
     if not ours or status.kind != "run":
-        view["text"] = run_state_words(run_dir)
+        place = studio.queue.place_of(run_dir)
+        view["text"] = (f"**Run {Path(run_dir).name} is waiting in the queue** ({ordinal(place)} in line): it starts "
+                        "when the jobs before it have finished." if place else run_state_words(run_dir))
         finished = (Path(run_dir) / "lora" / "corrected").is_dir()
         view["progress"] = progress_bar(1.0 if finished else 0.0, "done" if finished else "not running")
         if not ours and status.running:
@@ -136,19 +139,24 @@ def job_view(studio, run_dir: str) -> Values:
             "train.cancel": gr.Button(interactive=view["running"]), "train.memory": view["memory"]}
 
 
-def start(studio, v: Values) -> Values:
-    """Check everything, create the run (data copied in) and start its process."""
+def start(studio, v: Values, queue: bool = False) -> Values:
+    """Check everything, create the run (data copied in) and start its process; with `queue` (Add to queue) it
+    waits in the queue when another job runs."""
     state: PageState = v["page.state"]
     values = {"kind": state.kind, "model": v["model.model"], "name": v["train.name"], "images": state.images,
               "prompt": v["data.prompt"], "trigger": v["data.trigger"], "captions": v["data.captions"],
               "qa_table": v["data.qa_table"], "ratio": v["budget.ratio"], "rank": v["budget.rank"],
               "batch_size": v["budget.batch_size"], "ram_gb": v["budget.ram"],
               **{n: v[f"train.{n}"] for n in SETTINGS}}
-    folder = studio.start_run(values)
+    folder = studio.start_run(values, queue=queue)
     backend = results.run_info(folder)["backend"]
     state = state.open_run(folder, state.kind, backend)
+    place = studio.queue.place_of(folder)
+    said = (f"Added {v['train.name']} to the queue, {ordinal(place)} in line: it starts when the jobs before it have "
+            f"finished; your data was checked and copied into {folder}." if place else
+            f"Started {v['train.name']}: your data was checked and copied into {folder}.")
     return {"page.state": state, "train.name": run_name(backend, studio.runs_dir), **job_view(studio, folder),
-            "train.msg": say(f"Started {v['train.name']}: your data was checked and copied into {folder}.")}
+            **queue_steps.view(studio), "train.msg": say(said)}
 
 
 def samples(studio, v: Values) -> Values:
@@ -190,8 +198,10 @@ def build(ctx: Context) -> dict:
                                          elem_id=n.replace("_", "-"))
         with gr.Row():
             elems["start"] = gr.Button("Start training", variant="primary", elem_id="start")
+            elems["queue_add"] = gr.Button("Add to queue", elem_id="queue-add")
             elems["cancel"] = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
         elems["msg"] = gr.Markdown(elem_id="msg-train", elem_classes="emloc-msg")  # under Start / Cancel
+        queue_steps.build(ctx)
         elems["status"] = gr.Markdown(IDLE, elem_id="job-status")
         elems["progress"] = gr.HTML(handlers_progress(), elem_id="job-progress")
         elems["loss_plot"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=260,
@@ -227,7 +237,8 @@ def bind_late(ctx: Context) -> None:
     inputs = ["page.state", "model.model", "train.name", "data.prompt", "data.trigger", "data.captions",
               "data.qa_table", "budget.ratio", "budget.rank", "budget.batch_size", "budget.ram",
               *[f"train.{n}" for n in SETTINGS]]
-    m.bind(m["train.start"].click, partial(start, studio), inputs, ["page.state", "train.name", *VIEW],
-           message="train.msg")
+    for button, queue in (("train.start", False), ("train.queue_add", True)):
+        m.bind(m[button].click, partial(start, studio, queue=queue), inputs,
+               ["page.state", "train.name", *VIEW, *queue_steps.IDS], message="train.msg")
     m.bind(m["train.next"].click, partial(go_preview, studio), ["page.state", "preview.uncorrected"],
            ["page.wizard", *preview.IDS], message="train.msg")
