@@ -237,7 +237,7 @@ class JobManager:
     def _busy(status: JobStatus) -> str:
         where = f"{status.stage}" + (f", step {status.step} of {status.total}" if status.total > 1 else "")
         return (f"A job is already running: {Path(status.run_dir).name} ({where}). Only one job runs at a time; "
-                "press Add to queue to start this one after it, or wait for it to finish, or press Cancel in step 4.")
+                "wait for it to finish or press Cancel in step 4 (a new run can wait for its turn: Add to queue in step 4).")
 
     # -- watching the run folder -----------------------------------------------------------------------
     def _refresh(self) -> None:

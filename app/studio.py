@@ -157,7 +157,13 @@ class Studio:
         return backend_type.settings_class(data=staged["data"], **shown)
 
     def cancel(self) -> str:
-        return self.jobs.cancel()
+        """Stop the running job after its current step; the queue goes on with the next job (said so)."""
+        said = self.jobs.cancel()
+        waiting = self.queue.jobs()
+        if waiting and said.startswith("Stopping"):
+            said += (f" Then the next job in the queue starts ({waiting[0].name}); remove it from the queue below "
+                     "to keep the machine free.")
+        return said
 
     def sample_now(self, run_dir: str) -> str:
         """Ask the training job to sample after its next step (Sample now); says what happens, in words."""

@@ -88,6 +88,7 @@ def world(tmp_path_factory):
     yield {"url": f"http://127.0.0.1:{port}/", "photos": photos, "many": many, "notes": notes, "fake": fake,
            "qa_images": sorted((root / "qa" / "images").iterdir()), "qa_table": table, "studio": studio,
            "runs": root / "runs", "prompt": prompt, "question": rows[0][1], "klein": klein}
+    studio.close()  # no queued job starts any more
     studio.cancel()  # a test that failed half-way must not leave a run training into interpreter shutdown
     studio.jobs.wait(timeout=120)
     page.close()
@@ -464,6 +465,63 @@ def test_a_run_picked_while_past_runs_is_being_listed_is_the_one_open_opens(page
     button(page, "Open").click()
     expect_text(page, "#msg-runs", "Opened pick-older")
     expect_text(page, "#job-status", "pick-older")
+    no_traceback(page)
+
+
+STAND_IN = """\
+import pathlib, sys, time
+arguments = sys.argv[1:]
+run = pathlib.Path(arguments[arguments.index("--out") + 1])
+deadline = time.time() + 60
+while not (run / "go").exists() and time.time() < deadline:
+    time.sleep(0.05)
+sys.exit(130)  # as a cancelled job ends: its run stays unfinished, nothing to preview
+"""
+
+
+def test_a_run_added_to_the_queue_waits_its_turn_and_can_be_taken_out(page, world, tmp_path, monkeypatch):
+    """Add to queue lines runs up behind the running one; step 4 lists them in order with their commands, one is
+    taken out, and the next starts by itself when the running job ends (launch.py is a stand-in that trains
+    nothing and runs until its run folder holds a file "go")."""
+    from app import jobs
+
+    (tmp_path / "launch.py").write_text(STAND_IN)
+    monkeypatch.setattr(jobs, "LAUNCH", tmp_path / "launch.py")
+    button(page, "Next: your data").click()
+    upload(page, "#photo-upload", world["photos"])
+    expect_text(page, "#msg-data", "4 images added")
+    page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#plan-text", "Recommended ratio")
+    button(page, "Next: training").click()
+    name = page.locator("#run-name").get_by_role("textbox")
+    name.fill("queue-first")
+    button(page, "Start training").click()
+    expect_text(page, "#msg-train", "Started queue-first")
+    name.fill("queue-second")
+    button(page, "Start training").click()
+    expect_text(page, "#msg-train", "Add to queue in step 4")
+    button(page, "Add to queue").click()
+    expect_text(page, "#msg-train", "Added queue-second to the queue, 1st in line")
+    expect_text(page, "#job-status", "queue-second is waiting in the queue")
+    expect_text(page, "#queue", "queue-second (training)")
+    expect_text(page, "#queue", "python launch.py train --out")
+    name.fill("queue-third")
+    button(page, "Add to queue").click()
+    expect_text(page, "#msg-train", "2nd in line")
+    expect_text(page, "#queue", "queue-third (training)")
+    shot(page, "25-queue")
+    page.get_by_role("combobox", name="Waiting job").click()
+    page.get_by_role("option", name="2nd: queue-third (training)", exact=True).click()
+    button(page, "Remove from queue").click()
+    expect_text(page, "#msg-queue", "Removed queue-third (training) from the queue")
+    assert "queue-third" not in page.locator("#queue").inner_text()
+    (world["runs"] / "queue-first" / "go").touch()  # the running job ends: the next starts by itself
+    expect_text(page, "#queue", "no jobs are waiting", timeout=30_000)
+    page.get_by_role("tab", name="Past runs").click()
+    expect_text(page, "#runs-table", "running now")
+    (world["runs"] / "queue-second" / "go").touch()
+    world["studio"].jobs.wait(timeout=30)
     no_traceback(page)
 
 

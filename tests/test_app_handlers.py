@@ -781,7 +781,7 @@ def test_add_to_queue_and_new_previews_wait_behind_a_running_job_and_the_page_sa
             "data.prompt": values["prompt"], "data.trigger": "sks", "data.captions": None, "data.qa_table": None,
             "budget.ratio": values["ratio"], "budget.rank": values["rank"], "budget.batch_size": 1,
             "budget.ram": 0.0, **{f"train.{n}": values.get(n) for n in train.SETTINGS}}
-    with pytest.raises(JobBusy, match="Add to queue"):
+    with pytest.raises(JobBusy, match="Add to queue in step 4"):
         train.start(studio, page)  # Start training says what to do instead
     out = train.start(studio, page, queue=True)
     folder = out["page.state"].run_dir

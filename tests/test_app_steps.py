@@ -242,3 +242,16 @@ def test_a_run_list_that_lands_after_the_person_picked_a_run_keeps_their_pick(st
         assert list(update.constructor_args["choices"]) == names  # the list itself is new
     # a menu on a run that is gone (or none) is set to the newest
     assert shown_value("deleted", runs.view(studio, "deleted")["runs.pick"]) == "newest-broken"
+
+
+def test_the_queue_menu_takes_a_job_that_left_the_queue_and_remove_says_so_in_words(studio):
+    """The timer reads the queue's menu every second while the queue changes on the server: a job id that has just
+    started (or was removed) must reach the handlers, which say what happened, not be refused by gradio's check."""
+    from app.steps import queue as queue_steps
+    from app.ui import build
+
+    page = build(studio)
+    assert page.emloc_manager["queue.pick"].preprocess("started-meanwhile") == "started-meanwhile"
+    with pytest.raises(ValueError, match="no longer waiting"):
+        queue_steps.remove(studio, {"queue.pick": "started-meanwhile"})
+    assert queue_steps.view(studio)["queue.table"] == queue_steps.EMPTY

@@ -21,19 +21,25 @@ def key(studio) -> list[str]:
     return [job.id for job in studio.queue.jobs()]
 
 
-def view(studio, pick: str | None = None) -> Values:
-    """The waiting jobs as a table and as the menu of the one to remove. `pick` is the menu's value when the event
-    began: it is kept while it still waits (a redraw that lands after the person picked must not undo it)."""
+def listing(studio) -> tuple[str, list[tuple[str, str]]]:
+    """(the waiting jobs as a markdown table, the menu's (label, job id) choices), first in line first."""
     jobs = studio.queue.jobs()
     if not jobs:
-        return {"queue.table": EMPTY, "queue.pick": gr.Dropdown(choices=[], value=None)}
+        return EMPTY, []
     lines = ["**Queue:** one job runs at a time; these wait, first in line first.", "",
              "| | job | command |", "|---|---|---|"]
     lines += [f"| {ordinal(i)} | {job.name} | `{job.command}` |" for i, job in enumerate(jobs, 1)]
-    choices = [(f"{ordinal(i)}: {job.name}", job.id) for i, job in enumerate(jobs, 1)]
-    ids = [job.id for job in jobs]
-    menu = gr.Dropdown(choices=choices) if pick in ids else gr.Dropdown(choices=choices, value=ids[0])
-    return {"queue.table": "\n".join(lines), "queue.pick": menu}
+    return "\n".join(lines), [(f"{ordinal(i)}: {job.name}", job.id) for i, job in enumerate(jobs, 1)]
+
+
+def view(studio, pick: str | None = None) -> Values:
+    """The queue's table and the menu of the job to remove. `pick` is the menu's value when the event began: it
+    is kept while it still waits (a redraw that lands after the person picked must not undo it)."""
+    table, choices = listing(studio)
+    ids = [job_id for _, job_id in choices]
+    menu = gr.Dropdown(choices=choices) if pick in ids else \
+        gr.Dropdown(choices=choices, value=ids[0] if ids else None)
+    return {"queue.table": table, "queue.pick": menu}
 
 
 def remove(studio, v: Values) -> Values:
@@ -49,12 +55,13 @@ def remove(studio, v: Values) -> Values:
 def build(ctx: Context) -> dict:
     """Inside step 4: the queue's table, the menu of waiting jobs and Remove."""
     studio, m = ctx.studio, ctx.manager
-    shown = view(studio)
-    table = gr.Markdown(shown["queue.table"], elem_id="queue")
+    text, choices = listing(studio)  # (not view: a component made here would join the page)
+    table = gr.Markdown(text, elem_id="queue")
     with gr.Row():
-        pick = gr.Dropdown(shown["queue.pick"].constructor_args.get("choices", []),
-                           value=shown["queue.pick"].constructor_args.get("value"), label="Waiting job", scale=3,
-                           elem_id="queue-pick")
+        pick = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Waiting job", scale=3,
+                           elem_id="queue-pick", allow_custom_value=True)  # a job that started meanwhile: said
+        # in words by Remove, not refused by gradio's check of the choices (the timer reads this menu every second
+        # and the queue can change between its reading and the server's check)
         remove_button = gr.Button("Remove from queue", size="sm", scale=1, elem_id="queue-remove")
     msg = gr.Markdown(elem_id="msg-queue", elem_classes="emloc-msg")  # under the button it answers
     elems = {"table": table, "pick": pick, "remove": remove_button, "msg": msg}
