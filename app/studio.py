@@ -23,8 +23,8 @@ from pipelines.runner.data import DataError, check_image
 
 from . import families, form, handlers, results
 from .jobs import JobBusy, JobManager, JobStatus, read_losses
-from .plots import progress_bar
 from .jobqueue import JobQueue, QueuedJob
+from .plots import progress_bar
 from .words import failure_words
 
 STAGE_WORDS = {"starting": "Starting", "cache": "Caching your data (text embeddings, latents, tokens)",
@@ -100,7 +100,7 @@ class Studio:
         self.queue = JobQueue(self.runs_dir, self.jobs)  # jobs an earlier app lined up start in their turn
 
     def submit(self, job: QueuedJob, queue: bool = True) -> int:
-        """Start `job` now, or line it up behind the running job (app/queue.py); returns its place in line, 0 when
+        """Start `job` now, or line it up behind the running job (app/jobqueue.py); returns its place in line, 0 when
         it started."""
         return self.queue.submit(job, queue)
 
@@ -116,8 +116,9 @@ class Studio:
         `values` by name: "kind" (the task's data kind), "model", "name", the data ("images", "prompt", "trigger",
         "captions" or "images", "qa_table") and the settings the page shows (RunSettings' and the backend's field
         names)."""
-        busy = self.jobs.busy_message()
-        if busy and not queue:
+        busy = self.jobs.busy_message() or (self.queue.jobs() and "jobs are waiting in the queue: press Add to "
+                                                                    "queue so that this run waits its turn")
+        if busy and not queue:  # refused before its folder is made
             raise JobBusy(busy)
         folder = check_run_name(values.get("name", ""), self.runs_dir)
         model = (values.get("model") or "").strip()
