@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch.py"
 LOG_LINES = 400  # the page's log keeps the most recent lines
 JOB_LOGS = "logs"  # <run>/logs/<kind>-<time>.txt: what the job's process printed
+JOB_FILE = "job.json"  # <run>/job.json: {pid, kind, started, command, output} of the job the app started there
 CANCELLED_CODES = (130, -signal.SIGINT)
 
 
@@ -86,6 +87,45 @@ def _failed_stage_error(run_dir: Path) -> str:
                  if isinstance(entry, dict) and entry.get("status") == "failed"), "")
 
 
+def _alive(pid: int, run_dir: Path) -> bool:
+    """`pid` is a live (not zombie) `launch.py` process of the run in `run_dir` (a reused pid is not)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        command = process.cmdline()
+    except (psutil.Error, OSError):
+        return False
+    return any(Path(a).name == LAUNCH.name for a in command) and \
+        any(a == str(run_dir) or Path(a).resolve() == run_dir.resolve() for a in command if "/" in a)
+
+
+def live_job(run_dir: str | Path) -> dict | None:
+    """The job recorded in `<run_dir>/job.json` when its process still runs, else None."""
+    run_dir = Path(run_dir)
+    try:
+        job = json.loads((run_dir / JOB_FILE).read_text())
+        pid = int(job["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return job if _alive(pid, run_dir) else None
+
+
+def _ended_code(run_dir: Path, kind: str) -> int:
+    """An exit code for a job that was not our child: 0 when its run is finished (a preview: always), else
+    the code of a cancel (it stopped; Resume continues it)."""
+    if kind != "run":
+        return 0
+    try:
+        stages = json.loads((run_dir / RUN_FILE).read_text()).get("stages", {})
+    except (OSError, ValueError):
+        return CANCELLED_CODES[0]
+    done = stages and all(isinstance(e, dict) and e.get("status") == "done" for e in stages.values())
+    return 0 if done else CANCELLED_CODES[0]
+
+
 class JobManager:
     """Holds at most one running job process; `start` refuses a second one with a message that says why."""
 
@@ -98,6 +138,7 @@ class JobManager:
         self._offset = 0  # where this job's events start in progress.jsonl
         self._after: Callable[[], None] | None = None
         self._result = ""
+        self._pid: int | None = None  # a job found running when the app started (not this process's child)
 
     # -- starting and stopping -------------------------------------------------------------------------
     def start(self, kind: str, run_dir: str | Path, arguments: list[str],
@@ -118,7 +159,10 @@ class JobManager:
             with open(self._output, "w") as out:  # the child keeps its own copy of the file descriptor
                 self._process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            self._after, self._result = after, result
+            self._after, self._result, self._pid = after, result, None
+            # recorded so that an app started later re-attaches to this job while it runs (`attach`)
+            (run_dir / JOB_FILE).write_text(json.dumps({"pid": self._process.pid, "kind": kind, "started": time.time(),
+                                                        "command": command, "output": str(self._output)}))
             self._log.clear()
             self._status = JobStatus(kind=kind, run_dir=str(run_dir), state="running", stage="starting",
                                      started=time.time(), version=self._status.version + 1,
@@ -129,9 +173,15 @@ class JobManager:
         """Ask the running job to stop after its current step (SIGINT, the CLI's Ctrl-C); says what happens."""
         with self._lock:
             self._refresh()
-            if not self._status.running or self._process is None:
+            if not self._status.running or (self._process is None and self._pid is None):
                 return "Nothing is running."
-            self._process.send_signal(signal.SIGINT)
+            if self._process is not None:
+                self._process.send_signal(signal.SIGINT)
+            else:
+                try:
+                    os.kill(self._pid, signal.SIGINT)
+                except ProcessLookupError:
+                    return "Nothing is running: the job had already ended."
             self._append("cancel requested: stopping after the current step")
         return "Stopping after the current step; everything done so far is kept (resume it from Past runs)."
 
@@ -144,6 +194,32 @@ class JobManager:
             except subprocess.TimeoutExpired:
                 pass
         return self.status()
+
+    def attach(self, runs_dir: str | Path) -> str:
+        """Follow a job that an earlier app started and that still runs (its `<run>/job.json` names a live
+        `launch.py` process of that run): shown as running, its progress read from the run folder, Cancel sent
+        to its pid. Returns the run's folder, or '' when none runs (or this app already has a job)."""
+        with self._lock:
+            self._refresh()
+            if self._status.running:
+                return ""
+            for record in sorted(Path(runs_dir).glob(f"*/{JOB_FILE}")):
+                job = live_job(record.parent)
+                if job is None:
+                    continue
+                self._process, self._pid, self._after, self._result = None, int(job["pid"]), None, ""
+                self._output = Path(job["output"]) if job.get("output") else None
+                self._offset = 0  # its events are the ones with its pid, from the start of the log
+                self._log.clear()
+                arguments = [str(a) for a in job.get("command", [])[2:]]
+                self._status = JobStatus(kind=job.get("kind", "run"), run_dir=str(record.parent), state="running",
+                                         stage="starting", started=float(job.get("started", 0)),
+                                         version=self._status.version + 1, losses=read_losses(record.parent),
+                                         command=" ".join(["python", "launch.py", *arguments]))
+                self._append(f"{self._status.kind} found running in {record.parent} (process {self._pid}, started "
+                             "before this app): followed from its run folder")
+                return str(record.parent)
+            return ""
 
     # -- reading ---------------------------------------------------------------------------------------
     def status(self) -> JobStatus:
@@ -161,19 +237,23 @@ class JobManager:
     def _busy(status: JobStatus) -> str:
         where = f"{status.stage}" + (f", step {status.step} of {status.total}" if status.total > 1 else "")
         return (f"A job is already running: {Path(status.run_dir).name} ({where}). Only one job runs at a time; "
-                "wait for it to finish or press Cancel in step 4.")
+                "wait for it to finish or press Cancel in step 4 (a new run can wait for its turn: Add to queue in step 4).")
 
     # -- watching the run folder -----------------------------------------------------------------------
     def _refresh(self) -> None:
         s, process = self._status, self._process
-        if process is None or s.state != "running":
+        if (process is None and self._pid is None) or s.state != "running":
             return
         run_dir = Path(s.run_dir)
-        self._read_events(run_dir / PROGRESS_LOG, process.pid)
-        code = process.poll()
+        pid = process.pid if process is not None else self._pid
+        self._read_events(run_dir / PROGRESS_LOG, pid)
+        if process is not None:
+            code = process.poll()
+        else:  # not our child: no exit code; the run folder says how it ended
+            code = None if live_job(run_dir) is not None else _ended_code(run_dir, s.kind)
         if code is None:
             return
-        self._read_events(run_dir / PROGRESS_LOG, process.pid)  # what it wrote just before it ended
+        self._read_events(run_dir / PROGRESS_LOG, pid)  # what it wrote just before it ended
         s.losses = read_losses(run_dir) if s.kind == "run" else s.losses
         if code == 0:
             s.state, s.result = "done", self._result

@@ -56,6 +56,8 @@ class Manager:
         """`event(fn)` with inputs and outputs by id; `fn(values) -> {id: value}`; a failure goes to `message`."""
         if message is not None and message not in outputs:
             outputs = [*outputs, message]
+        if "page.wizard" in outputs and "page.step" in self.elems and "page.step" not in outputs:
+            outputs = [*outputs, "page.step"]  # the step shown is remembered, so that a reload returns to it
         components = {elem_id: self[elem_id] for elem_id in outputs}
 
         def call(*args: Any) -> dict:
@@ -67,6 +69,8 @@ class Manager:
                 if message is None:
                     raise
                 result = {message: failure(err)}
+            if "page.wizard" in result and "page.step" in components:
+                result["page.step"] = getattr(result["page.wizard"], "selected", None)
             unknown = set(result) - set(components)
             if unknown:
                 raise KeyError(f"{getattr(fn, '__name__', fn)} returned {sorted(unknown)}, not among its outputs")

@@ -27,6 +27,23 @@ class PageState:
     recommended: float | None = None
     device: str = "cpu"  # what runs the job: "cuda" or "cpu" (set when the page loads)
     seen: dict = field(default_factory=lambda: {"version": -1, "state": ""})  # the job as last drawn
+    restored_model: str = ""  # a reload put this model back: its choice must not reset the restored settings
+
+    def saved(self) -> dict:
+        """What a reload brings back (kept in the browser, app/restore.py): the task, model's backend, run,
+        uploads and whether the person set the ratio or RAM budget themselves."""
+        return {"kind": self.kind, "backend": self.backend, "run_dir": self.run_dir,
+                "uploads": {k: [dict(i) for i in v] for k, v in self.uploads.items()},
+                "ratio_touched": self.ratio_touched, "ram_touched": self.ram_touched,
+                "recommended": self.recommended}
+
+    @classmethod
+    def from_saved(cls, saved: dict, device: str = "cpu") -> "PageState":
+        """The inverse of `saved` (unknown or missing entries take their defaults: an older page's record)."""
+        names = {"kind", "backend", "run_dir", "uploads", "ratio_touched", "ram_touched", "recommended"}
+        state = cls(device=device, **{k: v for k, v in (saved or {}).items() if k in names})
+        state.uploads = {"images": [], "qa": [], **(state.uploads or {})}
+        return state
 
     @property
     def images(self) -> list[dict]:

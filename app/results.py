@@ -10,9 +10,12 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
-from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE
+from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE, STAGES
 from pipelines.runner.machine import read_run_file
+
+from .words import failure_words
 
 SHOWN = PREVIEW_VARIANTS[:3]  # base | emulator + LoRA | full + corrected LoRA; the uncorrected one on request
 
@@ -286,3 +289,28 @@ def when(iso: str) -> str:
     if moment.tzinfo is not None:
         moment = moment.astimezone()
     return f"{moment.day} {moment:%b %Y, %H:%M}"
+
+
+FAILURE_CHARS = 400  # a failure's message in the Past runs table, cut here
+
+
+def stage_words(stage: str, entry: Any, model: str = "") -> str:
+    """The state of a run's first unfinished stage for Past runs: 'failed at calibrate: <why>', 'cancelled at ...'."""
+    status = entry.get("status", "pending") if isinstance(entry, dict) else "pending"
+    if status == "failed":
+        why = failure_words(entry.get("error", ""), model)
+        return f"failed at {stage}: {why[:FAILURE_CHARS]}{'…' if len(why) > FAILURE_CHARS else ''}"
+    return f"{status} at {stage}"
+
+
+def run_state(info: dict) -> str:
+    """'finished', or the first unfinished stage's state ('cancelled at train', 'failed at calibrate: ...')."""
+    stages = info["stages"]
+    pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
+    if not pending:
+        return "finished"
+    if isinstance(stages.get(pending[0]), dict) and stages[pending[0]].get("status") == "running":
+        # said only of a run whose job is not running now: its process ended without saying so (killed, or the
+        # machine stopped); everything up to its last checkpoint is kept
+        return f"stopped at {pending[0]} (its job is no longer running); press Resume to continue it"
+    return stage_words(pending[0], stages.get(pending[0]), info["settings"]["run"].get("model", ""))

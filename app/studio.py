@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.runner import PREVIEW_VARIANTS, RUN_FILE, STAGES, Run, RunSettings
+from pipelines.runner import PREVIEW_VARIANTS, STAGES, Run, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, check_image
 from pipelines.runner.exports import export_zip
@@ -25,6 +25,7 @@ from pipelines.runner.requests import MAX_SEEDS, parse_prompts, parse_scales, pa
 
 from . import families, form, handlers, results
 from .jobs import JobBusy, JobManager, JobStatus, read_losses
+from .jobqueue import JobQueue, QueuedJob
 from .plots import progress_bar
 from .words import failure_words
 
@@ -36,6 +37,11 @@ STAGE_WORDS = {"starting": "Starting", "cache": "Caching your data (text embeddi
 ASKED_DIR = "asked"  # new images a question was asked about in step 5, inside the run folder
 IDLE = "Nothing is running. Press **Start training** when the steps above are done."
 __all__ = ["JobBusy", "Studio", "describe_job", "parse_seeds", "read_losses", "run_name"]
+
+
+def ordinal(n: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 11 -> '11th'."""
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def run_name(backend: str, runs_dir: Path) -> str:
@@ -66,22 +72,35 @@ def _preview_flag(settings_class: type, name: str) -> str:
 
 
 class Studio:
-    """The app's long-lived state: where runs live and the one job."""
+    """The app's long-lived state: where runs live, the one running job and the jobs queued behind it."""
 
     def __init__(self, runs_dir: str | Path = "runs", demo_models: dict[str, Path] | None = None):
         self.runs_dir = Path(runs_dir).resolve()
         self.demo_models = families.demo_models(demo_models)
         self.jobs = JobManager()
+        self.jobs.attach(self.runs_dir)  # a job an earlier app started that still runs is this app's job again
+        self.queue = JobQueue(self.runs_dir, self.jobs)  # jobs an earlier app lined up start in their turn
+
+    def submit(self, job: QueuedJob, queue: bool = True) -> int:
+        """Start `job` now, or line it up behind the running job (app/jobqueue.py); returns its place in line, 0 when
+        it started."""
+        return self.queue.submit(job, queue)
+
+    def close(self) -> None:
+        """The app stops: no queued job starts any more (they stay in the queue's file for the next app)."""
+        self.queue.close()
 
     # -- step 4: start, watch, cancel ------------------------------------------------------------------
-    def start_run(self, values: dict[str, Any]) -> str:
+    def start_run(self, values: dict[str, Any], queue: bool = False) -> str:
         """Check everything, create the run folder (data copied in) and start its process; returns the folder.
+        With `queue`, a run that cannot start now waits in the queue (`queue.place_of` says where).
 
         `values` by name: "kind" (the task's data kind), "model", "name", the data ("images", "prompt", "trigger",
         "captions" or "images", "qa_table") and the settings the page shows (RunSettings' and the backend's field
         names)."""
-        busy = self.jobs.busy_message()
-        if busy:
+        busy = self.jobs.busy_message() or (self.queue.jobs() and "jobs are waiting in the queue: press Add to "
+                                                                    "queue so that this run waits its turn")
+        if busy and not queue:  # refused before its folder is made
             raise JobBusy(busy)
         folder = check_run_name(values.get("name", ""), self.runs_dir)
         model = (values.get("model") or "").strip()
@@ -105,7 +124,8 @@ class Studio:
             raise ValueError(handlers.relabel(err, staging / "data")) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self.jobs.start("run", run.dir, ["train", "--out", str(run.dir), "--resume", "--quiet", "--log-level", "info"])
+        self.submit(QueuedJob("run", str(run.dir), ["train", "--out", str(run.dir), "--resume", "--quiet",
+                                                    "--log-level", "info"], what="training"), queue)
         return str(run.dir)
 
     def _backend_settings(self, backend: str, values: dict, data: Path) -> Any:
@@ -123,7 +143,13 @@ class Studio:
         return backend_type.settings_class(data=staged["data"], **shown)
 
     def cancel(self) -> str:
-        return self.jobs.cancel()
+        """Stop the running job after its current step; the queue goes on with the next job (said so)."""
+        said = self.jobs.cancel()
+        waiting = self.queue.jobs()
+        if waiting and said.startswith("Stopping"):
+            said += (f" Then the next job in the queue starts ({waiting[0].name}); remove it from the queue below "
+                     "to keep the machine free.")
+        return said
 
     def sample_now(self, run_dir: str) -> str:
         """Ask the training job to sample after its next step (Sample now); says what happens, in words."""
@@ -135,48 +161,14 @@ class Studio:
         (Path(run_dir) / SAMPLE_NOW).write_text("")
         return "Asked for samples: they appear below after the next training step."
 
-    def train_view(self, run_dir: str) -> dict:
-        """What step 4 shows for this page's run `run_dir` ("" = none yet): {"text", "progress", "losses", "log",
-        "running" (this run's job runs: Cancel is live), "state", "kind", "version", "started", "preview_progress",
-        "memory"}. Another run's job is only mentioned; the loss curve and summary come from the run's files, so
-        they stay while a preview job of the run renders."""
-        status = self.jobs.status()
-        ours = bool(run_dir) and bool(status.run_dir) and Path(status.run_dir) == Path(run_dir)
-        view = describe_job(status) if ours else describe_job(JobStatus(version=status.version))
-        if not run_dir:
-            if status.running:
-                view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
-                                 "time; Past runs shows it.)")
-            return {**view, "memory": "", "losses": []}
-        if not ours or status.kind != "run":
-            view["text"] = run_state_words(run_dir)
-            finished = (Path(run_dir) / "lora" / "corrected").is_dir()
-            view["progress"] = progress_bar(1.0 if finished else 0.0, "done" if finished else "not running")
-            if not ours and status.running:
-                view["text"] += (f"  \n(Another job is running: {Path(status.run_dir).name}. Only one runs at a "
-                                 "time.)")
-            if ours and status.kind == "preview":  # Cancel stops the preview job (step 5 shows its progress)
-                view["log"] = "\n".join(reversed(status.log))
-            else:
-                view["log"], view["running"] = "", False
-        view["losses"] = read_losses(run_dir)
-        view["text"] += "  \n" + settings_summary(run_dir) + command_words(run_dir)
-        try:
-            view["memory"] = results.memory_table(results.run_info(run_dir))
-        except (OSError, ValueError):
-            view["memory"] = ""
-        return view
-
     # -- step 5: previews ------------------------------------------------------------------------------
     def render_preview(self, run_dir: str, text: str, seeds: str, image: str | None = None,
                        upload: str | None = None, scales: str = "") -> str:
         """New previews of a finished run in their own process (`launch.py preview`): for prompts (one per line) and
         seeds (image previews) or questions about one of the run's images or a new one (answer previews, the new
         image kept in `<run>/asked/` so the answers can be shown beside it later). `scales` ("0, 0.5, 1"): a
-        strength grid of the corrected LoRA instead (app/grid.py shows it)."""
-        busy = self.jobs.busy_message()
-        if busy:
-            raise JobBusy(busy)
+        strength grid of the corrected LoRA instead (app/grid.py shows it). While another job runs they wait in the
+        queue."""
         if not run_dir:
             raise ValueError("no run yet: train one in step 4, or open one under Past runs")
         info = results.run_info(run_dir)
@@ -188,18 +180,14 @@ class Studio:
         arguments = ["preview", "--run", str(run_dir), "--name", name]
         if scales:
             arguments += ["--scales", ", ".join(f"{s:g}" for s in parse_scales(scales, "LoRA strengths"))]
-        after = None
+        writes = {}
         if families.preview_kind(info["backend"]) == families.IMAGE_PREVIEW:
             for seed in parse_seeds(seeds, "Seeds"):
                 arguments += [_preview_flag(settings_class, "preview_seeds"), str(seed)]
             for prompt in texts:
                 arguments += [_preview_flag(settings_class, "preview_prompts"), prompt]
-            prompts = texts
-
-            def after() -> None:  # the file names keep only the start of a prompt: the page shows it in full
-                folder = Path(run_dir) / name
-                if prompts and folder.is_dir():
-                    (folder / results.REQUEST_FILE).write_text(json.dumps({"prompts": prompts}))
+            if texts:  # the file names keep only the start of a prompt: the page shows it in full
+                writes[str(Path(run_dir) / name / results.REQUEST_FILE)] = json.dumps({"prompts": texts})
         else:
             if not texts and not scales:
                 raise ValueError("type a question to ask the three models")
@@ -218,7 +206,11 @@ class Studio:
             elif texts and image:
                 arguments += [_preview_flag(settings_class, "preview_images"),
                               str(Path(run_dir) / "data" / "images" / image)]
-        self.jobs.start("preview", run_dir, arguments, after=after, result=str(Path(run_dir) / name))
+        place = self.submit(QueuedJob("preview", str(run_dir), arguments, result=str(Path(run_dir) / name),
+                                      writes=writes, what="previews"))
+        if place:
+            return (f"Queued new previews of {Path(run_dir).name}: {ordinal(place)} in line; they render when the "
+                    "jobs before them have finished and appear here then.")
         return f"Rendering previews of {Path(run_dir).name}; they appear here when ready."
 
     def previews(self, run_dir: str, uncorrected: bool = False) -> dict:
@@ -267,35 +259,13 @@ class Studio:
         # the zip holds a README.md (what each file is, the trigger word, how to load each: pipelines/runner/cards.py)
         return {**info, "snippet": snippet, "zip": str(export_zip(run, None, snippet))}
 
-    def list_runs(self) -> list[dict]:
-        """Every run under the runs folder, newest first: name, task, model, created, status, steps.
-
-        A run whose run.json is damaged is listed as damaged (with why); the others as usual."""
-        runs = []
-        running = self.jobs.status()
-        for path in Path(self.runs_dir).glob(f"*/{RUN_FILE}"):
-            try:
-                info = results.run_info(path.parent)
-            except (OSError, ValueError) as err:
-                runs.append({"name": path.parent.name, "task": "?", "model": "", "created": "", "stamp": "",
-                             "status": f"damaged: {results.damage_words(err)}", "steps": ""})
-                continue
-            status = run_state(info)
-            if running.running and Path(running.run_dir) == path.parent:
-                status = "running now"
-            settings = info["settings"]["run"]
-            steps = f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"
-            runs.append({"name": path.parent.name, "task": families.display_name(info["backend"]),
-                         "model": Path(str(settings.get("model", ""))).name, "stamp": str(info.get("created", "")),
-                         "created": results.when(info.get("created", "")), "status": status, "steps": steps})
-        return sorted(runs, key=lambda r: r["stamp"], reverse=True)
-
     def open_run(self, name: str) -> str:
         """The folder of the past run `name` (checked)."""
         if not name:
             raise ValueError("pick a run in the list first")
         folder = self.runs_dir / name
         results.run_info(folder)
+        self.jobs.attach(self.runs_dir)  # its job may have been started by an app that has since stopped
         return str(folder)
 
     def resume_run(self, name: str) -> str:
@@ -333,77 +303,9 @@ class Studio:
                                         "--log-level", "info"])
         return folder
 
-    def run_steps(self, name: str) -> int | None:
-        """The steps the run `name` has now (Past runs' "Train to" starts there)."""
-        try:
-            return int(results.run_info(self.runs_dir / name)["settings"]["run"]["steps"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-
-FAILURE_CHARS = 400  # a failure's message in the Past runs table, cut here
-
-
-def stage_words(stage: str, entry: Any, model: str = "") -> str:
-    """The state of a run's first unfinished stage for Past runs: 'failed at calibrate: <why>', 'cancelled at ...'."""
-    status = entry.get("status", "pending") if isinstance(entry, dict) else "pending"
-    if status == "failed":
-        why = failure_words(entry.get("error", ""), model)
-        return f"failed at {stage}: {why[:FAILURE_CHARS]}{'…' if len(why) > FAILURE_CHARS else ''}"
-    return f"{status} at {stage}"
-
-
-def run_state(info: dict) -> str:
-    """'finished', or the first unfinished stage's state ('cancelled at train', 'failed at calibrate: ...')."""
-    stages = info["stages"]
-    pending = [s for s in STAGES if not isinstance(stages.get(s), dict) or stages[s].get("status") != "done"]
-    if not pending:
-        return "finished"
-    return stage_words(pending[0], stages.get(pending[0]), info["settings"]["run"].get("model", ""))
-
-
-def run_state_words(run_dir: str | Path) -> str:
-    """The Train step's first line for a run no job of this page is running."""
-    name = Path(run_dir).name
-    try:
-        state = run_state(results.run_info(run_dir))
-    except (OSError, ValueError) as err:
-        return f"**Run {name}** cannot be read ({err})."
-    if state == "finished":
-        return f"**Run {name} finished.** See the previews in step 5 and the files in step 6."
-    return f"**Run {name}: {state}.** Resume it under Past runs."
-
-
 def question_count(run_dir: str | Path) -> int:
     path = Path(run_dir) / "data" / "qa.jsonl"
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
-
-
-def settings_summary(run_dir: str | Path) -> str:
-    """One line with the settings a run was started with (from its run.json)."""
-    try:
-        info = results.run_info(run_dir)
-    except (OSError, ValueError):
-        return ""
-    run, backend = info["settings"]["run"], info["settings"]["backend"]
-    parts = [f"model {Path(run['model']).name} ({families.display_name(info['backend'])})", f"{run['steps']} steps",
-             f"ratio {run['ratio']:.2f}", f"LoRA rank {run['rank']}", f"learning rate {run['lr']:g}",
-             f"λ {run['lam']:g}", f"seed {run['seed']}"]
-    if backend.get("resolution"):
-        parts.append(f"{backend['resolution']} px")
-    return "Settings: " + " · ".join(parts)
-
-
-def command_words(run_dir: str | Path) -> str:
-    """The recorded `launch.py train ...` line of a run, as the Train step shows it ("" for older runs)."""
-    try:
-        command = results.run_info(run_dir).get("command")
-    except (OSError, ValueError):
-        return ""
-    if not command:
-        return ""
-    return ("\n\nThe same run from a terminal (in the EMLoC Studio folder; it reads the copy of your data in the "
-            f"run folder and writes a new run beside it):\n\n```\n{command}\n```")
 
 
 def _duration(seconds: float | None) -> str:

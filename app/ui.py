@@ -14,11 +14,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import handlers
+from . import handlers, restore
 from . import plan as plans
 from .manager import Manager, Values, say
 from .page import STEP, PageState
 from .steps import Context, budget, data, export, model, preview, runs, train
+from .steps import queue as queue_steps
 from .studio import Studio
 
 CSS = """
@@ -29,6 +30,7 @@ CSS = """
 THEME = gr.themes.Soft(primary_hue="teal", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])
 RECENT_S = 1800  # a job that ended this recently is offered on pages opened after it
+SAVE_S = 1.5  # the page is kept in the browser this often (when it changed), for a reload
 RUNS_REFRESH_S = 5  # Past runs is listed again this often while a job runs (its step count moves)
 
 MODEL_INPUTS = ["page.state", "model.model", "data.prompt", *budget.PLAN_INPUTS]
@@ -44,13 +46,17 @@ def tick(studio: Studio, v: Values) -> Values:
     now = time.time()
     relist = (job.state != seen.get("state") or job.stage != seen.get("stage")
               or (job.running and now - seen.get("listed", 0) >= RUNS_REFRESH_S))
+    waiting = queue_steps.key(studio)
     drawn = {"version": job.version, "state": job.state, "stage": job.stage, "started": job.started,
-             "run_dir": state.run_dir, "listed": now if relist else seen.get("listed", 0)}
-    if job.version == seen.get("version") and state.run_dir == seen.get("run_dir"):
+             "run_dir": state.run_dir, "listed": now if relist else seen.get("listed", 0), "queue": waiting}
+    if job.version == seen.get("version") and state.run_dir == seen.get("run_dir") and waiting == seen.get("queue"):
         return {}
     out: Values = {"train.seen": drawn, **train.job_view(studio, state.run_dir)}
+    if waiting != seen.get("queue"):
+        out.update(queue_steps.view(studio, v.get("queue.pick")))
+        relist = True  # a run's status in Past runs says it waits
     if ours and job.kind == "preview":
-        out["preview.progress"] = studio.train_view(state.run_dir)["preview_progress"]
+        out["preview.progress"] = train.train_view(studio, state.run_dir)["preview_progress"]
     # a job that started and ended between two ticks (a quick preview) was never seen running: its start tells
     ended = (seen.get("state") == "running" or job.started != seen.get("started")) and not job.running
     if ours and ended and job.state == "done":
@@ -70,6 +76,9 @@ def choose_model(studio: Studio, v: Values) -> Values:
     """A model was chosen: what it is, and the later steps' starting values for it (settings, plan, prompt)."""
     state: PageState = v["page.state"]
     info = handlers.describe_model(state.kind, v["model.model"])
+    if state.restored_model and state.restored_model == v["model.model"]:  # a reload set it: its settings stay
+        state.restored_model = ""
+        return {"model.about": info["text"]}
     settings = train.settings_view(studio, info["backend"], info["params"], v["model.model"])
     suggested = plans.demo_ratio(v["model.model"])
     plan = budget.model_view({**v, "budget.rank": settings["budget.rank"],
@@ -92,14 +101,20 @@ def load(studio: Studio, v: Values) -> Values:
     out: Values = {"model.device": device["text"], "budget.runs_on": plans.runs_on(device),
                    "budget.budget": gr.Number(value=round(device["total_gb"]) if device["kind"] == "cuda" else
                                               v["budget.budget"], visible=device["kind"] == "cuda"),
-                   "budget.presets": gr.Radio(visible=device["kind"] == "cuda"), **runs.view(studio)}
+                   "budget.presets": gr.Radio(visible=device["kind"] == "cuda"), **runs.view(studio),
+                   **queue_steps.view(studio)}
     job = studio.jobs.status()
-    if job.running:  # the form follows the running job: its task, model and Train step
+    saved = v.get("page.saved") or {}
+    saved_run = (saved.get("state") or {}).get("run_dir", "") if isinstance(saved, dict) else ""
+    if job.running and saved_run != job.run_dir:  # the form follows the running job: its task, model and Train step
         out.update(runs.follow(studio, state, job.run_dir, False))
         out["page.wizard"] = gr.Walkthrough(selected=STEP["train"])
         out["page.tabs"] = gr.Tabs(selected="wizard")
         return out
     out["page.state"] = state
+    back = restore.restore(studio, saved, state.device, v.get("preview.uncorrected", False))
+    if back:  # a reload: the page as it was (what cannot come back is said at its step)
+        return {**out, **back}
     ended = job.state in ("done", "cancelled", "failed") and time.time() - job.finished < RECENT_S
     out["model.show_last"] = gr.Button(
         value=f"Show {Path(job.run_dir).name}, the run that {job.state.replace('done', 'finished')} while this page "
@@ -116,12 +131,17 @@ def show_last(studio: Studio, v: Values) -> Values:
             "model.show_last": gr.Button(visible=False), "model.msg": ""}
 
 
+def step_picked(evt: gr.SelectData) -> int:
+    return int(evt.index)
+
+
 def build(studio: Studio) -> gr.Blocks:
     """The whole page bound to `studio` (one per process: it owns the job)."""
     manager = Manager()
     ctx = Context(manager, studio)
     with gr.Blocks(title="EMLoC Studio") as page:
-        manager.add("page", {"state": gr.State(PageState()), "timer": gr.Timer(1.0)})
+        manager.add("page", {"state": gr.State(PageState()), "timer": gr.Timer(1.0), "step": gr.State(0),
+                             "saved": restore.browser_state(studio.runs_dir), "save_timer": gr.Timer(SAVE_S)})
         gr.Markdown("# EMLoC Studio\nPersonalise a large model in the memory its inference needs: train a LoRA on "
                     "a small emulator of the model, then correct it for the full model.")
         with gr.Tabs() as tabs:
@@ -133,14 +153,16 @@ def build(studio: Studio) -> gr.Blocks:
                         step.build(ctx)
             with gr.Tab("Past runs", id="runs"):
                 runs.build(ctx)
+        # a step header clicked: remembered as the step shown (handlers that move the wizard set it themselves)
+        wizard.select(step_picked, None, manager["page.step"], concurrency_id="save", show_progress="hidden")
         model.bind_task(ctx)
         data.bind_next(ctx)
         train.bind_late(ctx)
         runs.bind_late(ctx)
         manager.bind(manager["page.timer"].tick, partial(tick, studio),
-                     ["page.state", "train.seen", "preview.uncorrected", "runs.pick"],
+                     ["page.state", "train.seen", "preview.uncorrected", "runs.pick", "queue.pick"],
                      ["train.seen", *train.VIEW, "page.wizard", "preview.progress", "preview.msg", *preview.IDS,
-                      *export.IDS, *runs.view_ids()], concurrency_id="tick")
+                      *export.IDS, *runs.view_ids(), *queue_steps.IDS], concurrency_id="tick")
         outputs = model_outputs()
         manager.bind(manager["model.model"].change, partial(choose_model, studio), MODEL_INPUTS, outputs,
                      message="model.msg")
@@ -148,8 +170,12 @@ def build(studio: Studio) -> gr.Blocks:
                       "model.model", "budget.runs_on", "budget.budget", "budget.presets", *runs.view_ids(),
                       *data.TASK_IDS, "data.msg", *train.VIEW, "train.msg", *preview.IDS,
                       *export.IDS, *outputs]
-        manager.bind(page.load, partial(load, studio), MODEL_INPUTS, list(dict.fromkeys(everything)),
-                     message="model.msg")
+        everything += ["page.step", *restore.FORM, *train.CLEARED_IDS, "model.about", *queue_steps.IDS]
+        manager.bind(page.load, partial(load, studio), [*MODEL_INPUTS, "page.saved", "preview.uncorrected"],
+                     list(dict.fromkeys(everything)), message="model.msg")
+        manager.bind(manager["page.save_timer"].tick, partial(restore.save, studio),
+                     list(dict.fromkeys(["page.state", "page.step", "page.saved", *restore.FORM])), ["page.saved"],
+                     concurrency_id="save")
         manager.bind(manager["model.show_last"].click, partial(show_last, studio), ["page.state", "preview.uncorrected"],
                      list(dict.fromkeys(["page.state", "page.tabs", "page.wizard", "model.task", "model.model",
                                          *data.TASK_IDS, "data.msg", *train.VIEW, "train.msg",

@@ -88,6 +88,7 @@ def world(tmp_path_factory):
     yield {"url": f"http://127.0.0.1:{port}/", "photos": photos, "many": many, "notes": notes, "fake": fake,
            "qa_images": sorted((root / "qa" / "images").iterdir()), "qa_table": table, "studio": studio,
            "runs": root / "runs", "prompt": prompt, "question": rows[0][1], "klein": klein}
+    studio.close()  # no queued job starts any more
     studio.cancel()  # a test that failed half-way must not leave a run training into interpreter shutdown
     studio.jobs.wait(timeout=120)
     page.close()
@@ -147,6 +148,14 @@ def no_traceback(page) -> None:
     assert page.locator(".toast-body").count() == 0, "gradio showed an error toast"
 
 
+def near(page, message: str, control, most_px: float = 120) -> None:
+    """The message `message` (a selector) shows right under or beside `control` (a locator), not a screen away."""
+    said, at = page.locator(message).bounding_box(), control.bounding_box()
+    assert said and at, (message, said, at)
+    gap = max(said["y"] - (at["y"] + at["height"]), at["y"] - (said["y"] + said["height"]), 0)  # px between them
+    assert gap < most_px, (message, gap, said, at)
+
+
 def choose_task(page, label: str) -> None:
     page.get_by_label(label).check()
     page.wait_for_timeout(1500)
@@ -163,6 +172,9 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     upload(page, "#photo-upload", world["photos"])
     expect_text(page, "#msg-data", "4 images added")
     assert page.locator("#photo-gallery img").count() == 4
+    if world["prompt"] == EXAMPLE_PROMPT:  # the demo model's prompt names what it knows (shapes), not a dog
+        assert page.locator("#prompt").get_by_role("textbox").input_value() == EXAMPLE_PROMPT
+    expect_text(page, "#prompt", "instance prompt")  # the word is explained where it is asked for
     page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
     shot(page, "02-data-flux")
     button(page, "Check the data and continue").click()
@@ -178,6 +190,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     assert float(page.locator("#ratio input[type=number]").input_value()) == pytest.approx(0.45)
     shot(page, "03-budget")
     button(page, "Next: training").click()
+    expect_text(page, "#lam", "how far correcting the LoRA")  # the clamp explained beside its field
     page.locator("#steps input").fill("24")
     button(page, "Start training").click()
     expect_text(page, "#msg-train", "Started")
@@ -219,6 +232,7 @@ def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browse
     page.get_by_role("tab", name="Past runs").click()
     button(page, "Refresh").click()
     expect_text(page, "#runs-table", "finished")
+    assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:", page.locator("#runs-table").inner_text())  # no ISO stamps
     shot(page, "07-past-runs")
     button(page, "Open").click()  # a past run reopens on its previews
     expect_text(page, "#msg-runs", "Opened flux-")
@@ -252,7 +266,12 @@ def test_vlm_wizard_imports_a_table_and_shows_answers(page, world):
     button(page, "Start training").click()
     expect_text(page, "#job-status", "finished", timeout=TRAINING_TIMEOUT_MS)
     expect_text(page, "#answers", "full + corrected LoRA")
+    from playwright.sync_api import expect
+
     assert page.locator("#answers tbody tr").count() >= 1
+    # the run's previews ask some of the questions: the page says how many of how many (the handler test checks
+    # that the table holds that many)
+    expect(page.locator("#preview-text")).to_contain_text(re.compile(r"ask \d+ of your 8 questions"))
     shot(page, "09-preview-vlm")
 
 
@@ -286,6 +305,7 @@ def test_closing_the_page_keeps_training_and_cancel_stops_it(browser, world):
     shot(page, "10-train-reopened-running")
     button(page, "Start training").click()  # a second run while this one trains: refused, in words
     expect_text(page, "#msg-train", "already running")
+    near(page, "#msg-train", button(page, "Start training"))  # said under the button, not below the log
     button(page, "Cancel").click()
     expect_text(page, "#msg-train", "Stopping after the current step")
     expect_text(page, "#job-status", "was cancelled")
@@ -346,6 +366,7 @@ def test_bad_input_shows_messages_in_words(page, world):
     expect_text(page, "#msg-data", "3 images added")  # the upload is in before the check is asked for
     button(page, "Check the data and continue").click()
     expect_text(page, "#msg-data", "Trigger word (step 2)")  # the page's own control, not a CLI flag
+    near(page, "#msg-data", button(page, "Check the data and continue"))  # just above the button
     assert "--" not in page.locator("#msg-data").inner_text()
     shot(page, "17-bad-prompt-names-the-control")
     page.locator("#photo-gallery img").first.wait_for()
@@ -415,6 +436,98 @@ def test_a_failed_run_is_listed_as_failed_and_past_runs_refresh_themselves(page,
     assert "pending at calibrate" not in page.locator("#runs-table").inner_text()
     no_traceback(page)
     shot(page, "18-past-runs-failed-run")
+
+
+def test_a_run_picked_while_past_runs_is_being_listed_is_the_one_open_opens(page, world, tmp_path, monkeypatch):
+    """A listing of Past runs (Refresh, the timer's) that lands after the person picked a run leaves their pick:
+    it used to put back the run the menu showed when it began, and Open opened that one (the CI failure of
+    2026-12-05: a finished InternVL run picked, the newest unfinished run opened on the Train step)."""
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    for name in ("pick-older", "pick-newest"):
+        Run.create(world["runs"] / name, "flux", RunSettings(model=str(world["studio"].demo_models["flux"]), steps=2,
+                                                             rank=4),
+                   FluxSettings(images=str(world["photos"][0].parent), prompt=world["prompt"], resolution=32))
+        time.sleep(1.1)  # one second apart: pick-newest is listed first
+    from app.steps import runs
+
+    listing = runs.list_runs
+
+    def slow_listing(studio):  # a loaded machine: the listing takes a while
+        time.sleep(3)
+        return listing(studio)
+
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", "pick-newest")
+    monkeypatch.setattr(runs, "list_runs", slow_listing)
+    button(page, "Refresh").click()  # reads the menu now (on pick-newest) and lands in 3 s
+    page.get_by_role("combobox", name="Run").click()
+    page.get_by_role("option", name="pick-older", exact=True).click()
+    page.wait_for_timeout(4500)  # the listing has landed
+    monkeypatch.setattr(runs, "list_runs", listing)
+    button(page, "Open").click()
+    expect_text(page, "#msg-runs", "Opened pick-older")
+    expect_text(page, "#job-status", "pick-older")
+    no_traceback(page)
+
+
+STAND_IN = """\
+import pathlib, sys, time
+arguments = sys.argv[1:]
+run = pathlib.Path(arguments[arguments.index("--out") + 1])
+deadline = time.time() + 60
+while not (run / "go").exists() and time.time() < deadline:
+    time.sleep(0.05)
+sys.exit(130)  # as a cancelled job ends: its run stays unfinished, nothing to preview
+"""
+
+
+def test_a_run_added_to_the_queue_waits_its_turn_and_can_be_taken_out(page, world, tmp_path, monkeypatch):
+    """Add to queue lines runs up behind the running one; step 4 lists them in order with their commands, one is
+    taken out, and the next starts by itself when the running job ends (launch.py is a stand-in that trains
+    nothing and runs until its run folder holds a file "go")."""
+    from app import jobs
+
+    (tmp_path / "launch.py").write_text(STAND_IN)
+    monkeypatch.setattr(jobs, "LAUNCH", tmp_path / "launch.py")
+    button(page, "Next: your data").click()
+    upload(page, "#photo-upload", world["photos"])
+    expect_text(page, "#msg-data", "4 images added")
+    page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#plan-text", "Recommended ratio")
+    button(page, "Next: training").click()
+    name = page.locator("#run-name").get_by_role("textbox")
+    name.fill("queue-first")
+    button(page, "Start training").click()
+    expect_text(page, "#msg-train", "Started queue-first")
+    name.fill("queue-second")
+    button(page, "Start training").click()
+    expect_text(page, "#msg-train", "Add to queue in step 4")
+    button(page, "Add to queue").click()
+    expect_text(page, "#msg-train", "Added queue-second to the queue, 1st in line")
+    expect_text(page, "#job-status", "queue-second is waiting in the queue")
+    expect_text(page, "#queue", "queue-second (training)")
+    expect_text(page, "#queue", "python launch.py train --out")
+    name.fill("queue-third")
+    button(page, "Add to queue").click()
+    expect_text(page, "#msg-train", "2nd in line")
+    expect_text(page, "#queue", "queue-third (training)")
+    shot(page, "25-queue")
+    page.get_by_role("combobox", name="Waiting job").click()
+    page.get_by_role("option", name="2nd: queue-third (training)", exact=True).click()
+    button(page, "Remove from queue").click()
+    expect_text(page, "#msg-queue", "Removed queue-third (training) from the queue")
+    assert "queue-third" not in page.locator("#queue").inner_text()
+    (world["runs"] / "queue-first" / "go").touch()  # the running job ends: the next starts by itself
+    expect_text(page, "#queue", "no jobs are waiting", timeout=30_000)
+    page.get_by_role("tab", name="Past runs").click()
+    expect_text(page, "#runs-table", "running now")
+    (world["runs"] / "queue-second" / "go").touch()
+    world["studio"].jobs.wait(timeout=30)
+    no_traceback(page)
 
 
 def test_a_new_run_starts_clean_and_example_data_replaces_the_set(page, world, tmp_path):
@@ -510,6 +623,9 @@ def test_past_runs_train_a_finished_run_further(page, world, tmp_path):
     expect_text(page, "#runs-table", "extend-me")
     page.get_by_role("combobox", name="Run").click()
     page.get_by_role("option", name="extend-me", exact=True).click()
+    from playwright.sync_api import expect
+
+    expect(page.locator("#extend-steps input")).to_have_value("2")  # "Train to" starts at the run's steps, not 0
     page.locator("#extend-steps input").fill("2")
     button(page, "Train further").click()  # not more than it has: said in the words of this screen
     expect_text(page, "#msg-runs", "Train further needs more steps than extend-me has (2): type more than 2 in "
@@ -563,6 +679,7 @@ def test_a_tiny_flux2_klein_goes_from_model_to_export(page, world):
     expect_text(page, "#snippet", "load_lora_weights")
     page.locator("button.step-button:not([disabled])", has_text="4. Train").click()  # the curve and summary are still there
     expect_text(page, "#job-status", "finished")
+    expect_text(page, "#job-status", "Settings: model")  # the summary is still there after the preview job
     assert page.locator("#loss-plot").inner_text().count("step") >= 1
     no_traceback(page)
     shot(page, "24-flux2-export")
@@ -599,4 +716,45 @@ def test_switching_task_after_a_run_shows_nothing_of_it_and_keeps_the_photos(pag
     choose_task(page, "Personalise an image model (FLUX.1, FLUX.2)")
     button(page, "Next: your data").click()
     page.wait_for_function("document.querySelectorAll('#photo-gallery img').length == 3")
+    no_traceback(page)
+
+
+def test_a_reload_mid_wizard_comes_back_where_it_was_and_says_which_photos_need_uploading_again(page, world,
+                                                                                                 tmp_path):
+    import uuid
+
+    unique = tmp_path / f"reload-{uuid.uuid4().hex[:8]}.png"  # a name no other upload has: its copies are found
+    shutil.copy(world["photos"][0], unique)
+    photos = [unique, *world["photos"][1:]]
+    button(page, "Next: your data").click()
+    upload(page, "#photo-upload", photos)
+    expect_text(page, "#msg-data", f"{len(photos)} images added")
+    page.locator("#prompt").get_by_role("textbox").fill("a photo of sks shape on the beach")
+    button(page, "Check the data and continue").click()
+    expect_text(page, "#plan-text", "Recommended ratio")
+    page.locator("#ram-budget input").fill("5.5")
+    page.locator("#ram-budget input").press("Enter")
+    page.wait_for_timeout(3000)  # the page is kept in the browser every 1.5 s
+    page.reload()
+    page.locator("#device").get_by_text("CPU").wait_for(state="attached")
+    expect_text(page, "#plan-text", "Recommended ratio")  # back on the Budget step, its plan drawn
+    assert page.locator("#plan-text").is_visible()
+    assert float(page.locator("#ram-budget input").input_value()) == pytest.approx(5.5)
+    shot(page, "reload-1-budget-restored")
+    page.locator("button.step-button:not([disabled])", has_text="2. Data").click()
+    assert page.locator("#prompt").get_by_role("textbox").input_value() == "a photo of sks shape on the beach"
+    assert page.locator("#photo-gallery img").count() == len(photos)
+    page.wait_for_timeout(3000)  # the step picked by its header is kept too
+    # the app's temporary copies of one photo are gone (a cleaned temp folder): the page says so at the Data step
+    temp = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(__import__("tempfile").gettempdir()) / "gradio")
+    copies = list(temp.rglob(unique.name))
+    assert copies, f"no copy of {unique.name} under {temp}"
+    for copy in copies:
+        copy.unlink()
+    page.reload()
+    page.locator("#device").get_by_text("CPU").wait_for(state="attached")
+    expect_text(page, "#msg-data", "need uploading again")  # on the Data step, where it was
+    assert page.locator("#msg-data").is_visible()
+    expect_text(page, "#msg-data", "1 of your photos")
+    assert page.locator("#photo-gallery img").count() == len(photos) - 1
     no_traceback(page)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -15,6 +16,8 @@ from PIL import Image
 from app import form, handlers, results
 from app import plan as plans
 from app.jobs import JobBusy, JobStatus
+from app.steps.runs import list_runs
+from app.steps.train import train_view
 from app.studio import Studio, describe_job, parse_seeds
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.runner.data import DataError
@@ -246,9 +249,9 @@ def test_start_copies_the_uploads_and_trains_in_the_background(finished):
     assert json.loads((folder / "run.json").read_text())["settings"]["run"]["batch_size"] == 2  # the Budget step's
     assert (folder / "data" / "dog_1.txt").read_text().strip() == "a photo of sks dog on grass"
     assert digest(finished["photos"]) == finished["before"]  # the user's files are untouched
-    view = studio.train_view(str(folder))
+    view = train_view(studio, str(folder))
     assert view["state"] == "done" and "finished" in view["text"] and 'value="1.000"' in view["progress"]
-    runs = studio.list_runs()
+    runs = list_runs(studio)
     assert runs[0]["name"] == "my-dog" and runs[0]["status"] == "finished" and runs[0]["steps"] == "3 of 3"
     with pytest.raises(FileExistsError, match="already exists"):
         studio.start_run(request("images", "x", "my-dog"))
@@ -282,7 +285,7 @@ def test_cancel_stops_after_a_step_and_resume_finishes_the_run(models, qa, tmp_p
     status = studio.jobs.wait(timeout=60)
     assert status.state == "cancelled" and "cancelled" in describe_job(status)["text"]
     stopped = status.losses[-1][0]
-    assert "cancelled at train" in studio.list_runs()[0]["status"]
+    assert "cancelled at train" in list_runs(studio)[0]["status"]
     from app.page import PageState
     from app.steps import runs
 
@@ -324,6 +327,9 @@ def test_previews_show_three_models_side_by_side_and_render_new_ones(finished):
     view = studio.previews(folder)
     assert len(view["images"]) == 6 and f"“{long_prompt}”" in view["text"]
     assert [c.rsplit("seed ", 1)[1] for _, c in view["images"]] == ["1"] * 3 + ["2"] * 3
+    train = train_view(studio, folder)  # the preview job did not take the Train step's curve and summary away
+    assert [step for step, _ in train["losses"]] == [1, 2, 3] and "Settings: model" in train["text"]
+    assert "finished" in train["text"]
 
 
 def test_export_gives_the_adapter_a_zip_and_a_snippet(finished):
@@ -389,10 +395,10 @@ def test_a_run_that_failed_is_listed_as_failed_with_its_message(models, photos, 
     studio.resume_run("broken")
     status = studio.jobs.wait(timeout=120)
     assert status.state == "failed"
-    row = studio.list_runs()[0]
+    row = list_runs(studio)[0]
     assert row["status"].startswith("failed at calibrate: while caching the data:"), row["status"]
     assert "pending" not in row["status"] and len(row["status"]) < 500
-    assert "failed" in studio.train_view(str(studio.runs_dir / "broken"))["text"]
+    assert "failed" in train_view(studio, str(studio.runs_dir / "broken"))["text"]
 
 
 def test_messages_name_the_pages_controls_not_command_line_flags(models, photos):
@@ -562,3 +568,235 @@ def test_caption_my_photos_keeps_typed_captions_and_refuses_in_words(tmp_path):
         handlers.caption_photos(images, typed, " ", str(demo.VLM_DIR))
     with pytest.raises(ValueError, match="captioning model"):
         handlers.caption_photos(images, typed, "sks", str(tmp_path / "no-such-model"))
+
+
+def test_an_app_started_while_a_job_runs_follows_it_cancels_it_and_then_offers_resume(models, photos, tmp_path):
+    """The job is its own process: an app (re)started while it runs finds it through <run>/job.json, shows its
+    progress, and Cancel signals that pid; once it has stopped unfinished, the run is 'stopped' with Resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from app.jobs import JOB_FILE
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import RUN_FILE, STAGES, Run, RunSettings
+    from pipelines.runner.progress import PROGRESS_LOG
+
+    runs = tmp_path / "runs"
+    settings = FluxSettings(images=str(photos[0].parent), prompt="a photo of sks dog", resolution=32,
+                            preview_steps=2, max_sequence_length=16)
+    run = Run.create(runs / "left-running", "flux", RunSettings(model=str(models["flux"]), steps=8, rank=4,
+                                                                 calibration_samples=4), settings)
+    info = json.loads((run.dir / RUN_FILE).read_text())
+    for stage in STAGES[:STAGES.index("train")]:
+        info["stages"][stage] = {"status": "done"}
+    info["stages"]["train"] = {"status": "running"}  # as the CLI leaves it while training
+    (run.dir / RUN_FILE).write_text(json.dumps(info))
+    # a stand-in for `launch.py train --out <run>` started by an earlier app: it reports step 3 of 8 and stops
+    # on SIGINT with the CLI's exit code for a cancel
+    code = ("import json, os, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, lambda *a: sys.exit(130))\n"
+            f"open({str(run.dir / PROGRESS_LOG)!r}, 'a').write(json.dumps({{'pid': os.getpid(), 'stage': 'train', "
+            "'step': 3, 'total': 8, 'eta': 5.0, 'message': 'step 3', 'loss': 0.5, 'time': time.time()}) + '\\n')\n"
+            "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", code, "launch.py", "train", "--out", str(run.dir)])
+    try:
+        (run.dir / JOB_FILE).write_text(json.dumps({"pid": process.pid, "kind": "run", "started": time.time(),
+                                                    "command": [sys.executable, "launch.py", "train", "--out",
+                                                                str(run.dir)]}))
+        deadline = time.time() + 20
+        while not (run.dir / PROGRESS_LOG).is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        studio = Studio(runs, models)  # the app starts again
+        job = studio.jobs.status()
+        assert job.running and job.run_dir == str(run.dir) and (job.stage, job.step, job.total) == ("train", 3, 8)
+        assert list_runs(studio)[0]["status"] == "running now"
+        view = train_view(studio, str(run.dir))
+        assert view["running"], view["text"]  # Cancel is live
+        # a page reloaded on this run comes back to it, live, on the Train step
+        from app import restore
+
+        back = restore.restore(studio, {"state": {"kind": "images", "run_dir": str(run.dir)},
+                                        "form": {"model.model": str(models["flux"])}, "step": 3}, "cpu")
+        assert back["page.state"].run_dir == str(run.dir) and back["train.cancel"].interactive
+        assert back["page.wizard"].selected == 3 and not back.get("train.msg")
+        assert "Stopping" in studio.cancel()
+        assert process.wait(timeout=20) == 130  # the signal reached that pid
+        deadline = time.time() + 10
+        while studio.jobs.status().running and time.time() < deadline:
+            time.sleep(0.1)
+        assert studio.jobs.status().state == "cancelled"
+        row = list_runs(studio)[0]
+        assert row["status"].startswith("stopped at train") and "Resume" in row["status"], row["status"]
+        assert "cancelled" in train_view(studio, str(run.dir))["text"]
+        later = Studio(runs, models)  # and an app started after it: the dead job's record is not followed
+        view = train_view(later, str(run.dir))
+        assert not later.jobs.status().running and not view["running"]
+        assert "stopped at train" in view["text"] and "Resume" in view["text"], view["text"]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
+def test_a_job_record_whose_process_ended_unwaited_or_is_another_program_is_not_followed(tmp_path):
+    """<run>/job.json names a pid: a job that has ended but was never waited for (a zombie, still in the process
+    table) is not running, nor is a live process that is not `launch.py` of that run (a reused pid)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from app.jobs import JOB_FILE, live_job
+
+    run = tmp_path / "runs" / "a-run"
+    run.mkdir(parents=True)
+    ended = subprocess.Popen([sys.executable, "-c", "pass", "launch.py", "train", "--out", str(run)])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "launch.py", "train", "--out",
+                              str(tmp_path / "runs" / "another-run")])
+    try:
+        deadline = time.time() + 20
+        while psutil.Process(ended.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(ended.pid).status() == psutil.STATUS_ZOMBIE  # ended, not waited for
+        (run / JOB_FILE).write_text(json.dumps({"pid": ended.pid, "kind": "run", "command": []}))
+        assert live_job(run) is None
+        assert not Studio(tmp_path / "runs").jobs.status().running
+        (run / JOB_FILE).write_text(json.dumps({"pid": other.pid, "kind": "run", "command": []}))
+        assert live_job(run) is None  # alive, but another run's job
+        (run / JOB_FILE).write_text(json.dumps({"pid": os.getpid(), "kind": "run", "command": []}))
+        assert live_job(run) is None  # alive, but not launch.py at all
+    finally:
+        other.kill()
+        other.wait()
+        ended.wait()
+
+
+# ---------------------------------------------------------------------------------------------- the queue
+
+STAND_IN = '''\
+import pathlib, sys, time
+arguments = sys.argv[1:]
+run = pathlib.Path(arguments[arguments.index("--out" if "--out" in arguments else "--run") + 1])
+order = pathlib.Path(__file__).parent / "order.txt"
+with open(order, "a") as f:
+    f.write(f"start {run.name} {arguments[0]}\\n")
+deadline = time.time() + 60
+while not (run / "go").exists() and time.time() < deadline:
+    time.sleep(0.05)
+with open(order, "a") as f:
+    f.write(f"end {run.name}\\n")
+'''
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """`launch.py` replaced by a stand-in that notes when it starts and ends (order.txt) and runs until its run
+    folder holds a file "go": the queue's order is seen without training anything."""
+    from app import jobs
+
+    folder = tmp_path / "stand-in"
+    folder.mkdir()
+    (folder / "launch.py").write_text(STAND_IN)
+    monkeypatch.setattr(jobs, "LAUNCH", folder / "launch.py")
+    return folder / "order.txt"
+
+
+def wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def lines(order: Path) -> list[str]:
+    return order.read_text().splitlines() if order.is_file() else []
+
+
+def test_queued_jobs_run_one_at_a_time_in_order_and_the_queue_survives_a_restart(stand_in, tmp_path):
+    from app.jobqueue import QUEUE_FILE, QueuedJob
+    from app.steps import queue as queue_steps
+
+    runs = tmp_path / "runs"
+    folders = {name: runs / name for name in ("a", "b", "c", "d")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+
+    def job(name: str) -> QueuedJob:
+        return QueuedJob("run", str(folders[name]), ["train", "--out", str(folders[name]), "--resume"], what="training")
+
+    studio = Studio(runs)
+    assert studio.submit(job("a")) == 0  # nothing runs: it starts now
+    wait_for(lambda: lines(stand_in) == ["start a train"], "a to start")
+    assert studio.submit(job("b")) == 1 and studio.submit(job("c")) == 2 and studio.submit(job("d")) == 3
+    with pytest.raises(JobBusy, match="already running: a"):
+        studio.submit(job("d"), queue=False)  # Start training (not Add to queue) is refused while a job runs
+    # the queue is a file in the runs folder: each job the same launch.py command a run records
+    saved = json.loads((runs / QUEUE_FILE).read_text())["jobs"]
+    assert [Path(j["run_dir"]).name for j in saved] == ["b", "c", "d"]
+    assert studio.queue.jobs()[0].command == f"python launch.py train --out {folders['b']} --resume"
+    shown = queue_steps.view(studio)
+    assert [row.split(" | ")[1] for row in shown["queue.table"].splitlines() if row.startswith("| 1st")] == \
+        ["b (training)"]
+    assert "2nd" in shown["queue.table"] and "3rd" in shown["queue.table"]
+    removed = queue_steps.remove(studio, {"queue.pick": studio.queue.jobs()[1].id})  # c leaves the line
+    assert "Removed c (training) from the queue" in removed["queue.msg"]
+    assert [Path(j.run_dir).name for j in studio.queue.jobs()] == ["b", "d"]
+    studio.close()  # the app stops while a runs and b, d wait ...
+    again = Studio(runs)  # ... and starts again over the same runs folder
+    assert again.jobs.status().running and again.jobs.status().run_dir == str(folders["a"])
+    assert again.queue.place_of(str(folders["b"])) == 1 and again.queue.place_of(str(folders["d"])) == 2
+    time.sleep(1.5)
+    assert lines(stand_in) == ["start a train"]  # nothing starts beside the running job
+    (folders["a"] / "go").touch()
+    wait_for(lambda: lines(stand_in)[-1:] == ["start b train"], "b to start after a")
+    time.sleep(1.5)
+    assert lines(stand_in) == ["start a train", "end a", "start b train"]
+    (folders["b"] / "go").touch()
+    (folders["d"] / "go").touch()
+    wait_for(lambda: lines(stand_in)[-1:] == ["end d"], "d to run")
+    assert lines(stand_in) == ["start a train", "end a", "start b train", "end b", "start d train", "end d"]
+    wait_for(lambda: not again.queue.jobs(), "the queue to empty")
+    assert json.loads((runs / QUEUE_FILE).read_text()) == {"jobs": []}
+    again.close()
+
+
+def test_add_to_queue_and_new_previews_wait_behind_a_running_job_and_the_page_says_so(stand_in, models, photos,
+                                                                                       tmp_path):
+    from app.page import PageState
+    from app.steps import train
+    from app.steps.queue import view as queue_view
+    from app.jobqueue import QueuedJob
+
+    runs = tmp_path / "runs"
+    (runs / "busy").mkdir(parents=True)
+    studio = Studio(runs, models)
+    studio.submit(QueuedJob("run", str(runs / "busy"), ["train", "--out", str(runs / "busy")]))
+    wait_for(lambda: studio.jobs.status().running, "the first job to run")
+    values = request("images", str(models["flux"]), "lined-up", images=uploads(photos), prompt="a photo of sks dog",
+                     **FLUX_FAST)
+    state = PageState(kind="images", uploads={"images": uploads(photos), "qa": []})
+    page = {"page.state": state, "model.model": values["model"], "train.name": "lined-up",
+            "data.prompt": values["prompt"], "data.trigger": "sks", "data.captions": None, "data.qa_table": None,
+            "budget.ratio": values["ratio"], "budget.rank": values["rank"], "budget.batch_size": 1,
+            "budget.ram": 0.0, **{f"train.{n}": values.get(n) for n in train.SETTINGS}}
+    with pytest.raises(JobBusy, match="Add to queue in step 4"):
+        train.start(studio, page)  # Start training says what to do instead
+    out = train.start(studio, page, queue=True)
+    folder = out["page.state"].run_dir
+    assert "Added lined-up to the queue, 1st in line" in out["train.msg"]
+    assert "lined-up is waiting in the queue** (1st in line)" in out["train.status"]
+    assert "lined-up (training)" in out["queue.table"]
+    assert list_runs(studio)[0]["status"] == "waiting in the queue (1st in line)"
+    # new previews of a finished run wait too (the run is made to look finished: the stand-in trains nothing)
+    (Path(folder) / "lora" / "corrected").mkdir(parents=True)
+    said = studio.render_preview(folder, "a photo of sks dog in the snow", "1000-1001")
+    assert said.startswith("Queued new previews of lined-up: 2nd in line")
+    waiting = studio.queue.jobs()
+    assert [j.what for j in waiting] == ["training", "previews"]
+    assert waiting[1].arguments[:3] == ["preview", "--run", folder] and "1001" in waiting[1].arguments
+    assert list(waiting[1].writes.values()) == ['{"prompts": ["a photo of sks dog in the snow"]}']
+    assert "2nd: lined-up (previews)" in [c[0] for c in queue_view(studio)["queue.pick"].constructor_args["choices"]]
+    studio.close()
+    (runs / "busy" / "go").touch()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -10,6 +11,8 @@ from app import form, handlers, results
 from app import plan as plans
 from app.page import PageState
 from app.steps import budget, data, export, model, train
+from app.steps.runs import list_runs
+from app.steps.train import train_view
 from app.studio import IDLE, Studio, parse_seeds
 from pipelines import demo
 
@@ -49,7 +52,7 @@ def test_start_another_run_keeps_model_data_and_settings_even_across_a_task_swit
 
 
 def test_the_train_step_of_a_page_without_a_run_shows_no_other_runs_job(studio):
-    view = studio.train_view("")
+    view = train_view(studio, "")
     assert view["text"] == IDLE and view["log"] == "" and view["losses"] == [] and not view["running"]
 
 
@@ -148,3 +151,107 @@ def test_step_one_says_an_unreachable_hub_in_words_at_once_and_the_plan_stays_av
     assert out["model.plan_only"].visible and "page.wizard" not in out
     plan = plans.memory_plan("black-forest-labs/FLUX.1-dev", 12, None, 16)
     assert plan["recommended"] is not None and plan["svg"]
+
+
+def test_a_reload_brings_back_the_task_model_uploads_words_settings_and_step_and_says_what_is_lost(studio, tmp_path):
+    """What the browser keeps (restore.snapshot, through JSON as localStorage holds it) is put back by the page's
+    load; an upload whose kept copy is gone is dropped and the Data step says the photos need uploading again."""
+    import json
+
+    from PIL import Image
+
+    from app import restore
+    from app.page import STEP
+
+    if not (demo.FLUX_DIR / "demo.json").is_file():
+        pytest.skip("the demo models are not built (python -m pipelines.demo build)")
+    kept = tmp_path / "kept.png"
+    Image.new("RGB", (64, 64), (0, 128, 128)).save(kept)
+    uploads = {"images": [{"path": str(kept), "name": "kept.png"}, {"path": str(tmp_path / "gone.png"),
+                                                                     "name": "gone.png"}], "qa": []}
+    state = PageState(kind="images", uploads=uploads, ratio_touched=True)
+    typed = {"page.state": state, "page.step": STEP["budget"], "model.task": "images", "model.model": str(demo.FLUX_DIR),
+             "data.prompt": "a photo of sks shape in the snow", "data.trigger": "sks",
+             "data.captions": [["kept.png", "a teal cross"], ["gone.png", ""]], "data.qa_table": None,
+             "budget.budget": 24, "budget.ram": 6.5, "budget.ratio": 0.37, "budget.rank": 8, "budget.batch_size": 2,
+             "budget.touched": True, "budget.ram_touched": True, "train.name": "my-run", "train.steps": 123}
+    saved = json.loads(json.dumps(restore.save(studio, typed)["page.saved"]))
+    assert restore.save(studio, {**typed, "page.saved": saved}) == {}  # unchanged: nothing is written again
+    out = restore.restore(studio, saved, "cpu")
+    assert out["page.state"].kind == "images" and out["page.state"].ratio_touched
+    assert out["page.state"].uploads["images"] == [{"path": str(kept), "name": "kept.png"}]
+    assert out["data.photo_gallery"] == [(str(kept), "kept.png")]
+    assert "need uploading again" in out["data.msg"] and "1 of your photos" in out["data.msg"]
+    assert out["model.task"] == "images" and out["model.model"].value == str(demo.FLUX_DIR)
+    assert out["data.prompt"] == "a photo of sks shape in the snow" and out["data.captions"][0] == ["kept.png",
+                                                                                                     "a teal cross"]
+    assert (out["budget.ratio"], out["budget.rank"], out["budget.batch_size"], out["budget.ram"]) == (0.37, 8, 2, 6.5)
+    assert out["train.name"] == "my-run" and out["train.steps"] == 123 and out["model.about"]
+    assert out["page.wizard"].selected == STEP["budget"] and out["page.step"] == STEP["budget"]
+    assert out["budget.chart"]  # the plan is drawn for the restored settings
+    # the menu's change event that the restored model fires keeps the restored settings
+    from app.ui import choose_model
+
+    again = choose_model(studio, {"page.state": out["page.state"], "model.model": str(demo.FLUX_DIR)})
+    assert set(again) == {"model.about"}
+    # a run that is no longer in the runs folder is said at the Train step
+    gone = {**saved, "state": {**saved["state"], "run_dir": str(tmp_path / "runs" / "deleted")}, "step": STEP["export"]}
+    out = restore.restore(studio, gone, "cpu")
+    assert "no longer in the runs folder" in out["train.msg"] and out["page.state"].run_dir == ""
+    assert out["page.wizard"].selected == STEP["train"]
+    assert restore.restore(studio, {}, "cpu") == {}  # a first visit: nothing to restore
+
+
+def shown_value(before, update):
+    """What a component holds after the browser applies `update` (a value, or a component whose constructor
+    arguments are the props it changes: gradio leaves the value alone when none is given)."""
+    if hasattr(update, "constructor_args"):
+        return update.constructor_args.get("value", before)
+    return update
+
+
+def test_a_run_list_that_lands_after_the_person_picked_a_run_keeps_their_pick(studio, tmp_path):
+    """The timer's listing of Past runs (and Refresh's) reads the Run menu when it starts and lands later: it must
+    not put back the run the menu showed then. It did, and Open then opened that other run (the newest, an
+    unfinished one: the Train step instead of the finished run's previews; the CI failure of 2026-12-05)."""
+    from app import ui
+    from app.steps import runs
+    from pipelines.demo import data as demo_data
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    if not (demo.FLUX_DIR / "demo.json").is_file():
+        pytest.skip("the demo models are not built (python -m pipelines.demo build)")
+    photos = demo_data.write_subject_images(tmp_path / "photos", count=3, seed=0)
+    for name in ("finished-one", "newest-broken"):
+        Run.create(studio.runs_dir / name, "flux", RunSettings(model=str(demo.FLUX_DIR), steps=2, rank=4),
+                   FluxSettings(images=str(photos[0].parent), prompt="a photo of sks shape", resolution=32))
+        time.sleep(1.1)  # created one second apart: the newest is listed first
+    names = [r["name"] for r in list_runs(studio)]
+    assert names == ["newest-broken", "finished-one"]
+    page = runs.view(studio)  # the page's load: the menu on the newest run
+    pick = shown_value(None, page["runs.pick"])
+    assert pick == "newest-broken"
+    # the timer's tick (its first one relists) and Refresh read the menu now ...
+    ticked = ui.tick(studio, {"page.state": PageState(), "train.seen": {"version": -1, "state": ""},
+                              "preview.uncorrected": False, "runs.pick": pick})
+    refreshed = runs.view(studio, pick)
+    # ... the person picks the finished run before they land; it stays picked
+    for update in (ticked["runs.pick"], refreshed["runs.pick"]):
+        assert shown_value("finished-one", update) == "finished-one"
+        assert list(update.constructor_args["choices"]) == names  # the list itself is new
+    # a menu on a run that is gone (or none) is set to the newest
+    assert shown_value("deleted", runs.view(studio, "deleted")["runs.pick"]) == "newest-broken"
+
+
+def test_the_queue_menu_takes_a_job_that_left_the_queue_and_remove_says_so_in_words(studio):
+    """The timer reads the queue's menu every second while the queue changes on the server: a job id that has just
+    started (or was removed) must reach the handlers, which say what happened, not be refused by gradio's check."""
+    from app.steps import queue as queue_steps
+    from app.ui import build
+
+    page = build(studio)
+    assert page.emloc_manager["queue.pick"].preprocess("started-meanwhile") == "started-meanwhile"
+    with pytest.raises(ValueError, match="no longer waiting"):
+        queue_steps.remove(studio, {"queue.pick": "started-meanwhile"})
+    assert queue_steps.view(studio)["queue.table"] == queue_steps.EMPTY

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.jobs import JobBusy
+from app.steps.runs import list_runs
 from app.studio import Studio
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.runner import cli
@@ -97,6 +98,6 @@ def test_train_further_in_past_runs_checks_the_box_in_words_and_trains_on(runs, 
     with pytest.raises(JobBusy, match="already running"):
         studio.extend_run("dog", 9)
     assert studio.jobs.wait(timeout=300).state == "done"
-    assert studio.list_runs()[0]["steps"] == "7 of 7" and studio.list_runs()[0]["status"] == "finished"
+    assert list_runs(studio)[0]["steps"] == "7 of 7" and list_runs(studio)[0]["status"] == "finished"
     assert (Path(folder) / "earlier" / "step-6" / "lora" / "corrected").is_dir()
     assert (Path(folder) / "lora" / "kohya" / "flux_lora_kohya.safetensors").is_file()

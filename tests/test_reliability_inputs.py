@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from app.main import banner, create_app, launch, login
+from app.steps.runs import list_runs
 from app.studio import Studio
 from pipelines.internvl.backend import VlmBackend, VlmSettings
 from pipelines.internvl.data import read_qa_data
@@ -152,7 +153,7 @@ def test_a_malformed_run_json_is_listed_as_damaged_and_every_other_run_as_usual(
         (root / "runs" / name).mkdir()
         (root / "runs" / name / "run.json").write_text(text)
     studio = Studio(root / "runs")
-    rows = {r["name"]: r for r in studio.list_runs()}
+    rows = {r["name"]: r for r in list_runs(studio)}
     assert rows["good"]["status"] == "pending at calibrate" and rows["good"]["steps"] == f"0 of {settings.steps}"
     assert all(rows[n]["status"].startswith("damaged: ") for n in ("list", "garbage", "partial"))
     assert "not valid JSON" in rows["garbage"]["status"]

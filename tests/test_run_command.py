@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from app import form
+from app.steps.train import train_view
 from app.studio import Studio
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.flux.backend import FluxSettings
@@ -61,7 +62,7 @@ def test_the_command_the_app_recorded_makes_the_same_adapter_from_the_runs_data_
     assert f"--images {folder / 'data'}" in command and "--seed 7" in command and "--steps 3" in command
     assert f"--out {folder}-again" in command
     # the Train step shows it
-    shown = studio.train_view(str(folder))["text"]
+    shown = train_view(studio, str(folder))["text"]
     assert command in shown and "from a terminal" in shown
 
     shutil.rmtree(tmp_path / "upload")  # the uploads are long gone; the run's own copy is what the command reads

@@ -9,12 +9,53 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from pipelines.runner import RUN_FILE
+
 from .. import families, handlers, results
+from ..jobs import read_losses
 from ..manager import Values, say
+from ..studio import ordinal
 from ..page import STEP, PageState
 from . import Context
 
 COLUMNS = ["name", "task", "model", "created", "status", "steps"]
+
+
+def list_runs(studio) -> list[dict]:
+    """Every run under the runs folder, newest first: name, task, model, created, status, steps.
+
+    A run whose run.json is damaged is listed as damaged (with why); the others as usual."""
+    runs = []
+    running = studio.jobs.status()
+    places: dict[Path, int] = {}  # a run's first job in the queue: its place in line
+    for place, job in enumerate(studio.queue.jobs(), 1):
+        places.setdefault(Path(job.run_dir), place)
+    for path in Path(studio.runs_dir).glob(f"*/{RUN_FILE}"):
+        try:
+            info = results.run_info(path.parent)
+        except (OSError, ValueError) as err:
+            runs.append({"name": path.parent.name, "task": "?", "model": "", "created": "", "stamp": "",
+                         "status": f"damaged: {results.damage_words(err)}", "steps": ""})
+            continue
+        status = results.run_state(info)
+        place = places.get(path.parent, 0)
+        if running.running and Path(running.run_dir) == path.parent:
+            status = "running now"
+        elif place:
+            status = f"waiting in the queue ({ordinal(place)} in line)"
+        settings = info["settings"]["run"]
+        steps = f"{len(read_losses(path.parent))} of {settings.get('steps', '?')}"
+        runs.append({"name": path.parent.name, "task": families.display_name(info["backend"]),
+                     "model": Path(str(settings.get("model", ""))).name, "stamp": str(info.get("created", "")),
+                     "created": results.when(info.get("created", "")), "status": status, "steps": steps})
+    return sorted(runs, key=lambda r: r["stamp"], reverse=True)
+
+def run_steps(studio, name: str) -> int | None:
+    """The steps the run `name` has now (Past runs' "Train to" starts there)."""
+    try:
+        return int(results.run_info(studio.runs_dir / name)["settings"]["run"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def view_ids() -> list[str]:
@@ -22,10 +63,15 @@ def view_ids() -> list[str]:
 
 
 def view(studio, pick: str | None = None) -> Values:
-    rows = studio.list_runs()
+    """The runs table and the Run menu's choices. `pick` is the menu's value when the event began: a listing
+    (the timer's, Refresh, the page's load) may land after the person picked another run, so the menu's value is
+    set only when `pick` is no run at all (none yet, or deleted); writing back `pick` itself would undo their
+    choice, and Open would open the run they had moved away from."""
+    rows = list_runs(studio)
     names = [r["name"] for r in rows]
-    return {"runs.table": pd.DataFrame([[r[k] for k in COLUMNS] for r in rows], columns=COLUMNS),
-            "runs.pick": gr.Dropdown(choices=names, value=pick if pick in names else (names[0] if names else None))}
+    menu = gr.Dropdown(choices=names) if pick in names else \
+        gr.Dropdown(choices=names, value=names[0] if names else None)
+    return {"runs.table": pd.DataFrame([[r[k] for k in COLUMNS] for r in rows], columns=COLUMNS), "runs.pick": menu}
 
 
 def picked(studio, v: Values) -> Values:
@@ -37,7 +83,7 @@ def picked(studio, v: Values) -> Values:
         info = results.run_info(studio.runs_dir / name)
     except (OSError, ValueError):
         return {"runs.extend_steps": None, "runs.memory": ""}
-    return {"runs.extend_steps": studio.run_steps(name), "runs.memory": results.memory_table(info)}
+    return {"runs.extend_steps": run_steps(studio, name), "runs.memory": results.memory_table(info)}
 
 
 def follow(studio, state: PageState, folder: str, uncorrected: bool) -> Values:
