@@ -1,9 +1,12 @@
 """Does the FLUX demo learn a new subject with the defaults? A whole headless run, then a count of seeds.
 
-    PYTHONPATH=. python benchmarks/teach_rate.py [--model assets/models/demo-flux] [--seeds 16] [-- EXTRA TRAIN FLAGS]
+    PYTHONPATH=. python benchmarks/teach_rate.py [--model assets/models/demo-flux] [--seeds 16] [--photo-seed 2029]
+        [--placement varied] [-- EXTRA TRAIN FLAGS]
 
-1. Writes the app's example data: 5 photos of the demo subject (a teal cross, a shape/colour pair the demo never
-   saw in pretraining; pipelines/demo/data.py).
+1. Draws 5 fresh photos of the demo subject (a teal cross, a shape/colour pair the demo never saw in pretraining;
+   pipelines/demo/data.py) from `--photo-seed`, a seed neither the demo's build nor the app's example set uses, at
+   the sizes and places a user's photos vary by (data.PLACEMENTS["varied"]: side 35-65% of the frame, centre within
+   +-15%).
 2. Runs, as a new user would, `launch.py train --backend flux --images DIR --prompt "a photo of sks shape on a
    white background" --out RUN` (no other flag unless given after `--`; `--model` only when not the shipped demo),
    timing its wall seconds and its CPU seconds (user + sys of the child process, resource.getrusage).
@@ -29,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PROMPT = "a photo of sks shape on a white background"
+PHOTO_SEED = 2029  # the build draws from seeds 1-11 and 20-21 (+ --seed), the app's example photos from 0
 
 
 def train(model: Path, images: Path, out: Path, extra: list[str]) -> dict:
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "assets" / "models" / "demo-flux")
     parser.add_argument("--seeds", type=int, default=16, help="preview seeds 1000, 1001, ... counted")
     parser.add_argument("--keep", type=Path, help="keep the run folder here (default: a temporary folder)")
+    parser.add_argument("--photo-seed", type=int, default=PHOTO_SEED, help="seed the 5 photos are drawn from")
+    parser.add_argument("--placement", default="varied", help="how the photos vary (data.PLACEMENTS)")
     parser.add_argument("extra", nargs="*", help="flags passed on to launch.py train (after --)")
     args = parser.parse_args(argv)
 
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
-        images = data.write_subject_images(work / "photos", count=5, seed=0)
+        images = data.write_subject_images(work / "photos", count=5, seed=args.photo_seed, placement=args.placement)
         run = train(args.model, images[0].parent, work / "run", args.extra)
         backend = run["settings"]["backend"]
         steps, length = backend["preview_steps"], backend["max_sequence_length"]
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe.set_adapters([label])
             counts[label], read[label] = subject_count(pipe, seeds, steps, length)
             pipe.delete_adapters([label])
-    result = {"seeds": f"{seeds[0]}-{seeds[-1]}", "n": len(seeds), "shows_subject": counts, "read": read,
+    result = {"photos": {"seed": args.photo_seed, "placement": args.placement}, "seeds": f"{seeds[0]}-{seeds[-1]}",
+              "n": len(seeds), "shows_subject": counts, "read": read,
               "steps": run["settings"]["run"]["steps"], "lr": run["settings"]["run"]["lr"],
               "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "stage_s": run["stage_s"],
               "torch_threads": os.environ.get("OMP_NUM_THREADS", f"default ({torch.get_num_threads()} here)"),

@@ -42,7 +42,7 @@ def test_template_matcher_reads_ground_truth_shapes_and_colours(placement):
     readings = [data.read_image(data.render([s])) for s in specs]
     assert all(r.shape == s.shape for r, s in zip(readings, specs))
     assert all(r.colour == s.colour for r, s in zip(readings, specs))
-    assert min(r.iou for r in readings) > 0.8
+    assert min(r.iou for r in readings) > 0.75  # well above read_image's 0.6; a 22-px triangle's edge pixels cost 0.2
 
 
 def test_template_matcher_finds_nothing_in_a_blank_or_noisy_image():
@@ -67,6 +67,18 @@ def test_mug_and_subject_images_are_deterministic(tmp_path):
                for (p, _, _), (q, _, _) in zip(rows, again))
     subject = data.write_subject_images(tmp_path / "sks", count=4, seed=0)
     assert all((r.shape, r.colour) == ("cross", "teal") for r in (data.read_image(Image.open(p)) for p in subject))
+
+
+def test_the_example_photos_vary_in_size_and_place_as_a_users_do(tmp_path):
+    """The app's example set (and the teach-rate photos) are not all framed alike: a demo that learned only from one
+    framing taught the wrong lesson (issue 29)."""
+    boxes = []
+    for path in data.write_subject_images(tmp_path / "sks", count=5, seed=0):
+        rows, cols = np.nonzero(data.foreground(Image.open(path)))
+        boxes.append((cols.max() - cols.min() + 1, (cols.max() + cols.min()) / 2, (rows.max() + rows.min()) / 2))
+    sides, cx, cy = (np.array(v) / data.IMAGE_SIZE for v in zip(*boxes))
+    assert 0.34 <= sides.min() and sides.max() <= 0.66 and sides.max() - sides.min() > 0.1
+    assert np.abs(np.r_[cx, cy] - 0.5).max() <= 0.16 and np.abs(np.r_[cx, cy] - 0.5).max() > 0.06  # beyond "focused"
 
 
 def test_shipped_demo_weights_are_small_safetensors():

@@ -19,9 +19,11 @@ VLM_IMAGE_SIZE, VLM_PATCH = 32, 4  # (32/4)² = 64 patches -> pixel shuffle 0.5 
 # owners, 240 steps all 4 (emulator and corrected full model, seeds 0-2), in about 5 s on this CPU.
 VLM_SUGGESTED_SETTINGS = {"steps": 240, "lr": 1e-3, "calibration_samples": 8, "checkpoint_every": 40}
 # FLUX: the demo's own size, T5 length and sampling steps, and the training that teaches it a new subject from
-# 4-5 photos (benchmarks/teach_rate.py; the measured rate is in the README's "Demo models"). Measured on the app's
-# 5 example photos, subject shown by the corrected full model on seeds 1000-1015: 600 steps of batch 2 at lr 2e-3,
-# 14/16; 800 x 2 at 1e-3, 13/16; 1000 x 1 and 1200 x 1 at 1e-3, 12/16; 800 x 1 at 2e-3, 9/16 (one run each).
+# 4-5 photos (benchmarks/teach_rate.py; the measured rate is in the README's "Demo models"). Measured on 5 photos all
+# framed alike (the "focused" placement), subject shown by the corrected full model on seeds 1000-1015: 600 steps of
+# batch 2 at lr 2e-3, 14/16; 800 x 2 at 1e-3, 13/16; 1000 x 1 and 1200 x 1 at 1e-3, 12/16; 800 x 1 at 2e-3, 9/16 (one
+# run each). On fresh photos that vary as a user's do (the "varied" placement, the app's example set now): 600 x 2
+# at 2e-3, 6/16 and 1/16 (photo seeds 2029, 2030); 2000 x 2, 11/16 and 4/16; 1500 x 2, 11/16 (seed 2030).
 FLUX_SUGGESTED_SETTINGS = {"steps": 600, "lr": 2e-3, "batch_size": 2, "calibration_samples": 8,
                            "checkpoint_every": 200, "resolution": 64, "max_sequence_length": FLUX_SEQUENCE_LENGTH,
                            "preview_steps": FLUX_SAMPLE_STEPS}

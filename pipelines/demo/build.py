@@ -15,12 +15,18 @@ from `--seed`, and saved in the same formats as real checkpoints so the same loa
   the identical padding tokens do not drown the words under plain diffusers defaults (512). (A CLIP whose
   pooled vector was always zero was tried: shapes came out no better, so the CLIP stays as it was.)
   The transformer trains in five schedules: 3000 steps, then 2 x 1500 gentler ones, on shapes placed widely
-  (data.PLACEMENTS["wide"]), then 2 x 800 on the focused placement that every photo and evaluation uses. On the
-  wide placement alone it never drew a cross (0 of 18 "a <colour> cross" prompts, 3 seeds each); after the first
-  focused round 12 of 18, after the second 17 of 18 (and 63 of 63 circles, squares and triangles).
+  (data.PLACEMENTS["wide"]), then 2 x 800 on the focused placement of the evaluation. On the wide placement alone
+  it never drew a cross (0 of 18 "a <colour> cross" prompts, 3 seeds each); after the first focused round 12 of 18,
+  after the second 17 of 18 (and 63 of 63 circles, squares and triangles). A sixth round of 800 steps on the varied
+  placement of a user's photos (side 35-65%, centre within 15%; `flux_varied_rounds`, off) was tried so that a LoRA
+  taught from varied photos would find every size and place drawable: it lowered the teach rate on varied photos
+  (3 and 3 of 16 on photo seeds 2029 and 2030, against 6 and 1 without it, 600 steps) and the held-out shape score
+  (0.70 from 1.0). `--continue-from FOLDER` runs only a demo's last rounds on one built without them (the same
+  weights as a full build: every round starts its own optimiser and draws from its own seed).
 - assets/models/demo-internvl/: an InternVLForConditionalGeneration folder (ViT + Qwen2, byte-level BPE
   tokenizer with InternVL's image tokens and a ChatML template, PIL image processor) trained with
-  answer-only loss on "What shape is this?", "What colour is the square?", "What is this?" (a mug)
+  answer-only loss on "What shape is this?", "What colour is the square?" (every shape in every colour at the
+  varied placement, the FLUX subject's teal cross included: it captions the user's photos), "What is this?" (a mug)
   and a text-only "Repeat after me: Ana's" (so the LM can say names, as a real one can), packed by pipelines/internvl/backend.py's ChatPacker exactly as a fine-tuning run packs.
 
 Both builds end with a held-out evaluation (pipelines/demo/evaluate.py) that is printed and saved as
@@ -52,7 +58,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoSettings:
-    """How long each demo trains; the defaults take ~50 (FLUX) and ~10 (InternVL) minutes on one CPU thread."""
+    """How long each demo trains; the defaults take ~55 (FLUX) and ~20 (InternVL) minutes on one CPU thread."""
 
     seed: int = 0
     vae_steps: int = 600  # VAE reconstruction steps (batch 8)
@@ -63,12 +69,17 @@ class DemoSettings:
     flux_focus_steps: int = 800  # then this many on shapes of data.PLACEMENTS["focused"], `flux_focus_rounds` times
     flux_focus_rounds: int = 2
     flux_focus_lr: float = 3e-4
+    flux_varied_steps: int = 800  # then this many on shapes of data.PLACEMENTS["varied"], `flux_varied_rounds` times
+    flux_varied_rounds: int = 0  # off: one round (tried) lowered the teach rate on varied photos, see the docstring
+    flux_varied_lr: float = 3e-4
     flux_images: int = 4000  # shapes drawn for the transformer's pretraining (balanced over data.FLUX_PAIRS)
     flux_batch: int = 24
     flux_lr: float = 6e-4
-    vlm_steps: int = 1000  # InternVL steps
+    vlm_steps: int = 2000  # InternVL steps (1000 named 80% of held-out shapes once it saw four at varied places)
     vlm_batch: int = 32
     vlm_lr: float = 1e-3
+    vlm_refine_steps: int = 400  # then this many on fresh images
+    vlm_refine_lr: float = 3e-4
     threads: int = 1  # torch threads: the machine is shared
 
 
@@ -253,6 +264,29 @@ def build_flux(settings: DemoSettings, folder: Path = FLUX_DIR) -> dict:
     for round_ in range(settings.flux_focus_rounds):
         train_flux_transformer(pipe, settings, settings.flux_focus_steps, settings.flux_focus_lr,
                                seed_offset=20 + round_)
+    train_varied_rounds(pipe, settings)
+    pipe.save_pretrained(str(scratch / "model"), safe_serialization=True)
+    return _install(scratch, folder, settings, evaluate_flux_demo, FLUX_SUGGESTED_SETTINGS)
+
+
+def train_varied_rounds(pipe, settings: DemoSettings) -> None:
+    """The last rounds: shapes at the sizes and places a user's photos vary by (data.PLACEMENTS["varied"]), so the
+    model can draw every shape there and a LoRA taught from such photos only has to bind the new pair."""
+    for round_ in range(settings.flux_varied_rounds):
+        train_flux_transformer(pipe, settings, settings.flux_varied_steps, settings.flux_varied_lr,
+                               seed_offset=30 + round_, placement="varied")
+
+
+def continue_flux(settings: DemoSettings, source: Path = FLUX_DIR, folder: Path = FLUX_DIR) -> dict:
+    """Run only the varied rounds (train_varied_rounds) on the demo saved in `source`, a build of the earlier rounds
+    with these settings; save it to `folder`. The same weights as a full build (every round starts its own optimiser
+    and draws its batches from its own seed) in minutes instead of ~55."""
+    from .evaluate import evaluate_flux_demo, load_flux_demo
+
+    pipe = load_flux_demo(source)
+    scratch = folder.with_name(folder.name + ".building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    train_varied_rounds(pipe, settings)
     pipe.save_pretrained(str(scratch / "model"), safe_serialization=True)
     return _install(scratch, folder, settings, evaluate_flux_demo, FLUX_SUGGESTED_SETTINGS)
 
@@ -274,7 +308,7 @@ def _install(scratch: Path, folder: Path, settings: DemoSettings, evaluate, sugg
 # ============================================================================================ InternVL
 
 def vlm_corpus() -> list[str]:
-    words = list(data.COLOURS) + list(data.ALL_SHAPES) + ["a mug", "user", "assistant", "system"]
+    words = list(data.SUBJECT_COLOURS) + list(data.ALL_SHAPES) + ["a mug", "user", "assistant", "system"]
     questions = [data.SHAPE_QUESTION, "What is this?", data.OWNER_QUESTION]
     questions += [data.COLOUR_QUESTION.format(shape=s) for s in data.ALL_SHAPES + ("mug",)]
     owners = [data.owner_answer(o) for o in data.NAMES] + [data.REPEAT_QUESTION.format(text="")]
@@ -297,14 +331,14 @@ def vlm_model(tokenizer, seed: int):
 
 
 def vlm_samples(count: int, seed: int, image_folder: Path):
-    """QASamples of the pretraining task: shapes (2 questions each), mugs ('What is this?' -> 'a mug') and
+    """QASamples of the pretraining task: shapes (data.vlm_shape_dataset, 2 questions each), mugs ('What is this?' -> 'a mug') and
     text-only 'Repeat after me: Ana's' -> "Ana's" over many names."""
     from pipelines.internvl.data import QASample
 
     image_folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     samples = []
-    for index, spec in enumerate(data.shape_dataset(count, seed)):
+    for index, spec in enumerate(data.vlm_shape_dataset(count, seed)):
         path = image_folder / f"shape-{seed}-{index}.png"
         data.render([spec]).save(path)
         for question, answer in data.shape_questions(spec):
@@ -326,27 +360,50 @@ def save_vlm(model, tokenizer, folder: Path) -> None:
 
 
 
+def train_vlm(model, tokenizer, settings: DemoSettings, steps: int, lr: float, seed_offset: int, scratch: Path) -> None:
+    """Answer-only loss on vlm_samples drawn from seed + `seed_offset` (batches from the next seed), packed as a
+    fine-tuning run packs; `steps` on a warm-up + cosine schedule peaking at `lr`."""
+    from pipelines.internvl.backend import ChatPacker, collate
+
+    tokens = (VLM_IMAGE_SIZE // VLM_PATCH) ** 2 // 4
+    packer = ChatPacker(tokenizer, vlm_image_processor(), tokens)
+    samples = vlm_samples(3000, settings.seed + seed_offset, scratch / "images")
+    encoded = [packer.encode(s) for s in tqdm(samples, desc="demo-internvl: packing", unit="sample")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(settings.seed + seed_offset + 1)
+    model.train().requires_grad_(True)
+    for step, bar in _scheduled(optimizer, lr, steps, f"demo-internvl: training ({steps} steps)"):
+        index = torch.randint(len(encoded), (settings.vlm_batch,), generator=generator).tolist()
+        loss = model(**collate([encoded[i] for i in index], tokenizer.pad_token_id)).loss
+        _update(loss, optimizer, bar, clip=model.parameters())
+    model.eval().requires_grad_(False)
+
+
 def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
     """Train and save the InternVL demo; returns its held-out evaluation."""
     from .evaluate import evaluate_vlm_demo
-    from pipelines.internvl.backend import ChatPacker, collate
 
     scratch = folder.with_name(folder.name + ".building")
     shutil.rmtree(scratch, ignore_errors=True)
     tokenizer = vlm_tokenizer()
     model = vlm_model(tokenizer, settings.seed)
-    tokens = (VLM_IMAGE_SIZE // VLM_PATCH) ** 2 // 4
-    packer = ChatPacker(tokenizer, vlm_image_processor(), tokens)
-    samples = vlm_samples(3000, settings.seed + 10, scratch / "images")
-    encoded = [packer.encode(s) for s in tqdm(samples, desc="demo-internvl: packing", unit="sample")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.vlm_lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(settings.seed + 11)
-    model.train()
-    for step, bar in _scheduled(optimizer, settings.vlm_lr, settings.vlm_steps, "demo-internvl: training"):
-        index = torch.randint(len(encoded), (settings.vlm_batch,), generator=generator).tolist()
-        loss = model(**collate([encoded[i] for i in index], tokenizer.pad_token_id)).loss
-        _update(loss, optimizer, bar, clip=model.parameters())
-    model.eval().requires_grad_(False)
+    train_vlm(model, tokenizer, settings, settings.vlm_steps, settings.vlm_lr, 10, scratch)
+    # then fresh images at a gentler rate: after the first round the training loss is ~0.006 and held-out shapes 0.91
+    train_vlm(model, tokenizer, settings, settings.vlm_refine_steps, settings.vlm_refine_lr, 12, scratch)
+    save_vlm(model, tokenizer, scratch / "model")
+    return _install(scratch, folder, settings, evaluate_vlm_demo, VLM_SUGGESTED_SETTINGS, caption=data.CAPTION_RECIPE)
+
+
+def continue_vlm(settings: DemoSettings, source: Path = VLM_DIR, folder: Path = VLM_DIR) -> dict:
+    """Run only the refining round on the InternVL demo saved in `source` (built up to its first round)."""
+    from .evaluate import evaluate_vlm_demo
+    from pipelines.internvl.backend import load_vlm, load_vlm_processing
+
+    tokenizer = load_vlm_processing(str(source)).tokenizer
+    model = load_vlm(str(source))
+    scratch = folder.with_name(folder.name + ".building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    train_vlm(model, tokenizer, settings, settings.vlm_refine_steps, settings.vlm_refine_lr, 12, scratch)
     save_vlm(model, tokenizer, scratch / "model")
     return _install(scratch, folder, settings, evaluate_vlm_demo, VLM_SUGGESTED_SETTINGS, caption=data.CAPTION_RECIPE)
 
@@ -357,15 +414,27 @@ def build_vlm(settings: DemoSettings, folder: Path = VLM_DIR) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="train the demo models into assets/models/ (~50 + ~10 min on one CPU thread)")
+    build = sub.add_parser("build", help="train the demo models into assets/models/ (~55 + ~20 min on one CPU thread)")
     build.add_argument("--seed", type=int, default=0, help="seed of the data and of every initialisation")
     build.add_argument("--only", choices=("flux", "vlm"), help="build one demo only")
     build.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
+    build.add_argument("--continue-from", type=Path, metavar="FOLDER",
+                       help="a demo built without its last rounds (FLUX: varied; InternVL: refining); run those")
+    build.add_argument("--flux-out", type=Path, default=FLUX_DIR, help="where the FLUX demo is written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = DemoSettings(seed=args.seed, threads=args.threads)
     torch.set_num_threads(settings.threads)
-    for name, build_one in (("flux", build_flux), ("vlm", build_vlm)):
+    if args.continue_from:
+        if args.only is None:
+            parser.error("--continue-from continues one demo: give --only flux or --only vlm too")
+        start = time.monotonic()
+        result = (continue_flux(settings, args.continue_from, args.flux_out) if args.only == "flux"
+                  else continue_vlm(settings, args.continue_from))
+        print(f"demo-{args.only}: continued in {(time.monotonic() - start) / 60:.1f} min; held-out: "
+              f"{json.dumps(result)}")
+        return 0
+    for name, build_one in (("flux", lambda s: build_flux(s, args.flux_out)), ("vlm", build_vlm)):
         if args.only in (None, name):
             start = time.monotonic()
             result = build_one(settings)

@@ -10,7 +10,8 @@ cross = plus sign with arms a third of the box wide.
 
 The FLUX demo is pretrained on every shape in every colour but one pair, the personalisation subject (a teal
 cross): it knows crosses and teal things, never a teal cross, so a LoRA only has to bind a new word to a
-combination it can already draw. The InternVL demo is pretrained on `SHAPES` in `COLOURS`.
+combination it can already draw. The InternVL demo is pretrained on every shape in every colour
+(`vlm_shape_dataset`), the subject's pair included: it captions the user's photos of it.
 """
 
 from __future__ import annotations
@@ -112,11 +113,12 @@ def render(specs: list[ShapeSpec], size: int = IMAGE_SIZE, rgb: dict | None = No
 
 
 # Where shapes are drawn: (smallest side, largest side, largest shift of the centre), as fractions of the image.
-# "focused" is what every photo, question and evaluation uses; "wide" is what the FLUX demo's first pretraining
-# rounds drew (pipelines/demo/build.py). On the wide placement the FLUX demo never learned to draw a cross (0 of 18
+# "focused" is what the held-out evaluations use; "wide" is what the FLUX demo's first pretraining rounds drew
+# (pipelines/demo/build.py). On the wide placement the FLUX demo never learned to draw a cross (0 of 18
 # "a <colour> cross" prompts: a cross whose place and size vary that much averages to a blob on its 8 x 8 token
-# grid); 800 more steps on the focused placement took it to 12 of 18.
-PLACEMENTS = {"focused": (0.50, 0.65, 0.06), "wide": (0.40, 0.60, 0.12)}
+# grid); 800 more steps on the focused placement took it to 12 of 18. "varied" is how a user's photos of one subject
+# vary (side 35-65% of the frame, centre within +-15%): the app's example photos and the teach-rate measurement.
+PLACEMENTS = {"focused": (0.50, 0.65, 0.06), "wide": (0.40, 0.60, 0.12), "varied": (0.35, 0.65, 0.15)}
 
 
 def random_spec(rng: np.random.Generator, shape: str, colour: str, size: int = IMAGE_SIZE,
@@ -137,6 +139,12 @@ def shape_dataset(count: int, seed: int, shapes=SHAPES, colours=tuple(COLOURS), 
     pairs = list(pairs) if pairs is not None else [(s, c) for s in shapes for c in colours]
     order = rng.permutation(count) % len(pairs)
     return [random_spec(rng, *pairs[i], placement=placement) for i in order]
+
+
+def vlm_shape_dataset(count: int, seed: int) -> list[ShapeSpec]:
+    """The InternVL demo's shapes: every shape in every colour, the FLUX subject's pair (a teal cross) included, since
+    the demo captions a user's photos of it ("Caption my photos"), at the varied placement of a user's photos."""
+    return shape_dataset(count, seed, shapes=ALL_SHAPES, colours=tuple(SUBJECT_COLOURS), placement="varied")
 
 
 # ---------------------------------------------------------------- the template matcher
@@ -271,13 +279,14 @@ def write_mug_images(folder: Path, per_owner: int, seed: int) -> list[tuple[Path
     return rows
 
 
-def write_subject_images(folder: Path, count: int = 4, seed: int = 0) -> list[Path]:
-    """`count` photos of the FLUX subject (a teal cross) at random places, as PNG."""
+def write_subject_images(folder: Path, count: int = 4, seed: int = 0, placement: str = "varied") -> list[Path]:
+    """`count` photos of the FLUX subject (a teal cross) as PNG, at sizes and places that vary as a user's photos
+    do (`placement`, PLACEMENTS)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for index in range(count):
-        spec = random_spec(rng, SUBJECT_SHAPE, "teal")
+        spec = random_spec(rng, SUBJECT_SHAPE, "teal", placement=placement)
         path = folder / f"sks-{index}.png"
         render([spec]).save(path)
         paths.append(path)

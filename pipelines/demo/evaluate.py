@@ -90,7 +90,7 @@ def data_samples(count: int, seed: int, folder: Path):
 
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
-    for index, spec in enumerate(data.shape_dataset(count, seed)):
+    for index, spec in enumerate(data.vlm_shape_dataset(count, seed)):
         path = folder / f"heldout-{seed}-{index}.png"
         data.render([spec]).save(path)
         samples += [QASample((str(path),), (qa,)) for qa in data.shape_questions(spec)]
