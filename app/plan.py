@@ -5,6 +5,8 @@ Plain functions over plain values, called by app/steps/budget.py; the numbers co
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pipelines.planner.planning import METHOD_NAMES, PHASE_NAMES, PlanSettings, plan_run
 
 from . import form
@@ -29,8 +31,13 @@ CHART_LEGEND = (
 
 
 def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: int, task: str = "",
-                ram_gb: float | None = None, device: str = "cuda", batch_size: int = 1) -> dict:
-    """The planner's answer for the Budget step: {"svg", "text", "recommended", "ratio", "fits"}.
+                ram_gb: float | None = None, device: str = "cuda", batch_size: int = 1,
+                emulator_kind: str = "auto") -> dict:
+    """The planner's answer for the Budget step: {"svg", "text", "recommended", "ratio", "fits", "kind"}.
+
+    `emulator_kind` "auto": the kind the planner recommends for this budget (pipelines/planner/planning.py
+    recommend_kind; with a ratio of the slider's, the plan is made for that kind at that ratio); "kind" is the one
+    planned, the one a run started from this step uses.
 
     `device` is what runs the job: "cuda" plans the GPU (budget_gb) and the RAM (ram_gb); "cpu" plans the RAM only
     (float32, as a CPU run computes), and the chart shows RAM. `ratio` None: the recommended ratio. ValueError
@@ -51,11 +58,18 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
                          f"got {'nothing' if ram_gb is None else ram_gb}")
     settings = PlanSettings(budget_gb=None if cpu else float(budget_gb), ratio=None if ratio is None else float(ratio),
                             lora_rank=int(rank), batch_size=int(batch_size), ram_gb=float(ram_gb) if ram_gb else None,
-                            device="cpu" if cpu else "cuda", dtype="float32" if cpu else "bfloat16")
-    plan = plan_run(model, settings)
+                            device="cpu" if cpu else "cuda", dtype="float32" if cpu else "bfloat16",
+                            emulator_kind=None if emulator_kind in ("auto", None) else emulator_kind)
+    chosen = None
+    if settings.emulator_kind is None:  # the recommended kind, also for a ratio the person chose
+        chosen = plan_run(model, replace(settings, ratio=None))
+        plan = chosen if ratio is None else plan_run(model, replace(settings, emulator_kind=chosen.kind))
+    else:
+        plan = plan_run(model, settings)
     bars = []
     kept = plan.ratio == 1.0  # the slider's maximum: the emulator keeps every layer as it is
-    emloc_label = "EMLoC (no compression)" if kept else f"EMLoC (ratio {plan.ratio:.2f})"
+    emloc_label = "EMLoC (no compression)" if kept else f"EMLoC ({plan.kind}, ratio {plan.ratio:.2f})" \
+        if plan.kind != "nf4" else "EMLoC (nf4: 4-bit, full rank)"
     for estimate in plan.memory.estimates:
         group = emloc_label if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
         value = estimate.host_total if cpu else estimate.total
@@ -97,8 +111,21 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
     where = "RAM (this job runs on the CPU)" if cpu else "GPU memory"
     title = f"{plan.display_name}: predicted peak {where} per phase (LoRA rank {int(rank)})"
     line = plan.ram_bytes / GiB if cpu else float(budget_gb)
+    if chosen is not None and chosen.recommended_kind:
+        text += f" Emulator kind: **{plan.kind}**, recommended for this budget ({kind_words(chosen)})."
+    elif not kept:
+        text += f" Emulator kind: **{plan.kind}** (yours)."
     return {"svg": memory_chart(bars, line, title), "text": text, "recommended": plan.recommended,
-            "ratio": plan.ratio, "fits": bool(fits), "legend": CHART_LEGEND}
+            "ratio": plan.ratio, "fits": bool(fits), "legend": CHART_LEGEND, "kind": plan.kind}
+
+
+def kind_words(plan) -> str:
+    """The recommended kind's reason in short: what each kind reaches at this budget."""
+    parts = []
+    for kind, c in plan.candidates.items():
+        reach = "does not fit" if c["ratio"] is None else "fits" if kind == "nf4" else f"up to ratio {c['ratio']:.2f}"
+        parts.append(f"{kind} {reach}")
+    return "; ".join(parts) + "; the kind that keeps the most parameters of the model wins, then the most bits"
 
 
 def runs_on(device: dict) -> str:

@@ -111,7 +111,8 @@ class Studio:
                    + ("ratio", "rank", "batch_size")}
         numbers["ram_gb"] = float(values.get("ram_gb") or 0.0)
         numbers["checkpoint_every"] = max(1, numbers["checkpoint_every"])
-        run_settings = RunSettings(model=model, alpha=float(numbers["rank"]), **numbers)
+        run_settings = RunSettings(model=model, alpha=float(numbers["rank"]), **numbers,
+                                   emulator_kind=values.get("emulator_kind") or "lowrank")  # the Budget step's kind
         staging = Path(tempfile.mkdtemp(prefix="emloc-upload-"))
         try:
             settings = self._backend_settings(backend, values, staging / "data")

@@ -14,8 +14,11 @@ from ..page import STEP
 from . import Context
 
 PLAN_INPUTS = ["model.model", "budget.budget", "budget.ratio", "budget.rank", "budget.ram", "budget.touched",
-               "page.state", "budget.batch_size"]
-PLAN_OUTPUTS = ["budget.chart", "budget.text", "budget.recommended", "budget.ratio", "budget.msg"]
+               "page.state", "budget.batch_size", "budget.emulator_kind"]
+PLAN_OUTPUTS = ["budget.chart", "budget.text", "budget.recommended", "budget.ratio", "budget.msg", "budget.kind"]
+KIND_CHOICES = [("auto: the kind the plan recommends for this budget", "auto"), ("lowrank (low-rank SVD)", "lowrank"),
+                ("nf4 (the layers whole, in 4 bits)", "nf4"), ("lowrank-nf4 (the low-rank factors in 4 bits)",
+                                                            "lowrank-nf4")]
 
 
 def ram_view(v: Values) -> Values:
@@ -31,14 +34,14 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
     try:
         plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"] if touched else None,
                                     v["budget.rank"], ram_gb=v["budget.ram"], device=kind,
-                                    batch_size=v["budget.batch_size"])
+                                    batch_size=v["budget.batch_size"], emulator_kind=v.get("budget.emulator_kind"))
     except (ValueError, OSError) as err:
         return {"budget.chart": "", "budget.text": "", "budget.recommended": None, "budget.msg": say(err, good=False)}
     budgets = "RAM budget" if kind == "cpu" else "GPU memory or RAM budget"
     message = "" if plan["recommended"] is not None else say(
         f"No compression ratio fits this budget; raise the {budgets} (or pick a smaller model) to continue.", False)
     view = {"budget.chart": plan["svg"], "budget.text": plan["text"], "budget.recommended": plan["recommended"],
-            "budget.msg": message}
+            "budget.msg": message, "budget.kind": plan["kind"]}
     if not touched and plan["recommended"] is not None:
         view["budget.ratio"] = plan["recommended"]
     suggested = plans.demo_ratio(v["model.model"])
@@ -85,14 +88,15 @@ def trace_view(studio, v: Values) -> Values:
 def go_train(studio, v: Values) -> Values:
     kind = v["page.state"].device
     plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"], v["budget.rank"],
-                                ram_gb=v["budget.ram"], device=kind, batch_size=v["budget.batch_size"])
+                                ram_gb=v["budget.ram"], device=kind, batch_size=v["budget.batch_size"],
+                                emulator_kind=v.get("budget.emulator_kind"))
     if plan["recommended"] is None:
         raise ValueError("no compression ratio fits this budget; raise the budget to continue")
     if not plan["fits"]:
         where = "this machine's RAM" if kind == "cpu" else "a GPU with this budget"
         raise ValueError(f"ratio {v['budget.ratio']:.2f} does not fit: {where} would run out of memory. Move the "
                          f"slider to {plan['recommended']:.2f} or below (Use the recommended ratio), or raise the budget")
-    return {"page.wizard": gr.Walkthrough(selected=STEP["train"]), "budget.msg": ""}
+    return {"page.wizard": gr.Walkthrough(selected=STEP["train"]), "budget.msg": "", "budget.kind": plan["kind"]}
 
 
 def build(ctx: Context) -> dict:
@@ -116,6 +120,9 @@ def build(ctx: Context) -> dict:
                                info=rank_field.help)
             batch = gr.Dropdown([1, 2, 4, 8], value=batch_field.default, label=f"{batch_field.label} "
                                 "(samples per training step)", scale=1, elem_id="batch-size")
+        kind_field = form.run_field("emulator_kind")
+        emulator_kind = gr.Dropdown(KIND_CHOICES, value="auto", label=kind_field.label, elem_id="emulator-kind",
+                                    info=kind_field.help)
         recommend = gr.Button("Use the recommended ratio", size="sm")
         text = gr.Markdown(elem_id="plan-text")
         chart = gr.HTML(elem_id="memory-chart")
@@ -126,10 +133,10 @@ def build(ctx: Context) -> dict:
     elems = {"runs_on": runs_on, "budget": budget, "ram": ram, "presets": presets, "ratio": ratio, "rank": rank,
              "batch_size": batch, "recommend": recommend, "text": text, "chart": chart, "msg": msg,
              "next": next_button, "check": check, "trace": traced, "touched": gr.State(False), "ram_touched": gr.State(False),
-             "recommended": gr.State(None)}
+             "recommended": gr.State(None), "emulator_kind": emulator_kind, "kind": gr.State("lowrank")}
     m.add("budget", elems)
     presets.change(lambda preset: float(preset) if preset else gr.skip(), [presets], [budget], concurrency_id="wizard")
-    for event in (budget.change, rank.change, batch.input, ram.change):
+    for event in (budget.change, rank.change, batch.input, ram.change, emulator_kind.input):
         m.bind(event, lambda v: plan_view(v), PLAN_INPUTS, PLAN_OUTPUTS, trigger_mode="always_last")
     ram.input(lambda: True, [], [m["budget.ram_touched"]], concurrency_id="wizard")  # typed: theirs now
     m.bind(ratio.release, partial(moved_ratio, studio), PLAN_INPUTS, [*PLAN_OUTPUTS, "budget.touched"],
@@ -137,6 +144,6 @@ def build(ctx: Context) -> dict:
     m.bind(recommend.click, partial(use_recommended, studio), PLAN_INPUTS, [*PLAN_OUTPUTS, "budget.touched"],
            message="budget.msg")
     m.bind(check.click, partial(trace_view, studio), PLAN_INPUTS, ["budget.trace", "budget.msg"], message="budget.msg")
-    m.bind(next_button.click, partial(go_train, studio), PLAN_INPUTS, ["page.wizard", "budget.msg"],
+    m.bind(next_button.click, partial(go_train, studio), PLAN_INPUTS, ["page.wizard", "budget.msg", "budget.kind"],
            message="budget.msg")
     return elems

@@ -69,7 +69,7 @@ def start(studio, v: Values) -> Values:
     values = {"kind": state.kind, "model": v["model.model"], "name": v["train.name"], "images": state.images,
               "prompt": v["data.prompt"], "trigger": v["data.trigger"], "captions": v["data.captions"],
               "qa_table": v["data.qa_table"], "ratio": v["budget.ratio"], "rank": v["budget.rank"],
-              "batch_size": v["budget.batch_size"], "ram_gb": v["budget.ram"],
+              "batch_size": v["budget.batch_size"], "ram_gb": v["budget.ram"], "emulator_kind": v.get("budget.kind"),
               **{n: v[f"train.{n}"] for n in SETTINGS}}
     folder = studio.start_run(values)
     backend = results.run_info(folder)["backend"]
@@ -152,7 +152,7 @@ def bind_late(ctx: Context) -> None:
 
     m, studio = ctx.manager, ctx.studio
     inputs = ["page.state", "model.model", "train.name", "data.prompt", "data.trigger", "data.captions",
-              "data.qa_table", "budget.ratio", "budget.rank", "budget.batch_size", "budget.ram",
+              "data.qa_table", "budget.ratio", "budget.rank", "budget.batch_size", "budget.ram", "budget.kind",
               *[f"train.{n}" for n in SETTINGS]]
     m.bind(m["train.start"].click, partial(start, studio), inputs, ["page.state", "train.name", *VIEW],
            message="train.msg")
