@@ -159,6 +159,12 @@ def loss_read_interval(device: torch.device) -> int:
 def train(run: Run, out: Path) -> None:
     """LoRA on the emulator; checkpoints every N steps, resumes from the last one, honours cancel."""
     backend, settings = run.backend, run.settings
+    if settings.emulator_kind != "lowrank":
+        # a 4-bit emulator dequantises each layer's weight in every forward and backward and frees it again: served
+        # from the heap (glibc raises its mmap threshold after the first free), the freed weights stay resident
+        # between the step's activations. Measured on the CPU (benchmarks/streaming.py, FLUX 4+8, nf4): training
+        # peaked at 1073 MiB, and at 884 MiB with large allocations in their own maps (planned 850)
+        map_large_allocations()
     model = emulator_model(run, backend.device)
     model.requires_grad_(False)
     if settings.gradient_checkpointing:
