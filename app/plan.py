@@ -68,8 +68,9 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
         plan = plan_run(model, settings)
     bars = []
     kept = plan.ratio == 1.0  # the slider's maximum: the emulator keeps every layer as it is
-    emloc_label = "EMLoC (no compression)" if kept else f"EMLoC ({plan.kind}, ratio {plan.ratio:.2f})" \
-        if plan.kind != "nf4" else "EMLoC (nf4: 4-bit, full rank)"
+    emloc_label = ("EMLoC (no compression)" if kept else f"EMLoC (ratio {plan.ratio:.2f})" if plan.kind == "lowrank"
+                   else f"EMLoC ({plan.kind}, ratio {plan.ratio:.2f})" if plan.kind != "nf4"
+                   else "EMLoC (nf4: 4-bit, full rank)")
     for estimate in plan.memory.estimates:
         group = emloc_label if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
         value = estimate.host_total if cpu else estimate.total
