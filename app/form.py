@@ -20,7 +20,7 @@ from pipelines.runner.command import field_flag
 from pipelines.runner.registry import backend_class, backend_names, demo_suggestions
 
 # The RunSettings fields each step shows (the Budget step draws rank and batch size as menus)
-BUDGET_FIELDS = ("ratio", "rank", "batch_size", "ram_gb", "gpu_gb")
+BUDGET_FIELDS = ("ratio", "rank", "batch_size", "ram_gb", "gpu_gb", "emulator_kind")
 TRAIN_FIELDS = ("steps", "lr", "lam", "seed", "calibration_samples")
 MORE_FIELDS = ("checkpoint_every",)
 TEXT_FIELDS = ("sample_prompts",)  # lists typed one item per line, under "More settings"

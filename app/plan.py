@@ -6,6 +6,7 @@ Plain functions over plain values, called by app/steps/budget.py; the numbers co
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 from pipelines.planner.planning import METHOD_NAMES, PHASE_NAMES, PlanSettings, plan_run
 
@@ -34,8 +35,13 @@ CHART_LEGEND = (
 
 
 def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: int, task: str = "",
-                ram_gb: float | None = None, device: str = "cuda", batch_size: int = 1) -> dict:
-    """The planner's answer for the Budget step: {"svg", "text", "recommended", "ratio", "fits"}.
+                ram_gb: float | None = None, device: str = "cuda", batch_size: int = 1,
+                emulator_kind: str = "auto") -> dict:
+    """The planner's answer for the Budget step: {"svg", "text", "recommended", "ratio", "fits", "kind"}.
+
+    `emulator_kind` "auto": the kind the planner recommends for this budget (pipelines/planner/planning.py
+    recommend_kind; with a ratio of the slider's, the plan is made for that kind at that ratio); "kind" is the one
+    planned, the one a run started from this step uses.
 
     `device` is what runs the job: "cuda" plans the GPU (budget_gb) and the RAM (ram_gb); "cpu" plans the RAM only
     (float32, as a CPU run computes), and the chart shows RAM. `ratio` None: the recommended ratio. ValueError
@@ -56,11 +62,19 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
                          f"got {'nothing' if ram_gb is None else ram_gb}")
     settings = PlanSettings(budget_gb=None if cpu else float(budget_gb), ratio=None if ratio is None else float(ratio),
                             lora_rank=int(rank), batch_size=int(batch_size), ram_gb=float(ram_gb) if ram_gb else None,
-                            device="cpu" if cpu else "cuda", dtype="float32" if cpu else "bfloat16")
-    plan = plan_run(model, settings)
+                            device="cpu" if cpu else "cuda", dtype="float32" if cpu else "bfloat16",
+                            emulator_kind=None if emulator_kind in ("auto", None) else emulator_kind)
+    chosen = None
+    if settings.emulator_kind is None:  # the recommended kind, also for a ratio the person chose
+        chosen = plan_run(model, replace(settings, ratio=None))
+        plan = chosen if ratio is None else plan_run(model, replace(settings, emulator_kind=chosen.kind))
+    else:
+        plan = plan_run(model, settings)
     bars = []
     kept = plan.ratio == 1.0  # the slider's maximum: the emulator keeps every layer as it is
-    emloc_label = "EMLoC (no compression)" if kept else f"EMLoC (ratio {plan.ratio:.2f})"
+    emloc_label = ("EMLoC (no compression)" if kept else f"EMLoC (ratio {plan.ratio:.2f})" if plan.kind == "lowrank"
+                   else f"EMLoC ({plan.kind}, ratio {plan.ratio:.2f})" if plan.kind != "nf4"
+                   else "EMLoC (nf4: 4-bit, full rank)")
     for estimate in plan.memory.estimates:
         group = emloc_label if estimate.method == "emloc" else METHOD_NAMES[estimate.method]
         value = estimate.host_total if cpu else estimate.total
@@ -102,8 +116,21 @@ def memory_plan(model: str, budget_gb: float | None, ratio: float | None, rank: 
     where = "RAM (this job runs on the CPU)" if cpu else "GPU memory"
     title = f"{plan.display_name}: predicted peak {where} per phase (LoRA rank {int(rank)})"
     line = plan.ram_bytes / GiB if cpu else float(budget_gb)
+    if chosen is not None and chosen.recommended_kind:
+        text += f" Emulator kind: **{plan.kind}**, recommended for this budget ({kind_words(chosen)})."
+    elif not kept:
+        text += f" Emulator kind: **{plan.kind}** (yours)."
     return {"svg": memory_chart(bars, line, title), "text": text, "recommended": plan.recommended,
-            "ratio": plan.ratio, "fits": bool(fits), "legend": CHART_LEGEND}
+            "ratio": plan.ratio, "fits": bool(fits), "legend": CHART_LEGEND, "kind": plan.kind}
+
+
+def kind_words(plan) -> str:
+    """The recommended kind's reason in short: what each kind reaches at this budget."""
+    parts = []
+    for kind, c in plan.candidates.items():
+        reach = "does not fit" if c["ratio"] is None else "fits" if kind == "nf4" else f"up to ratio {c['ratio']:.2f}"
+        parts.append(f"{kind} {reach}")
+    return "; ".join(parts) + "; the kind that keeps the most parameters of the model wins, then the most bits"
 
 
 def preset_budgets(card: float, available_ram: float, ram_touched: bool = False, ram: float | None = None
@@ -126,7 +153,7 @@ def card_table(model: str, rank: int, batch_size: int = 1, ram_gb: float | None 
     """What each preset card means for `model`: per card, the recommended ratio, the largest EMLoC phase at it and
     whether LoRA on the full model or QLoRA would fit the same card instead (a markdown table; the planner's
     numbers, milliseconds each after the first). `ram_gb` None: each card with its typical RAM (CARD_RAM)."""
-    lines = ["| GPU | recommended ratio | largest EMLoC phase at that ratio | LoRA (full model) | QLoRA (NF4 base) |",
+    lines = ["| GPU | recommended ratio (emulator kind) | largest EMLoC phase at that ratio | LoRA (full model) | QLoRA (NF4 base) |",
              "|---:|---:|---|---|---|"]
     for card in cards:
         ram = float(ram_gb) if ram_gb else float(CARD_RAM.get(card, 2 * card))
@@ -146,7 +173,7 @@ def card_table(model: str, rank: int, batch_size: int = 1, ram_gb: float | None 
             row = f"| {card} GB | nothing fits | {PHASE_NAMES[worst.phase]} needs {worst.total / GiB:.1f} GiB even at " \
                   f"{plan.ratio:.2f} |"
         else:
-            row = (f"| {card} GB | **{plan.recommended:.2f}** | {PHASE_NAMES[worst.phase]}: "
+            row = (f"| {card} GB | **{plan.recommended:.2f}** ({plan.kind}) | {PHASE_NAMES[worst.phase]}: "
                    f"{worst.total / GiB:.1f} GiB of {card} |")
         lines.append(row + f" {other('lora')} | {other('qlora')} |")
     ram_words = (f"your RAM budget of {float(ram_gb):g} GiB" if ram_gb else

@@ -113,7 +113,8 @@ class Studio:
         numbers["ram_gb"] = float(values.get("ram_gb") or 0.0)
         numbers["checkpoint_every"] = max(1, numbers["checkpoint_every"])
         run_settings = RunSettings(model=model, alpha=float(numbers["rank"]), **numbers,
-                                   sample_prompts=parse_prompts(values.get("sample_prompts"), "Sample prompts"))
+                                   sample_prompts=parse_prompts(values.get("sample_prompts"), "Sample prompts"),
+                                   emulator_kind=values.get("emulator_kind") or "lowrank")  # the Budget step's kind
         staging = Path(tempfile.mkdtemp(prefix="emloc-upload-"))
         try:
             settings = self._backend_settings(backend, values, staging / "data")

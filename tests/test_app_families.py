@@ -19,7 +19,8 @@ from app.studio import Studio
 from app.ui import choose_model, tick
 
 FAST = {"train.steps": 3, "train.lr": 1e-3, "train.calibration_samples": 4, "train.checkpoint_every": 2,
-        "train.resolution": 32, "train.preview_steps": 2, "train.max_sequence_length": 32, "train.max_new_tokens": 3}
+        "train.resolution": 32, "train.preview_steps": 2, "train.max_sequence_length": 32, "train.max_new_tokens": 3,
+        "train.sample_prompts": ""}  # (the page always sends the box, empty or not)
 NEW_PROMPT = "a photo of sks dog in the snow on a beach, far away"  # longer than the file names keep
 
 

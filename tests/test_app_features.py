@@ -12,6 +12,7 @@ from app import handlers
 from app import plan as plans
 from app.page import PageState
 from app.steps import budget
+from pipelines.planner.planning import kind_score
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
@@ -49,11 +50,13 @@ def test_a_preset_keeps_the_ram_budget_within_what_is_free_and_a_typed_one_stays
 
 def test_the_card_table_recommends_more_of_the_model_on_larger_cards():
     table = plans.card_table(FLUX_DEV, 16)
-    ratios = [float(m) for m in re.findall(r"\| \*\*([0-9.]+)\*\* \|", table)]
-    assert len(ratios) == len(plans.BUDGET_PRESETS)
-    assert ratios == sorted(ratios) and ratios[0] < ratios[-1]  # a larger card never keeps less of the model
-    for card, ratio in zip(plans.BUDGET_PRESETS, ratios):
-        assert plans.memory_plan(FLUX_DEV, card, None, 16, ram_gb=plans.CARD_RAM[card])["recommended"] == ratio
+    rows = [(float(r), k) for r, k in re.findall(r"\| \*\*([0-9.]+)\*\* \(([a-z0-9-]+)\) \|", table)]
+    assert len(rows) == len(plans.BUDGET_PRESETS)
+    kept = [kind_score(k, r) for r, k in rows]  # the planner's own measure of how much of the model a run keeps
+    assert kept == sorted(kept) and kept[0] < kept[-1]  # a larger card never keeps less of the model
+    for card, (ratio, kind) in zip(plans.BUDGET_PRESETS, rows):
+        plan = plans.memory_plan(FLUX_DEV, card, None, 16, ram_gb=plans.CARD_RAM[card])
+        assert (plan["recommended"], plan["kind"]) == (ratio, kind)
     assert "LoRA (full model)" in table and "does not fit" in table  # what the same card would not do
 
 

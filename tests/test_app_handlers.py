@@ -184,9 +184,12 @@ def test_qa_table_is_imported_checked_and_empty_tables_refused(models, qa, tmp_p
 
 
 def test_memory_chart_follows_the_ratio_and_says_when_nothing_fits():
-    low = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.2, 16)
-    high = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.9, 16)
+    low = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.2, 16, emulator_kind="lowrank")
+    high = plans.memory_plan("black-forest-labs/FLUX.1-dev", 24, 0.9, 16, emulator_kind="lowrank")
     assert low["svg"] != high["svg"] and "EMLoC (ratio 0.20)" in low["svg"] and "budget 24 GiB" in low["svg"]
+    auto = plans.memory_plan("black-forest-labs/FLUX.1-dev", 8, None, 16, ram_gb=16)  # the kind the plan recommends
+    assert auto["kind"] == "lowrank-nf4" and "EMLoC (lowrank-nf4, ratio 0.71)" in auto["svg"]
+    assert "Emulator kind: **lowrank-nf4**, recommended" in auto["text"]
     assert low["recommended"] == high["recommended"] and 0 < low["recommended"] <= 1
     assert low["fits"] and "Recommended ratio" in low["text"]
     for method in ("LoRA (full model)", "QLoRA (NF4 base)", "plain inference"):

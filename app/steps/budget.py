@@ -14,8 +14,12 @@ from ..page import STEP
 from . import Context
 
 PLAN_INPUTS = ["model.model", "budget.budget", "budget.ratio", "budget.rank", "budget.ram", "budget.touched",
-               "page.state", "budget.batch_size"]
-PLAN_OUTPUTS = ["budget.chart", "budget.text", "budget.recommended", "budget.ratio", "budget.msg", "budget.cards"]
+               "page.state", "budget.batch_size", "budget.emulator_kind"]
+PLAN_OUTPUTS = ["budget.chart", "budget.text", "budget.recommended", "budget.ratio", "budget.msg", "budget.cards",
+                "budget.kind"]
+KIND_CHOICES = [("auto: the kind the plan recommends for this budget", "auto"), ("lowrank (low-rank SVD)", "lowrank"),
+                ("nf4 (the layers whole, in 4 bits)", "nf4"), ("lowrank-nf4 (the low-rank factors in 4 bits)",
+                                                            "lowrank-nf4")]
 
 
 def ram_view(v: Values) -> Values:
@@ -31,7 +35,7 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
     try:
         plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"] if touched else None,
                                     v["budget.rank"], ram_gb=v["budget.ram"], device=kind,
-                                    batch_size=v["budget.batch_size"])
+                                    batch_size=v["budget.batch_size"], emulator_kind=v.get("budget.emulator_kind"))
     except (ValueError, OSError) as err:
         return {"budget.chart": "", "budget.text": "", "budget.recommended": None, "budget.msg": say(err, good=False),
                 "budget.cards": ""}
@@ -39,7 +43,7 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
     message = "" if plan["recommended"] is not None else say(
         f"No compression ratio fits this budget; raise the {budgets} (or pick a smaller model) to continue.", False)
     view = {"budget.chart": plan["svg"], "budget.text": plan["text"], "budget.recommended": plan["recommended"],
-            "budget.msg": message, "budget.cards": cards_view(v)}
+            "budget.msg": message, "budget.cards": cards_view(v), "budget.kind": plan["kind"]}
     if not touched and plan["recommended"] is not None:
         view["budget.ratio"] = plan["recommended"]
     suggested = plans.demo_ratio(v["model.model"])
@@ -107,14 +111,15 @@ def trace_view(studio, v: Values) -> Values:
 def go_train(studio, v: Values) -> Values:
     kind = v["page.state"].device
     plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"], v["budget.rank"],
-                                ram_gb=v["budget.ram"], device=kind, batch_size=v["budget.batch_size"])
+                                ram_gb=v["budget.ram"], device=kind, batch_size=v["budget.batch_size"],
+                                emulator_kind=v.get("budget.emulator_kind"))
     if plan["recommended"] is None:
         raise ValueError("no compression ratio fits this budget; raise the budget to continue")
     if not plan["fits"]:
         where = "this machine's RAM" if kind == "cpu" else "a GPU with this budget"
         raise ValueError(f"ratio {v['budget.ratio']:.2f} does not fit: {where} would run out of memory. Move the "
                          f"slider to {plan['recommended']:.2f} or below (Use the recommended ratio), or raise the budget")
-    return {"page.wizard": gr.Walkthrough(selected=STEP["train"]), "budget.msg": ""}
+    return {"page.wizard": gr.Walkthrough(selected=STEP["train"]), "budget.msg": "", "budget.kind": plan["kind"]}
 
 
 def build(ctx: Context) -> dict:
@@ -139,6 +144,9 @@ def build(ctx: Context) -> dict:
                                info=rank_field.help)
             batch = gr.Dropdown([1, 2, 4, 8], value=batch_field.default, label=f"{batch_field.label} "
                                 "(samples per training step)", scale=1, elem_id="batch-size")
+        kind_field = form.run_field("emulator_kind")
+        emulator_kind = gr.Dropdown(KIND_CHOICES, value="auto", label=kind_field.label, elem_id="emulator-kind",
+                                    info=kind_field.help)
         recommend = gr.Button("Use the recommended ratio", size="sm")
         text = gr.Markdown(elem_id="plan-text")
         chart = gr.HTML(elem_id="memory-chart")
@@ -150,11 +158,11 @@ def build(ctx: Context) -> dict:
     elems = {"runs_on": runs_on, "budget": budget, "ram": ram, "presets": presets, "ratio": ratio, "rank": rank,
              "batch_size": batch, "recommend": recommend, "text": text, "chart": chart, "msg": msg,
              "next": next_button, "check": check, "trace": traced, "touched": gr.State(False), "ram_touched": gr.State(False),
-             "recommended": gr.State(None), "cards": cards}
+             "recommended": gr.State(None), "cards": cards, "emulator_kind": emulator_kind, "kind": gr.State("lowrank")}
     m.add("budget", elems)
     m.bind(presets.input, partial(use_preset, studio), [*PLAN_INPUTS, "budget.presets", "budget.ram_touched"],
            [*PLAN_OUTPUTS, "budget.budget", "budget.ram", "budget.touched"], message="budget.msg")
-    for event in (budget.change, rank.change, batch.input, ram.change):
+    for event in (budget.change, rank.change, batch.input, ram.change, emulator_kind.input):
         m.bind(event, lambda v: plan_view(v), PLAN_INPUTS, PLAN_OUTPUTS, trigger_mode="always_last")
     ram.input(lambda: True, [], [m["budget.ram_touched"]], concurrency_id="wizard")  # typed: theirs now
     budget.input(lambda: None, [], [presets], concurrency_id="wizard")  # a typed budget is no preset any more
@@ -163,6 +171,6 @@ def build(ctx: Context) -> dict:
     m.bind(recommend.click, partial(use_recommended, studio), PLAN_INPUTS, [*PLAN_OUTPUTS, "budget.touched"],
            message="budget.msg")
     m.bind(check.click, partial(trace_view, studio), PLAN_INPUTS, ["budget.trace", "budget.msg"], message="budget.msg")
-    m.bind(next_button.click, partial(go_train, studio), PLAN_INPUTS, ["page.wizard", "budget.msg"],
+    m.bind(next_button.click, partial(go_train, studio), PLAN_INPUTS, ["page.wizard", "budget.msg", "budget.kind"],
            message="budget.msg")
     return elems

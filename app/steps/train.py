@@ -148,6 +148,7 @@ def start(studio, v: Values, queue: bool = False) -> Values:
               "prompt": v["data.prompt"], "trigger": v["data.trigger"], "captions": v["data.captions"],
               "qa_table": v["data.qa_table"], "ratio": v["budget.ratio"], "rank": v["budget.rank"],
               "batch_size": v["budget.batch_size"], "ram_gb": v["budget.ram"],
+              "emulator_kind": v.get("budget.kind"),
               **{n: v[f"train.{n}"] for n in SETTINGS}, **{n: v.get(f"data.{n}") for n in form.DATA_FIELDS}}
     folder = studio.start_run(values, queue=queue)
     backend = results.run_info(folder)["backend"]
@@ -241,7 +242,7 @@ def bind_late(ctx: Context) -> None:
 
     m, studio = ctx.manager, ctx.studio
     inputs = ["page.state", "model.model", "train.name", "data.prompt", "data.trigger", "data.captions",
-              "data.qa_table", "budget.ratio", "budget.rank", "budget.batch_size", "budget.ram",
+              "data.qa_table", "budget.ratio", "budget.rank", "budget.batch_size", "budget.ram", "budget.kind",
               *[f"train.{n}" for n in SETTINGS], *[f"data.{n}" for n in form.DATA_FIELDS]]
     for button, queue in (("train.start", False), ("train.queue_add", True)):
         m.bind(m[button].click, partial(start, studio, queue=queue), inputs,

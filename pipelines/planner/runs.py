@@ -55,6 +55,7 @@ def plan_settings(run: RunSettings, backend: Any) -> PlanSettings:
         optimizer=run.optimizer, gradient_checkpointing=run.gradient_checkpointing,
         calibration_samples=run.calibration_samples, keep_statistics=run.keep_statistics,
         keep_checkpoints=run.keep_checkpoints, samples=bool(sample_interval(run)), budget_gb=gpu, ram_gb=ram,
+        emulator_kind=run.emulator_kind,
         **{"batch_size": run.batch_size, **backend.memory_shape()})  # a backend may train more rows per step
         # (FLUX's prior preservation: the class rows join each step)
 

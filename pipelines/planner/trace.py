@@ -294,7 +294,9 @@ START_DEPTH = {"preview": 2}
 
 def plan_settings(budget_gb: float | None = None, ram_gb: float | None = None, ratio: float | None = None,
                   **shape) -> PlanSettings:
-    """The planner's settings of a trace: the budgets, a ratio (None: the recommended one) and run shape fields."""
+    """The planner's settings of a trace: the budgets, a ratio (None: the recommended one) and run shape fields.
+    The trace runs the low-rank emulator's code, so its plan is lowrank's unless a kind is given."""
+    shape = {**shape, "emulator_kind": shape.get("emulator_kind") or "lowrank"}
     return PlanSettings(budget_gb=budget_gb, ram_gb=ram_gb, ratio=ratio, **shape)
 
 

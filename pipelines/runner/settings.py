@@ -16,6 +16,7 @@ import torch
 
 import emloc
 from emloc.memory import OPTIMIZERS
+from emloc.quantized import check_kind
 
 from .checks import check_device
 
@@ -79,6 +80,10 @@ class RunSettings:
         "help": "what each sample round during training renders (image models: prompts, at the preview seeds) or asks "
                 "(InternVL: questions about the first preview image); default: the instance prompt and a few of the "
                 "captions (image models), the preview questions (InternVL)"})
+    emulator_kind: str = field(default="lowrank", metadata={"label": "Emulator kind", "help":
+        "what stands in for the model while the LoRA trains (each is corrected onto the full model): lowrank (the "
+        "activation-aware SVD at the compression ratio), nf4 (every compressed layer whole, in 4 bits), lowrank-nf4 "
+        "(the low-rank factors stored in 4 bits: about a quarter of lowrank's memory at the same ratio)"})
 
     def resolved_device(self) -> torch.device:
         """`auto` means the first CUDA device when there is one, else the CPU."""
@@ -130,6 +135,7 @@ class RunSettings:
         for prompt in self.sample_prompts:
             if not str(prompt).strip() or len(str(prompt)) > 1000:
                 raise ValueError(f"--sample-prompt {str(prompt)[:40]!r}: give a sentence or two (1-1000 characters)")
+        check_kind(self.emulator_kind)
 
     def lora(self, targets: list[str]) -> emloc.LoraSettings:
         """The LoRA of this run on `targets` (regexes)."""
