@@ -510,25 +510,32 @@ def _construction(run: _Run) -> PhaseEstimate:
         k = run.ranks.get(lin.name, 0)
         if not k:
             continue
-        i, o = lin.in_features, lin.out_features
-        sq, io = i * i, i * o
-        own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
-        moved = 0 if cpu else sq  # the statistics, moved from the host for the factorisation and the error check
-        if o > i:  # whitening's EIGH64·in² is always below what follows it; on a GPU with slow float64 the
-            # "split" Gram (factorize._gram) also holds W S with unit-norm columns: one more in·out
-            factoring = sq + (2 if cpu else 3) * io + EIGH64 * sq + k * (i + o)
-        else:
-            chunk = min(GRAM_CHUNK, i)
-            forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
-            factoring = moved + max(forming, EIGH64 * o * o) + k * (i + o)
-        worst = max(worst, FACTOR_BYTES * max(factoring, moved + 4 * io) + own)
-        factors += run.b * k * (i + o)
+        worst = max(worst, _layer_factoring(run, lin, k, held=cpu))
+        factors += run.b * k * (lin.in_features + lin.out_features)
     model = {} if run.s.offload else {"weights": run.b * run.summary.params}
     if cpu:  # what a GPU run keeps in host RAM shares the one memory: the loaded statistics and the factors so far
         model.update({"statistics (all layers)": sum(4 * (lin.in_features ** 2) for lin in run.summary.linears
                                                      if run.ranks.get(lin.name)),
                       "factors built": factors})
     return _estimate("emulator", "emloc", {**model, "factorisation (one layer)": worst}, run.s.offload)
+
+
+def _layer_factoring(run: _Run, lin: LinearShape, k: int, held: bool) -> int:
+    """The factorisation of one layer (see _construction). `held`: the layer's weight and statistics are already
+    counted on the compute device (a CPU run; the streamed pass, which holds its block and the block's Σxᵀx);
+    otherwise they are moved there for it, b·in·out and 4·in²."""
+    i, o = lin.in_features, lin.out_features
+    sq, io = i * i, i * o
+    own = 0 if held else run.b * io
+    moved = 0 if held else sq
+    if o > i:  # whitening's EIGH64·in² is always below what follows it; on a GPU with slow float64 the
+        # "split" Gram (factorize._gram) also holds W S with unit-norm columns: one more in·out
+        factoring = sq + (2 if run.s.device == "cpu" else 3) * io + EIGH64 * sq + k * (i + o)
+    else:
+        chunk = min(GRAM_CHUNK, i)
+        forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
+        factoring = moved + max(forming, EIGH64 * o * o) + k * (i + o)
+    return FACTOR_BYTES * max(factoring, moved + 4 * io) + own
 
 
 def _correction(run: _Run) -> PhaseEstimate:
@@ -572,30 +579,75 @@ def _outside_blocks(run: _Run) -> int:
     return run.b * (run.summary.params - sum(run.summary.blocks.values()))
 
 
+def _pass_samples(run: _Run) -> float:
+    """What every calibration sample keeps on the device through a streamed pass beside its hidden states, all
+    samples together: its batch (arch.pass_inputs) and the rotary embedding every block reads."""
+    arch = run.arch
+    per = sum(run.tokens[stream] * (elements * run.b + extra) for stream, elements, extra in arch.pass_inputs)
+    per += run.tokens["all"] * (arch.shared_per_token * run.b + 4 * arch.shared_fp32_per_token)
+    return run.s.calibration_samples * per
+
+
 def _streamed_pass(run: _Run) -> tuple[PhaseEstimate, PhaseEstimate]:
     """Calibration and emulator construction in one pass, block by block from the files (emloc/blockwise.py).
 
-    Held throughout: one block's weights, the hidden states entering and leaving it for every calibration sample
-    (2·S·n·h·b), the Σxᵀx of that block's layers; then either one sample's forward through the block (its working
-    set and one layer's gram, 4·(in² + n·in)) or the factorisation of one of its layers with the block's factors
-    collected so far. Both peaks are of the same process (the calibrate stage itself only writes a note)."""
-    s, b = run.s, run.b
+    Held throughout: every calibration sample's batch (_pass_samples) and, FLUX, the embedders read at entry. The
+    peak is the largest of these moments (tests/test_trace.py checks them against the traced pass):
+    - entry: each sample enters (its first hidden states, S·n·h·b per stream) with the embedders read, and the
+      first block read beside them (InternVL frees its token embedding only when that block runs);
+    - a block of stack s: its weights, the hidden states entering and leaving it for every sample (2·S·n_s·h_s·b,
+      plus the streams of later stacks waiting: InternVL's text embeddings through the vision layers), the Σxᵀx
+      of its layers; then one sample's forward through it (its working set and one layer's gram, 4·(in² + n·in))
+      or the factorisation of one of its layers (_layer_factoring, weight and statistics already held) with the
+      block's factors so far;
+    - a factored layer outside the stacks (FLUX.2's shared modulations): the samples' states once, the layer, its
+      statistics and its factorisation.
+    Both peaks are of the same process (the calibrate stage itself only writes a note)."""
+    s, b, arch = run.s, run.b, run.arch
+    samples = s.calibration_samples
     blocks = _block_terms(run)
-    worst_block = max(blocks.values(), key=lambda t: t["weights"] + t["statistics"] + t["factors"])
-    hidden = max(2 * s.calibration_samples * run.tokens[st.tokens] * st.hidden * b for st in run.arch.stacks)
-    forward = max(run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
-                  for st in run.arch.stacks)
+    always = {"calibration inputs (all samples)": _pass_samples(run),
+              "embedders (kept for the pass)": b * arch.entry_params if arch.entry_kept else 0}
+    streams = {st.tokens: st.hidden for st in reversed(arch.stacks)}  # each stream's width as it enters
+    entered = samples * b * sum(run.tokens[stream] * h for stream, h in streams.items())
     layers = [lin for lin in run.summary.linears if run.ranks.get(lin.name)]
-    gram = max((4 * (lin.in_features ** 2 + run.tokens_of(lin) * lin.in_features) for lin in layers), default=0)
-    held = {"weights (one block)": worst_block["weights"], "hidden states (all samples)": hidden,
-            "statistics (one block)": worst_block["statistics"]}
-    calibration = _estimate("calibration", "emloc", {**held, "activations": forward, "gram (one layer)": gram}, True,
-                            "calibrated while the emulator is built, block by block")
-    construction = _construction(run)
-    factoring = construction.parts.get("factorisation (one layer)", 0)
-    emulator = _estimate("emulator", "emloc", {**held, "factorisation (one layer)": factoring,
-                                               "factors (one block)": worst_block["factors"]}, True)
-    return calibration, emulator
+    calibration = [{**always, "hidden states (all samples, entering)": entered,
+                    "embedders (read at entry)": 0 if arch.entry_kept else b * arch.entry_params,
+                    "weights (first block)": blocks[next(iter(blocks))]["weights"] if blocks else 0}]
+    emulator = []
+    for index, st in enumerate(arch.stacks):
+        names = [name for name, stack in run.summary.block_stack.items() if stack == st.name]
+        name = max(names, key=lambda n: blocks[n]["weights"] + blocks[n]["statistics"] + blocks[n]["factors"])
+        worst = blocks[name]
+        waiting = {later.tokens: later.hidden for later in arch.stacks[index + 1:] if later.tokens != st.tokens}
+        hidden = samples * b * (2 * run.tokens[st.tokens] * st.hidden
+                                + sum(run.tokens[stream] * h for stream, h in waiting.items()))
+        held = {**always, "weights (one block)": worst["weights"], "hidden states (all samples)": hidden,
+                "statistics (one block)": worst["statistics"]}
+        mine = [lin for lin in layers if lin.stack == st.name]
+        tokens = run.tokens[st.tokens]
+        forward = tokens * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
+        gram = max((4 * (lin.in_features ** 2 + tokens * lin.in_features) for lin in mine), default=0)
+        calibration.append({**held, "activations": forward, "gram (one layer)": gram})
+        # factoring follows the block's forward: the samples' inputs to it are freed, their outputs kept; the
+        # layers are factored in order, each one's Σxᵀx freed once it is (blockwise: stats.pop)
+        remaining, factoring = 0, (0, 0)
+        for lin in reversed([lin for lin in mine if lin.block == name]):
+            remaining += 4 * lin.in_features ** 2
+            factoring = max(factoring, (remaining, _layer_factoring(run, lin, run.ranks[lin.name], held=True)),
+                            key=sum)
+        emulator.append({**held, "hidden states (all samples)": hidden - samples * b * tokens * st.hidden,
+                         "statistics (one block)": factoring[0], "factorisation (one layer)": factoring[1],
+                         "factors (one block)": worst["factors"]})
+    for lin in layers:
+        if lin.block is None:  # compressed outside the stacks: streamed as a block of its own (FLUX.2)
+            emulator.append({**always, "hidden states (all samples, entering)": entered,
+                             "weights (the layer)": b * lin.in_features * lin.out_features,
+                             "statistics (the layer)": 4 * lin.in_features ** 2,
+                             "factorisation (one layer)": _layer_factoring(run, lin, run.ranks[lin.name], held=True)})
+    note = "calibrated while the emulator is built, block by block"
+    return (_estimate("calibration", "emloc", max(calibration, key=lambda p: sum(p.values())), True, note),
+            _estimate("emulator", "emloc", max(emulator, key=lambda p: sum(p.values())), True))
 
 
 def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
@@ -629,7 +681,8 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
         return host
     if e.phase in ("calibration", "emulator"):
         if streamed:
-            host["file pages (one block)"] = block
+            # the largest read: a block, or the embedders read at entry (InternVL's token embedding is larger)
+            host["file pages (one block)"] = max(block, b * run.arch.entry_params)
             host["factors (one block)"] = max(t["factors"] for t in blocks.values())
         elif e.phase == "calibration":  # the two-step path: every layer's sums on the host
             host["statistics (all layers)"] = sum(t["statistics"] for t in blocks.values())

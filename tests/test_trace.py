@@ -79,9 +79,6 @@ def test_formula_holds_the_traced_training_correction_and_preview_of_flux2_klein
         check_formula_against_trace(row)
 
 
-@pytest.mark.xfail(strict=True, reason="the calibration formula leaves out what the FLUX.2 pass keeps beside the "
-                   "block (the embedders read once for the pass, each sample's rotary and modulations): 0.92 GiB "
-                   "planned, 1.06 traced at ratio 1.0")
 def test_formula_holds_the_traced_calibration_pass_of_flux2_klein():
     for row in trace("black-forest-labs/FLUX.2-klein-4B", 12, "emulator"):
         check_formula_against_trace(row)
