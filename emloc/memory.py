@@ -454,8 +454,12 @@ def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
                   for st in run.arch.stacks)
     kv = sum(st.kv_per_token * run.summary.blocks_in(st.name) * (run.tokens[st.tokens] + s.generate_tokens)
              for st in run.arch.stacks) * b
+    # PEFT runs each LoRA path in its weights' float32: the target's input upcast and its output and sum in float32
+    # beside the block's working set, n·(4·in + 8·out) at the widest target (traced: tests/test_trace.py)
+    path = max((run.tokens_of(t) * (4 * t.in_features + 8 * t.out_features) for t in run.targets), default=0)
     return {"activations": working, "kv cache": kv, "logits": run.arch.vocab_size * (b + 4),
-            "lora": ADAPTER_BYTES * run.counts.lora if lora else 0}
+            "lora": ADAPTER_BYTES * run.counts.lora if lora else 0,
+            "lora path (float32, widest target)": path if lora and b != ADAPTER_BYTES else 0}
 
 
 def _with_components(run: _Run, phase: str, method: str, model: dict[str, float], offload: bool) -> PhaseEstimate:
@@ -586,6 +590,18 @@ def _pass_samples(run: _Run) -> float:
     per = sum(run.tokens[stream] * (elements * run.b + extra) for stream, elements, extra in arch.pass_inputs)
     per += run.tokens["all"] * (arch.shared_per_token * run.b + 4 * arch.shared_fp32_per_token)
     return run.s.calibration_samples * per
+
+
+def _streamed_weights(run: _Run) -> dict[str, float]:
+    """A streamed forward's weights (the preview's "files" and "offload" modes): the largest block it reads, and
+    what stays loaded outside the blocks. Compressed layers outside the stacks (FLUX.2's shared modulations) stream
+    as blocks of their own (stream_emulator needs every compressed layer in a streamed block), so they are blocks
+    here, not resident. (The largest module outside the blocks, InternVL's token embedding, was counted once as
+    "one block" and again among the resident ones: 1.0-1.5 GiB above the traced forward, tests/test_trace.py.)"""
+    alone = [lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0)
+             for lin in run.summary.linears if lin.block is None and lin.name in run.ranks]
+    return {"weights (one block)": run.b * max([*run.summary.blocks.values(), *alone]),
+            "weights (outside the blocks)": _outside_blocks(run) - run.b * sum(alone)}
 
 
 def _streamed_pass(run: _Run) -> tuple[PhaseEstimate, PhaseEstimate]:
@@ -747,12 +763,12 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     run = _Run(summary, arch, s, b, tokens, ranks, targets, counts)
     nf4 = {"weights (NF4 linears)": NF4_BYTES * counts.quantised, "weights (rest)": b * (counts.full - counts.quantised),
            "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
-    preview = {**_full_weights(run, s.offload), **_inference_activations(run, lora=True)}
+    preview = {**(_streamed_weights(run) if s.offload else _full_weights(run, False)),
+               **_inference_activations(run, lora=True)}
     plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
     pass_ = _streamed_pass(run) if s.offload and not s.keep_statistics else (_calibration(run), _construction(run))
     if run.arch.components:  # the preview pipeline keeps its text encoders and VAE beside the transformer
         preview.update({f"weights ({c.name})": b * c.params for c in _resident_components(run)})
-    preview["weights (outside the blocks)"] = _outside_blocks(run) if s.offload else 0
     embeddings = [e for e in (_prompt_embeddings(run, m) for m in METHODS) if e is not None]
     estimates = [
         *embeddings[:1],

@@ -329,10 +329,6 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
         estimate = plan.get(phase, "emloc")
         if phase == "emulator":  # one streamed pass calibrates and builds: its peak is the larger of the two
             estimate = max((plan.get("calibration", "emloc"), estimate), key=lambda e: e.allocated)
-        if phase == "preview":  # the VAE is not traced (see trace_preview): its parts leave the formula too
-            from . import trace_preview
-
-            estimate = replace(estimate, parts={k: v for k, v in estimate.parts.items() if k not in trace_preview.PREVIEW_UNTRACED})
         host_formula = estimate.host_total - estimate.host.get("runtime", 0)
         results.append(PhaseTrace(phase, estimate.allocated, device, host_formula, host,
                                   how=f"traced at depth {start} and {start + 1} per stack, extrapolated to {full} "
