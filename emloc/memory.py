@@ -446,7 +446,7 @@ def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimat
     return _estimate("training", method, parts)
 
 
-def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
+def _inference_activations(run: _Run, lora: bool, streamed: bool = False) -> dict[str, float]:
     """One sample forward without grad: the largest block's working set (bounded by a), the hidden state,
     the KV cache of a generated answer and the last token's logits."""
     b, s = run.b, run.s
@@ -454,9 +454,12 @@ def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
                   for st in run.arch.stacks)
     kv = sum(st.kv_per_token * run.summary.blocks_in(st.name) * (run.tokens[st.tokens] + s.generate_tokens)
              for st in run.arch.stacks) * b
-    # PEFT runs each LoRA path in its weights' float32: the target's input upcast and its output and sum in float32
-    # beside the block's working set, n·(4·in + 8·out) at the widest target (traced: tests/test_trace.py)
-    path = max((run.tokens_of(t) * (4 * t.in_features + 8 * t.out_features) for t in run.targets), default=0)
+    # each LoRA path runs in its weights' float32 (traced: tests/test_trace.py). PEFT's (the model held whole) keeps
+    # the upcast input, the path's output and the sum in float32 at once, n·(4·in + 8·out) at the widest target;
+    # a streamed forward's hook (checkpoint._lora_hook) frees the upcast input before its output is formed, and its
+    # peak is that input, n·4·in, within the block's working set
+    path = max((run.tokens_of(t) * (4 * t.in_features + (0 if streamed else 8 * t.out_features))
+                for t in run.targets), default=0)
     return {"activations": working, "kv cache": kv, "logits": run.arch.vocab_size * (b + 4),
             "lora": ADAPTER_BYTES * run.counts.lora if lora else 0,
             "lora path (float32, widest target)": path if lora and b != ADAPTER_BYTES else 0}
@@ -764,7 +767,7 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     nf4 = {"weights (NF4 linears)": NF4_BYTES * counts.quantised, "weights (rest)": b * (counts.full - counts.quantised),
            "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
     preview = {**(_streamed_weights(run) if s.offload else _full_weights(run, False)),
-               **_inference_activations(run, lora=True)}
+               **_inference_activations(run, lora=True, streamed=s.offload)}
     plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
     pass_ = _streamed_pass(run) if s.offload and not s.keep_statistics else (_calibration(run), _construction(run))
     if run.arch.components:  # the preview pipeline keeps its text encoders and VAE beside the transformer

@@ -12,10 +12,14 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
                             streamed path)
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
                             (stages._emulate_streamed; InternVL through the StatsCollector.select_tokens seam)
-    preview                 variants.preview_variant for each variant in the plan's preview mode, one forward each
-                            (trace_preview.py: a FLUX transformer step, an InternVL prefill; the VAE is not traced)
+    preview                 variants.preview_variant for each variant in the plan's preview mode (trace_preview.py:
+                            FLUX, two denoising steps and the VAE's decode; InternVL, the prefill and two generated
+                            tokens)
 
-Not traced yet: the preview's VAE decode and sampling loop, and export's load.
+Not traced: InternVL's vision tower in the preview (the image tokens' placement depends on the token ids' values),
+the denoising steps and generated tokens beyond two (each only replaces the latents or adds one token to the KV
+cache), and export, which loads no model (backend.export converts the adapters on the host; the app's Export step
+zips files).
 
 What cannot run on fake tensors gets a stand-in with the recorded shapes: the checkpoint's files (a `ShapeReader`),
 the run's cache (text embeddings, latents, token ids: `_fill_cache`), the backend's skeleton (the catalogue's
@@ -52,9 +56,9 @@ from .planning import PlanSettings, plan_run
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
-PHASES = ("emulator", "training", "correction", "preview")  # the phases traced so far (export's load: not yet)
+PHASES = ("emulator", "training", "correction", "preview")  # every phase that holds a model (export holds none)
 PHASE_NAMES = {"emulator": "calibration + emulator (one streamed pass)", "training": "training step",
-               "correction": "correction (streamed)", "preview": "preview (one forward of each variant)"}
+               "correction": "correction (streamed)", "preview": "preview (each variant: 2 steps + VAE decode, or prefill + 2 tokens)"}
 
 
 @dataclass
