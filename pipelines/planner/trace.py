@@ -7,7 +7,8 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
 (emloc/memory.py through planning.plan_run):
 
     training                emloc.attach_lora on the emulator, backend.enable_gradient_checkpointing, the stage's
-                            optimizer (stages._optimizer), one backend.training_loss + backward + optimizer step
+                            optimizer (stages._optimizer), two backend.training_loss + backward + optimizer steps
+                            (the second beside the optimizer's state)
     correction              emloc.correct_lora with a reader over the full model and the emulator (stages.correct's
                             streamed path)
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
@@ -152,7 +153,8 @@ def _skeleton(bundle: dict) -> nn.Module:
 
 # -- the phases: each returns (device peak, host peak) in bytes ----------------------------------------------------
 def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
-    """stages.train up to its first step: the emulator (+ LoRA) on the device, the stage's optimizer, one step."""
+    """stages.train's first two steps: the emulator (+ LoRA) on the device, the stage's optimizer, two steps (the
+    optimizer's state exists from the first step's end: a one-step trace missed it beside the backward)."""
     import types
 
     from pipelines.runner import stages
@@ -172,11 +174,12 @@ def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
             group.setdefault("foreach", None)  # another type, so it would fall back to the per-tensor loop
             group["foreach"] = True if group["foreach"] is None else group["foreach"]
         peft_model.train()
-        loss = backend.training_loss(peft_model, 0, torch.Generator().manual_seed(0))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del loss
+        for step in range(2):  # the second step's backward runs beside the optimizer's state, as every later one
+            loss = backend.training_loss(peft_model, step, torch.Generator().manual_seed(step))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
 
 
