@@ -77,6 +77,14 @@ class ArchitectureSpec:
     # flux: elements per text token of the cached prompt embeddings the transformer reads (joint_attention_dim);
     # the cache stays on the host and each training step moves its batch of them to the device
     text_width: int = 0
+    # the streamed calibration pass (emloc/blockwise.py) holds every calibration sample's batch on the device for
+    # the whole pass: per token of a stream, (stream, elements in the run's dtype, bytes beside them) (FLUX: prompt
+    # embeddings, packed latents, position ids; InternVL: pixel values in float32, token ids and attention mask)
+    pass_inputs: tuple[tuple[str, float, float], ...] = ()
+    # parameters of the modules outside the blocks the pass reads as the samples enter (embedders, projector), and
+    # whether it keeps them for the pass (FLUX's, small) or frees them when the first block runs (InternVL's)
+    entry_params: int = 0
+    entry_kept: bool = False
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,9 @@ def stream_emulator(
                                     for key, t in low.state_dict().items()})
                     del low
             del stats
+            # the layers sharing one input's whitening (q/k/v) lie in one block: holding the last layer's C and
+            # its whitening into the next block's forward kept 2·in² float32 on the device for nothing
+            build._shared = None
             save(tensors, str(folder / f"emulator-{index:05d}.safetensors"), metadata={"format": "emloc-emulator"})
             del tensors, block
             streamed.unload(block_name)

@@ -67,13 +67,16 @@ class StatsCollector:
                 gram, tokens = self._last[1]
             else:
                 x = raw.detach()
+                self._last[0] = self._last[1] = None  # the previous input's gram is not needed beside this one's
                 mask = self.mask
                 if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
                     flat = self.select_tokens(x, mask.to(x.device))  # (..., in) -> (kept tokens, in)
                 else:
                     flat = x.reshape(-1, x.shape[-1])  # (..., in) -> (tokens, in)
+                wide = flat.to(self.dtype)  # one copy: `flat.to(...).T @ flat.to(...)` held two (tokens x in)
                 with exact_float32():  # TF32 would round Σxᵀx to 10 bits of mantissa (reviews/gpu-path.md F17)
-                    gram = flat.to(self.dtype).T @ flat.to(self.dtype)  # (in, tokens) @ (tokens, in) -> (in, in)
+                    gram = wide.T @ wide  # (in, tokens) @ (tokens, in) -> (in, in)
+                del wide
                 tokens = flat.shape[0]
                 self._last[0], self._last[1] = raw, (gram, tokens)
             device = self.stats_device or gram.device

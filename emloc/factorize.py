@@ -442,6 +442,7 @@ def weighted_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: to
     if second_moment is None:
         return float(d.norm() / w.norm().clamp_min(1e-30))
     c = second_moment.float().to(w.device)
-    num = ((d @ c) * d).sum()
-    den = ((w @ c) * w).sum()
+    num = (d @ c).mul_(d).sum()  # in place: `(d @ c) * d` held one more out x in float32 beside w, d and W_E
+    del d
+    den = (w @ c).mul_(w).sum()
     return float((num.clamp_min(0) / den.clamp_min(1e-30)).sqrt())

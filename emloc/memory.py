@@ -460,7 +460,7 @@ def _training(run: _Run, method: str, weights: dict[str, float]) -> PhaseEstimat
     return _estimate("training", method, parts)
 
 
-def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
+def _inference_activations(run: _Run, lora: bool, streamed: bool = False) -> dict[str, float]:
     """One sample forward without grad: the largest block's working set (bounded by a), the hidden state,
     the KV cache of a generated answer and the last token's logits."""
     b, s = run.b, run.s
@@ -468,8 +468,15 @@ def _inference_activations(run: _Run, lora: bool) -> dict[str, float]:
                   for st in run.arch.stacks)
     kv = sum(st.kv_per_token * run.summary.blocks_in(st.name) * (run.tokens[st.tokens] + s.generate_tokens)
              for st in run.arch.stacks) * b
+    # each LoRA path runs in its weights' float32 (traced: tests/test_trace.py). PEFT's (the model held whole) keeps
+    # the upcast input, the path's output and the sum in float32 at once, n·(4·in + 8·out) at the widest target;
+    # a streamed forward's hook (checkpoint._lora_hook) frees the upcast input before its output is formed, and its
+    # peak is that input, n·4·in, within the block's working set
+    path = max((run.tokens_of(t) * (4 * t.in_features + (0 if streamed else 8 * t.out_features))
+                for t in run.targets), default=0)
     return {"activations": working, "kv cache": kv, "logits": run.arch.vocab_size * (b + 4),
-            "lora": ADAPTER_BYTES * run.counts.lora if lora else 0}
+            "lora": ADAPTER_BYTES * run.counts.lora if lora else 0,
+            "lora path (float32, widest target)": path if lora and b != ADAPTER_BYTES else 0}
 
 
 def _with_components(run: _Run, phase: str, method: str, model: dict[str, float], offload: bool) -> PhaseEstimate:
@@ -524,27 +531,42 @@ def _construction(run: _Run) -> PhaseEstimate:
         k = run.ranks.get(lin.name, 0)
         if not k:
             continue
-        i, o = lin.in_features, lin.out_features
-        sq, io = i * i, i * o
-        own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
-        moved = 0 if cpu else sq  # the statistics, moved from the host for the factorisation and the error check
-        if run.s.emulator_kind == "nf4":  # no factorisation: the quantisation's float32 copies, then the error check
-            factoring = moved + 4 * io
-        elif o > i:  # whitening's EIGH64·in² is always below what follows it; on a GPU with slow float64 the
-            # "split" Gram (factorize._gram) also holds W S with unit-norm columns: one more in·out
-            factoring = sq + (2 if cpu else 3) * io + EIGH64 * sq + k * (i + o)
-        else:
-            chunk = min(GRAM_CHUNK, i)
-            forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
-            factoring = moved + max(forming, EIGH64 * o * o) + k * (i + o)
-        worst = max(worst, FACTOR_BYTES * max(factoring, moved + 4 * io) + own)
-        factors += run.stand_ins.get(lin.name, run.b * k * (i + o))
+        worst = max(worst, _layer_factoring(run, lin, k, held=cpu))
+        factors += run.stand_ins.get(lin.name, run.b * k * (lin.in_features + lin.out_features))
     model = {} if run.s.offload else {"weights": run.b * run.summary.params}
     if cpu:  # what a GPU run keeps in host RAM shares the one memory: the loaded statistics and the factors so far
         model.update({"statistics (all layers)": sum(4 * (lin.in_features ** 2) for lin in run.summary.linears
                                                      if run.ranks.get(lin.name)),
                       "factors built": factors})
     return _estimate("emulator", "emloc", {**model, "factorisation (one layer)": worst}, run.s.offload)
+
+
+def _layer_factoring(run: _Run, lin: LinearShape, k: int, held: bool) -> int:
+    """The factorisation of one layer (see _construction). `held`: the layer's weight and statistics are already
+    counted on the compute device (a CPU run; the streamed pass, which holds its block and the block's Σxᵀx);
+    otherwise they are moved there for it, b·in·out and 4·in²."""
+    i, o = lin.in_features, lin.out_features
+    sq, io = i * i, i * o
+    own = 0 if held else run.b * io
+    moved = 0 if held else sq
+    made = run.stand_ins.get(lin.name, run.b * k * (i + o))  # the stand-in made (factors, or 4-bit codes)
+    if run.s.emulator_kind == "nf4":  # no factorisation: the quantisation's float32 copies, then the error check
+        factoring = moved + 4 * io
+    elif o > i and run.s.device == "cpu":  # whitening's EIGH64·in² is always below what follows it
+        factoring = sq + 2 * io + EIGH64 * sq + k * (i + o)
+    elif o > i:  # on a GPU with slow float64 the "split" Gram (factorize._gram) holds W, W S and W S with unit-norm
+        # columns, with the float32 Gram and its float64 copy (3·in²); the unit-norm copy is freed before the eigh
+        # (EIGH64·in² beside W and W S), and U_k = W S V_k (2·k·out while it is scaled) comes after it (traced:
+        # tests/test_trace.py, where only the eigh's workspace is invisible)
+        factoring = sq + max(3 * io + 3 * sq, 2 * io + EIGH64 * sq, 2 * io + 2 * k * o + k * (i + o))
+    else:
+        chunk = min(GRAM_CHUNK, i)
+        forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
+        factoring = moved + max(forming, EIGH64 * o * o) + k * (i + o)
+    # the error check (W_E, W - W_E, (W - W_E)·C and its product with W - W_E) follows with the factors made
+    # (b·k(in + out)) and, for a whitened layer, its whitening kept for the next layer reading the same input
+    check = FACTOR_BYTES * (moved + 4 * io + (sq if o > i and run.s.emulator_kind != "nf4" else 0)) + made
+    return max(FACTOR_BYTES * factoring, check) + own
 
 
 def _correction(run: _Run) -> PhaseEstimate:
@@ -592,30 +614,87 @@ def _outside_blocks(run: _Run) -> int:
     return run.b * (run.summary.params - sum(run.summary.blocks.values()))
 
 
+def _pass_samples(run: _Run) -> float:
+    """What every calibration sample keeps on the device through a streamed pass beside its hidden states, all
+    samples together: its batch (arch.pass_inputs) and the rotary embedding every block reads."""
+    arch = run.arch
+    per = sum(run.tokens[stream] * (elements * run.b + extra) for stream, elements, extra in arch.pass_inputs)
+    per += run.tokens["all"] * (arch.shared_per_token * run.b + 4 * arch.shared_fp32_per_token)
+    return run.s.calibration_samples * per
+
+
+def _streamed_weights(run: _Run) -> dict[str, float]:
+    """A streamed forward's weights (the preview's "files" and "offload" modes): the largest block it reads, and
+    what stays loaded outside the blocks. Compressed layers outside the stacks (FLUX.2's shared modulations) stream
+    as blocks of their own (stream_emulator needs every compressed layer in a streamed block), so they are blocks
+    here, not resident. (The largest module outside the blocks, InternVL's token embedding, was counted once as
+    "one block" and again among the resident ones: 1.0-1.5 GiB above the traced forward, tests/test_trace.py.)"""
+    alone = [lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0)
+             for lin in run.summary.linears if lin.block is None and lin.name in run.ranks]
+    return {"weights (one block)": run.b * max([*run.summary.blocks.values(), *alone]),
+            "weights (outside the blocks)": _outside_blocks(run) - run.b * sum(alone)}
+
+
 def _streamed_pass(run: _Run) -> tuple[PhaseEstimate, PhaseEstimate]:
     """Calibration and emulator construction in one pass, block by block from the files (emloc/blockwise.py).
 
-    Held throughout: one block's weights, the hidden states entering and leaving it for every calibration sample
-    (2·S·n·h·b), the Σxᵀx of that block's layers; then either one sample's forward through the block (its working
-    set and one layer's gram, 4·(in² + n·in)) or the factorisation of one of its layers with the block's factors
-    collected so far. Both peaks are of the same process (the calibrate stage itself only writes a note)."""
-    s, b = run.s, run.b
+    Held throughout: every calibration sample's batch (_pass_samples) and, FLUX, the embedders read at entry. The
+    peak is the largest of these moments (tests/test_trace.py checks them against the traced pass):
+    - entry: each sample enters (its first hidden states, S·n·h·b per stream) with the embedders read, and the
+      first block read beside them (InternVL frees its token embedding only when that block runs);
+    - a block of stack s: its weights, the hidden states entering and leaving it for every sample (2·S·n_s·h_s·b,
+      plus the streams of later stacks waiting: InternVL's text embeddings through the vision layers), the Σxᵀx
+      of its layers; then one sample's forward through it (its working set and one layer's gram, 4·(in² + n·in))
+      or the factorisation of one of its layers (_layer_factoring, weight and statistics already held) with the
+      block's factors so far;
+    - a factored layer outside the stacks (FLUX.2's shared modulations): the samples' states once, the layer, its
+      statistics and its factorisation.
+    Both peaks are of the same process (the calibrate stage itself only writes a note)."""
+    s, b, arch = run.s, run.b, run.arch
+    samples = s.calibration_samples
     blocks = _block_terms(run)
-    worst_block = max(blocks.values(), key=lambda t: t["weights"] + t["statistics"] + t["factors"])
-    hidden = max(2 * s.calibration_samples * run.tokens[st.tokens] * st.hidden * b for st in run.arch.stacks)
-    forward = max(run.tokens[st.tokens] * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
-                  for st in run.arch.stacks)
+    always = {"calibration inputs (all samples)": _pass_samples(run),
+              "embedders (kept for the pass)": b * arch.entry_params if arch.entry_kept else 0}
+    streams = {st.tokens: st.hidden for st in reversed(arch.stacks)}  # each stream's width as it enters
+    entered = samples * b * sum(run.tokens[stream] * h for stream, h in streams.items())
     layers = [lin for lin in run.summary.linears if run.ranks.get(lin.name)]
-    gram = max((4 * (lin.in_features ** 2 + run.tokens_of(lin) * lin.in_features) for lin in layers), default=0)
-    held = {"weights (one block)": worst_block["weights"], "hidden states (all samples)": hidden,
-            "statistics (one block)": worst_block["statistics"]}
-    calibration = _estimate("calibration", "emloc", {**held, "activations": forward, "gram (one layer)": gram}, True,
-                            "calibrated while the emulator is built, block by block")
-    construction = _construction(run)
-    factoring = construction.parts.get("factorisation (one layer)", 0)
-    emulator = _estimate("emulator", "emloc", {**held, "factorisation (one layer)": factoring,
-                                               "factors (one block)": worst_block["factors"]}, True)
-    return calibration, emulator
+    calibration = [{**always, "hidden states (all samples, entering)": entered,
+                    "embedders (read at entry)": 0 if arch.entry_kept else b * arch.entry_params,
+                    "weights (first block)": blocks[next(iter(blocks))]["weights"] if blocks else 0}]
+    emulator = []
+    for index, st in enumerate(arch.stacks):
+        names = [name for name, stack in run.summary.block_stack.items() if stack == st.name]
+        name = max(names, key=lambda n: blocks[n]["weights"] + blocks[n]["statistics"] + blocks[n]["factors"])
+        worst = blocks[name]
+        waiting = {later.tokens: later.hidden for later in arch.stacks[index + 1:] if later.tokens != st.tokens}
+        hidden = samples * b * (2 * run.tokens[st.tokens] * st.hidden
+                                + sum(run.tokens[stream] * h for stream, h in waiting.items()))
+        held = {**always, "weights (one block)": worst["weights"], "hidden states (all samples)": hidden,
+                "statistics (one block)": worst["statistics"]}
+        mine = [lin for lin in layers if lin.stack == st.name]
+        tokens = run.tokens[st.tokens]
+        forward = tokens * ((st.saved_per_token + st.hidden) * b + 4 * st.saved_fp32_per_token)
+        gram = max((4 * (lin.in_features ** 2 + tokens * lin.in_features) for lin in mine), default=0)
+        calibration.append({**held, "activations": forward, "gram (one layer)": gram})
+        # factoring follows the block's forward: the samples' inputs to it are freed, their outputs kept; the
+        # layers are factored in order, each one's Σxᵀx freed once it is (blockwise: stats.pop)
+        remaining, factoring = 0, (0, 0)
+        for lin in reversed([lin for lin in mine if lin.block == name]):
+            remaining += 4 * lin.in_features ** 2
+            factoring = max(factoring, (remaining, _layer_factoring(run, lin, run.ranks[lin.name], held=True)),
+                            key=sum)
+        emulator.append({**held, "hidden states (all samples)": hidden - samples * b * tokens * st.hidden,
+                         "statistics (one block)": factoring[0], "factorisation (one layer)": factoring[1],
+                         "factors (one block)": worst["factors"]})
+    for lin in layers:
+        if lin.block is None:  # compressed outside the stacks: streamed as a block of its own (FLUX.2)
+            emulator.append({**always, "hidden states (all samples, entering)": entered,
+                             "weights (the layer)": b * lin.in_features * lin.out_features,
+                             "statistics (the layer)": 4 * lin.in_features ** 2,
+                             "factorisation (one layer)": _layer_factoring(run, lin, run.ranks[lin.name], held=True)})
+    note = "calibrated while the emulator is built, block by block"
+    return (_estimate("calibration", "emloc", max(calibration, key=lambda p: sum(p.values())), True, note),
+            _estimate("emulator", "emloc", max(emulator, key=lambda p: sum(p.values())), True))
 
 
 def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
@@ -649,7 +728,8 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
         return host
     if e.phase in ("calibration", "emulator"):
         if streamed:
-            host["file pages (one block)"] = block
+            # the largest read: a block, or the embedders read at entry (InternVL's token embedding is larger)
+            host["file pages (one block)"] = max(block, b * run.arch.entry_params)
             host["factors (one block)"] = max(t["factors"] for t in blocks.values())
         elif e.phase == "calibration":  # the two-step path: every layer's sums on the host
             host["statistics (all layers)"] = sum(t["statistics"] for t in blocks.values())
@@ -722,12 +802,12 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     run = _Run(summary, arch, s, b, tokens, ranks, targets, counts, stand_ins)
     nf4 = {"weights (NF4 linears)": NF4_BYTES * counts.quantised, "weights (rest)": b * (counts.full - counts.quantised),
            "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
-    preview = {**_full_weights(run, s.offload), **_inference_activations(run, lora=True)}
+    preview = {**(_streamed_weights(run) if s.offload else _full_weights(run, False)),
+               **_inference_activations(run, lora=True, streamed=s.offload)}
     plain = {**_full_weights(run, False), **_inference_activations(run, lora=False)}
     pass_ = _streamed_pass(run) if s.offload and not s.keep_statistics else (_calibration(run), _construction(run))
     if run.arch.components:  # the preview pipeline keeps its text encoders and VAE beside the transformer
         preview.update({f"weights ({c.name})": b * c.params for c in _resident_components(run)})
-    preview["weights (outside the blocks)"] = _outside_blocks(run) if s.offload else 0
     embeddings = [e for e in (_prompt_embeddings(run, m) for m in METHODS) if e is not None]
     estimates = [
         *embeddings[:1],

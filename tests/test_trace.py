@@ -20,26 +20,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024 ** 3
 BELOW = 0.05  # the formula may be at most 5% below the trace
-# How far above the trace each phase's formula may be (relative, absolute bytes), and why it is above:
-# training: +2..7% on FLUX, +2..4% on the 8 B InternVLs; InternVL3-38B is 1.44 GiB above at both budgets (a term
-# that does not scale with the ratio; not found yet), hence 1.5 GiB;
+# How far above the trace each phase's formula may be (relative, absolute bytes), and why it is above (the numbers:
+# benchmarks/README.md, "Traced at full size"):
+# training: +1..5% (two steps are traced: the second backward runs beside the optimizer's state, which a one-step
+# trace missed, and made the formula look 1.2-1.4 GiB above on FLUX.2 [dev] and InternVL3-38B);
 # correction: none beyond the 5% (the formula counted both adapters and both float32 layer copies on the device,
 # 2.8x the trace on FLUX.1-dev, until emloc/memory.py's _correction was fixed against this test).
 # emulator (the streamed calibration + construction pass, traced on the "split" Gram products a consumer GPU runs):
-# FLUX.1-dev +3..9%, FLUX.2 [dev] +12% (its widest layer's factorisation: the formula holds W S, its unit-norm copy
-# and W at once, 3·in·out, where the traced code has freed one of them at its peak).
-# preview (one forward of each variant, the VAE left out of both): within 5% where the plan holds the model whole
-# (FLUX.2 [klein] 3.6% below: PEFT computes each LoRA target's path in float32, x and the output upcast, which the
-# inference formula does not count); streamed, the formula is 0.5-1.0 GiB above: its "weights (one block)" is the
-# largest block OR module, on InternVL the token embedding (1.16-1.45 GiB against a 0.4-0.9 GiB block), which
-# "weights (outside the blocks)" counts again; FLUX.2 [dev]'s shared modulations (1.05 GiB) stream as blocks
-# (flux2 blockwise) but are counted resident; the KV cache term holds generate_tokens more than a prefill. Hence 1.1 GiB.
-ABOVE = {"training": (0.05, int(1.5 * GiB)), "correction": (0.05, 0), "emulator": (0.15, 0),
-         "preview": (0.05, int(1.1 * GiB))}
-# formula below the trace: FLUX.2 [klein]'s, see the xfail test; InternVL's calibration pass (traced through the
-# StatsCollector.select_tokens seam) 26-51% below, cause not found (benchmarks/README.md, "Traced at full size")
-KNOWN_GAPS = {("black-forest-labs/FLUX.2-klein-4B", "emulator"), ("OpenGVLab/InternVL3-8B-hf", "emulator"),
-              ("OpenGVLab/InternVL3-38B-hf", "emulator"), ("OpenGVLab/InternVL3_5-8B-HF", "emulator")}
+# +0..15%, the most where a wide layer's factorisation is the peak (FLUX.1-dev at ratio 0.86): the formula's
+# EIGH64·n² for an eigh is LAPACK's measured workspace, which a trace on fake tensors cannot see (the stand-in eigh
+# allocates its outputs only); hence 20%.
+# preview (each variant's denoising steps and VAE decode, or prefill and generated tokens): the formula adds the
+# VAE decode's working set (0.38 GiB at 512 px; traced alone it equals the formula's) to the transformer's, which
+# the trace has freed by then (the allocator keeps its blocks reserved: emloc/memory.py _with_components), hence
+# 0.45 GiB.
+ABOVE = {"training": (0.05, 0), "correction": (0.05, 0), "emulator": (0.20, 0), "preview": (0.05, int(0.45 * GiB))}
 MAIN_MODELS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-4B",
                "OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-38B-hf", "OpenGVLab/InternVL3_5-8B-HF")
 
@@ -72,19 +67,31 @@ def check_formula_against_trace(row: dict) -> None:
         f"({row['traced_host'] / GiB:.2f} GiB)")
 
 
-def test_formula_holds_the_traced_training_correction_and_preview_of_flux2_klein():
-    rows = trace("black-forest-labs/FLUX.2-klein-4B", 12, "training,correction,preview")
-    assert [r["phase"] for r in rows] == ["training", "correction", "preview"]
+def test_formula_holds_every_traced_phase_of_flux2_klein():
+    rows = trace("black-forest-labs/FLUX.2-klein-4B", 12)
+    assert [r["phase"] for r in rows] == ["emulator", "training", "correction", "preview"]
     for row in rows:
         check_formula_against_trace(row)
 
 
-@pytest.mark.xfail(strict=True, reason="the calibration formula leaves out what the FLUX.2 pass keeps beside the "
-                   "block (the embedders read once for the pass, each sample's rotary and modulations): 0.92 GiB "
-                   "planned, 1.06 traced at ratio 1.0")
-def test_formula_holds_the_traced_calibration_pass_of_flux2_klein():
-    for row in trace("black-forest-labs/FLUX.2-klein-4B", 12, "emulator"):
-        check_formula_against_trace(row)
+def test_the_streamed_pass_holds_one_block_whatever_the_depth():
+    """Nothing of a block outlives it in the streamed calibration + construction pass (the last layer's whitening
+    and statistics, kept into the next block, made InternVL's extrapolated trace 26-51% above the formula), so the
+    pass's peak is the same at 1, 2 and 3 language blocks."""
+    code = """
+import json, os, sys
+from pipelines.planner import trace as T
+from pipelines.planner.planning import PlanSettings
+from pipelines.planner.catalogue import backend_of
+bundle = T._bundle("OpenGVLab/InternVL3-8B-hf")
+setup = T._Setup("OpenGVLab/InternVL3-8B-hf", backend_of(bundle), bundle, PlanSettings(budget_gb=12), 0.3)
+peaks = [T._trace_emulator(setup, setup.backend({"vision": 1, "language": depth}))[0] for depth in (1, 2, 3)]
+print(json.dumps({"peaks": peaks}))
+sys.stdout.flush()
+os._exit(0)
+"""
+    peaks = _run(["-c", code])[0]["peaks"]
+    assert max(peaks) - min(peaks) <= 0.001 * max(peaks), peaks
 
 
 def test_depth_extrapolation_equals_a_deeper_trace():
@@ -139,5 +146,4 @@ def test_formula_holds_the_traced_phases_of_the_main_models(model, budget_gb):
         assert "no ratio fits" in rows[0]["error"]
         return
     for row in rows:
-        if (model, row["phase"]) not in KNOWN_GAPS:
-            check_formula_against_trace(row)
+        check_formula_against_trace(row)

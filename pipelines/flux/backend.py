@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DOUBLE_LORA = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)"
 SINGLE_LORA = r"attn\.(to_q|to_k|to_v)|proj_mlp|proj_out"
+PASS_ENTRY = ("x_embedder", "time_text_embed", "context_embedder")  # read as the samples enter the streamed pass
 
 
 @dataclass
@@ -171,7 +172,7 @@ class FluxBackend(DreamBoothData, Backend):
         """The transformer as its double blocks then its single blocks; the state is (image, text) hidden states
         with the time embedding and the rotary embedding every block reads."""
         def enter(streamed: BlockwiseModel, batch: dict) -> dict:
-            for name in ("x_embedder", "time_text_embed", "context_embedder"):
+            for name in PASS_ENTRY:
                 if any(p.device.type == "meta" for p in model.get_submodule(name).parameters()):
                     streamed.load(name)  # small: read once, kept for the pass
             hidden = model.x_embedder(batch["hidden_states"])

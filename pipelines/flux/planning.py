@@ -4,13 +4,15 @@ blocks spend activation memory (`flux_architecture`), and how to read and build 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from emloc.architecture import ArchitectureSpec, BlockStack, Component
 from pipelines.diffusion_common.planning import read_pipeline, transformer_class_of, vae_component
 from pipelines.runner.planning import Fetch, Planning, component, on_meta, param_count, streamed_params
 
-from .backend import DOUBLE_LORA, SINGLE_LORA
+from .backend import DOUBLE_LORA, PASS_ENTRY, SINGLE_LORA
 
 TRANSFORMER = "FluxTransformer2DModel"
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
@@ -33,6 +35,7 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
     heads, head_dim = transformer_config["num_attention_heads"], transformer_config["attention_head_dim"]
     h = heads * head_dim
     fp32 = 2 * h + 3 * heads + 2 * head_dim
+    text_width = transformer_config.get("joint_attention_dim", 4096)
     return ArchitectureSpec(
         family="flux",
         # widest: the MLP hidden (4h); in a single block the attention output and the MLP hidden concatenated (5h)
@@ -42,9 +45,11 @@ def flux_architecture(transformer_config: dict, components: tuple[Component, ...
                            widest_per_token=5 * h)),
         default_compress=(FLUX_COMPRESS,), default_lora_targets=FLUX_LORA,
         text_tokens=text_tokens, pixels_per_token=16, components=components,
-        text_width=transformer_config.get("joint_attention_dim", 4096),
+        text_width=text_width,
         lora_input_groups=(r"attn\.(to_q|to_k|to_v)|proj_mlp", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
-        lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
+        lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim,
+        # a calibration batch on the device: packed latents and prompt embeddings, 3 position ids per token
+        pass_inputs=(("image", transformer_config.get("in_channels", 64) + 3, 0), ("text", text_width + 3, 0)))
 
 
 def build(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:
@@ -75,7 +80,9 @@ def build(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:
                                         working_per_token=2 * width + 2 * ff + scores, streamed_params=held))
     if "vae" in components:
         extras.append(vae_component(AutoencoderKL, components["vae"]))
-    return transformer, flux_architecture(config, tuple(extras), text_tokens)
+    entry = sum(p.numel() for name in PASS_ENTRY for p in transformer.get_submodule(name).parameters())
+    return transformer, replace(flux_architecture(config, tuple(extras), text_tokens), entry_params=entry,
+                                entry_kept=True)
 
 
 def read(fetch: Fetch, name: str) -> dict | None:

@@ -33,7 +33,7 @@ from pipelines.runner.checks import check_model_source
 from pipelines.runner.streaming import streamed_transformers_model
 
 from .export import load_snippet
-from .layout import COMPRESS, LORA_TARGETS
+from .layout import COMPRESS, LORA_TARGETS, PASS_ENTRY
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class Flux2Backend(DreamBoothData, Backend):
         # the shared modulations are compressed too, so they stream as the first three blocks (each reads temb)
         modulations = {"double_stream_modulation_img": "mod_img", "double_stream_modulation_txt": "mod_txt",
                        "single_stream_modulation": "mod_single"}
-        entry = ("x_embedder", "context_embedder", "time_guidance_embed")
+        entry = PASS_ENTRY  # the planner counts them (planning.py)
 
         def enter(streamed: BlockwiseModel, batch: dict) -> dict:
             for name in entry:
@@ -232,7 +232,8 @@ class Flux2Backend(DreamBoothData, Backend):
             joint = state["joint"] if state["joint"] is not None else torch.cat([state["text"], state["image"]], dim=1)
             joint = block(hidden_states=joint, encoder_hidden_states=None, temb_mod=state["mod_single"],
                           image_rotary_emb=state["rotary"], joint_attention_kwargs=None)
-            return {**state, "joint": joint}
+            # the two streams are in the joint one now: keeping them too held S·n·h for nothing through the singles
+            return {**state, "joint": joint, "image": None, "text": None}
 
         return BlockwiseModel(model, reader, [*modulations, *doubles, *singles], enter, step, device=self.device,
                               dtype=self.dtype)

@@ -14,3 +14,4 @@ LORA_TARGETS = (rf"transformer_blocks\.\d+\.({DOUBLE_LORA})", rf"single_transfor
 BLOCKS = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
 MODULATIONS = r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear"
 COMPRESS = (BLOCKS, MODULATIONS)  # what one --ratio compresses: every block's linears and the three modulations
+PASS_ENTRY = ("x_embedder", "context_embedder", "time_guidance_embed")  # read as samples enter the streamed pass

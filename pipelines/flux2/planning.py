@@ -5,6 +5,8 @@ and how to read and build a FLUX.2 model on meta.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from emloc.architecture import ArchitectureSpec, BlockStack, Component
@@ -31,6 +33,7 @@ def flux2_architecture(transformer_config: dict, components: tuple[Component, ..
     h = heads * head_dim
     m = int(h * transformer_config.get("mlp_ratio", 3.0))
     fp32 = 4 * h + 3 * heads
+    text_width = transformer_config.get("joint_attention_dim", 15360)
     return ArchitectureSpec(
         family="flux",
         # widest: ff.linear_in's SwiGLU input (2m); in a single block to_qkv_mlp_proj's output (3h + 2m)
@@ -40,9 +43,11 @@ def flux2_architecture(transformer_config: dict, components: tuple[Component, ..
                            widest_per_token=3 * h + 2 * m)),
         default_compress=flux2_layout.COMPRESS, default_lora_targets=flux2_layout.LORA_TARGETS,
         text_tokens=text_tokens, pixels_per_token=16, components=components,
-        text_width=transformer_config.get("joint_attention_dim", 15360),
+        text_width=text_width,
         lora_input_groups=(r"attn\.(to_q|to_k|to_v)", r"attn\.(add_q_proj|add_k_proj|add_v_proj)"),
-        lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim)
+        lora_inputs_saved=(r"attn\.(to_out\.0|to_add_out)",), shared_fp32_per_token=2 * head_dim,
+        # a calibration batch on the device: packed latents and prompt embeddings, 4 int64 position ids per token
+        pass_inputs=(("image", transformer_config.get("in_channels", 128), 32), ("text", text_width, 32)))
 
 
 def _text_encoder_component(config: dict) -> Component:
@@ -73,7 +78,9 @@ def build(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:
         extras.append(_text_encoder_component(components["text_encoder"]))
     if "vae" in components:
         extras.append(vae_component(AutoencoderKLFlux2, components["vae"]))
-    return transformer, flux2_architecture(config, tuple(extras), text_tokens)
+    entry = sum(p.numel() for name in flux2_layout.PASS_ENTRY for p in transformer.get_submodule(name).parameters())
+    return transformer, replace(flux2_architecture(config, tuple(extras), text_tokens), entry_params=entry,
+                                entry_kept=True)
 
 
 def read(fetch: Fetch, name: str) -> dict | None:

@@ -4,12 +4,15 @@ vision tower and decoder spend activation memory (`vlm_architecture`), and how t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from emloc.architecture import ArchitectureSpec, BlockStack
 from pipelines.runner.planning import Fetch, Planning, on_meta
 
 from .backend import LANGUAGE_LINEARS, LORA_TARGETS, VISION_LINEARS
+from .streaming import EMBEDDERS, MERGERS
 
 
 def vlm_architecture(config: dict) -> ArchitectureSpec:
@@ -32,7 +35,8 @@ def vlm_architecture(config: dict) -> ArchitectureSpec:
     # Qwen3 RMS-normalises q and k per head before the rotary embedding: each norm keeps its float32 input and rstd
     qk_norm = q + kv + heads + kv_heads if text.get("model_type") == "qwen3" else 0
     hv, iv = vision["hidden_size"], vision["intermediate_size"]
-    side = vision.get("image_size", [448, 448])[0] // vision.get("patch_size", [14, 14])[0]
+    pixels = vision.get("image_size", [448, 448])[0]
+    side = pixels // vision.get("patch_size", [14, 14])[0]
     return ArchitectureSpec(
         family="vlm",
         stacks=(BlockStack("vision layers", "model.vision_tower.encoder.layer", hv, "vision", 9 * hv + 2 * iv,
@@ -44,7 +48,10 @@ def vlm_architecture(config: dict) -> ArchitectureSpec:
         image_tokens_per_tile=int(config.get("image_seq_length", round((side * config.get("downsample_ratio", 0.5)) ** 2))),
         vocab_size=text["vocab_size"], quant_skip=(r"lm_head",),
         lora_input_groups=(r"self_attn\.(q|k|v)_proj", r"mlp\.(gate|up)_proj"), lora_inputs_saved=(r"self_attn\.o_proj",),
-        shared_per_token=2 * head_dim)
+        shared_per_token=2 * head_dim,
+        # a calibration batch on the device: its tiles' pixel values in float32 (3 x 448² per tile of side² + 1
+        # vision tokens), its token ids and attention mask (int64)
+        pass_inputs=(("vision", 0, 4 * 3 * pixels ** 2 / (side * side + 1)), ("text", 0, 16)))
 
 
 def build(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:
@@ -54,7 +61,10 @@ def build(bundle: dict) -> tuple[nn.Module, ArchitectureSpec]:
     config = bundle["config"]
     fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
     model = on_meta(lambda: InternVLForConditionalGeneration(InternVLConfig(**fields)))
-    return model, vlm_architecture(config)
+    # the streamed pass reads the embedders as the samples enter and the projector as they reach the language
+    # layers, and frees both when the next block runs (streaming.py)
+    entry = sum(p.numel() for name in (*EMBEDDERS, *MERGERS) for p in model.get_submodule(name).parameters())
+    return model, replace(vlm_architecture(config), entry_params=entry, entry_kept=False)
 
 
 def read(fetch: Fetch, name: str) -> dict | None:

@@ -7,15 +7,20 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
 (emloc/memory.py through planning.plan_run):
 
     training                emloc.attach_lora on the emulator, backend.enable_gradient_checkpointing, the stage's
-                            optimizer (stages._optimizer), one backend.training_loss + backward + optimizer step
+                            optimizer (stages._optimizer), two backend.training_loss + backward + optimizer steps
+                            (the second beside the optimizer's state)
     correction              emloc.correct_lora with a reader over the full model and the emulator (stages.correct's
                             streamed path)
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
                             (stages._emulate_streamed; InternVL through the StatsCollector.select_tokens seam)
-    preview                 variants.preview_variant for each variant in the plan's preview mode, one forward each
-                            (trace_preview.py: a FLUX transformer step, an InternVL prefill; the VAE is not traced)
+    preview                 variants.preview_variant for each variant in the plan's preview mode (trace_preview.py:
+                            FLUX, two denoising steps and the VAE's decode; InternVL, the prefill and two generated
+                            tokens)
 
-Not traced yet: the preview's VAE decode and sampling loop, and export's load.
+Not traced: InternVL's vision tower in the preview (the image tokens' placement depends on the token ids' values),
+the denoising steps and generated tokens beyond two (each only replaces the latents or adds one token to the KV
+cache), and export, which loads no model (backend.export converts the adapters on the host; the app's Export step
+zips files).
 
 What cannot run on fake tensors gets a stand-in with the recorded shapes: the checkpoint's files (a `ShapeReader`),
 the run's cache (text embeddings, latents, token ids: `_fill_cache`), the backend's skeleton (the catalogue's
@@ -52,9 +57,9 @@ from .planning import PlanSettings, plan_run
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
-PHASES = ("emulator", "training", "correction", "preview")  # the phases traced so far (export's load: not yet)
+PHASES = ("emulator", "training", "correction", "preview")  # every phase that holds a model (export holds none)
 PHASE_NAMES = {"emulator": "calibration + emulator (one streamed pass)", "training": "training step",
-               "correction": "correction (streamed)", "preview": "preview (one forward of each variant)"}
+               "correction": "correction (streamed)", "preview": "preview (each variant: 2 steps + VAE decode, or prefill + 2 tokens)"}
 
 
 @dataclass
@@ -148,7 +153,8 @@ def _skeleton(bundle: dict) -> nn.Module:
 
 # -- the phases: each returns (device peak, host peak) in bytes ----------------------------------------------------
 def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
-    """stages.train up to its first step: the emulator (+ LoRA) on the device, the stage's optimizer, one step."""
+    """stages.train's first two steps: the emulator (+ LoRA) on the device, the stage's optimizer, two steps (the
+    optimizer's state exists from the first step's end: a one-step trace missed it beside the backward)."""
     import types
 
     from pipelines.runner import stages
@@ -168,11 +174,12 @@ def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
             group.setdefault("foreach", None)  # another type, so it would fall back to the per-tensor loop
             group["foreach"] = True if group["foreach"] is None else group["foreach"]
         peft_model.train()
-        loss = backend.training_loss(peft_model, 0, torch.Generator().manual_seed(0))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del loss
+        for step in range(2):  # the second step's backward runs beside the optimizer's state, as every later one
+            loss = backend.training_loss(peft_model, step, torch.Generator().manual_seed(step))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
 
 
@@ -331,10 +338,6 @@ def trace_plan(model: str, budget_gb: float | None = None, ram_gb: float | None 
         estimate = plan.get(phase, "emloc")
         if phase == "emulator":  # one streamed pass calibrates and builds: its peak is the larger of the two
             estimate = max((plan.get("calibration", "emloc"), estimate), key=lambda e: e.allocated)
-        if phase == "preview":  # the VAE is not traced (see trace_preview): its parts leave the formula too
-            from . import trace_preview
-
-            estimate = replace(estimate, parts={k: v for k, v in estimate.parts.items() if k not in trace_preview.PREVIEW_UNTRACED})
         host_formula = estimate.host_total - estimate.host.get("runtime", 0)
         results.append(PhaseTrace(phase, estimate.allocated, device, host_formula, host,
                                   how=f"traced at depth {start} and {start + 1} per stack, extrapolated to {full} "

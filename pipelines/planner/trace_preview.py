@@ -1,5 +1,6 @@
-"""The preview phase of the dry run (pipelines/planner/trace.py): one forward of each preview variant, held as the
-plan's preview mode says, through the run's own variants.preview_variant on fake tensors (issue 26)."""
+"""The preview phase of the dry run (pipelines/planner/trace.py): each preview variant, held as the plan's preview
+mode says, through the run's own variants.preview_variant on fake tensors (issue 26): FLUX's denoising steps and
+VAE decode, InternVL's prefill and generated tokens (_preview_step)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from emloc.trace import ShapeReader, materialize_fake, traced
 
 from .trace_inputs import _emulator_on_meta, _fill_cache, _lora_dtype
 
-# the preview formula's parts the trace does not run: the pipeline's VAE, resident beside the transformer, and its
-# decode (the scheduler and VAE decode of stages.preview's backend.generate are not traced)
-PREVIEW_UNTRACED = ("weights (vae)", "working set (VAE decode)")
+# generated tokens after the prefill (InternVL) and denoising steps (FLUX) the trace runs: each further one only
+# lengthens the KV cache by one token (counted by the formula) or replaces the latents, so the peak is reached
+STEPS = 2
 
 
 class _StandInOutputs:
@@ -44,18 +45,49 @@ def preview_mode_of(estimate) -> str:
     return "offload" if estimate.offloaded else "files" if estimate.streamed else "whole"
 
 
-def _preview_step(setup, backend, model: nn.Module) -> None:
-    """One forward of a preview variant: FLUX, one denoising step of the transformer on the cache's prompt
-    embeddings at the plan's resolution (batch 1); InternVL, the language model over the plan's sequence, with its
-    KV cache and the last token's logits, as generate's prefill."""
+def _preview_step(setup, backend, model: nn.Module, vae: nn.Module | None) -> None:
+    """One preview of a variant, as the pipeline runs it. FLUX: STEPS denoising steps of the transformer on the
+    cache's prompt embeddings at the plan's resolution (batch 1), each one's prediction replacing the latents as the
+    scheduler's step does, then the VAE's decode of the latents with the transformer still held (the pipeline's
+    order). InternVL: the language model's prefill over the plan's sequence with its KV cache and the last token's
+    logits, then STEPS generated tokens on that cache, one at a time (generate's loop)."""
     with torch.no_grad():
         if setup.bundle["family"] == "flux":
-            out = backend.calibration_forward(model, next(iter(backend.calibration_batches())))
+            batch = next(iter(backend.calibration_batches()))
+            for _ in range(STEPS):
+                prediction = backend.calibration_forward(model, batch)[0]
+                latents = batch["hidden_states"]
+                batch = {**batch, "hidden_states": (latents.float() - prediction.float()).to(latents.dtype)}
+                del prediction, latents
+            del batch
+            if vae is not None:
+                side = setup.plan.resolution // 8
+                latents = torch.empty(1, vae.config.latent_channels, side, side, dtype=backend.dtype,
+                                      device=backend.device)
+                image = vae.decode(latents, return_dict=False)[0]
+                del latents, image  # the pipeline postprocesses the image on the host
         else:
             ids = torch.zeros(1, setup.plan.seq_len, dtype=torch.long, device=backend.device)
-            out = model(input_ids=ids, past_key_values=_empty_kv_cache(model, backend), use_cache=True,
-                        logits_to_keep=1)
-        del out
+            cache = _empty_kv_cache(model, backend)
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for _ in range(STEPS):
+                del out
+                out = model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            del out, cache
+
+
+def _vae(setup) -> nn.Module | None:
+    """The preview pipeline's VAE on meta, from the bundle's config (FLUX); None for a family without one."""
+    config = setup.bundle.get("components", {}).get("vae")
+    if config is None:
+        return None
+    import diffusers
+
+    from pipelines.runner.planning import on_meta
+
+    values = {k: v for k, v in config.items() if not k.startswith("_")}
+    vae = on_meta(lambda: getattr(diffusers, config["_class_name"]).from_config(values))
+    return vae.eval().requires_grad_(False)
 
 
 def _whole_variant(setup, backend, label: str) -> nn.Module:
@@ -105,10 +137,13 @@ def trace_preview(setup, backend) -> tuple[int, int]:
                           info={"plan": {"phases": {"preview": {"mode": mode, "streamed": mode != "whole"}}}})
     labels = ("emulator + LoRA", "base", "full + corrected LoRA", "full + uncorrected LoRA")
     whole = {label: _whole_variant(setup, backend, label) for label in labels} if mode == "whole" else {}
+    vae = _vae(setup)
     real_outputs, variants.OUTPUTS = variants.OUTPUTS, _StandInOutputs(setup, backend)
     try:
         with traced() as counter:
             _fill_cache(setup, backend)
+            if vae is not None:  # the pipeline's VAE, on the device beside every variant (pipe.to(device))
+                materialize_fake(vae, backend.device, backend.dtype)
             shared = None
             for label in labels:
                 if mode == "whole":  # PEFT's injection cannot run on fakes: built on meta above, filled here
@@ -120,12 +155,12 @@ def trace_preview(setup, backend) -> tuple[int, int]:
                     model = variants.preview_variant(run, label, shared)
                 model.eval()
                 try:
-                    _preview_step(setup, backend, model)
+                    _preview_step(setup, backend, model, vae)
                 finally:
                     variants.finish_variant(model)
                 del model
                 gc.collect()  # as stages.preview: a streamed variant and its StreamedForward refer to each other
-            del shared
+            del shared, vae
     finally:
         variants.OUTPUTS = real_outputs
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
