@@ -19,6 +19,7 @@ from .emulator import (
 from .blockwise import BlockwiseModel, stream_emulator
 from .streaming import calibrate_and_build, plan_groups
 from .factorize import SOLVERS, low_rank_factors, weighted_error
+from .quantized import EMULATOR_KINDS, NF4Linear
 from .lora import (
     LoraSettings,
     adapter_factors,
@@ -35,7 +36,7 @@ from .lora import (
 from .rules import factored_rank, match_rule, normalise_rules, rank_for_ratio, target_linears
 
 __all__ = [
-    "BlockwiseModel", "CORRECTION_METHODS", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings",
+    "BlockwiseModel", "CORRECTION_METHODS", "EMULATOR_KINDS", "NF4Linear", "COUNT_SUFFIX", "DEFAULT_SOLVER", "SOLVERS", "EmulatorReport", "LayerReport", "LoraSettings",
     "LowRankLinear", "adapter_factors", "adapter_state", "attach_lora", "build_emulator", "config_with_rank", "calibrate_and_build",
     "plan_groups", "collect_input_stats", "correct_lora", "factored_rank", "load_adapter",
     "load_emulator", "low_rank_factors", "lora_config", "lora_scaling", "lora_target_names", "match_rule",

@@ -37,6 +37,7 @@ from .calibration import StatsCollector, second_moments
 from .checkpoint import CheckpointReader, release
 from .emulator import EMULATOR_CONFIG, EmulatorBuild, EmulatorReport, fingerprint_part, fingerprint_of_parts
 from .factorize import DEFAULT_SOLVER
+from .quantized import DEFAULT_KIND
 from .rules import RuleLike, factored_rank
 
 
@@ -77,8 +78,12 @@ def stream_emulator(
     progress: bool = True,
     on_block: Callable[[int, int], None] | None = None,
     save: Callable[..., None] = save_file,
+    kind: str = DEFAULT_KIND,
 ) -> EmulatorReport:
     """Calibrate on `batches` and build the emulator of `streamed.model` block by block, written into `out`.
+
+    `kind` is the emulator kind (emloc.quantized.EMULATOR_KINDS): every kind goes through this same pass, its
+    layers' tensors written per block (an NF4 layer's codes and absmax are frozen parameters like the factors).
 
     `save(tensors, path, metadata=...)` writes one block's factors (safetensors' `save_file`; a dry run on tensors
     without data, pipelines/planner/trace.py, passes one that writes nothing).
@@ -89,7 +94,7 @@ def stream_emulator(
     """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    build = EmulatorBuild(streamed.model, rules, svd, streamed.device, base_model, weights_loaded=False)
+    build = EmulatorBuild(streamed.model, rules, svd, streamed.device, base_model, weights_loaded=False, kind=kind)
     outside = [name for name in build.targets if _block_of(name, streamed.blocks) is None]
     if outside:
         raise ValueError(f"{len(outside)} compressed layers lie outside the model's blocks (e.g. {outside[0]!r}); "

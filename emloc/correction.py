@@ -9,6 +9,10 @@ we want `x (W + ΔW_c)ᵀ = x (W_E + ΔW)ᵀ`. With the thin SVD `Aᵀ = P Σ_a 
 `(W - W_E) P` is computed as `full(Pᵀ) - emulator(Pᵀ)` (biases cancel), one layer of each model on
 the compute device at a time, in float32.
 
+`W_E` is the stand-in's own, whatever the emulator kind (emloc/quantized.py): `u v` for "lowrank", the dequantised
+weight for "nf4", the product of the dequantised factors for "lowrank-nf4"; each is applied as it stores itself, so
+the identity above holds for every kind.
+
 Clamp λ: per component j (column of B'), if mean|correction_j| > λ · mean|(B Rᵀ Σ_a)_j|, the
 correction of that component is scaled down to exactly λ times. λ = 0 returns the adapter
 unchanged; λ = ∞ applies the correction unclamped (then the identity above holds exactly).
@@ -35,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointReader, release
 from .lowrank import LowRankLinear
+from .quantized import NF4Linear
 
 LORA_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 PEFT_PREFIX = "base_model.model."
@@ -60,9 +65,10 @@ def _find_layer(model: nn.Module, name: str, which: str) -> nn.Module:
 def _apply_without_bias(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`x W_layerᵀ` in float32 on x's device, for x: (r, in) -> (r, out); the layer's bias is left out."""
     device = x.device
-    if isinstance(layer, LowRankLinear):
-        hidden = F.linear(x, layer.v.weight.to(device, torch.float32))  # (r, in) -> (r, k)
-        return F.linear(hidden, layer.u.weight.to(device, torch.float32))  # (r, k) -> (r, out)
+    if isinstance(layer, LowRankLinear):  # factors plain or in NF4 (lowrank-nf4): each applied as what it stores
+        return _apply_without_bias(layer.u, _apply_without_bias(layer.v, x))  # (r, in) -> (r, k) -> (r, out)
+    if isinstance(layer, NF4Linear):  # the stand-in's own W_E: its dequantised weight, one layer at a time
+        return F.linear(x, layer.dense_weight().to(device))
     weight = getattr(layer, "weight", None)
     if isinstance(layer, nn.Linear) and weight is not None and weight.device.type != "meta":
         return F.linear(x, weight.to(device, torch.float32))

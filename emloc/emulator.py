@@ -1,10 +1,16 @@
-"""The emulator (docs/method.md step 2): target linears replaced, in place, by rank-k factors `u v`.
+"""The emulator (docs/method.md step 2): target linears replaced, in place, by rank-k factors `u v`, or by another
+stand-in `W_E` of the kind asked (`kind`: "lowrank", "nf4", "lowrank-nf4"; see quantized.py).
 
 For a layer `W` (out x in) with rule ratio `ρ`, `k = floor(ρ·in·out/(in+out))`; `W_E = u v` is the
 activation-aware truncated SVD of `W` (see factorize.py). At `ρ = 1`, and where the factors would not be
 smaller than `W`, the layer is kept as it is. Module names stay those of the full model
 (`blocks.0.attn.q` stays `blocks.0.attn.q`, with children `.u` and `.v`), so that a LoRA adapter
 trained on the emulator loads on the full model unchanged.
+
+Kinds: "lowrank" replaces a layer by a LowRankLinear (children `.u`, `.v`: nn.Linear); "nf4" by an NF4Linear
+(`codes`, `absmax`, `bias`: the whole weight in 4 bits); "lowrank-nf4" by a LowRankLinear whose `.u` and `.v` are
+NF4Linear. emulator.json records the kind of the build (`kind`) and of every layer (`layers[name]["kind"]`), and
+load_emulator rebuilds each layer from it; a file without a kind is "lowrank".
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from .checkpoint import CheckpointReader
 from .factorize import (DEFAULT_SOLVER, SOLVERS, Whitening, all_finite, factorisation_placement, needs_whitening,
                         weighted_error, whitening)
 from .lowrank import LowRankLinear, dense_parameters
+from .quantized import DEFAULT_KIND, NF4Linear, check_kind, linear_weight, quantize_factors
 from .rules import RuleLike, factored_rank, normalise_rules, target_linears
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,7 @@ class LayerReport:
     error: float  # relative activation-weighted error ‖X(W-W_E)ᵀ‖/‖XWᵀ‖ (Frobenius without stats); 0 when kept
     activation_aware: bool
     dense: bool  # True when the layer was kept as it is: ratio 1, or factors would not be smaller
+    kind: str = DEFAULT_KIND  # the emulator kind that replaced it (quantized.EMULATOR_KINDS)
 
 
 @dataclass
@@ -60,6 +68,7 @@ class EmulatorReport:
     model_params_after: int = 0
     solver: str = DEFAULT_SOLVER
     fingerprint: str = ""
+    kind: str = DEFAULT_KIND
 
     @property
     def ratio(self) -> float:
@@ -75,7 +84,7 @@ class EmulatorReport:
         return sum(layer.params_after for layer in self.layers)
 
     def to_dict(self) -> dict:
-        return {"solver": self.solver, "fingerprint": self.fingerprint, "ratio": self.ratio,
+        return {"solver": self.solver, "fingerprint": self.fingerprint, "ratio": self.ratio, "kind": self.kind,
                 "model_params_before": self.model_params_before, "model_params_after": self.model_params_after,
                 "layers": [asdict(layer) for layer in self.layers]}
 
@@ -133,14 +142,15 @@ def build_emulator(
     compute_device: torch.device | str | None = None,
     progress: bool = True,
     base_model: str | None = None,
+    kind: str = DEFAULT_KIND,
 ) -> EmulatorReport:
-    """Replace, in place, every nn.Linear matched by `rules` with a LowRankLinear; one layer at a time.
+    """Replace, in place, every nn.Linear matched by `rules` with its stand-in of `kind`; one layer at a time.
 
     `stats` is collect_input_stats' output (`stats[name]` = Σ xᵀx, in x in); layers without an entry
-    get plain SVD. A layer at ratio 1, or whose factors would not be smaller (`k(in+out) >= in·out`), is
-    kept as it is.
+    get plain SVD. A layer at ratio 1, or (low-rank kinds) whose factors would not be smaller
+    (`k(in+out) >= in·out`), is kept as it is.
     """
-    build = EmulatorBuild(model, rules, svd, compute_device, base_model)
+    build = EmulatorBuild(model, rules, svd, compute_device, base_model, kind=kind)
     for name in tqdm(build.targets, desc="Building the emulator", unit="layer", disable=not progress):
         low = build.factor(name, (stats or {}).get(name))
         if low is not None:
@@ -157,7 +167,8 @@ class EmulatorBuild:
 
     def __init__(self, model: nn.Module, rules: Iterable[RuleLike], svd: str = DEFAULT_SOLVER,
                  compute_device: torch.device | str | None = None, base_model: str | None = None,
-                 weights_loaded: bool = True):
+                 weights_loaded: bool = True, kind: str = DEFAULT_KIND):
+        self.kind = check_kind(kind, "the emulator kind")
         if svd not in SOLVERS:
             raise ValueError(f"unknown svd solver {svd!r}; choose one of {', '.join(SOLVERS)}")
         self.model, self.svd, self.compute_device = model, svd, compute_device
@@ -174,13 +185,15 @@ class EmulatorBuild:
         # reads each layer later and fingerprints it then
         fingerprint = weights_fingerprint((n, dense_parameters(lin)[0]) for n, (lin, _) in self.targets.items()) \
             if weights_loaded else ""
-        self.report = EmulatorReport(model_params_before=_param_count(model), solver=svd, fingerprint=fingerprint)
-        self.info = {"layers": {}, "rules": [list(r) for r in self.rules], "solver": svd, "fingerprint": fingerprint,
+        self.report = EmulatorReport(model_params_before=_param_count(model), solver=svd, fingerprint=fingerprint,
+                                     kind=self.kind)
+        self.info = {"kind": self.kind, "layers": {}, "rules": [list(r) for r in self.rules], "solver": svd,
+                     "fingerprint": fingerprint,
                      "targets": list(self.targets), "base_model": base_model or _model_id(model)}
         self._shared: tuple[torch.Tensor, Whitening] | None = None  # q/k/v read one input: whiten its C once
 
-    def factor(self, name: str, second_moment: torch.Tensor | None) -> LowRankLinear | None:
-        """Factor target `name` (None when it is kept as it is); records its LayerReport."""
+    def factor(self, name: str, second_moment: torch.Tensor | None) -> nn.Module | None:
+        """The stand-in of target `name` (None when it is kept as it is); records its LayerReport."""
         linear, ratio = self.targets[name]
         n_in, n_out = linear.in_features, linear.out_features
         weight, bias_tensor, _ = dense_parameters(linear)
@@ -194,10 +207,14 @@ class EmulatorBuild:
         bias = 0 if bias_tensor is None else n_out
         before = n_in * n_out + bias
         aware = second_moment is not None
-        if not rank:
-            self.report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0, aware, True))
+        whole = self.kind == "nf4" and ratio < 1  # nf4 quantises every target the rules do not keep
+        if not rank and not whole:
+            self.report.layers.append(LayerReport(name, n_in, n_out, ratio, 0, before, before, 0.0, aware, True,
+                                                  self.kind))
             return None
         device = torch.device(self.compute_device) if self.compute_device is not None else weight.device
+        if whole:
+            return self._quantised(name, linear, ratio, second_moment, device)
         self.info.setdefault("factorisation", factorisation_placement(device))  # which device and dtype did the eigh
         white = None
         if aware and needs_whitening(n_out, n_in, self.svd):
@@ -208,24 +225,70 @@ class EmulatorBuild:
                 white = whitening(second_moment.to(device))
                 self._shared = (second_moment, white)
         low = LowRankLinear.from_linear(linear, rank, second_moment, self.svd, self.compute_device, white=white)
+        if self.kind == "lowrank-nf4":
+            quantize_factors(low)
         with torch.no_grad():
-            approx = low.u.weight.to(device).float() @ low.v.weight.to(device).float()
+            approx = emulated_weight(low, device)
             error = weighted_error(weight.to(device), approx, second_moment)
         del approx
         self.report.layers.append(LayerReport(name, n_in, n_out, ratio, rank, before, rank * (n_in + n_out) + bias,
-                                              error, aware, False))
+                                              error, aware, False, self.kind))
         self.info["layers"][name] = {"in_features": n_in, "out_features": n_out, "rank": rank, "ratio": ratio,
-                                     "bias": bias_tensor is not None}
+                                     "bias": bias_tensor is not None, "kind": self.kind}
         return low
+
+    def _quantised(self, name: str, linear: nn.Linear, ratio: float, second_moment: torch.Tensor | None,
+                   device: torch.device) -> NF4Linear:
+        """The `nf4` stand-in of one layer: its whole weight in 4 bits, quantised on `device`, kept at its home."""
+        weight, bias, home = dense_parameters(linear)
+        n_in, n_out = linear.in_features, linear.out_features
+        layer = NF4Linear.from_weight(weight.detach().to(device), None if bias is None else bias.detach())
+        with torch.no_grad():
+            error = weighted_error(weight.to(device), layer.dense_weight().to(device), second_moment)
+        layer = layer.to(home)
+        size = n_in * n_out + (0 if bias is None else n_out)
+        self.report.layers.append(LayerReport(name, n_in, n_out, ratio, min(n_in, n_out), size, size, error,
+                                              second_moment is not None, False, "nf4"))
+        self.info["layers"][name] = {"in_features": n_in, "out_features": n_out, "rank": min(n_in, n_out),
+                                     "ratio": ratio, "bias": bias is not None, "kind": "nf4"}
+        return layer
 
     def finish(self) -> EmulatorReport:
         """Count the model after the swaps and attach the structure that save_emulator writes."""
         self._shared = None
-        self.report.model_params_after = _param_count(self.model)
+        # parameters the stand-ins represent (an NF4 layer's in·out, not its code bytes)
+        self.report.model_params_after = self.report.model_params_before - sum(
+            r.params_before - r.params_after for r in self.report.layers)
         self.model.emloc_emulator = self.info  # read by save_emulator; plain data, not a module
         log.info("emulator built: %d of %d target layers factored, the rest kept; %.3f of the model's parameters kept",
                  len(self.info["layers"]), len(self.targets), self.report.ratio)
         return self.report
+
+
+def emulated_weight(layer: nn.Module, device: torch.device | str | None = None) -> torch.Tensor:
+    """The stand-in's own `W_E` in float32 (out x in): `u v` (factors dequantised for lowrank-nf4), an NF4 layer's
+    dequantised weight, or a Linear's weight."""
+    if isinstance(layer, LowRankLinear):
+        return linear_weight(layer.u).to(device) @ linear_weight(layer.v).to(device)
+    return linear_weight(layer).to(device)
+
+
+def is_stand_in(module: nn.Module) -> bool:
+    """A replaced layer: a LowRankLinear (any factors) or a whole-weight NF4Linear."""
+    return isinstance(module, (LowRankLinear, NF4Linear))
+
+
+def stand_in_skeleton(spec: dict, device: torch.device | str = "meta") -> nn.Module:
+    """An empty layer of the kind emulator.json's `spec` names (its parameters on `device`), to be filled by name."""
+    kind = check_kind(spec.get("kind", DEFAULT_KIND), "the emulator's kind")
+    n_in, n_out, bias = spec["in_features"], spec["out_features"], spec["bias"]
+    if kind == "nf4":
+        return NF4Linear(n_in, n_out, bias=bias, device=device)
+    layer = LowRankLinear(n_in, n_out, spec["rank"], bias=bias, device=device)
+    if kind == "lowrank-nf4":
+        layer.v = NF4Linear(n_in, spec["rank"], bias=False, device=device)
+        layer.u = NF4Linear(spec["rank"], n_out, bias=bias, device=device)
+    return layer
 
 
 def _model_id(model: nn.Module) -> str:
@@ -245,19 +308,23 @@ def emulator_files(path: str | os.PathLike) -> list[Path]:
 
 
 def save_emulator(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the factors of every LowRankLinear (`emulator.safetensors`) and the structure (`emulator.json`).
+    """Write every stand-in's tensors (`emulator.safetensors`) and the structure (`emulator.json`).
 
     An emulator that kept every target layer (ratio 1) has no factors: its files name no layer to replace and
     carry the fingerprint of the kept ones.
     """
     info = dict(getattr(model, "emloc_emulator", None) or {})
-    layers = {_plain_name(name): m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("u", "v")}
+    layers = {_plain_name(name): m for name, m in model.named_modules() if is_stand_in(m) and name not in inside}
     if not layers and not info.get("targets"):
         raise ValueError("the model has no LowRankLinear layers; run build_emulator first")
     info.setdefault("layers", {})
     for name, m in layers.items():
+        low = isinstance(m, LowRankLinear)
+        kind = "nf4" if not low else "lowrank-nf4" if isinstance(m.u, NF4Linear) else "lowrank"
         info["layers"].setdefault(name, {"in_features": m.in_features, "out_features": m.out_features,
-                                         "rank": m.rank, "ratio": None, "bias": m.u.bias is not None})
+                                         "rank": m.rank if low else min(m.in_features, m.out_features), "ratio": None,
+                                         "bias": (m.u.bias if low else m.bias) is not None, "kind": kind})
     if base_model:
         info["base_model"] = base_model
     tensors = {f"{name}.{key}": t.detach().to("cpu").contiguous()
@@ -316,17 +383,15 @@ def load_emulator(
     tensors = CheckpointReader(weight_files)
     if device is not None and torch.device(device).type == "meta":
         for name, spec in info["layers"].items():
-            set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                                     bias=spec["bias"], device="meta"))
+            set_submodule(model, name, stand_in_skeleton(spec))
         model.emloc_emulator = info
         return info
     for name, spec in info["layers"].items():
         old = dense[name]
         target = torch.device(device) if device is not None else (
             old.weight.device if old.weight.device.type != "meta" else torch.device("cpu"))
-        state = {key: tensors.read(f"{name}.{key}", target)
-                 for key in ("v.weight", "u.weight", "u.bias") if key != "u.bias" or spec["bias"]}
-        low = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"], device="meta")
+        low = stand_in_skeleton(spec)
+        state = {key: tensors.read(f"{name}.{key}", target) for key in low.state_dict()}
         low.load_state_dict(state, assign=True)
         set_submodule(model, name, low)
     tensors.close()

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .lowrank import LowRankLinear
+from .quantized import NF4Linear, first_device
 from .rules import factor_names
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -75,7 +76,7 @@ def lora_target_names(model: nn.Module, patterns: list[str]) -> list[str]:
             raise ValueError(f"LoRA target pattern {pattern!r} is not a valid regex: {err}") from None
     inside = factor_names(model)
     names = [name for name, module in model.named_modules()
-             if isinstance(module, (nn.Linear, LowRankLinear)) and name not in inside
+             if isinstance(module, (nn.Linear, LowRankLinear, NF4Linear)) and name not in inside
              and any(p.fullmatch(name) for p in compiled)]
     if not names:
         raise ValueError(f"no linear layer matches the LoRA targets {patterns}; patterns must fullmatch module names")
@@ -83,7 +84,7 @@ def lora_target_names(model: nn.Module, patterns: list[str]) -> list[str]:
 
 
 def _register(config: LoraConfig) -> LoraConfig:
-    config._register_custom_module({LowRankLinear: PeftLoraLinear})
+    config._register_custom_module({LowRankLinear: PeftLoraLinear, NF4Linear: PeftLoraLinear})
     return config
 
 
@@ -101,8 +102,8 @@ def _move_adapters_to_base(model: nn.Module) -> None:
     # adapters of wrapped emulator layers are moved to the device of their factors here.
     for module in model.modules():
         base = getattr(module, "base_layer", None)
-        if isinstance(base, LowRankLinear):
-            device = base.u.weight.device
+        if isinstance(base, (LowRankLinear, NF4Linear)):
+            device = first_device(base)
             for part in ("lora_A", "lora_B"):
                 getattr(module, part).to(device)
 

@@ -31,7 +31,11 @@ class LowRankLinear(nn.Module):
 
         Deliberately not a `weight` attribute: PEFT would then try to merge LoRA into it in place.
         """
-        return self.u.weight @ self.v.weight
+        from .quantized import linear_weight  # factors may be stored in NF4 (the lowrank-nf4 kind)
+
+        if isinstance(self.u, nn.Linear) and isinstance(self.v, nn.Linear):
+            return self.u.weight @ self.v.weight
+        return linear_weight(self.u) @ linear_weight(self.v)
 
     @classmethod
     def from_linear(

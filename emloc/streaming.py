@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .calibration import collect_input_stats
 from .emulator import EmulatorBuild, EmulatorReport, set_submodule
 from .factorize import DEFAULT_SOLVER
-from .lowrank import LowRankLinear
+from .quantized import DEFAULT_KIND, first_device
 from .rules import RuleLike
 
 DEFAULT_MAX_STATS_BYTES = 4 << 30
@@ -62,6 +62,7 @@ def calibrate_and_build(
     factors_device: torch.device | str = "cpu",
     progress: bool = True,
     base_model: str | None = None,
+    kind: str = DEFAULT_KIND,
 ) -> EmulatorReport:
     """Build the emulator of `model` in place, holding at most `max_stats_bytes` of statistics at once.
 
@@ -69,10 +70,10 @@ def calibrate_and_build(
     """
     if not isinstance(batches, Sequence):
         batches = list(batches)
-    build = EmulatorBuild(model, rules, svd, compute_device, base_model)
+    build = EmulatorBuild(model, rules, svd, compute_device, base_model, kind=kind)
     groups = plan_groups([(name, stats_bytes(linear, dtype)) for name, (linear, _) in build.targets.items()],
                          max_stats_bytes)
-    factors: dict[str, LowRankLinear] = {}
+    factors: dict[str, nn.Module] = {}
     for group in tqdm(groups, desc="Calibrating and factoring, group by group", unit="group", disable=not progress):
         rules_of_group = [(re.escape(name), build.targets[name][1]) for name in group]
         stats = collect_input_stats(model, batches, rules_of_group, forward=forward, dtype=dtype,
@@ -84,5 +85,5 @@ def calibrate_and_build(
         del stats
     for name, low in factors.items():
         home = build.targets[name][0].weight.device
-        set_submodule(model, name, low.to(home if home.type != "meta" else low.u.weight.device))
+        set_submodule(model, name, low.to(home if home.type != "meta" else first_device(low)))
     return build.finish()

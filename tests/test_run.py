@@ -9,6 +9,7 @@ import torch
 
 from fake_backend import FakeBackend, FakeSettings, adapter, snapshot  # the `fake` fixture that registers it is in conftest.py
 from pipelines.runner import STAGES, Run, RunCancelled, RunSettings, cli
+from pipelines.runner.settings import PREVIEW_VARIANTS
 
 
 def test_every_stage_runs_once_and_is_skipped_when_its_output_exists(fake):
@@ -144,3 +145,29 @@ def test_a_run_that_keeps_layers_goes_through_every_stage(fake, ratio, rules, fa
         outputs = json.loads((run.dir / "previews" / "outputs.json").read_text())
         for label in ("full + corrected LoRA", "full + uncorrected LoRA"):
             assert outputs[label] == pytest.approx(outputs["emulator + LoRA"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "lowrank-nf4"])
+def test_each_emulator_kind_goes_through_every_stage_and_resumes(fake, kind):
+    """--emulator-kind reaches the emulator (its layers are stored in 4 bits), training, correction and the
+    previews; a resumed run rebuilds the same emulator from its files."""
+    root, settings, fake_settings = fake
+    settings.emulator_kind, settings.rules = kind, ["0=0.5", "2=0.5"]
+    run = Run.create(root / "runs" / kind, "fake", settings, fake_settings)
+    run.execute()
+    info = json.loads((run.dir / "run.json").read_text())
+    assert info["settings"]["run"]["emulator_kind"] == kind
+    assert [info["stages"][s]["status"] for s in STAGES] == ["done"] * 5
+    emulator = json.loads((run.dir / "emulator" / "emulator.json").read_text())
+    assert emulator["kind"] == kind and {spec["kind"] for spec in emulator["layers"].values()} == {kind}
+    outputs = json.loads((run.dir / "previews" / "outputs.json").read_text())
+    assert set(outputs) == set(PREVIEW_VARIANTS)
+    # the stand-in is not the full model, so the correction moves the adapter
+    assert outputs["full + corrected LoRA"] != pytest.approx(outputs["full + uncorrected LoRA"], rel=1e-6, abs=1e-7)
+
+
+def test_an_unknown_emulator_kind_is_refused_naming_the_flag(fake):
+    _, settings, _ = fake
+    settings.emulator_kind = "int3"
+    with pytest.raises(ValueError, match="--emulator-kind must be one of lowrank, nf4, lowrank-nf4"):
+        settings.check()

@@ -16,6 +16,7 @@ import torch
 
 import emloc
 from emloc.memory import OPTIMIZERS
+from emloc.quantized import check_kind
 
 from .checks import check_device
 
@@ -74,6 +75,10 @@ class RunSettings:
         "help": "auto, cpu, cuda or cuda:N; a run keeps the kind it was made on (with --resume: where to continue)"})
     offload: bool = field(default=False, metadata={
         "help": "calibrate with the full model in CPU memory, one layer at a time on the GPU (for models larger than it)"})
+    emulator_kind: str = field(default="lowrank", metadata={"label": "Emulator kind", "help":
+        "what stands in for the model while the LoRA trains (each is corrected onto the full model): lowrank (the "
+        "activation-aware SVD at the compression ratio), nf4 (every compressed layer whole, in 4 bits), lowrank-nf4 "
+        "(the low-rank factors stored in 4 bits: about a quarter of lowrank's memory at the same ratio)"})
 
     def resolved_device(self) -> torch.device:
         """`auto` means the first CUDA device when there is one, else the CPU."""
@@ -122,6 +127,7 @@ class RunSettings:
         if not self.lam >= 0:  # inf is allowed (unclamped); nan and negatives are not
             raise ValueError(f"--lam must be a number >= 0 (0: no correction, inf: unclamped); got {self.lam}")
         parse_rules(self.rules)
+        check_kind(self.emulator_kind)
 
     def lora(self, targets: list[str]) -> emloc.LoraSettings:
         """The LoRA of this run on `targets` (regexes)."""

@@ -94,10 +94,19 @@ def emulate(run: Run, out: Path) -> None:
     model = backend.load_model(torch.device("cpu"))
     stats = emloc.second_moments(run.load_tensors(run.output("calibrate") / STATS_FILE))
     report = emloc.build_emulator(model, compression_rules(run), stats, svd=settings.svd,
-                                  compute_device=backend.device, progress=False, base_model=settings.model)
+                                  compute_device=backend.device, progress=False, base_model=settings.model,
+                                  kind=settings.emulator_kind)
     emloc.save_emulator(model, out, base_model=settings.model)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    run.emit(Progress("emulate", 1, 1, message=f"emulator keeps {report.ratio:.3f} of the model's parameters"))
+    run.emit(Progress("emulate", 1, 1, message=emulator_message(report)))
+
+
+def emulator_message(report: emloc.EmulatorReport) -> str:
+    """What the emulate stage says it built, in the kind's words."""
+    if report.kind == "nf4":
+        return "emulator keeps every parameter of the compressed layers, in 4 bits (nf4)"
+    stored = " (factors in 4 bits)" if report.kind == "lowrank-nf4" else ""
+    return f"emulator keeps {report.ratio:.3f} of the model's parameters{stored}"
 
 
 def _emulate_streamed(run: Run, out: Path) -> None:
@@ -113,9 +122,10 @@ def _emulate_streamed(run: Run, out: Path) -> None:
         run.emit(Progress("emulate", done, total, message=f"calibrated and factored block {done} of {total}"))
 
     report = emloc.stream_emulator(streamed, batches, compression_rules(run), out, svd=settings.svd,
-                                   base_model=settings.model, progress=False, on_block=on_block)
+                                   base_model=settings.model, progress=False, on_block=on_block,
+                                   kind=settings.emulator_kind)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    run.emit(Progress("emulate", 1, 1, message=f"emulator keeps {report.ratio:.3f} of the model's parameters"))
+    run.emit(Progress("emulate", 1, 1, message=emulator_message(report)))
 
 
 # -- training -----------------------------------------------------------------------------------------------
