@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emloc  # noqa: E402
 from benchmarks import quality  # noqa: E402
 from benchmarks.bootstrap import mean_interval  # noqa: E402
-from emloc.architecture import emulator_ranks, first_match  # noqa: E402
-from emloc.memory import NF4_BYTES, GiB, MemorySettings, dtype_bytes, plan_memory, runtime_overhead  # noqa: E402
+from emloc.architecture import emulator_ranks  # noqa: E402
+from emloc.quantized import nf4_bytes  # noqa: E402
+from emloc.memory import GiB, MemorySettings, dtype_bytes, plan_memory, runtime_overhead  # noqa: E402
 from pipelines.demo import FLUX_DIR, VLM_DIR  # noqa: E402
 from pipelines.planner.planning import _summary, headroom_bytes  # noqa: E402
 from pipelines.runner import Run, RunSettings  # noqa: E402
@@ -52,11 +53,12 @@ from pipelines.runner.models import emulator_model  # noqa: E402
 KINDS = ("lowrank", "nf4", "lowrank-nf4")
 REAL = {"flux": "black-forest-labs/FLUX.1-dev", "vlm": "OpenGVLab/InternVL3-8B-hf"}
 GRID = 0.01
+NF4_RATIO = 0.5  # nf4 quantises every compressed target whole whatever its ratio < 1 (quantized.py): any ratio < 1
 
 
 @dataclass(frozen=True)
 class Config:
-    """One row: the full model (kind "full") or an emulator kind at a ratio (nf4 keeps full rank: ratio 1)."""
+    """One row: the full model (kind "full") or an emulator kind at a ratio (nf4: NF4_RATIO, full rank)."""
 
     kind: str
     ratio: float = 1.0
@@ -70,20 +72,27 @@ class Config:
 
 # -- memory ------------------------------------------------------------------------------------------------------
 def weight_bytes(model_id: str, kind: str, ratio: float, dtype: str = "bfloat16") -> int:
-    """Bytes of the frozen base a training step holds: every parameter in `dtype`, except that low-rank kinds keep
-    the compressed linears as their factors (k·(in+out) elements, emulator_ranks) and 4-bit kinds store every
-    quantisable linear (the arch's quant_skip stays in `dtype`) in NF4 (emloc.memory.NF4_BYTES per element)."""
+    """Bytes of the frozen base a training step holds, as the engine builds each kind (emloc/quantized.py): every
+    parameter in `dtype`, except the compressed targets (the arch's default_compress at `ratio` < 1): `lowrank` keeps
+    their factors (k·(in+out) elements, emulator_ranks; dense where factors would not be smaller), `nf4` their whole
+    weight in NF4, `lowrank-nf4` their factors in NF4 (quantized.nf4_bytes: half a byte per element and one
+    absmax in `dtype` per 64)."""
     meta, summary = _summary(model_id)
     b = dtype_bytes(dtype)
-    ranks = emulator_ranks(summary, [(p, ratio) for p in meta.arch.default_compress]) if "lowrank" in kind else {}
-    quantised = "nf4" in kind
-    skipped = first_match(summary, meta.arch.quant_skip)
-    linear_elements, total = 0, 0.0
-    for lin, skip in zip(summary.linears, skipped):
-        k = ranks.get(lin.name, 0)
-        elements = k * (lin.in_features + lin.out_features) if k else lin.in_features * lin.out_features
-        linear_elements += lin.in_features * lin.out_features
-        total += elements * (NF4_BYTES if quantised and skip is None else b)
+    ranks = emulator_ranks(summary, [(p, ratio) for p in meta.arch.default_compress]) if ratio < 1 else {}
+    total, linear_elements = 0, 0
+    for lin in summary.linears:
+        dense = lin.in_features * lin.out_features
+        linear_elements += dense
+        if lin.name not in ranks or kind == "full":
+            total += b * dense
+        elif kind == "nf4":
+            total += nf4_bytes(dense, b)
+        elif ranks[lin.name] == 0:  # factors would not be smaller: kept dense, in dtype, by both low-rank kinds
+            total += b * dense
+        else:
+            factors = (ranks[lin.name] * lin.in_features, ranks[lin.name] * lin.out_features)  # v (k x in), u (out x k)
+            total += sum(nf4_bytes(n, b) if kind == "lowrank-nf4" else b * n for n in factors)
     return int(total + b * (summary.params - linear_elements))
 
 
@@ -130,7 +139,7 @@ def weight_share(model_id: str, budget_gb: float, settings: MemorySettings) -> f
 class BudgetChoice:
     budget_gb: float
     share: float  # s(B)
-    real: dict  # kind -> ratio on the real model (None: does not fit; nf4: 1.0 or None)
+    real: dict  # kind -> ratio on the real model (None: does not fit; nf4: NF4_RATIO or None)
     demo: dict  # kind -> ratio on the demo at the same weight share
 
 
@@ -143,8 +152,8 @@ def choose(backend: str, demo_model: str, budget_gb: float, kinds: tuple[str, ..
     demo_budget = share * weight_bytes(demo_model, "full", 1.0)
     for kind in kinds:
         if kind == "nf4":  # full rank: it fits or it does not
-            real[kind] = 1.0 if training_bytes(real_id, kind, 1.0, settings) <= limit else None
-            demo[kind] = 1.0 if weight_bytes(demo_model, kind, 1.0) <= demo_budget else None
+            real[kind] = NF4_RATIO if training_bytes(real_id, kind, NF4_RATIO, settings) <= limit else None
+            demo[kind] = NF4_RATIO if weight_bytes(demo_model, kind, NF4_RATIO) <= demo_budget else None
             continue
         real[kind] = largest_ratio(lambda r: training_bytes(real_id, kind, r, settings) <= limit)
         demo[kind] = largest_ratio(lambda r: weight_bytes(demo_model, kind, r) <= demo_budget)
@@ -159,7 +168,7 @@ def memory_table(backend: str, demo_model: str, configs: list[Config], choices: 
              "| budget | weight share s(B) | " + " | ".join(f"{k}: real / demo ratio" for k in choices[0].real) + " |",
              "|---:|---:|" + "---:|" * len(choices[0].real)]
     for c in choices:
-        cells = [f"{_r(c.real[k])} / {_r(c.demo[k])}" for k in c.real]
+        cells = [f"{_r(k, c.real[k])} / {_r(k, c.demo[k])}" for k in c.real]
         lines.append(f"| {c.budget_gb:g} GiB | {c.share:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "| row | frozen weights on the demo (share of bf16 full) | training peak on the real model (GiB) |",
               "|---|---:|---:|"]
@@ -171,8 +180,8 @@ def memory_table(backend: str, demo_model: str, configs: list[Config], choices: 
     return "\n".join(lines)
 
 
-def _r(ratio: float | None) -> str:
-    return "does not fit" if ratio is None else f"{ratio:g}"
+def _r(kind: str, ratio: float | None) -> str:
+    return "does not fit" if ratio is None else "fits" if kind == "nf4" else f"{ratio:g}"
 
 
 # -- runs --------------------------------------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def report(task: quality.Task, seeds: list[int], results: dict, choices: list[Bu
         lines.append(f"| {cfg.name} | {quality.fmt(rows, 'emulator', metrics)} | {quality.fmt(rows, 'lam=0.0', metrics)}"
                      f" | {quality.fmt(rows, 'lam=3.0', metrics)} | {fix} | {gap} |")
     for choice in choices:
-        at = [(kind, budget_config(kind, ratio)) for kind, ratio in choice.demo.items() if ratio is not None]
+        at = [(kind, budget_config(choice, kind)) for kind in choice.demo]
         at = [(kind, cfg) for kind, cfg in at if cfg in results]
         if not at:
             continue
@@ -297,7 +306,7 @@ def report(task: quality.Task, seeds: list[int], results: dict, choices: list[Bu
                   f"uncorrected − {label} corrected |", "|---|---|---:|---:|---|---|"]
         for kind, cfg in at:
             rows = results[cfg]
-            lines.append(f"| {cfg.name} | {_r(choice.real[kind])} | {quality.fmt(rows, 'lam=0.0', metrics)} | "
+            lines.append(f"| {cfg.name} | {_r(kind, choice.real[kind])} | {quality.fmt(rows, 'lam=0.0', metrics)} | "
                          f"{quality.fmt(rows, 'lam=3.0', metrics)} | "
                          + "<br>".join(paired(items(rows, "lam=3.0", m), items(base, "lam=3.0", m)) for m in metrics)
                          + " | "
@@ -310,18 +319,22 @@ def report(task: quality.Task, seeds: list[int], results: dict, choices: list[Bu
     return "\n".join(lines)
 
 
-def budget_config(kind: str, ratio: float) -> Config:
-    """The row a budget's choice runs: lowrank-nf4 at ratio 1 keeps every layer dense, which is the nf4 row."""
-    return Config("nf4") if kind == "nf4" or ratio == 1.0 else Config(kind, ratio)
+def budget_config(choice: BudgetChoice, kind: str) -> Config | None:
+    """The row a budget runs for `kind` (None: none). lowrank-nf4 is not run where nf4 fits: at any ratio < 1 it
+    stores fewer elements of the same layers in the same 4 bits, so nf4 (full rank) is the one to compare."""
+    ratio = choice.demo[kind]
+    if ratio is None or (kind == "lowrank-nf4" and choice.demo.get("nf4") is not None):
+        return None
+    return Config(kind, ratio)
 
 
 def configs_for(choices: list[BudgetChoice], grid: list[float], kinds: tuple[str, ...]) -> list[Config]:
     """Full-model LoRA, lowrank on the grid, and every kind at each budget's demo ratio (deduplicated, in order)."""
     wanted = [Config("full")] + [Config("lowrank", r) for r in grid if "lowrank" in kinds]
     for choice in choices:
-        wanted += [budget_config(k, r) for k, r in choice.demo.items() if r is not None]
+        wanted += [c for c in (budget_config(choice, k) for k in choice.demo) if c is not None]
     if "nf4" in kinds:
-        wanted.append(Config("nf4"))  # the row even where no budget here holds it (reference)
+        wanted.append(Config("nf4", NF4_RATIO))  # the row even where no budget here holds it (reference)
     return list(dict.fromkeys(wanted))
 
 
