@@ -1,6 +1,7 @@
 """Does every stage stream? Peak memory of each stage of a whole run, in its own process, at two model depths.
 
     PYTHONPATH=. python benchmarks/streaming.py [--depths 1+2,4+12] [--ram-gb 1.2] [--width 1024] [--resolution 64]
+        [--emulator-kind lowrank|nf4|lowrank-nf4]
 
 A FLUX folder is written per depth: a random-weight transformer of real head size (128) and the given width
 (`--width` / 128 heads) with D double + S single blocks, beside the demo's VAE, text encoders and scheduler.
@@ -63,7 +64,8 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float, sample_every: int | None = None) -> dict:
+def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float, sample_every: int | None = None,
+            kind: str = "lowrank") -> dict:
     from pipelines.demo import data
 
     double, single = (int(n) for n in depth.split("+"))
@@ -78,8 +80,10 @@ def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float, 
             "--images", str(images), "--prompt", "a photo of sks shape on a white background", "--out", str(out),
             "--resolution", str(resolution), "--steps", "2", "--calibration-samples", "4", "--ratio", "0.45",
             "--max-sequence-length", "32", "--preview-steps", "2", "--preview-seed", "0", "--device", "cpu",
-            "--ram-gb", str(ram_gb), "--quiet"] + ([] if sample_every is None else ["--sample-every", str(sample_every)])
-    row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer"), "ram_gb": ram_gb}
+            "--ram-gb", str(ram_gb), "--quiet", "--emulator-kind", kind] + \
+        ([] if sample_every is None else ["--sample-every", str(sample_every)])
+    row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer"), "ram_gb": ram_gb,
+           "kind": kind}
     for stage in STAGES:
         peak, seconds = peak_of(base + (["--resume"] if stage != "calibrate" else []) + ["--stages", stage])
         row[stage], row[stage + "_seconds"] = peak, seconds
@@ -119,7 +123,8 @@ def markdown(rows: list[dict], baseline: int, unit: str = "blocks", command: str
         plan = lambda r: f"{r['planned_folder']:.0f}" if key == "run_folder" and "planned_folder" in r else ""
         lines.append(f"| {label} | " + " | ".join(f"{r[key] / MiB:.0f} MiB | {plan(r)}" for r in rows)
                      + f" | {rows[-1][key] / max(rows[0][key], 1):.2f}x |")
-    lines.append(f"\nPeak RSS (MiB) of each stage's process, and the host peak the run planned for it when it was "
+    kind = rows[0].get("kind")
+    lines.append(f"\n{'Emulator kind ' + kind + '. ' if kind else ''}Peak RSS (MiB) of each stage's process, and the host peak the run planned for it when it was "
                  f"created (run.json \"plan\"; in brackets: measured / planned - 1). A process that only imports the "
                  f"stack peaks at {baseline / MiB:.0f} MiB. Each stage is `{command}` with `--ram-gb` "
                  f"{rows[0].get('ram_gb', '')}; previews streamed: "
@@ -137,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the run's host budget in GiB: what does not fit it is streamed from the files")
     parser.add_argument("--sample-every", type=int, default=None,
                         help="passed to launch.py train (0: no sample rounds during training); default: the run's own")
+    parser.add_argument("--emulator-kind", default="lowrank", choices=("lowrank", "nf4", "lowrank-nf4"),
+                        help="passed to launch.py train: how the emulator stores the compressed layers")
     parser.add_argument("--name", default="streaming", help="benchmarks/out/<name>.md and .json receive the table")
     args = parser.parse_args(argv)
     drive(args, args.name, "import pipelines.runner, pipelines.flux.backend, diffusers",
-          lambda depth, work: measure(depth, args.width, args.resolution, work, args.ram_gb, args.sample_every))
+          lambda depth, work: measure(depth, args.width, args.resolution, work, args.ram_gb, args.sample_every,
+                                      args.emulator_kind))
     return 0
 
 

@@ -33,6 +33,13 @@ FLUX's prompt encoders run in their own phase (embeddings: the cache, and previe
 beside the VAE, before any transformer is on the device; the preview keeps the VAE beside the transformer and adds
 its decode's working set b·6·c·H·W (c: the VAE's first channels), as a training sample round does. Training also
 holds one step's batch of cached prompt embeddings.
+Emulator kinds (MemorySettings.emulator_kind, emloc/quantized.py): every term above that holds the emulator's
+layers counts each stand-in as stored (stand_in_bytes): "lowrank" b·k(in+out); "nf4" the whole weight in 4 bits,
+in·out/2 + b·in·out/64 (codes + one absmax per 64, in the model's dtype); "lowrank-nf4" both factors in 4 bits. The
+4-bit kinds add the dequantised working set of one layer (dequant_bytes: its weight in the compute dtype, b·in·out on
+a GPU with bitsandbytes' kernel; on the CPU the float32 values and their scaled copy, 8·in·out), held while that one
+layer runs forward or backward (the weight is dequantised again in backward, never saved). Their construction
+quantises (float32 copies, 4·in·out each) after the same statistics; nf4 needs no factorisation.
 Alternatives: LoRA and QLoRA training on the full model, plain inference (preview without adapter, whole).
 `allocated` (total minus overhead) is what torch.cuda.max_memory_allocated measures.
 device="cpu" plans the RAM peak of a run on the CPU (benchmarks/memory.py checks it): one memory holds what a GPU
@@ -51,7 +58,8 @@ import torch
 from torch import nn
 
 from .factorize import GRAM_CHUNK
-from .rules import check_ratio
+from .quantized import check_kind, nf4_bytes
+from .rules import check_ratio, factored_rank, normalise_rules
 from .architecture import (ArchitectureSpec, BlockStack, LinearShape, ModelSummary, emulator_ranks, first_match,
                            lora_targets, summarize)
 
@@ -136,6 +144,8 @@ class MemorySettings:
     stats_on_gpu: bool = _setting(False, "keep calibration sums (4·in² bytes per layer) on the GPU")
     generate_tokens: int = _setting(256, "VLM preview: new tokens generated per answer")
     device: str = _setting("cuda", "cuda: the GPU's peak; cpu: the process's RAM peak (one memory holds everything)")
+    emulator_kind: str = _setting("lowrank", "lowrank, nf4 or lowrank-nf4: how the emulator stores the compressed "
+                                             "layers (emloc/quantized.py)")
 
 
 @dataclass
@@ -146,6 +156,8 @@ class ParamCounts:
     factored_layers: int  # target layers replaced by factors
     dense_layers: int  # target layers kept dense (ratio 1, or factors would not be smaller)
     quantised: int  # elements QLoRA stores in NF4
+    emulator_bytes: int = 0  # the emulator's weights as its kind stores them (stand_in_bytes; the rest at b)
+    dequantised: int = 0  # the largest one-layer dequantised working set of a 4-bit kind (0 for lowrank)
 
 
 @dataclass
@@ -242,6 +254,7 @@ def check_settings(s: MemorySettings) -> None:
         raise ValueError("image_tiles and generate_tokens must be >= 0")
     if s.device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {s.device!r}")
+    check_kind(s.emulator_kind, "emulator_kind")
 
 
 @dataclass
@@ -256,6 +269,7 @@ class _Run:
     ranks: dict[str, int]  # compression targets -> k (0: kept dense)
     targets: list[LinearShape]  # LoRA targets
     counts: ParamCounts
+    stand_ins: dict[str, int] = field(default_factory=dict)  # compression targets -> bytes of their stand-in
 
     def tokens_of(self, lin: LinearShape) -> int:
         stack = next((st for st in self.arch.stacks if st.name == lin.stack), None)
@@ -514,7 +528,9 @@ def _construction(run: _Run) -> PhaseEstimate:
         sq, io = i * i, i * o
         own = 0 if cpu else run.b * io  # on the CPU the layer's weight is the one already counted in "weights"
         moved = 0 if cpu else sq  # the statistics, moved from the host for the factorisation and the error check
-        if o > i:  # whitening's EIGH64·in² is always below what follows it; on a GPU with slow float64 the
+        if run.s.emulator_kind == "nf4":  # no factorisation: the quantisation's float32 copies, then the error check
+            factoring = moved + 4 * io
+        elif o > i:  # whitening's EIGH64·in² is always below what follows it; on a GPU with slow float64 the
             # "split" Gram (factorize._gram) also holds W S with unit-norm columns: one more in·out
             factoring = sq + (2 if cpu else 3) * io + EIGH64 * sq + k * (i + o)
         else:
@@ -522,7 +538,7 @@ def _construction(run: _Run) -> PhaseEstimate:
             forming = 2 * o * o + 4 * o * chunk + 2 * chunk * chunk  # float64 W C Wᵀ, (W C) block, W and C blocks
             factoring = moved + max(forming, EIGH64 * o * o) + k * (i + o)
         worst = max(worst, FACTOR_BYTES * max(factoring, moved + 4 * io) + own)
-        factors += run.b * k * (i + o)
+        factors += run.stand_ins.get(lin.name, run.b * k * (i + o))
     model = {} if run.s.offload else {"weights": run.b * run.summary.params}
     if cpu:  # what a GPU run keeps in host RAM shares the one memory: the loaded statistics and the factors so far
         model.update({"statistics (all layers)": sum(4 * (lin.in_features ** 2) for lin in run.summary.linears
@@ -542,12 +558,15 @@ def _correction(run: _Run) -> PhaseEstimate:
         emu = k * (t.in_features + t.out_features) if k else io
         # float32 layers on the compute device: .to(float32) returns them as they are (measured on the CPU: no copies)
         copy = 0 if b == FACTOR_BYTES else FACTOR_BYTES * max(io, emu)
-        worst = max(worst, b * (io + emu) + copy)
+        if t.name in run.stand_ins and run.s.emulator_kind != "lowrank":  # a 4-bit stand-in: its dequantised copy
+            copy = max(copy, dequant_bytes(emu if k and run.s.emulator_kind == "lowrank-nf4" else io, 4, run.s.device))
+        stored = run.stand_ins.get(t.name, b * emu)
+        worst = max(worst, b * io + stored + copy)
         copies = max(copies, copy)
     adapter = {"adapter + corrected copy": 2 * ADAPTER_BYTES * run.counts.lora}
     if run.s.offload:
         return _estimate("correction", "emloc", {"layers (one of each model)": worst}, True)
-    both = {"weights (full + emulator)": b * (run.counts.full + run.counts.emulator), "float32 layer copies": copies}
+    both = {"weights (full + emulator)": b * run.counts.full + run.counts.emulator_bytes, "float32 layer copies": copies}
     return _estimate("correction", "emloc", {**both, **adapter})
 
 
@@ -563,7 +582,8 @@ def _block_terms(run: _Run) -> dict[str, dict[str, float]]:
         t["tensor"] = max(t["tensor"], run.b * lin.in_features * lin.out_features)
         if k:
             t["statistics"] += 4 * lin.in_features ** 2
-            t["factors"] += run.b * k * (lin.in_features + lin.out_features)
+        if k or lin.name in run.stand_ins:  # what the block is replaced by, as the kind stores it
+            t["factors"] += run.stand_ins.get(lin.name, run.b * k * (lin.in_features + lin.out_features))
     return terms
 
 
@@ -643,7 +663,7 @@ def _host(run: _Run, e: PhaseEstimate) -> dict[str, float]:
         host["file pages (one tensor)"] = tensor
     elif e.phase == "correction":
         host["layers (one of each model)"] = e.parts.get("layers (one of each model)", 0) or \
-            b * (run.counts.full + run.counts.emulator)
+            b * run.counts.full + run.counts.emulator_bytes
         host["adapters"] = 3 * ADAPTER_BYTES * run.counts.lora
     elif e.phase == "preview":
         host["file pages (one block)" if streamed else "file pages (one tensor)"] = block if streamed else tensor
@@ -659,8 +679,9 @@ def _run_folder(run: _Run) -> dict[str, float]:
     """The run folder on disk: the emulator's factors (and kept layers), adapters, checkpoints, statistics on request."""
     s, b = run.s, run.b
     shapes = {lin.name: lin for lin in run.summary.linears}
-    emulator = sum(b * (k * (shapes[n].in_features + shapes[n].out_features) if k
-                        else shapes[n].in_features * shapes[n].out_features) for n, k in run.ranks.items())
+    emulator = sum(run.stand_ins.get(n, b * (k * (shapes[n].in_features + shapes[n].out_features) if k
+                                              else shapes[n].in_features * shapes[n].out_features))
+                   for n, k in run.ranks.items())
     adapter = ADAPTER_BYTES * run.counts.lora
     state, _ = _lora_terms(run)[1:]
     folder = {"emulator": emulator, "adapters (trained, corrected, uncorrected, exports)": 5 * adapter,
@@ -691,7 +712,14 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
                          factored_layers=sum(1 for k in ranks.values() if k),
                          dense_layers=sum(1 for k in ranks.values() if not k),
                          quantised=sum(lin.in_features * lin.out_features for lin in quantised))
-    run = _Run(summary, arch, s, b, tokens, ranks, targets, counts)
+    stand_ins = stand_in_sizes(summary, rules, s.emulator_kind, b)
+    if s.emulator_kind == "nf4":  # full rank: every parameter kept (in 4 bits)
+        counts.emulator = summary.params
+    counts.emulator_bytes = b * summary.params - sum(b * shapes[n].in_features * shapes[n].out_features
+                                                     for n in stand_ins) + sum(stand_ins.values())
+    counts.dequantised = max((dequant_bytes(size, b, s.device) for size in
+                              dequantised_sizes(summary, rules, s.emulator_kind)), default=0)
+    run = _Run(summary, arch, s, b, tokens, ranks, targets, counts, stand_ins)
     nf4 = {"weights (NF4 linears)": NF4_BYTES * counts.quantised, "weights (rest)": b * (counts.full - counts.quantised),
            "dequantised layer": b * max((lin.in_features * lin.out_features for lin in quantised), default=0)}
     preview = {**_full_weights(run, s.offload), **_inference_activations(run, lora=True)}
@@ -704,7 +732,8 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
     estimates = [
         *embeddings[:1],
         *pass_,
-        _training(run, "emloc", {"weights (emulator)": b * counts.emulator}),
+        _training(run, "emloc", {"weights (emulator)": counts.emulator_bytes,
+                                 "dequantised layer (4-bit emulator)": counts.dequantised}),
         _correction(run),
         _with_components(run, "preview", "emloc", preview, s.offload),
         _training(run, "lora", {"weights": b * counts.full}),
@@ -734,3 +763,58 @@ def plan_memory(summary: ModelSummary, arch: ArchitectureSpec, settings: MemoryS
 def estimate(model: nn.Module, arch: ArchitectureSpec, settings: MemorySettings) -> MemoryPlan:
     """plan_memory on a model (meta device is enough); summarise once and call plan_memory when planning often."""
     return plan_memory(summarize(model, arch), arch, settings)
+
+
+# -- emulator kinds (issue 27): what each kind's stand-ins hold -------------------------------------------------------
+def _governed(summary: ModelSummary, rules) -> list[tuple[LinearShape, float]]:
+    """(layer, its rule's ratio) of every linear a compression rule governs, in model order."""
+    rules = normalise_rules(rules)
+    return [(lin, rules[index][1]) for lin, index in zip(summary.linears, first_match(summary, tuple(p for p, _ in rules)))
+            if index is not None]
+
+
+def stand_in_sizes(summary: ModelSummary, rules, kind: str, b: int) -> dict[str, int]:
+    """`{layer: bytes}` of every replaced layer as `kind` stores it (build_emulator's choices, emloc/emulator.py):
+    "lowrank" b·k(in+out); "nf4" every layer whose ratio is below 1, nf4_bytes(in·out) (absmax in the model's dtype,
+    b bytes); "lowrank-nf4" nf4_bytes(k·in) + nf4_bytes(k·out). Kept layers are absent; biases (b·out, as small as
+    the planner's other rounding) are left out as the lowrank terms always left them."""
+    check_kind(kind, "emulator_kind")
+    sizes = {}
+    for lin, ratio in _governed(summary, rules):
+        i, o = lin.in_features, lin.out_features
+        k = factored_rank(i, o, ratio)
+        if kind == "nf4" and ratio < 1:
+            sizes[lin.name] = nf4_bytes(i * o, b)
+        elif k and kind == "lowrank-nf4":
+            sizes[lin.name] = nf4_bytes(k * i, b) + nf4_bytes(k * o, b)
+        elif k:
+            sizes[lin.name] = b * k * (i + o)
+    return sizes
+
+
+def dequantised_sizes(summary: ModelSummary, rules, kind: str) -> list[int]:
+    """Elements of every weight a 4-bit kind dequantises in its forward (none for "lowrank")."""
+    if kind == "lowrank":
+        return []
+    sizes = []
+    for lin, ratio in _governed(summary, rules):
+        i, o = lin.in_features, lin.out_features
+        k = factored_rank(i, o, ratio)
+        if kind == "nf4" and ratio < 1:
+            sizes.append(i * o)
+        elif kind == "lowrank-nf4" and k:
+            sizes += [k * i, k * o]
+    return sizes
+
+
+DEQUANT_CPU_BYTES = 8  # per element, plain torch: the float32 code values and the float32 scaled copy at once
+
+
+def dequant_bytes(elements: int, b: int, device: str = "cuda") -> int:
+    """The working set of dequantising one weight of `elements` (emloc/quantized.py dequantize_nf4): on a GPU
+    bitsandbytes' kernel writes the weight in the compute dtype (b per element) plus a float32 copy of its absmax;
+    on the CPU the plain-torch path holds the float32 values and their scaled copy, then the cast."""
+    if device == "cpu":
+        return max(DEQUANT_CPU_BYTES, 4 + b) * elements
+    return b * elements + 4 * math.ceil(elements / 64)
+

@@ -210,7 +210,7 @@ def test_host_ram_is_planned_per_phase_and_is_a_budget():
 
 @pytest.mark.parametrize("model_id", [FLUX_DEV, "OpenGVLab/InternVL3-38B-hf"])
 def test_recommendation_is_the_largest_ratio_that_leaves_the_headroom(model_id):
-    plan = plan_run(model_id, PlanSettings(budget_gb=24))
+    plan = plan_run(model_id, PlanSettings(budget_gb=24, emulator_kind="lowrank"))  # the ratio of one kind
     assert plan.recommended is not None and plan.recommended < 1.0
     assert plan.ratio == plan.recommended and plan.emloc_fits()
     limit = 24 * GiB - headroom_bytes(24 * GiB)
@@ -224,6 +224,7 @@ def test_recommendation_is_the_largest_ratio_that_leaves_the_headroom(model_id):
     for lower in (0.05, plan.recommended / 2):
         assert plan_run(model_id, PlanSettings(budget_gb=24, ratio=lower)).emloc_fits()
     assert plan_run("OpenGVLab/InternVL3-1B-hf", PlanSettings(budget_gb=80)).recommended == 1.0
+    assert plan_run("OpenGVLab/InternVL3-1B-hf", PlanSettings(budget_gb=80)).recommended_kind == "lowrank"
 
 
 @pytest.mark.parametrize("model_id", [FLUX_DEV, "OpenGVLab/InternVL3-38B-hf"])
@@ -235,7 +236,7 @@ def test_recommended_plans_leave_the_stated_headroom(model_id, budget_gb):
     budget = budget_gb * GiB
     headroom = headroom_bytes(budget)
     assert abs(headroom - max(0.05 * budget, GiB // 2)) <= 1 and headroom >= GiB // 2
-    plan = plan_run(model_id, PlanSettings(budget_gb=budget_gb))
+    plan = plan_run(model_id, PlanSettings(budget_gb=budget_gb, emulator_kind="lowrank"))  # test_quantized_plan.py: kinds
     peak = max(e.total for e in plan.memory.estimates if e.method == "emloc")
     if plan.recommended is None:  # nothing fits at all: the run is refused, not planned tight
         assert peak > budget and "no ratio fits" in plan.reason

@@ -22,12 +22,13 @@ import sys
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from emloc.memory import GiB, OPTIMIZERS
+from emloc.quantized import EMULATOR_KINDS
 
 from .catalogue import load_meta_model
 from .planning import OFFLOAD_MODES, PlanSettings, detect_gpu, plan_run
 
 FLAG_NAMES = {"lora_rank": ["--rank", "--lora-rank"], "lora_targets": ["--lora-target"], "rules": ["--rule"]}
-CHOICES = {"optimizer": OPTIMIZERS, "offload": OFFLOAD_MODES, "dtype": ("bfloat16", "float16", "float32")}
+CHOICES = {"emulator_kind": EMULATOR_KINDS, "optimizer": OPTIMIZERS, "offload": OFFLOAD_MODES, "dtype": ("bfloat16", "float16", "float32")}
 FLOAT_FIELDS = ("budget_gb", "ratio", "ram_gb")  # default None, so their type cannot be read from the default
 
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif isinstance(f.default, bool):
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
-            kind = float if f.name in FLOAT_FIELDS else type(f.default)
+            kind = float if f.name in FLOAT_FIELDS else str if f.name == "emulator_kind" else type(f.default)
             parser.add_argument(*names, dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name),
                                 help=help_text)
     return parser

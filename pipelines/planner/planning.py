@@ -9,6 +9,17 @@ training's emulator build and correction always read the full model block by blo
 checkpoint's files; the preview holds the full model whole when that fits both budgets and streams it from the
 files otherwise. Two budgets: the device's (`budget_gb`, a GPU's memory) and the host's (`ram_gb`, this machine's
 RAM); on a CPU run (`device="cpu"`) the host is the device and `ram_gb` is the one budget.
+
+The recommendation picks the emulator kind too (`recommend_kind`), unless `emulator_kind` is given. Its rule: of the
+candidates that fit (lowrank at its largest fitting ratio, lowrank-nf4 at its largest fitting ratio, nf4), the one
+that keeps the most parameters of the compressed layers (the ratio; nf4 keeps all of them), and at equal parameters
+the most bits per parameter (16 for lowrank, 4 for the NF4 kinds); a candidate that leaves the planner's headroom
+beats one that only fits the bare budget. Why: a 4-bit copy of a weight keeps every direction of it with a small,
+known error (NF4 on Gaussian weights: ≈9% relative, tests/test_quantized.py), while truncating to a fraction of the
+parameters drops whole directions of the weight, which no choice of bits brings back; so more parameters kept wins
+over more bits per parameter, and bits decide between equals (ratio 1 lowrank, the model itself, beats nf4). The
+planner has no weights, so it cannot measure the errors themselves; the quality benchmark (benchmarks/quality.py,
+issue 27 item 3) compares the kinds on the demos.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 from emloc.architecture import summarize
 from emloc.memory import (METHODS, PHASES, RUNTIME_OVERHEAD_BYTES, GiB, MemoryPlan, MemorySettings, PhaseEstimate,
                           plan_memory, stream_tokens)
+from emloc.quantized import check_kind
 from emloc.rules import check_ratio
 
 from .catalogue import MetaModel, load_meta_model
@@ -49,6 +61,9 @@ class PlanSettings(MemorySettings):
     ram_gb: float | None = field(
         default=None, metadata={"help": "GiB of host RAM the run may use; default: no host budget (the run itself "
                                         "defaults to the memory available when it starts)"})
+    emulator_kind: str | None = field(
+        default=None, metadata={"help": "lowrank, nf4 or lowrank-nf4 (emloc/quantized.py); default: the recommended "
+                                        "kind when a budget is given, else lowrank"})
 
 
 @dataclass
@@ -64,6 +79,9 @@ class Plan:
     budget_bytes: int | None  # the device's budget (None: none; a CPU run has only the host's)
     memory: MemoryPlan
     ram_bytes: int | None = None  # the host's budget
+    kind: str = "lowrank"  # the emulator kind the EMLoC column is computed for (given, or recommended)
+    candidates: dict = field(default_factory=dict)  # recommend_kind's: kind -> {"ratio", "headroom", "reason"}
+    recommended_kind: str | None = None  # the kind recommend_kind chose (None: the kind was given, or no budget)
 
     def get(self, phase: str, method: str) -> PhaseEstimate | None:
         return self.memory.get(phase, method)
@@ -129,9 +147,10 @@ def _summary(model_id: str):
     return meta, summarize(meta.model, meta.arch)
 
 
-def _memory_settings(settings: PlanSettings, ratio: float, offload: bool) -> MemorySettings:
+def _memory_settings(settings: PlanSettings, ratio: float, offload: bool, kind: str | None = None) -> MemorySettings:
     values = {f.name: getattr(settings, f.name) for f in fields(MemorySettings)}
-    return MemorySettings(**{**values, "ratio": ratio, "offload": offload})
+    kind = kind or settings.emulator_kind or MemorySettings.emulator_kind
+    return MemorySettings(**{**values, "ratio": ratio, "offload": offload, "emulator_kind": kind})
 
 
 def _budget_bytes(budget_gb: float | None, what: str = "the GPU budget") -> int | None:
@@ -152,13 +171,13 @@ def _budgets(settings: PlanSettings) -> tuple[int | None, int | None]:
 
 
 def _plan_at(model_id: str, settings: PlanSettings, ratio: float, budget: int | None,
-             ram: int | None = None) -> MemoryPlan:
+             ram: int | None = None, kind: str | None = None) -> MemoryPlan:
     """plan_memory with the offload policy resolved phase by phase, as the run machine resolves it."""
     meta, summary = _summary(model_id)
-    streamed = plan_memory(summary, meta.arch, _memory_settings(settings, ratio, True))
+    streamed = plan_memory(summary, meta.arch, _memory_settings(settings, ratio, True, kind))
     if settings.offload == "always":
         return streamed
-    whole = plan_memory(summary, meta.arch, _memory_settings(settings, ratio, False))
+    whole = plan_memory(summary, meta.arch, _memory_settings(settings, ratio, False, kind))
     if settings.offload == "never":
         return whole
     chosen = []
@@ -185,14 +204,14 @@ def headroom_bytes(budget_bytes: int) -> int:
 
 
 def _largest_fitting(model_id: str, settings: PlanSettings, budget: int | None, ram: int | None,
-                     limit: int | None) -> tuple[float | None, str | None]:
+                     limit: int | None, kind: str | None = None) -> tuple[float | None, str | None]:
     """(largest ratio on the grid at which every EMLoC phase stays within `limit` on the GPU and `ram` on the host,
     what failed at the next ratio up (None: ratio 1 fits)); `budget` (the bare GPU budget) resolves the offload
     choices as the run resolves them."""
     last_fail = None
-    for i in range(round(1 / RATIO_STEP), 0, -1):
-        ratio = round(i * RATIO_STEP, 6)
-        memory = _plan_at(model_id, settings, ratio, budget, ram)
+    grid = [NF4_RATIO] if kind == "nf4" else [round(i * RATIO_STEP, 6) for i in range(round(1 / RATIO_STEP), 0, -1)]
+    for ratio in grid:
+        memory = _plan_at(model_id, settings, ratio, budget, ram, kind)
         over = [e for e in memory.estimates if e.method == "emloc" and _fits(e, limit, ram) is False]
         if not over:
             return ratio, last_fail
@@ -205,7 +224,7 @@ def _largest_fitting(model_id: str, settings: PlanSettings, budget: int | None, 
 
 
 def recommend_ratio(model_id: str, settings: PlanSettings, budget_bytes: int | None,
-                    ram_bytes: int | None = None) -> tuple[float | None, str]:
+                    ram_bytes: int | None = None, kind: str | None = None) -> tuple[float | None, str]:
     """The largest ratio on the RATIO_STEP grid at which every EMLoC phase fits both budgets, leaving
     `headroom_bytes` of the GPU budget free, and why. When no ratio leaves that headroom, the largest ratio that
     fits the bare budget, said so in the reason.
@@ -218,12 +237,15 @@ def recommend_ratio(model_id: str, settings: PlanSettings, budget_bytes: int | N
     headroom = headroom_bytes(budget_bytes) if budget_bytes is not None else 0
     spare = f", leaving {gib(headroom)} GiB of the GPU free" if headroom else ""
     limit = budget_bytes - headroom if budget_bytes is not None else None
-    ratio, last_fail = _largest_fitting(model_id, settings, budget_bytes, ram_bytes, limit)
+    ratio, last_fail = _largest_fitting(model_id, settings, budget_bytes, ram_bytes, limit, kind)
     if ratio is None and headroom:
-        ratio, last_fail = _largest_fitting(model_id, settings, budget_bytes, ram_bytes, budget_bytes)
+        ratio, last_fail = _largest_fitting(model_id, settings, budget_bytes, ram_bytes, budget_bytes, kind)
         spare = (f", but no ratio leaves the {gib(headroom)} GiB of headroom the planner keeps for its own error "
                  "(a tight fit: lower the LoRA rank, batch size, resolution or sequence length for room)")
     if ratio is not None:
+        if (kind or settings.emulator_kind) == "nf4":
+            return ratio, (f"every EMLoC phase fits {budget_words}{spare} with the compressed layers whole in 4 bits "
+                           "(nf4: the ratio only picks the layers)")
         if last_fail is None:
             return ratio, f"every EMLoC phase fits {budget_words}{spare} even uncompressed (ratio 1.00)"
         return ratio, (f"largest ratio at which every EMLoC phase fits {budget_words}{spare}; at "
@@ -234,13 +256,52 @@ def recommend_ratio(model_id: str, settings: PlanSettings, budget_bytes: int | N
                   "budget, or lower the LoRA rank, batch size, sequence length or resolution")
 
 
-def sweep_ratios(model_id: str, settings: PlanSettings, ratios: list[float] | None = None) -> list[tuple[float, dict[str, int]]]:
+NF4_RATIO = 0.5  # the ratio an nf4 plan is made at: below 1, so every compressed layer is quantised (any such ratio
+# gives the same nf4 emulator; 1 keeps the layers dense)
+KIND_BITS = {"lowrank": 16, "nf4": 4, "lowrank-nf4": 4}  # bits per kept parameter (lowrank: bf16; its float32 ties)
+
+
+def kind_score(kind: str, ratio: float) -> tuple[float, int]:
+    """(fraction of the compressed layers' parameters kept, bits per kept parameter): the larger keeps more of the
+    model (the module docstring says why parameters come first)."""
+    return (1.0 if kind == "nf4" else ratio), KIND_BITS[kind]
+
+
+def recommend_kind(model_id: str, settings: PlanSettings, budget_bytes: int | None,
+                   ram_bytes: int | None = None) -> tuple[str, float | None, str, dict]:
+    """(kind, ratio, why, candidates) for a budget: each kind's recommend_ratio, then the rule of the module
+    docstring. `candidates`: kind -> {"ratio", "headroom" (fits leaving the planner's headroom), "reason"}. When no
+    kind fits, lowrank's answer (the smallest ratio's shortfall) is returned with ratio None."""
+    from emloc.quantized import EMULATOR_KINDS
+
+    candidates = {}
+    for kind in EMULATOR_KINDS:
+        ratio, why = recommend_ratio(model_id, settings, budget_bytes, ram_bytes, kind)
+        candidates[kind] = {"ratio": ratio, "headroom": ratio is not None and "no ratio leaves" not in why,
+                            "reason": why}
+    fitting = [k for k, c in candidates.items() if c["ratio"] is not None]
+    if not fitting:
+        return "lowrank", None, candidates["lowrank"]["reason"], candidates
+    best = max(fitting, key=lambda k: (candidates[k]["headroom"], *kind_score(k, candidates[k]["ratio"])))
+    others = "; ".join(f"{k} " + (("fits" if k == "nf4" else f"fits up to ratio {c['ratio']:.2f}")
+                                  if c["ratio"] is not None else "does not fit")
+                       for k, c in candidates.items() if k != best)
+    kept = "every parameter of the compressed layers, in 4 bits" if best == "nf4" else \
+        f"{candidates[best]['ratio']:.2f} of the compressed layers' parameters" + \
+        (" (factors in 4 bits)" if best == "lowrank-nf4" else "")
+    why = (f"emulator kind {best}: it keeps the most of the model at this budget ({kept}; {others}); "
+           f"{candidates[best]['reason']}")
+    return best, candidates[best]["ratio"], why, candidates
+
+
+def sweep_ratios(model_id: str, settings: PlanSettings, ratios: list[float] | None = None,
+                 kind: str | None = None) -> list[tuple[float, dict[str, int]]]:
     """EMLoC's per-phase totals (bytes) at each ratio (default 0.05, 0.10, ..., 1.00), for the app's chart."""
     budget, ram = _budgets(settings)
     ratios = ratios or [round(0.05 * i, 2) for i in range(1, 21)]
     curve = []
     for ratio in ratios:
-        memory = _plan_at(model_id, settings, check_ratio(ratio, "ratio"), budget, ram)
+        memory = _plan_at(model_id, settings, check_ratio(ratio, "ratio"), budget, ram, kind)
         curve.append((ratio, {e.phase: e.total for e in memory.estimates if e.method == "emloc"}))
     return curve
 
@@ -256,20 +317,27 @@ def plan_run(model_id: str, settings: PlanSettings | None = None) -> Plan:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {settings.offload!r}")
     if settings.ratio is not None:
         check_ratio(settings.ratio, "--ratio")
+    if settings.emulator_kind is not None:
+        check_kind(settings.emulator_kind, "--emulator-kind")
     meta, _ = _summary(model_id)
     recommended, reason = (None, "no budget given: nothing to recommend")
+    kind, candidates, chosen = settings.emulator_kind or MemorySettings.emulator_kind, {}, None
     if settings.rules:
         reason = "your --rule ratios are used as given"
+    elif (budget is not None or ram is not None) and settings.emulator_kind is None:
+        chosen, recommended, reason, candidates = recommend_kind(model_id, settings, budget, ram)
+        kind = chosen
     elif budget is not None or ram is not None:
         recommended, reason = recommend_ratio(model_id, settings, budget, ram)
-    if settings.ratio is not None:
-        ratio = settings.ratio
+    if settings.ratio is not None:  # a ratio given without a kind is a lowrank run's (RunSettings' default kind)
+        ratio, kind = settings.ratio, settings.emulator_kind or MemorySettings.emulator_kind
     elif budget is not None or ram is not None:
         ratio = recommended or RATIO_STEP  # nothing fits: show the smallest ratio, the closest to fitting
     else:
         ratio = MemorySettings.ratio
-    memory = _plan_at(model_id, settings, ratio, budget, ram)
-    plan = Plan(meta.model_id, meta.display_name, meta.family, ratio, recommended, reason, budget, memory, ram)
+    memory = _plan_at(model_id, settings, ratio, budget, ram, kind)
+    plan = Plan(meta.model_id, meta.display_name, meta.family, ratio, recommended, reason, budget, memory, ram,
+                kind, candidates, chosen if recommended is not None else None)
     if settings.rules and plan.shortfall():
         plan.reason = f"with your --rule ratios {plan.shortfall()}; lower the rules' ratios or raise the budget"
     return plan
@@ -304,9 +372,10 @@ def format_plan(plan: Plan) -> str:
     c = plan.memory.counts
     s = plan.memory.settings
     cpu = s.device == "cpu"
-    emulator = "with your rules" if s.rules else f"at ratio {plan.ratio:.2f}"
+    emulator = ("with your rules" if s.rules else f"at ratio {plan.ratio:.2f}") + f", kind {s.emulator_kind}"
     size = (f"{c.full / 1e9:.2f} B parameters" + (" (transformer)" if plan.family == "flux" else "")
-            + f"; emulator {emulator}: {c.emulator / 1e9:.2f} B ({c.factored_layers} layers factored"
+            + f"; emulator {emulator}: {c.emulator / 1e9:.2f} B, {c.emulator_bytes / GiB:.2f} GiB "
+            + f"({c.factored_layers} layers factored"
             + (f", {c.dense_layers} kept dense" if c.dense_layers else "") + f"); LoRA rank {s.lora_rank}: "
             + f"{c.lora / 1e6:.1f} M")
     shape = (f"{s.resolution}x{s.resolution} px" if plan.family == "flux"
@@ -341,7 +410,9 @@ def format_plan(plan: Plan) -> str:
     lines.append("| **peak** | " + " | ".join(f"**{p.split(' ')[0]}**" + p[len(p.split(' ')[0]):] for p in peaks) + " |")
     lines.append("")
     if plan.recommended is not None:
-        lines.append(f"Recommended ratio: **{plan.recommended:.2f}** ({plan.reason}).")
+        lines.append(f"Recommended ratio: **{plan.recommended:.2f}**" + (
+            f", emulator kind **{plan.recommended_kind}** (--emulator-kind {plan.recommended_kind})"
+            if plan.recommended_kind else "") + f" ({plan.reason}).")
     else:
         lines.append(f"Recommended ratio: none ({plan.reason}).")
     folder = plan.memory.run_folder

@@ -55,6 +55,7 @@ def plan_settings(run: RunSettings, backend: Any) -> PlanSettings:
         optimizer=run.optimizer, batch_size=run.batch_size, gradient_checkpointing=run.gradient_checkpointing,
         calibration_samples=run.calibration_samples, keep_statistics=run.keep_statistics,
         keep_checkpoints=run.keep_checkpoints, samples=bool(sample_interval(run)), budget_gb=gpu, ram_gb=ram,
+        emulator_kind=run.emulator_kind,
         **backend.memory_shape())
 
 
