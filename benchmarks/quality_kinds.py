@@ -41,8 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emloc  # noqa: E402
 from benchmarks import quality  # noqa: E402
 from benchmarks.bootstrap import mean_interval  # noqa: E402
-from emloc.architecture import emulator_ranks  # noqa: E402
-from emloc.quantized import nf4_bytes  # noqa: E402
 from emloc.memory import GiB, MemorySettings, dtype_bytes, plan_memory, runtime_overhead  # noqa: E402
 from pipelines.demo import FLUX_DIR, VLM_DIR  # noqa: E402
 from pipelines.planner.planning import _summary, headroom_bytes  # noqa: E402
@@ -72,44 +70,23 @@ class Config:
 
 # -- memory ------------------------------------------------------------------------------------------------------
 def weight_bytes(model_id: str, kind: str, ratio: float, dtype: str = "bfloat16") -> int:
-    """Bytes of the frozen base a training step holds, as the engine builds each kind (emloc/quantized.py): every
-    parameter in `dtype`, except the compressed targets (the arch's default_compress at `ratio` < 1): `lowrank` keeps
-    their factors (k·(in+out) elements, emulator_ranks; dense where factors would not be smaller), `nf4` their whole
-    weight in NF4, `lowrank-nf4` their factors in NF4 (quantized.nf4_bytes: half a byte per element and one
-    absmax in `dtype` per 64)."""
+    """Bytes of the frozen base a training step holds: the planner's emulator bytes of `kind` at `ratio`
+    (emloc.memory ParamCounts.emulator_bytes: each compressed target as its kind stores it, the rest in `dtype`;
+    equal to the built emulator's, tests/test_quantized_plan.py), or the whole model in `dtype` for "full"."""
     meta, summary = _summary(model_id)
-    b = dtype_bytes(dtype)
-    ranks = emulator_ranks(summary, [(p, ratio) for p in meta.arch.default_compress]) if ratio < 1 else {}
-    total, linear_elements = 0, 0
-    for lin in summary.linears:
-        dense = lin.in_features * lin.out_features
-        linear_elements += dense
-        if lin.name not in ranks or kind == "full":
-            total += b * dense
-        elif kind == "nf4":
-            total += nf4_bytes(dense, b)
-        elif ranks[lin.name] == 0:  # factors would not be smaller: kept dense, in dtype, by both low-rank kinds
-            total += b * dense
-        else:
-            factors = (ranks[lin.name] * lin.in_features, ranks[lin.name] * lin.out_features)  # v (k x in), u (out x k)
-            total += sum(nf4_bytes(n, b) if kind == "lowrank-nf4" else b * n for n in factors)
-    return int(total + b * (summary.params - linear_elements))
+    if kind == "full":
+        return dtype_bytes(dtype) * summary.params
+    plan = plan_memory(summary, meta.arch, MemorySettings(ratio=ratio, emulator_kind=kind, dtype=dtype))
+    return plan.counts.emulator_bytes
 
 
 def training_bytes(model_id: str, kind: str, ratio: float, settings: MemorySettings) -> int:
-    """The planner's training peak (GPU, with its runtime overhead) of one kind: full-model LoRA's estimate with its
-    weights replaced by `weight_bytes`, plus (4-bit kinds) one dequantised layer, as the planner's QLoRA."""
+    """The planner's training peak (GPU, with its runtime overhead) of one kind at `ratio`; "full": LoRA's."""
     meta, summary = _summary(model_id)
-    lora = plan_memory(summary, meta.arch, dataclasses.replace(settings, ratio=1.0)).get("training", "lora")
-    rest = lora.allocated - lora.parts["weights"]
-    dequantised = lora_plan_part(model_id, settings, "dequantised layer") if "nf4" in kind else 0
-    allocated = rest + weight_bytes(model_id, kind, ratio, settings.dtype) + dequantised
-    return allocated + runtime_overhead(allocated)
-
-
-def lora_plan_part(model_id: str, settings: MemorySettings, part: str) -> int:
-    meta, summary = _summary(model_id)
-    return plan_memory(summary, meta.arch, settings).get("training", "qlora").parts.get(part, 0)
+    if kind == "full":
+        return plan_memory(summary, meta.arch, settings).get("training", "lora").total
+    plan = plan_memory(summary, meta.arch, dataclasses.replace(settings, ratio=ratio, emulator_kind=kind))
+    return plan.get("training", "emloc").total
 
 
 def largest_ratio(fits) -> float | None:
@@ -170,7 +147,7 @@ def memory_table(backend: str, demo_model: str, configs: list[Config], choices: 
     for c in choices:
         cells = [f"{_r(k, c.real[k])} / {_r(k, c.demo[k])}" for k in c.real]
         lines.append(f"| {c.budget_gb:g} GiB | {c.share:.3f} | " + " | ".join(cells) + " |")
-    lines += ["", "| row | frozen weights on the demo (share of bf16 full) | training peak on the real model (GiB) |",
+    lines += ["", "| row | frozen weights on the demo (share of its bf16 weights) | training peak of this kind and ratio on the real model (GiB) |",
               "|---|---:|---:|"]
     for cfg in configs:
         kind = "full" if cfg.kind == "full" else cfg.kind
