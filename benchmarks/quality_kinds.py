@@ -184,8 +184,10 @@ def measure(run: Run, scorer: quality.Scorer) -> dict:
             "lam=3.0": scorer.score(full_with(run, out / "corrected"))}
 
 
-def benchmark(task: quality.Task, seeds: list[int], configs: list[Config], work: Path, cache_file: Path) -> tuple[dict, float]:
-    """{config: [per-seed dict of per-item scores]}, and the minutes it took; the full LoRA trains once per seed.
+def benchmark(task: quality.Task, seeds: list[int], configs: list[Config], work: Path,
+              cache_file: Path) -> tuple[dict, float, int]:
+    """{config: [per-seed dict of per-item scores]}, the minutes it took and how many (row, seed) it computed (the
+    others came from the cache); the full LoRA trains once per seed.
 
     Every (row, seed) is written to `cache_file` as it finishes (keyed by the run settings too), and a later call
     with the same settings reads it instead of running it again: rows can be added (a new kind) without rerunning
@@ -194,10 +196,12 @@ def benchmark(task: quality.Task, seeds: list[int], configs: list[Config], work:
     started = time.monotonic()
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     settings = json.dumps(task.run, sort_keys=True)
+    computed = []
 
     def cached(cfg: Config, seed: int, compute) -> dict:
         key = f"{cfg.kind}|{cfg.ratio:g}|{seed}|{settings}"
         if key not in cache:
+            computed.append(key)
             cache[key] = {k: {m: v.astype(int).tolist() for m, v in d.items()} for k, d in compute().items()}
             cache_file.write_text(json.dumps(cache) + "\n")
         return {k: {m: np.array(v, float) for m, v in d.items()} for k, d in cache[key].items()}
@@ -227,7 +231,7 @@ def benchmark(task: quality.Task, seeds: list[int], configs: list[Config], work:
         shutil.rmtree(folder, ignore_errors=True)
     if Config("full") in results:
         results[Config("full")] = [{"zero": zero, "full": full[seed]} for seed in seeds]
-    return results, (time.monotonic() - started) / 60
+    return results, (time.monotonic() - started) / 60, len(computed)
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -250,14 +254,15 @@ def corrected_key(cfg: Config) -> str:
 
 
 def report(task: quality.Task, seeds: list[int], results: dict, choices: list[BudgetChoice], minutes: float,
-           memory: str) -> str:
+           computed: int, memory: str) -> str:
     metrics = ["new"] if task.backend == "flux" else ["new", "orig"]
     what = ("share of 16 held-out renders read as a teal cross" if task.backend == "flux" else
             "exact match on 24 held-out mug images / accuracy on 60 held-out pretraining questions")
     full_cfg = Config("full")
     lines = [f"### {task.backend}: {what}", "",
-             f"Seeds {seeds}; run settings {json.dumps(task.run)}; {minutes:.1f} min on {torch.get_num_threads()} "
-             "CPU thread(s). Mean over seeds and items [95% interval: two-stage bootstrap, benchmarks/bootstrap.py]; "
+             f"Seeds {seeds}; run settings {json.dumps(task.run)}; this invocation: {minutes:.1f} min on "
+             f"{torch.get_num_threads()} CPU thread(s), {computed} (row, seed) computed, the rest read from the "
+             "cache. Mean over seeds and items [95% interval: two-stage bootstrap, benchmarks/bootstrap.py]; "
              "differences paired by seed and item.", "", memory, "",
              "| row | emulator + LoRA | full + LoRA, uncorrected (λ=0) | full + LoRA, corrected (λ=3) | "
              "corrected − uncorrected | corrected − full-model LoRA |", "|---|---:|---:|---:|---|---|"]
@@ -354,11 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         work = Path(tempfile.mkdtemp(prefix=f"quality-kinds-{task.backend}-"))
         try:
-            results, minutes = benchmark(task, seeds, configs, work,
+            results, minutes, computed = benchmark(task, seeds, configs, work,
                                          Path(args.out) / f"quality_kinds_{task.backend}_cache.json")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        text = report(task, seeds, results, choices, minutes, memory)
+        text = report(task, seeds, results, choices, minutes, computed, memory)
         print(text + "\n", flush=True)
         (Path(args.out) / f"quality_kinds_{task.backend}.md").write_text(text + "\n")
         raw = {cfg.name: rows for cfg, rows in results.items()}
