@@ -185,9 +185,10 @@ def measure(run: Run, scorer: quality.Scorer) -> dict:
 
 
 def benchmark(task: quality.Task, seeds: list[int], configs: list[Config], work: Path,
-              cache_file: Path) -> tuple[dict, float, int]:
+              cache_file: Path, cached_only: bool = False) -> tuple[dict, float, int]:
     """{config: [per-seed dict of per-item scores]}, the minutes it took and how many (row, seed) it computed (the
-    others came from the cache); the full LoRA trains once per seed.
+    others came from the cache); the full LoRA trains once per seed. `cached_only`: run nothing, leave out the
+    (row, seed) the cache lacks (each row then says its seeds; differences use the seeds both rows have).
 
     Every (row, seed) is written to `cache_file` as it finishes (keyed by the run settings too), and a later call
     with the same settings reads it instead of running it again: rows can be added (a new kind) without rerunning
@@ -198,8 +199,10 @@ def benchmark(task: quality.Task, seeds: list[int], configs: list[Config], work:
     settings = json.dumps(task.run, sort_keys=True)
     computed = []
 
-    def cached(cfg: Config, seed: int, compute) -> dict:
+    def cached(cfg: Config, seed: int, compute) -> dict | None:
         key = f"{cfg.kind}|{cfg.ratio:g}|{seed}|{settings}"
+        if key not in cache and cached_only:
+            return None
         if key not in cache:
             computed.append(key)
             cache[key] = {k: {m: v.astype(int).tolist() for m, v in d.items()} for k, d in compute().items()}
@@ -220,17 +223,22 @@ def benchmark(task: quality.Task, seeds: list[int], configs: list[Config], work:
             return measure(runs[0], scorer)
 
         row = cached(cfg, seed, emloc_run)
+        if row is None:
+            continue
         if seed not in full:  # full-model LoRA needs a run for its backend: this seed's first (or a fresh one)
 
             def full_lora() -> dict:
                 run = runs[0] if runs else make_run(task, scorer, folder, cfg, seed)
                 return {"full": scorer.score(quality.train_full_lora(run))}
 
-            full[seed] = cached(Config("full"), seed, full_lora)["full"]
-        results[cfg].append({"zero": zero, "full": full[seed], **row})
+            full[seed] = (cached(Config("full"), seed, full_lora) or {}).get("full")
+        if full[seed] is None:
+            continue
+        results[cfg].append({"seed": seed, "zero": zero, "full": full[seed], **row})
         shutil.rmtree(folder, ignore_errors=True)
     if Config("full") in results:
-        results[Config("full")] = [{"zero": zero, "full": full[seed]} for seed in seeds]
+        results[Config("full")] = [{"seed": seed, "zero": zero, "full": full[seed]} for seed in seeds
+                                   if full.get(seed) is not None]
     return results, (time.monotonic() - started) / 60, len(computed)
 
 
@@ -239,18 +247,16 @@ def items(rows: list[dict], key: str, metric: str) -> np.ndarray:
     return quality.scores(rows, key, metric)
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> str:
-    """a − b over the same seeds and items: mean [95% interval] and whether the interval excludes 0."""
-    differences = a - b
+def paired(rows_a: list[dict], key_a: str, rows_b: list[dict], key_b: str, metric: str) -> str:
+    """a − b over the seeds both rows have, item by item: mean [95% interval], whether the interval excludes 0."""
+    common = {r["seed"] for r in rows_a} & {r["seed"] for r in rows_b}
+    a = items([r for r in rows_a if r["seed"] in common], key_a, metric)
+    differences = a - items([r for r in rows_b if r["seed"] in common], key_b, metric)
     if not differences.any():
         return "0 (same on every item)"
     centre, low, high = mean_interval(differences)
     verdict = "higher" if low > 0 else "lower" if high < 0 else "within noise"
     return f"{centre:+.3f} [{low:+.3f}, {high:+.3f}] {verdict}"
-
-
-def corrected_key(cfg: Config) -> str:
-    return "full" if cfg.kind == "full" else "lam=3.0"
 
 
 def report(task: quality.Task, seeds: list[int], results: dict, choices: list[BudgetChoice], minutes: float,
@@ -264,20 +270,22 @@ def report(task: quality.Task, seeds: list[int], results: dict, choices: list[Bu
              f"{torch.get_num_threads()} CPU thread(s), {computed} (row, seed) computed, the rest read from the "
              "cache. Mean over seeds and items [95% interval: two-stage bootstrap, benchmarks/bootstrap.py]; "
              "differences paired by seed and item.", "", memory, "",
-             "| row | emulator + LoRA | full + LoRA, uncorrected (λ=0) | full + LoRA, corrected (λ=3) | "
-             "corrected − uncorrected | corrected − full-model LoRA |", "|---|---:|---:|---:|---|---|"]
+             "| row | seeds | emulator + LoRA | full + LoRA, uncorrected (λ=0) | full + LoRA, corrected (λ=3) | "
+             "corrected − uncorrected | corrected − full-model LoRA |", "|---|---:|---:|---:|---:|---|---|"]
     full_rows = results.get(full_cfg)
     for cfg, rows in results.items():
-        if cfg.kind == "full":
-            lines.append(f"| {cfg.name} | — | — | {quality.fmt(rows, 'full', metrics)} | — | — |")
+        if not rows:
             continue
-        fix = "<br>".join(paired(items(rows, "lam=3.0", m), items(rows, "lam=0.0", m)) for m in metrics)
-        gap = "<br>".join(paired(items(rows, "lam=3.0", m), items(rows, "full", m)) for m in metrics)
-        lines.append(f"| {cfg.name} | {quality.fmt(rows, 'emulator', metrics)} | {quality.fmt(rows, 'lam=0.0', metrics)}"
+        if cfg.kind == "full":
+            lines.append(f"| {cfg.name} | {len(rows)} | — | — | {quality.fmt(rows, 'full', metrics)} | — | — |")
+            continue
+        fix = "<br>".join(paired(rows, "lam=3.0", rows, "lam=0.0", m) for m in metrics)
+        gap = "<br>".join(paired(rows, "lam=3.0", rows, "full", m) for m in metrics)
+        lines.append(f"| {cfg.name} | {len(rows)} | {quality.fmt(rows, 'emulator', metrics)} | {quality.fmt(rows, 'lam=0.0', metrics)}"
                      f" | {quality.fmt(rows, 'lam=3.0', metrics)} | {fix} | {gap} |")
     for choice in choices:
         at = [(kind, budget_config(choice, kind)) for kind in choice.demo]
-        at = [(kind, cfg) for kind, cfg in at if cfg in results]
+        at = [(kind, cfg) for kind, cfg in at if results.get(cfg)]
         if not at:
             continue
         base_cfg = at[0][1]
@@ -290,12 +298,12 @@ def report(task: quality.Task, seeds: list[int], results: dict, choices: list[Bu
             rows = results[cfg]
             lines.append(f"| {cfg.name} | {_r(kind, choice.real[kind])} | {quality.fmt(rows, 'lam=0.0', metrics)} | "
                          f"{quality.fmt(rows, 'lam=3.0', metrics)} | "
-                         + "<br>".join(paired(items(rows, "lam=3.0", m), items(base, "lam=3.0", m)) for m in metrics)
+                         + "<br>".join(paired(rows, "lam=3.0", base, "lam=3.0", m) for m in metrics)
                          + " | "
-                         + "<br>".join(paired(items(rows, "lam=0.0", m), items(base, "lam=3.0", m)) for m in metrics)
+                         + "<br>".join(paired(rows, "lam=0.0", base, "lam=3.0", m) for m in metrics)
                          + " |")
         if full_rows:
-            cells = "<br>".join(paired(items(full_rows, "full", m), items(base, "lam=3.0", m)) for m in metrics)
+            cells = "<br>".join(paired(full_rows, "full", base, "lam=3.0", m) for m in metrics)
             lines.append(f"| {full_cfg.name} (does not fit) | — | — | {quality.fmt(full_rows, 'full', metrics)} | "
                          f"{cells} | — |")
     return "\n".join(lines)
@@ -330,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="override the training steps (0: the task's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-only", action="store_true", help="print the budgets and rows, run nothing")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="report from --out's cache only: run nothing, leave out what it lacks")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -360,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix=f"quality-kinds-{task.backend}-"))
         try:
             results, minutes, computed = benchmark(task, seeds, configs, work,
-                                         Path(args.out) / f"quality_kinds_{task.backend}_cache.json")
+                                         Path(args.out) / f"quality_kinds_{task.backend}_cache.json",
+                                         args.cached_only)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         text = report(task, seeds, results, choices, minutes, computed, memory)
