@@ -3,6 +3,7 @@
 
     PYTHONPATH=. python benchmarks/quality_kinds.py [--backend flux|vlm|both] [--seeds 0,1,2,3,4]
         [--budgets 8,12] [--grid 0.1,0.2,0.3] [--kinds lowrank,nf4,lowrank-nf4] [--steps N] [--memory-only]
+        [--cached-only] [--out benchmarks/out]
 
 Tasks, items, scores and intervals are benchmarks/quality.py's (its Scorer, its two-stage bootstrap over seeds then
 items, its paired per-item differences). Each EMLoC row is one run through the run machine per seed (calibrate ->
