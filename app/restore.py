@@ -24,8 +24,9 @@ KEY_FILE = ".page-key"  # in the runs folder: the browser's record stays readabl
 TABLES = ("data.captions", "data.qa_table")
 # the form values a reload puts back (the uploads are in PageState)
 FORM = ["model.task", "model.model", "data.prompt", "data.trigger", *TABLES, "budget.budget", "budget.ram",
-        "budget.ratio", "budget.rank", "budget.batch_size", "budget.touched", "budget.ram_touched", "train.name",
-        *[f"train.{n}" for n in form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS]]
+        "budget.ratio", "budget.rank", "budget.batch_size", "budget.emulator_kind", "budget.touched",
+        "budget.ram_touched", "train.name",
+        *[f"train.{n}" for n in form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS + form.TEXT_FIELDS]]
 NOUN = {"images": "photos", "qa": "images"}
 
 
@@ -125,6 +126,7 @@ def restore(studio, saved: dict, device: str, uncorrected: bool = False) -> Valu
         out.update({**train.cleared(), **preview.cleared(), **export.cleared()})
     plan_inputs = {**{k: values.get(k) for k in budget.PLAN_INPUTS if k in values}, "page.state": state,
                    "model.model": model}
+    plan_inputs.setdefault("budget.emulator_kind", "auto")  # a page saved before the Budget step had the kind
     if all(k in plan_inputs for k in budget.PLAN_INPUTS):
         out.update(budget.plan_view(plan_inputs))
     out.update(notes)

@@ -124,7 +124,7 @@ def test_cached_embeddings_stay_on_the_cpu_in_the_model_dtype_and_give_the_loss_
     backend.dtype = torch.bfloat16  # what a CUDA device resolves to
     backend.load_cache(cache)
     held = [t for key in ("embeds", "pooled") for t in backend.cache.get(key, [])]
-    held += [t for key in ("mean", "std") for views in backend.cache[key] for t in views]
+    held += [t for entry in backend._latents() for t in (entry["mean"], entry["std"])]  # every cached latent
     assert held and all(t.device.type == "cpu" for t in held)
     assert all(t.dtype == torch.bfloat16 for t in backend.cache["embeds"] + backend.cache.get("pooled", []))
     model = Transformer.from_pretrained(str(model_dir), subfolder="transformer", dtype=torch.bfloat16).eval()
