@@ -65,6 +65,12 @@ class JobStatus:
 
 def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
     """(step, loss) pairs of a run's loss log (a line being written is left for the next read)."""
+    return read_loss_log(run_dir, "loss")
+
+
+def read_loss_log(run_dir: str | Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of each line of a run's loss log that has `key` ("loss" for training steps, "validation_loss"
+    for sample rounds); other lines, and a line being written, are skipped."""
     path = Path(run_dir) / LOSS_LOG
     if not path.is_file():
         return []
@@ -72,7 +78,7 @@ def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-            pairs.append((int(record["step"]), float(record["loss"])))
+            pairs.append((int(record["step"]), float(record[key])))
         except (ValueError, KeyError, TypeError):
             continue
     return pairs

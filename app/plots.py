@@ -7,13 +7,13 @@ Only layout lives here: the numbers come from pipelines.planning (see handlers.m
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from pipelines.runner import LOSS_LOG
+
+from .jobs import read_loss_log
 
 FITS, OVER, NO_BUDGET = "#2e9d5b", "#d64545", "#5b7fd6"
 HALO = "paint-order:stroke;stroke:var(--body-background-fill,#fff);stroke-width:4px"  # text over the budget line
@@ -91,17 +91,7 @@ TRAINING, VALIDATION = "training", "validation (held out)"  # the loss chart's t
 def read_validation(run_dir: str | Path) -> list[tuple[int, float]]:
     """(step, validation loss) of each sample round of a run: the loss log's {"step", "validation_loss"} lines
     (pipelines/runner/stages.py _validate); [] when nothing is held out or there is no run."""
-    path = Path(run_dir) / LOSS_LOG if run_dir else None
-    if path is None or not path.is_file():
-        return []
-    points = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            points.append((int(record["step"]), float(record["validation_loss"])))
-        except (ValueError, KeyError, TypeError):  # a training line, or one being written
-            continue
-    return points
+    return read_loss_log(run_dir, "validation_loss") if run_dir else []
 
 
 def loss_frame(losses: list, validation: list = ()) -> pd.DataFrame:
