@@ -190,8 +190,8 @@ def train(run: Run, out: Path) -> None:
     every = sample_interval(settings)
     if accelerator.is_main_process and every and start == 0:
         _sample(run, plain, 0)  # the baseline: what the emulator makes before any training
-        _validate(run, plain, 0, loss_log, accelerator)  # held-out data is scored with the sample rounds (the plan
-        # counts their generation only when there are rounds)
+    if accelerator.is_main_process and start == 0:
+        _validate(run, plain, 0, loss_log, accelerator)  # the held-out data's baseline (see validation_due)
     began, saved = time.monotonic(), start
     read_every = loss_read_interval(backend.device)
     unread: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, seconds) not yet on the host
@@ -243,7 +243,7 @@ def train(run: Run, out: Path) -> None:
             if sample:
                 (run.dir / SAMPLE_NOW).unlink(missing_ok=True)
                 _sample(run, plain, done)
-            if accelerator.is_main_process and (sample or (every and done == settings.steps)):
+            if accelerator.is_main_process and validation_due(done, settings.steps, every, sample, checkpoint):
                 log_file.flush()
                 _validate(run, plain, done, loss_log, accelerator)
     accelerator.wait_for_everyone()
@@ -253,6 +253,13 @@ def train(run: Run, out: Path) -> None:
     # run trained further (`train --resume --steps N`) goes on from here exactly
     emloc.write_adapter(emloc.adapter_state(plain), plain.peft_config["default"], out,
                         metadata={"emloc_base_model": settings.model, "emloc_steps": str(settings.steps)})
+
+
+def validation_due(done: int, steps: int, every: int, sample: bool, checkpoint: bool) -> bool:
+    """Whether the held-out data is scored after step `done`: at each sample round (Sample now's too) and the last
+    step; without sample rounds (--sample-every 0) at each checkpoint as well, so that a person who held data
+    out still sees a validation loss (step 0 is scored either way: the baseline)."""
+    return done == steps or sample or (not every and checkpoint)
 
 
 def _eta(began: float, start: int, done: int, steps: int) -> float:
