@@ -27,7 +27,9 @@ TEXT_FIELDS = ("sample_prompts",)  # lists typed one item per line, under "More 
 # Backend fields under "More settings", shown when the run's backend has them
 BACKEND_FIELDS = ("resolution", "preview_steps", "max_sequence_length", "max_new_tokens")
 # Backend fields the Data step shows (held-out data, sizes, prior preservation), passed when the backend has them
-DATA_FIELDS = ("holdout", "resolutions", "class_prompt", "class_images", "class_count", "prior_weight")
+DATA_FIELDS = ("holdout", "resolutions", "class_prompt", "class_images", "class_count", "prior_weight",
+               "validation_images", "validation_data")
+VALIDATION_FIELDS = ("validation_images", "validation_data")  # uploads, staged by app/validation.py
 CLASS_UPLOADS = "class-images"  # beside the staged photos: the class images dropped on the Data step
 WHERE = {**{n: "step 3" for n in BUDGET_FIELDS}, **{n: "step 4" for n in TRAIN_FIELDS},
          **{n: "step 4, More settings" for n in MORE_FIELDS + BACKEND_FIELDS + TEXT_FIELDS},
@@ -129,8 +131,8 @@ def read_number(name: str, value: Any, view: FieldView | None = None) -> int | f
 
 
 def data_settings(backend: str, values: dict[str, Any], staging: Path | None = None) -> dict[str, Any]:
-    """The Data step's backend settings (DATA_FIELDS the backend has) from the page's values: numbers checked as
-    numbers, a list of sizes read from "512, 768", dropped class images copied into `staging`/class-images (the
+    """The Data step's backend settings (DATA_FIELDS the backend has, but the validation uploads: app/validation.py)
+    from the page's values: numbers checked as numbers, a list of sizes read from "512, 768", dropped class images copied into `staging`/class-images (the
     setting names that folder; none without `staging`); ValueError naming the control otherwise."""
     import shutil
 
@@ -139,7 +141,7 @@ def data_settings(backend: str, values: dict[str, Any], staging: Path | None = N
     out: dict[str, Any] = {}
     for name in DATA_FIELDS:
         value = values.get(name)
-        if name not in names or value is None:
+        if name not in names or value is None or name in VALIDATION_FIELDS:
             continue
         view = field_view(cls, name)
         if name == "class_images":  # the files of a multiple-file drop

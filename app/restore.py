@@ -26,7 +26,9 @@ TABLES = ("data.captions", "data.qa_table")
 FORM = ["model.task", "model.model", "data.prompt", "data.trigger", *TABLES, "budget.budget", "budget.ram",
         "budget.ratio", "budget.rank", "budget.batch_size", "budget.emulator_kind", "budget.touched",
         "budget.ram_touched", "train.name",
-        *[f"train.{n}" for n in form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS + form.TEXT_FIELDS]]
+        *[f"train.{n}" for n in form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS + form.TEXT_FIELDS],
+        *[f"data.{n}" for n in form.DATA_FIELDS]]
+FILES = ["data.class_images", *[f"data.{n}" for n in form.VALIDATION_FIELDS]]  # drops: their files' paths
 NOUN = {"images": "photos", "qa": "images"}
 
 
@@ -88,6 +90,24 @@ def kept_uploads(state: PageState) -> tuple[PageState, Values]:
                                    "is gone since the page was last open (the others are still here).", good=False)}
 
 
+def kept_files(values: dict) -> tuple[dict, Values]:
+    """The Data step's drops (class images, validation data) with the files that are gone left out; said so."""
+    from .validation import paths
+
+    lost = []
+    values = dict(values)
+    for key in FILES:
+        if key in values:
+            given = paths(values[key])
+            values[key] = [p for p in given if Path(p).is_file()] or None
+            if len(values[key] or []) < len(given):
+                lost.append(form.any_backend_field(key.split(".", 1)[1]).label)
+    if not lost:
+        return values, {}
+    return values, {"data.msg": say(f"{' and '.join(lost)} (step 2) need dropping again: their files were kept in a "
+                                    "temporary folder that is gone since the page was last open.", good=False)}
+
+
 def restore(studio, saved: dict, device: str, uncorrected: bool = False) -> Values:
     """The page as the browser's record `saved` had it: task, model, uploads (while their copies exist), typed
     words, settings, the run (live when its job runs) and the step; {} when there is no record."""
@@ -95,8 +115,10 @@ def restore(studio, saved: dict, device: str, uncorrected: bool = False) -> Valu
 
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         return {}
-    values = {k: v for k, v in (saved.get("form") or {}).items() if k in FORM}
+    values, lost_files = kept_files({k: v for k, v in (saved.get("form") or {}).items() if k in FORM})
     state, notes = kept_uploads(PageState.from_saved(saved["state"], device))
+    if lost_files and "data.msg" not in notes:
+        notes.update(lost_files)
     step = int(saved.get("step") or 0)
     if state.run_dir and not (Path(state.run_dir) / "run.json").is_file():
         notes["train.msg"] = say(f"The run this page showed, {Path(state.run_dir).name}, is no longer in the runs "
@@ -107,6 +129,8 @@ def restore(studio, saved: dict, device: str, uncorrected: bool = False) -> Valu
     for table in TABLES:
         out[table] = values.get(table) or None
     out.update(data.task_view(state))
+    if values.get("data.holdout") is not None:  # the task's label, and the restored count
+        out["data.holdout"] = gr.Number(value=values["data.holdout"], label=data.HOLDOUT_LABEL.get(state.kind))
     out["model.task"] = state.kind
     out["model.model"] = gr.Dropdown(choices=handlers.model_choices(state.kind, studio.demo_models), value=model)
     try:

@@ -23,7 +23,7 @@ from pipelines.runner.data import DataError, check_image
 from pipelines.runner.exports import export_zip
 from pipelines.runner.requests import MAX_SEEDS, parse_prompts, parse_scales, parse_seeds  # noqa: F401
 
-from . import families, form, handlers, results
+from . import families, form, handlers, results, validation
 from .jobs import JobBusy, JobManager, JobStatus, read_losses
 from .jobqueue import JobQueue, QueuedJob
 from .plots import progress_bar
@@ -135,6 +135,7 @@ class Studio:
                  for n in form.backend_fields(backend) if values.get(n) is not None}
         shown.update(form.data_settings(backend, values, data.parent))  # the Data step's held-out count, sizes,
         # class prompt and class images (staged beside the photos)
+        shown.update(validation.stage(backend, values, values.get("images"), data.parent))  # its validation upload
         if backend_type.data_kind == "images":
             staged = handlers.stage_photo_data(values.get("images"), values.get("prompt"), values.get("trigger"),
                                                values.get("captions"), data)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import handlers
+from .. import handlers, validation
 from ..manager import Values, say
 from ..page import STEP, PageState
 from . import Context
@@ -131,7 +131,11 @@ def more_settings(kind: str, v: Values, staging: Path | None = None) -> dict:
     from ..families import model_backend
     from ..form import DATA_FIELDS, data_settings
 
-    values = data_settings(model_backend(v["model.model"]), {n: v.get(f"data.{n}") for n in DATA_FIELDS}, staging)
+    backend = model_backend(v["model.model"])
+    page = {n: v.get(f"data.{n}") for n in DATA_FIELDS}
+    values = data_settings(backend, page, staging)
+    if staging is not None:  # the validation upload, checked as the run will check it
+        values.update(validation.stage(backend, page, v["page.state"].images, staging))
     if kind == "qa":
         rows = len([row for row in handlers.table_rows(v["data.qa_table"]) if any(row)])
         if not 0 <= values.get("holdout", 0) < max(rows, 1):
@@ -142,9 +146,14 @@ def more_settings(kind: str, v: Values, staging: Path | None = None) -> dict:
 
 
 def held_out_words(v: Values) -> str:
+    """What Next says about validation: the held-out count and the validation upload of the state's task."""
     held = int(v.get("data.holdout") or 0)
-    return (f" {held} held out: the validation loss is drawn beside the training loss at every sample round."
-            if held else "")
+    name = validation.PHOTOS if v["page.state"].kind == "images" else validation.QUESTIONS
+    dropped = validation.paths(v.get(f"data.{name}"))
+    parts = [f"{held} held out"] if held else []
+    parts += [f"{validation.label(name)} given"] if dropped else []
+    return (f" {' and '.join(parts)}: the validation loss is drawn beside the training loss at every sample round "
+            "(at every checkpoint when there are none)." if parts else "")
 
 
 def _upload_panel(kind: str, noun: str, height: int):
@@ -180,6 +189,8 @@ def build(ctx: Context) -> dict:
                                             label="Captioning model (an InternVL you have)", elem_id="caption-model")
                 caption_button = gr.Button("Suggest captions for my photos", scale=1, elem_id="caption-photos")
             caption_msg = gr.Markdown(elem_id="msg-caption", elem_classes="emloc-msg")
+            photos_for_validation = _validation_drop(validation.PHOTOS, "other photos of your subject (JPEG, PNG or "
+                                                     "WebP), never trained on", "validation-photos")
             more = _more_photo_settings(any_backend_field)
         with gr.Column(visible=False) as qa_box:
             gr.Markdown("Add your **images** and a **question and answer** for each (the table), or import a .jsonl "
@@ -188,6 +199,9 @@ def build(ctx: Context) -> dict:
             qa_import = gr.File(label="Import questions and answers (.jsonl or .csv)", elem_id="qa-import", height=140)
             qa_table = gr.Dataframe(headers=["image", "question", "answer"], column_count=3, interactive=True,
                                     label="Questions and answers", elem_id="qa-table")
+            questions_for_validation = _validation_drop(validation.QUESTIONS, "a .jsonl or .csv file (image, "
+                                                        "question, answer) and the images it names, dropped together; "
+                                                        "never trained on", "validation-questions")
         holdout = gr.Number(0, label=HOLDOUT_LABEL["images"], precision=0, minimum=0, elem_id="holdout",
                             info="kept out of training (the last ones) to measure a validation loss at each sample "
                                  "round, drawn beside the training loss; 0: none")
@@ -198,8 +212,12 @@ def build(ctx: Context) -> dict:
              "captions": captions, "caption_model": caption_model, "caption": caption_button,
              "caption_msg": caption_msg, "qa_box": qa_box, "qa_upload": qa_upload, "qa_gallery": qa_gallery,
              "qa_remove": qa_remove, "qa_import": qa_import, "qa_table": qa_table, "msg": msg, "next": next_button,
-             "holdout": holdout, **more}
+             "holdout": holdout, validation.PHOTOS: photos_for_validation,
+             validation.QUESTIONS: questions_for_validation, **more}
     m.add("data", elems)
+    for name in (validation.PHOTOS, validation.QUESTIONS):
+        m.bind(elems[name].upload, partial(validation_drop, studio, name=name), ["page.state", f"data.{name}"],
+               [f"data.{name}"], message="data.msg")
     state_out = ["page.state", "data.photo_gallery", "data.qa_gallery", "data.captions", "data.qa_table"]
     for drop in ("data.photo_upload", "data.qa_upload"):
         m.bind(m[drop].upload, lambda v, studio=studio, drop=drop: upload(studio, {**v, "upload": v[drop]}),
@@ -223,6 +241,22 @@ def build(ctx: Context) -> dict:
     m.bind(example_button.click, partial(example, studio), ["page.state", "data.prompt", "data.qa_table"],
            [*state_out, "data.prompt", "data.trigger"], message="data.msg")
     return elems
+
+
+def validation_drop(studio, v: Values, name: str) -> Values:
+    """Check a validation drop (`name`: validation.PHOTOS or QUESTIONS) as the training uploads are checked; the
+    drop keeps its usable files, the message says what is wrong with the others."""
+    upload = validation.read(name, v[f"data.{name}"], v["page.state"].images)
+    kept = ([upload.table] if upload.table else []) + [item["path"] for item in upload.images]
+    return {f"data.{name}": kept or None, "data.msg": say(validation.words(name, upload), good=not upload.problems)}
+
+
+def _validation_drop(name: str, what: str, elem_id: str) -> gr.File:
+    """The drop of the backend field `name`'s validation data, labelled as that field."""
+    from ..form import any_backend_field
+
+    return gr.File(file_count="multiple", label=f"{any_backend_field(name).label} (optional): {what}", height=110,
+                   elem_id=elem_id)
 
 
 def _more_photo_settings(field) -> dict:
