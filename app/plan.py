@@ -17,6 +17,28 @@ from .plots import Bar, memory_chart
 # preset fills the RAM budget with that (at most what is free now), unless the person typed their own
 CARD_RAM = {8: 16, 12: 32, 16: 32, 24: 64, 48: 128, 80: 256}
 BUDGET_PRESETS = tuple(CARD_RAM)
+HERE = "here"  # the preset "this machine" offered where no GPU is found: the plan budgets this machine's RAM
+
+
+def preset_choices(device: str) -> list[tuple[str, str]]:
+    """The Budget step's preset buttons: the cards, and on a machine without a GPU first "This machine" (a person
+    plans here for the card they will train on, or for this CPU)."""
+    cards = [(f"{card} GB", str(card)) for card in BUDGET_PRESETS]
+    return cards if device == "cuda" else [("This machine (CPU, no GPU)", HERE), *cards]
+
+
+def planning_device(device: str, for_card: bool) -> str:
+    """What the plan budgets: the GPU where one is found; on a machine without one, a card the person picked
+    (`for_card`), else this machine's RAM ("cpu")."""
+    return "cuda" if device == "cuda" or for_card else "cpu"
+
+
+def card_words(card: float, ram: float) -> str:
+    """The plan's first words when a machine without a GPU plans for a card."""
+    article = "an" if f"{card:g}".startswith(("8", "11", "18")) else "a"
+    return (f"**Planned for {article} {card:g} GB card** (GPU memory budget {card:g} GiB, RAM budget {ram:g} GiB): the card "
+            "you will train on. This machine has no GPU, so a run started here trains on its CPU; pick *This "
+            "machine* to plan for that. ")
 SMALL_MODEL = form.SMALL_MODEL
 GiB = 2**30
 
@@ -189,8 +211,8 @@ def runs_on(device: dict) -> str:
         return (f"This job runs on the GPU **{device['name']}** ({device['free_gb']:.1f} GiB free of "
                 f"{device['total_gb']:.1f} GiB): the plan budgets its memory and this machine's RAM.")
     return (f"This job runs on the **CPU**: there is no GPU on this machine, so the plan budgets RAM "
-            f"({device['free_gb']:.1f} GiB free of {device['total_gb']:.1f} GiB). Plan on a machine with a GPU to "
-            "see its memory.")
+            f"({device['free_gb']:.1f} GiB free of {device['total_gb']:.1f} GiB). To plan for the card you will "
+            "train on, pick it under Presets for common cards (e.g. 12 GB).")
 
 
 

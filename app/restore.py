@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from . import form, handlers
+from . import plan as plans
 from .manager import Values, say
 from .page import STEP, PageState
 
@@ -25,7 +26,7 @@ TABLES = ("data.captions", "data.qa_table")
 # the form values a reload puts back (the uploads are in PageState)
 FORM = ["model.task", "model.model", "data.prompt", "data.trigger", *TABLES, "budget.budget", "budget.ram",
         "budget.ratio", "budget.rank", "budget.batch_size", "budget.emulator_kind", "budget.touched",
-        "budget.ram_touched", "train.name",
+        "budget.ram_touched", "budget.presets", "budget.for_card", "train.name",
         *[f"train.{n}" for n in form.TRAIN_FIELDS + form.MORE_FIELDS + form.BACKEND_FIELDS + form.TEXT_FIELDS],
         *[f"data.{n}" for n in form.DATA_FIELDS]]
 FILES = ["data.class_images", *[f"data.{n}" for n in form.VALIDATION_FIELDS]]  # drops: their files' paths
@@ -151,6 +152,10 @@ def restore(studio, saved: dict, device: str, uncorrected: bool = False) -> Valu
     plan_inputs = {**{k: values.get(k) for k in budget.PLAN_INPUTS if k in values}, "page.state": state,
                    "model.model": model}
     plan_inputs.setdefault("budget.emulator_kind", "auto")  # a page saved before the Budget step had the kind
+    plan_inputs.setdefault("budget.for_card", False)  # ... or planned for a card without a GPU here
+    out["budget.presets"] = gr.Radio(choices=plans.preset_choices(device), value=values.get("budget.presets"))
+    if plans.planning_device(device, bool(values.get("budget.for_card"))) != device:  # the card's budget shown
+        out["budget.budget"] = gr.Number(value=values.get("budget.budget"), visible=True)
     if all(k in plan_inputs for k in budget.PLAN_INPUTS):
         out.update(budget.plan_view(plan_inputs))
     out.update(notes)

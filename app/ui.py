@@ -101,7 +101,7 @@ def load(studio: Studio, v: Values) -> Values:
     out: Values = {"model.device": device["text"], "budget.runs_on": plans.runs_on(device),
                    "budget.budget": gr.Number(value=round(device["total_gb"]) if device["kind"] == "cuda" else
                                               v["budget.budget"], visible=device["kind"] == "cuda"),
-                   "budget.presets": gr.Radio(visible=device["kind"] == "cuda"), **runs.view(studio),
+                   "budget.presets": gr.Radio(choices=plans.preset_choices(device["kind"])), **runs.view(studio),
                    **queue_steps.view(studio)}
     job = studio.jobs.status()
     saved = v.get("page.saved") or {}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -255,3 +257,40 @@ def test_the_queue_menu_takes_a_job_that_left_the_queue_and_remove_says_so_in_wo
     with pytest.raises(ValueError, match="no longer waiting"):
         queue_steps.remove(studio, {"queue.pick": "started-meanwhile"})
     assert queue_steps.view(studio)["queue.table"] == queue_steps.EMPTY
+
+
+def test_without_a_gpu_a_card_preset_plans_for_that_card_and_this_machine_plans_the_cpu_again(monkeypatch):
+    """Issue 29: the presets show without a GPU too; a card is planned as the GPU it is (its budget shown, the
+    plan says it is for that card), "This machine" plans this CPU's RAM again. With a GPU: only the cards."""
+    from app import restore
+
+    flux_dev = "black-forest-labs/FLUX.1-dev"
+    monkeypatch.setattr(handlers, "available_ram_gib", lambda: 20.0)
+    assert plans.preset_choices("cpu")[0][1] == plans.HERE and plans.HERE not in dict(plans.preset_choices("cuda")).values()
+    v = {"model.model": flux_dev, "budget.budget": 24, "budget.ratio": 0.5, "budget.rank": 16, "budget.ram": 20.0,
+         "budget.touched": False, "page.state": PageState(device="cpu"), "budget.batch_size": 1,
+         "budget.emulator_kind": "auto", "budget.for_card": False, "budget.presets": "8", "budget.ram_touched": False}
+    out = budget.use_preset(None, v)
+    assert out["budget.for_card"] is True and out["budget.budget"].visible and out["budget.budget"].value == 8
+    assert out["budget.ram"] == 16.0  # the card's typical RAM (16), at most what is free here (20)
+    card = plans.memory_plan(flux_dev, 8, None, 16, ram_gb=16.0)  # a GPU plan: the card's memory
+    assert out["budget.recommended"] == card["recommended"] and out["budget.ratio"] == card["recommended"]
+    assert out["budget.text"].startswith("**Planned for an 8 GB card** (GPU memory budget 8 GiB, RAM budget 16 GiB)")
+    assert "a run started here trains on its CPU" in out["budget.text"]
+    changed = {**v, "budget.budget": 8, "budget.ram": 16.0, "budget.for_card": True, "budget.rank": 8}  # still the card
+    assert budget.plan_view(changed)["budget.recommended"] == plans.memory_plan(flux_dev, 8, None, 8,
+                                                                                ram_gb=16.0)["recommended"]
+    here = budget.use_preset(None, {**changed, "budget.presets": plans.HERE})
+    cpu = plans.memory_plan(flux_dev, 8, None, 8, ram_gb=20.0, device="cpu")  # what is free here again
+    assert here["budget.for_card"] is False and not here["budget.budget"].visible
+    assert here["budget.recommended"] == cpu["recommended"] and "Planned for" not in here["budget.text"]
+    assert cpu["recommended"] != card["recommended"]  # the two plans differ: the test can tell them apart
+    # a reload on this machine keeps planning for the card, its budget shown
+    record = {"state": PageState(device="cpu").saved(), "step": 2,
+              "form": {"model.task": "images", "model.model": flux_dev, "budget.budget": 8, "budget.ram": 16.0,
+                       "budget.ratio": card["recommended"], "budget.rank": 16, "budget.batch_size": 1,
+                       "budget.touched": False, "budget.ram_touched": False, "budget.presets": "8",
+                       "budget.for_card": True, "budget.emulator_kind": "auto"}}
+    back = restore.restore(Studio(Path(tempfile.mkdtemp())), record, "cpu")
+    assert back["budget.budget"].visible and back["budget.presets"].value == "8"
+    assert back["budget.text"].startswith("**Planned for an 8 GB card**")

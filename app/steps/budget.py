@@ -14,7 +14,7 @@ from ..page import STEP
 from . import Context
 
 PLAN_INPUTS = ["model.model", "budget.budget", "budget.ratio", "budget.rank", "budget.ram", "budget.touched",
-               "page.state", "budget.batch_size", "budget.emulator_kind"]
+               "page.state", "budget.batch_size", "budget.emulator_kind", "budget.for_card"]
 PLAN_OUTPUTS = ["budget.chart", "budget.text", "budget.recommended", "budget.ratio", "budget.msg", "budget.cards",
                 "budget.kind"]
 KIND_CHOICES = [("auto: the kind the plan recommends for this budget", "auto"), ("lowrank (low-rank SVD)", "lowrank"),
@@ -31,7 +31,7 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
     """Chart, text, the recommendation and the slider, which follows the recommendation until the person moves it.
     A bad budget is said in the step's message; the chart is then empty."""
     touched = v["budget.touched"] if touched is None else touched
-    kind = v["page.state"].device
+    kind = plans.planning_device(v["page.state"].device, bool(v.get("budget.for_card")))
     try:
         plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"] if touched else None,
                                     v["budget.rank"], ram_gb=v["budget.ram"], device=kind,
@@ -44,6 +44,8 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
         f"No compression ratio fits this budget; raise the {budgets} (or pick a smaller model) to continue.", False)
     view = {"budget.chart": plan["svg"], "budget.text": plan["text"], "budget.recommended": plan["recommended"],
             "budget.msg": message, "budget.cards": cards_view(v), "budget.kind": plan["kind"]}
+    if kind != v["page.state"].device:  # a machine without a GPU plans for a card
+        view["budget.text"] = plans.card_words(float(v["budget.budget"]), float(v["budget.ram"])) + view["budget.text"]
     if not touched and plan["recommended"] is not None:
         view["budget.ratio"] = plan["recommended"]
     suggested = plans.demo_ratio(v["model.model"])
@@ -68,10 +70,17 @@ def use_preset(studio, v: Values) -> Values:
     the plan says what that means."""
     if not v["budget.presets"]:
         return {}
+    no_gpu = v["page.state"].device != "cuda"  # a card is planned, or (This machine) this machine's RAM
+    if v["budget.presets"] == plans.HERE:
+        ram = v["budget.ram"] if v["budget.ram_touched"] else handlers.available_ram_gib()
+        view = plan_view({**v, "budget.ram": ram, "budget.for_card": False}, touched=False)
+        return {**view, "budget.ram": ram, "budget.touched": False, "budget.for_card": False,
+                "budget.budget": gr.Number(visible=False)}
     card, ram = plans.preset_budgets(v["budget.presets"], handlers.available_ram_gib(), v["budget.ram_touched"],
                                      v["budget.ram"])
-    view = plan_view({**v, "budget.budget": card, "budget.ram": ram}, touched=False)
-    return {**view, "budget.budget": card, "budget.ram": ram, "budget.touched": False}
+    view = plan_view({**v, "budget.budget": card, "budget.ram": ram, "budget.for_card": no_gpu}, touched=False)
+    return {**view, "budget.budget": gr.Number(value=card, visible=True) if no_gpu else card, "budget.ram": ram,
+            "budget.touched": False, "budget.for_card": no_gpu}
 
 
 def model_view(v: Values, suggested: float | None) -> Values:
@@ -101,7 +110,8 @@ def trace_view(studio, v: Values) -> Values:
     from pipelines.planner.trace import format_traces, trace_in_subprocess
 
     model, ratio = v["model.model"], v["budget.ratio"]
-    budget = v["budget.budget"] if v["page.state"].device != "cpu" else max(float(v["budget.ram"] or 0), 1.0)
+    gpu = plans.planning_device(v["page.state"].device, bool(v.get("budget.for_card"))) != "cpu"
+    budget = v["budget.budget"] if gpu else max(float(v["budget.ram"] or 0), 1.0)
     traces = trace_in_subprocess(model, float(budget or 24), ratio=ratio)
     note = ("" if v["page.state"].device != "cpu" else
             "\n\nThis machine has no GPU: the device columns are what a GPU run of this plan would hold.")
@@ -109,7 +119,7 @@ def trace_view(studio, v: Values) -> Values:
 
 
 def go_train(studio, v: Values) -> Values:
-    kind = v["page.state"].device
+    kind = plans.planning_device(v["page.state"].device, bool(v.get("budget.for_card")))
     plan = plans.memory_plan(v["model.model"], v["budget.budget"], v["budget.ratio"], v["budget.rank"],
                                 ram_gb=v["budget.ram"], device=kind, batch_size=v["budget.batch_size"],
                                 emulator_kind=v.get("budget.emulator_kind"))
@@ -132,9 +142,9 @@ def build(ctx: Context) -> dict:
             budget = gr.Number(24, label=gpu_field.label, minimum=None, elem_id="budget", visible=False)
             ram = gr.Number(handlers.available_ram_gib(), label=ram_field.label, minimum=None, elem_id="ram-budget",
                             info="what is free when this step opens; type your own to keep it")
-            presets = gr.Radio([(f"{p} GB", str(p)) for p in plans.BUDGET_PRESETS], value=None, visible=False,
-                               label="Presets for common cards", elem_id="budget-presets",
-                               info="fills the GPU memory and RAM budgets; the ratio follows the recommendation")
+            presets = gr.Radio(plans.preset_choices("cpu"), value=None, label="Presets for common cards",
+                               elem_id="budget-presets", info="fills the GPU memory and RAM budgets (without a GPU "
+                               "here: plans for that card); the ratio follows the recommendation")
         msg = gr.Markdown(elem_id="msg-budget", elem_classes="emloc-msg")  # beside the budgets it is mostly about
         with gr.Row():
             ratio = gr.Slider(0.05, 1.0, value=ratio_field.default, step=0.01, scale=3, elem_id="ratio",
@@ -158,10 +168,11 @@ def build(ctx: Context) -> dict:
     elems = {"runs_on": runs_on, "budget": budget, "ram": ram, "presets": presets, "ratio": ratio, "rank": rank,
              "batch_size": batch, "recommend": recommend, "text": text, "chart": chart, "msg": msg,
              "next": next_button, "check": check, "trace": traced, "touched": gr.State(False), "ram_touched": gr.State(False),
-             "recommended": gr.State(None), "cards": cards, "emulator_kind": emulator_kind, "kind": gr.State("lowrank")}
+             "recommended": gr.State(None), "cards": cards, "emulator_kind": emulator_kind, "kind": gr.State("lowrank"),
+             "for_card": gr.State(False)}  # no GPU here and a card picked: the plan is for that card
     m.add("budget", elems)
     m.bind(presets.input, partial(use_preset, studio), [*PLAN_INPUTS, "budget.presets", "budget.ram_touched"],
-           [*PLAN_OUTPUTS, "budget.budget", "budget.ram", "budget.touched"], message="budget.msg")
+           [*PLAN_OUTPUTS, "budget.budget", "budget.ram", "budget.touched", "budget.for_card"], message="budget.msg")
     for event in (budget.change, rank.change, batch.input, ram.change, emulator_kind.input):
         m.bind(event, lambda v: plan_view(v), PLAN_INPUTS, PLAN_OUTPUTS, trigger_mode="always_last")
     ram.input(lambda: True, [], [m["budget.ram_touched"]], concurrency_id="wizard")  # typed: theirs now
