@@ -271,23 +271,22 @@ class Studio:
         return str(folder)
 
     def resume_run(self, name: str) -> str:
-        """Continue an interrupted run from its last finished stage / checkpoint, in its own process."""
-        busy = self.jobs.busy_message()
-        if busy:
-            raise JobBusy(busy)
+        """Continue an interrupted run from its last finished stage / checkpoint, in its own process; while another
+        job runs it waits in the queue (`queue.place_of` says where)."""
         folder = self.open_run(name)
+        self._check_not_lined_up(folder)
         info = results.run_info(folder)
         if all(info["stages"][s].get("status") == "done" for s in STAGES):
             raise ValueError(f"{name} is already finished; open it to see its results")
-        self.jobs.start("run", folder, ["train", "--out", folder, "--resume", "--quiet", "--log-level", "info"])
+        self.submit(QueuedJob("run", folder, ["train", "--out", folder, "--resume", "--quiet", "--log-level", "info"],
+                              what="resume"))
         return folder
 
     def extend_run(self, name: str, steps: Any) -> str:
-        """Train the finished run `name` on to `steps` in its own process; its results so far are kept in earlier/."""
-        busy = self.jobs.busy_message()
-        if busy:
-            raise JobBusy(busy)
+        """Train the finished run `name` on to `steps` in its own process; its results so far are kept in earlier/.
+        While another job runs it waits in the queue (`queue.place_of` says where)."""
         folder = self.open_run(name)
+        self._check_not_lined_up(folder)
         info = results.run_info(folder)
         if not all(info["stages"][s].get("status") == "done" for s in STAGES):
             raise ValueError(f"{name} is not finished; press Resume to finish it, then train it further")
@@ -301,9 +300,21 @@ class Studio:
         if target <= done:
             raise ValueError(f"Train further needs more steps than {name} has ({done}): type more than {done} in "
                              "Train to (steps)")
-        self.jobs.start("run", folder, ["train", "--out", folder, "--resume", "--steps", str(int(target)), "--quiet",
-                                        "--log-level", "info"])
+        self.submit(QueuedJob("run", folder, ["train", "--out", folder, "--resume", "--steps", str(int(target)),
+                                              "--quiet", "--log-level", "info"],
+                              what=f"training further to {int(target)} steps"))
         return folder
+
+    def _check_not_lined_up(self, folder: str) -> None:
+        """Refuse a second job of a run whose job runs now or already waits in the queue (they would repeat)."""
+        status, name = self.jobs.status(), Path(folder).name
+        if status.running and Path(status.run_dir) == Path(folder):
+            raise JobBusy(f"{name} is already running; wait for it to finish (or press Cancel in step 4) first")
+        place = self.queue.place_of(folder)
+        if place:
+            raise JobBusy(f"{name} is already waiting in the queue ({ordinal(place)} in line); remove it from the "
+                          "queue in step 4 to change what it does")
+
 
 def question_count(run_dir: str | Path) -> int:
     path = Path(run_dir) / "data" / "qa.jsonl"

@@ -803,3 +803,60 @@ def test_add_to_queue_and_new_previews_wait_behind_a_running_job_and_the_page_sa
     assert "2nd: lined-up (previews)" in [c[0] for c in queue_view(studio)["queue.pick"].constructor_args["choices"]]
     studio.close()
     (runs / "busy" / "go").touch()
+
+
+def test_resume_train_further_and_start_another_run_queue_behind_a_running_job_and_say_so(stand_in, models, photos,
+                                                                                          tmp_path):
+    """Issue 29: while a job runs, Resume and Train further line their job up (as Add to queue does: said with its
+    place in line), the jobs then run in turn; a second job of the same run is refused in words; Start another run
+    goes back to step 1 and says that the new run will wait its turn."""
+    from app.jobqueue import QueuedJob
+    from app.page import PageState
+    from app.steps import export
+    from app.steps import runs as runs_steps
+    from pipelines.flux.backend import FluxSettings
+    from pipelines.runner import Run, RunSettings
+
+    root = tmp_path / "runs"
+    (root / "busy").mkdir(parents=True)
+    for name in ("halfway", "done"):
+        Run.create(root / name, "flux", RunSettings(model=str(models["flux"]), steps=4, rank=4, device="cpu"),
+                   FluxSettings(images=str(Path(photos[0]).parent), prompt="a photo of sks dog", resolution=32))
+    info = json.loads((root / "done" / "run.json").read_text())
+    for stage in info["stages"].values():
+        stage["status"] = "done"  # finished, as far as Train further is concerned (the stand-in trains nothing)
+    (root / "done" / "run.json").write_text(json.dumps(info))
+    studio = Studio(root, models)
+    studio.submit(QueuedJob("run", str(root / "busy"), ["train", "--out", str(root / "busy")]))
+    wait_for(lambda: studio.jobs.status().running, "the first job to run")
+    page = {"page.state": PageState(kind="images"), "runs.extend_steps": 6, "preview.uncorrected": False}
+
+    resumed = runs_steps.resume(studio, {**page, "runs.pick": "halfway"})
+    said = "Added resuming halfway to the queue, 1st in line: it starts when the jobs before it have finished"
+    assert said in resumed["runs.msg"] and said in resumed["train.msg"]
+    assert "halfway is waiting in the queue** (1st in line)" in resumed["train.status"]
+    assert "halfway (resume)" in resumed["queue.table"]
+    further = runs_steps.extend(studio, {**page, "runs.pick": "done"})
+    assert "Added training done further, to 6 steps to the queue, 2nd in line" in further["runs.msg"]
+    waiting = studio.queue.jobs()
+    assert [Path(j.run_dir).name for j in waiting] == ["halfway", "done"]
+    assert waiting[1].arguments[:6] == ["train", "--out", str(root / "done"), "--resume", "--steps", "6"]
+    with pytest.raises(JobBusy, match=r"halfway is already waiting in the queue \(1st in line\)"):
+        studio.resume_run("halfway")
+    statuses = {r["name"]: r["status"] for r in list_runs(studio)}
+    assert statuses["halfway"] == "waiting in the queue (1st in line)"
+    assert statuses["done"] == "waiting in the queue (2nd in line)"
+    another = export.new_run(studio, {"page.state": PageState(kind="images", run_dir=str(root / "done"))})
+    assert another["page.state"].run_dir == ""
+    assert "busy is running now: press Add to queue in step 4 and your new run is queued: it starts when the " \
+           "current run ends" in another["model.msg"]
+    (root / "busy" / "go").touch()
+    wait_for(lambda: lines(stand_in)[-1:] == ["start halfway train"], "halfway to resume after busy")
+    with pytest.raises(JobBusy, match="halfway is already running"):
+        studio.resume_run("halfway")
+    (root / "halfway" / "go").touch()
+    (root / "done" / "go").touch()
+    wait_for(lambda: lines(stand_in)[-1:] == ["end done"], "done to train further")
+    assert lines(stand_in) == ["start busy train", "end busy", "start halfway train", "end halfway",
+                               "start done train", "end done"]
+    studio.close()

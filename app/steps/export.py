@@ -134,8 +134,7 @@ def new_run(studio, v: Values) -> Values:
     data and settings the person chose stay (they are theirs, not the run's)."""
     from . import preview, train
 
-    if studio.jobs.status().running:
-        raise ValueError("a job is still running; wait for it to finish or press Cancel in step 4 first")
+    status = studio.jobs.status()
     state: PageState = v["page.state"]
     last = Path(state.run_dir).name if state.run_dir else "the last run"
     try:
@@ -145,7 +144,9 @@ def new_run(studio, v: Values) -> Values:
     return {"page.state": state.new_run(), "page.wizard": gr.Walkthrough(selected=STEP["model"]),
             "train.name": run_name(backend, studio.runs_dir), **train.cleared(), **preview.cleared(), **cleared(),
             "model.msg": say(f"A new run: your model, data and settings are kept; the results of {last} are under "
-                             "Past runs.")}
+                             "Past runs." + (f" {Path(status.run_dir).name} is running now: press Add to queue in "
+                                             "step 4 and your new run is queued: it starts when the current run ends."
+                                             if status.running else ""))}
 
 
 def build(ctx: Context) -> dict:

@@ -17,6 +17,7 @@ from ..manager import Values, say
 from ..studio import ordinal
 from ..page import STEP, PageState
 from . import Context
+from . import queue as queue_steps
 
 COLUMNS = ["name", "task", "model", "created", "status", "steps"]
 
@@ -108,18 +109,29 @@ def open_run(studio, v: Values) -> Values:
     return {**follow(studio, v["page.state"], folder, v["preview.uncorrected"]), "runs.msg": say(f"Opened {v['runs.pick']}.")}
 
 
+def queued_words(studio, folder: str, what: str) -> str:
+    """What Resume / Train further say when their job waits behind another (as Add to queue says it); "" when it
+    started."""
+    place = studio.queue.place_of(folder)
+    return (f"Added {what} to the queue, {ordinal(place)} in line: it starts when the jobs before it have finished "
+            "(the current run first)." if place else "")
+
+
 def resume(studio, v: Values) -> Values:
     folder = studio.resume_run(v["runs.pick"])
+    said = queued_words(studio, folder, f"resuming {v['runs.pick']}") or f"Resuming {v['runs.pick']}."
     return {**follow(studio, v["page.state"], folder, v["preview.uncorrected"]),
-            "page.wizard": gr.Walkthrough(selected=STEP["train"]), "runs.msg": say(f"Resuming {v['runs.pick']}."),
-            "train.msg": ""}
+            "page.wizard": gr.Walkthrough(selected=STEP["train"]), "runs.msg": say(said),
+            "train.msg": say(said) if studio.queue.place_of(folder) else "", **queue_steps.view(studio)}
 
 
 def extend(studio, v: Values) -> Values:
     folder = studio.extend_run(v["runs.pick"], v["runs.extend_steps"])
+    what = f"training {v['runs.pick']} further, to {int(v['runs.extend_steps'])} steps"
+    said = queued_words(studio, folder, what) or f"{what[:1].upper()}{what[1:]}."
     return {**follow(studio, v["page.state"], folder, v["preview.uncorrected"]),
-            "page.wizard": gr.Walkthrough(selected=STEP["train"]),
-            "runs.msg": say(f"Training {v['runs.pick']} further, to {int(v['runs.extend_steps'])} steps.")}
+            "page.wizard": gr.Walkthrough(selected=STEP["train"]), "runs.msg": say(said),
+            "train.msg": say(said) if studio.queue.place_of(folder) else "", **queue_steps.view(studio)}
 
 
 def build(ctx: Context) -> dict:
@@ -156,5 +168,7 @@ def bind_late(ctx: Context) -> None:
     outputs = ["page.state", "page.tabs", "page.wizard", "model.task", "model.model", *data.TASK_IDS,
                "data.msg", *train.VIEW, "train.msg", *preview.IDS, *export.IDS]
     inputs = ["page.state", "runs.pick", "runs.extend_steps", "preview.uncorrected"]
-    for button, handler in (("runs.open", open_run), ("runs.resume", resume), ("runs.extend", extend)):
-        m.bind(m[button].click, partial(handler, studio), inputs, [*outputs, "runs.msg"], message="runs.msg")
+    m.bind(m["runs.open"].click, partial(open_run, studio), inputs, [*outputs, "runs.msg"], message="runs.msg")
+    for button, handler in (("runs.resume", resume), ("runs.extend", extend)):  # they may queue: the queue too
+        m.bind(m[button].click, partial(handler, studio), inputs, [*outputs, *queue_steps.IDS, "runs.msg"],
+               message="runs.msg")
