@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -82,3 +83,36 @@ def fake(monkeypatch, tmp_path):
     data.write_text(json.dumps([0.1 * i for i in range(8)]))
     settings = RunSettings(model="fake", ratio=0.5, steps=9, rank=2, alpha=4, lr=1e-2, checkpoint_every=3, seed=7)
     return tmp_path, settings, FakeSettings(data=str(data))
+
+
+# ---------------------------------------------------------------------------------------------- browser tests
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium; CI installs it (.ci/run)
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function that gives a free TCP port of 127.0.0.1, for the app a browser test serves."""
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return port
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium driven by playwright, one per test module. Without Debian's chromium the test is skipped
+    with the line that installs it; on CI (CI=true), where .ci/run installs it, a missing browser is a failure."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"{CHROMIUM} is missing; .ci/run installs it (apt-get install chromium)")
+        pytest.skip(f"the browser tests need {CHROMIUM}: sudo apt-get update && sudo apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -31,29 +30,14 @@ from vlm_fixtures import save_tiny_internvl, write_colour_images  # noqa: E402
 # Every test drives the app in headless chromium, most train to the end: minutes each (pyproject.toml markers).
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-# Without Debian's chromium these tests are skipped with the line that installs it; CI installs it (.ci/run)
-# and sets CI=true, where a missing browser is a failure, not a skip.
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"{CHROMIUM} is missing; .ci/run installs it (apt-get install chromium)")
-    pytest.skip(f"the browser tests need {CHROMIUM}: sudo apt-get update && sudo apt-get install -y chromium",
-                allow_module_level=True)
 pytestmark = pytest.mark.browser
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# chromium (the `browser` fixture) and free ports (`free_port`) come from conftest.py
 SHOTS = Path(__file__).resolve().parent / "screenshots"
 TRAINING_TIMEOUT_MS = 150_000
 DEMO = {"flux": demo.FLUX_DIR, "vlm": demo.VLM_DIR}
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, free_port):
     """Tiny demo models, the user's files, and the app serving them on a free port."""
     from app.main import create_app, launch
 
@@ -92,16 +76,6 @@ def world(tmp_path_factory):
     studio.cancel()  # a test that failed half-way must not leave a run training into interpreter shutdown
     studio.jobs.wait(timeout=120)
     page.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser, world):
@@ -317,7 +291,7 @@ def test_closing_the_page_keeps_training_and_cancel_stops_it(browser, world):
     page.context.close()
 
 
-def test_launch_py_serves_the_app_on_the_port_it_is_given(tmp_path):
+def test_launch_py_serves_the_app_on_the_port_it_is_given(tmp_path, free_port):
     import subprocess
     import sys
     import urllib.request

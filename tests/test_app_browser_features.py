@@ -13,8 +13,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from test_app_browser import (CHROMIUM, CHROMIUM_ARGS, TRAINING_TIMEOUT_MS, button, expect_text,  # noqa: E402
-                              free_port, no_traceback, upload)
+from test_app_browser import TRAINING_TIMEOUT_MS, button, expect_text, no_traceback, upload  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "screenshots")
@@ -29,7 +28,7 @@ def shot(page, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, free_port):
     """The app on a free port with a faked 12 GB GPU, photos, and a finished tiny FLUX.1 run with two checkpoints."""
     from app import handlers
     from app.main import create_app, launch
@@ -58,16 +57,6 @@ def world(tmp_path_factory):
         studio.cancel()
         studio.jobs.wait(timeout=120)
         page.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -17,23 +16,11 @@ from pipelines.demo import data as demo_data  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # one short demo run in the browser: about a minute
 
-CHROMIUM = "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"{CHROMIUM} is missing; .ci/run installs it (apt-get install chromium)")
-    pytest.skip(f"the browser tests need {CHROMIUM}: sudo apt-get update && sudo apt-get install -y chromium",
-                allow_module_level=True)
 SHOTS = Path(__file__).resolve().parent / "screenshots"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(tmp_path_factory, free_port):
     from app.main import create_app, launch
 
     root = tmp_path_factory.mktemp("app")
@@ -41,7 +28,7 @@ def app_url(tmp_path_factory):
     table = root / "qa" / "qa.jsonl"
     table.write_text("".join(json.dumps({"image": i, "question": q, "answer": a}) + "\n" for i, q, a in rows))
     page, studio = create_app(root / "runs", {"flux": demo.FLUX_DIR, "vlm": demo.VLM_DIR})
-    port = _free_port()
+    port = free_port()
     launch(page, "127.0.0.1", port, block=False, runs_dir=root / "runs")
     yield {"url": f"http://127.0.0.1:{port}/", "images": sorted((root / "qa" / "images").iterdir()), "table": table,
            "runs": root / "runs"}
@@ -50,46 +37,44 @@ def app_url(tmp_path_factory):
     page.close()
 
 
-def test_held_out_questions_show_a_validation_loss_beside_the_training_loss(app_url):
-    from playwright.sync_api import expect, sync_playwright
+def test_held_out_questions_show_a_validation_loss_beside_the_training_loss(browser, app_url):
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless", "--disable-gpu"])
-        tab = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-        tab.set_default_timeout(30_000)
-        tab.goto(app_url["url"])
-        tab.locator("#device").get_by_text("CPU").wait_for(state="attached")
-        tab.get_by_label("Teach a vision-language model (InternVL)").check()
-        tab.wait_for_timeout(1500)
-        tab.get_by_role("button", name="Next: your data", exact=True).click()
-        tab.locator("#qa-upload input[type=file]").set_input_files([str(f) for f in app_url["images"]])
-        expect(tab.locator("#msg-data")).to_contain_text("8 images added")
-        tab.locator("#qa-import input[type=file]").set_input_files([str(app_url["table"])])
-        expect(tab.locator("#msg-data")).to_contain_text("8 questions imported")
-        expect(tab.locator("#holdout")).to_contain_text("Held-out questions")
-        tab.locator("#holdout input").fill("8")  # every question: refused in the screen's words
-        tab.get_by_role("button", name="Check the data and continue", exact=True).click()
-        expect(tab.locator("#msg-data")).to_contain_text("Held-out questions is 8 but the table has 8 questions")
-        tab.locator("#holdout input").fill("2")
-        tab.get_by_role("button", name="Check the data and continue", exact=True).click()
-        expect(tab.locator("#msg-data")).to_contain_text("2 held out")
-        tab.get_by_role("button", name="Next: training", exact=True).click()
-        tab.locator("#steps input").fill("6")
-        tab.get_by_role("button", name="Start training", exact=True).click()
-        expect(tab.locator("#job-status")).to_contain_text("finished", timeout=180_000)
-        run = next(p for p in app_url["runs"].iterdir() if (p / "run.json").is_file())
-        records = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records if "validation_loss" in r]  # written by the run, at its sample rounds
-        assert json.loads((run / "run.json").read_text())["settings"]["backend"]["holdout"] == 2
-        expect(tab.locator("#answers")).to_contain_text("full + corrected LoRA", timeout=180_000)  # on Preview
-        tab.locator("button.step-button:not([disabled])", has_text="4. Train").click()  # back to the curve
-        expect(tab.locator("#job-status")).to_contain_text("finished")
-        plot = tab.locator("#loss-plot")
-        expect(plot).to_contain_text("validation (held out)", timeout=30_000)  # the chart's legend
-        expect(plot).to_contain_text("training")
-        SHOTS.mkdir(exist_ok=True)
-        plot.scroll_into_view_if_needed()
-        tab.wait_for_timeout(500)
-        tab.screenshot(path=str(SHOTS / "validation-loss-chart.png"), full_page=True)
-        assert "Traceback" not in tab.content()
-        browser.close()
+    tab = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    tab.set_default_timeout(30_000)
+    tab.goto(app_url["url"])
+    tab.locator("#device").get_by_text("CPU").wait_for(state="attached")
+    tab.get_by_label("Teach a vision-language model (InternVL)").check()
+    tab.wait_for_timeout(1500)
+    tab.get_by_role("button", name="Next: your data", exact=True).click()
+    tab.locator("#qa-upload input[type=file]").set_input_files([str(f) for f in app_url["images"]])
+    expect(tab.locator("#msg-data")).to_contain_text("8 images added")
+    tab.locator("#qa-import input[type=file]").set_input_files([str(app_url["table"])])
+    expect(tab.locator("#msg-data")).to_contain_text("8 questions imported")
+    expect(tab.locator("#holdout")).to_contain_text("Held-out questions")
+    tab.locator("#holdout input").fill("8")  # every question: refused in the screen's words
+    tab.get_by_role("button", name="Check the data and continue", exact=True).click()
+    expect(tab.locator("#msg-data")).to_contain_text("Held-out questions is 8 but the table has 8 questions")
+    tab.locator("#holdout input").fill("2")
+    tab.get_by_role("button", name="Check the data and continue", exact=True).click()
+    expect(tab.locator("#msg-data")).to_contain_text("2 held out")
+    tab.get_by_role("button", name="Next: training", exact=True).click()
+    tab.locator("#steps input").fill("6")
+    tab.get_by_role("button", name="Start training", exact=True).click()
+    expect(tab.locator("#job-status")).to_contain_text("finished", timeout=180_000)
+    run = next(p for p in app_url["runs"].iterdir() if (p / "run.json").is_file())
+    records = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation_loss" in r]  # written by the run, at its sample rounds
+    assert json.loads((run / "run.json").read_text())["settings"]["backend"]["holdout"] == 2
+    expect(tab.locator("#answers")).to_contain_text("full + corrected LoRA", timeout=180_000)  # on Preview
+    tab.locator("button.step-button:not([disabled])", has_text="4. Train").click()  # back to the curve
+    expect(tab.locator("#job-status")).to_contain_text("finished")
+    plot = tab.locator("#loss-plot")
+    expect(plot).to_contain_text("validation (held out)", timeout=30_000)  # the chart's legend
+    expect(plot).to_contain_text("training")
+    SHOTS.mkdir(exist_ok=True)
+    plot.scroll_into_view_if_needed()
+    tab.wait_for_timeout(500)
+    tab.screenshot(path=str(SHOTS / "validation-loss-chart.png"), full_page=True)
+    assert "Traceback" not in tab.content()
+    tab.context.close()
