@@ -57,7 +57,7 @@ def paths(files: Any) -> list[str]:
 def read(name: str, files: Any, training: list[dict] | None = None) -> ValidationUpload:
     """Check a validation drop for the field `name` (PHOTOS or QUESTIONS) as the training uploads are checked;
     `training` (the training uploads) may hold images the questions name."""
-    given = paths(files)
+    given = list({Path(p).name: p for p in paths(files)}.values())  # a file dropped again replaces its first drop
     upload = ValidationUpload()
     if name == QUESTIONS:
         tables = [p for p in given if Path(p).suffix.lower() in TABLES]
@@ -93,7 +93,7 @@ def words(name: str, upload: ValidationUpload) -> str:
         said = (f"{label(name)}: {len(upload.rows)} question{'s' if len(upload.rows) != 1 else ''} kept for "
                 f"validation, {len(upload.images)} image{'s' if len(upload.images) != 1 else ''} with them")
     if upload.problems:
-        return said + "; not usable yet:\n" + "\n".join(f"- {p}" for p in upload.problems)
+        return said + "; not used:\n" + "\n".join(f"- {p}" for p in upload.problems)
     return said + ". The validation loss is measured on them beside the training loss."
 
 

@@ -51,7 +51,7 @@ def test_validation_photos_are_checked_as_training_photos_and_bad_files_named_in
                                                                           files["fake"]]}, name=validation.PHOTOS)
     assert out["data.validation_images"] == files["others"]  # the usable ones stay in the drop
     message = out["data.msg"]
-    assert message.startswith("⚠ Validation photos (step 2): 2 photos kept for validation; not usable yet")
+    assert message.startswith("⚠ Validation photos (step 2): 2 photos kept for validation; not used")
     assert "notes.txt" in message and "holiday.png" in message and "Traceback" not in message
     good = data.validation_drop(None, {**page, "data.validation_images": files["others"]}, name=validation.PHOTOS)
     assert good["data.msg"].startswith("✓ Validation photos (step 2): 2 photos kept for validation.")
