@@ -132,8 +132,9 @@ def read_number(name: str, value: Any, view: FieldView | None = None) -> int | f
 
 def data_settings(backend: str, values: dict[str, Any], staging: Path | None = None) -> dict[str, Any]:
     """The Data step's backend settings (DATA_FIELDS the backend has, but the validation uploads: app/validation.py)
-    from the page's values: numbers checked as numbers, a list of sizes read from "512, 768", dropped class images copied into `staging`/class-images (the
-    setting names that folder; none without `staging`); ValueError naming the control otherwise."""
+    from the page's values: numbers checked as numbers, a list of sizes read from "512, 768", dropped class images
+    copied into `staging`/class-images (the setting names that folder; none without `staging`); ValueError naming
+    the control otherwise."""
     import shutil
 
     cls = backend_class(backend).settings_class

@@ -18,6 +18,8 @@ from .plots import Bar, memory_chart
 CARD_RAM = {8: 16, 12: 32, 16: 32, 24: 64, 48: 128, 80: 256}
 BUDGET_PRESETS = tuple(CARD_RAM)
 HERE = "here"  # the preset "this machine" offered where no GPU is found: the plan budgets this machine's RAM
+SMALL_MODEL = form.SMALL_MODEL
+GiB = 2**30
 
 
 def preset_choices(device: str) -> list[tuple[str, str]]:
@@ -33,14 +35,12 @@ def planning_device(device: str, for_card: bool) -> str:
     return "cuda" if device == "cuda" or for_card else "cpu"
 
 
-def card_words(card: float, ram: float) -> str:
+def card_words(card: float, ram: float | None) -> str:
     """The plan's first words when a machine without a GPU plans for a card."""
     article = "an" if f"{card:g}".startswith(("8", "11", "18")) else "a"
-    return (f"**Planned for {article} {card:g} GB card** (GPU memory budget {card:g} GiB, RAM budget {ram:g} GiB): the card "
-            "you will train on. This machine has no GPU, so a run started here trains on its CPU; pick *This "
-            "machine* to plan for that. ")
-SMALL_MODEL = form.SMALL_MODEL
-GiB = 2**30
+    budgets = f"GPU memory budget {card:g} GiB" + (f", RAM budget {ram:g} GiB" if ram else "")
+    return (f"**Planned for {article} {card:g} GB card** ({budgets}): the card you will train on. This machine has "
+            "no GPU, so a run started here trains on its CPU; pick *This machine* to plan for that. ")
 
 
 # What the chart's words mean, shown under it (every word on the chart is explained on the page).

@@ -136,7 +136,8 @@ def test_validation_questions_need_the_images_they_name_said_in_the_steps_words(
     no_traceback(page)
     shot(page, "29-gap1-validation-questions-refused")
     upload(page, "#validation-questions", [p for p, _, _ in checks])  # added to the drop
-    expect_text(page, "#msg-data", "Validation questions (step 2): 2 questions kept for validation, 2 images with them.")
+    expect_text(page, "#msg-data", "Validation questions (step 2): 2 questions kept for validation, 2 images with "
+                                   "them.")
     button(page, "Check the data and continue").click()
     expect_text(page, "#msg-data", "Validation questions (step 2) given")
     no_traceback(page)

@@ -266,7 +266,8 @@ def test_without_a_gpu_a_card_preset_plans_for_that_card_and_this_machine_plans_
 
     flux_dev = "black-forest-labs/FLUX.1-dev"
     monkeypatch.setattr(handlers, "available_ram_gib", lambda: 20.0)
-    assert plans.preset_choices("cpu")[0][1] == plans.HERE and plans.HERE not in dict(plans.preset_choices("cuda")).values()
+    assert plans.preset_choices("cpu")[0][1] == plans.HERE
+    assert plans.HERE not in dict(plans.preset_choices("cuda")).values()
     v = {"model.model": flux_dev, "budget.budget": 24, "budget.ratio": 0.5, "budget.rank": 16, "budget.ram": 20.0,
          "budget.touched": False, "page.state": PageState(device="cpu"), "budget.batch_size": 1,
          "budget.emulator_kind": "auto", "budget.for_card": False, "budget.presets": "8", "budget.ram_touched": False}

@@ -75,7 +75,8 @@ def test_a_validation_question_file_needs_its_images_and_some_questions(files, t
     images = [str(tmp_path / "qa" / i) for i, _, _ in rows[6:]]
     together = data.validation_drop(None, {"page.state": state, "data.validation_data": [str(table), *images]},
                                     name=validation.QUESTIONS)
-    assert together["data.msg"].startswith("✓ Validation questions (step 2): 2 questions kept for validation, 2 images")
+    assert together["data.msg"].startswith("✓ Validation questions (step 2): 2 questions kept for validation, "
+                                           "2 images")
     staged = validation.stage("vlm", {"validation_data": [str(table), *images]}, training, tmp_path / "staging")
     lines = Path(staged["validation_data"]).read_text().splitlines()
     assert len(lines) == 2 and all((Path(staged["validation_data"]).parent / json.loads(x)["image"]).is_file()

@@ -45,7 +45,7 @@ def plan_view(v: Values, touched: bool | None = None) -> Values:
     view = {"budget.chart": plan["svg"], "budget.text": plan["text"], "budget.recommended": plan["recommended"],
             "budget.msg": message, "budget.cards": cards_view(v), "budget.kind": plan["kind"]}
     if kind != v["page.state"].device:  # a machine without a GPU plans for a card
-        view["budget.text"] = plans.card_words(float(v["budget.budget"]), float(v["budget.ram"])) + view["budget.text"]
+        view["budget.text"] = plans.card_words(float(v["budget.budget"]), v["budget.ram"]) + view["budget.text"]
     if not touched and plan["recommended"] is not None:
         view["budget.ratio"] = plan["recommended"]
     suggested = plans.demo_ratio(v["model.model"])

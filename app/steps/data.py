@@ -126,8 +126,8 @@ def go_budget(studio, v: Values) -> Values:
 
 def more_settings(kind: str, v: Values, staging: Path | None = None) -> dict:
     """The Data step's own settings (held-out count, image sizes, prior preservation, the validation upload staged
-    in `staging`) as the backend reads them, checked (ValueError naming the control). The question task's held-out count is checked against its table here
-    (its backend reads the table only when the run is made)."""
+    in `staging`) as the backend reads them, checked (ValueError naming the control). The question task's held-out
+    count is checked against its table here (its backend reads the table only when the run is made)."""
     from ..families import model_backend
     from ..form import DATA_FIELDS, data_settings
 
