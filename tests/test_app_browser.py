@@ -30,7 +30,6 @@ from vlm_fixtures import save_tiny_internvl, write_colour_images  # noqa: E402
 # Every test drives the app in headless chromium, most train to the end: minutes each (pyproject.toml markers).
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-pytestmark = pytest.mark.browser
 # chromium (the `browser` fixture) and free ports (`free_port`) come from conftest.py
 SHOTS = Path(__file__).resolve().parent / "screenshots"
 TRAINING_TIMEOUT_MS = 150_000
