@@ -12,6 +12,7 @@ Each subcommand parses its own flags (`python launch.py plan --help`).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -57,7 +58,17 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
         raise
+    freeze_imported_objects()
     return int(getattr(module, function)(rest) or 0)
+
+
+def freeze_imported_objects() -> None:
+    """Leave what the imports made (torch, diffusers, transformers: ~0.5 million objects that live as long as the
+    process) out of garbage collection. A run collects garbage after each stage, sample round and preview variant,
+    to free one model before the next is built; each full collection walked all of them (~0.7 s on two CPU cores).
+    Collected first, so nothing unreachable is kept."""
+    gc.collect()
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ regex *fullmatches* `name`; a ratio `ρ` in (0, 1] is the fraction of the layer'
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 from typing import Iterable, Sequence, Union
@@ -31,6 +32,7 @@ def rank_for_ratio(in_features: int, out_features: int, ratio: float) -> int:
     return (rho.numerator * in_features * out_features) // (rho.denominator * (in_features + out_features))
 
 
+@functools.lru_cache(maxsize=65536, typed=True)  # the planner asks for the same few shapes thousands of times per plan
 def factored_rank(in_features: int, out_features: int, ratio: float) -> int:
     """The rank build_emulator factors a layer at (at least 1), or 0 where the layer stays as it is: at ratio 1,
     which keeps the whole layer, and where the factors would not be smaller (`k(in + out) >= in·out`)."""

@@ -139,3 +139,28 @@ def test_an_internvl_export_carries_its_model_and_settings_and_one_readme(tmp_pa
         names = archive.namelist()
         assert names.count("README.md") == 1 and "corrected/adapter_model.safetensors" in names
         assert "print('the snippet')" in archive.read("README.md").decode()
+
+
+def test_launch_preview_and_export_refuse_in_the_same_words(flux_run, tmp_path, monkeypatch, capsys):
+    """`launch.py preview` and `launch.py export` share their error handling: a missing run folder, a bad value and a
+    full disk are each one `error:` line (exit 2), never a traceback, and nothing is written."""
+    import errno
+
+    from pipelines.runner import cli, exports
+
+    missing = str(tmp_path / "no-such-run")
+    assert cli.preview(["--run", missing]) == 2
+    said = capsys.readouterr().err
+    assert cli.export(["--run", missing]) == 2
+    assert capsys.readouterr().err == said and said.startswith("error: ") and "no-such-run" in said
+    assert cli.export(["--run", str(flux_run.dir), "--step", "1"]) == 2
+    assert capsys.readouterr().err == "error: --step 1: flux-export keeps checkpoints of steps 2, 3\n"
+    before = sorted(p.name for p in flux_run.dir.iterdir())
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Run, "preview", lambda *args, **kwargs: (_ for _ in ()).throw(full))
+    monkeypatch.setattr(exports, "export_zip", lambda *args, **kwargs: (_ for _ in ()).throw(full))
+    for command in (cli.preview, cli.export):
+        assert command(["--run", str(flux_run.dir)]) == 2
+        assert capsys.readouterr().err == ("error: the disk is full ([Errno 28] No space left on device); fix that "
+                                           "and try again\n")
+    assert sorted(p.name for p in flux_run.dir.iterdir()) == before

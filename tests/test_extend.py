@@ -17,7 +17,7 @@ from app.studio import Studio
 from flux_fixtures import save_tiny_flux, write_subject_images
 from pipelines.runner import cli
 
-pytestmark = pytest.mark.slow  # trains a FLUX run, then further: 82 s (loaded 2-core machine)
+pytestmark = pytest.mark.slow  # trains a FLUX run, then further: 43 s on a loaded 2-core machine (82 s before)
 
 FAST = ["--resolution", "32", "--max-sequence-length", "16", "--rank", "4", "--alpha", "8", "--calibration-samples",
         "3", "--preview-steps", "1", "--lr", "1e-3", "--checkpoint-every", "3", "--seed", "3", "--quiet"]

@@ -78,6 +78,11 @@ def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
         diff = float((adapters[0][key] - one).abs().max())
         change = float((one - start[key]).abs().max())
         assert diff <= ADAPTER_TOLERANCE * max(change, 1e-6), f"{key}: max |diff| {diff:.2e}, moved {change:.2e}"
+    # and not what one process makes of one row a step: the second process's gradients arrived (this was
+    # test_flux.py's own torchrun run; one launch of torchrun checks both)
+    assert cli.main([*common, "--batch-size", "1", "--out", str(runs / "alone")]) == 0
+    alone = load_file(str(runs / "alone" / "adapter-emulator" / "adapter_model.safetensors"))
+    assert max(float((alone[k] - adapters[0][k]).abs().max()) for k in alone if "lora_B" in k) > 1e-6
 
 
 def test_a_refusal_on_the_main_process_ends_every_process_at_once(tmp_path):

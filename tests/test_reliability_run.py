@@ -20,7 +20,8 @@ from pipelines.runner.adapters import AdapterError
 from pipelines.runner.lock import LOCK_FILE, RunLock, RunLocked
 from fake_backend import FakeBackend, adapter, snapshot
 
-pytestmark = pytest.mark.slow  # 25 tests of runs that crash, resume or fill the disk: 260 s (loaded 2-core machine)
+# 25 tests of runs of the fake backend that crash, resume or fill the disk: 8 s (it was 123-260 s and marked slow
+# while every full garbage collection of the run machine walked the libraries' objects; conftest.py freezes them)
 
 
 def finished(fake, name="a") -> Run:

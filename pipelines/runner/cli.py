@@ -22,7 +22,7 @@ import signal
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -216,6 +216,57 @@ def _logging(level: str) -> None:
             pass
 
 
+def _in_words(work: Callable[[], int], retry: str = "fix that and try again") -> int:
+    """`work()`'s exit code, or what went wrong as one line on stderr: the subcommands' (train, preview, export)
+    common refusals, so each says them in the same words and none ends in a traceback. A refused value (ValueError,
+    a folder that exists or is missing) exits 2; a disk problem exits 2 with `retry`, what to do once it is fixed;
+    a cancel (Ctrl-C, the app's Cancel) exits 130."""
+    try:
+        return work()
+    except RunCancelled as err:
+        print(f"cancelled: {err}", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a folder made read-only mid-run: what is done so far is kept
+        print(f"error: {disk_words(err)} ({err}); {retry}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace, backend_type: type | None) -> int:
+    """A new run from the parsed `launch.py train` flags, or --resume of the one in --out."""
+    if args.resume:
+        if not (Path(args.out) / RUN_FILE).is_file():
+            raise FileNotFoundError(f"{args.out} is not a run folder (no {RUN_FILE}); check the --out path")
+        given = given_settings(RunSettings, args)
+        run = Run.open(args.out, device=given.pop("device", None))  # --device: where to continue this run
+        steps = given.pop("steps", run.settings.steps)
+        if given or (backend_type and given_settings(backend_type.settings_class, args)):
+            print("note: --resume continues with the settings saved in run.json (only --steps can change, to "
+                  "train further, and --device, where to continue); other settings are ignored", file=sys.stderr)
+        if steps != run.settings.steps:
+            return _execute(run, args.stages, args.quiet, extend_to=steps)
+    else:
+        run_given = given_settings(RunSettings, args)
+        if not run_given.get("model") and args.backend in DEMO_MODELS:
+            run_given["model"] = str(DEMO_MODELS[args.backend])
+            print(f"no --model given: using the demo model {run_given['model']}", file=sys.stderr)
+        suggested = demo_suggestions(run_given.get("model", ""))
+        known_names = {f.name for cls in (RunSettings, backend_type.settings_class) for f in dataclasses.fields(cls)}
+        if set(suggested) - known_names:
+            raise ValueError(f"{run_given['model']}/demo.json suggests settings this version does not have "
+                             f"({', '.join(sorted(set(suggested) - known_names))}); rebuild the demo")
+        run_settings = with_suggestions(RunSettings, run_given, suggested)
+        settings = with_suggestions(backend_type.settings_class, given_settings(backend_type.settings_class, args),
+                                    suggested)
+        if suggested:
+            print("the demo model's suggested settings (flags given win): "
+                  + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggested.items()), file=sys.stderr)
+        run = _create_on_main(args.out, args.backend, run_settings, settings)
+    return _execute(run, args.stages, args.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`launch.py train`: a whole run headless; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -244,43 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--backend is required for a new run (one of: " + ", ".join(backend_names()) + ")")
     args = parser.parse_args(argv)
     _logging(args.log_level)
-    try:
-        if args.resume:
-            if not (Path(args.out) / RUN_FILE).is_file():
-                raise FileNotFoundError(f"{args.out} is not a run folder (no {RUN_FILE}); check the --out path")
-            given = given_settings(RunSettings, args)
-            run = Run.open(args.out, device=given.pop("device", None))  # --device: where to continue this run
-            steps = given.pop("steps", run.settings.steps)
-            if given or (backend_type and given_settings(backend_type.settings_class, args)):
-                print("note: --resume continues with the settings saved in run.json (only --steps can change, to "
-                      "train further, and --device, where to continue); other settings are ignored", file=sys.stderr)
-            if steps != run.settings.steps:
-                return _execute(run, args.stages, args.quiet, extend_to=steps)
-        else:
-            run_given = given_settings(RunSettings, args)
-            if not run_given.get("model") and args.backend in DEMO_MODELS:
-                run_given["model"] = str(DEMO_MODELS[args.backend])
-                print(f"no --model given: using the demo model {run_given['model']}", file=sys.stderr)
-            suggested = demo_suggestions(run_given.get("model", ""))
-            known_names = {f.name for cls in (RunSettings, backend_type.settings_class) for f in dataclasses.fields(cls)}
-            if set(suggested) - known_names:
-                raise ValueError(f"{run_given['model']}/demo.json suggests settings this version does not have "
-                                 f"({', '.join(sorted(set(suggested) - known_names))}); rebuild the demo")
-            run_settings = with_suggestions(RunSettings, run_given, suggested)
-            settings = with_suggestions(backend_type.settings_class, given_settings(backend_type.settings_class, args),
-                                        suggested)
-            if suggested:
-                print("the demo model's suggested settings (flags given win): "
-                      + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggested.items()), file=sys.stderr)
-            run = _create_on_main(args.out, args.backend, run_settings, settings)
-        return _execute(run, args.stages, args.quiet)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a folder made read-only mid-run: what is done so far is kept
-        print(f"error: {disk_words(err)} ({err}); fix that, then continue with --resume --out {args.out}",
-              file=sys.stderr)
-        return 2
+    return _in_words(lambda: _train(args, backend_type),
+                     f"fix that, then continue with --resume --out {args.out}")
 
 
 def preview(argv: list[str] | None = None) -> int:
@@ -308,24 +324,21 @@ def preview(argv: list[str] | None = None) -> int:
         add_settings_options(parser, backend_type.settings_class, "preview settings", preview=True)
     args = parser.parse_args(argv)
     _logging(args.log_level)
+    return _in_words(lambda: _preview(args, backend_type))
+
+
+def _preview(args: argparse.Namespace, backend_type: type) -> int:
+    """New previews of the run in --run, from the parsed `launch.py preview` flags."""
+    run = Run.open(args.run, device=args.device)
+    for name, value in given_settings(backend_type.settings_class, args).items():
+        setattr(run.backend.settings, name, value)
+    console = ConsoleProgress()
+    run.callbacks += [console, ProgressFile(run.dir / PROGRESS_LOG)]
+    _cancel_on_ctrl_c(run)  # SIGINT (the app's Cancel, or Ctrl-C): stop between two preview variants
     try:
-        run = Run.open(args.run, device=args.device)
-        for name, value in given_settings(backend_type.settings_class, args).items():
-            setattr(run.backend.settings, name, value)
-        console = ConsoleProgress()
-        run.callbacks += [console, ProgressFile(run.dir / PROGRESS_LOG)]
-        _cancel_on_ctrl_c(run)  # SIGINT (the app's Cancel, or Ctrl-C): stop between two preview variants
         folder = run.preview(args.name, scales=args.scales)
+    finally:
         console.close()
-    except RunCancelled as err:
-        print(f"cancelled: {err}", file=sys.stderr)
-        return 130
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {disk_words(err)} ({err}); fix that and try again", file=sys.stderr)
-        return 2
     print(f"previews: {folder}")
     if (folder / "grid.png").exists():
         print(f"preview grid: {folder / 'grid.png'}")
@@ -337,8 +350,6 @@ def preview(argv: list[str] | None = None) -> int:
 def export(argv: list[str] | None = None) -> int:
     """`launch.py export`: a zip of a run's adapters with a README.md; `--step N` corrects the kept checkpoint of
     step N for the full model first (as the correct stage corrects the final adapter); returns the exit code."""
-    from .exports import export_checkpoint, export_zip, kept_steps
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="launch.py export", description="Export a run's adapters (a zip with a "
                                      "README.md; the files carry the trigger word, prompts and settings).")
@@ -348,21 +359,21 @@ def export(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     args = parser.parse_args(argv)
     _logging(args.log_level)
-    try:
-        run = Run.open(args.run, device=args.device)
-        run.callbacks += [ConsoleProgress(quiet=True), ProgressFile(run.dir / PROGRESS_LOG)]
-        step = args.step
-        if step is not None and step != run.settings.steps:
-            if step not in kept_steps(run):
-                raise ValueError(f"--step {step}: {run.dir.name} keeps checkpoints of steps "
-                                 f"{', '.join(str(s) for s in kept_steps(run)) or 'none'}")
-            print(f"corrected adapters: {export_checkpoint(run, step)}")
-        snippet = run.backend.export_snippet(run.output("correct"), run.info.get("plan"))
-        print(f"zip: {export_zip(run, step, snippet)}")
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {disk_words(err)} ({err}); fix that and try again", file=sys.stderr)
-        return 2
+    return _in_words(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    """The zip of the run in --run (of the checkpoint of --step, corrected first), from the parsed flags."""
+    from .exports import export_checkpoint, export_zip, kept_steps
+
+    run = Run.open(args.run, device=args.device)
+    run.callbacks += [ConsoleProgress(quiet=True), ProgressFile(run.dir / PROGRESS_LOG)]
+    step = args.step
+    if step is not None and step != run.settings.steps:
+        if step not in kept_steps(run):
+            raise ValueError(f"--step {step}: {run.dir.name} keeps checkpoints of steps "
+                             f"{', '.join(str(s) for s in kept_steps(run)) or 'none'}")
+        print(f"corrected adapters: {export_checkpoint(run, step)}")
+    snippet = run.backend.export_snippet(run.output("correct"), run.info.get("plan"))
+    print(f"zip: {export_zip(run, step, snippet)}")
     return 0
