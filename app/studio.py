@@ -20,6 +20,7 @@ from typing import Any
 from pipelines.runner import PREVIEW_VARIANTS, STAGES, Run, RunSettings
 from pipelines.runner.checks import check_model_source
 from pipelines.runner.data import DataError, check_image
+from pipelines.runner.registry import demo_suggestions, with_suggestions
 from pipelines.runner.exports import export_zip
 from pipelines.runner.requests import MAX_SEEDS, parse_prompts, parse_scales, parse_seeds  # noqa: F401
 
@@ -112,9 +113,11 @@ class Studio:
                    + ("ratio", "rank", "batch_size")}
         numbers["ram_gb"] = float(values.get("ram_gb") or 0.0)
         numbers["checkpoint_every"] = max(1, numbers["checkpoint_every"])
-        run_settings = RunSettings(model=model, alpha=float(numbers["rank"]), **numbers,
-                                   sample_prompts=parse_prompts(values.get("sample_prompts"), "Sample prompts"),
-                                   emulator_kind=values.get("emulator_kind") or "lowrank")  # the Budget step's kind
+        # a demo's suggestions fill the settings this page has no control for, as the CLI's defaults do
+        run_settings = with_suggestions(RunSettings, dict(
+            model=model, alpha=float(numbers["rank"]), **numbers,
+            sample_prompts=parse_prompts(values.get("sample_prompts"), "Sample prompts"),
+            emulator_kind=values.get("emulator_kind") or "lowrank"), demo_suggestions(model))  # the Budget step's kind
         staging = Path(tempfile.mkdtemp(prefix="emloc-upload-"))
         try:
             settings = self._backend_settings(backend, values, staging / "data")
@@ -131,6 +134,7 @@ class Studio:
 
     def _backend_settings(self, backend: str, values: dict, data: Path) -> Any:
         backend_type = families.backend_type(backend)
+        suggested = demo_suggestions((values.get("model") or "").strip())  # for the settings not shown
         shown = {n: form.read_number(n, values.get(n), form.field_view(backend_type.settings_class, n))
                  for n in form.backend_fields(backend) if values.get(n) is not None}
         shown.update(form.data_settings(backend, values, data.parent))  # the Data step's held-out count, sizes,
@@ -139,10 +143,10 @@ class Studio:
         if backend_type.data_kind == "images":
             staged = handlers.stage_photo_data(values.get("images"), values.get("prompt"), values.get("trigger"),
                                                values.get("captions"), data)
-            return backend_type.settings_class(images=staged["images"], prompt=staged["prompt"],
-                                               trigger=staged["trigger"], **shown)
+            return with_suggestions(backend_type.settings_class, dict(
+                images=staged["images"], prompt=staged["prompt"], trigger=staged["trigger"], **shown), suggested)
         staged = handlers.stage_qa_data(values.get("images"), values.get("qa_table"), data)
-        return backend_type.settings_class(data=staged["data"], **shown)
+        return with_suggestions(backend_type.settings_class, dict(data=staged["data"], **shown), suggested)
 
     def cancel(self) -> str:
         """Stop the running job after its current step; the queue goes on with the next job (said so)."""

@@ -119,7 +119,7 @@ def demo_run(backend: str, work: Path):
     """`(Run, app defaults, uploads)`: a run folder on the shipped demo model of `backend` as the app starts one,
     from the app's example data and its default settings for that model (app/form.py), on the CPU."""
     from app import form, handlers
-    from pipelines.runner.registry import DEMO_MODELS, backend_class
+    from pipelines.runner.registry import DEMO_MODELS, backend_class, demo_suggestions, with_suggestions
     from pipelines.runner import Run, RunSettings
 
     model = DEMO_MODELS[backend]
@@ -129,12 +129,13 @@ def demo_run(backend: str, work: Path):
     images, qa_rows, prompt = handlers.example_data(kind, work / "uploads")
     settings_class = backend_class(backend).settings_class
     if kind == "images":
-        settings = settings_class(images=str(work / "uploads"), prompt=prompt, trigger="sks", resolution=d["resolution"],
-                                  preview_steps=d["preview_steps"], max_sequence_length=d["max_sequence_length"])
+        given = dict(images=str(work / "uploads"), prompt=prompt, trigger="sks", resolution=d["resolution"],
+                     preview_steps=d["preview_steps"], max_sequence_length=d["max_sequence_length"])
     else:
         with open(work / "uploads" / "qa.csv", "w", newline="") as f:
             csv.writer(f).writerows([["image", "question", "answer"], *qa_rows])
-        settings = settings_class(data=str(work / "uploads" / "qa.csv"))
+        given = dict(data=str(work / "uploads" / "qa.csv"))
+    settings = with_suggestions(settings_class, given, demo_suggestions(str(model)))  # what the app does
     run_settings = RunSettings(model=str(model), ratio=0.5, steps=d["steps"], lr=d["lr"], seed=d["seed"], lam=d["lam"],
                                calibration_samples=d["calibration_samples"], checkpoint_every=d["checkpoint_every"],
                                device="cpu")

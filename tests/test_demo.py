@@ -4,6 +4,7 @@ ground truth correctly, and shipped demo models that load through the real loadi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,36 @@ def test_headless_run_without_model_uses_the_demo_model_and_its_suggested_settin
     assert {k: cli_values[k] for k in app if k != "calibration_samples"} == \
         {k: v for k, v in app.items() if k != "calibration_samples"}
     assert cli_values["calibration_samples"] == 1 and app["calibration_samples"] == suggested["calibration_samples"]
+
+
+def test_a_run_the_app_starts_on_the_flux_demo_has_the_clis_settings_even_those_it_shows_no_control_for(
+        tmp_path, monkeypatch):
+    """The FLUX demo suggests a timestep sampling (weighting_scheme, logit_mean) that no control of the app shows: a
+    run started from the wizard with its defaults must still train with it, as `launch.py train` does."""
+    from app import form, handlers
+    from app.studio import Studio
+    from pipelines.runner import cli
+    from pipelines.runner.registry import demo_suggestions
+
+    from pipelines.demo import FLUX_SUGGESTED_SETTINGS
+
+    assert demo_suggestions(FLUX_DIR) == FLUX_SUGGESTED_SETTINGS  # shipped as the build writes it
+    hidden = set(demo_suggestions(FLUX_DIR)) - set(form.defaults("flux", 1e5, str(FLUX_DIR)))
+    assert hidden, "the demo suggests no setting the app hides: this test checks nothing"
+    studio = Studio(tmp_path / "runs", {"flux": FLUX_DIR})
+    monkeypatch.setattr(studio, "submit", lambda job, queue=True: 0)  # make the run folder, start nothing
+    images, _, prompt = handlers.example_data("images", tmp_path / "uploads")
+    info = handlers.describe_model("images", str(FLUX_DIR))
+    values = {**form.defaults("flux", info["params"], str(FLUX_DIR)), "kind": "images", "model": str(FLUX_DIR),
+              "name": "app-run", "ram_gb": 0.0, "images": images, "prompt": prompt, "trigger": "sks"}
+    app_saved = json.loads((Path(studio.start_run(values)) / "run.json").read_text())["settings"]
+    assert cli.main(["--backend", "flux", "--images", str(tmp_path / "uploads"), "--prompt", prompt,
+                     "--stages", "calibrate", "--calibration-samples", "1", "--quiet",
+                     "--out", str(tmp_path / "cli-run")]) == 0
+    cli_saved = json.loads((tmp_path / "cli-run" / "run.json").read_text())["settings"]
+    for name in hidden:
+        section = "run" if name in cli_saved["run"] else "backend"
+        assert app_saved[section][name] == cli_saved[section][name] == demo_suggestions(FLUX_DIR)[name], name
 
 
 def test_the_internvl_demo_suggests_the_same_settings_to_the_cli_and_the_app():

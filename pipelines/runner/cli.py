@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .registry import DEMO_MODELS, backend_class, backend_names, demo_suggestions
+from .registry import DEMO_MODELS, backend_class, backend_names, demo_suggestions, with_suggestions
 from .checks import disk_words
 from .command import field_flag
 from .machine import Run, distributed_state, read_run_file
@@ -103,12 +103,6 @@ def given_settings(cls: type, args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             values[f.name] = value
     return values
-
-
-def with_suggestions(cls: type, given: dict[str, Any], suggested: dict[str, Any]) -> Any:
-    """`cls` from the settings given on the command line, the demo's suggestions filling the others."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{**{k: v for k, v in suggested.items() if k in names}, **given})
 
 
 class ConsoleProgress:

@@ -7,9 +7,11 @@ each in BACKENDS and PLANNING here; nothing else in the run machine or the plann
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: assets/ lives there
 
@@ -65,6 +67,13 @@ def demo_suggestions(model: str | Path) -> dict:
     if not isinstance(suggested, dict):
         raise ValueError(f"{path}: \"suggested\" must map setting names to values; got {suggested!r}")
     return suggested
+
+
+def with_suggestions(cls: type, given: dict[str, Any], suggested: dict[str, Any]) -> Any:
+    """`cls` from the settings given (command-line flags, the app's controls), a demo's suggestions filling the
+    others: settings the app shows no control for (e.g. the FLUX demo's timestep sampling) come from here too."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in suggested.items() if k in names}, **given})
 
 
 def backend_names() -> list[str]:
