@@ -1,7 +1,7 @@
 """Does every stage stream? Peak memory of each stage of a whole run, in its own process, at two model depths.
 
     PYTHONPATH=. python benchmarks/streaming.py [--depths 1+2,4+12] [--ram-gb 1.2] [--width 1024] [--resolution 64]
-        [--emulator-kind lowrank|nf4|lowrank-nf4]
+        [--emulator-kind lowrank|nf4|lowrank-nf4] [--class-prompt TEXT] [--holdout N] [--scales 0,0.5,1,1.25]
 
 A FLUX folder is written per depth: a random-weight transformer of real head size (128) and the given width
 (`--width` / 128 heads) with D double + S single blocks, beside the demo's VAE, text encoders and scheduler.
@@ -10,6 +10,14 @@ steps, ratio 0.45, as the app starts a run), and the process's peak resident mem
 is recorded, with the run folder's size and the emulator's size. A stage that streams shows the same peak at
 both depths; the training stage may grow by the emulator's own size. Prints a markdown table and writes
 benchmarks/out/streaming.md.
+
+Issue 29's phases, each in its own process too: `--class-prompt` turns prior preservation on: row "class" is the
+base model drawing the class images alone (the train stage's first part, `DRAW`; planned: "class_images"), "train"
+then trains with the class rows in each step, and "train + drawing" is the train stage of a fresh copy of the run,
+drawing and training in one process (planned: the larger of "training" and "class_images"). `--holdout N` holds
+photos out, so each sample round (`--sample-every`) of "train" also runs a validation round, and row "validate"
+runs one alone on the trained emulator + LoRA (`VALIDATE`; planned: "training", which the planner argues it stays
+under). `--scales` adds row "grid", `launch.py preview --scales` (the strength grid; planned: "preview").
 """
 
 from __future__ import annotations
@@ -64,8 +72,18 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+DRAW = ("import sys; from pipelines.runner.machine import Run; from pipelines.runner import stages; "
+        "run = Run.open(sys.argv[1]); run._prepare_cache(); stages._class_images(run)")
+VALIDATE = ("import sys, torch, emloc; from pipelines.runner.machine import Run; "
+            "from pipelines.runner.models import emulator_model; "
+            "run = Run.open(sys.argv[1]); run._prepare_cache(); run.backend.use_class_images(run.dir / 'class-images') "
+            "if (run.dir / 'class-images').is_dir() else None; "
+            "model = emloc.load_adapter(emulator_model(run, run.backend.device), run.output('train')).eval(); "
+            "scores = torch.no_grad()(run.backend.validation_scores)(model); assert scores, 'nothing held out'")
+
+
 def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float, sample_every: int | None = None,
-            kind: str = "lowrank") -> dict:
+            kind: str = "lowrank", class_prompt: str = "", holdout: int = 0, scales: str = "") -> dict:
     from pipelines.demo import data
 
     double, single = (int(n) for n in depth.split("+"))
@@ -77,16 +95,40 @@ def measure(depth: str, width: int, resolution: int, work: Path, ram_gb: float, 
     out = work / f"run-{depth}"
     shutil.rmtree(out, ignore_errors=True)
     base = [sys.executable, str(ROOT / "launch.py"), "train", "--backend", "flux", "--model", str(model),
-            "--images", str(images), "--prompt", "a photo of sks shape on a white background", "--out", str(out),
+            "--images", str(images), "--prompt", "a photo of sks shape on a white background",
             "--resolution", str(resolution), "--steps", "2", "--calibration-samples", "4", "--ratio", "0.45",
             "--max-sequence-length", "32", "--preview-steps", "2", "--preview-seed", "0", "--device", "cpu",
             "--ram-gb", str(ram_gb), "--quiet", "--emulator-kind", kind] + \
-        ([] if sample_every is None else ["--sample-every", str(sample_every)])
+        ([] if sample_every is None else ["--sample-every", str(sample_every)]) + \
+        (["--class-prompt", class_prompt] if class_prompt else []) + (["--holdout", str(holdout)] if holdout else [])
+    extra = (["class"] if class_prompt else []) + (["grid"] if scales else []) + (["validate"] if holdout else []) + \
+        (["train + drawing"] if class_prompt else [])
     row = {"depth": depth, "params": params, "model_bytes": folder_bytes(model / "transformer"), "ram_gb": ram_gb,
-           "kind": kind}
-    for stage in STAGES:
-        peak, seconds = peak_of(base + (["--resume"] if stage != "calibrate" else []) + ["--stages", stage])
-        row[stage], row[stage + "_seconds"] = peak, seconds
+           "kind": kind, "stages": list(STAGES) + extra}
+
+    def stage(name: str, folder: Path = out, key: str = "") -> None:
+        command = [*base, "--out", str(folder)] + (["--resume"] if name != "calibrate" else []) + ["--stages", name]
+        row[key or name], row[(key or name) + "_seconds"] = peak_of(command)
+
+    stage("calibrate")
+    stage("emulate")
+    fresh = work / f"run-{depth}.fresh"  # the run as it stands before training, for the train stage that draws
+    shutil.rmtree(fresh, ignore_errors=True)
+    if class_prompt:
+        shutil.copytree(out, fresh)
+        # issue 29 (a): the base model draws the class images alone, as the train stage's first part, in its own
+        # process; the train stage below then reads them (training alone, with the class rows in each step)
+        row["class"], row["class_seconds"] = peak_of([sys.executable, "-c", DRAW, str(out)])
+    for name in ("train", "correct", "preview"):
+        stage(name)
+    if scales:  # (b) Preview's strength grid, as the app's job runs it
+        row["grid"], row["grid_seconds"] = peak_of([sys.executable, str(ROOT / "launch.py"), "preview", "--run",
+                                                    str(out), "--scales", scales, "--name", "grid"])
+    if holdout:  # (c) a validation round alone: the trained emulator + LoRA, the held-out rows' no-grad forwards
+        row["validate"], row["validate_seconds"] = peak_of([sys.executable, "-c", VALIDATE, str(out)])
+    if class_prompt:  # the train stage as a fresh run runs it: drawing, then training, in one process
+        stage("train", fresh, key="train + drawing")
+        shutil.rmtree(fresh, ignore_errors=True)
     return record_run(row, out)
 
 
@@ -99,7 +141,12 @@ def record_run(row: dict, out: Path) -> dict:
     if phases:
         row["planned"] = {"calibrate": None,  # a streamed run calibrates inside emulate
                           "emulate": max(phases["calibration"], phases["emulator"]), "train": phases["training"],
-                          "correct": phases["correction"], "preview": phases["preview"]}
+                          "correct": phases["correction"], "preview": phases["preview"],
+                          "grid": phases["preview"]}  # every strength holds what "full + corrected LoRA" holds
+        row["planned"]["validate"] = phases["training"]  # the planner adds nothing: within a training step
+        if "class_images" in phases:  # a fresh train stage draws the class images first, then trains
+            row["planned"]["train + drawing"] = max(phases["training"], phases["class_images"])
+            row["planned"]["class"] = phases["class_images"]
         row["planned_streamed"] = {k: v["streamed"] for k, v in plan["phases"].items()}
         row["planned_folder"] = plan["run_folder_gib"] * 1024
     return row
@@ -116,7 +163,7 @@ def markdown(rows: list[dict], baseline: int, unit: str = "blocks", command: str
             return "in emulate" if stage == "calibrate" and "planned" in r else "-"
         return f"{value:.0f} ({100 * (r[stage] / MiB / value - 1):+.0f}%)"
 
-    for stage in STAGES:
+    for stage in rows[0].get("stages", STAGES):
         cells = [f"{r[stage] / MiB:.0f} MiB | {planned(r, stage)}" for r in rows]
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {rows[-1][stage] / rows[0][stage]:.2f}x |")
     for key, label in (("run_folder", "run folder"), ("emulator", "emulator"), ("model_bytes", files)):
@@ -144,11 +191,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="passed to launch.py train (0: no sample rounds during training); default: the run's own")
     parser.add_argument("--emulator-kind", default="lowrank", choices=("lowrank", "nf4", "lowrank-nf4"),
                         help="passed to launch.py train: how the emulator stores the compressed layers")
+    parser.add_argument("--class-prompt", default="",
+                        help="prior preservation (passed to launch.py train): the base model draws class images "
+                             "before training; also measured alone (row 'class')")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="photos held out (passed to launch.py train): each sample round also runs a validation "
+                             "round")
+    parser.add_argument("--scales", default="",
+                        help="also measure Preview's strength grid (launch.py preview --scales), e.g. 0,0.5,1,1.25")
     parser.add_argument("--name", default="streaming", help="benchmarks/out/<name>.md and .json receive the table")
     args = parser.parse_args(argv)
     drive(args, args.name, "import pipelines.runner, pipelines.flux.backend, diffusers",
           lambda depth, work: measure(depth, args.width, args.resolution, work, args.ram_gb, args.sample_every,
-                                      args.emulator_kind))
+                                      args.emulator_kind, args.class_prompt, args.holdout, args.scales))
     return 0
 
 

@@ -8,7 +8,8 @@ from the catalogue's config (or a local folder's). Each phase reports its traced
 
     training                emloc.attach_lora on the emulator, backend.enable_gradient_checkpointing, the stage's
                             optimizer (stages._optimizer), two backend.training_loss + backward + optimizer steps
-                            (the second beside the optimizer's state)
+                            (the second beside the optimizer's state), then (FLUX) a validation round on one
+                            held-out photo (backend.validation_loss, no grad)
     correction              emloc.correct_lora with a reader over the full model and the emulator (stages.correct's
                             streamed path)
     calibration + emulator  emloc.stream_emulator over backend.blockwise(...) on backend.calibration_batches()
@@ -180,7 +181,19 @@ def _trace_training(setup: _Setup, backend) -> tuple[int, int]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del loss
+        if hasattr(backend, "validation_loss"):  # a validation round (stages._validate; the planner adds nothing
+            # for it, as it stays under a step): no-grad forwards of --batch-size rows beside the optimizer's state
+            _hold_out(backend)
+            peft_model.eval()
+            with torch.no_grad():
+                backend.validation_loss(peft_model)
     return counter.peak.get(backend.device.type, 0), counter.peak.get("cpu", 0)
+
+
+def _hold_out(backend) -> None:
+    """One held-out photo in the stand-in cache: a copy of its first training entry with the role "validation"."""
+    latents = backend._latents()
+    latents.append({**latents[0], "role": "validation"})
 
 
 def _adapter(setup: _Setup, backend, model: nn.Module) -> tuple[dict[str, torch.Tensor], object]:

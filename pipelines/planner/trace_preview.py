@@ -76,6 +76,17 @@ def _preview_step(setup, backend, model: nn.Module, vae: nn.Module | None) -> No
             del out, cache
 
 
+def _class_image_latents(setup, backend, vae: nn.Module) -> None:
+    """Prior preservation's class images are drawn by the base variant, held as the preview holds it (the plan's
+    "class_images" phase is the preview's); each drawn image is then encoded by the VAE with that model still held
+    (DreamBoothData.write_class_images): one encode at the plan's resolution, beside the base variant."""
+    with torch.no_grad():
+        image = torch.empty(1, 3, setup.plan.resolution, setup.plan.resolution, dtype=backend.dtype,
+                            device=backend.device)
+        latents = vae.encode(image).latent_dist
+        del image, latents
+
+
 def _vae(setup) -> nn.Module | None:
     """The preview pipeline's VAE on meta, from the bundle's config (FLUX); None for a family without one."""
     config = setup.bundle.get("components", {}).get("vae")
@@ -122,7 +133,8 @@ def _empty_kv_cache(model: nn.Module, backend):
 
 def trace_preview(setup, backend) -> tuple[int, int]:
     """stages.preview's variants held as the plan's preview mode says (variants.preview_variant; the emulator
-    first, then base, full + corrected and full + uncorrected LoRA), each running one forward (_preview_step).
+    first, then base, full + corrected and full + uncorrected LoRA), each running one forward (_preview_step); the
+    base variant also encodes one drawn class image (_class_image_latents: the train stage's class-image drawing).
     Streamed modes run the run's own code, its file reads filled by a ShapeReader and _StandInOutputs; with no
     budget left beyond the plan (the run reads ahead and keeps blocks only in that room), one block at a time.
     Mode "whole" (load_model / emulator_model read every tensor from the files) is traced as what they build: the
@@ -156,6 +168,8 @@ def trace_preview(setup, backend) -> tuple[int, int]:
                 model.eval()
                 try:
                     _preview_step(setup, backend, model, vae)
+                    if label == "base" and vae is not None:
+                        _class_image_latents(setup, backend, vae)
                 finally:
                     variants.finish_variant(model)
                 del model

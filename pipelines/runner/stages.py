@@ -161,11 +161,14 @@ def train(run: Run, out: Path) -> None:
     """LoRA on the emulator; checkpoints every N steps, resumes from the last one, honours cancel."""
     backend, settings = run.backend, run.settings
     _class_images(run)  # prior preservation: the base model draws them first (once; a resume reads them)
-    if settings.emulator_kind != "lowrank":
+    if settings.emulator_kind != "lowrank" or backend.device.type == "cpu":
         # a 4-bit emulator dequantises each layer's weight in every forward and backward and frees it again: served
         # from the heap (glibc raises its mmap threshold after the first free), the freed weights stay resident
         # between the step's activations. Measured on the CPU (benchmarks/streaming.py, FLUX 4+8, nf4): training
-        # peaked at 1073 MiB, and at 884 MiB with large allocations in their own maps (planned 850)
+        # peaked at 1073 MiB, and at 884 MiB with large allocations in their own maps (planned 850).
+        # On the CPU the step's activations are host memory too, and glibc's heap kept what each step freed: FLUX
+        # width 1024 at 256 px (benchmarks/README.md, "Issue 29's phases") peaked at 1458 MiB (1+2 blocks, planned
+        # 746) and 4869 MiB (4+12, planned 1506), 885 MiB at 1+2 with this; steps about 1.3x slower on the CPU
         map_large_allocations()
     model = emulator_model(run, backend.device)
     model.requires_grad_(False)
