@@ -28,10 +28,11 @@ VLM_SUGGESTED_SETTINGS = {"steps": 240, "lr": 1e-3, "calibration_samples": 8, "c
 #   rank 32, - / 8 / 2; flipped photos, - / 2 / 3; ratio 1 (no compression: the emulator is not what fails), - / 7 / 5.
 # - What helped is where the steps sample the noise: a cross differs from a blob in its layout, which the noisiest
 #   steps draw, while uniform sampling spends most steps on finer ones. Logit-normal timesteps centred at -1.5 (86%
-#   of them at σ > 0.6, median 0.82), 1200 steps: rank 16, 6 / 12 / 12 / 12 / 13 / 8 / 10; rank 32 (the suggestion),
-#   13 / 12 / 13 / 13 / 10 / 7 / 15; rank 16 batch 4 (twice the time), 10 / 14 / 9 / 15 / 13. Centred at -0.7, rank
-#   16: - / 12 / 12 / 11 / 10; at -2.5, 5 / 8; rank 16 at 600 steps, - / 12 / 8; 1500 steps, 4 / 11 / 13 / 14 / 12.
-FLUX_SUGGESTED_SETTINGS = {"steps": 1200, "lr": 2e-3, "batch_size": 2, "rank": 32, "alpha": 32.0,
+#   of them at σ > 0.6, median 0.82), 1200 steps: rank 16, 6 / 12 / 12 / 12 / 13 / 8 / 10; rank 32, 13 / 12 / 13 / 13 /
+#   10 / 7 / 15; rank 16 batch 4, 10 / 14 / 9 / 15 / 13; rank 32 batch 4 (the suggestion: twice the time a step),
+#   11 / 12 / 14 / 14 / 14 / 13 / 12. Centred at -0.7, rank 16: - / 12 / 12 / 11 / 10; at -2.5, 5 / 8; rank 16 at 600
+#   steps, - / 12 / 8; 1500 steps, 4 / 11 / 13 / 14 / 12.
+FLUX_SUGGESTED_SETTINGS = {"steps": 1200, "lr": 2e-3, "batch_size": 4, "rank": 32, "alpha": 32.0,
                            "calibration_samples": 8, "checkpoint_every": 200, "resolution": 64,
                            "max_sequence_length": FLUX_SEQUENCE_LENGTH, "preview_steps": FLUX_SAMPLE_STEPS,
                            "weighting_scheme": "logit_normal", "logit_mean": -1.5}
