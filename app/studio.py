@@ -358,9 +358,11 @@ def describe_job(status: JobStatus) -> dict:
     bar = progress_bar(fraction, f"{words} · {detail}" if status.state == "running" and detail else
                        ("done" if status.state == "done" else words))
     rendering = ""  # step 5's own bar while a preview job runs: which of the four models is being sampled
-    if status.kind == "preview" and status.state == "running" and status.stage == "grid":  # per image (app/grid.py)
-        rendering = progress_bar(status.step / status.total if status.total else 0.0,
-                                 f"Rendering the strength grid of {name}: {status.message or 'starting'} · {elapsed} so far")
+    grid = " --scales " in f" {status.command} "  # a strength grid, from its start (loading) to its last image
+    if status.kind == "preview" and status.state == "running" and (grid or status.stage == "grid"):  # app/grid.py
+        message = status.message if status.stage == "grid" else "loading the models"
+        rendering = progress_bar(status.step / status.total if status.total and status.stage == "grid" else 0.0,
+                                 f"Rendering the strength grid of {name}: {message or 'starting'} · {elapsed} so far")
     elif status.kind == "preview" and status.state == "running":
         done = status.step if status.stage == "preview" else 0
         total = len(PREVIEW_VARIANTS)

@@ -141,6 +141,13 @@ def test_the_grids_progress_is_per_image_on_the_preview_step():
     bar = describe_job(status)["preview_progress"]
     assert "Rendering the strength grid of flux-1: LoRA strength 0.5: image 5 of 12" in bar
     assert 'value="0.417"' in bar  # 5 of 12 images
+    loading = JobStatus(kind="preview", run_dir="/runs/flux-1", state="running", stage="", started=time.time(),
+                        command="python launch.py preview --out /runs/flux-1 --scales 0, 1")
+    bar = describe_job(loading)["preview_progress"]  # before its first image: a grid still, not "4 models"
+    assert "Rendering the strength grid of flux-1: loading the models" in bar and "of 4 models" not in bar
+    plain = JobStatus(kind="preview", run_dir="/runs/flux-1", state="running", stage="", started=time.time(),
+                      command="python launch.py preview --out /runs/flux-1")
+    assert "Rendering previews of flux-1: loading the models" in describe_job(plain)["preview_progress"]
 
 
 def test_a_run_samples_the_sample_prompts_it_is_given(tmp_path):
