@@ -26,6 +26,7 @@ from flux_fixtures import save_tiny_flux, write_subject_images  # noqa: E402
 from pipelines import demo
 from pipelines.demo import data as demo_data  # noqa: E402
 from vlm_fixtures import save_tiny_internvl, write_colour_images  # noqa: E402
+from browser_pages import open_app_page  # noqa: E402
 
 # Every test drives the app in headless chromium, most train to the end: minutes each (pyproject.toml markers).
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -79,11 +80,7 @@ def world(tmp_path_factory, free_port):
 
 def open_page(browser, world):
     """A fresh browser context (a new session, as after closing the browser) on the app."""
-    tab = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    tab.set_default_timeout(30_000)
-    tab.goto(world["url"])
-    tab.locator("#device").get_by_text("CPU").wait_for(state="attached")  # the page has loaded its state
-    return tab
+    return open_app_page(browser, world["url"])
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from browser_pages import open_app_page  # noqa: E402
 from test_app_browser import button, expect_text, no_traceback, upload  # noqa: E402
 from test_app_handlers import STAND_IN  # noqa: E402
 
@@ -70,10 +71,7 @@ def world(tmp_path_factory, free_port):
 
 @pytest.fixture
 def page(browser, world):
-    tab = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    tab.set_default_timeout(30_000)
-    tab.goto(world["url"])
-    tab.locator("#device").get_by_text("CPU").wait_for(state="attached")
+    tab = open_app_page(browser, world["url"])
     yield tab
     assert "Traceback" not in tab.content()
     tab.context.close()

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 from pipelines import demo  # noqa: E402
 from pipelines.demo import data as demo_data  # noqa: E402
+from browser_pages import open_app_page  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # one short demo run in the browser: about a minute
 
@@ -40,10 +41,7 @@ def app_url(tmp_path_factory, free_port):
 def test_held_out_questions_show_a_validation_loss_beside_the_training_loss(browser, app_url):
     from playwright.sync_api import expect
 
-    tab = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    tab.set_default_timeout(30_000)
-    tab.goto(app_url["url"])
-    tab.locator("#device").get_by_text("CPU").wait_for(state="attached")
+    tab = open_app_page(browser, app_url["url"])
     tab.get_by_label("Teach a vision-language model (InternVL)").check()
     tab.wait_for_timeout(1500)
     tab.get_by_role("button", name="Next: your data", exact=True).click()
