@@ -134,6 +134,30 @@ def choose_task(page, label: str) -> None:
 # ------------------------------------------------------------------------------------------------ tests
 
 
+def pick_past_run(page, name: str, action: str = "Open") -> None:
+    """Past runs: refresh the list, pick `name` and press `action` (Open, Resume, ...)."""
+    page.get_by_role("tab", name="Past runs").click()
+    button(page, "Refresh").click()
+    expect_text(page, "#runs-table", name)
+    page.get_by_role("combobox", name="Run").click()
+    page.get_by_role("option", name=name, exact=True).click()
+    button(page, action).click()
+
+
+def plan_flux_dev_only(page, photos, prompt: str) -> None:
+    """Steps 1-2 with FLUX.1 [dev], not downloaded here: plan only, 3 photos and the prompt, to the Budget step."""
+    page.get_by_role("combobox", name="Model").click()  # a real model: presets mean something for it
+    page.get_by_role("option", name=re.compile(r"FLUX\.1 \[dev\]")).click()
+    expect_text(page, "#model-info", "11.9 billion parameters")
+    button(page, "Next: your data").click()  # not downloaded here: refused, with the offer to plan only
+    expect_text(page, "#msg-model", "is not downloaded")
+    button(page, "Only see its memory plan (no training until it is downloaded)").click()
+    upload(page, "#photo-upload", photos[:3])
+    expect_text(page, "#msg-data", "3 images added")
+    page.locator("#prompt").get_by_role("textbox").fill(prompt)
+    button(page, "Check the data and continue").click()
+
+
 def test_flux_wizard_walks_from_upload_to_preview_and_export(page, world, browser):
     start = time.monotonic()
     expect_text(page, "#model-info", "demo-flux")
@@ -394,12 +418,7 @@ def test_a_failed_run_is_listed_as_failed_and_past_runs_refresh_themselves(page,
     Run.create(world["runs"] / "broken-model", "flux", RunSettings(model=str(model), steps=2, rank=4,
                                                                     calibration_samples=4), settings)
     shutil.rmtree(model / "vae")  # its files went missing after the run was made
-    page.get_by_role("tab", name="Past runs").click()
-    button(page, "Refresh").click()
-    expect_text(page, "#runs-table", "broken-model")
-    page.get_by_role("combobox", name="Run").click()
-    page.get_by_role("option", name="broken-model", exact=True).click()
-    button(page, "Resume").click()
+    pick_past_run(page, "broken-model", "Resume")
     page.get_by_role("tab", name="Past runs").click()
     # no Refresh: the table follows the job and shows it failed, with why
     expect_text(page, "#runs-table", "failed at calibrate: while caching the data", timeout=60_000)

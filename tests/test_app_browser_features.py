@@ -6,7 +6,6 @@ runs on it: the runs here are made on the CPU), on the tiny demo models."""
 from __future__ import annotations
 
 import os
-import re
 import zipfile
 
 import pytest
@@ -14,7 +13,8 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from browser_pages import open_app_page  # noqa: E402
-from test_app_browser import TRAINING_TIMEOUT_MS, button, expect_text, no_traceback, upload  # noqa: E402
+from test_app_browser import (TRAINING_TIMEOUT_MS, button, expect_text, no_traceback, pick_past_run,  # noqa: E402
+                              plan_flux_dev_only)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "screenshots")
@@ -68,28 +68,10 @@ def page(browser, world):
     tab.context.close()
 
 
-def open_past_run(page, name: str) -> None:
-    page.get_by_role("tab", name="Past runs").click()
-    button(page, "Refresh").click()
-    expect_text(page, "#runs-table", name)
-    page.get_by_role("combobox", name="Run").click()
-    page.get_by_role("option", name=name, exact=True).click()
-    button(page, "Open").click()
-
-
 def test_card_presets_fill_the_budget_and_the_plan_says_what_each_card_means(page, world):
     from app import plan as plans
 
-    page.get_by_role("combobox", name="Model").click()  # a real model: presets mean something for it
-    page.get_by_role("option", name=re.compile(r"FLUX\.1 \[dev\]")).click()
-    expect_text(page, "#model-info", "11.9 billion parameters")
-    button(page, "Next: your data").click()  # not downloaded here: refused, with the offer to plan only
-    expect_text(page, "#msg-model", "is not downloaded")
-    button(page, "Only see its memory plan (no training until it is downloaded)").click()
-    upload(page, "#photo-upload", world["photos"][:3])
-    expect_text(page, "#msg-data", "3 images added")
-    page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
-    button(page, "Check the data and continue").click()
+    plan_flux_dev_only(page, world["photos"], world["prompt"])
     expect_text(page, "#runs-on", "Test GPU")
     expect_text(page, "#card-table", "What each GPU size means for this model")
     for card in (8, 12, 16, 24):
@@ -111,7 +93,7 @@ def test_card_presets_fill_the_budget_and_the_plan_says_what_each_card_means(pag
 
 
 def test_a_strength_grid_of_two_prompts_renders_in_one_job_with_progress(page, world):
-    open_past_run(page, "grid-me")
+    pick_past_run(page, "grid-me")
     expect_text(page, "#preview-text", "Previews of grid-me")
     page.locator("#scales").get_by_role("textbox").fill("0, one")
     button(page, "Render a strength grid").click()  # a bad strength is said in the words of this screen
@@ -139,7 +121,7 @@ def test_a_strength_grid_of_two_prompts_renders_in_one_job_with_progress(page, w
 
 
 def test_a_kept_checkpoint_is_corrected_and_exported_with_a_readme(page, world):
-    open_past_run(page, "grid-me")
+    pick_past_run(page, "grid-me")
     expect_text(page, "#preview-text", "grid-me")
     button(page, "Next: export").click()
     expect_text(page, "#export-text", "trigger word sks")

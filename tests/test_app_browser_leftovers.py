@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from browser_pages import open_app_page  # noqa: E402
-from test_app_browser import button, expect_text, no_traceback, upload  # noqa: E402
+from test_app_browser import button, expect_text, no_traceback, pick_past_run, plan_flux_dev_only, upload  # noqa: E402
 from test_app_handlers import STAND_IN  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -144,12 +143,7 @@ def test_validation_questions_need_the_images_they_name_said_in_the_steps_words(
 def test_a_run_without_sample_rounds_draws_its_validation_loss_at_each_checkpoint(page, world):
     records = [json.loads(line) for line in (world["runs"] / "no-rounds" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "validation_loss" in r] == [0, 2, 4]
-    page.get_by_role("tab", name="Past runs").click()
-    button(page, "Refresh").click()
-    expect_text(page, "#runs-table", "no-rounds")
-    page.get_by_role("combobox", name="Run").click()
-    page.get_by_role("option", name="no-rounds", exact=True).click()
-    button(page, "Open").click()
+    pick_past_run(page, "no-rounds")
     plot = page.locator("#loss-plot")
     expect_text(page, "#loss-plot", "validation (held out)")  # the chart's legend: the validation series is drawn
     expect_text(page, "#loss-plot", "training")
@@ -159,16 +153,7 @@ def test_a_run_without_sample_rounds_draws_its_validation_loss_at_each_checkpoin
 
 
 def test_without_a_gpu_the_card_presets_plan_for_the_card_and_this_machine_plans_the_cpu(page, world):
-    page.get_by_role("combobox", name="Model").click()  # a real model: presets mean something for it
-    page.get_by_role("option", name=re.compile(r"FLUX\.1 \[dev\]")).click()
-    expect_text(page, "#model-info", "11.9 billion parameters")
-    button(page, "Next: your data").click()  # not downloaded here: refused, with the offer to plan only
-    expect_text(page, "#msg-model", "is not downloaded")
-    button(page, "Only see its memory plan (no training until it is downloaded)").click()
-    upload(page, "#photo-upload", world["photos"][:3])
-    expect_text(page, "#msg-data", "3 images added")
-    page.locator("#prompt").get_by_role("textbox").fill(world["prompt"])
-    button(page, "Check the data and continue").click()
+    plan_flux_dev_only(page, world["photos"], world["prompt"])
     expect_text(page, "#runs-on", "pick it under Presets for common cards")
     presets = page.locator("#budget-presets")
     expect_text(page, "#budget-presets", "This machine (CPU, no GPU)")
@@ -194,12 +179,7 @@ def test_resume_while_a_job_runs_is_queued_and_said_with_its_place_in_line(page,
     studio, runs = world["studio"], world["runs"]
     (runs / "busy").mkdir(exist_ok=True)
     studio.submit(QueuedJob("run", str(runs / "busy"), ["train", "--out", str(runs / "busy")]))
-    page.get_by_role("tab", name="Past runs").click()
-    button(page, "Refresh").click()
-    expect_text(page, "#runs-table", "halfway")
-    page.get_by_role("combobox", name="Run").click()
-    page.get_by_role("option", name="halfway", exact=True).click()
-    button(page, "Resume").click()
+    pick_past_run(page, "halfway", "Resume")
     expect_text(page, "#msg-runs", "Added resuming halfway to the queue, 1st in line: it starts when the jobs before "
                                    "it have finished")
     expect_text(page, "#msg-train", "Added resuming halfway to the queue, 1st in line")
