@@ -95,6 +95,7 @@ def page(browser, world):
 
 def shot(page, name: str) -> None:
     page.wait_for_timeout(400)  # let the last update paint
+    SHOTS.mkdir(exist_ok=True)  # (a file run alone has no folder yet)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 

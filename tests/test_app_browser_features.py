@@ -14,18 +14,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from browser_pages import open_app_page  # noqa: E402
 from test_app_browser import (TRAINING_TIMEOUT_MS, button, expect_text, no_traceback, pick_past_run,  # noqa: E402
-                              plan_flux_dev_only)
+                              plan_flux_dev_only, shot)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-SHOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "screenshots")
 FAKE_GPU = {"kind": "cuda", "name": "Test GPU (faked: the plan only)", "free_gb": 11.5, "total_gb": 12.0,
             "text": "GPU: Test GPU (faked: the plan only), 11.5 GiB free of 12.0 GiB"}
-
-
-def shot(page, name: str) -> None:
-    page.wait_for_timeout(400)
-    os.makedirs(SHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,10 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from browser_pages import open_app_page  # noqa: E402
-from test_app_browser import button, expect_text, no_traceback, pick_past_run, plan_flux_dev_only, upload  # noqa: E402
+from test_app_browser import button, expect_text, no_traceback, pick_past_run, plan_flux_dev_only, shot, upload  # noqa: E402
 from test_app_handlers import STAND_IN  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-SHOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "screenshots")
-
-
-def shot(page, name: str) -> None:
-    page.wait_for_timeout(400)
-    os.makedirs(SHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
 
 
 @pytest.fixture(scope="module")
