@@ -92,6 +92,12 @@ def any_backend_field(name: str) -> FieldView:
     raise KeyError(name)
 
 
+def file_paths(files: Any) -> list[str]:
+    """The file paths of a gradio File value (one file, a list of them, or nothing)."""
+    items = files if isinstance(files, list) else [files] if files else []
+    return [str(getattr(f, "name", f)) for f in items if f]
+
+
 def defaults(backend: str, params: float, model: str = "") -> dict[str, Any]:
     """The starting value of every shown setting for `model`: the field's default, quick values for a tiny model,
     then a demo model's own suggestions (its demo.json, the same the CLI starts from)."""
@@ -146,7 +152,7 @@ def data_settings(backend: str, values: dict[str, Any], staging: Path | None = N
             continue
         view = field_view(cls, name)
         if name == "class_images":  # the files of a multiple-file drop
-            files = [str(getattr(f, "name", f)) for f in (value if isinstance(value, list) else [value]) if f]
+            files = file_paths(value)
             if files and staging is not None:
                 folder = Path(staging) / CLASS_UPLOADS
                 folder.mkdir(parents=True, exist_ok=True)

@@ -93,13 +93,11 @@ def kept_uploads(state: PageState) -> tuple[PageState, Values]:
 
 def kept_files(values: dict) -> tuple[dict, Values]:
     """The Data step's drops (class images, validation data) with the files that are gone left out; said so."""
-    from .validation import paths
-
     lost = []
     values = dict(values)
     for key in FILES:
         if key in values:
-            given = paths(values[key])
+            given = form.file_paths(values[key])
             values[key] = [p for p in given if Path(p).is_file()] or None
             if len(values[key] or []) < len(given):
                 lost.append(form.any_backend_field(key.split(".", 1)[1]).label)

@@ -48,16 +48,10 @@ def field_of(backend: str) -> str:
     return next((n for n in (PHOTOS, QUESTIONS) if n in names), "")
 
 
-def paths(files: Any) -> list[str]:
-    """The file paths of a gradio File value (one file, a list of them, or nothing)."""
-    items = files if isinstance(files, list) else [files] if files else []
-    return [str(getattr(f, "name", f)) for f in items if f]
-
-
 def read(name: str, files: Any, training: list[dict] | None = None) -> ValidationUpload:
     """Check a validation drop for the field `name` (PHOTOS or QUESTIONS) as the training uploads are checked;
     `training` (the training uploads) may hold images the questions name."""
-    given = list({Path(p).name: p for p in paths(files)}.values())  # a file dropped again replaces its first drop
+    given = list({Path(p).name: p for p in form.file_paths(files)}.values())  # a file dropped again replaces its first drop
     upload = ValidationUpload()
     if name == QUESTIONS:
         tables = [p for p in given if Path(p).suffix.lower() in TABLES]
@@ -103,7 +97,7 @@ def stage(backend: str, values: dict, training: list[dict], staging: Path) -> di
     control when a file is bad."""
     name = field_of(backend)
     files = values.get(name) if name else None
-    if not name or not paths(files):
+    if not name or not form.file_paths(files):
         return {}
     upload = read(name, files, training)
     if upload.problems:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import handlers, validation
+from .. import form, handlers, validation
 from ..manager import Values, say
 from ..page import STEP, PageState
 from . import Context
@@ -149,7 +149,7 @@ def held_out_words(v: Values) -> str:
     """What Next says about validation: the held-out count and the validation upload of the state's task."""
     held = int(v.get("data.holdout") or 0)
     name = validation.PHOTOS if v["page.state"].kind == "images" else validation.QUESTIONS
-    dropped = validation.paths(v.get(f"data.{name}"))
+    dropped = form.file_paths(v.get(f"data.{name}"))
     parts = [f"{held} held out"] if held else []
     parts += [f"{validation.label(name)} given"] if dropped else []
     return (f" {' and '.join(parts)}: the validation loss is drawn beside the training loss at every sample round "
